@@ -1,0 +1,38 @@
+"""DAMO-YOLO-Nl (TinyNAS nano-large mob backbone, 416).
+
+Train on the bundled demo set (CPU-sized run)::
+
+    python -m damo_jax.train --config nl --data demo --runlocal --workdir runs/nl_demo
+
+Train on COCO 2017 with the official recipe (global batch 256, 300 epochs, 416x416)::
+
+    python -m damo_jax.train --config nl --data coco:/data/coco --workdir runs/nl_coco
+
+Expected result with the official recipe: COCO val2017 40.5 mAP (official release, SPEC §11).
+Evaluate an official checkpoint::
+
+    python -m damo_jax.eval --config nl --weights damoyolo_nl.pth --data coco:/data/coco
+"""
+from damo_jax.config import model_config
+
+
+def get_config():
+    return model_config(
+        name='nl',
+        backbone='TinyNAS_mob',
+        structure='tinynas_nano_large',
+        out_indices=(2, 4, 5),
+        use_focus=False,
+        act='silu',
+        reparam=False,
+        neck_depth=0.5,
+        hidden_ratio=0.5,
+        in_channels=(80, 160, 320),
+        out_channels=(80, 160, 320),
+        depthwise=True,
+        reg_max=7,
+        last_kernel_size=1,
+        nano=True,
+        shear=0.2,
+        mosaic_scale=(0.1, 2.0),
+    )

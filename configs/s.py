@@ -1,0 +1,38 @@
+"""DAMO-YOLO-S (TinyNAS-L25 res backbone, 640).
+
+Train on the bundled demo set (CPU-sized run)::
+
+    python -m damo_jax.train --config s --data demo --runlocal --workdir runs/s_demo
+
+Train on COCO 2017 with the official recipe (global batch 256, 300 epochs, 640x640)::
+
+    python -m damo_jax.train --config s --data coco:/data/coco --workdir runs/s_coco
+
+Expected result with the official recipe: COCO val2017 46.0 mAP (47.7 distilled) (official release, SPEC §11).
+Evaluate an official checkpoint::
+
+    python -m damo_jax.eval --config s --weights damoyolo_s.pth --data coco:/data/coco
+"""
+from damo_jax.config import model_config
+
+
+def get_config():
+    return model_config(
+        name='s',
+        backbone='TinyNAS_res',
+        structure='tinynas_L25_k1kx',
+        out_indices=(2, 4, 5),
+        use_focus=True,
+        act='relu',
+        reparam=True,
+        neck_depth=1.0,
+        hidden_ratio=0.75,
+        in_channels=(128, 256, 512),
+        out_channels=(128, 256, 512),
+        depthwise=False,
+        reg_max=16,
+        last_kernel_size=3,
+        nano=False,
+        shear=2.0,
+        mosaic_scale=(0.1, 2.0),
+    )
