@@ -1,0 +1,251 @@
+"""Orbax checkpoints of a training run (TOOLCHAIN §4 args API, orbax-checkpoint 0.11.36).
+
+Layout: ``<workdir>/checkpoints/<step>/`` with three items
+
+* ``state`` — the training state without EMA: ``params``, ``batch_stats``, ``opt_state``, ``step``,
+  ``rng`` (StandardSave; restored onto the shardings of a template state),
+* ``ema``   — ``{"params", "batch_stats"}`` of the EMA model (what evaluation / export use). The raw
+  model and the EMA are BOTH saved (the official trainer saved only the EMA and resumed from it),
+* ``meta``  — JSON: ``config`` (the full ConfigDict), ``class_names``, ``category_ids``, ``loader``
+  (data-loader position: next global step), ``epoch``, ``step`` and the last evaluation metrics.
+
+Atomicity: Orbax writes ``<step>.orbax-checkpoint-tmp`` and renames it when every item is written,
+so a finalized step directory is complete; an interrupted save leaves only the tmp folder, which
+``CheckpointManager`` never lists (and removes on the next save). ``restore_latest`` additionally
+checks every item is present and falls back to the previous step if a checkpoint fails to load.
+Retention: the last ``keep`` checkpoints plus the best one by validation ``AP`` (Orbax
+``LatestN`` ∪ ``BestN``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+STATE_KEYS = ("params", "batch_stats", "opt_state", "step", "rng")
+ITEMS = ("state", "ema", "meta")
+BEST_METRIC = "AP"
+CKPT_SUBDIR = "checkpoints"
+# Test hook: exit the process (``os._exit``) right after the save of this step was started,
+# i.e. while Orbax is still writing it (used by tests/test_train_resume.py).
+EXIT_DURING_SAVE_ENV = "DAMO_JAX_TEST_EXIT_DURING_SAVE"
+
+
+# --------------------------------------------------------------------------------------------------
+# Config <-> JSON
+# --------------------------------------------------------------------------------------------------
+def config_to_json(cfg: ml_collections.ConfigDict) -> dict:
+    """Plain-JSON dict of a config (tuples become lists)."""
+    return json.loads(cfg.to_json_best_effort())
+
+
+def _tuples(x):
+    if isinstance(x, dict):
+        return {k: _tuples(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return tuple(_tuples(v) for v in x)
+    return x
+
+
+def config_from_json(d: dict) -> ml_collections.ConfigDict:
+    """Inverse of ``config_to_json`` (lists back to tuples, as the config files write them)."""
+    return ml_collections.ConfigDict(_tuples(d))
+
+
+# --------------------------------------------------------------------------------------------------
+# State <-> checkpoint items
+# --------------------------------------------------------------------------------------------------
+def split_state(state: dict) -> tuple[dict, dict]:
+    """(``state`` item, ``ema`` item) of a train state dict."""
+    missing = [k for k in (*STATE_KEYS, "ema_params", "ema_batch_stats") if k not in state]
+    if missing:
+        raise KeyError(f"checkpoint.split_state: train state lacks {missing}")
+    return ({k: state[k] for k in STATE_KEYS},
+            {"params": state["ema_params"], "batch_stats": state["ema_batch_stats"]})
+
+
+def join_state(train_item: dict, ema_item: dict) -> dict:
+    return {**train_item, "ema_params": ema_item["params"], "ema_batch_stats": ema_item["batch_stats"]}
+
+
+def _abstract(tree):
+    """ShapeDtypeStructs carrying each leaf's sharding (restore lands directly on the devices)."""
+    def one(x):
+        sharding = getattr(x, "sharding", None)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+    return jax.tree.map(one, tree)
+
+
+def _handlers():
+    return {"state": ocp.StandardCheckpointHandler(), "ema": ocp.StandardCheckpointHandler(),
+            "meta": ocp.JsonCheckpointHandler()}
+
+
+def _best_metric(metrics) -> float:
+    return float(metrics[BEST_METRIC])
+
+
+# --------------------------------------------------------------------------------------------------
+# Manager
+# --------------------------------------------------------------------------------------------------
+class Checkpoints:
+    """Orbax ``CheckpointManager`` for train states; last ``keep`` + best-by-AP are kept.
+
+    ``save(step, state, meta, metrics=None)`` is asynchronous (``wait()`` blocks);
+    ``restore(template, step)`` returns ``(state, meta)`` placed like ``template``.
+    """
+
+    def __init__(self, directory, *, keep: int = 3, async_save: bool = True, read_only: bool = False):
+        self.directory = Path(directory).absolute()
+        policies = ocp.checkpoint_managers
+        options = ocp.CheckpointManagerOptions(
+            create=not read_only, read_only=read_only, enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=not read_only, best_fn=_best_metric, best_mode="max",
+            preservation_policy=None if read_only else policies.AnyPreservationPolicy([
+                policies.LatestN(n=max(int(keep), 1)),
+                policies.BestN(get_metric_fn=_best_metric, n=1, keep_checkpoints_without_metrics=False),
+            ]))
+        self._mngr = ocp.CheckpointManager(self.directory, item_handlers=_handlers(), options=options)
+
+    # ---- queries
+    def steps(self) -> list[int]:
+        return list(self._mngr.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._mngr.latest_step()
+
+    def best_step(self) -> int | None:
+        """Step with the highest saved ``AP`` (None when no checkpoint has metrics)."""
+        if not any(self._mngr.metrics(s) for s in self.steps()):
+            return None
+        return self._mngr.best_step()
+
+    def metrics(self, step: int):
+        return self._mngr.metrics(step)
+
+    def is_complete(self, step: int) -> bool:
+        d = self.directory / str(step)
+        return (d / "_CHECKPOINT_METADATA").is_file() and all((d / item).is_dir() for item in ITEMS)
+
+    # ---- save / restore
+    def save(self, step: int, state: dict, meta: dict, metrics: dict | None = None) -> None:
+        train_item, ema_item = split_state(state)
+        self._mngr.save(int(step), args=ocp.args.Composite(
+            state=ocp.args.StandardSave(train_item), ema=ocp.args.StandardSave(ema_item),
+            meta=ocp.args.JsonSave(meta)), metrics=metrics, force=True)
+        if os.environ.get(EXIT_DURING_SAVE_ENV) == str(int(step)):
+            print(f"[test hook] exiting while checkpoint {step} is being written", flush=True)
+            os._exit(17)
+
+    def restore(self, template: dict, step: int) -> tuple[dict, dict]:
+        train_tmpl, ema_tmpl = split_state(template)
+        out = self._mngr.restore(int(step), args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(_abstract(train_tmpl)),
+            ema=ocp.args.StandardRestore(_abstract(ema_tmpl)), meta=ocp.args.JsonRestore()))
+        return join_state(out["state"], out["ema"]), out["meta"]
+
+    def restore_latest(self, template: dict) -> tuple[dict, dict] | None:
+        """Newest complete checkpoint that loads, or None. Broken ones are skipped with a warning."""
+        for step in sorted(self.steps(), reverse=True):
+            if not self.is_complete(step):
+                log.warning("checkpoint %s/%s is incomplete (missing items); skipped", self.directory, step)
+                continue
+            try:
+                return self.restore(template, step)
+            except Exception as err:  # noqa: BLE001 - any read error means "not usable"
+                log.warning("checkpoint %s/%s failed to load (%s); trying an older one",
+                            self.directory, step, err)
+        return None
+
+    def restore_items(self, step: int, items=("ema", "meta")) -> dict:
+        """Restore some items without a template (arrays on the first local device)."""
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        md = self._mngr.item_metadata(int(step))
+        args = {}
+        for name in items:
+            if name == "meta":
+                args[name] = ocp.args.JsonRestore()
+            else:
+                args[name] = ocp.args.StandardRestore(jax.tree.map(
+                    lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), md[name]))
+        return dict(self._mngr.restore(int(step), args=ocp.args.Composite(**args)))
+
+    def wait(self) -> None:
+        self._mngr.wait_until_finished()
+
+    def close(self) -> None:
+        self._mngr.wait_until_finished()
+        self._mngr.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Inference loading
+# --------------------------------------------------------------------------------------------------
+def resolve(path, step="best") -> tuple[Path, int]:
+    """(checkpoint directory, step) for a workdir, its ``checkpoints/`` folder or one step folder.
+
+    ``step``: "best" (highest AP, else latest), "latest", or an int.
+    """
+    p = Path(path).absolute()
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint path {p} does not exist")
+    if (p / "_CHECKPOINT_METADATA").is_file() and p.name.isdigit():
+        return p.parent, int(p.name)
+    if (p / CKPT_SUBDIR).is_dir():
+        p = p / CKPT_SUBDIR
+    ck = Checkpoints(p, read_only=True)
+    steps = ck.steps()
+    if not steps:
+        raise FileNotFoundError(f"no complete checkpoint in {p} (expected <step>/ folders written by "
+                                f"damo_jax.train)")
+    if step == "latest":
+        chosen = ck.latest_step()
+    elif step == "best":
+        chosen = ck.best_step() or ck.latest_step()
+    else:
+        chosen = int(step)
+        if chosen not in steps:
+            raise FileNotFoundError(f"checkpoint step {chosen} not in {p} (have {steps})")
+    return p, int(chosen)
+
+
+def load_meta(path, step="best") -> dict:
+    directory, chosen = resolve(path, step)
+    return Checkpoints(directory, read_only=True).restore_items(chosen, items=("meta",))["meta"]
+
+
+def load_for_inference(path, *, step="best", which: str = "ema"):
+    """``(config, variables, class_names)`` of a training checkpoint, for eval / predict / export.
+
+    ``variables = {"params", "batch_stats"}`` of the EMA model (``which="ema"``, default — what the
+    official code evaluates) or of the raw model (``which="model"``). ``config.model.head.num_classes``
+    and ``config.model.class_names`` are those of the trained model.
+    """
+    if which not in ("ema", "model"):
+        raise ValueError(f"load_for_inference(which={which!r}): expected 'ema' or 'model'")
+    directory, chosen = resolve(path, step)
+    ck = Checkpoints(directory, read_only=True)
+    items = ck.restore_items(chosen, items=("ema" if which == "ema" else "state", "meta"))
+    meta = items["meta"]
+    config = config_from_json(meta["config"])
+    class_names = tuple(meta.get("class_names") or config.model.class_names)
+    if which == "ema":
+        variables = dict(items["ema"])
+    else:
+        variables = {"params": items["state"]["params"], "batch_stats": items["state"]["batch_stats"]}
+    log.info("loaded %s weights of step %d from %s", which, chosen, directory)
+    return config, variables, class_names
