@@ -1,0 +1,232 @@
+"""Official PyTorch ``state_dict`` <-> Flax variables (SPEC §5).
+
+The Flax modules carry the official attribute names (list indices written ``<list>_<i>``), so the
+mapping is mechanical:
+
+* path ``backbone/block_list_1/block_list_0/conv1/conv1/kernel`` <-> key
+  ``backbone.block_list.1.block_list.0.conv1.conv1.weight``;
+* conv ``kernel`` [kh, kw, in/g, out] <-> ``weight`` [out, in/g, kh, kw] (transpose (3, 2, 0, 1));
+* BN ``scale``/``bias`` (params) and ``mean``/``var`` (batch_stats) <-> ``weight``/``bias``/
+  ``running_mean``/``running_var``; ``num_batches_tracked`` is ignored on load, written as 0;
+* ``head/scales_{i}/scale`` <-> ``head.scales.{i}.scale`` (0-d); ``head.integral.project``
+  (the constant 0..R) is checked on load and regenerated on save.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from damo_jax.config import load_config
+
+LIST_NAMES = ("block_list", "csp_stage", "convstem", "convs", "conv", "gfl_cls", "gfl_reg", "scales")
+_LIST_RE = re.compile(r"^(%s)_(\d+)$" % "|".join(LIST_NAMES))
+_SCALE_MODULE_RE = re.compile(r"^scales_\d+$")
+PROJECT_KEY = "head.integral.project"
+TEMPLATE_SIZE = 64  # input size used to trace the variable shapes (any multiple of 32 works)
+
+
+# ----------------------------------------------------------------------------- naming
+def torch_module_path(flax_path) -> str:
+    """``('backbone', 'block_list_1', 'conv1')`` -> ``'backbone.block_list.1.conv1'``."""
+    return ".".join(_LIST_RE.sub(r"\1.\2", name) for name in flax_path)
+
+
+def torch_key(collection: str, flax_path) -> str:
+    """Official state_dict key of one Flax leaf (``collection`` = params / batch_stats)."""
+    *modules, leaf = flax_path
+    prefix = torch_module_path(modules)
+    if collection == "batch_stats":
+        table = {"mean": "running_mean", "var": "running_var"}
+    elif modules and _SCALE_MODULE_RE.match(modules[-1]):
+        table = {"scale": "scale"}
+    else:
+        table = {"kernel": "weight", "bias": "bias", "scale": "weight"}
+    if leaf not in table:
+        raise ValueError(f"convert: no official name for leaf {collection}/{'/'.join(flax_path)}")
+    return f"{prefix}.{table[leaf]}"
+
+
+def to_torch_layout(leaf_name: str, value: np.ndarray) -> np.ndarray:
+    return np.transpose(value, (3, 2, 0, 1)) if leaf_name == "kernel" else value
+
+
+def from_torch_layout(leaf_name: str, value: np.ndarray) -> np.ndarray:
+    return np.transpose(value, (2, 3, 1, 0)) if leaf_name == "kernel" else value
+
+
+def _flatten(tree, prefix=()):
+    for k, v in tree.items():
+        if isinstance(v, dict) or hasattr(v, "items"):
+            yield from _flatten(v, prefix + (k,))
+        else:
+            yield prefix + (k,), v
+
+
+def _set(tree: dict, path, value):
+    for k in path[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[path[-1]] = value
+
+
+# ----------------------------------------------------------------------------- templates
+def variable_template(config, deploy=False) -> dict:
+    """Shapes of the model's variables: ``{collection: nested dict of ShapeDtypeStruct}``."""
+    from damo_jax.models import build_model
+    model = build_model(config, deploy=deploy)
+    x = jnp.zeros((1, TEMPLATE_SIZE, TEMPLATE_SIZE, 3), jnp.float32)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x))
+    return dict(shapes)
+
+
+def expected_torch_entries(config, deploy=False) -> dict:
+    """``{torch key: (collection, flax path, torch shape)}`` for a config and deploy mode."""
+    entries = {}
+    for collection, tree in variable_template(config, deploy).items():
+        for path, leaf in _flatten(tree):
+            shape = tuple(leaf.shape)
+            if path[-1] == "kernel":
+                shape = (shape[3], shape[2], shape[0], shape[1])
+            entries[torch_key(collection, path)] = (collection, path, shape)
+    return entries
+
+
+# ----------------------------------------------------------------------------- conversion
+def _strip_module_prefix(state_dict) -> dict:
+    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state_dict.items()}
+
+
+def _check_project(value, reg_max: int):
+    value = np.asarray(value)
+    if value.shape != (reg_max + 1,) or not np.allclose(value, np.arange(reg_max + 1)):
+        raise ValueError(f"{PROJECT_KEY}: expected 0..{reg_max} (shape ({reg_max + 1},)), "
+                         f"got shape {value.shape}")
+
+
+def _split_known(state_dict, config, entries):
+    """Drop ignorable entries; return (tensors to map, list of unexpected keys)."""
+    reg_max = int(config.model.head.reg_max)
+    bn_prefixes = {k.rsplit(".", 1)[0] for k in entries if k.endswith(".running_mean")}
+    tensors, unexpected = {}, []
+    for key, value in state_dict.items():
+        if key == PROJECT_KEY:
+            _check_project(value, reg_max)
+        elif key.endswith(".num_batches_tracked") and key.rsplit(".", 1)[0] in bn_prefixes:
+            continue
+        elif key in entries:
+            tensors[key] = value
+        else:
+            unexpected.append(key)
+    return tensors, unexpected
+
+
+def from_torch_state_dict(state_dict, config, *, deploy=False) -> dict:
+    """Official state_dict (name -> array) -> Flax ``{"params", "batch_stats"}``; strict.
+
+    Missing, unexpected or mis-shaped entries raise ``ValueError`` naming the key. A leading
+    ``module.`` is stripped; ``num_batches_tracked`` and ``head.integral.project`` are ignored
+    (the latter's values are checked). ``deploy`` selects the graph the keys belong to
+    (train graph by default; ``"reparam"`` for ``rbr_reparam`` state dicts).
+    """
+    cfg = load_config(config)
+    entries = expected_torch_entries(cfg, deploy)
+    tensors, unexpected = _split_known(_strip_module_prefix(state_dict), cfg, entries)
+    if unexpected:
+        hint = " (a re-parameterised state_dict? pass deploy='reparam')" if any(
+            "rbr_reparam" in k for k in unexpected) else ""
+        raise ValueError(f"unexpected key(s) for config {cfg.model.name!r}: "
+                         f"{sorted(unexpected)[:10]}{hint}")
+    missing = sorted(set(entries) - set(tensors))
+    if missing:
+        raise ValueError(f"missing key(s) for config {cfg.model.name!r}: {missing[:10]}"
+                         f"{' ...' if len(missing) > 10 else ''} ({len(missing)} in all)")
+    variables: dict = {}
+    for key, (collection, path, shape) in entries.items():
+        value = np.asarray(tensors[key])
+        if tuple(value.shape) != shape:
+            raise ValueError(f"key {key!r}: expected shape {shape}, got {tuple(value.shape)}")
+        flax_value = from_torch_layout(path[-1], value.astype(np.float32))
+        _set(variables.setdefault(collection, {}), path, jnp.asarray(flax_value))
+    return variables
+
+
+def to_torch_state_dict(variables, config) -> dict[str, np.ndarray]:
+    """Flax variables (any deploy form) -> official state_dict (numpy, official key names),
+    including ``num_batches_tracked`` (0) for every BN and ``head.integral.project``."""
+    cfg = load_config(config)
+    out: dict[str, np.ndarray] = {}
+    for collection in ("params", "batch_stats"):
+        for path, value in _flatten(variables.get(collection, {})):
+            out[torch_key(collection, path)] = to_torch_layout(path[-1], np.asarray(value))
+            if collection == "batch_stats" and path[-1] == "mean":
+                out[torch_module_path(path[:-1]) + ".num_batches_tracked"] = np.zeros((), np.int64)
+    reg_max = int(cfg.model.head.reg_max)
+    out[PROJECT_KEY] = np.arange(reg_max + 1, dtype=np.float32)
+    return dict(sorted(out.items()))
+
+
+# ----------------------------------------------------------------------------- files
+def read_state_dict_file(path) -> dict[str, np.ndarray]:
+    """``.pth`` (torch-free reader ``damo_jax.pth_io``) or ``.npz`` -> name -> array."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint {p} does not exist")
+    if p.suffix == ".npz":
+        with np.load(p, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    if p.suffix in (".pth", ".pt", ".ckpt"):
+        from damo_jax.pth_io import read_state_dict
+        return read_state_dict(str(p))
+    raise ValueError(f"checkpoint {p}: unsupported suffix {p.suffix!r} (expected .pth or .npz)")
+
+
+def load_official_checkpoint(path, config, *, deploy=False) -> dict:
+    """Official ``.pth`` (no torch needed) or ``.npz`` state_dict -> Flax variables (strict)."""
+    return from_torch_state_dict(read_state_dict_file(path), config, deploy=deploy)
+
+
+def load_pretrained(path, config, *, skip_head_if_mismatch=True):
+    """Load a checkpoint for fine-tuning, tolerating a different class count.
+
+    Returns ``(variables_subset, report)``: the subset holds every loaded leaf (nested like the
+    model's variables); when ``head.gfl_cls.*`` shapes differ from the config (other
+    ``num_classes``) and ``skip_head_if_mismatch``, those tensors are skipped (left for the
+    caller's fresh initialisation). ``report`` = ``{"loaded": [keys], "skipped": [(key, reason)],
+    "num_loaded": int}``. Any other missing / unexpected / mis-shaped key raises ValueError.
+    """
+    cfg = load_config(config)
+    entries = expected_torch_entries(cfg)
+    tensors, unexpected = _split_known(_strip_module_prefix(read_state_dict_file(path)), cfg, entries)
+    if unexpected:
+        raise ValueError(f"{path}: unexpected key(s) for config {cfg.model.name!r}: "
+                         f"{sorted(unexpected)[:10]}")
+    subset: dict = {}
+    loaded, skipped = [], []
+    for key, (collection, path_, shape) in entries.items():
+        if key not in tensors:
+            raise ValueError(f"{path}: missing key {key!r} for config {cfg.model.name!r}")
+        value = np.asarray(tensors[key])
+        if tuple(value.shape) != shape:
+            if skip_head_if_mismatch and key.startswith("head.gfl_cls."):
+                skipped.append((key, f"shape {tuple(value.shape)} != model {shape}"))
+                continue
+            raise ValueError(f"{path}: key {key!r}: expected shape {shape}, got {tuple(value.shape)}")
+        _set(subset.setdefault(collection, {}), path_,
+             jnp.asarray(from_torch_layout(path_[-1], value.astype(np.float32))))
+        loaded.append(key)
+    return subset, {"loaded": loaded, "skipped": skipped, "num_loaded": len(loaded)}
+
+
+def merge_variables(base, subset):
+    """Return a copy of ``base`` with every leaf present in ``subset`` replaced (pure)."""
+    if not isinstance(subset, dict) and not hasattr(subset, "items"):
+        return subset
+    out = dict(base)
+    for k, v in subset.items():
+        if k not in out:
+            raise KeyError(f"merge_variables: {k!r} not in the base variables")
+        out[k] = merge_variables(out[k], v)
+    return out

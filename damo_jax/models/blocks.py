@@ -1,0 +1,283 @@
+"""Building blocks shared by backbones, neck and head (SPEC §2.1–§2.6, §2.10, §3, §4).
+
+Layout: NHWC activations, conv kernels ``[kh, kw, in/groups, out]``. Every submodule carries the
+name of the official PyTorch attribute, with list indices written ``<list>_<i>`` (``block_list_3``,
+``conv_7``), so ``damo_jax.convert`` maps ``a/b_3/c/kernel`` to ``a.b.3.c.weight`` mechanically.
+
+Deploy modes (``Opts.deploy``):
+* ``False``     — train graph: RepConv has ``rbr_dense`` + ``rbr_1x1`` branches, every conv has a BN.
+* ``"reparam"`` — RepConvs folded into ``rbr_reparam`` (conv with bias); all other BNs kept.
+* ``True``      — fully folded: every conv+BN pair is one conv with bias, no BatchNorm left.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+@dataclasses.dataclass(frozen=True)
+class Opts:
+    """Options every block needs: deploy mode, compute dtype and BatchNorm constants."""
+    deploy: Any = False
+    dtype: str = "float32"
+    bn_epsilon: float = 1e-3
+    bn_momentum: float = 0.97
+
+    def __post_init__(self):
+        mode = self.deploy
+        if isinstance(mode, str) and mode != "reparam":
+            raise ValueError(f"deploy must be one of False, 'reparam', True; got {mode!r}")
+        if not isinstance(mode, str):
+            if mode not in (0, 1):
+                raise ValueError(f"deploy must be one of False, 'reparam', True; got {mode!r}")
+            object.__setattr__(self, "deploy", bool(mode))
+
+    @property
+    def fuse_bn(self) -> bool:
+        return self.deploy is True
+
+    @property
+    def fuse_rep(self) -> bool:
+        return self.deploy is True or self.deploy == "reparam"
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+
+def activation(name: str):
+    """relu / silu / identity (the only activations of the released models, SPEC §0)."""
+    table = {"relu": nn.relu, "silu": nn.silu, "swish": nn.silu, "identity": lambda x: x,
+             None: lambda x: x}
+    if name not in table:
+        raise ValueError(f"unknown activation {name!r} (known: relu, silu, identity)")
+    return table[name]
+
+
+# ----------------------------------------------------------------------------- initialisers (§4)
+def _torch_bias_init(fan_in: int):
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+    return init
+
+
+def _mob_kernel_init(key, shape, dtype=jnp.float32):
+    """Mob backbone: N(0, 1 / (in/groups)) (torch ``weight.shape[1]``)."""
+    return jax.random.normal(key, shape, dtype) / shape[-2]
+
+
+def kernel_init_for(style: str):
+    """Conv weight initialiser for an init style of SPEC §4."""
+    if style == "torch":        # kaiming-uniform a=sqrt(5): U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+        return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+    if style == "mob":
+        return _mob_kernel_init
+    if style == "fan_out":      # kaiming-normal(fan_out, relu), groups not considered
+        return nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+    if style == "head":
+        return nn.initializers.normal(0.01)
+    raise ValueError(f"unknown init style {style!r}")
+
+
+def bn_bias_init_for(style: str):
+    return nn.initializers.constant(1e-4) if style == "mob" else nn.initializers.zeros
+
+
+# ----------------------------------------------------------------------------- primitives (§2.1)
+def conv(x, features: int, kernel: int, *, name: str, opts: Opts, stride: int = 1, groups: int = 1,
+         use_bias: bool = False, init: str = "torch", bias_init=None):
+    """Conv with symmetric ``(k-1)//2`` padding (never 'SAME'), created in the caller's scope."""
+    pad = (kernel - 1) // 2
+    fan_in = (x.shape[-1] // groups) * kernel * kernel
+    return nn.Conv(
+        features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+        feature_group_count=groups, use_bias=use_bias, dtype=opts.compute_dtype,
+        param_dtype=jnp.float32, kernel_init=kernel_init_for(init),
+        bias_init=bias_init or _torch_bias_init(fan_in), name=name)(x)
+
+
+def batch_norm(x, *, name: str, opts: Opts, train: bool, init: str = "torch"):
+    return nn.BatchNorm(
+        use_running_average=not train, momentum=opts.bn_momentum, epsilon=opts.bn_epsilon,
+        dtype=opts.compute_dtype, param_dtype=jnp.float32, use_fast_variance=False,
+        bias_init=bn_bias_init_for(init), name=name)(x)
+
+
+def conv_bn(x, features: int, kernel: int, *, conv_name: str, bn_name: str, opts: Opts, train: bool,
+            stride: int = 1, groups: int = 1, init: str = "torch"):
+    """Conv (no bias) -> BN, or one conv with bias named ``conv_name`` when BNs are folded."""
+    if opts.fuse_bn:
+        return conv(x, features, kernel, name=conv_name, opts=opts, stride=stride, groups=groups,
+                    use_bias=True, init=init, bias_init=nn.initializers.zeros)
+    y = conv(x, features, kernel, name=conv_name, opts=opts, stride=stride, groups=groups, init=init)
+    return batch_norm(y, name=bn_name, opts=opts, train=train, init=init)
+
+
+def max_pool_same(x, k: int):
+    """Stride-1 max pool with -inf padding k//2 (odd k); keyword call form for jax2onnx."""
+    return nn.max_pool(x, window_shape=(k, k), strides=(1, 1), padding="SAME")
+
+
+def upsample2x(x):
+    """Nearest-neighbour 2x upsample of NHWC maps as a repeat (bit exact)."""
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+def focus_space_to_depth(x):
+    """(B,H,W,C) -> (B,H/2,W/2,4C) with channel blocks TL, BL, TR, BR (SPEC §2.4)."""
+    b, h, w, c = x.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"Focus needs even H and W, got {h}x{w}")
+
+    def sub(r, col):
+        return jax.lax.slice(x, (0, r, col, 0), (b, h, w, c), (1, 2, 2, 1))
+    return jnp.concatenate([sub(0, 0), sub(1, 0), sub(0, 1), sub(1, 1)], axis=-1)
+
+
+# ----------------------------------------------------------------------------- modules
+class ConvBN(nn.Module):
+    """``conv`` + ``bn`` without activation (the RepConv branches)."""
+    features: int
+    kernel: int
+    stride: int = 1
+    opts: Opts = Opts()
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return conv_bn(x, self.features, self.kernel, conv_name="conv", bn_name="bn",
+                       opts=self.opts, train=train, stride=self.stride)
+
+
+class ConvBNAct(nn.Module):
+    """``ops.ConvBNAct``: conv (no bias) -> ``bn`` -> act (SPEC §2.2)."""
+    features: int
+    kernel: int
+    stride: int = 1
+    groups: int = 1
+    act: str = "relu"
+    init: str = "torch"
+    opts: Opts = Opts()
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        y = conv_bn(x, self.features, self.kernel, conv_name="conv", bn_name="bn", opts=self.opts,
+                    train=train, stride=self.stride, groups=self.groups, init=self.init)
+        return activation(self.act)(y)
+
+
+class ConvKXBN(nn.Module):
+    """Backbone ``ConvKXBN``: ``conv1`` (no bias) -> ``bn1`` (SPEC §2.3)."""
+    features: int
+    kernel: int
+    stride: int = 1
+    init: str = "torch"
+    opts: Opts = Opts()
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return conv_bn(x, self.features, self.kernel, conv_name="conv1", bn_name="bn1",
+                       opts=self.opts, train=train, stride=self.stride, init=self.init)
+
+
+class ConvKXBNAct(nn.Module):
+    """Backbone ``ConvKXBNRELU``: a ``ConvKXBN`` stored as ``conv``, then the activation."""
+    features: int
+    kernel: int
+    stride: int = 1
+    act: str = "relu"
+    init: str = "torch"
+    opts: Opts = Opts()
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        y = ConvKXBN(self.features, self.kernel, self.stride, self.init, self.opts, name="conv")(x, train)
+        return activation(self.act)(y)
+
+
+class Focus(nn.Module):
+    """Space-to-depth (TL, BL, TR, BR) then ``conv`` = ConvBNAct(4C -> features, k, s1)."""
+    features: int
+    kernel: int = 3
+    act: str = "relu"
+    init: str = "torch"
+    opts: Opts = Opts()
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return ConvBNAct(self.features, self.kernel, 1, 1, self.act, self.init, self.opts,
+                         name="conv")(focus_space_to_depth(x), train)
+
+
+class SPPBottleneck(nn.Module):
+    """1x1 conv to C/2, concat [y, pool5, pool9, pool13], 1x1 conv; always SiLU (SPEC §2.5)."""
+    features: int
+    pool_sizes: tuple = (5, 9, 13)
+    init: str = "torch"
+    opts: Opts = Opts()
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        hidden = x.shape[-1] // 2
+        y = ConvBNAct(hidden, 1, act="silu", init=self.init, opts=self.opts, name="conv1")(x, train)
+        y = jnp.concatenate([y] + [max_pool_same(y, k) for k in self.pool_sizes], axis=-1)
+        return ConvBNAct(self.features, 1, act="silu", init=self.init, opts=self.opts,
+                         name="conv2")(y, train)
+
+
+class RepConv(nn.Module):
+    """RepVGG-style 3x3: ``rbr_dense`` (3x3+BN) + ``rbr_1x1`` (1x1+BN), no identity branch;
+    deploy form ``rbr_reparam`` (3x3 conv with bias). out = act(sum) (SPEC §2.6, §3.2)."""
+    features: int
+    stride: int = 1
+    act: str = "relu"
+    opts: Opts = Opts()
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        if self.opts.fuse_rep:
+            y = conv(x, self.features, 3, name="rbr_reparam", opts=self.opts, stride=self.stride,
+                     use_bias=True, bias_init=nn.initializers.zeros)
+        else:
+            y = (ConvBN(self.features, 3, self.stride, self.opts, name="rbr_dense")(x, train)
+                 + ConvBN(self.features, 1, self.stride, self.opts, name="rbr_1x1")(x, train))
+        return activation(self.act)(y)
+
+
+class MobBlock(nn.Module):
+    """Inverted residual (``MobileV3Block``): 1x1 expand, 5x5 depthwise, 1x1 project (SPEC §2.10,
+    §2.11). ``se_slot=True`` (backbone variant) puts the projection at ``conv_7``/``conv_8``,
+    the neck variant at ``conv_6``/``conv_7``. Residual iff stride 1 and in == out."""
+    features: int
+    hidden: int
+    stride: int = 1
+    act: str = "silu"
+    se_slot: bool = True
+    init: str = "torch"
+    opts: Opts = Opts()
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        act = activation(self.act)
+        kw = dict(opts=self.opts, train=train, init=self.init)
+        y = act(conv_bn(x, self.hidden, 1, conv_name="conv_0", bn_name="conv_1", **kw))
+        y = act(conv_bn(y, self.hidden, 5, conv_name="conv_3", bn_name="conv_4", stride=self.stride,
+                        groups=self.hidden, **kw))
+        last = 7 if self.se_slot else 6
+        y = conv_bn(y, self.features, 1, conv_name=f"conv_{last}", bn_name=f"conv_{last + 1}", **kw)
+        if self.stride == 1 and x.shape[-1] == self.features:
+            y = x + y
+        return y
+
+
+def make_divisible(v: float, divisor: int = 8) -> int:
+    """``max(divisor, floor((v + divisor/2) / divisor) * divisor)``, +divisor if < 0.9 v."""
+    new = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    if new < 0.9 * v:
+        new += divisor
+    return new

@@ -1,0 +1,105 @@
+"""``build_model(config_or_name, deploy=False)``: the DAMO-YOLO detector as one Flax module."""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from damo_jax.config import load_config, neck_depth_n
+from damo_jax.models.backbone_csp import TinyNASCSP
+from damo_jax.models.backbone_mob import TinyNASMob
+from damo_jax.models.backbone_res import TinyNASRes
+from damo_jax.models.blocks import Opts
+from damo_jax.models.head import ZeroHead
+from damo_jax.models.neck import GiraffeNeckV2
+from damo_jax.models.structures import load_structure
+
+
+class DamoYolo(nn.Module):
+    """backbone -> neck -> head. ``images`` (B, H, W, 3) float RGB 0-255, H and W multiples of 32.
+
+    Returns the head's dict (``scores``, ``boxes``, ``cls_logits``, ``reg_logits``,
+    ``cls_logits_flat``, ``reg_logits_flat``, ``dfl``, ``priors``, ``strides_flat``) plus
+    ``backbone`` and ``neck``: lists of three NHWC maps (strides 8, 16, 32).
+    """
+    backbone: nn.Module
+    neck: nn.Module
+    head: nn.Module
+    dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, images, train: bool = False):
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"images must be (B, H, W, 3) NHWC RGB, got shape {images.shape}")
+        h, w = images.shape[1:3]
+        if h % 32 or w % 32:
+            raise ValueError(f"image height/width must be multiples of 32, got {h}x{w}")
+        x = images.astype(jnp.dtype(self.dtype))
+        feats = self.backbone(x, train)
+        neck_feats = self.neck(feats, train)
+        out = dict(self.head(neck_feats, train))
+        out["backbone"] = list(feats)
+        out["neck"] = list(neck_feats)
+        return out
+
+
+def _get(section, key, default=None):
+    return section[key] if key in section else default
+
+
+def build_backbone(bb, opts: Opts) -> nn.Module:
+    name = bb["name"]
+    structure = load_structure(bb["structure"])
+    common = dict(structure=structure, out_indices=tuple(bb["out_indices"]),
+                  with_spp=bool(_get(bb, "with_spp", True)), use_focus=bool(bb["use_focus"]),
+                  act=bb["act"], opts=opts)
+    if name == "TinyNAS_res":
+        return TinyNASRes(reparam=bool(bb["reparam"]), **common)
+    if name == "TinyNAS_csp":
+        return TinyNASCSP(reparam=bool(bb["reparam"]), **common)
+    if name == "TinyNAS_mob":
+        if _get(bb, "use_se", False):
+            raise ValueError("config model.backbone.use_se=True is not supported (no released "
+                             "model uses the SE module)")
+        return TinyNASMob(**common)
+    raise ValueError(f"config model.backbone.name: unknown backbone {name!r} "
+                     "(known: TinyNAS_res, TinyNAS_csp, TinyNAS_mob)")
+
+
+def build_neck(nk, opts: Opts) -> nn.Module:
+    if nk["name"] != "GiraffeNeckV2":
+        raise ValueError(f"config model.neck.name: unknown neck {nk['name']!r} (known: GiraffeNeckV2)")
+    if _get(nk, "spp", False):
+        raise ValueError("config model.neck.spp=True is not supported (no released model uses it)")
+    return GiraffeNeckV2(
+        in_channels=tuple(nk["in_channels"]), out_channels=tuple(nk["out_channels"]),
+        num_blocks=neck_depth_n(nk["depth"]), hidden_ratio=float(nk["hidden_ratio"]),
+        act=nk["act"], depthwise=bool(nk["depthwise"]), opts=opts)
+
+
+def build_head(hd, opts: Opts) -> nn.Module:
+    if hd["name"] != "ZeroHead":
+        raise ValueError(f"config model.head.name: unknown head {hd['name']!r} (known: ZeroHead)")
+    if _get(hd, "stacked_convs", 0):
+        raise ValueError("config model.head.stacked_convs > 0 is not supported (all released "
+                         "models use 0)")
+    return ZeroHead(
+        num_classes=int(hd["num_classes"]), in_channels=tuple(hd["in_channels"]),
+        reg_max=int(hd["reg_max"]), last_kernel_size=int(hd["last_kernel_size"]),
+        strides=tuple(_get(hd, "strides", (8, 16, 32))), legacy=bool(_get(hd, "legacy", False)),
+        opts=opts)
+
+
+def build_model(config_or_name, deploy=False) -> DamoYolo:
+    """Build the detector from a config (ConfigDict, config name like ``"s"``, or path).
+
+    ``deploy``: ``False`` train graph; ``"reparam"`` RepConvs folded (BNs kept);
+    ``True`` fully folded inference graph (no BatchNorm). Variables for the deploy forms come
+    from ``damo_jax.reparam.fuse``.
+    """
+    cfg = load_config(config_or_name)
+    m = cfg.model
+    opts = Opts(deploy=deploy, dtype=str(_get(m, "dtype", "float32")),
+                bn_epsilon=float(_get(m, "bn_epsilon", 1e-3)),
+                bn_momentum=float(_get(m, "bn_momentum", 0.97)))
+    return DamoYolo(backbone=build_backbone(m.backbone, opts), neck=build_neck(m.neck, opts),
+                    head=build_head(m.head, opts), dtype=opts.dtype)
