@@ -136,7 +136,7 @@ def _nms_one_image(scores, boxes, conf_thre, iou_thre, max_dets, pre_nms_topk, t
     return _compact(keep, cand_boxes, top_scores, cand_labels, max_dets)
 
 
-def _iou_threshold_f32(iou_thre):
+def iou_threshold_f32(iou_thre):
     """float32 threshold t32 with ``iou > t32`` == ``iou > iou_thre`` evaluated in double.
 
     torchvision compares the float32 IoU with a C++ ``double`` threshold; when the threshold's
@@ -181,7 +181,7 @@ def multiclass_nms(scores, boxes, *, conf_thre, iou_thre, max_dets: int = 500,
     num_candidates = min(pre_nms_topk, scores.shape[1] * scores.shape[2])
     tile_size = min(tile_size, -(-num_candidates // 8) * 8)
     return _multiclass_nms_jit(scores, boxes, jnp.asarray(conf_thre, jnp.float32),
-                               jnp.asarray(_iou_threshold_f32(iou_thre), jnp.float32),
+                               jnp.asarray(iou_threshold_f32(iou_thre), jnp.float32),
                                max_dets=max_dets, pre_nms_topk=pre_nms_topk, tile_size=tile_size)
 
 

@@ -1,0 +1,115 @@
+"""Detector API, backends interface, drawing, and the ``damo_jax.predict`` CLI."""
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+import damo_jax
+from damo_jax.detector import Detector, JaxBackend, stretch_resize, to_rgb_array
+from damo_jax.visualize import class_color, draw_detections
+
+from eval_fakes import CLASS_NAMES, ColorBoxOracle, box_iou_numpy, draw_boxes
+
+INPUT_HW = (64, 96)
+
+
+@pytest.fixture(scope="module")
+def oracle_detector():
+    model = ColorBoxOracle()
+    variables = model.init(jax.random.key(0), jnp.zeros((1,) + INPUT_HW + (3,)))
+    return Detector(JaxBackend(model, variables), class_names=CLASS_NAMES, image_size=INPUT_HW,
+                    conf=0.3, iou=0.7, max_dets=10, batch_size=2)
+
+
+def test_detector_boxes_in_original_pixels(oracle_detector):
+    # a tall image (h=300, w=150): x factor 150/96, y factor 300/64 -- independent axes
+    boxes = np.array([[10, 40, 60, 250], [80, 100, 140, 290]], np.float32)
+    image = draw_boxes(300, 150, boxes, [0, 1])
+    result = oracle_detector(image)
+    assert result["class_names"] == ["red", "green"]  # equal scores: lower (anchor, class) first
+    assert result["boxes"].dtype == np.float32 and result["labels"].dtype == np.int32
+    for box, label in zip(result["boxes"], result["labels"]):
+        assert box_iou_numpy(box, boxes[label]) > 0.9, (box, boxes[label])
+    np.testing.assert_allclose(result["scores"], [0.9, 0.9], rtol=1e-6)
+
+
+def test_detector_inputs_path_pil_batch_and_gray(oracle_detector, tmp_path):
+    boxes = np.array([[20, 20, 120, 90]], np.float32)
+    image = draw_boxes(128, 200, boxes, [1])
+    path = tmp_path / "img.png"
+    Image.fromarray(image).save(path)
+    from_array = oracle_detector(image)
+    from_path = oracle_detector(str(path))
+    from_pil = oracle_detector(Image.fromarray(image))
+    np.testing.assert_array_equal(from_array["boxes"], from_path["boxes"])
+    np.testing.assert_array_equal(from_array["boxes"], from_pil["boxes"])
+    batch = oracle_detector([image, path, image[:, ::-1]])  # 3 images, batch_size 2: two chunks
+    assert len(batch) == 3
+    np.testing.assert_array_equal(batch[1]["boxes"], from_array["boxes"])
+    mirrored = batch[2]["boxes"][0]
+    assert box_iou_numpy(mirrored, [200 - 120, 20, 200 - 20, 90]) > 0.9
+    gray = oracle_detector(np.zeros((50, 60), np.uint8))
+    assert len(gray["scores"]) == 0 and gray["boxes"].shape == (0, 4)
+    with pytest.raises(ValueError, match="shape"):
+        to_rgb_array(np.zeros((4, 5, 6)))
+    with pytest.raises(FileNotFoundError):
+        oracle_detector(str(tmp_path / "missing.jpg"))
+
+
+def test_custom_backend_with_fixed_batch_and_input_size():
+    calls = []
+
+    class FixedBackend:
+        input_hw = (32, 32)
+        batch_size = 4
+
+        def __call__(self, images):
+            calls.append(images.shape)
+            b = images.shape[0]
+            boxes = np.tile(np.array([[8, 8, 24, 16]], np.float32), (b, 3, 1))
+            scores = np.zeros((b, 3, 2), np.float32)
+            scores[:, 0, 1] = 0.8
+            scores[:, 1, 1] = 0.7  # same box, same class: suppressed
+            scores[:, 2, 0] = 0.6  # same box, other class: kept
+            return scores, boxes
+
+    det = Detector(FixedBackend(), class_names=("a", "b"), image_size=(32, 32), conf=0.5)
+    out = det([np.zeros((64, 32, 3), np.uint8)] * 5)
+    assert calls == [(4, 32, 32, 3), (4, 32, 32, 3)]  # padded to the exported static batch
+    for r in out:
+        assert r["class_names"] == ["b", "a"]
+        np.testing.assert_allclose(r["boxes"][0], [8, 16, 24, 32])  # y factor 2, x factor 1
+    with pytest.raises(ValueError, match="takes"):
+        Detector(FixedBackend(), class_names=("a", "b"), image_size=(64, 64))
+
+
+def test_stretch_resize_is_cv2_bilinear():
+    import cv2
+    image = np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8)
+    expected = cv2.resize(image, (96, 64), interpolation=cv2.INTER_LINEAR)
+    np.testing.assert_array_equal(stretch_resize(image, (64, 96)), expected)
+
+
+def test_lazy_package_export():
+    assert damo_jax.Detector is Detector
+    with pytest.raises(AttributeError):
+        damo_jax.NoSuchThing  # noqa: B018
+
+
+def test_draw_detections_marks_box_pixels():
+    image = np.zeros((100, 120, 3), np.uint8)
+    drawn = np.asarray(draw_detections(image, [[10, 30, 60, 90]], [0.9], [1], CLASS_NAMES, line_width=2))
+    assert drawn.shape == image.shape
+    color = np.array(class_color(1))
+    np.testing.assert_array_equal(drawn[60, 10], color)   # left edge
+    np.testing.assert_array_equal(drawn[89, 40], color)   # bottom edge
+    assert np.all(drawn[60, 35] == 0)                     # interior untouched
+    assert np.any(drawn[15:30, 10:60] != 0)               # tag drawn above the box
+    below = np.asarray(draw_detections(image, [[10, 30, 60, 90]], [0.2], [1], CLASS_NAMES, score_thr=0.5))
+    assert not below.any()
+    assert class_color(0) != class_color(1)
