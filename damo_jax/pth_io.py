@@ -30,6 +30,7 @@ __all__ = ["PthFormatError", "UnsafeCheckpointError", "load_pth", "read_state_di
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
+_TORCH_SUFFIXES = (".pth", ".pt", ".pkl", ".ckpt", ".bin")
 
 # torch storage class name -> element dtype (little endian; "bf16" is decoded to float32)
 _STORAGE_DTYPES = {
@@ -415,7 +416,7 @@ def _pick_state_dict(obj, source: str) -> dict:
 def read_state_dict(path) -> dict[str, np.ndarray]:
     """Network weights of a checkpoint: ``{name: array}``, floats as float32, ints/bools as int64.
 
-    Accepts ``.pth``/``.pt``/``.pkl`` (torch format) and ``.npz``. Uses ``ckpt['model']`` (official
+    Accepts ``.pth``/``.pt``/``.pkl``/``.ckpt``/``.bin`` (torch format) and ``.npz``. Uses ``ckpt['model']`` (official
     files), else ``ckpt['state_dict']``, else the dict itself; a leading ``module.`` is stripped.
     """
     path = Path(path)
@@ -426,11 +427,11 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
                 obj = {k: npz[k] for k in npz.files}
         except (OSError, ValueError, zipfile.BadZipFile) as exc:
             raise PthFormatError(f"{path}: cannot read .npz ({exc})") from exc
-    elif suffix in (".pth", ".pt", ".pkl"):
+    elif suffix in _TORCH_SUFFIXES:
         obj = load_pth(path)
     else:
         raise PthFormatError(f"{path}: unsupported checkpoint extension '{suffix}' "
-                             "(expected .pth, .pt, .pkl or .npz)")
+                             f"(expected .npz or one of {', '.join(_TORCH_SUFFIXES)})")
     state_dict = _pick_state_dict(obj, str(path))
     out: dict[str, np.ndarray] = {}
     for key, value in state_dict.items():

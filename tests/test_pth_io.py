@@ -92,8 +92,8 @@ def test_read_state_dict_npz_and_errors(tmp_path):
     save_pth({"epoch": 3, "optimizer": None}, tmp_path / "no_model.pth")
     with pytest.raises(PthFormatError, match=r"no_model\.pth: no state dict"):
         read_state_dict(tmp_path / "no_model.pth")
-    with pytest.raises(PthFormatError, match=r"w\.bin.*extension"):
-        read_state_dict(tmp_path / "w.bin")
+    with pytest.raises(PthFormatError, match=r"w\.txt.*extension"):
+        read_state_dict(tmp_path / "w.txt")
     save_pth({"model": {"a": np.ones(1), "module.a": np.ones(1)}}, tmp_path / "dup.pth")
     with pytest.raises(PthFormatError, match="duplicate key 'a'"):
         read_state_dict(tmp_path / "dup.pth")
@@ -318,3 +318,27 @@ def test_save_load_round_trip_property(tmp_path_factory, arrays, transpose):
     for key, value in state.items():
         assert back[key].dtype == value.dtype.newbyteorder("=") and back[key].shape == value.shape
         np.testing.assert_array_equal(back[key], value)
+
+
+def test_golden_T_state_dict_survives_save_and_read(tmp_path):
+    """A full DAMO-YOLO-T state dict (586 entries, golden recipe) in the official checkpoint layout:
+    save_pth -> read_state_dict keeps every byte (golden sha256) and convert loads it strictly."""
+    import hashlib
+
+    from golden_weights import golden_state_dict, load_model_json
+
+    from damo_jax.convert import load_official_checkpoint
+
+    sd = golden_state_dict("T", verify=False)
+    path = tmp_path / "epoch_300_ckpt.pth"
+    save_pth({"epoch": 300, "model": collections.OrderedDict(sd), "optimizer": None,
+              "feature_loss": None}, path)
+    back = read_state_dict(path)
+    assert sorted(back) == sorted(sd)
+    whole = hashlib.sha256()
+    for key in sorted(back):
+        assert back[key].dtype == sd[key].dtype and back[key].shape == sd[key].shape, key
+        whole.update(back[key].tobytes())
+    assert whole.hexdigest() == load_model_json("T")["weights"]["state_dict_sha256"]
+    variables = load_official_checkpoint(path, "t")
+    assert set(variables) >= {"params", "batch_stats"}
