@@ -1,0 +1,75 @@
+"""Data pipelines for damo_jax: readers, the demo set, DAMO-YOLO augmentations, static batches.
+
+Public API::
+
+    ds = open_dataset("demo", "train")          # or coco:/path, yolo:/path/data.yaml, voc:/path, tfds:coco/2017
+    ds[i]  -> {"image", "boxes", "labels", "image_id", "orig_size"};  ds.to_coco_dict()
+    loader = TrainLoader(ds, cfg.data, batch_size=..., seed=..., steps_per_epoch=..., total_steps=...,
+                         no_aug_start_step=...)
+    for batch in eval_batches(ds_val, image_size, batch_size): ...
+
+This package imports neither JAX nor TensorFlow (TFDS is imported only for ``tfds:`` specs), so
+spawned loader workers start quickly.
+"""
+from __future__ import annotations
+
+
+from data_pipelines.loader import TrainLoader, build_batch, eval_batches, global_indices
+from data_pipelines.records import DataError, DetectionDataset, Record
+
+SPEC_KINDS = ("demo", "coco", "yolo", "voc", "tfds")
+
+
+def open_dataset(spec: str, split: str | None = None, **kwargs) -> DetectionDataset:
+    """Open a dataset from a spec string.
+
+    * ``demo`` / ``demo:<size>``: the bundled procedural set (generated once into the cache).
+    * ``coco:/dir`` (``annotations/instances_{split}2017.json`` + ``{split}2017/``, or
+      ``annotations/instances_{split}.json`` + ``{split}/`` / ``images/{split}/``), ``coco:/file.json``
+      or a bare ``*.json`` path (images beside: ``../{stem}``, ``images/`` or the json's folder;
+      ``image_dir=`` overrides).
+    * ``yolo:/path/data.yaml``; ``voc:/path`` (kwargs ``class_names=``, ``difficult=``);
+      ``tfds:<name>[/<version/config>]`` (kwarg ``data_dir=``).
+
+    ``split`` defaults to ``"train"``; ``"val"`` and ``"validation"`` are accepted everywhere.
+    """
+    if not isinstance(spec, str) or not spec:
+        raise DataError(f"dataset spec must be a non-empty string, got {spec!r}")
+    split = split or "train"
+    kind, sep, rest = spec.partition(":")
+    if not sep:
+        if spec.endswith(".json"):
+            kind, rest = "coco", spec
+        elif spec.endswith((".yaml", ".yml")):
+            kind, rest = "yolo", spec
+        elif spec != "demo":
+            raise DataError(f"dataset spec {spec!r}: expected one of "
+                            f"{', '.join(k + ':...' for k in SPEC_KINDS[1:])}, 'demo', or a .json/.yaml path")
+    if kind == "demo":
+        from data_pipelines.demo import open_demo
+        try:
+            size = int(rest) if rest else None
+        except ValueError as e:
+            raise DataError(f"dataset spec {spec!r}: demo size must be an integer") from e
+        if size is not None and (size < 32 or size % 32):
+            raise DataError(f"dataset spec {spec!r}: demo size must be a multiple of 32 (>= 32)")
+        return open_demo({"validation": "val"}.get(split, split), size)
+    if kind == "coco":
+        from data_pipelines.readers.coco import read_coco, resolve_coco_paths
+        coco_split = {"validation": "val"}.get(split, split)
+        ann, image_dir = resolve_coco_paths(rest, coco_split)
+        return read_coco(ann, kwargs.get("image_dir", image_dir), name=f"coco:{rest}:{coco_split}")
+    if kind == "yolo":
+        from data_pipelines.readers.yolo import read_yolo
+        return read_yolo(rest, split)
+    if kind == "voc":
+        from data_pipelines.readers.voc import read_voc
+        return read_voc(rest, {"validation": "val"}.get(split, split), **kwargs)
+    if kind == "tfds":
+        from data_pipelines.readers.tfds import read_tfds
+        return read_tfds(rest, split, **kwargs)
+    raise DataError(f"dataset spec {spec!r}: unknown kind {kind!r} (known: {', '.join(SPEC_KINDS)})")
+
+
+__all__ = ["open_dataset", "TrainLoader", "eval_batches", "build_batch", "global_indices",
+           "DataError", "DetectionDataset", "Record"]

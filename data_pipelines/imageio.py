@@ -1,0 +1,130 @@
+"""Image decoding to (H, W, 3) uint8 RGB with EXIF orientation and annotated-size checks.
+
+Decoding uses PIL (as the official code). Conversions:
+
+* grayscale ``L``/``1``, palette ``P``, ``CMYK``, ``YCbCr``, ``LA``/``RGBA``/``PA`` →
+  ``Image.convert("RGB")`` (alpha is dropped, exactly as the official ``.convert("RGB")``);
+* 16-bit (``I;16*``) and 32-bit integer (``I``) images → divided by 257 (65535 → 255), clipped;
+  float (``F``) images → assumed 0..1 when max ≤ 1, else 0..255; then gray → RGB.
+
+EXIF orientation (tag 0x0112) — which frame are the boxes in?  When the annotation stores the
+image size (COCO, VOC) and the orientation swaps width and height, the stored size decides:
+annotated size == transposed size → the boxes are in the displayed (rotated) frame and the
+transpose is applied; annotated size == raw size → the boxes are in the raw pixel frame, the
+image is NOT rotated (counted as ``exif_raw_frame``). When the sizes cannot tell (orientation
+2/3/4 or square images) or no size is stored (YOLO), the displayed frame is assumed and the
+transpose applied (the convention of labelling tools and Ultralytics).
+
+Size mismatch: if the decoded image (in the chosen frame) differs from the annotated size, a
+warning is logged, ``size_mismatch`` is counted and the image is stretched (cv2 bilinear) to the
+annotated size so that boxes, image and ``orig_size`` agree.
+
+Unreadable, truncated or missing files raise :class:`DataError` naming the file.
+"""
+from __future__ import annotations
+
+import collections
+import io
+import os
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from data_pipelines.records import DataError, log
+
+ORIENTATION_TAG = 0x0112
+_SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
+
+Source = Union[str, os.PathLike, bytes]
+
+
+def _open(source: Source, name: str) -> Image.Image:
+    try:
+        if isinstance(source, (bytes, bytearray)):
+            return Image.open(io.BytesIO(source))
+        return Image.open(source)
+    except FileNotFoundError as e:
+        raise DataError(f"{name}: field 'image': file not found") from e
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise DataError(f"{name}: field 'image': cannot read image ({e})") from e
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        value = int(img.getexif().get(ORIENTATION_TAG, 1))
+    except Exception:  # malformed EXIF blocks: treat as no orientation
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def displayed_size(source: Source, name: str | None = None) -> tuple[int, int]:
+    """(width, height) after EXIF transpose, reading only the header."""
+    name = name or _name(source)
+    with _open(source, name) as img:
+        w, h = img.size
+        if _orientation(img) in _SWAPPING_ORIENTATIONS:
+            w, h = h, w
+    return int(w), int(h)
+
+
+def _name(source: Source) -> str:
+    return "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
+
+
+def _to_rgb_array(img: Image.Image) -> np.ndarray:
+    mode = img.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        arr = np.asarray(img)
+        if mode == "F":
+            arr = arr.astype(np.float64)
+            arr = arr * 255.0 if np.nanmax(arr, initial=0.0) <= 1.0 else arr
+        else:
+            arr = arr.astype(np.float64) / 257.0
+        gray = np.clip(np.nan_to_num(np.rint(arr)), 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if mode != "RGB":
+        img = img.convert("RGB")
+    return np.asarray(img, dtype=np.uint8)
+
+
+def decode_image(source: Source, *, annotated_size: tuple[int, int] | None = None,
+                 stats: collections.Counter | None = None, name: str | None = None) -> np.ndarray:
+    """Decode ``source`` (path or encoded bytes) to (H, W, 3) uint8 RGB; see module docstring.
+
+    ``annotated_size`` is (width, height) of the annotation frame, or None.
+    """
+    import cv2
+
+    stats = stats if stats is not None else collections.Counter()
+    name = name or _name(source)
+    img = _open(source, name)
+    try:
+        raw_w, raw_h = img.size
+        orientation = _orientation(img)
+        swapped = orientation in _SWAPPING_ORIENTATIONS
+        transpose = orientation != 1
+        if annotated_size is not None and swapped and raw_w != raw_h:
+            if tuple(annotated_size) == (raw_w, raw_h):
+                transpose = False
+                stats["exif_raw_frame"] += 1
+        try:
+            img.load()
+            if transpose:
+                img = ImageOps.exif_transpose(img)
+            arr = _to_rgb_array(img)
+        except (OSError, ValueError, SyntaxError) as e:
+            raise DataError(f"{name}: field 'image': cannot decode image ({e})") from e
+    finally:
+        img.close()
+    if arr.ndim != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise DataError(f"{name}: field 'image': decoded to an empty array {arr.shape}")
+    if annotated_size is not None:
+        aw, ah = int(annotated_size[0]), int(annotated_size[1])
+        if (arr.shape[1], arr.shape[0]) != (aw, ah):
+            stats["size_mismatch"] += 1
+            log.warning("%s: decoded size %dx%d differs from the annotated size %dx%d; "
+                        "stretching the image to the annotated size", name, arr.shape[1],
+                        arr.shape[0], aw, ah)
+            arr = cv2.resize(arr, (aw, ah), interpolation=cv2.INTER_LINEAR)
+    return np.ascontiguousarray(arr)

@@ -1,0 +1,216 @@
+"""Training iterator over global steps, and evaluation batches.
+
+``TrainLoader`` yields the batches of steps ``start_step, start_step + 1, ..., total_steps - 1``.
+Batch k depends only on (seed, k): epoch = k // steps_per_epoch selects a permutation of the
+dataset (``default_rng((seed, 1, epoch))``), the global batch takes ``batch_size`` consecutive
+positions of it (wrapping modulo the dataset length), and sample j of the global batch is
+augmented with ``default_rng((seed, 2, k, j))``. With several processes (multi-host) each gets
+the contiguous slice ``[process_index · B/P, (process_index + 1) · B/P)`` of the global batch, so
+``batch_size`` is the GLOBAL batch. Mosaic/mixup are on for k < ``no_aug_start_step``; SADA uses
+progress k / total_steps.
+
+Workers: ``workers`` > 0 runs whole batches in a ``ProcessPoolExecutor`` with the ``spawn`` start
+method (safe after JAX started threads) and keeps ``workers + prefetch`` batches in flight;
+``workers=0`` builds batches in-process. A worker that dies raises ``RuntimeError`` naming the
+step; a worker exception is re-raised. Scripts using workers need the usual
+``if __name__ == "__main__":`` guard (spawn re-imports the main module).
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import multiprocessing
+from concurrent.futures.process import BrokenProcessPool
+from functools import lru_cache
+from typing import Any, Iterator
+
+import numpy as np
+
+from data_pipelines.augment.pipeline import AugParams, as_hw, train_sample
+from data_pipelines.augment.resize import stretch_resize
+from data_pipelines.batching import collate_train
+from data_pipelines.records import log
+
+_WORKER: dict[str, Any] = {}
+
+
+def _cfg_get(cfg, key, default):
+    try:
+        value = cfg[key]
+    except (KeyError, TypeError, AttributeError):
+        value = getattr(cfg, key, default)
+    return default if value is None else value
+
+
+@lru_cache(maxsize=4)
+def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng((seed, 1, epoch)).permutation(n)
+
+
+def global_indices(seed: int, step: int, batch_size: int, steps_per_epoch: int, n: int) -> np.ndarray:
+    """Dataset indices of the global batch of ``step``."""
+    epoch, pos = divmod(step, steps_per_epoch)
+    positions = (pos * batch_size + np.arange(batch_size)) % n
+    return _permutation(seed, epoch, n)[positions]
+
+
+def build_batch(ds, spec: dict, step: int) -> tuple[dict, collections.Counter]:
+    """The local batch of ``step`` (pure function of the spec and step) and its counters."""
+    stats: collections.Counter = collections.Counter()
+    idx = global_indices(spec["seed"], step, spec["batch_size"], spec["steps_per_epoch"], len(ds))
+    lo = spec["process_index"] * spec["local_batch"]
+    mosaic_on = step < spec["no_aug_start_step"]
+    progress = step / max(1, spec["total_steps"])
+    samples = []
+    for j in range(lo, lo + spec["local_batch"]):
+        rng = np.random.default_rng((spec["seed"], 2, step, j))
+        samples.append(train_sample(ds, int(idx[j]), rng, spec["params"], mosaic_on=mosaic_on,
+                                    progress=progress, stats=stats))
+    batch, truncated_images, dropped = collate_train(samples, spec["max_boxes"])
+    stats["truncated_images"] += truncated_images
+    stats["truncated_boxes"] += dropped
+    return batch, stats
+
+
+def _init_worker(ds, spec):
+    import cv2
+    cv2.setNumThreads(1)
+    _WORKER["ds"], _WORKER["spec"] = ds, spec
+
+
+def _worker_batch(step: int):
+    return build_batch(_WORKER["ds"], _WORKER["spec"], step)
+
+
+class TrainLoader:
+    """Iterator of static-shape training batches; see the module docstring."""
+
+    def __init__(self, ds, data_cfg, *, batch_size: int, seed: int, steps_per_epoch: int,
+                 total_steps: int, no_aug_start_step: int, start_step: int = 0, process_index: int = 0,
+                 process_count: int = 1, workers: int | None = None):
+        if batch_size % process_count:
+            raise ValueError(f"TrainLoader: global batch_size {batch_size} is not divisible by "
+                             f"process_count {process_count}")
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"TrainLoader: process_index {process_index} not in [0, {process_count})")
+        if len(ds) == 0:
+            raise ValueError(f"TrainLoader: dataset {getattr(ds, 'name', ds)!r} is empty")
+        if steps_per_epoch < 1:
+            raise ValueError(f"TrainLoader: steps_per_epoch must be >= 1, got {steps_per_epoch}")
+        self.ds = ds
+        self.spec = {
+            "seed": int(seed), "batch_size": int(batch_size), "steps_per_epoch": int(steps_per_epoch),
+            "total_steps": int(total_steps), "no_aug_start_step": int(no_aug_start_step),
+            "process_index": int(process_index), "local_batch": int(batch_size) // int(process_count),
+            "max_boxes": int(_cfg_get(data_cfg, "max_boxes", 200)),
+            "params": AugParams.from_config(data_cfg),
+        }
+        self.workers = int(_cfg_get(data_cfg, "workers", 0) if workers is None else workers)
+        self.prefetch = int(_cfg_get(data_cfg, "prefetch", 2))
+        self.stats: collections.Counter = collections.Counter()
+        self._next_step = int(start_step)
+        self._submit_step = int(start_step)
+        self._pending: collections.deque = collections.deque()
+        self._pool: cf.ProcessPoolExecutor | None = None
+        self._warned_truncation = False
+
+    # -- iteration ---------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict]:
+        return self
+
+    def __next__(self) -> dict:
+        step = self._next_step
+        if step >= self.spec["total_steps"]:
+            raise StopIteration
+        if self.workers <= 0:
+            batch, stats = build_batch(self.ds, self.spec, step)
+        else:
+            batch, stats = self._from_pool(step)
+        self._next_step = step + 1
+        self._account(stats, step)
+        return batch
+
+    def _from_pool(self, step: int):
+        if self._pool is None:
+            self._pool = cf.ProcessPoolExecutor(
+                max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker, initargs=(self.ds, self.spec))
+        in_flight = self.workers + max(0, self.prefetch)
+        while len(self._pending) < in_flight and self._submit_step < self.spec["total_steps"]:
+            self._pending.append((self._submit_step, self._pool.submit(_worker_batch, self._submit_step)))
+            self._submit_step += 1
+        got_step, future = self._pending.popleft()
+        assert got_step == step, (got_step, step)
+        try:
+            return future.result()
+        except BrokenProcessPool as e:
+            self.close()
+            raise RuntimeError(f"TrainLoader: a data worker process died while building step {step} "
+                               f"({e}); see the worker's output above") from e
+
+    def _account(self, stats: collections.Counter, step: int) -> None:
+        self.stats.update(stats)
+        if stats.get("truncated_images") and not self._warned_truncation:
+            self._warned_truncation = True
+            log.warning("step %d: images with more than max_boxes=%d boxes; keeping the largest "
+                        "(counted in loader.stats['truncated_boxes']; warning shown once)",
+                        step, self.spec["max_boxes"])
+
+    def state(self) -> dict:
+        """Checkpointable position: ``{"step": next step to be yielded}``."""
+        return {"step": self._next_step}
+
+    # -- shutdown ----------------------------------------------------------------------------
+    def close(self) -> None:
+        pool, self._pool = self._pool, None
+        self._pending.clear()
+        self._submit_step = self._next_step
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> "TrainLoader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+def _eval_item(ds, index: int, out_hw) -> tuple[np.ndarray, int, tuple[int, int]]:
+    s = ds[index]
+    img, _ = stretch_resize(s["image"], np.zeros((0, 4), np.float32), out_hw)
+    return img, s["image_id"], s["orig_size"]
+
+
+def eval_batches(ds, image_size, batch_size: int, *, workers: int = 0) -> Iterator[dict]:
+    """Stretch-resized evaluation batches over the whole dataset, in order.
+
+    Yields ``images`` (B, H, W, 3) uint8, ``image_ids`` (B,) int64, ``orig_sizes`` (B, 2) int32
+    (h, w), ``valid`` (B,) bool; the last batch is padded with zero images (id -1, size = H, W).
+    ``workers`` > 0 decodes with that many threads (PIL and cv2 release the GIL).
+    """
+    out_hw = as_hw(image_size)
+    n = len(ds)
+    pool = cf.ThreadPoolExecutor(workers) if workers > 0 else None
+    try:
+        for start in range(0, n, batch_size):
+            idx = range(start, min(start + batch_size, n))
+            items = list(pool.map(lambda i: _eval_item(ds, i, out_hw), idx) if pool
+                         else (_eval_item(ds, i, out_hw) for i in idx))
+            pad = batch_size - len(items)
+            images = np.zeros((batch_size, out_hw[0], out_hw[1], 3), np.uint8)
+            images[:len(items)] = np.stack([it[0] for it in items])
+            yield {
+                "images": images,
+                "image_ids": np.asarray([it[1] for it in items] + [-1] * pad, np.int64),
+                "orig_sizes": np.asarray([it[2] for it in items] + [out_hw] * pad, np.int32),
+                "valid": np.asarray([True] * len(items) + [False] * pad),
+            }
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)

@@ -1,0 +1,172 @@
+"""COCO JSON reader (``instances_*.json`` + an image folder), as the official COCODataset.
+
+* Crowd annotations (``iscrowd`` = 1) are not used for training (counted ``crowd_boxes``) but kept
+  as ignore regions, and ``to_coco_dict()`` returns the original annotations (with their
+  segmentation-based ``area``), so evaluation matches pycocotools on the source file.
+* Boxes xywh → x1y1x2y2, clipped to the image; zero width/height (after clipping) removed.
+* Images without annotations are kept (negatives); images are ordered by id.
+* Category ids are mapped to contiguous labels 0..C-1 in increasing id order; class names come
+  from ``categories``. An annotation with an unknown ``category_id`` or ``image_id`` raises
+  :class:`DataError` naming the file and the value.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data_pipelines.records import DataError, DetectionDataset, Record, clean_boxes, empty_boxes
+
+
+class CocoDataset(DetectionDataset):
+    """Dataset over a COCO instances JSON; ``to_coco_dict`` returns the source annotations."""
+
+    def __init__(self, records, class_names, category_ids, *, name, stats, coco_gt):
+        super().__init__(records, class_names, category_ids, name=name, stats=stats)
+        self._coco_gt = coco_gt
+
+    def to_coco_dict(self) -> dict[str, Any]:
+        return self._coco_gt
+
+
+def resolve_coco_paths(path: str | os.PathLike, split: str) -> tuple[Path, Path]:
+    """(annotation json, image dir) for ``coco:`` specs; see ``open_dataset``."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        # .../annotations/instances_val2017.json -> .../val2017, else images/ beside, else the json dir
+        stem = p.stem.removeprefix("instances_")
+        candidates = [p.parent.parent / stem, p.parent.parent / "images" / stem, p.parent / "images"]
+        for d in candidates:
+            if stem and d.is_dir():
+                return p, d
+        return p, p.parent
+    if not p.is_dir():
+        raise DataError(f"coco:{path}: no such file or directory")
+    tried = []
+    for ann_name, img_dirs in (
+        (f"instances_{split}2017.json", (f"{split}2017", f"images/{split}2017")),
+        (f"instances_{split}.json", (split, f"images/{split}", "images")),
+    ):
+        ann = p / "annotations" / ann_name
+        tried.append(str(ann))
+        if ann.is_file():
+            for d in img_dirs:
+                if (p / d).is_dir():
+                    return ann, p / d
+            raise DataError(f"coco:{path}: found {ann} but none of the image folders "
+                            f"{', '.join(str(p / d) for d in img_dirs)}")
+    raise DataError(f"coco:{path}: no annotation file for split {split!r} (tried {', '.join(tried)})")
+
+
+def _require(obj: Any, key: str, kind, where: str):
+    if not isinstance(obj, dict) or key not in obj:
+        raise DataError(f"{where}: missing field {key!r}")
+    value = obj[key]
+    if kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        ok = ok or (isinstance(value, float) and value.is_integer())
+        if not ok:
+            raise DataError(f"{where}: field {key!r} must be an integer, got {value!r}")
+        return int(value)
+    if not isinstance(value, kind):
+        raise DataError(f"{where}: field {key!r} must be {getattr(kind, '__name__', kind)}, got {value!r}")
+    return value
+
+
+def _parse_categories(data: dict, file: str) -> tuple[list[int], list[str]]:
+    cats = _require(data, "categories", list, file)
+    by_id: dict[int, str] = {}
+    for i, c in enumerate(cats):
+        where = f"{file}: categories[{i}]"
+        cid = _require(c, "id", int, where)
+        cname = _require(c, "name", str, where)
+        if cid in by_id:
+            raise DataError(f"{where}: duplicate category id {cid}")
+        by_id[cid] = cname
+    ids = sorted(by_id)
+    return ids, [by_id[i] for i in ids]
+
+
+def _parse_images(data: dict, file: str) -> dict[int, dict]:
+    images: dict[int, dict] = {}
+    for i, im in enumerate(_require(data, "images", list, file)):
+        where = f"{file}: images[{i}]"
+        iid = _require(im, "id", int, where)
+        fname = _require(im, "file_name", str, where)
+        w, h = _require(im, "width", int, where), _require(im, "height", int, where)
+        if w <= 0 or h <= 0:
+            raise DataError(f"{where}: field 'width'/'height' must be positive, got {w}x{h}")
+        if iid in images:
+            raise DataError(f"{where}: duplicate image id {iid}")
+        images[iid] = {"id": iid, "file_name": fname, "width": w, "height": h}
+    return images
+
+
+def _parse_bbox(ann: dict, where: str) -> list[float]:
+    bbox = _require(ann, "bbox", list, where)
+    if len(bbox) != 4 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox):
+        raise DataError(f"{where}: field 'bbox' must be 4 numbers [x, y, w, h], got {bbox!r}")
+    return [float(v) for v in bbox]
+
+
+def read_coco(ann_file: str | os.PathLike, image_dir: str | os.PathLike, *, name: str | None = None
+              ) -> CocoDataset:
+    """Read a COCO instances JSON into a :class:`CocoDataset` (see module docstring)."""
+    file = str(ann_file)
+    try:
+        with open(file, "rb") as f:
+            data = json.load(f)
+    except FileNotFoundError as e:
+        raise DataError(f"{file}: annotation file not found") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{file}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise DataError(f"{file}: top level must be a JSON object, got {type(data).__name__}")
+    cat_ids, class_names = _parse_categories(data, file)
+    label_of = {cid: i for i, cid in enumerate(cat_ids)}
+    images = _parse_images(data, file)
+    stats: collections.Counter = collections.Counter()
+    per_image = collections.defaultdict(lambda: ([], [], [], []))
+    gt_annotations = []
+    annotations = data.get("annotations", [])
+    if not isinstance(annotations, list):
+        raise DataError(f"{file}: field 'annotations' must be a list, got {type(annotations).__name__}")
+    for i, ann in enumerate(annotations):
+        where = f"{file}: annotations[{i}]"
+        iid = _require(ann, "image_id", int, where)
+        cid = _require(ann, "category_id", int, where)
+        if iid not in images:
+            raise DataError(f"{where}: field 'image_id' = {iid} is not an image id of the file")
+        if cid not in label_of:
+            raise DataError(f"{where}: unknown category_id {cid} (known: {cat_ids})")
+        x, y, w, h = _parse_bbox(ann, where)
+        crowd = bool(ann.get("iscrowd", 0))
+        box = [x, y, x + w, y + h]
+        boxes, labels, crowd_boxes, crowd_labels = per_image[iid]
+        (crowd_boxes if crowd else boxes).append(box)
+        (crowd_labels if crowd else labels).append(label_of[cid])
+        stats["crowd_boxes"] += int(crowd)
+        area = ann.get("area")
+        area = float(area) if isinstance(area, (int, float)) and math.isfinite(area) else max(w, 0) * max(h, 0)
+        ann_id = ann.get("id")
+        gt_annotations.append({"id": ann_id if isinstance(ann_id, int) else i + 1,
+                               "image_id": iid, "category_id": cid, "bbox": [x, y, w, h],
+                               "area": area, "iscrowd": int(crowd)})
+    records = []
+    for iid in sorted(images):
+        im = images[iid]
+        boxes, labels, crowd_boxes, crowd_labels = per_image.get(iid, ([], [], [], []))
+        b, l = clean_boxes(boxes, labels, im["width"], im["height"], stats) if boxes else empty_boxes()
+        cb, cl = (clean_boxes(crowd_boxes, crowd_labels, im["width"], im["height"], collections.Counter())
+                  if crowd_boxes else empty_boxes())
+        records.append(Record(image_id=iid, width=im["width"], height=im["height"], boxes=b, labels=l,
+                              file=os.path.join(str(image_dir), im["file_name"]),
+                              ignore_boxes=cb, ignore_labels=cl))
+    gt = {"images": [images[i] for i in sorted(images)], "annotations": gt_annotations,
+          "categories": [{"id": c, "name": n} for c, n in zip(cat_ids, class_names)]}
+    return CocoDataset(records, class_names, cat_ids, name=name or file, stats=stats, coco_gt=gt)

@@ -1,0 +1,162 @@
+"""YOLO txt reader (Ultralytics layout described by a data YAML).
+
+``data.yaml`` keys: ``path`` (dataset root; relative paths are resolved against the YAML's own
+folder; default: that folder), ``train`` / ``val`` / ``test`` (each a folder of images, a .txt
+file listing image paths, or a list of those; relative to ``path``), ``names`` (list, or dict
+``{class_index: name}``; the indices may have gaps), optional ``nc`` (checked).
+
+Labels live beside the images with ``/images/`` replaced by ``/labels/`` (last occurrence) and the
+suffix ``.txt``. A line is ``class cx cy w h`` (normalised) or a polygon ``class x1 y1 x2 y2 ...``
+(normalised; its tight box is used). Boxes are in the displayed (EXIF-transposed) image frame, so
+the image size read at open time is the EXIF-transposed header size. A missing label file means a
+negative image (counted ``missing_label_files``); unreadable images are skipped at open time
+(counted ``skipped_images``); malformed lines and unknown class indices raise :class:`DataError`
+naming the file, line and value.
+"""
+from __future__ import annotations
+
+import collections
+import os
+from pathlib import Path
+
+import numpy as np
+
+from data_pipelines.imageio import displayed_size
+from data_pipelines.records import DataError, DetectionDataset, Record, clean_boxes, empty_boxes, log
+
+IMAGE_SUFFIXES = {".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp", ".mpo", ".dng", ".pfm"}
+
+
+def _load_yaml(path: Path) -> dict:
+    import yaml
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError as e:
+        raise DataError(f"{path}: data YAML not found") from e
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid YAML ({e})") from e
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _parse_names(data: dict, file: Path) -> tuple[list[int], list[str]]:
+    names = data.get("names")
+    if isinstance(names, list):
+        pairs = list(enumerate(names))
+    elif isinstance(names, dict):
+        pairs = []
+        for k, v in names.items():
+            if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+                raise DataError(f"{file}: field 'names': keys must be class indices >= 0, got {k!r}")
+            pairs.append((k, v))
+        pairs.sort()
+    else:
+        raise DataError(f"{file}: field 'names' must be a list or a dict, got {names!r}")
+    if not pairs:
+        raise DataError(f"{file}: field 'names' is empty")
+    for k, v in pairs:
+        if not isinstance(v, (str, int, float)) or isinstance(v, bool):
+            raise DataError(f"{file}: field 'names': class {k} has an invalid name {v!r}")
+    nc = data.get("nc")
+    if nc is not None and nc != len(pairs):
+        raise DataError(f"{file}: field 'nc' = {nc!r} but 'names' has {len(pairs)} entries")
+    return [k for k, _ in pairs], [str(v) for _, v in pairs]
+
+
+def _image_files(entry, root: Path, file: Path) -> list[Path]:
+    if isinstance(entry, (list, tuple)):
+        return [p for e in entry for p in _image_files(e, root, file)]
+    if not isinstance(entry, str):
+        raise DataError(f"{file}: split entry must be a path or a list of paths, got {entry!r}")
+    p = Path(entry) if Path(entry).is_absolute() else root / entry
+    if p.is_dir():
+        return sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file())
+    if p.is_file() and p.suffix == ".txt":
+        out = []
+        for line in p.read_text(encoding="utf-8", errors="replace").splitlines():
+            line = line.strip()
+            if line:
+                q = Path(line)
+                out.append(q if q.is_absolute() else (p.parent / q if line.startswith("./") else root / q))
+        return out
+    raise DataError(f"{file}: split path {p} is neither an image folder nor a .txt list")
+
+
+def label_path(image: Path) -> Path:
+    """``.../images/x/a.jpg`` → ``.../labels/x/a.txt`` (last ``images`` component)."""
+    parts = list(image.parts)
+    for i in range(len(parts) - 2, -1, -1):
+        if parts[i] == "images":
+            parts[i] = "labels"
+            return Path(*parts).with_suffix(".txt")
+    return image.with_suffix(".txt")
+
+
+def parse_label_file(path: Path, width: int, height: int, class_index: dict[int, int],
+                     ) -> tuple[list[list[float]], list[int]]:
+    """Boxes (x1y1x2y2 px, unclipped) and contiguous labels of one YOLO label file."""
+    boxes, labels = [], []
+    text = path.read_text(encoding="utf-8", errors="replace")
+    for lineno, line in enumerate(text.splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            values = [float(v) for v in parts]
+        except ValueError as e:
+            raise DataError(f"{where}: non-numeric value in {line.strip()!r}") from e
+        if len(values) < 5 or (len(values) > 5 and len(values) % 2 == 0):
+            raise DataError(f"{where}: expected 'class cx cy w h' or 'class x1 y1 x2 y2 ...', "
+                            f"got {len(values)} values")
+        cls = values[0]
+        if not np.isfinite(cls) or cls != int(cls) or int(cls) not in class_index:
+            raise DataError(f"{where}: unknown class index {parts[0]!r} (known: {sorted(class_index)})")
+        if len(values) == 5:
+            cx, cy, w, h = values[1:]
+            box = [(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height]
+        else:
+            xy = np.asarray(values[1:], np.float64).reshape(-1, 2)
+            box = [xy[:, 0].min() * width, xy[:, 1].min() * height, xy[:, 0].max() * width,
+                   xy[:, 1].max() * height]
+        boxes.append(box)
+        labels.append(class_index[int(cls)])
+    return boxes, labels
+
+
+def read_yolo(yaml_path: str | os.PathLike, split: str) -> DetectionDataset:
+    file = Path(yaml_path).expanduser()
+    data = _load_yaml(file)
+    root = Path(data.get("path") or ".")
+    root = root if root.is_absolute() else (file.parent / root)
+    split_key = {"validation": "val"}.get(split, split)
+    if split_key not in data or data[split_key] in (None, ""):
+        raise DataError(f"{file}: no entry for split {split!r} (keys: {sorted(map(str, data))})")
+    cat_ids, names = _parse_names(data, file)
+    class_index = {cid: i for i, cid in enumerate(cat_ids)}
+    images = _image_files(data[split_key], root, file)
+    stats: collections.Counter = collections.Counter()
+    records = []
+    stems = [p.stem for p in images]
+    numeric_ids = all(s.isdigit() for s in stems) and len(set(map(int, stems))) == len(stems) if stems else False
+    for i, img in enumerate(images):
+        try:
+            width, height = displayed_size(img)
+        except DataError as e:
+            stats["skipped_images"] += 1
+            log.warning("skipping image: %s", e)
+            continue
+        lbl = label_path(img)
+        if lbl.is_file():
+            boxes, labels = parse_label_file(lbl, width, height, class_index)
+        else:
+            stats["missing_label_files"] += 1
+            boxes, labels = [], []
+        b, l = clean_boxes(boxes, labels, width, height, stats) if boxes else empty_boxes()
+        records.append(Record(image_id=int(img.stem) if numeric_ids else i + 1, width=width,
+                              height=height, boxes=b, labels=l, file=str(img)))
+    if not records:
+        raise DataError(f"{file}: split {split!r} has no readable images under {data[split_key]!r}")
+    return DetectionDataset(records, names, cat_ids, name=f"yolo:{file}:{split}", stats=stats)

@@ -1,0 +1,153 @@
+"""The common record every reader produces, the dataset base class, and the error type.
+
+A reader (COCO JSON, TFDS, YOLO txt, Pascal VOC XML) turns its source into a list of
+:class:`Record` — one per image, annotations already cleaned (boxes x1y1x2y2 in pixels of the
+*annotated frame*, labels contiguous 0..C-1) — and wraps them in a :class:`DetectionDataset`.
+``ds[i]`` decodes the image (see ``data_pipelines.imageio``) and returns
+
+* ``image``     (H, W, 3) uint8 RGB, H, W = the annotated size (``orig_size``)
+* ``boxes``     (N, 4) float32 x1y1x2y2 pixels
+* ``labels``    (N,) int32 in 0..C-1
+* ``image_id``  int (source image id)
+* ``orig_size`` (h, w) ints
+
+Problems in the input either raise :class:`DataError` (message names the file and field) or are
+dropped and counted in ``ds.stats`` (a ``collections.Counter``; keys listed in the README of the
+package, e.g. ``crowd_boxes``, ``empty_boxes``, ``clipped_boxes``, ``images_without_boxes``).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+from typing import Any, Sequence
+
+import numpy as np
+
+log = logging.getLogger("data_pipelines")
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file (or record) and the field."""
+
+
+@dataclasses.dataclass
+class Record:
+    """One image of a dataset with its cleaned annotations.
+
+    ``width``/``height`` are the size of the frame the boxes live in (the annotated size; for
+    readers without stored sizes, the decoded, EXIF-transposed image size). ``ignore_boxes`` are
+    regions not used for training but exported as ``iscrowd=1`` by ``to_coco_dict`` (COCO crowd
+    boxes, VOC ``difficult`` objects with ``difficult="ignore"``).
+    """
+
+    image_id: int
+    width: int
+    height: int
+    boxes: np.ndarray                      # (N, 4) float32 x1y1x2y2 px
+    labels: np.ndarray                     # (N,) int32 0..C-1
+    file: str | None = None                # image path (file readers)
+    source_index: int | None = None        # index into a random-access source (TFDS)
+    ignore_boxes: np.ndarray | None = None  # (M, 4) float32 x1y1x2y2 px
+    ignore_labels: np.ndarray | None = None  # (M,) int32
+
+    @property
+    def name(self) -> str:
+        return self.file if self.file is not None else f"record #{self.source_index} (image_id {self.image_id})"
+
+
+def empty_boxes() -> tuple[np.ndarray, np.ndarray]:
+    return np.zeros((0, 4), np.float32), np.zeros((0,), np.int32)
+
+
+def clean_boxes(boxes_xyxy, labels, width: int, height: int, stats: collections.Counter,
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Clip boxes to the image and drop non-finite / zero-width / zero-height ones (counted).
+
+    Returns float32 (N, 4) boxes and int32 (N,) labels, filtered together.
+    """
+    boxes = np.asarray(boxes_xyxy, np.float64).reshape(-1, 4)
+    labels = np.asarray(labels, np.int64).reshape(-1)
+    finite = np.isfinite(boxes).all(axis=1)
+    stats["nonfinite_boxes"] += int((~finite).sum())
+    boxes, labels = boxes[finite], labels[finite]
+    clipped = boxes.copy()
+    clipped[:, 0::2] = np.clip(clipped[:, 0::2], 0, width)
+    clipped[:, 1::2] = np.clip(clipped[:, 1::2], 0, height)
+    keep = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+    stats["empty_boxes"] += int((~keep).sum())
+    stats["clipped_boxes"] += int((np.abs(clipped - boxes).max(axis=1, initial=0) > 0)[keep].sum())
+    return clipped[keep].astype(np.float32), labels[keep].astype(np.int32)
+
+
+class DetectionDataset:
+    """Random-access detection dataset over a list of :class:`Record` (see module docstring)."""
+
+    def __init__(self, records: Sequence[Record], class_names: Sequence[str],
+                 category_ids: Sequence[int], *, name: str, stats: collections.Counter | None = None):
+        if len(class_names) != len(category_ids):
+            raise DataError(f"{name}: {len(class_names)} class names but {len(category_ids)} category ids")
+        self.records = list(records)
+        self.class_names = tuple(str(c) for c in class_names)
+        self.category_ids = tuple(int(c) for c in category_ids)
+        self.name = name
+        self.stats = stats if stats is not None else collections.Counter()
+        self.stats["images_without_boxes"] = sum(len(r.labels) == 0 for r in self.records)
+        self.indices_with_boxes = np.array(
+            [i for i, r in enumerate(self.records) if len(r.labels) > 0], np.int64)
+
+    # -- sequence protocol ---------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"{self.name}: index {index} out of range (len {len(self)})")
+        rec = self.records[index]
+        image = self.load_image(rec)
+        return {
+            "image": image,
+            "boxes": rec.boxes.copy(),
+            "labels": rec.labels.copy(),
+            "image_id": int(rec.image_id),
+            "orig_size": (int(rec.height), int(rec.width)),
+        }
+
+    def load_image(self, rec: Record) -> np.ndarray:
+        """(H, W, 3) uint8 RGB in the annotated frame (subclasses with other sources override)."""
+        from data_pipelines.imageio import decode_image
+        return decode_image(rec.file, annotated_size=(rec.width, rec.height), stats=self.stats)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({self.name!r}, {len(self)} images, "
+                f"{self.num_classes} classes)")
+
+    # -- evaluation boundary -------------------------------------------------------------------
+    def to_coco_dict(self) -> dict[str, Any]:
+        """COCO-format ground truth (xywh boxes, SOURCE category ids) for pycocotools."""
+        images, annotations = [], []
+        for rec in self.records:
+            images.append({"id": int(rec.image_id), "width": int(rec.width), "height": int(rec.height),
+                           "file_name": rec.file or f"{rec.image_id}.jpg"})
+            groups = [(rec.boxes, rec.labels, 0)]
+            if rec.ignore_boxes is not None and len(rec.ignore_boxes):
+                groups.append((rec.ignore_boxes, rec.ignore_labels, 1))
+            for boxes, labels, crowd in groups:
+                for box, label in zip(boxes, labels):
+                    w, h = float(box[2] - box[0]), float(box[3] - box[1])
+                    annotations.append({
+                        "id": len(annotations) + 1, "image_id": int(rec.image_id),
+                        "category_id": self.category_ids[int(label)],
+                        "bbox": [float(box[0]), float(box[1]), w, h], "area": w * h,
+                        "iscrowd": crowd})
+        categories = [{"id": cid, "name": n} for cid, n in zip(self.category_ids, self.class_names)]
+        return {"images": images, "annotations": annotations, "categories": categories}
+
+    def summary(self) -> str:
+        n_boxes = sum(len(r.labels) for r in self.records)
+        counts = ", ".join(f"{k}={v}" for k, v in sorted(self.stats.items()) if v)
+        return f"{self!r}: {n_boxes} boxes" + (f"; {counts}" if counts else "")

@@ -1,0 +1,195 @@
+"""Readers (COCO, YOLO, VOC) and ``open_dataset`` spec parsing, on tiny generated datasets."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_helpers import random_scene, write_coco
+from data_pipelines import DataError, open_dataset
+
+
+# ---------------------------------------------------------------------------------------------- COCO
+def _coco_with_edge_cases(tmp_path):
+    rng = np.random.default_rng(1)
+    scenes = [random_scene(rng, 64, 80) for _ in range(3)]
+    scenes.append((np.zeros((64, 80, 3), np.uint8), np.zeros((0, 4)), np.zeros((0,), int)))  # negative
+    extra = [
+        {"id": 900, "image_id": 1, "category_id": 10, "bbox": [5, 5, 20, 20], "iscrowd": 1, "area": 300.0},
+        {"id": 901, "image_id": 2, "category_id": 13, "bbox": [70, 50, 30, 30]},   # crosses the border
+        {"id": 902, "image_id": 2, "category_id": 13, "bbox": [10, 10, 0, 5]},     # zero width
+        {"id": 903, "image_id": 3, "category_id": 16, "bbox": [-10, -5, 5, 5]},    # fully outside
+    ]
+    write_coco(tmp_path, scenes, extra_annotations=extra)
+    return scenes
+
+
+def test_coco_reader_cleans_boxes_and_keeps_negatives(tmp_path):
+    scenes = _coco_with_edge_cases(tmp_path)
+    ds = open_dataset(f"coco:{tmp_path}", "train")
+    assert len(ds) == 4 and ds.num_classes == 6
+    assert ds.category_ids == tuple(10 + 3 * k for k in range(6))
+    assert ds.stats["crowd_boxes"] == 1 and ds.stats["empty_boxes"] == 2 and ds.stats["clipped_boxes"] == 1
+    assert ds.stats["images_without_boxes"] == 1
+    s0 = ds[0]
+    np.testing.assert_allclose(s0["boxes"], scenes[0][1])
+    np.testing.assert_array_equal(s0["labels"], scenes[0][2])
+    np.testing.assert_array_equal(s0["image"], scenes[0][0])
+    assert s0["image"].dtype == np.uint8 and s0["orig_size"] == (64, 80) and s0["image_id"] == 1
+    s1 = ds[1]  # clipped box appended after the scene's boxes: [70, 50, 80, 64], label 1
+    np.testing.assert_allclose(s1["boxes"][-1], [70, 50, 80, 64])
+    assert s1["labels"][-1] == 1 and len(s1["boxes"]) == len(scenes[1][1]) + 1
+    assert len(ds[3]["boxes"]) == 0 and ds[3]["boxes"].shape == (0, 4)
+
+
+def test_coco_to_coco_dict_is_the_source_ground_truth(tmp_path):
+    _coco_with_edge_cases(tmp_path)
+    ds = open_dataset(f"coco:{tmp_path}", "train")
+    gt = ds.to_coco_dict()
+    src = json.loads((tmp_path / "annotations" / "instances_train2017.json").read_text())
+    assert len(gt["annotations"]) == len(src["annotations"])
+    crowd = [a for a in gt["annotations"] if a["id"] == 900][0]
+    assert crowd["iscrowd"] == 1 and crowd["area"] == 300.0 and crowd["category_id"] == 10
+    assert {c["id"] for c in gt["categories"]} == set(ds.category_ids)
+    from pycocotools.coco import COCO
+    coco = COCO()
+    coco.dataset = gt
+    coco.createIndex()
+    assert len(coco.getImgIds()) == 4
+
+
+def test_coco_json_path_and_bare_json_spec(tmp_path):
+    _coco_with_edge_cases(tmp_path)
+    ann = tmp_path / "annotations" / "instances_train2017.json"
+    for spec in (f"coco:{ann}", str(ann)):
+        ds = open_dataset(spec)
+        assert len(ds) == 4 and ds[0]["image"].shape == (64, 80, 3)
+
+
+def test_coco_unknown_category_and_image_ids_name_file_and_value(tmp_path):
+    rng = np.random.default_rng(0)
+    write_coco(tmp_path, [random_scene(rng, 32, 32)],
+               extra_annotations=[{"id": 5, "image_id": 1, "category_id": 777, "bbox": [1, 1, 4, 4]}])
+    with pytest.raises(DataError, match=r"instances_train2017\.json.*777"):
+        open_dataset(f"coco:{tmp_path}")
+    write_coco(tmp_path, [random_scene(rng, 32, 32)],
+               extra_annotations=[{"id": 5, "image_id": 42, "category_id": 10, "bbox": [1, 1, 4, 4]}])
+    with pytest.raises(DataError, match=r"image_id.*42"):
+        open_dataset(f"coco:{tmp_path}")
+
+
+def test_coco_missing_split_lists_what_was_tried(tmp_path):
+    (tmp_path / "annotations").mkdir()
+    with pytest.raises(DataError, match="instances_val2017.json"):
+        open_dataset(f"coco:{tmp_path}", "val")
+
+
+# ---------------------------------------------------------------------------------------------- YOLO
+def _write_yolo(root, names_yaml: str):
+    for split, n in (("train", 3), ("val", 2)):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "labels" / split).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(np.full((50, 100, 3), 40 * i, np.uint8)).save(root / "images" / split / f"{i}.jpg")
+    lab = root / "labels" / "train"
+    (lab / "0.txt").write_text("0 0.5 0.5 0.2 0.4\n2 0.1 0.1 0.4 0.4\n")   # second box clipped at 0
+    (lab / "1.txt").write_text("\n1 0.1 0.2 0.3 0.2 0.3 0.6\n")              # polygon
+    # 2.jpg has no label file: a negative
+    (root / "labels" / "val" / "0.txt").write_text("2 0.5 0.5 1.0 1.0\n")
+    (root / "data.yaml").write_text(f"path: .\ntrain: images/train\nval: images/val\n{names_yaml}\n")
+
+
+@pytest.mark.parametrize("names_yaml", ["names: [a, b, c]", "names:\n  0: a\n  1: b\n  2: c"])
+def test_yolo_reader(tmp_path, names_yaml):
+    _write_yolo(tmp_path, names_yaml)
+    ds = open_dataset(f"yolo:{tmp_path / 'data.yaml'}", "train")
+    assert ds.class_names == ("a", "b", "c") and len(ds) == 3
+    s = ds[0]
+    np.testing.assert_allclose(s["boxes"], [[40, 15, 60, 35], [0, 0, 30, 15]], atol=1e-4)
+    np.testing.assert_array_equal(s["labels"], [0, 2])
+    np.testing.assert_allclose(ds[1]["boxes"], [[10, 10, 30, 30]], atol=1e-4)  # polygon hull
+    assert ds.stats["missing_label_files"] == 1 and len(ds[2]["boxes"]) == 0
+    assert ds.stats["clipped_boxes"] == 1
+    val = open_dataset(f"yolo:{tmp_path / 'data.yaml'}", "val")
+    np.testing.assert_allclose(val[0]["boxes"], [[0, 0, 100, 50]])
+    gt = val.to_coco_dict()
+    assert gt["annotations"][0]["bbox"] == [0.0, 0.0, 100.0, 50.0]
+
+
+def test_yolo_bad_lines_raise_with_file_and_line(tmp_path):
+    _write_yolo(tmp_path, "names: [a, b, c]")
+    (tmp_path / "labels" / "train" / "1.txt").write_text("0 0.5 0.5 0.2 0.2\n7 0.5 0.5 0.1 0.1\n")
+    with pytest.raises(DataError, match=r"1\.txt:2: unknown class index '7'"):
+        open_dataset(f"yolo:{tmp_path / 'data.yaml'}")
+    (tmp_path / "labels" / "train" / "1.txt").write_text("0 0.5 zero 0.2 0.2\n")
+    with pytest.raises(DataError, match=r"1\.txt:1: non-numeric"):
+        open_dataset(f"yolo:{tmp_path / 'data.yaml'}")
+    (tmp_path / "labels" / "train" / "1.txt").write_text("0 0.5 0.5 0.2\n")
+    with pytest.raises(DataError, match=r"1\.txt:1: expected"):
+        open_dataset(f"yolo:{tmp_path / 'data.yaml'}")
+
+
+# ----------------------------------------------------------------------------------------------- VOC
+def _voc_xml(fname, objects, size=(100, 60)):
+    objs = "".join(
+        f"<object><name>{n}</name><difficult>{int(d)}</difficult><bndbox><xmin>{b[0]}</xmin>"
+        f"<ymin>{b[1]}</ymin><xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>"
+        for n, d, b in objects)
+    sz = f"<size><width>{size[0]}</width><height>{size[1]}</height><depth>3</depth></size>" if size else ""
+    return f"<annotation><filename>{fname}</filename>{sz}{objs}</annotation>"
+
+
+def _write_voc_devkit(root):
+    (root / "Annotations").mkdir(parents=True)
+    (root / "JPEGImages").mkdir()
+    (root / "ImageSets" / "Main").mkdir(parents=True)
+    for stem in ("a", "b", "c"):
+        Image.fromarray(np.zeros((60, 100, 3), np.uint8)).save(root / "JPEGImages" / f"{stem}.jpg")
+    (root / "Annotations" / "a.xml").write_text(_voc_xml("a.jpg", [("dog", 0, (11, 21, 50, 40)),
+                                                                    ("cat", 1, (1, 1, 10, 10))]))
+    # <filename> points elsewhere: the pairing uses the stem (b.xml -> b.jpg)
+    (root / "Annotations" / "b.xml").write_text(_voc_xml("wrong_name.jpg", [("cat", 0, (1, 1, 100, 60))]))
+    (root / "Annotations" / "c.xml").write_text(_voc_xml("c.jpg", [("bird", 0, (5, 5, 20, 20))], size=None))
+    (root / "ImageSets" / "Main" / "train.txt").write_text("a\nb\n")
+    (root / "ImageSets" / "Main" / "val.txt").write_text("c\n")
+
+
+def test_voc_devkit_layout_and_difficult_modes(tmp_path):
+    _write_voc_devkit(tmp_path)
+    ds = open_dataset(f"voc:{tmp_path}", "train")
+    assert ds.class_names == ("bird", "cat", "dog")  # from ALL xml files, sorted
+    assert len(ds) == 2 and ds.stats["difficult_boxes"] == 1
+    np.testing.assert_allclose(ds[0]["boxes"], [[10, 20, 50, 40]])  # 1-based → 0-based
+    np.testing.assert_array_equal(ds[0]["labels"], [2])
+    np.testing.assert_allclose(ds[1]["boxes"], [[0, 0, 100, 60]])
+    gt = ds.to_coco_dict()
+    assert sorted(a["iscrowd"] for a in gt["annotations"]) == [0, 0, 1]  # difficult → ignore region
+    keep = open_dataset(f"voc:{tmp_path}", "train", difficult="keep")
+    assert len(keep[0]["boxes"]) == 2
+    drop = open_dataset(f"voc:{tmp_path}", "train", difficult="drop")
+    assert len(drop.to_coco_dict()["annotations"]) == 2
+    val = open_dataset(f"voc:{tmp_path}", "val")
+    assert val.stats["size_from_image"] == 1 and val[0]["orig_size"] == (60, 100)
+
+
+def test_voc_pairs_layout_given_classes_and_unknown_name(tmp_path):
+    folder = tmp_path / "train"
+    folder.mkdir()
+    Image.fromarray(np.zeros((60, 100, 3), np.uint8)).save(folder / "x1.png")
+    (folder / "x1.xml").write_text(_voc_xml("x1.png", [("car", 0, (2, 2, 30, 30))]))
+    ds = open_dataset(f"voc:{tmp_path}", "train", class_names=["person", "car"])
+    assert ds.class_names == ("person", "car") and ds[0]["labels"].tolist() == [1]
+    with pytest.raises(DataError, match=r"x1\.xml.*'car'"):
+        open_dataset(f"voc:{tmp_path}", "train", class_names=["person"])
+    (folder / "x1.xml").write_text("<annotation><object><name>car</name></object>")
+    with pytest.raises(DataError, match=r"x1\.xml: not valid XML"):
+        open_dataset(f"voc:{tmp_path}", "train", class_names=["car"])
+
+
+# ----------------------------------------------------------------------------------------- spec strings
+@pytest.mark.parametrize("spec", ["", "nope", "foo:/x", "demo:abc", "demo:100"])
+def test_bad_specs_raise_data_error(spec):
+    with pytest.raises(DataError):
+        open_dataset(spec)
