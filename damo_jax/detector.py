@@ -58,9 +58,11 @@ def load_jax_model(config=None, checkpoint=None, weights=None, *, fuse: bool = T
             raise ValueError(f"official weights {weights}: a config is needed (e.g. --config s)")
         if not Path(weights).is_file():
             raise FileNotFoundError(f"weights file {weights} not found")
-        from damo_jax.convert import load_official_checkpoint
+        from damo_jax.convert import from_torch_state_dict, read_state_dict_file
         cfg = load_config(config)
-        variables = load_official_checkpoint(weights, cfg)
+        state_dict = read_state_dict_file(weights)
+        _check_weight_classes(state_dict, cfg, weights)
+        variables = from_torch_state_dict(state_dict, cfg)
         class_names = tuple(cfg.model.class_names)
     if len(class_names) != int(cfg.model.head.num_classes):
         raise ValueError(f"{checkpoint or weights}: {len(class_names)} class names but the model "
@@ -69,6 +71,18 @@ def load_jax_model(config=None, checkpoint=None, weights=None, *, fuse: bool = T
         from damo_jax.reparam import fuse as fuse_variables
         variables = fuse_variables(variables, cfg, fuse_bn=True)
     return cfg, build_model(cfg, deploy=bool(fuse)), variables, tuple(class_names)
+
+
+def _check_weight_classes(state_dict, cfg, weights) -> None:
+    """Clear error when the weights' head predicts another number of classes than the config."""
+    key = next((k for k in state_dict if k.removeprefix("module.") == "head.gfl_cls.0.bias"), None)
+    if key is None:
+        return  # the strict conversion reports the missing head keys
+    found, expected = int(np.shape(state_dict[key])[0]), int(cfg.model.head.num_classes)
+    legacy = bool(cfg.model.head.get("legacy", False))  # legacy heads have one extra channel
+    if found != expected + legacy:
+        raise ValueError(f"weights {weights} predict {found} classes but config {cfg.model.name!r} "
+                         f"has model.head.num_classes = {expected}")
 
 
 class JaxBackend:
@@ -107,16 +121,12 @@ def make_backend(kind: str, model_path) -> Callable:
 # ------------------------------------------------------------------------------- pre-processing
 
 def read_image(path) -> np.ndarray:
-    """(H,W,3) uint8 RGB of an image file (EXIF orientation applied, alpha dropped)."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return np.asarray(ImageOps.exif_transpose(img).convert("RGB"), dtype=np.uint8)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"image {path} not found") from e
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from e
+    """(H,W,3) uint8 RGB of an image file, decoded like the datasets do (``data_pipelines.imageio``:
+    EXIF orientation applied, alpha dropped, 16-bit / float images scaled)."""
+    from data_pipelines.imageio import decode_image
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"image {path} not found")
+    return decode_image(str(path))
 
 
 def to_rgb_array(image) -> np.ndarray:
@@ -135,16 +145,14 @@ def to_rgb_array(image) -> np.ndarray:
     arr = arr[..., :3]
     if arr.dtype != np.uint8:
         arr = np.clip(np.rint(arr.astype(np.float64)), 0, 255).astype(np.uint8)
-    return arr
+    return np.ascontiguousarray(arr)
 
 
 def stretch_resize(image: np.ndarray, image_hw: Sequence[int]) -> np.ndarray:
-    """Stretch (no letterbox) an (h,w,3) uint8 image to (H,W,3) with cv2 bilinear (SPEC §9.4)."""
-    import cv2
-    h, w = int(image_hw[0]), int(image_hw[1])
-    if image.shape[:2] == (h, w):
-        return image
-    return cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
+    """Stretch (no letterbox) an (h,w,3) uint8 image to (H,W,3), cv2 bilinear (SPEC §9.4) --
+    the very function ``data_pipelines.eval_batches`` uses, so predict == eval pre-processing."""
+    from data_pipelines.augment.resize import stretch_resize as resize_with_boxes
+    return resize_with_boxes(image, np.zeros((0, 4), np.float32), image_hw)[0]
 
 
 # ------------------------------------------------------------------------------------- Detector

@@ -1,0 +1,154 @@
+"""damo_jax.eval: the evaluation protocol end to end, and the ``python -m damo_jax.eval`` CLI."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from damo_jax.config import load_config
+from damo_jax.eval import collect_detections, evaluate, main
+
+from eval_fakes import CATEGORY_IDS, CLASS_NAMES, ColorBoxDataset, ColorBoxOracle, box_iou_numpy
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def oracle_config(image_size=(64, 96), batch_size=2) -> ml_collections.ConfigDict:
+    cfg = load_config("s")
+    cfg.model.head.num_classes = len(CLASS_NAMES)
+    cfg.model.class_names = CLASS_NAMES
+    cfg.test.image_size = image_size
+    cfg.test.batch_size = batch_size
+    cfg.test.max_dets = 20
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    model = ColorBoxOracle()
+    return model, model.init(jax.random.key(0), jnp.zeros((1, 64, 96, 3)))
+
+
+def test_protocol_maps_boxes_back_per_axis(oracle):
+    dataset = ColorBoxDataset(num_images=5)
+    cfg = oracle_config()
+    dets = collect_detections(*oracle, dataset, cfg, progress=False)
+    gt = dataset.to_coco_dict()["annotations"]
+    assert len(dets) == len(gt)  # one detection per drawn box; the padded 6th image is dropped
+    for ann in gt:
+        det = [d for d in dets if d["image_id"] == ann["image_id"] and d["category_id"] == ann["category_id"]]
+        assert len(det) == 1 and det[0]["score"] == pytest.approx(0.9)
+        x, y, w, h = det[0]["bbox"]
+        gx, gy, gw, gh = ann["bbox"]
+        assert box_iou_numpy([x, y, x + w, y + h], [gx, gy, gx + gw, gy + gh]) > 0.85
+    stats = evaluate(*oracle, dataset, cfg, progress=False)
+    assert stats["AP50"] == pytest.approx(1.0) and stats["AP"] > 0.6
+    assert stats == evaluate(*oracle, dataset, cfg, progress=False, use_fast=False)
+
+
+def test_conf_threshold_from_config_and_class_mismatch(oracle):
+    dataset = ColorBoxDataset(num_images=3)
+    cfg = oracle_config()
+    cfg.test.conf_thre = 0.9  # oracle scores are 0.9: strict '>' keeps nothing
+    assert collect_detections(*oracle, dataset, cfg, progress=False) == []
+    assert evaluate(*oracle, dataset, cfg, progress=False)["AP"] == 0.0
+    cfg = oracle_config()
+    cfg.model.head.num_classes = 80
+    with pytest.raises(ValueError, match="80 classes.*2 classes"):
+        evaluate(*oracle, dataset, cfg, progress=False)
+
+
+def test_multi_device_sharded_eval_matches_single_device(oracle, tmp_path):
+    """Batch sharded over 2 fake CPU devices (subprocess: XLA flags must precede jax import)."""
+    script = (
+        "import json, jax, jax.numpy as jnp, sys\n"
+        "sys.path.insert(0, 'tests')\n"
+        "from eval_fakes import ColorBoxDataset, ColorBoxOracle\n"
+        "from test_eval_cli import oracle_config\n"
+        "from damo_jax.eval import evaluate\n"
+        "assert jax.device_count() == 2\n"
+        "m = ColorBoxOracle(); v = m.init(jax.random.key(0), jnp.zeros((1, 64, 96, 3)))\n"
+        "print(json.dumps(evaluate(m, v, ColorBoxDataset(num_images=5), oracle_config(batch_size=4), progress=False)))\n")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sharded = json.loads(proc.stdout.strip().splitlines()[-1])
+    single = evaluate(*oracle, ColorBoxDataset(num_images=5), oracle_config(batch_size=4), progress=False)
+    assert sharded == pytest.approx(single)
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+def write_coco_folder(root: Path, dataset: ColorBoxDataset) -> Path:
+    """The colour-box dataset as a COCO folder (annotations/instances_val.json + images)."""
+    coco = dataset.to_coco_dict()
+    (root / "annotations").mkdir(parents=True)
+    (root / "val").mkdir()
+    for record, image in zip(dataset.records, coco["images"]):
+        Image.fromarray(record["image"]).save(root / "val" / image["file_name"])
+    (root / "annotations" / "instances_val.json").write_text(json.dumps(coco))
+    return root
+
+
+def write_random_weights(path: Path, cfg) -> Path:
+    """Official-format state_dict (.npz) with the golden numpy recipe, no model init needed."""
+    from golden_weights import make_state_dict
+
+    from damo_jax.convert import expected_torch_entries
+    state_dict = make_state_dict({k: v[2] for k, v in expected_torch_entries(cfg).items()})
+    state_dict["head.integral.project"] = np.arange(cfg.model.head.reg_max + 1, dtype=np.float32)
+    np.savez(path, **state_dict)
+    return path
+
+
+def write_two_class_config(path: Path) -> Path:
+    path.write_text(
+        "from damo_jax.config import load_config\n"
+        "def get_config():\n"
+        "    c = load_config('ns')\n"
+        f"    c.model.head.num_classes = {len(CLASS_NAMES)}\n"
+        f"    c.model.class_names = {CLASS_NAMES!r}\n"
+        "    return c\n")
+    return path
+
+
+def test_cli_official_weights_on_coco_folder(tmp_path, capsys):
+    dataset = ColorBoxDataset(num_images=3)
+    coco_dir = write_coco_folder(tmp_path / "coco", dataset)
+    config_file = write_two_class_config(tmp_path / "two_class.py")
+    weights = write_random_weights(tmp_path / "w.npz", load_config(str(config_file)))
+    out_json, stats_json = tmp_path / "dets.json", tmp_path / "stats.json"
+    stats = main(["--config", str(config_file), "--weights", str(weights), "--data", f"coco:{coco_dir}",
+                  "--split", "val", "--img-size", "64", "64", "--batch-size", "2", "--conf", "0.001",
+                  "--max-dets", "50", "--json-out", str(out_json), "--stats-out", str(stats_json),
+                  "--no-progress", "--pycocotools"])
+    printed = capsys.readouterr().out
+    assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in printed
+    assert json.loads(stats_json.read_text()) == stats
+    dets = json.loads(out_json.read_text())
+    assert dets and {d["category_id"] for d in dets} <= set(CATEGORY_IDS)
+    per_image = {}
+    for d in dets:
+        per_image[d["image_id"]] = per_image.get(d["image_id"], 0) + 1
+        assert 0.001 < d["score"] <= 1.0
+    assert set(per_image) <= {1000, 1001, 1002} and max(per_image.values()) <= 50
+
+
+def test_cli_class_count_mismatch_is_a_clear_error(tmp_path):
+    coco_dir = write_coco_folder(tmp_path / "coco", ColorBoxDataset(num_images=2))
+    weights = write_random_weights(tmp_path / "w80.npz", load_config("ns"))
+    with pytest.raises(SystemExit, match="80 classes.*2 classes"):
+        main(["--config", "ns", "--weights", str(weights), "--data", f"coco:{coco_dir}", "--split", "val",
+              "--img-size", "64", "64", "--no-progress"])
+    with pytest.raises(SystemExit, match="config is needed"):
+        main(["--weights", str(weights), "--data", f"coco:{coco_dir}"])
