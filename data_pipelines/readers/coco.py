@@ -99,19 +99,32 @@ def _parse_images(data: dict, file: str) -> dict[int, dict]:
         iid = _require(im, "id", int, where)
         fname = _require(im, "file_name", str, where)
         w, h = _require(im, "width", int, where), _require(im, "height", int, where)
-        if w <= 0 or h <= 0:
-            raise DataError(f"{where}: field 'width'/'height' must be positive, got {w}x{h}")
+        if not (0 < w < 2**31 and 0 < h < 2**31):
+            raise DataError(f"{where}: field 'width'/'height' must be positive integers, got {w}x{h}")
         if iid in images:
             raise DataError(f"{where}: duplicate image id {iid}")
         images[iid] = {"id": iid, "file_name": fname, "width": w, "height": h}
     return images
 
 
+def _finite_float(value) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        value = float(value)
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) else None
+
+
 def _parse_bbox(ann: dict, where: str) -> list[float]:
     bbox = _require(ann, "bbox", list, where)
     if len(bbox) != 4 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox):
         raise DataError(f"{where}: field 'bbox' must be 4 numbers [x, y, w, h], got {bbox!r}")
-    return [float(v) for v in bbox]
+    try:
+        return [float(v) for v in bbox]
+    except OverflowError as e:
+        raise DataError(f"{where}: field 'bbox' value out of range: {bbox!r}") from e
 
 
 def read_coco(ann_file: str | os.PathLike, image_dir: str | os.PathLike, *, name: str | None = None
@@ -151,8 +164,8 @@ def read_coco(ann_file: str | os.PathLike, image_dir: str | os.PathLike, *, name
         (crowd_boxes if crowd else boxes).append(box)
         (crowd_labels if crowd else labels).append(label_of[cid])
         stats["crowd_boxes"] += int(crowd)
-        area = ann.get("area")
-        area = float(area) if isinstance(area, (int, float)) and math.isfinite(area) else max(w, 0) * max(h, 0)
+        area = _finite_float(ann.get("area"))
+        area = area if area is not None else max(w, 0.0) * max(h, 0.0)
         ann_id = ann.get("id")
         gt_annotations.append({"id": ann_id if isinstance(ann_id, int) else i + 1,
                                "image_id": iid, "category_id": cid, "bbox": [x, y, w, h],

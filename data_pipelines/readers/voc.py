@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Sequence
 
 from data_pipelines.imageio import displayed_size
-from data_pipelines.readers.yolo import IMAGE_SUFFIXES
 from data_pipelines.records import DataError, DetectionDataset, Record, clean_boxes, empty_boxes, log
 
 DIFFICULT_MODES = ("ignore", "keep", "drop")
@@ -73,7 +72,7 @@ def _objects(root: ET.Element, path: Path):
         diff = _text(obj, "difficult")
         try:
             difficult = bool(int(float(diff))) if diff else False
-        except ValueError as e:
+        except (ValueError, OverflowError) as e:
             raise DataError(f"{where}: field 'difficult' must be 0 or 1, got {diff!r}") from e
         yield name, difficult, [x1 - 1.0, y1 - 1.0, x2, y2]
 
@@ -155,9 +154,9 @@ def read_voc(path: str | os.PathLike, split: str, *, class_names: Sequence[str] 
         w, h = (_text(size, "width"), _text(size, "height"))
         try:
             width, height = int(float(w)), int(float(h))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             width = height = 0
-        if width <= 0 or height <= 0:
+        if not (0 < width < 2**31 and 0 < height < 2**31):
             stats["size_from_image"] += 1
             width, height = displayed_size(image)
         boxes, labels, ign_boxes, ign_labels = [], [], [], []
