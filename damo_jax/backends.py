@@ -1,0 +1,165 @@
+"""Runtimes for exported models, with the interface ``damo_jax.detector.Detector`` expects.
+
+A backend is a callable ``forward(images)``: images (B, H, W, 3) float32 RGB 0-255 **NHWC** (the
+library's layout) -> ``(scores (B, A, C), boxes (B, A, 4))`` numpy float32, boxes x1y1x2y2 in network
+input pixels. The exported files take NCHW; the transpose happens here. Attributes:
+
+* ``input_hw``   — (H, W) the file was exported for (exported graphs have a fixed size);
+* ``batch_size`` — the file's static batch, or ``None`` for a dynamic-batch export. A static-batch
+  file still accepts any B here: the batch is split / zero-padded to the file's batch.
+* ``class_names`` — from the export metadata (``None`` if absent).
+
+``OnnxBackend(path, *, threads=None)`` runs onnxruntime (CPU; CUDA/TensorRT providers when
+available and asked for); ``OpenVinoBackend(path, *, precision="f32")`` runs an OpenVINO IR
+(``.xml``) or ONNX file. ``precision="f32"`` sets ``INFERENCE_PRECISION_HINT=f32`` — on CPUs with
+AMX/AVX512-BF16 OpenVINO's default is bf16 (errors ~1e-2); ``"auto"`` keeps the device default.
+End-to-end files (``--end2end``: outputs num_dets/boxes/scores/labels) are rejected: the Detector
+applies its own NMS to the raw outputs.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+RAW_OUTPUTS = ("scores", "boxes")
+
+
+def _check_file(path, suffixes) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"exported model {p} not found")
+    if p.suffix.lower() not in suffixes:
+        raise ValueError(f"exported model {p}: expected a {'/'.join(suffixes)} file")
+    return p
+
+
+def _check_outputs(path, names) -> None:
+    if sorted(names) != sorted(RAW_OUTPUTS):
+        hint = (" — an --end2end export; export without --end2end for damo_jax.predict / Detector"
+                if "num_dets" in names else "")
+        raise ValueError(f"{path}: outputs {list(names)}, expected {list(RAW_OUTPUTS)}{hint}")
+
+
+def _static_dim(d):
+    return d if isinstance(d, int) and d > 0 else None
+
+
+def _class_names(meta: dict):
+    text = meta.get("class_names")
+    return tuple(json.loads(text)) if text else None
+
+
+class _Backend:
+    """Shared NHWC -> NCHW handling and batch splitting/padding for fixed-batch files."""
+    input_hw: tuple
+    batch_size: int | None
+    class_names: tuple | None
+
+    def _run(self, images_nchw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def __call__(self, images):
+        images = np.asarray(images, np.float32)
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"{type(self).__name__}: images must be (B, H, W, 3) NHWC, "
+                             f"got {images.shape}")
+        if tuple(images.shape[1:3]) != tuple(self.input_hw):
+            raise ValueError(f"{type(self).__name__}: the model was exported for "
+                             f"{tuple(self.input_hw)} inputs, got {tuple(images.shape[1:3])}")
+        nchw = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+        fixed = self.batch_size
+        if fixed is None or len(nchw) == fixed:
+            return self._run(nchw)
+        scores, boxes = [], []
+        for start in range(0, len(nchw), fixed):
+            chunk = nchw[start:start + fixed]
+            count = len(chunk)
+            if count < fixed:
+                chunk = np.concatenate([chunk, np.zeros((fixed - count,) + chunk.shape[1:],
+                                                        np.float32)])
+            s, b = self._run(chunk)
+            scores.append(s[:count])
+            boxes.append(b[:count])
+        return np.concatenate(scores), np.concatenate(boxes)
+
+
+class OnnxBackend(_Backend):
+    """onnxruntime session of a raw-output ONNX export."""
+
+    def __init__(self, path, *, threads: int | None = None, providers=None):
+        import onnxruntime as ort
+
+        self.path = _check_file(path, (".onnx",))
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = int(threads)
+            opts.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(self.path), opts,
+                                            providers=providers or ["CPUExecutionProvider"])
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1:
+            raise ValueError(f"{self.path}: expected one input 'images', got "
+                             f"{[i.name for i in inputs]}")
+        self.input_name = inputs[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        _check_outputs(self.path, self.output_names)
+        shape = inputs[0].shape
+        self.batch_size = _static_dim(shape[0])
+        self.input_hw = (int(shape[2]), int(shape[3]))
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.metadata = dict(meta)
+        self.class_names = _class_names(meta)
+
+    def _run(self, images_nchw):
+        out = dict(zip(self.output_names,
+                       self.session.run(self.output_names, {self.input_name: images_nchw})))
+        return out["scores"], out["boxes"]
+
+
+class OpenVinoBackend(_Backend):
+    """OpenVINO compiled model (CPU by default) of an IR ``.xml`` or ONNX file."""
+
+    def __init__(self, path, *, precision: str = "f32", device: str = "CPU",
+                 threads: int | None = None):
+        import openvino as ov
+
+        self.path = _check_file(path, (".xml", ".onnx"))
+        if precision not in ("f32", "auto"):
+            raise ValueError(f"OpenVinoBackend precision must be 'f32' or 'auto', got {precision!r}")
+        core = ov.Core()
+        model = core.read_model(str(self.path))
+        names = [o.get_any_name() for o in model.outputs]
+        _check_outputs(self.path, names)
+        shape = model.inputs[0].get_partial_shape()
+        self.batch_size = shape[0].get_length() if shape[0].is_static else None
+        self.input_hw = (shape[2].get_length(), shape[3].get_length())
+        config = {}
+        if precision == "f32":
+            config["INFERENCE_PRECISION_HINT"] = "f32"
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        self.compiled = core.compile_model(model, device, config)
+        self.request = self.compiled.create_infer_request()
+        self._outputs = {name: self.compiled.output(name) for name in names}
+        self.metadata = _ov_metadata(model, self.path)
+        self.class_names = _class_names(self.metadata)
+
+    def _run(self, images_nchw):
+        result = self.request.infer({0: images_nchw})
+        return (np.asarray(result[self._outputs["scores"]]),
+                np.asarray(result[self._outputs["boxes"]]))
+
+
+def _ov_metadata(model, path: Path) -> dict:
+    """Export metadata: rt_info ``damo_jax/<key>`` of an IR written by ``export/to_openvino.py``,
+    or the ``metadata_props`` of an ONNX file."""
+    if path.suffix.lower() == ".onnx":
+        import onnx
+        proto = onnx.load(str(path), load_external_data=False)
+        return {p.key: p.value for p in proto.metadata_props}
+    if not model.has_rt_info(["damo_jax"]):
+        return {}
+    section = model.get_rt_info()["damo_jax"]
+    return {str(k): v.astype(str) if hasattr(v, "astype") else str(v) for k, v in section.items()}

@@ -1,0 +1,180 @@
+"""Export a DAMO-YOLO model to ONNX without PyTorch.
+
+    python export/to_onnx.py --config s --weights damoyolo_s.pth --output s.onnx
+    python export/to_onnx.py --checkpoint runs/s_coco --batch dynamic --output s_dyn.onnx
+    python export/to_onnx.py --config t --weights t.pth --end2end --topk 100 --output t_e2e.onnx
+    python export/to_onnx.py --config ns --img-size 416 --via tf --output ns_tf.onnx
+
+Pipeline: weights -> ``damo_jax.reparam.fuse`` (RepConv + every BN folded) -> ``build_model(cfg,
+deploy=True)`` -> ONNX. Input ``images`` float32 (N, 3, H, W) RGB 0-255 (no normalisation);
+outputs ``scores`` (N, A, C) sigmoid probabilities and ``boxes`` (N, A, 4) x1y1x2y2 in input pixels
+(the official raw export layout, no NMS). ``--end2end`` appends the official class-aware NMS as ONNX
+nodes: outputs ``num_dets`` (N, 1) int32, ``boxes`` (N, K, 4), ``scores`` (N, K), ``labels`` (N, K)
+int32, at most K = ``--topk`` rows per image.
+
+Routes (``--via``):
+* ``jax2onnx`` (default, TensorFlow-free): jax2onnx -> value_info fix -> onnxruntime's basic
+  optimiser run offline + the verified upsample fold (``--no-optimize`` keeps the literal graph).
+* ``tf``: jax2tf (native StableHLO) -> SavedModel with a ``serving_default`` signature ->
+  ``TFLiteConverter`` -> ``tf2onnx --tflite``. Also writes ``<output>_saved_model/`` and
+  ``<output>.tflite``. Static batch only.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # ``python export/to_onnx.py``: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import onnx
+
+from export import common, end2end, graph_passes, onnx_utils
+
+log = logging.getLogger("damo_jax.export")
+MIN_OPSET = 17
+MAX_TF2ONNX_OPSET = 18
+
+
+def convert_jax2onnx(dm: common.DeployModel, *, batch=1, opset: int = 17,
+                     optimize: bool = True) -> onnx.ModelProto:
+    """Fused deploy model -> raw ONNX (inputs ``images``; outputs ``scores``, ``boxes``)."""
+    from jax2onnx import to_onnx
+
+    fn = common.raw_fn(dm)
+    t0 = time.time()
+    model = to_onnx(fn, [common.input_spec(batch, dm.image_size)], opset=opset,
+                    model_name=f"damo_yolo_{dm.cfg.model.name}",
+                    input_names=[common.INPUT_NAME], output_names=list(common.RAW_OUTPUTS))
+    log.info("jax2onnx: %.1f s, %s", time.time() - t0, onnx_utils.graph_summary(model))
+    model = onnx_utils.fix_value_info(onnx_utils.prune_dead_nodes(model))
+    if optimize:
+        model = optimize_graph(model)
+    return model
+
+
+def optimize_graph(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ORT basic pass -> fold verified upsample chains into Resize -> ORT basic pass again."""
+    model = onnx_utils.optimize_ort(model)
+    model, folded = graph_passes.fold_upsample_chains(model)
+    if folded:
+        model = onnx_utils.optimize_ort(onnx_utils.fix_value_info(model))
+    log.info("optimised: %d upsample chain(s) folded, %s", folded, onnx_utils.graph_summary(model))
+    return model
+
+
+def finalize(model: onnx.ModelProto, dm: common.DeployModel, *, route: str,
+             e2e: dict | None = None) -> onnx.ModelProto:
+    """Optional end-to-end NMS, metadata, shape re-inference and the full checker."""
+    if e2e is not None:
+        model = end2end.append_end2end(model, **e2e)
+    meta = dict(dm.metadata(), route=route)
+    del model.metadata_props[:]
+    for key, value in meta.items():
+        model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
+    if e2e is not None:
+        model.metadata_props.append(onnx.StringStringEntryProto(
+            key="end2end", value=",".join(f"{k}={v}" for k, v in e2e.items())))
+    model.producer_name, model.producer_version = "damo_jax", _version()
+    model = onnx_utils.fix_value_info(model)
+    onnx_utils.check(model)
+    return model
+
+
+def _version() -> str:
+    import damo_jax
+    return damo_jax.__version__
+
+
+def export_onnx(dm: common.DeployModel, *, via: str = "jax2onnx", batch=1, opset: int = 17,
+                end2end_cfg: dict | None = None, optimize: bool = True,
+                tf_dir: Path | None = None) -> onnx.ModelProto:
+    """The whole export; returns the checked model (not yet saved)."""
+    if opset < MIN_OPSET:
+        raise ValueError(f"--opset must be >= {MIN_OPSET}, got {opset}")
+    if via == "jax2onnx":
+        model = convert_jax2onnx(dm, batch=batch, opset=opset, optimize=optimize)
+    elif via == "tf":
+        if batch == common.DYNAMIC_BATCH:
+            raise ValueError("--via tf supports a static --batch only (the TFLite converter and "
+                             "OpenVINO cannot use its dynamic-batch graph); use --via jax2onnx")
+        if opset > MAX_TF2ONNX_OPSET:
+            raise ValueError(f"--via tf: tf2onnx 1.17 supports opset <= {MAX_TF2ONNX_OPSET}")
+        from export import tflite_route
+        if tf_dir is None:
+            raise ValueError("--via tf needs an output location for the SavedModel / .tflite")
+        model = tflite_route.convert(dm, batch=batch, opset=opset, workdir=tf_dir)
+        if optimize:
+            model = optimize_graph(model)
+    else:
+        raise ValueError(f"--via must be 'jax2onnx' or 'tf', got {via!r}")
+    return finalize(model, dm, route=via, e2e=end2end_cfg)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0] + " Writes an ONNX file (opset >= 17).",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--config", help="model name (t, s, m, l, ns, nm, nl) or config file path")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--checkpoint", help="training-run directory (its EMA weights and config)")
+    src.add_argument("--weights", help="official .pth or converted state_dict .npz (needs --config)")
+    p.add_argument("--img-size", nargs="+", type=int, metavar="N",
+                   help="export size: one value (square) or H W; multiples of 32 "
+                        "(default: the config's image_size, 640 or 416 for nano)")
+    p.add_argument("--batch", default="1",
+                   help="static batch size, or 'dynamic' (jax2onnx route only) (default 1)")
+    p.add_argument("--end2end", action="store_true",
+                   help="append the official class-aware NMS (outputs num_dets, boxes, scores, labels)")
+    p.add_argument("--topk", type=int, default=100, help="end2end: max detections per image (K)")
+    p.add_argument("--conf", type=float, default=None,
+                   help="end2end: score threshold, strict > (default: config test.conf_thre)")
+    p.add_argument("--iou", type=float, default=None,
+                   help="end2end: IoU threshold, suppress > (default: config test.iou_thre)")
+    p.add_argument("--via", choices=("jax2onnx", "tf"), default="jax2onnx",
+                   help="jax2onnx (default, TF-free, static or dynamic batch) or tf (jax2tf -> "
+                        "SavedModel -> TFLite -> tf2onnx; STATIC BATCH ONLY; also writes "
+                        "<output>_saved_model/ and <output>.tflite)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17; <= 18 with --via tf)")
+    p.add_argument("--no-optimize", action="store_true",
+                   help="keep the converter's literal graph (no ORT-basic / upsample clean-up)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random init without weights")
+    p.add_argument("--output", required=True, help="output .onnx path")
+    return p
+
+
+def main(argv=None) -> Path:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    if args.checkpoint is None and args.config is None:
+        raise SystemExit("to_onnx: give --config (with --weights, or alone for random weights) "
+                         "or --checkpoint")
+    from damo_jax.config import load_config
+    default_size = load_config(args.config).model.image_size if args.config else None
+    size = common.parse_img_size(args.img_size, default_size) if args.img_size else None
+    batch = common.parse_batch(args.batch)
+    dm = common.load_deploy_model(args.config, checkpoint=args.checkpoint, weights=args.weights,
+                                  image_size=size, seed=args.seed)
+    e2e = None
+    if args.end2end:
+        e2e = dict(topk=args.topk,
+                   conf_thre=float(dm.cfg.test.conf_thre if args.conf is None else args.conf),
+                   iou_thre=float(dm.cfg.test.iou_thre if args.iou is None else args.iou))
+        end2end.validate_thresholds(**e2e)
+    out = Path(args.output)
+    model = export_onnx(dm, via=args.via, batch=batch, opset=args.opset, end2end_cfg=e2e,
+                        optimize=not args.no_optimize,
+                        tf_dir=out.with_name(out.stem + "_tf") if args.via == "tf" else None)
+    onnx_utils.save(model, out)
+    summary = onnx_utils.graph_summary(model)
+    log.info("wrote %s (%s route, batch %s, %dx%d, opset %d): %d nodes, %d Conv, %d Transpose; "
+             "I/O %s", out, args.via, batch, *dm.image_size, args.opset, summary["nodes"],
+             summary["convs"], summary["transposes"], onnx_utils.io_shapes(model))
+    return out
+
+
+if __name__ == "__main__":
+    main()
