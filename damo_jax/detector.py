@@ -19,6 +19,7 @@ batch of an exported model; None = any). :class:`JaxBackend` is the Flax model;
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -85,8 +86,17 @@ def _check_weight_classes(state_dict, cfg, weights) -> None:
                          f"has model.head.num_classes = {expected}")
 
 
+@functools.partial(jax.jit, static_argnames=("model",))
+def _scores_and_boxes(model, variables, images):
+    out = model.apply(variables, images, train=False)
+    return out["scores"], out["boxes"]
+
+
 class JaxBackend:
-    """Backend of a Flax ``build_model`` module: jitted ``model.apply`` -> (scores, boxes)."""
+    """Backend of a Flax ``build_model`` module: jitted ``model.apply`` -> (scores, boxes).
+
+    The jitted function is shared: equal models with same-shaped inputs reuse one compilation.
+    """
 
     input_hw = None
     batch_size = None
@@ -94,14 +104,9 @@ class JaxBackend:
     def __init__(self, model, variables):
         self.model = model
         self.variables = variables
-        self._apply = jax.jit(self._forward)
-
-    def _forward(self, variables, images):
-        out = self.model.apply(variables, images, train=False)
-        return out["scores"], out["boxes"]
 
     def __call__(self, images):
-        return self._apply(self.variables, images)
+        return _scores_and_boxes(self.model, self.variables, images)
 
 
 def make_backend(kind: str, model_path) -> Callable:

@@ -17,7 +17,8 @@ from PIL import Image
 from damo_jax.config import load_config
 from damo_jax.eval import collect_detections, evaluate, main
 
-from eval_fakes import CATEGORY_IDS, CLASS_NAMES, ColorBoxDataset, ColorBoxOracle, box_iou_numpy
+from eval_fakes import (CATEGORY_IDS, CLASS_NAMES, ColorBoxDataset, ColorBoxOracle, box_iou_numpy,
+                        write_random_weights, write_two_class_config)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -98,28 +99,6 @@ def write_coco_folder(root: Path, dataset: ColorBoxDataset) -> Path:
         Image.fromarray(record["image"]).save(root / "val" / image["file_name"])
     (root / "annotations" / "instances_val.json").write_text(json.dumps(coco))
     return root
-
-
-def write_random_weights(path: Path, cfg) -> Path:
-    """Official-format state_dict (.npz) with the golden numpy recipe, no model init needed."""
-    from golden_weights import make_state_dict
-
-    from damo_jax.convert import expected_torch_entries
-    state_dict = make_state_dict({k: v[2] for k, v in expected_torch_entries(cfg).items()})
-    state_dict["head.integral.project"] = np.arange(cfg.model.head.reg_max + 1, dtype=np.float32)
-    np.savez(path, **state_dict)
-    return path
-
-
-def write_two_class_config(path: Path) -> Path:
-    path.write_text(
-        "from damo_jax.config import load_config\n"
-        "def get_config():\n"
-        "    c = load_config('ns')\n"
-        f"    c.model.head.num_classes = {len(CLASS_NAMES)}\n"
-        f"    c.model.class_names = {CLASS_NAMES!r}\n"
-        "    return c\n")
-    return path
 
 
 def test_cli_official_weights_on_coco_folder(tmp_path, capsys):

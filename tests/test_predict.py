@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,8 @@ import damo_jax
 from damo_jax.detector import Detector, JaxBackend, stretch_resize, to_rgb_array
 from damo_jax.visualize import class_color, draw_detections
 
-from eval_fakes import CLASS_NAMES, ColorBoxOracle, box_iou_numpy, draw_boxes
+from eval_fakes import (CLASS_NAMES, ColorBoxDataset, ColorBoxOracle, box_iou_numpy, draw_boxes,
+                        write_checkpoint, write_random_weights, write_two_class_config)
 
 INPUT_HW = (64, 96)
 
@@ -113,3 +115,92 @@ def test_draw_detections_marks_box_pixels():
     below = np.asarray(draw_detections(image, [[10, 30, 60, 90]], [0.2], [1], CLASS_NAMES, score_thr=0.5))
     assert not below.any()
     assert class_color(0) != class_color(1)
+
+
+# ------------------------------------------------------------------------- CLI with a real model
+
+@pytest.fixture(scope="module")
+def two_class_run(tmp_path_factory):
+    """ns with 2 classes, golden-recipe random weights, test size 64x64, saved as a training run."""
+    from damo_jax.config import load_config
+    from damo_jax.convert import from_torch_state_dict, read_state_dict_file
+    root = tmp_path_factory.mktemp("run")
+    cfg = load_config(str(write_two_class_config(root / "two_class.py")))
+    cfg.test.image_size = (64, 64)
+    weights = write_random_weights(root / "w.npz", cfg)
+    variables = from_torch_state_dict(read_state_dict_file(weights), cfg)
+    return write_checkpoint(root / "run", cfg, variables, CLASS_NAMES), weights, root / "two_class.py"
+
+
+def make_image_folder(root: Path, dataset) -> Path:
+    (root / "sub").mkdir(parents=True)
+    Image.fromarray(dataset[0]["image"]).save(root / "a.png")
+    Image.fromarray(dataset[1]["image"]).save(root / "b.jpg", quality=95)
+    Image.fromarray(dataset[2]["image"]).save(root / "sub" / "c.png")
+    (root / "bad.jpg").write_bytes(b"not an image at all")
+    (root / "notes.txt").write_text("ignored")
+    return root
+
+
+def test_predict_cli_folder_checkpoint_matches_eval_and_detector(two_class_run, tmp_path, capsys):
+    from damo_jax.eval import collect_detections
+    from damo_jax.predict import main
+    run_dir, _, _ = two_class_run
+    dataset = ColorBoxDataset(num_images=3)
+    folder = make_image_folder(tmp_path / "images", dataset)
+    out = tmp_path / "out"
+    summary = main(["--checkpoint", str(run_dir), "--source", str(folder), "--out", str(out),
+                    "--conf", "0.001", "--batch-size", "2", "--no-progress"])
+    assert "3 image(s)" in capsys.readouterr().out
+    saved = json.loads((out / "detections.json").read_text())
+    assert saved == json.loads(json.dumps(summary))
+    assert [Path(e["file"]).name for e in saved["images"]] == ["a.png", "b.jpg", "c.png"]
+    assert [Path(s).name for s in saved["skipped"]] == ["bad.jpg"]
+    assert saved["image_size"] == [64, 64] and saved["conf"] == 0.001
+    for entry, record in zip(saved["images"], dataset.records):
+        assert (entry["height"], entry["width"]) == record["orig_size"]
+        assert len(entry["boxes"]) == len(entry["scores"]) == len(entry["labels"]) > 0
+        assert set(entry["class_names"]) <= set(CLASS_NAMES)
+        assert entry["scores"] == sorted(entry["scores"], reverse=True)
+    for name, record in zip(("a.png", "b.jpg", "sub/c.png"), dataset.records):
+        assert np.asarray(Image.open(out / name)).shape == record["image"].shape
+    assert not np.array_equal(np.asarray(Image.open(out / "a.png")), dataset[0]["image"])
+
+    # the same model through evaluation (eval_batches pre-processing) gives the same detections
+    from damo_jax.detector import load_jax_model
+    cfg, model, variables, _ = load_jax_model(checkpoint=run_dir)
+    cfg.test.conf_thre, cfg.test.batch_size = 0.001, 2
+    coco = collect_detections(model, variables, dataset, cfg, progress=False)
+    first = [d for d in coco if d["image_id"] == 1000]
+    a_png = saved["images"][0]
+    assert len(first) == len(a_png["scores"])
+    np.testing.assert_allclose(sorted(d["score"] for d in first)[::-1], a_png["scores"], atol=2e-5)
+    predicted = np.asarray(a_png["boxes"])
+    for x, y, w, h in (d["bbox"] for d in first):
+        assert np.abs(predicted - [x, y, x + w, y + h]).max(axis=1).min() < 0.02
+
+    # the package-level API on the same checkpoint
+    detector = damo_jax.Detector.load(run_dir, conf=0.001, batch_size=2)
+    result = detector([dataset[0]["image"]], pad_to_batch=True)[0]  # batch 2: compiled shape reused
+    np.testing.assert_allclose(result["scores"], a_png["scores"], atol=2e-5)
+
+
+def test_predict_cli_official_weights_single_image_and_errors(two_class_run, tmp_path):
+    from damo_jax.predict import main
+    _, weights, config_file = two_class_run
+    image = ColorBoxDataset(num_images=1)[0]["image"]
+    Image.fromarray(image).save(tmp_path / "one.png")
+    summary = main(["--config", str(config_file), "--weights", str(weights), "--source",
+                    str(tmp_path / "one.png"), "--out", str(tmp_path / "o"), "--img-size", "64", "64",
+                    "--conf", "0.001", "--no-draw", "--no-progress"])
+    assert len(summary["images"]) == 1 and not (tmp_path / "o" / "one.png").exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no images"):
+        main(["--config", str(config_file), "--weights", str(weights), "--source", str(tmp_path / "empty")])
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG garbage")
+    with pytest.raises(SystemExit, match="broken.png"):
+        main(["--config", str(config_file), "--weights", str(weights), "--source", str(tmp_path / "broken.png")])
+    with pytest.raises(SystemExit, match="--config is needed"):
+        main(["--weights", str(weights), "--source", str(tmp_path / "one.png")])
+    with pytest.raises(SystemExit, match="not found"):
+        main(["--config", "ns", "--onnx", str(tmp_path / "missing.onnx"), "--source", str(tmp_path / "one.png")])
