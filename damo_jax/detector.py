@@ -210,6 +210,11 @@ class Detector:
                 cfg = load_config(path_or_config)
                 class_names = tuple(cfg.model.class_names)
             runner = make_backend(backend, model_path)
+            exported = getattr(runner, "class_names", None)
+            if exported and len(exported) != len(class_names):
+                raise ValueError(f"{model_path} predicts {len(exported)} classes but the config "
+                                 f"has {len(class_names)} class names")
+            class_names = tuple(exported or class_names)
         test = cfg.test
         size = img_size or getattr(runner, "input_hw", None) or test.image_size
         return cls(runner, class_names=class_names, image_size=size,

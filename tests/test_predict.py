@@ -204,3 +204,59 @@ def test_predict_cli_official_weights_single_image_and_errors(two_class_run, tmp
         main(["--weights", str(weights), "--source", str(tmp_path / "one.png")])
     with pytest.raises(SystemExit, match="not found"):
         main(["--config", "ns", "--onnx", str(tmp_path / "missing.onnx"), "--source", str(tmp_path / "one.png")])
+
+
+def write_handmade_onnx(path: Path, class_names=None) -> Path:
+    """A raw-output ONNX file (input NCHW (1,3,32,64); outputs scores (1,3,2), boxes (1,3,4)) whose
+    outputs are constants plus 0 * mean(images): the exported-model layout, no export needed."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    scores = np.array([[[0.9, 0.1], [0.8, 0.0], [0.0, 0.7]]], np.float32)
+    boxes = np.array([[[4, 2, 20, 18], [5, 2, 20, 18], [30, 10, 60, 30]]], np.float32)
+    nodes = [helper.make_node("ReduceMean", ["images"], ["mean"], keepdims=0),
+             helper.make_node("Mul", ["mean", "zero"], ["nothing"]),
+             helper.make_node("Add", ["scores_c", "nothing"], ["scores"]),
+             helper.make_node("Add", ["boxes_c", "nothing"], ["boxes"])]
+    inits = [numpy_helper.from_array(np.zeros((), np.float32), "zero"),
+             numpy_helper.from_array(scores, "scores_c"), numpy_helper.from_array(boxes, "boxes_c")]
+    graph = helper.make_graph(
+        nodes, "handmade", [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 32, 64])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, 3, 2]),
+         helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [1, 3, 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    if class_names:
+        model.metadata_props.add(key="class_names", value=json.dumps(list(class_names)))
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("backend", ["onnx", "openvino"])
+def test_exported_backends_plug_into_detector(tmp_path, backend):
+    config = write_two_class_config(tmp_path / "two_class.py")
+    onnx_file = write_handmade_onnx(tmp_path / "m.onnx", class_names=("cat", "dog"))
+    det = Detector.load(str(config), backend=backend, model_path=onnx_file, conf=0.3, iou=0.7)
+    assert det.image_size == (32, 64) and det.class_names == ("cat", "dog")
+    out = det([np.zeros((64, 64, 3), np.uint8)] * 3)  # 3 images through a batch-1 file
+    for r in out:
+        assert r["class_names"] == ["cat", "dog"]   # anchor 1 (IoU 0.94 with anchor 0) suppressed
+        np.testing.assert_allclose(r["scores"], [0.9, 0.7], rtol=1e-6)
+        np.testing.assert_allclose(r["boxes"], [[4, 4, 20, 36], [30, 20, 60, 60]])  # y factor 2
+    with pytest.raises(ValueError, match="takes"):
+        Detector.load(str(config), backend=backend, model_path=onnx_file, img_size=(64, 64))
+    wrong = write_handmade_onnx(tmp_path / "w.onnx", class_names=("a", "b", "c"))
+    with pytest.raises(ValueError, match="3 classes"):
+        Detector.load(str(config), backend=backend, model_path=wrong)
+
+
+def test_predict_cli_onnx(tmp_path):
+    from damo_jax.predict import main
+    config = write_two_class_config(tmp_path / "two_class.py")
+    onnx_file = write_handmade_onnx(tmp_path / "m.onnx")
+    Image.fromarray(np.zeros((32, 64, 3), np.uint8)).save(tmp_path / "x.png")
+    summary = main(["--config", str(config), "--onnx", str(onnx_file), "--source", str(tmp_path / "x.png"),
+                    "--out", str(tmp_path / "out"), "--conf", "0.5", "--no-progress"])
+    entry = summary["images"][0]
+    assert entry["class_names"] == ["red", "green"]  # config names (the file has no metadata)
+    assert entry["boxes"] == [[4.0, 2.0, 20.0, 18.0], [30.0, 10.0, 60.0, 30.0]]
+    assert (tmp_path / "out" / "x.png").is_file()
