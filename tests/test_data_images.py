@@ -32,6 +32,19 @@ def test_missing_truncated_and_non_image_files_raise_naming_the_file(tmp_path):
         decode_image(tmp_path / "text.png")
 
 
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_fast_opencv_decode_matches_pil(tmp_path, fmt, mode):
+    from data_pipelines.imageio import _fast_path_ok
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 255, (37, 53, 3), dtype=np.uint8)).convert(mode)
+    path = _save(img, tmp_path / f"x.{fmt.lower()}", format=fmt)
+    with Image.open(path) as im:
+        assert _fast_path_ok(im, path.read_bytes())
+        expected = np.asarray(im.convert("RGB"))
+    np.testing.assert_array_equal(decode_image(path), expected)
+
+
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16", "1", "CMYK", "LA"])
 def test_modes_convert_to_rgb_uint8(tmp_path, mode):
     rgb = np.zeros((8, 10, 3), np.uint8)

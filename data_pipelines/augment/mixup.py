@@ -40,7 +40,8 @@ def mixup(img, boxes, labels, cp_img, cp_boxes, cp_labels, rng, *, jitter=(0.5, 
         b[:, 0::2] = ow - b[:, [2, 0]]
     b[:, 0::2] = np.clip(b[:, 0::2] - x_off, 0, tw)
     b[:, 1::2] = np.clip(b[:, 1::2] - y_off, 0, th)
-    out = (0.5 * img.astype(np.float32) + 0.5 * crop.astype(np.float32)).astype(np.uint8)
+    # 0.5·a + 0.5·b truncated to uint8 == (a + b) >> 1, computed in integers
+    out = ((img.astype(np.uint16) + crop) >> 1).astype(np.uint8)
     boxes = np.concatenate([np.asarray(boxes, np.float32).reshape(-1, 4), b])
     labels = np.concatenate([np.asarray(labels, np.int32).reshape(-1),
                              np.asarray(cp_labels, np.int32).reshape(-1)])

@@ -46,7 +46,8 @@ def mosaic(samples: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], mosaic_
     all_boxes, all_labels = [], []
     for k, (img, boxes, labels) in enumerate(samples):
         h0, w0 = img.shape[:2]
-        img = cv2.resize(img, (mw, mh), interpolation=cv2.INTER_LINEAR)
+        if (h0, w0) != (mh, mw):
+            img = cv2.resize(img, (mw, mh), interpolation=cv2.INTER_LINEAR)
         (x1, y1, x2, y2), (sx1, sy1, sx2, sy2) = quadrant(k, xc, yc, mw, mh, cw, ch)
         canvas[y1:y2, x1:x2] = img[sy1:sy2, sx1:sx2]
         padw, padh = x1 - sx1, y1 - sy1
