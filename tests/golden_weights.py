@@ -6,6 +6,7 @@ per-entry sha256 digests (and the whole-state_dict digest) before returning it.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -110,3 +111,12 @@ def golden_state_dict(model: str, verify: bool = True) -> dict[str, np.ndarray]:
             whole.update(np.ascontiguousarray(v).tobytes())
         assert whole.hexdigest() == meta["state_dict_sha256"], f"{model}: state_dict sha256 differs"
     return sd
+
+
+@functools.lru_cache(maxsize=None)
+def golden_variables(model: str):
+    """(config, Flax variables) of the golden weights of ``model`` (cached per test process)."""
+    from damo_jax.config import load_config
+    from damo_jax.convert import from_torch_state_dict
+    cfg = load_config(model.lower())
+    return cfg, from_torch_state_dict(golden_state_dict(model), cfg)

@@ -1,0 +1,133 @@
+"""Deploy folding (``damo_jax.reparam.fuse``) against the official deploy models (golden §4).
+
+* key names/shapes and per-key sums of the folded state_dict (via ``to_torch_state_dict``) equal
+  ``deploy/<M>_<variant>.json`` (sums to 1e-5 of the key's abs-sum);
+* the deploy graphs reproduce ``deploy/*_b2_128x128.npz`` (tolerance as in test_models_golden);
+* folding is exact: in float64 the fused and unfused graphs agree to 1e-5 relative (also for the
+  nano models, whose mob/depthwise BNs the official tools never fold);
+* ``fuse`` is pure (the input pytree is left untouched).
+"""
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import golden_path
+from damo_jax.config import load_config
+from damo_jax.convert import to_torch_state_dict
+from damo_jax.models import build_model
+from damo_jax.models.blocks import Opts, RepConv
+from damo_jax.reparam import fold_repconv, fuse
+from golden_weights import golden_variables
+from test_models_golden import FLOOR_FACTOR, RTOL, golden_input_nhwc, nhwc
+
+DEPLOY_CASES = [("T", "reparam"), ("S", "reparam"), ("M", "reparam"), ("L", "reparam"),
+                ("T", "reparam_fuse"), ("S", "reparam_fuse")]
+
+
+def fresh_golden(model):
+    """A private copy of the cached golden (config, variables): tests may mutate the config."""
+    cfg, variables = golden_variables(model)
+    return load_config(model.lower()), variables
+
+
+def deploy_mode(variant):
+    return True if variant == "reparam_fuse" else "reparam"
+
+
+@pytest.mark.parametrize("model,variant", DEPLOY_CASES)
+def test_folded_model_matches_official(model, variant):
+    cfg, variables = fresh_golden(model)
+    deployed = fuse(variables, cfg, fuse_bn=variant == "reparam_fuse")
+    meta = json.loads(golden_path("deploy", f"{model}_{variant}.json").read_text())
+    check_state_dict(to_torch_state_dict(deployed, cfg), meta)
+    n_params = sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(deployed["params"]))
+    assert n_params == meta["num_parameters"]
+    net = build_model(cfg, deploy=deploy_mode(variant))
+    with jax.default_matmul_precision("highest"):
+        out = jax.jit(net.apply)(deployed, golden_input_nhwc())
+    check_outputs(model, variant, out)
+
+
+def check_state_dict(sd, meta):
+    ref = {e["key"]: e for e in meta["deploy_state_dict"]}
+    assert sorted(sd) == sorted(ref)
+    for key, e in ref.items():
+        assert list(sd[key].shape) == e["shape"], key
+        got = float(np.asarray(sd[key], np.float64).sum())
+        assert abs(got - e["sum"]) <= 1e-5 * max(e["abs_sum"], 1e-6), (key, got, e["sum"])
+
+
+def check_outputs(model, variant, out):
+    ref = np.load(golden_path("deploy", f"{model}_{variant}_b2_128x128.npz"))
+    floors = json.loads(golden_path("models", f"{model}.json").read_text())["runs"][0]["fp32_vs_fp64"]
+    pairs = [("head.scores", out["scores"], ref["head.scores"]),
+             ("head.boxes", out["boxes"], ref["head.boxes"])]
+    for part in ("backbone", "neck"):
+        pairs += [(f"{part}.out{i}", out[part][i], nhwc(ref[f"{part}.out{i}"]))
+                  for i in range(3) if f"{part}.out{i}" in ref]
+    for name, got, want in pairs:
+        diff = np.abs(np.asarray(got, np.float64) - want)
+        tol = np.maximum(RTOL * np.maximum(1.0, np.abs(want)), FLOOR_FACTOR * floors[name]["max_abs"])
+        assert (diff <= tol).all(), f"{model}_{variant} {name}: max|d| {diff.max():.3g}"
+
+
+@pytest.mark.parametrize("model", ["T", "Ns"])
+def test_full_fusion_is_exact_in_float64(model):
+    cfg, variables = fresh_golden(model)
+    deployed = fuse(variables, cfg, fuse_bn=True)
+    cfg.model.dtype = "float64"
+    assert "batch_stats" not in deployed
+    x = golden_input_nhwc()[:1, :64, :96].astype(np.float64)
+    with jax.enable_x64(True):
+        ref = jax.jit(build_model(cfg).apply)(variables, jnp.asarray(x))
+        out = jax.jit(build_model(cfg, deploy=True).apply)(deployed, jnp.asarray(x))
+        for name in ("scores", "boxes", "dfl"):
+            r, o = np.asarray(ref[name]), np.asarray(out[name])
+            assert o.dtype == np.float32
+            assert np.abs(o - r).max() <= 1e-5 * max(1.0, np.abs(r).max()), name
+        for i in range(3):
+            r, o = np.asarray(ref["neck"][i]), np.asarray(out["neck"][i])
+            assert o.dtype == np.float64
+            assert np.abs(o - r).max() <= 1e-5 * max(1.0, np.abs(r).max()), f"neck {i}"
+
+
+def test_fuse_is_pure():
+    cfg, variables = fresh_golden("Ns")
+    before = jax.tree_util.tree_map(lambda a: np.array(a, copy=True), variables)
+    fuse(variables, cfg, fuse_bn=True)
+    fuse(variables, cfg, fuse_bn=False)
+    flat_a = jax.tree_util.tree_flatten_with_path(variables)[0]
+    flat_b = jax.tree_util.tree_flatten_with_path(before)[0]
+    assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
+    for (p, a), (_, b) in zip(flat_a, flat_b):
+        np.testing.assert_array_equal(np.asarray(a), b, err_msg=jax.tree_util.keystr(p))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_single_repconv_fold(stride):
+    """A lone RepConv with random BN statistics: folded == branches (odd input size too)."""
+    opts = Opts()
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 11, 9, 6))
+    train_net = RepConv(8, stride, "relu", opts)
+    variables = train_net.init(jax.random.PRNGKey(2), x)
+    keys = iter(jax.random.split(jax.random.PRNGKey(3), 16))
+    stats = jax.tree_util.tree_map(
+        lambda a: jax.random.uniform(next(keys), a.shape, minval=0.5, maxval=2.0),
+        variables["batch_stats"])
+    params = jax.tree_util.tree_map(lambda a: a + 0.1 * jax.random.normal(next(keys), a.shape),
+                                    variables["params"])
+    variables = {"params": params, "batch_stats": stats}
+    kernel, bias = fold_repconv(params, stats, opts.bn_epsilon)
+    deployed = {"params": {"rbr_reparam": {"kernel": jnp.asarray(kernel, jnp.float32),
+                                           "bias": jnp.asarray(bias, jnp.float32)}}}
+    deploy_net = RepConv(8, stride, "relu", Opts(deploy="reparam"))
+    with jax.default_matmul_precision("highest"):
+        want = jax.jit(train_net.apply)(variables, x)
+        got = jax.jit(deploy_net.apply)(deployed, x)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
