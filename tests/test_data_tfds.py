@@ -70,3 +70,9 @@ def test_out_of_range_label_is_a_data_error():
     with tfds.testing.mock_data(as_data_source_fn=lambda *a, **k: bad):
         with pytest.raises(DataError, match="objects/label.*80"):
             open_dataset("tfds:coco/2017", "train")
+
+
+def test_unknown_tfds_dataset_is_a_data_error():
+    from data_pipelines import DataError
+    with pytest.raises(DataError, match="no_such_dataset_xyz"):
+        open_dataset("tfds:no_such_dataset_xyz", "train")

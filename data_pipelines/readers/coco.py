@@ -18,8 +18,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from data_pipelines.records import DataError, DetectionDataset, Record, clean_boxes, empty_boxes
 
 

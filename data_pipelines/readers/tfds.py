@@ -116,7 +116,9 @@ def read_tfds(name: str, split: str, *, data_dir: str | None = None) -> TfdsData
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - tfds raises many types for unprepared / unknown data
-        raise DataError(f"tfds:{name}: cannot open split {split!r} ({type(e).__name__}: {e})") from e
+        raise DataError(f"tfds:{name}: cannot open split {split!r} ({type(e).__name__}: {e}); random access "
+                        f"needs the dataset prepared offline in ArrayRecord format, e.g. "
+                        f"`tfds build {name} --file_format=array_record` (nothing is downloaded here)") from e
     label_feature = builder.info.features["objects"]["label"]
     class_names = list(label_feature.names)
     is_coco = name.split("/")[0] == "coco" and len(class_names) == len(COCO_CATEGORY_IDS)
