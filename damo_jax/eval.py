@@ -56,8 +56,10 @@ def check_num_classes(cfg, dataset, where: str = "evaluate") -> None:
 
 
 def _mesh_shardings(batch_size: int):
-    """(data sharding, replicated sharding) over all devices, or (None, None) on one device."""
-    devices = jax.devices()
+    """(data sharding, replicated sharding) over this process's devices, or (None, None) when
+    there is one device or ``batch_size`` does not split evenly. (Multi-host: every process
+    evaluates the whole dataset on its own devices.)"""
+    devices = jax.local_devices()
     if len(devices) < 2 or batch_size % len(devices):
         return None, None
     mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
@@ -81,18 +83,27 @@ def collect_detections(model, variables, dataset, cfg, *, batch_size=None, progr
     data_sharding, replicated = _mesh_shardings(batch_size)
     if replicated is not None:
         variables = jax.device_put(variables, replicated)
-    batches = eval_batches(dataset, image_hw, batch_size)
+    workers = int(cfg.data.get("workers", 0)) if "data" in cfg else 0
+    batches = eval_batches(dataset, image_hw, batch_size, workers=workers)
     if progress:
         from tqdm import tqdm
         batches = tqdm(batches, total=math.ceil(len(dataset) / batch_size), desc="eval", unit="batch")
-    results = []
+    results, in_flight = [], None
+
+    def finish(out, batch):  # blocks on the device result of one batch
+        results.extend(detections_to_coco(jax.device_get(out), batch["image_ids"], batch["orig_sizes"],
+                                          image_hw, dataset.category_ids, valid=batch["valid"]))
+
     for batch in batches:
         images = batch["images"]
         if data_sharding is not None:
             images = jax.device_put(images, data_sharding)
-        out = jax.device_get(detect_batch(model, variables, images, conf, iou, **nms_kw))
-        results.extend(detections_to_coco(out, batch["image_ids"], batch["orig_sizes"], image_hw,
-                                          dataset.category_ids, valid=batch["valid"]))
+        out = detect_batch(model, variables, images, conf, iou, **nms_kw)  # async dispatch
+        if in_flight is not None:
+            finish(*in_flight)  # the previous batch, while this one runs on the device
+        in_flight = (out, batch)
+    if in_flight is not None:
+        finish(*in_flight)
     return results
 
 

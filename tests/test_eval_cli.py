@@ -18,7 +18,7 @@ from damo_jax.config import load_config
 from damo_jax.eval import collect_detections, evaluate, main
 
 from eval_fakes import (CATEGORY_IDS, CLASS_NAMES, ColorBoxDataset, ColorBoxOracle, box_iou_numpy,
-                        write_random_weights, write_two_class_config)
+                        write_checkpoint, write_random_weights, write_two_class_config)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -121,6 +121,14 @@ def test_cli_official_weights_on_coco_folder(tmp_path, capsys):
         per_image[d["image_id"]] = per_image.get(d["image_id"], 0) + 1
         assert 0.001 < d["score"] <= 1.0
     assert set(per_image) <= {1000, 1001, 1002} and max(per_image.values()) <= 50
+    # the same weights as a training checkpoint (config and class names from its meta)
+    from damo_jax.convert import from_torch_state_dict, read_state_dict_file
+    cfg = load_config(str(config_file))
+    run = write_checkpoint(tmp_path / "run", cfg, from_torch_state_dict(read_state_dict_file(weights), cfg),
+                           CLASS_NAMES)
+    again = main(["--checkpoint", str(run), "--data", f"coco:{coco_dir}", "--split", "val", "--img-size",
+                  "64", "64", "--batch-size", "2", "--conf", "0.001", "--max-dets", "50", "--no-progress"])
+    assert again == pytest.approx(stats, abs=1e-6)
 
 
 def test_cli_class_count_mismatch_is_a_clear_error(tmp_path):
