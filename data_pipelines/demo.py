@@ -253,8 +253,7 @@ def ensure_demo(size: int | None = None, *, root: str | os.PathLike | None = Non
     name = f"demo_v{VERSION}" if default else f"demo_v{VERSION}_{size}px_{num_train}_{num_val}"
     final = Path(root) if root is not None else cache_dir() / name
     fp = fingerprint(size, num_train, num_val)
-    meta = final / "meta.json"
-    if meta.is_file() and json.loads(meta.read_text()).get("fingerprint") == fp:
+    if _is_fresh(final, fp):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
@@ -263,6 +262,8 @@ def ensure_demo(size: int | None = None, *, root: str | os.PathLike | None = Non
         _write_split(tmp, "val", num_val, size)
         (tmp / "meta.json").write_text(json.dumps({"fingerprint": fp, "size": size, "num_train": num_train,
                                                    "num_val": num_val, "classes": CLASS_NAMES}))
+        if _is_fresh(final, fp):  # another process finished first: keep its copy
+            return final
         if final.exists():  # stale (knobs changed): move aside, then replace
             trash = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
             try:
@@ -272,12 +273,19 @@ def ensure_demo(size: int | None = None, *, root: str | os.PathLike | None = Non
                 pass
         try:
             os.rename(tmp, final)
-        except OSError:  # another process finished first
-            if not (meta.is_file() and json.loads(meta.read_text()).get("fingerprint") == fp):
+        except OSError:  # lost a race with another process
+            if not _is_fresh(final, fp):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _is_fresh(folder: Path, fp: str) -> bool:
+    try:
+        return json.loads((folder / "meta.json").read_text()).get("fingerprint") == fp
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def open_demo(split: str = "train", size: int | None = None):

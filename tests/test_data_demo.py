@@ -51,6 +51,11 @@ def test_generation_is_deterministic_atomic_and_cached(tmp_path):
     stamp = (a / "meta.json").stat().st_mtime_ns
     assert demo.ensure_demo(64, root=a, num_train=4, num_val=2) == a
     assert (a / "meta.json").stat().st_mtime_ns == stamp  # not regenerated
+    (a / "meta.json").write_text('{"fingerprint": "stale"}')  # knobs changed since: regenerate in place
+    (a / "train2017" / "000000000001.jpg").write_bytes(b"old")
+    assert demo.ensure_demo(64, root=a, num_train=4, num_val=2) == a
+    assert (a / "train2017" / "000000000001.jpg").read_bytes() == (b / "train2017" / "000000000001.jpg").read_bytes()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 def test_open_dataset_demo_reads_the_generated_coco_files(tmp_path, monkeypatch):
