@@ -157,7 +157,8 @@ def apply_test_overrides(cfg, args) -> None:
 
 
 def main(argv=None) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("damo_jax").setLevel(logging.INFO)
     args = build_parser().parse_args(argv)
     from damo_jax.detector import load_jax_model
     from data_pipelines import open_dataset
@@ -170,11 +171,11 @@ def main(argv=None) -> dict:
     apply_test_overrides(cfg, args)
     spec = args.data or cfg.data.val or cfg.data.train
     split = args.split or cfg.data.val_split
-    dataset = open_dataset(spec, split)
     try:
+        dataset = open_dataset(spec, split)
         check_num_classes(cfg, dataset, where="damo_jax.eval")
-    except ValueError as e:
-        sys.exit(str(e))
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"damo_jax.eval: {e}" if not str(e).startswith("damo_jax.eval") else str(e))
     if tuple(dataset.class_names) != tuple(class_names):
         log.warning("class names of the weights and of the dataset differ (same count %d); "
                     "labels are matched by index", len(class_names))

@@ -127,7 +127,8 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("damo_jax").setLevel(logging.INFO)
     args = build_parser().parse_args(argv)
     try:
         return run(args)
