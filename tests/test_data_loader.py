@@ -136,3 +136,22 @@ def test_eval_batches_pad_the_last_batch(ds):
     assert ids.tolist() == list(range(1, 8))
     import cv2
     np.testing.assert_array_equal(batches[0]["images"][1], cv2.resize(ds[1]["image"], (32, 32)))
+
+
+def test_all_negative_and_all_broken_datasets_never_hang(tmp_path):
+    from data_helpers import write_coco
+    from data_pipelines import DataError, open_dataset
+    empty = [(np.full((24, 24, 3), 90, np.uint8), np.zeros((0, 4)), np.zeros((0,), int)) for _ in range(3)]
+    write_coco(tmp_path / "neg", empty)
+    neg = open_dataset(f"coco:{tmp_path / 'neg'}")
+    cfg = dict(CFG, mixup_prob=1.0)
+    batches = list(TrainLoader(neg, cfg, batch_size=2, seed=0, steps_per_epoch=2, total_steps=2,
+                               no_aug_start_step=2, workers=0))
+    assert len(batches) == 2 and not batches[0]["gt_valid"].any()
+    write_coco(tmp_path / "bad", empty)
+    for f in (tmp_path / "bad" / "train2017").iterdir():
+        f.write_bytes(b"not an image")
+    bad = open_dataset(f"coco:{tmp_path / 'bad'}")
+    with pytest.raises(DataError, match="unreadable samples in a row"):
+        next(TrainLoader(bad, cfg, batch_size=2, seed=0, steps_per_epoch=2, total_steps=2,
+                         no_aug_start_step=2, workers=0))
