@@ -195,7 +195,14 @@ class Detector:
         """
         from damo_jax.config import load_config
         is_ckpt = isinstance(path_or_config, (str, os.PathLike)) and Path(path_or_config).is_dir()
+        if isinstance(path_or_config, (str, os.PathLike)) and Path(path_or_config).suffix in (
+                ".pth", ".pt", ".npz", ".onnx", ".xml"):
+            raise ValueError(f"Detector.load({str(path_or_config)!r}): pass a config and the file as "
+                             "weights= (.pth/.npz) or model_path= (.onnx/.xml)")
         if backend == "jax":
+            if not is_ckpt and weights is None:
+                raise ValueError(f"Detector.load({path_or_config!r}): not a checkpoint directory; "
+                                 "give weights= (official .pth/.npz) or an exported model_path=")
             cfg, model, variables, class_names = load_jax_model(
                 config=None if is_ckpt else path_or_config,
                 checkpoint=path_or_config if is_ckpt else None, weights=weights)

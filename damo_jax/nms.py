@@ -5,7 +5,7 @@ Official semantics (``damo/utils/boxes.py``: ``multiclass_nms`` + torchvision ``
 1. every (anchor, class) pair whose score is **strictly greater** than ``conf_thre`` is a candidate
    with that anchor's box (multi-label: one anchor may give several classes);
 2. candidates are ordered by descending score, ties by their row-major (anchor, class) index
-   (torchvision sorts stably);
+   (torchvision sorts stably; ``lax.top_k`` puts the lower index first, checked on CPU);
 3. greedy class-aware NMS: a candidate is dropped when its IoU with a higher-ranked **kept**
    candidate of the same class is ``> iou_thre``; IoU uses torchvision's formula (no +1, areas
    ``(x2-x1)*(y2-y1)``, ``inter / (area_a + area_b - inter)``, so a 0/0 IoU of degenerate boxes is NaN

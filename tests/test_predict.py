@@ -88,6 +88,10 @@ def test_custom_backend_with_fixed_batch_and_input_size():
         np.testing.assert_allclose(r["boxes"][0], [8, 16, 24, 32])  # y factor 2, x factor 1
     with pytest.raises(ValueError, match="takes"):
         Detector(FixedBackend(), class_names=("a", "b"), image_size=(64, 64))
+    with pytest.raises(ValueError, match="weights="):
+        Detector.load("model.pth")
+    with pytest.raises(ValueError, match="not a checkpoint directory"):
+        Detector.load("s")
 
 
 def test_stretch_resize_is_cv2_bilinear():
