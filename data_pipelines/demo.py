@@ -51,12 +51,19 @@ FILL_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "china", "flower", "r
 _SPLIT_CODE = {"train": 0, "val": 1}
 
 
+def _package_dir(package: str) -> Path:
+    """Installed folder of a package, found without importing it (sklearn imports are slow)."""
+    import importlib.util
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {package!r} (needed for the demo photos) is not installed")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
 def _photo_path(name: str) -> Path:
     if name in ("china", "flower"):
-        import sklearn.datasets
-        return Path(sklearn.datasets.__file__).parent / "images" / f"{name}.jpg"
-    import skimage
-    folder = Path(skimage.__file__).parent / "data"
+        return _package_dir("sklearn") / "datasets" / "images" / f"{name}.jpg"
+    folder = _package_dir("skimage") / "data"
     for suffix in (".png", ".jpg"):
         if (folder / f"{name}{suffix}").is_file():
             return folder / f"{name}{suffix}"
