@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from damo_jax.config import load_config, neck_depth_n
@@ -103,3 +104,20 @@ def build_model(config_or_name, deploy=False) -> DamoYolo:
                 bn_momentum=float(_get(m, "bn_momentum", 0.97)))
     return DamoYolo(backbone=build_backbone(m.backbone, opts), neck=build_neck(m.neck, opts),
                     head=build_head(m.head, opts), dtype=opts.dtype)
+
+
+# XLA:CPU spends most of an optimised compile of ``model.init`` on the hundreds of inlined RNG
+# calls (T: ~50 s vs ~10 s without backend optimisation); the init runs once, so skip them.
+FAST_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def init_variables(model: nn.Module, key, input_shape=(1, 64, 64, 3)) -> dict:
+    """``model.init(key, zeros(input_shape))`` under jit -> ``{"params", "batch_stats"}``.
+
+    Variable shapes do not depend on the image size, so a small input is enough. On CPU the
+    compile runs with XLA backend optimisations off (several times faster, same values).
+    """
+    images = jnp.zeros(input_shape, jnp.float32)
+    lowered = jax.jit(model.init).lower(key, images)
+    options = FAST_COMPILE_OPTIONS if jax.default_backend() == "cpu" else None
+    return dict(lowered.compile(compiler_options=options)(key, images))

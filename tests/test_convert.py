@@ -1,0 +1,150 @@
+"""Official state_dict <-> Flax conversion: strictness, round trips, .npz/.pth files, fine-tuning
+loader. Uses the golden weights of the small models (no forward passes except one)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from damo_jax.config import load_config
+from damo_jax.convert import (from_torch_state_dict, load_official_checkpoint, load_pretrained,
+                              merge_variables, to_torch_state_dict, torch_key)
+from damo_jax.models import build_model, init_variables
+from damo_jax.reparam import fuse
+from golden_weights import golden_state_dict
+
+
+@pytest.fixture(scope="module")
+def ns_state_dict():
+    return golden_state_dict("Ns")
+
+
+def assert_trees_equal(a, b):
+    flat_a, tree_a = jax.tree_util.tree_flatten(a)
+    flat_b, tree_b = jax.tree_util.tree_flatten(b)
+    assert tree_a == tree_b
+    for x, y in zip(flat_a, flat_b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def assert_state_dicts_equal(a, b):
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype, k
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_key_mapping_examples():
+    assert torch_key("params", ("backbone", "block_list_1", "block_list_0", "conv2", "rbr_dense",
+                                "conv", "kernel")) == \
+        "backbone.block_list.1.block_list.0.conv2.rbr_dense.conv.weight"
+    assert torch_key("batch_stats", ("neck", "merge_3", "convs_0", "conv", "conv_4", "var")) == \
+        "neck.merge_3.convs.0.conv.conv.4.running_var"
+    assert torch_key("params", ("neck", "bu_conv13", "bn", "scale")) == "neck.bu_conv13.bn.weight"
+    assert torch_key("params", ("head", "scales_2", "scale")) == "head.scales.2.scale"
+    assert torch_key("params", ("backbone", "csp_stage_3", "convstem_6", "conv1", "bn1", "bias")) \
+        == "backbone.csp_stage.3.convstem.6.conv1.bn1.bias"
+
+
+def test_round_trip_torch_flax_torch(ns_state_dict):
+    cfg = load_config("ns")
+    variables = from_torch_state_dict(ns_state_dict, cfg)
+    assert_state_dicts_equal(to_torch_state_dict(variables, cfg), ns_state_dict)
+
+
+def test_round_trip_flax_torch_flax():
+    cfg = load_config("t")
+    variables = init_variables(build_model(cfg), jax.random.PRNGKey(0))
+    assert_trees_equal(from_torch_state_dict(to_torch_state_dict(variables, cfg), cfg), variables)
+
+
+def test_conv_layout_is_transposed(ns_state_dict):
+    variables = from_torch_state_dict(ns_state_dict, load_config("ns"))
+    torch_w = ns_state_dict["backbone.block_list.1.block_list.0.conv.3.weight"]  # depthwise 5x5
+    flax_w = variables["params"]["backbone"]["block_list_1"]["block_list_0"]["conv_3"]["kernel"]
+    assert torch_w.shape[1:] == (1, 5, 5) and flax_w.shape[:3] == (5, 5, 1)
+    np.testing.assert_array_equal(np.asarray(flax_w), torch_w.transpose(2, 3, 1, 0))
+
+
+def test_missing_key_is_named(ns_state_dict):
+    sd = dict(ns_state_dict)
+    del sd["neck.merge_5.conv3.bn.running_var"]
+    with pytest.raises(ValueError, match=r"neck\.merge_5\.conv3\.bn\.running_var"):
+        from_torch_state_dict(sd, load_config("ns"))
+
+
+def test_unexpected_key_is_named(ns_state_dict):
+    sd = dict(ns_state_dict, **{"neck.extra_layer.weight": np.zeros((3,), np.float32)})
+    with pytest.raises(ValueError, match=r"neck\.extra_layer\.weight"):
+        from_torch_state_dict(sd, load_config("ns"))
+
+
+def test_misshaped_key_is_named(ns_state_dict):
+    sd = dict(ns_state_dict)
+    sd["head.gfl_reg.1.bias"] = np.zeros((33,), np.float32)
+    with pytest.raises(ValueError, match=r"head\.gfl_reg\.1\.bias.*\(32,\).*\(33,\)"):
+        from_torch_state_dict(sd, load_config("ns"))
+
+
+def test_wrong_model_is_rejected(ns_state_dict):
+    with pytest.raises(ValueError, match="missing|unexpected"):
+        from_torch_state_dict(ns_state_dict, load_config("nm"))
+
+
+def test_ignored_entries_and_module_prefix(ns_state_dict):
+    cfg = load_config("ns")
+    want = from_torch_state_dict(ns_state_dict, cfg)
+    trimmed = {k: v for k, v in ns_state_dict.items()
+               if not k.endswith("num_batches_tracked") and k != "head.integral.project"}
+    assert_trees_equal(from_torch_state_dict(trimmed, cfg), want)
+    prefixed = {f"module.{k}": v for k, v in ns_state_dict.items()}
+    assert_trees_equal(from_torch_state_dict(prefixed, cfg), want)
+    bad = dict(ns_state_dict, **{"head.integral.project": np.arange(17, dtype=np.float32)})
+    with pytest.raises(ValueError, match=r"head\.integral\.project"):
+        from_torch_state_dict(bad, cfg)
+
+
+def test_npz_and_pth_files(ns_state_dict, tmp_path):
+    cfg = load_config("ns")
+    want = from_torch_state_dict(ns_state_dict, cfg)
+    np.savez(tmp_path / "ns.npz", **ns_state_dict)
+    assert_trees_equal(load_official_checkpoint(tmp_path / "ns.npz", cfg), want)
+    from damo_jax.pth_io import save_pth
+    save_pth({"model": to_torch_state_dict(want, cfg), "epoch": 3}, tmp_path / "ns.pth")
+    assert_trees_equal(load_official_checkpoint(tmp_path / "ns.pth", cfg), want)
+    with pytest.raises(FileNotFoundError):
+        load_official_checkpoint(tmp_path / "absent.pth", cfg)
+
+
+def test_reparam_state_dict_round_trip(ns_state_dict):
+    cfg = load_config("t")
+    variables = from_torch_state_dict(golden_state_dict("T"), cfg)
+    deployed = fuse(variables, cfg)
+    sd = to_torch_state_dict(deployed, cfg)
+    with pytest.raises(ValueError, match="deploy='reparam'"):
+        from_torch_state_dict(sd, cfg)
+    assert_trees_equal(from_torch_state_dict(sd, cfg, deploy="reparam"), deployed)
+
+
+def test_load_pretrained_with_other_class_count(ns_state_dict, tmp_path):
+    np.savez(tmp_path / "ns.npz", **ns_state_dict)
+    cfg = load_config("ns")
+    cfg.model.head.num_classes = 3
+    subset, report = load_pretrained(tmp_path / "ns.npz", cfg)
+    skipped = sorted(k for k, _ in report["skipped"])
+    assert skipped == sorted(f"head.gfl_cls.{i}.{p}" for i in range(3) for p in ("weight", "bias"))
+    num_bn = sum(k.endswith("num_batches_tracked") for k in ns_state_dict)
+    assert report["num_loaded"] == len(report["loaded"]) == len(ns_state_dict) - num_bn - 1 - 6
+    assert "gfl_cls_0" not in subset["params"]["head"]
+    net = build_model(cfg)
+    x = jnp.zeros((1, 64, 64, 3))
+    fresh = init_variables(net, jax.random.PRNGKey(0))
+    merged = merge_variables(fresh, subset)
+    np.testing.assert_array_equal(np.asarray(merged["params"]["head"]["gfl_cls_0"]["kernel"]),
+                                  np.asarray(fresh["params"]["head"]["gfl_cls_0"]["kernel"]))
+    np.testing.assert_array_equal(np.asarray(merged["params"]["head"]["gfl_reg_0"]["bias"]),
+                                  ns_state_dict["head.gfl_reg.0.bias"])
+    assert jax.jit(net.apply)(merged, x)["scores"].shape == (1, 84, 3)
+    with pytest.raises(ValueError, match=r"head\.gfl_cls\.0\.(weight|bias)"):
+        load_pretrained(tmp_path / "ns.npz", cfg, skip_head_if_mismatch=False)
