@@ -156,3 +156,23 @@ def test_structure_parsing_and_helpers():
     with pytest.raises(FileNotFoundError):
         load_structure("no_such_structure")
     assert [make_divisible(v) for v in (84, 60, 880, 4, 7.1)] == [88, 64, 880, 8, 8]
+
+
+def test_summary_matches_spec_checksums():
+    """SPEC §1.7: deploy-graph params per part and 2 x conv-MACs at the native size."""
+    from damo_jax.models.__main__ import summary
+    s = summary("t", deploy="reparam")
+    assert s["params"] == {"backbone": 2169744, "neck": 5712704, "head": 597183}
+    assert abs(sum(s["gflops"].values()) - 18.01) < 0.005
+    ns = summary("ns", img_size=(416, 416), deploy=True)
+    # full folding: each BN's (gamma, beta) become one conv bias -> one parameter per channel less
+    assert sum(ns["params"].values()) == 1405691 - sum(_bn_channels("ns").values())
+    assert abs(sum(ns["gflops"].values()) - 1.50) < 0.005
+
+
+def _bn_channels(name):
+    """{bn path: channels} of the train graph."""
+    net = build_model(name)
+    shapes = jax.eval_shape(net.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
+    flat = jax.tree_util.tree_flatten_with_path(shapes["batch_stats"])[0]
+    return {jax.tree_util.keystr(p): s.shape[0] for p, s in flat if jax.tree_util.keystr(p).endswith("['mean']")}

@@ -1,0 +1,90 @@
+"""Model summary: per-part parameter counts and conv GFLOPs.
+
+    python -m damo_jax.models --config s [--img-size H W] [--deploy [reparam|full]] [--batch B]
+
+GFLOPs = 2 x multiply-accumulates of every convolution (``B * H_out * W_out * C_out * kh * kw *
+C_in / groups``), read from the traced shapes; BN, activations, pooling, bias adds and the head's
+softmax/decode are not counted (the official README numbers come from ``thop`` and include some of
+them, hence a ~0.5 % excess there). Parameters = trainable ``params`` only (BN running statistics
+are buffers, as in PyTorch's count). ``--deploy`` counts the RepConv-folded graph (the official
+deploy/README form); ``--deploy full`` the fully folded export graph.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from damo_jax.config import load_config
+from damo_jax.models.build import build_model
+
+PARTS = ("backbone", "neck", "head")
+
+
+def conv_macs(model: nn.Module, input_shape) -> dict[str, int]:
+    """Multiply-accumulates of all convs per top-level part, from shapes only (no compute)."""
+    macs: dict[str, int] = collections.Counter()
+
+    def interceptor(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        mod = context.module
+        if isinstance(mod, nn.Conv) and context.method_name == "__call__":
+            kh, kw = mod.kernel_size
+            cin = args[0].shape[-1]
+            macs[mod.path[0] if mod.path else "?"] += (
+                int(np.prod(out.shape)) * kh * kw * cin // mod.feature_group_count)
+        return out
+
+    x = jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32)
+
+    def run(variables, images):
+        with nn.intercept_methods(interceptor):
+            return model.apply(variables, images)
+
+    variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
+    jax.eval_shape(run, variables, x)
+    return dict(macs)
+
+
+def param_counts(model: nn.Module, input_shape=(1, 64, 64, 3)) -> dict[str, int]:
+    x = jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32)
+    params = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)["params"]
+    return {part: sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(params[part]))
+            for part in params}
+
+
+def summary(config, img_size=None, deploy=False, batch=1) -> dict:
+    cfg = load_config(config)
+    h, w = img_size or tuple(cfg.model.image_size)
+    model = build_model(cfg, deploy=deploy)
+    params = param_counts(model)
+    macs = conv_macs(model, (batch, h, w, 3))
+    return {"model": cfg.model.name, "size": (h, w), "deploy": deploy, "params": params,
+            "gflops": {k: 2 * v / 1e9 for k, v in macs.items()}}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="s", help="config name (t, s, m, l, ns, nm, nl, n) or path")
+    ap.add_argument("--img-size", nargs=2, type=int, metavar=("H", "W"), default=None)
+    ap.add_argument("--deploy", nargs="?", const="reparam", default=None, choices=("reparam", "full"))
+    ap.add_argument("--batch", type=int, default=1)
+    args = ap.parse_args(argv)
+    deploy = {None: False, "reparam": "reparam", "full": True}[args.deploy]
+    s = summary(args.config, args.img_size, deploy, args.batch)
+    graph = {False: "train graph", "reparam": "RepConv-folded deploy graph",
+             True: "fully folded graph"}[deploy]
+    print(f"DAMO-YOLO-{s['model'].upper()}  {graph}, input {args.batch}x{s['size'][0]}x{s['size'][1]}")
+    print(f"{'part':10s} {'params':>14s} {'GFLOPs':>10s}")
+    for part in PARTS:
+        print(f"{part:10s} {s['params'].get(part, 0):>14,d} {s['gflops'].get(part, 0.0):>10.3f}")
+    print(f"{'total':10s} {sum(s['params'].values()):>14,d} {sum(s['gflops'].values()):>10.3f}")
+    print("GFLOPs = 2 x conv multiply-accumulates (from shapes); params = trainable parameters")
+
+
+if __name__ == "__main__":
+    main()
