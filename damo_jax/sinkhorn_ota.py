@@ -13,8 +13,9 @@ Label assignment as entropic optimal transport, per image:
   be used: float32 potentials of magnitude 1e8 have an ulp of 8, i.e. errors of 80 in the
   exponent at ε = 0.1, so a moderate penalty (default 1e3) is used instead;
 * solver: log-domain Sinkhorn with a fixed number of iterations (static, jit friendly), each
-  iteration updating the column potentials then the row potentials, so the row marginals (one
-  unit per candidate) hold exactly and the column marginals approach the supplies;
+  iteration updating the column potentials then the row potentials; the plan is read out as a
+  row softmax, so the row marginals (one unit per candidate) hold to float precision and the
+  column marginals approach the supplies;
 * assignment: every candidate prior goes to the column carrying most of its unit (argmax of
   its row of the plan); priors whose argmax is the background column are negatives.
 """
@@ -65,8 +66,10 @@ def transport_plan(cost: jax.Array, bg_cost: jax.Array, ks: jax.Array, candidate
 
     f0 = jnp.zeros(cost.shape[0], jnp.float32)
     g0 = jnp.zeros(cost.shape[1] + 1, jnp.float32)
-    f, g = jax.lax.fori_loop(0, iters, body, (f0, g0))
-    plan = jnp.exp(log_kernel + f[:, None] + g[None, :])
+    _, g = jax.lax.fori_loop(0, iters, body, (f0, g0))
+    # the final row update written as a row softmax of the same rounded logits: rows sum to 1 to
+    # float precision even when the potentials are large (|logits| ~ penalty / epsilon)
+    plan = jax.nn.softmax(jnp.where(usable, log_kernel + g[None, :], -jnp.inf), axis=1)
     return jnp.where(usable, plan, 0.0)
 
 
