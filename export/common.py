@@ -55,6 +55,13 @@ class DeployModel:
         }
 
 
+def setup_logging() -> None:
+    """CLI logging: our INFO lines; converters' chatter (jax2onnx, onnx_ir, absl) only from WARNING."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("damo_jax").setLevel(logging.INFO)
+    logging.getLogger("onnx_ir").setLevel(logging.ERROR)
+
+
 def parse_img_size(values, default) -> tuple[int, int]:
     """``--img-size 640`` or ``--img-size H W`` (None -> ``default``), multiples of 32."""
     if not values:

@@ -6,12 +6,12 @@ them, but not the ones around the neck's nearest 2x upsample: ``jnp.repeat`` low
 ``Reshape``/``Expand``/``Transpose`` in NHWC that the transpose optimiser cannot push through.
 
 ``fold_upsample_chains`` finds every maximal chain of those layout-only ops (single consumer,
-constant shapes) from a 4-D NCHW tensor X to a 4-D tensor Y, **evaluates the chain in numpy on a
-probe tensor of distinct values**, and only if the result equals a nearest s-times upsample of X in
-NCHW (``np.repeat`` over H and W) — or its NHWC transpose — replaces the chain by one ``Resize``
-(nearest, asymmetric, floor: ``out[i] = in[i // s]``, exact), followed by one Transpose in the NHWC
-case (which the next ORT pass then cancels against its neighbours). Any chain that does something
-else is left untouched.
+constant shapes) from a 4-D tensor X to a 4-D tensor Y, **evaluates the chain in numpy on a probe
+tensor of distinct values**, and only if the result equals a nearest s-times upsample (``np.repeat``
+over H and W) of X — X and Y each in NCHW or NHWC — replaces the chain by one NCHW ``Resize``
+(nearest, asymmetric, floor: ``out[i] = in[i // s]``, exact) with a Transpose before / after it
+where X / Y are NHWC (the next ORT pass cancels those against their neighbours). Any chain that
+does something else is left untouched.
 """
 from __future__ import annotations
 
@@ -65,28 +65,32 @@ def _chain_ending_at(node, producer, consumers, consts):
         chain.append(prev)
 
 
-_NCHW, _NHWC = (0, 1, 2, 3), (0, 2, 3, 1)
+_NCHW, _NHWC, _TO_NCHW = (0, 1, 2, 3), (0, 2, 3, 1), (0, 3, 1, 2)
 
 
 def _match_upsample(chain, consts, x_shape, y_shape):
-    """(s, perm) when the chain maps NCHW X to ``transpose(repeat_s(X), perm)``, else None."""
+    """``(s, in_perm, out_perm)`` when the chain computes ``transpose(repeat_s(X_nchw), out_perm)``
+    where ``X_nchw = transpose(X, in_perm)`` (X given in NCHW or NHWC), else None."""
     if len(x_shape) != 4 or len(y_shape) != 4:
         return None
-    for perm in (_NCHW, _NHWC):
-        y_nchw = tuple(y_shape[perm.index(i)] for i in range(4))
-        if y_nchw[:2] != tuple(x_shape[:2]):
-            continue
-        sh, rh = divmod(y_nchw[2], x_shape[2])
-        sw, rw = divmod(y_nchw[3], x_shape[3])
-        if rh or rw or sh != sw or sh < 2:
-            continue
-        probe = np.arange(np.prod(x_shape), dtype=np.float64).reshape(x_shape)
-        out = probe
-        for n in chain:
-            out = _apply(n, out, consts)
-        want = np.transpose(probe.repeat(sh, 2).repeat(sh, 3), perm)
-        if out.shape == want.shape and np.array_equal(out, want):
-            return sh, perm
+    probe = np.arange(np.prod(x_shape), dtype=np.float64).reshape(x_shape)
+    out = probe
+    for n in chain:
+        out = _apply(n, out, consts)
+    if out.shape != tuple(y_shape):
+        return None
+    for in_perm in (_NCHW, _TO_NCHW):
+        x_nchw = np.transpose(probe, in_perm)
+        for out_perm in (_NCHW, _NHWC):
+            y_nchw_shape = tuple(y_shape[out_perm.index(i)] for i in range(4))
+            if y_nchw_shape[:2] != x_nchw.shape[:2]:
+                continue
+            sh, rh = divmod(y_nchw_shape[2], x_nchw.shape[2])
+            sw, rw = divmod(y_nchw_shape[3], x_nchw.shape[3])
+            if rh or rw or sh != sw or sh < 2:
+                continue
+            if np.array_equal(out, np.transpose(x_nchw.repeat(sh, 2).repeat(sh, 3), out_perm)):
+                return sh, in_perm, out_perm
     return None
 
 
@@ -121,18 +125,23 @@ def fold_upsample_chains(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         match = _match_upsample(chain, consts, shapes[x], shapes[y])
         if match is None:
             continue
-        s, perm = match
+        s, in_perm, out_perm = match
         drop.update(position[n.output[0]] for n in chain)
-        scales = numpy_helper.from_array(np.array([1, 1, s, s], np.float32),
-                                         f"upsample{replaced}_scales")
+        tag = f"upsample{replaced}"
+        scales = numpy_helper.from_array(np.array([1, 1, s, s], np.float32), f"{tag}_scales")
         g.initializer.append(scales)
-        up = y if perm == _NCHW else f"upsample{replaced}_nchw"
-        new = [helper.make_node(
-            "Resize", [x, "", scales.name], [up], name=f"upsample{replaced}_resize",
-            mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="floor")]
-        if perm != _NCHW:  # the chain ended in NHWC: keep that layout for its consumer
-            new.append(helper.make_node("Transpose", [up], [y], name=f"upsample{replaced}_to_nhwc",
-                                        perm=list(perm)))
+        new = []
+        if in_perm != _NCHW:   # the chain started in NHWC: go to NCHW first
+            new.append(helper.make_node("Transpose", [x], [f"{tag}_in_nchw"],
+                                        name=f"{tag}_to_nchw", perm=list(in_perm)))
+            x = f"{tag}_in_nchw"
+        up = y if out_perm == _NCHW else f"{tag}_nchw"
+        new.append(helper.make_node(
+            "Resize", [x, "", scales.name], [up], name=f"{tag}_resize",
+            mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="floor"))
+        if out_perm != _NCHW:  # the chain ended in NHWC: keep that layout for its consumer
+            new.append(helper.make_node("Transpose", [up], [y], name=f"{tag}_to_nhwc",
+                                        perm=list(out_perm)))
         resize_at[position[chain[-1].output[0]]] = new
         replaced += 1
     if replaced:

@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> Path:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    common.setup_logging()
     args = build_parser().parse_args(argv)
     if args.checkpoint is None and args.config is None:
         raise SystemExit("to_onnx: give --config (with --weights, or alone for random weights) "

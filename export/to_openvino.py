@@ -27,6 +27,7 @@ import onnx
 log = logging.getLogger("damo_jax.export")
 
 
+
 def convert(onnx_path, output, *, fp16: bool = False) -> Path:
     """ONNX file -> IR ``output`` (.xml; the .bin is written next to it)."""
     import openvino as ov
@@ -62,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> Path:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from export.common import setup_logging  # lazy: keeps jax out of the import
+    setup_logging()
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     out = Path(args.output)

@@ -31,6 +31,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 log = logging.getLogger("damo_jax.export")
+
 INPUT_NAME = "images"
 
 
@@ -154,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None):
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from export.common import setup_logging  # lazy: keeps jax out of the import
+    setup_logging()
     args = build_parser().parse_args(argv)
     for name in ("min_batch", "opt_batch", "max_batch"):
         value = getattr(args, name)

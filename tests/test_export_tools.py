@@ -1,0 +1,199 @@
+"""Export tooling that needs no detector: graph passes, FP16 pass, ONNX utilities, CLI parsing,
+TensorRT profile/flag logic (TensorRT itself is not installable here; see test at the end)."""
+from __future__ import annotations
+
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from export import common, fp16, graph_passes, onnx_utils, to_onnx, to_tensorrt
+
+
+def tiny_net_onnx(upsample="repeat", batch=1):
+    """A small NHWC conv net with a nearest 2x upsample + concat, exported by jax2onnx."""
+    from jax2onnx import to_onnx as j2o
+    rng = np.random.default_rng(0)
+    w1 = jnp.asarray(rng.normal(0, 0.3, (3, 3, 3, 8)), jnp.float32)
+    w2 = jnp.asarray(rng.normal(0, 0.3, (3, 3, 8, 8)), jnp.float32)
+    w3 = jnp.asarray(rng.normal(0, 0.3, (1, 1, 16, 4)), jnp.float32)
+
+    def conv(x, w, stride=1):
+        return jax.lax.conv_general_dilated(x, w, (stride, stride), "SAME",
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    def up(x):
+        if upsample == "repeat":
+            return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return jnp.repeat(x, 2, axis=2)[:, :, : x.shape[2] * 2 - 1]     # not an upsample
+
+    def fn(images):
+        x = jnp.transpose(images, (0, 2, 3, 1))
+        a = jax.nn.relu(conv(x, w1))
+        b = jax.nn.relu(conv(a, w2, stride=2))
+        if upsample != "repeat":
+            return (up(b) * 2.0).reshape(x.shape[0], -1)
+        y = conv(jnp.concatenate([a, up(b)], -1), w3)
+        return y.reshape(x.shape[0], -1, 4)
+
+    model = j2o(fn, [(batch, 3, 16, 16)], opset=17, input_names=["images"], output_names=["out"])
+    return fn, onnx_utils.fix_value_info(model)
+
+
+def ort_out(model, x):
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"images": x})[0]
+
+
+def test_upsample_fold_removes_layout_transposes_exactly():
+    fn, raw = tiny_net_onnx()
+    x = np.random.default_rng(1).normal(size=(1, 3, 16, 16)).astype(np.float32)
+    want = np.asarray(fn(x))
+    basic = onnx_utils.optimize_ort(raw)
+    folded, n = graph_passes.fold_upsample_chains(basic)
+    assert n == 1
+    clean = onnx_utils.optimize_ort(onnx_utils.fix_value_info(folded))
+    onnx_utils.check(clean)
+    assert onnx_utils.op_counts(clean)["Resize"] == 1
+    assert onnx_utils.count_transposes(clean) < onnx_utils.count_transposes(basic)
+    np.testing.assert_array_equal(ort_out(clean, x), ort_out(raw, x))
+    np.testing.assert_allclose(ort_out(clean, x), want, atol=1e-5)
+
+
+def test_upsample_fold_leaves_other_layout_chains_alone():
+    _, raw = tiny_net_onnx(upsample="other")
+    basic = onnx_utils.optimize_ort(raw)
+    _, n = graph_passes.fold_upsample_chains(basic)
+    assert n == 0
+
+
+def test_fix_value_info_makes_full_checker_pass_on_stale_shapes():
+    _, model = tiny_net_onnx()
+    stale = onnx.ModelProto.FromString(model.SerializeToString())
+    vi = stale.graph.value_info[0]
+    dims = vi.type.tensor_type.shape.dim
+    dims[-1].dim_value = dims[-1].dim_value + 5           # a wrong (stale) shape
+    with pytest.raises((onnx.checker.ValidationError, onnx.shape_inference.InferenceError)):
+        onnx.checker.check_model(stale, full_check=True)
+    onnx_utils.check(onnx_utils.fix_value_info(stale))
+
+
+def test_rename_prune_and_io_names():
+    g = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Neg", ["x"], ["dead"]),
+         helper.make_node("Identity", ["a"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+        [numpy_helper.from_array(np.ones(2, np.float32), "unused")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx_utils.prune_dead_nodes(m)
+    assert [n.op_type for n in m.graph.node] == ["Relu", "Identity"] and not m.graph.initializer
+    onnx_utils.set_io_names(m, inputs=["images"], outputs=["scores"])
+    assert onnx_utils.io_shapes(m) == {"images": [2], "scores": [2]}
+    x = np.array([-1.0, 2.0], np.float32)
+    out = ort.InferenceSession(m.SerializeToString()).run(None, {"images": x})[0]
+    np.testing.assert_array_equal(out, [0.0, 2.0])
+    with pytest.raises(ValueError, match="already exists"):
+        onnx_utils.rename_value(m, "images", "scores")
+    with pytest.raises(KeyError):
+        onnx_utils.rename_value(m, "nope", "other")
+
+
+def test_fp16_pass_keeps_io_float32_and_head_in_float32():
+    _, model = tiny_net_onnx()
+    model = onnx_utils.optimize_ort(model)
+    half = fp16.to_fp16(model)
+    assert half.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    assert half.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    conv_weights = {n.input[1] for n in half.graph.node if n.op_type == "Conv"}
+    types = {t.name: t.data_type for t in half.graph.initializer}
+    assert conv_weights and all(types[w] == TensorProto.FLOAT16 for w in conv_weights)
+    # the op after the last Conv (the output reshape) is not part of the conv trunk: FP32 again
+    to_f32 = [n for n in half.graph.node if n.op_type == "Cast"
+              and n.attribute[0].i == TensorProto.FLOAT]
+    assert to_f32 and half.graph.node[-1].op_type != "Cast"
+    x = np.random.default_rng(2).normal(size=(1, 3, 16, 16)).astype(np.float32)
+    np.testing.assert_allclose(ort_out(half, x), ort_out(model, x), atol=2e-2, rtol=2e-2)
+
+
+def test_cli_argument_helpers():
+    assert common.parse_img_size([640], (416, 416)) == (640, 640)
+    assert common.parse_img_size([96, 160], None) == (96, 160)
+    assert common.parse_img_size(None, (416, 416)) == (416, 416)
+    for bad in ([100], [64, 64, 64], [0]):
+        with pytest.raises(ValueError):
+            common.parse_img_size(bad, None)
+    assert common.parse_batch("dynamic") == common.DYNAMIC_BATCH and common.parse_batch("4") == 4
+    with pytest.raises(ValueError):
+        common.parse_batch("0")
+    args = to_onnx.build_parser().parse_args(
+        ["--config", "t", "--end2end", "--topk", "50", "--img-size", "96", "160", "--via", "tf",
+         "--output", "x.onnx"])
+    assert args.end2end and args.topk == 50 and args.img_size == [96, 160] and args.via == "tf"
+    assert "STATIC BATCH ONLY" in to_onnx.build_parser().format_help()
+    with pytest.raises(SystemExit):
+        to_onnx.build_parser().parse_args(["--weights", "a.pth", "--checkpoint", "d", "--output",
+                                           "x.onnx"])
+
+
+def test_export_rejects_bad_route_options():
+    dm = types.SimpleNamespace(image_size=(64, 64))
+    with pytest.raises(ValueError, match="static --batch"):
+        to_onnx.export_onnx(dm, via="tf", batch=common.DYNAMIC_BATCH, tf_dir=None)
+    with pytest.raises(ValueError, match="opset"):
+        to_onnx.export_onnx(dm, via="jax2onnx", opset=13)
+    with pytest.raises(ValueError, match="--via"):
+        to_onnx.export_onnx(dm, via="torch")
+
+
+# ------------------------------------------------------------------------------- TensorRT logic
+def test_tensorrt_profile_shapes():
+    assert to_tensorrt.profile_shapes((1, 3, 640, 640)) is None
+    assert to_tensorrt.profile_shapes((4, 3, 640, 640), 4, 4, 4) is None
+    with pytest.raises(ValueError, match="static batch of 1"):
+        to_tensorrt.profile_shapes((1, 3, 640, 640), 1, 8, 32)
+    assert to_tensorrt.profile_shapes(("N", 3, 416, 416)) == (
+        (1, 3, 416, 416), (8, 3, 416, 416), (32, 3, 416, 416))
+    assert to_tensorrt.profile_shapes(("N", 3, 96, 160), 2, 4, 6)[1] == (4, 3, 96, 160)
+    assert to_tensorrt.profile_shapes(("N", 3, 64, 64), None, 64, None)[2][0] == 64
+    with pytest.raises(ValueError, match="min <= opt <= max"):
+        to_tensorrt.profile_shapes(("N", 3, 64, 64), 8, 4, 16)
+    with pytest.raises(ValueError, match="only the batch"):
+        to_tensorrt.profile_shapes(("N", 3, "H", 64))
+
+
+def test_tensorrt_fp16_api_detection_and_trtexec_line():
+    trt10 = types.SimpleNamespace(BuilderFlag=types.SimpleNamespace(FP16=1, TF32=2))
+    trt11 = types.SimpleNamespace(BuilderFlag=types.SimpleNamespace(TF32=2))
+    assert to_tensorrt.has_fp16_flag(trt10) and not to_tensorrt.has_fp16_flag(trt11)
+    line = to_tensorrt.trtexec_command("m.onnx", "m.engine", to_tensorrt.profile_shapes(
+        ("N", 3, 640, 640), 1, 8, 32))
+    assert "--minShapes=images:1x3x640x640" in line and "--maxShapes=images:32x3x640x640" in line
+    assert "--saveEngine=m.engine" in line
+
+
+def test_tensorrt_cli_on_a_dynamic_onnx_prints_trtexec(tmp_path, capsys):
+    _, model = tiny_net_onnx(batch="N")
+    path = onnx_utils.save(model, tmp_path / "dyn.onnx")
+    assert to_tensorrt.onnx_input_shape(path) == ("N", 3, 16, 16)
+    line = to_tensorrt.main(["--onnx", str(path), "--output", str(tmp_path / "e.plan"),
+                             "--opt-batch", "4", "--max-batch", "8", "--print-trtexec"])
+    assert "--optShapes=images:4x3x16x16" in capsys.readouterr().out and line.startswith("trtexec")
+    with pytest.raises(SystemExit):
+        to_tensorrt.main(["--onnx", str(path), "--output", "e.plan", "--min-batch", "0"])
+
+
+def test_tensorrt_engine_build(tmp_path):
+    trt = pytest.importorskip(
+        "tensorrt", reason="TensorRT is not installable here: PyPI's tensorrt packages are stubs "
+                           "that download wheels from NVIDIA's index (TOOLCHAIN.md §2e)")
+    _, model = tiny_net_onnx(batch="N")
+    path = onnx_utils.save(model, tmp_path / "dyn.onnx")
+    engine = to_tensorrt.build_engine(path, tmp_path / "m.engine", min_batch=1, opt_batch=2,
+                                      max_batch=4, trt=trt)
+    assert engine.stat().st_size > 0
