@@ -95,11 +95,12 @@ def input_spec(batch, image_size) -> tuple:
     return (batch, 3, int(image_size[0]), int(image_size[1]))
 
 
-def _random_variables(cfg, image_size, seed: int) -> dict:
+def _random_variables(cfg, seed: int) -> dict:
+    """Official-init train-graph variables; their shapes do not depend on the image size, so the
+    init runs on a small 64x64 input (much cheaper than the export size)."""
     from damo_jax.models import build_model
     model = build_model(cfg)
-    h, w = image_size
-    return model.init(jax.random.PRNGKey(seed), jnp.zeros((1, h, w, 3), jnp.float32))
+    return model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 64, 64, 3), jnp.float32))
 
 
 def load_deploy_model(config=None, *, checkpoint=None, weights=None, image_size=None,
@@ -125,12 +126,11 @@ def load_deploy_model(config=None, *, checkpoint=None, weights=None, image_size=
         if config is None:
             raise ValueError("export: --config is required when no --checkpoint is given")
         cfg = load_config(config)
-        size = tuple(image_size or cfg.model.image_size)
         msg = (f"NO WEIGHTS GIVEN: exporting model {cfg.model.name!r} with RANDOM weights "
                f"(seed {seed}). The file is only good for format / latency tests, not detection.")
         warnings.warn(msg, stacklevel=2)
         log.warning("!" * 20 + " " + msg + " " + "!" * 20)
-        variables = fuse(_random_variables(cfg, size, seed), cfg, fuse_bn=True)
+        variables = fuse(_random_variables(cfg, seed), cfg, fuse_bn=True)
         model = build_model(cfg, deploy=True)
         class_names = tuple(cfg.model.class_names)
         source = f"random-init(seed={seed})"

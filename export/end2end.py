@@ -34,17 +34,22 @@ E2E_OUTPUTS = ("num_dets", "boxes", "scores", "labels")
 _P = "e2e_"  # prefix of every appended tensor / node name
 
 
-def _const(nodes, name, value):
-    arr = np.asarray(value)
-    nodes.append(helper.make_node("Constant", [], [_P + name], name=_P + name + "_const",
-                                  value=numpy_helper.from_array(arr, _P + name + "_value")))
-    return _P + name
+class _Builder:
+    """Collects nodes and initializers (constants are initializers: TensorRT's parser requires
+    NonMaxSuppression thresholds, TopK's K and Slice/Unsqueeze axes to be initializers)."""
 
+    def __init__(self):
+        self.nodes, self.inits = [], []
 
-def _node(nodes, op, inputs, name, n_out=1, **attrs):
-    outs = [_P + name] if n_out == 1 else [f"{_P}{name}_{i}" for i in range(n_out)]
-    nodes.append(helper.make_node(op, list(inputs), outs, name=_P + name + "_node", **attrs))
-    return outs[0] if n_out == 1 else outs
+    def const(self, name, value):
+        self.inits.append(numpy_helper.from_array(np.asarray(value), _P + name))
+        return _P + name
+
+    def node(self, op, inputs, name, n_out=1, **attrs):
+        outs = [_P + name] if n_out == 1 else [f"{_P}{name}_{i}" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op, list(inputs), outs, name=_P + name + "_node",
+                                           **attrs))
+        return outs[0] if n_out == 1 else outs
 
 
 def validate_thresholds(topk: int, conf_thre: float, iou_thre: float) -> None:
@@ -59,64 +64,65 @@ def validate_thresholds(topk: int, conf_thre: float, iou_thre: float) -> None:
 def nms_nodes(scores: str, boxes: str, *, topk: int, conf_thre: float, iou_thre: float):
     """The NMS sub-graph reading tensors ``scores`` (N,A,C) and ``boxes`` (N,A,4).
 
-    Returns ``(nodes, {output_name: tensor_name})`` for the four end-to-end outputs.
+    Returns ``(nodes, initializers, {output_name: tensor_name})`` for the four outputs.
     """
     validate_thresholds(topk, conf_thre, iou_thre)
     k = int(topk)
-    n = []
-    scores_nca = _node(n, "Transpose", [scores], "scores_nca", perm=[0, 2, 1])
-    selected = _node(n, "NonMaxSuppression", [
-        boxes, scores_nca, _const(n, "max_per_class", np.array([k], np.int64)),
-        _const(n, "iou_thre", np.array([iou_thre], np.float32)),
-        _const(n, "conf_thre", np.array([conf_thre], np.float32))], "selected",
-        center_point_box=0)                                        # (S, 3) [image, class, anchor]
+    n = _Builder()
+    scores_nca = n.node("Transpose", [scores], "scores_nca", perm=[0, 2, 1])
+    selected = n.node(                                             # (S, 3) [image, class, anchor]
+        "NonMaxSuppression",
+        [boxes, scores_nca, n.const("max_per_class", np.array([k], np.int64)),
+         n.const("iou_thre", np.array([iou_thre], np.float32)),
+         n.const("conf_thre", np.array([conf_thre], np.float32))],
+        "selected", center_point_box=0)
     # Reorder to [image, anchor, class] so the dense matrix is (N, A, C) and ties in TopK go
     # anchor-major, class-minor: the candidate order of the official / damo_jax.nms code.
-    selected = _node(n, "Gather", [selected, _const(n, "bac", np.array([0, 2, 1], np.int64))],
-                     "selected_bac", axis=1)
-    kept_scores = _node(n, "GatherND", [scores, selected], "kept_scores")        # (S,)
-    nac_shape = _node(n, "Shape", [scores], "nac_shape")
+    selected = n.node("Gather", [selected, n.const("bac", np.array([0, 2, 1], np.int64))],
+                      "selected_bac", axis=1)
+    kept_scores = n.node("GatherND", [scores, selected], "kept_scores")         # (S,)
+    nac_shape = n.node("Shape", [scores], "nac_shape")
     minus_one = numpy_helper.from_array(np.array([-1.0], np.float32), _P + "minus_one")
-    dense = _node(n, "ConstantOfShape", [nac_shape], "dense_fill", value=minus_one)
-    dense = _node(n, "ScatterND", [dense, selected, kept_scores], "dense_kept")  # (N, A, C)
-    flat = _node(n, "Reshape", [dense, _const(n, "flat_shape", np.array([0, -1], np.int64))],
-                 "flat")                                                         # (N, A*C)
-    batch = _node(n, "Slice", [nac_shape, _const(n, "zero1", np.array([0], np.int64)),
-                               _const(n, "one1", np.array([1], np.int64))], "batch")
-    pad_shape = _node(n, "Concat", [batch, _const(n, "k1", np.array([k], np.int64))],
-                      "pad_shape", axis=0)
-    pad = _node(n, "ConstantOfShape", [pad_shape], "pad_fill", value=minus_one)
-    flat = _node(n, "Concat", [flat, pad], "flat_padded", axis=1)               # (N, A*C + K)
-    top_scores, top_index = _node(n, "TopK", [flat, _const(n, "k", np.array([k], np.int64))],
-                                  "topk", n_out=2, axis=1, largest=1, sorted=1)
-    valid = _node(n, "Greater", [top_scores, _const(n, "minus_half", np.array(-0.5, np.float32))],
-                  "valid")                                                       # (N, K) bool
-    num_anchors = _node(n, "Slice", [nac_shape, _const(n, "one1b", np.array([1], np.int64)),
-                                     _const(n, "two1", np.array([2], np.int64))], "num_anchors")
-    num_classes = _node(n, "Slice", [nac_shape, _const(n, "two1b", np.array([2], np.int64)),
-                                     _const(n, "three1", np.array([3], np.int64))], "num_classes")
-    label = _node(n, "Mod", [top_index, num_classes], "label_i64", fmod=0)
-    anchor = _node(n, "Div", [top_index, num_classes], "anchor_raw")
-    anchor = _node(n, "Mod", [anchor, num_anchors], "anchor", fmod=0)  # padding columns stay < A
-    index = _node(n, "Unsqueeze", [anchor, _const(n, "axis2", np.array([2], np.int64))],
-                  "anchor_3d")
-    index = _node(n, "Expand", [index, _const(n, "expand4", np.array([1, 1, 4], np.int64))],
-                  "anchor_x4")
-    top_boxes = _node(n, "GatherElements", [boxes, index], "top_boxes", axis=1)  # (N, K, 4)
-    valid3 = _node(n, "Unsqueeze", [valid, _const(n, "axis2b", np.array([2], np.int64))],
-                   "valid_3d")
-    zero = _const(n, "zero_f", np.array(0.0, np.float32))
+    dense = n.node("ConstantOfShape", [nac_shape], "dense_fill", value=minus_one)
+    dense = n.node("ScatterND", [dense, selected, kept_scores], "dense_kept")  # (N, A, C)
+    flat = n.node("Reshape", [dense, n.const("flat_shape", np.array([0, -1], np.int64))],
+                  "flat")                                                         # (N, A*C)
+    batch = n.node("Slice", [nac_shape, n.const("zero1", np.array([0], np.int64)),
+                             n.const("one1", np.array([1], np.int64))], "batch")
+    pad_shape = n.node("Concat", [batch, n.const("k1", np.array([k], np.int64))],
+                       "pad_shape", axis=0)
+    pad = n.node("ConstantOfShape", [pad_shape], "pad_fill", value=minus_one)
+    flat = n.node("Concat", [flat, pad], "flat_padded", axis=1)               # (N, A*C + K)
+    top_scores, top_index = n.node("TopK", [flat, n.const("k", np.array([k], np.int64))],
+                                   "topk", n_out=2, axis=1, largest=1, sorted=1)
+    valid = n.node("Greater", [top_scores, n.const("minus_half", np.array(-0.5, np.float32))],
+                   "valid")                                                       # (N, K) bool
+    num_anchors = n.node("Slice", [nac_shape, n.const("one1b", np.array([1], np.int64)),
+                                   n.const("two1", np.array([2], np.int64))], "num_anchors")
+    num_classes = n.node("Slice", [nac_shape, n.const("two1b", np.array([2], np.int64)),
+                                   n.const("three1", np.array([3], np.int64))], "num_classes")
+    label = n.node("Mod", [top_index, num_classes], "label_i64", fmod=0)
+    anchor = n.node("Div", [top_index, num_classes], "anchor_raw")
+    anchor = n.node("Mod", [anchor, num_anchors], "anchor", fmod=0)  # padding columns stay < A
+    index = n.node("Unsqueeze", [anchor, n.const("axis2", np.array([2], np.int64))],
+                   "anchor_3d")
+    index = n.node("Expand", [index, n.const("expand4", np.array([1, 1, 4], np.int64))],
+                   "anchor_x4")
+    top_boxes = n.node("GatherElements", [boxes, index], "top_boxes", axis=1)  # (N, K, 4)
+    valid3 = n.node("Unsqueeze", [valid, n.const("axis2b", np.array([2], np.int64))],
+                    "valid_3d")
+    zero = n.const("zero_f", np.array(0.0, np.float32))
     out = {
-        "boxes": _node(n, "Where", [valid3, top_boxes, zero], "out_boxes"),
-        "scores": _node(n, "Where", [valid, top_scores, zero], "out_scores"),
+        "boxes": n.node("Where", [valid3, top_boxes, zero], "out_boxes"),
+        "scores": n.node("Where", [valid, top_scores, zero], "out_scores"),
     }
-    label = _node(n, "Cast", [label], "label_i32", to=TensorProto.INT32)
-    out["labels"] = _node(n, "Where", [valid, label, _const(n, "minus_one_i",
-                                                            np.array(-1, np.int32))], "out_labels")
-    count = _node(n, "Cast", [valid], "valid_i32", to=TensorProto.INT32)
-    out["num_dets"] = _node(n, "ReduceSum", [count, _const(n, "axis1", np.array([1], np.int64))],
-                            "out_num_dets", keepdims=1)
-    return n, out
+    label = n.node("Cast", [label], "label_i32", to=TensorProto.INT32)
+    minus_one_i = n.const("minus_one_i", np.array(-1, np.int32))
+    out["labels"] = n.node("Where", [valid, label, minus_one_i], "out_labels")
+    count = n.node("Cast", [valid], "valid_i32", to=TensorProto.INT32)
+    out["num_dets"] = n.node("ReduceSum", [count, n.const("axis1", np.array([1], np.int64))],
+                             "out_num_dets", keepdims=1)
+    return n.nodes, n.inits, out
 
 
 def append_end2end(model: onnx.ModelProto, *, topk: int = 100, conf_thre: float = 0.05,
@@ -136,13 +142,14 @@ def append_end2end(model: onnx.ModelProto, *, topk: int = 100, conf_thre: float 
         raise ValueError(f"append_end2end needs opset >= 13, the model has {opset}")
     onnx_utils.rename_value(model, scores, "raw_scores")
     onnx_utils.rename_value(model, boxes, "raw_boxes")
-    nodes, out = nms_nodes("raw_scores", "raw_boxes", topk=topk, conf_thre=conf_thre,
+    nodes, inits, out = nms_nodes("raw_scores", "raw_boxes", topk=topk, conf_thre=conf_thre,
                            iou_thre=iou_thre)
     # The four outputs get their public names through Identity nodes.
     for public in E2E_OUTPUTS:
         nodes.append(helper.make_node("Identity", [out[public]], [public], name=_P + public))
     g = model.graph
     g.node.extend(nodes)
+    g.initializer.extend(inits)
     del g.output[:]
     batch = model.graph.input[0].type.tensor_type.shape.dim[0]
     n_dim = batch.dim_param or batch.dim_value or "N"

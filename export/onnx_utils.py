@@ -21,10 +21,6 @@ from pathlib import Path
 
 import onnx
 
-# ORT 1.31 reads IR <= 13; jax2onnx writes IR 10. Anything we build by hand uses the model's IR.
-MAX_IR_VERSION = 10
-
-
 def load(path) -> onnx.ModelProto:
     path = Path(path)
     if not path.is_file():
