@@ -10,6 +10,10 @@ AMX/AVX512-BF16 the CPU plugin computes in **bf16 by default**; for FP32 results
 ``{"INFERENCE_PRECISION_HINT": "f32"}`` (``damo_jax.backends.OpenVinoBackend(precision="f32")``,
 ``benchmark_app -infer_precision f32``). The ONNX metadata (class names, size, thresholds) is
 copied into the IR's rt_info under ``damo_jax``.
+
+OpenVINO's Python package posts usage telemetry from a forked child process on ``import openvino``
+and on every ``convert_model`` (Python warns about ``os.fork()`` when JAX is loaded); opt out
+once per machine with ``opt_in_out --opt_out`` (OpenVINO's tool).
 """
 from __future__ import annotations
 
