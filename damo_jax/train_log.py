@@ -1,0 +1,193 @@
+"""What a training run shows and leaves behind: tqdm line, TensorBoard, metrics.jsonl, curves.png.
+
+``TrainLog(workdir, total_steps=..., start_step=...)``:
+
+* ``step(step, metrics, images)`` — advances the tqdm bar; every call updates the postfix (loss
+  components, lr, images/s); ``write_train`` appends one ``metrics.jsonl`` line and TensorBoard
+  scalars ``train/<name>``.
+* ``write_eval(step, epoch, metrics)`` — ``eval/<name>`` scalars + a jsonl line with ``"kind": "eval"``.
+* ``info(msg)`` — a line printed above the bar (and to the python logger).
+* ``plot_curves(jsonl, png)`` — loss components and AP/AP50 against step, one PNG (matplotlib Agg).
+
+Only the primary process (``jax.process_index() == 0``) writes files; the others are silent.
+The jsonl is append-only across resumes; readers keep the LAST record of each (kind, step).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("damo_jax.train")
+
+TRAIN_KEYS = ("total_loss", "loss_cls", "loss_bbox", "loss_dfl")
+BAR_KEYS = (("loss", "total_loss"), ("cls", "loss_cls"), ("box", "loss_bbox"), ("dfl", "loss_dfl"))
+
+
+class TrainLog:
+    def __init__(self, workdir, *, total_steps: int, start_step: int = 0, primary: bool = True,
+                 progress: bool = True):
+        self.workdir = Path(workdir)
+        self.primary = primary
+        self.jsonl_path = self.workdir / "metrics.jsonl"
+        self._tb = None
+        self._bar = None
+        self._last_time = time.perf_counter()
+        self._images_since = 0
+        self.images_per_sec = float("nan")
+        if not primary:
+            return
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        from tensorboardX import SummaryWriter
+        self._tb = SummaryWriter(logdir=str(self.workdir / "tensorboard"))
+        if progress:
+            from tqdm import tqdm
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
+                             dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
+
+    # ---- per step
+    def step(self, step: int, metrics: dict, images: int) -> None:
+        """Account one finished step (``step`` = number of completed steps after it)."""
+        self._images_since += images
+        now = time.perf_counter()
+        if now - self._last_time >= 2.0:
+            self.images_per_sec = self._images_since / (now - self._last_time)
+            self._last_time, self._images_since = now, 0
+        if self._bar is not None:
+            post = {short: f"{float(metrics[key]):.3f}" for short, key in BAR_KEYS if key in metrics}
+            post["lr"] = f"{float(metrics.get('lr', 0.0)):.2e}"
+            post["img/s"] = f"{self.images_per_sec:.1f}"
+            self._bar.set_postfix(post, refresh=False)
+            self._bar.update(1)
+
+    def reset_timer(self) -> None:
+        """Restart the images/s window (after compilation, evaluation or a checkpoint)."""
+        self._last_time, self._images_since = time.perf_counter(), 0
+
+    def write_train(self, step: int, epoch: int, metrics: dict) -> None:
+        record = {k: float(v) for k, v in metrics.items()}
+        if math.isfinite(self.images_per_sec):
+            record["images_per_sec"] = self.images_per_sec
+        self._append({"kind": "train", "step": int(step), "epoch": int(epoch), **record})
+        if self._tb is not None:
+            for k, v in record.items():
+                self._tb.add_scalar(f"train/{k}", v, int(step))
+
+    def write_eval(self, step: int, epoch: int, metrics: dict) -> None:
+        record = {k: float(v) for k, v in metrics.items()}
+        self._append({"kind": "eval", "step": int(step), "epoch": int(epoch), **record})
+        if self._tb is not None:
+            for k, v in record.items():
+                self._tb.add_scalar(f"eval/{k}", v, int(step))
+            self._tb.flush()
+
+    def info(self, msg: str) -> None:
+        log.info(msg)
+        if not self.primary:
+            return
+        if self._bar is not None:
+            self._bar.write(msg, file=sys.stderr)
+        else:
+            print(msg, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+    def _append(self, record: dict) -> None:
+        if not self.primary:
+            return
+        with open(self.jsonl_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------
+def read_metrics(jsonl_path) -> dict[str, list[dict]]:
+    """Records of a ``metrics.jsonl`` by kind, sorted by step, last record per (kind, step) wins."""
+    latest: dict[tuple[str, int], dict] = {}
+    path = Path(jsonl_path)
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                r = json.loads(line)
+                latest[(r.get("kind", "train"), int(r["step"]))] = r
+    out: dict[str, list[dict]] = {"train": [], "eval": []}
+    for (kind, _), r in sorted(latest.items(), key=lambda kv: kv[0][1]):
+        out.setdefault(kind, []).append(r)
+    return out
+
+
+def plot_curves(jsonl_path, png_path) -> Path:
+    """Loss components (left) and AP / AP50 (right) against the step; returns the PNG path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = read_metrics(jsonl_path)
+    fig, (ax_l, ax_r) = plt.subplots(1, 2, figsize=(11, 4))
+    train = data["train"]
+    for key in TRAIN_KEYS:
+        pts = [(r["step"], r[key]) for r in train if key in r]
+        if pts:
+            ax_l.plot(*zip(*pts), label=key)
+    ax_l.set_xlabel("step"), ax_l.set_ylabel("loss"), ax_l.set_title("training loss")
+    ax_l.grid(alpha=0.3)
+    if train:
+        ax_l.legend()
+    for key, style in (("AP50", "o-"), ("AP", "s-")):
+        pts = [(r["step"], r[key]) for r in data["eval"] if key in r]
+        if pts:
+            ax_r.plot(*zip(*pts), style, label=f"val {key}")
+    ax_r.set_xlabel("step"), ax_r.set_ylabel("mAP"), ax_r.set_title("validation (EMA weights)")
+    ax_r.set_ylim(0, 1), ax_r.grid(alpha=0.3)
+    if data["eval"]:
+        ax_r.legend()
+    fig.tight_layout()
+    png_path = Path(png_path)
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return png_path
+
+
+def write_predictions_png(model, variables, dataset, cfg, png_path, *, num_images: int = 8,
+                          score_thr: float = 0.3) -> Path:
+    """A grid of the first images (≤ ``num_images``) of ``dataset`` with the model's detections.
+
+    Same pre-processing, batch size and NMS as evaluation (``cfg.test``; so the compiled eval step is
+    reused), drawn on the resized images with :func:`damo_jax.visualize.draw_detections`
+    (score ≥ ``score_thr``).
+    """
+    import numpy as np
+    from PIL import Image
+
+    from damo_jax.eval import detect_batch
+    from damo_jax.nms import iou_threshold_f32
+    from damo_jax.visualize import draw_detections
+    from data_pipelines import eval_batches
+
+    hw = tuple(int(v) for v in cfg.test.image_size)
+    batch = next(iter(eval_batches(dataset, hw, int(cfg.test.batch_size))))
+    out = detect_batch(model, variables, batch["images"], float(cfg.test.conf_thre),
+                       iou_threshold_f32(float(cfg.test.iou_thre)), max_dets=int(cfg.test.max_dets),
+                       pre_nms_topk=int(cfg.test.pre_nms_topk))
+    out = {k: np.asarray(v) for k, v in out.items()}
+    tiles = []
+    for i in range(min(int(batch["valid"].sum()), num_images)):
+        n = int(out["num_dets"][i])
+        tiles.append(draw_detections(batch["images"][i], out["boxes"][i, :n], out["scores"][i, :n],
+                                     out["labels"][i, :n], tuple(dataset.class_names), score_thr=score_thr))
+    cols = min(4, len(tiles))
+    rows = -(-len(tiles) // cols)
+    grid = Image.new("RGB", (cols * hw[1], rows * hw[0]), (255, 255, 255))
+    for i, tile in enumerate(tiles):
+        grid.paste(tile, ((i % cols) * hw[1], (i // cols) * hw[0]))
+    png_path = Path(png_path)
+    grid.save(png_path)
+    return png_path

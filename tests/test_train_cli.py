@@ -1,0 +1,63 @@
+"""Train CLI: --help lists every config key, overrides, run lengths, evaluation schedule."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from damo_jax import train
+from damo_jax.config import flat_items, load_config
+
+from train_setup import ROOT
+
+
+def test_help_lists_every_key_with_default():
+    r = subprocess.run([sys.executable, "-m", "damo_jax.train", "--config", "ns", "--help"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    for key, value in flat_items(load_config("ns")):
+        assert f"--config.{key}={value!r}" in r.stdout, key
+    for flag in ("--data", "--workdir", "--runlocal", "--multihost"):
+        assert flag in r.stdout
+
+
+def test_parse_args_overrides_data_and_runlocal():
+    cfg, args = train.parse_args(["--config", "s", "--data", "coco:/x", "--runlocal",
+                                  "--config.train.epochs=7", "--config.data.image_size=(320, 320)",
+                                  "--config.train.optimizer=adamw", "--config.train.ema=false"])
+    assert cfg.data.train == "coco:/x"
+    assert cfg.train.epochs == 7                 # override applied after --runlocal
+    assert cfg.train.batch_size == 8             # from --runlocal
+    assert cfg.data.image_size == (320, 320)
+    assert cfg.train.optimizer == "adamw" and cfg.train.ema is False
+    assert args.workdir.endswith("s") and not args.multihost
+
+
+def test_parse_args_errors_name_the_problem(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--config", "s", "--bogus"])
+    assert "--bogus" in capsys.readouterr().err
+    with pytest.raises(KeyError, match="train.epoch"):
+        train.parse_args(["--config", "s", "--config.train.epoch=3"])
+
+
+def test_run_length_and_eval_schedule():
+    cfg = load_config("s")
+    rl = train.run_length(cfg, 118_287)           # COCO train2017: SPEC §9.1 numbers
+    assert (rl.steps_per_epoch, rl.total_steps, rl.warmup_steps) == (463, 138_900, 2_315)
+    assert rl.no_aug_start_step == 138_900 - 7_408 and rl.last_step == rl.total_steps
+    evals = [e for e in range(300) if train.should_eval(cfg, e, rl)]
+    assert evals[:3] == [9, 19, 29]               # every 10 epochs ...
+    assert list(range(284, 300)) == [e for e in evals if e >= 284]   # ... every epoch in the last 16
+    cfg.train.max_steps = 50
+    assert train.run_length(cfg, 118_287).last_step == 50
+
+
+def test_check_finite_names_step_and_terms():
+    ok = {"finite": True, "loss_cls": 1.0}
+    train.check_finite(ok, 3)
+    bad = {"finite": False, "loss_cls": float("nan"), "loss_bbox": 0.5, "loss_dfl": float("inf"),
+           "total_loss": float("nan"), "grad_norm": float("nan")}
+    with pytest.raises(train.NonFiniteError, match=r"loss_cls, loss_dfl, total_loss, grad_norm at step 12"):
+        train.check_finite(bad, 12)

@@ -1,0 +1,121 @@
+"""Shared helpers of the training tests: a tiny synthetic COCO folder, a tiny config file, and
+subprocess runs of ``python -m damo_jax.train`` that share one persistent XLA compilation cache
+(so only the first run of a test session pays for compiling the DAMO-YOLO-Ns train step; set
+``DAMO_JAX_TEST_XLA_CACHE=/some/dir`` to keep that cache across sessions while developing).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+IMG = 64
+CLASSES = ("square", "disc")
+
+
+def _draw(rng: np.random.Generator, n_obj: int):
+    """A 64×64 RGB image with n_obj coloured squares / discs and their exact boxes."""
+    img = (rng.uniform(40, 90, size=(IMG, IMG, 3))).astype(np.uint8)
+    yy, xx = np.mgrid[:IMG, :IMG]
+    anns = []
+    for _ in range(n_obj):
+        cls = int(rng.integers(0, 2))
+        s = int(rng.integers(14, 30))
+        x0, y0 = (int(v) for v in rng.integers(0, IMG - s, size=2))
+        color = (230, 60, 40) if cls == 0 else (40, 200, 230)
+        if cls == 0:
+            img[y0:y0 + s, x0:x0 + s] = color
+        else:
+            r = s / 2
+            img[(yy - (y0 + r - 0.5)) ** 2 + (xx - (x0 + r - 0.5)) ** 2 <= r * r] = color
+        anns.append((cls, [float(x0), float(y0), float(s), float(s)]))
+    return img, anns
+
+
+def write_coco(root: Path, split: str, n_images: int, seed: int) -> None:
+    """root/annotations/instances_<split>.json + root/<split>/*.jpg (the COCO reader layout)."""
+    rng = np.random.default_rng(seed)
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    (root / split).mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for i in range(n_images):
+        img, anns = _draw(rng, int(rng.integers(1, 3)))
+        name = f"{split}_{i:03d}.jpg"
+        Image.fromarray(img).save(root / split / name, quality=95)
+        images.append({"id": i + 1, "file_name": name, "height": IMG, "width": IMG})
+        for cls, box in anns:
+            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": cls + 1,
+                                "bbox": box, "area": box[2] * box[3], "iscrowd": 0})
+    cats = [{"id": i + 1, "name": n} for i, n in enumerate(CLASSES)]
+    (root / "annotations" / f"instances_{split}.json").write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": cats}))
+
+
+CONFIG_TEMPLATE = '''"""Tiny DAMO-YOLO-Ns run for the training tests (64x64, batch 2, 2 epochs of 4 steps)."""
+from damo_jax.config import load_config
+
+
+def get_config():
+    c = load_config("ns")
+    c.data.image_size = (64, 64)
+    c.data.mosaic_size = (64, 64)
+    c.data.max_boxes = 8
+    c.data.workers = 0
+    c.train.batch_size = 2
+    c.train.epochs = 2
+    c.train.warmup_epochs = 1
+    c.train.no_aug_epochs = 1
+    c.train.eval_every_epochs = 1
+    c.train.log_every_steps = 1
+    c.train.keep_checkpoints = 5
+    c.train.base_lr_per_img = 0.01 / 64
+    c.test.image_size = (64, 64)
+    c.test.batch_size = 4
+    return c
+'''
+
+
+@functools.lru_cache(maxsize=None)
+def shared_dir() -> Path:
+    """One folder per test process: data, config, XLA cache."""
+    d = Path(tempfile.mkdtemp(prefix="damo_train_test_"))
+    write_coco(d / "coco", "train", 8, seed=1)
+    write_coco(d / "coco", "val", 4, seed=2)
+    (d / "tiny.py").write_text(CONFIG_TEMPLATE)
+    (d / "xla_cache").mkdir()
+    return d
+
+
+def train_cmd(workdir: Path, *extra: str) -> list[str]:
+    d = shared_dir()
+    return [sys.executable, "-m", "damo_jax.train", "--config", str(d / "tiny.py"),
+            "--data", f"coco:{d / 'coco'}", "--workdir", str(workdir), "--no-progress", *extra]
+
+
+def train_env(**extra: str) -> dict:
+    env = dict(os.environ)
+    cache = os.environ.get("DAMO_JAX_TEST_XLA_CACHE") or str(shared_dir() / "xla_cache")
+    env.update(JAX_COMPILATION_CACHE_DIR=cache,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", PYTHONUNBUFFERED="1",
+               XLA_FLAGS=env.get("XLA_FLAGS", ""), **extra)
+    env.pop("DAMO_JAX_TEST_NAN_STEP", None) if "DAMO_JAX_TEST_NAN_STEP" not in extra else None
+    return env
+
+
+def run_train(workdir: Path, *extra: str, timeout: float = 600, **env_extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(train_cmd(workdir, *extra), cwd=ROOT, env=train_env(**env_extra),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def final_params(workdir: Path, which: str = "model", step="latest"):
+    from damo_jax.checkpoint import load_for_inference
+    _, variables, _ = load_for_inference(workdir, which=which, step=step)
+    return variables
