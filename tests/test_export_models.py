@@ -234,3 +234,34 @@ def test_backends_reject_end2end_files_and_wrong_sizes(tmp_path):
         OnnxBackend(path)(np.zeros((1, 96, 96, 3), np.float32))
     with pytest.raises(FileNotFoundError):
         OnnxBackend(tmp_path / "missing.onnx")
+
+
+def test_cli_checkpoint_uses_ema_weights_and_stored_class_names(tmp_path):
+    """--checkpoint: a training run's EMA weights, its stored config and class names."""
+    import json
+
+    import jax
+    import jax.numpy as jnp
+
+    from damo_jax import checkpoint
+    from damo_jax.config import load_config
+    golden = train_variables("Ns")
+    names = [f"thing{i}" for i in range(80)]
+    state = {"params": jax.tree.map(jnp.zeros_like, golden["params"]),
+             "batch_stats": golden["batch_stats"], "opt_state": {"count": jnp.zeros((), jnp.int32)},
+             "step": jnp.asarray(5, jnp.int32), "rng": jax.random.PRNGKey(0),
+             "ema_params": golden["params"], "ema_batch_stats": golden["batch_stats"]}
+    meta = {"config": checkpoint.config_to_json(load_config("ns")), "class_names": names,
+            "step": 5}
+    with checkpoint.Checkpoints(tmp_path / "run" / "checkpoints") as ck:
+        ck.save(5, state, meta)
+    out = to_onnx.main(["--checkpoint", str(tmp_path / "run"), "--img-size", "64",
+                        "--output", str(tmp_path / "ckpt.onnx")])
+    model = onnx_utils.load(out)
+    assert json.loads({p.key: p.value for p in model.metadata_props}["class_names"]) == names
+    dm = common.from_variables("ns", golden, (64, 64))
+    x = np.random.default_rng(4).standard_normal((1, 3, 64, 64)).astype(np.float32)
+    ref = common.run_jax(common.raw_fn(dm), x)
+    scores, boxes = ort_run(out, x)
+    assert_scores_close(scores, ref[0])
+    assert_boxes_close(boxes, ref[1], MODELS["Ns"][1])
