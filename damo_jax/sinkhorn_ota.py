@@ -24,6 +24,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from damo_jax.ota_cost import background_cost, penalised_cost
+
 NEG_BIG = -1e30
 
 
@@ -79,3 +81,16 @@ def plan_to_assignment(plan: jax.Array, candidate: jax.Array) -> tuple[jax.Array
     best = jnp.argmax(plan, axis=1).astype(jnp.int32)
     fg = candidate & (best < num_gt)
     return fg, jnp.where(fg, best, -1)
+
+
+def assign_image(scores, costs, ks, gt_valid, *, cls_weight, epsilon, iters, penalty):
+    """One image: the OT plan on the AlignOTA cost with ``penalty`` instead of 1e8.
+
+    scores (A, C); costs: :func:`damo_jax.ota_cost.image_costs` output (GT-major (G, A));
+    ks (G,); gt_valid (G,). Returns (fg (A,), gt_index (A,) int32, plan (A, G + 1)).
+    """
+    cost = penalised_cost(costs["base"], costs["strict"], costs["candidate"], gt_valid, penalty)
+    plan = transport_plan(cost.T, background_cost(scores) * cls_weight, ks, costs["candidate"],
+                          gt_valid, epsilon=epsilon, iters=iters)
+    fg, gt_index = plan_to_assignment(plan, costs["candidate"])
+    return fg, gt_index, plan
