@@ -143,7 +143,12 @@ def report(results, args, load_before, load_after, elapsed) -> str:
              f"Median of {args.rounds} interleaved rounds x {args.runs} runs after {args.warmup} "
              f"warm-up runs; [min, max] of the round medians. CPU = process CPU time per inference "
              f"(all threads), less sensitive to other jobs than wall time. Total {elapsed:.0f} s.",
-             ""]
+             "",
+             "How to read: the official numbers were taken on an idle machine of this kind. On a "
+             "shared machine wall time measures the other jobs as much as the model; with 1 thread "
+             "the process CPU time per inference is the better estimate of idle wall time. With 2 "
+             "threads CPU time also counts onnxruntime/OpenVINO worker threads spin-waiting, so it "
+             "over-states the work. JAX always uses XLA's own thread pool.", ""]
     for model, per_threads in results:
         for threads, rows in per_threads:
             official = OFFICIAL_ORT_MS.get(threads, {}).get(model)

@@ -16,8 +16,8 @@ Routes (``--via``):
 * ``jax2onnx`` (default, TensorFlow-free): jax2onnx -> value_info fix -> onnxruntime's basic
   optimiser run offline + the verified upsample fold (``--no-optimize`` keeps the literal graph).
 * ``tf``: jax2tf (native StableHLO) -> SavedModel with a ``serving_default`` signature ->
-  ``TFLiteConverter`` -> ``tf2onnx --tflite``. Also writes ``<output>_saved_model/`` and
-  ``<output>.tflite``. Static batch only.
+  ``TFLiteConverter`` -> ``tf2onnx --tflite``. Also writes ``<output stem>_tf/saved_model/`` and
+  ``<output stem>_tf/model.tflite`` next to the ONNX file. Static batch only.
 """
 from __future__ import annotations
 
@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--via", choices=("jax2onnx", "tf"), default="jax2onnx",
                    help="jax2onnx (default, TF-free, static or dynamic batch) or tf (jax2tf -> "
                         "SavedModel -> TFLite -> tf2onnx; STATIC BATCH ONLY; also writes "
-                        "<output>_saved_model/ and <output>.tflite)")
+                        "<output stem>_tf/saved_model/ and <output stem>_tf/model.tflite)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17; <= 18 with --via tf)")
     p.add_argument("--no-optimize", action="store_true",
                    help="keep the converter's literal graph (no ORT-basic / upsample clean-up)")
