@@ -159,3 +159,63 @@ def detection_loss(head_outputs, targets, *, reg_max, axis_name=None):
     metrics = dict(total_loss=total, loss_cls=loss_cls, loss_bbox=loss_bbox, loss_dfl=loss_dfl,
                    num_pos=num_pos, weight_sum=weight_sum)
     return total, metrics
+
+
+# --------------------------------------------------------------------------- distillation (§8)
+def init_align_params(key, student_channels, teacher_channels):
+    """Per-level 1x1 align convs (with bias), PyTorch Conv2d default init: U(±1/√C_s) for both.
+
+    Returns a list of {"kernel": (C_s, C_t), "bias": (C_t,)} (student -> teacher channels).
+    """
+    params = []
+    for key_l, cs, ct in zip(jax.random.split(key, len(student_channels)), student_channels,
+                             teacher_channels):
+        k_w, k_b = jax.random.split(key_l)
+        bound = 1.0 / float(cs) ** 0.5
+        params.append(dict(kernel=jax.random.uniform(k_w, (cs, ct), jnp.float32, -bound, bound),
+                           bias=jax.random.uniform(k_b, (ct,), jnp.float32, -bound, bound)))
+    return params
+
+
+def _batch_channel_norm(x, eps=1e-5):
+    """Affine-free BatchNorm in training mode: per channel over (N, H, W), biased variance."""
+    mean = jnp.mean(x, axis=(0, 1, 2), keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=(0, 1, 2), keepdims=True)
+    return (x - mean) / jnp.sqrt(var + eps)
+
+
+def distill_loss(student_feats, teacher_feats, align_params, *, method="cwd", tau=1.0,
+                 loss_weight=1.0):
+    """Feature distillation loss of the official FeatureLoss (SPEC §8), summed over levels.
+
+    student_feats / teacher_feats: sequences of NHWC maps (N, H_l, W_l, C_s/t) of equal spatial
+    size; align_params: per level {"kernel": (C_s, C_t) (or (1, 1, C_s, C_t)), "bias": (C_t,)}.
+    Per level: 1x1 align conv on the student, both maps normalised per channel with the current
+    batch's statistics (eps 1e-5), then
+    ``cwd``: Σ_{n,c} KL(softmax_hw(t/τ) ‖ softmax_hw(s/τ))·τ² / (N·C) (channel-wise distillation);
+    ``mimic``: mean squared error. The teacher is treated as a constant (stop_gradient). The
+    trainer's cosine weight schedule (1.0 -> 0.1) is not included.
+    """
+    if method not in ("cwd", "mimic"):
+        raise ValueError(f"damo_jax.losses.distill_loss: method must be 'cwd' or 'mimic', "
+                         f"got {method!r}")
+    total = jnp.float32(0.0)
+    for level, (s, t, p) in enumerate(zip(student_feats, teacher_feats, align_params)):
+        s, t = jnp.asarray(s, jnp.float32), jax.lax.stop_gradient(jnp.asarray(t, jnp.float32))
+        kernel = jnp.asarray(p["kernel"], jnp.float32)
+        kernel = kernel.reshape(kernel.shape[-2:])
+        if s.shape[:3] != t.shape[:3] or kernel.shape != (s.shape[-1], t.shape[-1]):
+            raise ValueError(f"distill_loss level {level}: student {s.shape}, teacher {t.shape}, "
+                             f"align kernel {kernel.shape} do not fit")
+        s = _batch_channel_norm(jnp.einsum("nhwc,cd->nhwd", s, kernel,
+                                           precision=jax.lax.Precision.HIGHEST) + p["bias"])
+        t = _batch_channel_norm(t)
+        if method == "mimic":
+            total = total + jnp.mean(jnp.square(s - t))
+            continue
+        n, h, w, c = s.shape
+        log_ps = jax.nn.log_softmax(s.reshape(n, h * w, c) / tau, axis=1)
+        log_pt = jax.nn.log_softmax(t.reshape(n, h * w, c) / tau, axis=1)
+        kl = jnp.sum(jnp.exp(log_pt) * (log_pt - log_ps)) * tau ** 2
+        total = total + kl / (n * c)
+    return loss_weight * total
