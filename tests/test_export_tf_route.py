@@ -51,3 +51,14 @@ def test_tflite_route_golden_loop_and_artifacts(tmp_path):
     by_shape = {tuple(res[o].shape): np.asarray(res[o]) for o in compiled.outputs}
     assert_scores_close(by_shape[(2, 336, 80)], ref[0])     # TFLite names: StatefulPartitionedCall:k
     assert_boxes_close(by_shape[(2, 336, 4)], ref[1], 5e-3)
+
+
+def test_tf2onnx_optimizer_pass_on_a_jax2onnx_graph():
+    """onnx_utils.optimize_tf2onnx (optional cross-check pass): same outputs, Transposes pushed."""
+    from test_export_tools import ort_out, tiny_net_onnx
+    _, raw = tiny_net_onnx()
+    opt = onnx_utils.optimize_tf2onnx(raw)
+    onnx_utils.check(opt)
+    assert onnx_utils.count_transposes(opt) < onnx_utils.count_transposes(raw)
+    x = np.random.default_rng(5).normal(size=(1, 3, 16, 16)).astype(np.float32)
+    np.testing.assert_allclose(ort_out(opt, x), ort_out(raw, x), atol=1e-5)
