@@ -98,9 +98,21 @@ def input_spec(batch, image_size) -> tuple:
 def _random_variables(cfg, seed: int) -> dict:
     """Official-init train-graph variables; their shapes do not depend on the image size, so the
     init runs on a small 64x64 input (much cheaper than the export size)."""
-    from damo_jax.models import build_model
-    model = build_model(cfg)
-    return model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 64, 64, 3), jnp.float32))
+    from damo_jax.models import build_model, init_variables
+    return init_variables(build_model(cfg), jax.random.PRNGKey(seed), (1, 64, 64, 3))
+
+
+def export_config(config):
+    """The config to trace for export: depthwise convs as one grouped conv each
+    (``model.depthwise_impl = "conv"``; the models' CPU default may unroll them into shifted-slice
+    "taps", which would export as dozens of Mul/Add nodes instead of one ``Conv``)."""
+    from damo_jax import models
+    from damo_jax.config import load_config
+
+    cfg = load_config(config)
+    if hasattr(models, "with_depthwise_impl"):
+        cfg = models.with_depthwise_impl(cfg, "conv")
+    return cfg
 
 
 def load_deploy_model(config=None, *, checkpoint=None, weights=None, image_size=None,
@@ -111,7 +123,6 @@ def load_deploy_model(config=None, *, checkpoint=None, weights=None, image_size=
     ``.pth`` or converted ``.npz`` for ``config``; neither: random initialisation (``seed``), with a
     warning — useful only for latency tests and format checks.
     """
-    from damo_jax.config import load_config
     from damo_jax.models import build_model
     from damo_jax.reparam import fuse
 
@@ -119,13 +130,15 @@ def load_deploy_model(config=None, *, checkpoint=None, weights=None, image_size=
         raise ValueError("export: give at most one of --checkpoint and --weights")
     if checkpoint is not None or weights is not None:
         from damo_jax.detector import load_jax_model
-        cfg, model, variables, class_names = load_jax_model(
+        cfg, _, variables, class_names = load_jax_model(
             config=config, checkpoint=checkpoint, weights=weights, fuse=True)
+        cfg = export_config(cfg)
+        model = build_model(cfg, deploy=True)
         source = str(checkpoint or weights)
     else:
         if config is None:
             raise ValueError("export: --config is required when no --checkpoint is given")
-        cfg = load_config(config)
+        cfg = export_config(config)
         msg = (f"NO WEIGHTS GIVEN: exporting model {cfg.model.name!r} with RANDOM weights "
                f"(seed {seed}). The file is only good for format / latency tests, not detection.")
         warnings.warn(msg, stacklevel=2)
@@ -141,11 +154,10 @@ def load_deploy_model(config=None, *, checkpoint=None, weights=None, image_size=
 
 def from_variables(cfg, train_variables, image_size, *, source="variables") -> DeployModel:
     """DeployModel from in-memory train-graph variables (tests, notebooks)."""
-    from damo_jax.config import load_config
     from damo_jax.models import build_model
     from damo_jax.reparam import fuse
 
-    cfg = load_config(cfg)
+    cfg = export_config(cfg)
     return DeployModel(cfg=cfg, model=build_model(cfg, deploy=True),
                        variables=fuse(train_variables, cfg, fuse_bn=True),
                        class_names=tuple(cfg.model.class_names),
