@@ -31,8 +31,9 @@ import jax
 import jax.numpy as jnp
 
 from damo_jax import sinkhorn_ota
-from damo_jax.ota_cost import (PENALTY, background_cost, classification_cost, image_costs,  # noqa: F401
-                               inside_masks, pairwise_iou, penalised_cost)
+from damo_jax.ota_cost import (  # noqa: F401  (re-exported for callers and tests)
+    PENALTY, background_cost, classification_cost, image_costs, inside_masks, pairwise_iou,
+    penalised_cost)
 
 
 def _top_k_rows(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:

@@ -1,4 +1,4 @@
-"""Detection losses of ZeroHead (SPEC §7): QFL + GIoU + DFL, plus the feature-distillation loss (§8).
+"""Detection losses of ZeroHead (SPEC §7): QFL + GIoU + DFL, and feature distillation (§8).
 
 Choices for parity with the official code:
 
@@ -98,7 +98,8 @@ def pairwise_iou(boxes_a, boxes_b, eps=GIOU_EPS):
 
 
 def aligned_giou(pred, target, eps=GIOU_EPS):
-    """GIoU of matching rows (..., 4) x1y1x2y2: IoU − (enclose − union)/enclose, both clamped ≥ eps."""
+    """GIoU of matching rows (..., 4) x1y1x2y2: IoU − (enclose − union)/enclose, union and
+    enclosing area clamped ≥ eps."""
     area_p = (pred[..., 2] - pred[..., 0]) * (pred[..., 3] - pred[..., 1])
     area_t = (target[..., 2] - target[..., 0]) * (target[..., 3] - target[..., 1])
     wh = jnp.maximum(jnp.minimum(pred[..., 2:], target[..., 2:])
@@ -140,15 +141,16 @@ def detection_loss(head_outputs, targets, *, reg_max, axis_name=None):
     boxes = jnp.asarray(head_outputs["boxes"], jnp.float32)
     reg_logits = jnp.asarray(head_outputs["reg_logits_flat"], jnp.float32)
     if reg_logits.shape[-1] != reg_max + 1:
-        raise ValueError(f"damo_jax.losses.detection_loss: reg_logits_flat has {reg_logits.shape[-1]}"
-                         f" bins, expected reg_max + 1 = {reg_max + 1}")
+        raise ValueError(f"damo_jax.losses.detection_loss: reg_logits_flat has "
+                         f"{reg_logits.shape[-1]} bins, expected reg_max + 1 = {reg_max + 1}")
     fg = jnp.asarray(targets["fg_mask"], bool)
     num_pos = jnp.sum(fg).astype(jnp.float32)
     weights = jnp.where(fg, jax.lax.stop_gradient(jnp.max(scores, axis=-1)), 0.0)
     weight_sum = jnp.sum(weights)
     pos_norm, box_norm = _normaliser(num_pos, axis_name), _normaliser(weight_sum, axis_name)
 
-    qfl = quality_focal_loss(scores, targets["labels"], jax.lax.stop_gradient(targets["label_scores"]))
+    soft_targets = jax.lax.stop_gradient(targets["label_scores"])
+    qfl = quality_focal_loss(scores, targets["labels"], soft_targets)
     loss_cls = QFL_WEIGHT * jnp.sum(qfl) / pos_norm
     safe_targets = jnp.where(fg[..., None], targets["bbox_targets"], jnp.asarray(_SAFE_BOX))
     giou = giou_loss(boxes, jax.lax.stop_gradient(safe_targets))

@@ -30,7 +30,7 @@ NEG_BIG = -1e30
 
 
 def _supplies(ks: jax.Array, candidate: jax.Array, gt_valid: jax.Array) -> jax.Array:
-    """Supplies (G + 1,) float32: k_t for valid GTs (scaled down if Σk > n_cand), background last."""
+    """Supplies (G + 1,): k_t for valid GTs (scaled down if Σk > n_cand), background last."""
     n_cand = jnp.sum(candidate).astype(jnp.float32)
     ks = jnp.where(gt_valid, ks, 0).astype(jnp.float32)
     total = jnp.sum(ks)

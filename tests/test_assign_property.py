@@ -106,7 +106,8 @@ def _easy_case(num_good=5):
     for t in range(3):
         pred[np.argsort(dist[:, t])[:num_good]] = gt[0, t]
     scores = np.full((1, priors.shape[0], C), 0.1, np.float32)
-    return scores, priors, pred[None].astype(np.float32), gt, np.array([[0, 1, 2]]), np.ones((1, 3), bool)
+    labels, valid = np.array([[0, 1, 2]]), np.ones((1, 3), bool)
+    return scores, priors, pred[None].astype(np.float32), gt, labels, valid
 
 
 def test_sinkhorn_agrees_with_dynamic_k_on_easy_case():
@@ -163,7 +164,8 @@ def test_vmap_over_extra_axis_and_no_gradient_through_assignment():
 def test_loss_on_empty_and_all_background_batches_is_finite():
     rng = np.random.default_rng(1)
     reg_max = 7
-    scores = jnp.asarray(rng.uniform(0, 1, (2, NUM_PRIORS, C)).astype(np.float32)).at[0, :5].set(1.0)
+    scores = jnp.asarray(rng.uniform(0, 1, (2, NUM_PRIORS, C)).astype(np.float32))
+    scores = scores.at[0, :5].set(1.0)
     reg = jnp.asarray(rng.normal(0, 3, (2, NUM_PRIORS, 4, reg_max + 1)).astype(np.float32))
     boxes = jnp.asarray(rng.normal(40, 30, (2, NUM_PRIORS, 4)).astype(np.float32))
     gt = np.zeros((2, G_PAD, 4), np.float32)

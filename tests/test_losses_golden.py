@@ -45,9 +45,9 @@ def test_qfl(golden, prefix):
     pred = jnp.asarray(case["in.pred"])
     np.testing.assert_allclose(elementwise(pred), case["out.loss_elementwise"], **VALUE_TOL)
     for name in ("mean_avg_factor", "weighted_avg_factor"):
-        np.testing.assert_allclose(fns[name](pred), case[f"out.loss_{name}"], **VALUE_TOL)
+        np.testing.assert_allclose(jax.jit(fns[name])(pred), case[f"out.loss_{name}"], **VALUE_TOL)
     for name, fn in fns.items():
-        grad = jax.grad(fn)(pred)
+        grad = jax.jit(jax.grad(fn))(pred)
         assert np.isfinite(np.asarray(grad)).all()
         if f"out.grad_{name}" in case:        # qfl03 (exact 0/1 probabilities): values only
             np.testing.assert_allclose(grad, case[f"out.grad_{name}"], **GRAD_TOL)
@@ -65,10 +65,10 @@ def test_dfl(golden, prefix):
     np.testing.assert_allclose(losses.distribution_focal_loss(pred, target),
                                case["out.loss_elementwise"], **VALUE_TOL)
     np.testing.assert_allclose(weighted(pred), case["out.loss_weighted_avg_factor"], **VALUE_TOL)
-    grad_sum = jax.grad(lambda p: jnp.sum(losses.distribution_focal_loss(p, target)))(pred)
+    grad_sum = jax.jit(jax.grad(lambda p: jnp.sum(losses.distribution_focal_loss(p, target))))(pred)
     np.testing.assert_allclose(grad_sum, case["out.grad_elementwise_sum"], **GRAD_TOL)
-    np.testing.assert_allclose(jax.grad(weighted)(pred), case["out.grad_weighted_avg_factor"],
-                               **GRAD_TOL)
+    np.testing.assert_allclose(jax.jit(jax.grad(weighted))(pred),
+                               case["out.grad_weighted_avg_factor"], **GRAD_TOL)
 
 
 @pytest.mark.parametrize("prefix", ["giou07.", "giou08."])
@@ -78,7 +78,8 @@ def test_giou(golden, prefix):
     pred = jnp.asarray(case["in.pred"])
 
     def weighted(p, w):
-        return params["loss_weight"] * jnp.sum(w * losses.giou_loss(p, target)) / params["avg_factor"]
+        total = jnp.sum(w * losses.giou_loss(p, target))
+        return params["loss_weight"] * total / params["avg_factor"]
     np.testing.assert_allclose(losses.giou_loss(pred, target), case["out.loss_elementwise"],
                                **VALUE_TOL)
     np.testing.assert_allclose(losses.aligned_giou(pred, target), case["out.giou_aligned"],
@@ -89,8 +90,9 @@ def test_giou(golden, prefix):
                                **VALUE_TOL)
     np.testing.assert_allclose(weighted(pred, 0.0 * weight), case["out.loss_all_zero_weight"],
                                **VALUE_TOL)
-    grads = dict(elementwise_sum=jax.grad(lambda p: jnp.sum(losses.giou_loss(p, target)))(pred),
-                 weighted_avg_factor=jax.grad(weighted)(pred, weight))
+    grads = dict(
+        elementwise_sum=jax.jit(jax.grad(lambda p: jnp.sum(losses.giou_loss(p, target))))(pred),
+        weighted_avg_factor=jax.jit(jax.grad(weighted))(pred, weight))
     for name, grad in grads.items():
         assert np.isfinite(np.asarray(grad)).all()
         if prefix == "giou07.":               # giou08's gradients sit on min/max/clamp ties
