@@ -21,11 +21,15 @@ from damo_jax.models import make_priors
 H, W, B, G_PAD, C = 64, 96, 3, 6, 4
 PRIORS = make_priors(H, W)                                  # A = 96 + 24 + 6 = 126
 NUM_PRIORS = PRIORS.shape[0]
+# (H, W, G) shape buckets of the property test: one compile each
+BUCKETS = ((H, W, G_PAD), (32, 64, 3))                      # A = 126 and 42
 
 
-def random_image(rng, num_gt, style):
+def random_image(rng, num_gt, style, size=(H, W)):
     """GT boxes, labels, predicted boxes and scores of one image, in a named style."""
-    cx, cy = rng.uniform(-8, W + 8, num_gt), rng.uniform(-8, H + 8, num_gt)
+    h, w = size
+    num_priors = make_priors(h, w).shape[0]
+    cx, cy = rng.uniform(-8, w + 8, num_gt), rng.uniform(-8, h + 8, num_gt)
     side = np.exp(rng.uniform(np.log(2), np.log(80), (num_gt, 2)))
     gt = np.stack([cx - side[:, 0] / 2, cy - side[:, 1] / 2, cx + side[:, 0] / 2,
                    cy + side[:, 1] / 2], 1)
@@ -36,12 +40,12 @@ def random_image(rng, num_gt, style):
     if style == "on_grid":
         gt = np.round(gt / 8) * 8                              # edges on prior points
     labels = rng.integers(0, C, num_gt)
-    owner = rng.integers(0, max(num_gt, 1), NUM_PRIORS)
-    base = gt[owner] if num_gt else np.tile([[10.0, 10.0, 30.0, 30.0]], (NUM_PRIORS, 1))
-    pred = base + rng.normal(0, rng.uniform(0.5, 12), (NUM_PRIORS, 4))
+    owner = rng.integers(0, max(num_gt, 1), num_priors)
+    base = gt[owner] if num_gt else np.tile([[10.0, 10.0, 30.0, 30.0]], (num_priors, 1))
+    pred = base + rng.normal(0, rng.uniform(0.5, 12), (num_priors, 4))
     if style == "degenerate":
         pred[::5, 2] = pred[::5, 0]                            # zero-area predictions
-    scores = rng.uniform(0, 1, (NUM_PRIORS, C)) ** 3
+    scores = rng.uniform(0, 1, (num_priors, C)) ** 3
     if style == "extreme_scores":
         scores[rng.uniform(size=scores.shape) < 0.2] = 0.0
         scores[rng.uniform(size=scores.shape) < 0.1] = 1.0
@@ -50,7 +54,12 @@ def random_image(rng, num_gt, style):
 
 @jax.jit
 def _assign_batch(scores, pred, gt, labels, valid):
-    return assign.align_ota(scores, PRIORS, pred, gt, labels, valid)
+    return assign.align_ota(scores, make_priors(*_size_of(scores)), pred, gt, labels, valid)
+
+
+def _size_of(scores):
+    """(H, W) of a bucket from the number of priors (static under jit)."""
+    return next((h, w) for h, w, _ in BUCKETS if make_priors(h, w).shape[0] == scores.shape[1])
 
 
 STYLES = ("plain", "degenerate", "duplicates", "on_grid", "extreme_scores")
@@ -59,20 +68,23 @@ STYLES = ("plain", "degenerate", "duplicates", "on_grid", "extreme_scores")
 @settings(max_examples=100, deadline=None, derandomize=True)
 @given(seed=st.integers(0, 2**31 - 1),
        num_gts=st.lists(st.integers(0, G_PAD), min_size=B, max_size=B),
-       style=st.sampled_from(STYLES))
-def test_jit_batched_matches_numpy_reference(seed, num_gts, style):
+       style=st.sampled_from(STYLES), bucket=st.sampled_from(BUCKETS))
+def test_jit_batched_matches_numpy_reference(seed, num_gts, style, bucket):
     rng = np.random.default_rng(seed)
-    gt = np.full((B, G_PAD, 4), 5.0, np.float32)               # padding overlaps the image
-    labels = np.full((B, G_PAD), C + 3, np.int32)              # out-of-range padding labels
-    valid = np.zeros((B, G_PAD), bool)
-    pred = np.zeros((B, NUM_PRIORS, 4), np.float32)
-    scores = np.zeros((B, NUM_PRIORS, C), np.float32)
+    h, w, g_pad = bucket
+    priors = make_priors(h, w)
+    num_gts = [min(n, g_pad) for n in num_gts]
+    gt = np.full((B, g_pad, 4), 5.0, np.float32)               # padding overlaps the image
+    labels = np.full((B, g_pad), C + 3, np.int32)              # out-of-range padding labels
+    valid = np.zeros((B, g_pad), bool)
+    pred = np.zeros((B, priors.shape[0], 4), np.float32)
+    scores = np.zeros((B, priors.shape[0], C), np.float32)
     for b, n in enumerate(num_gts):
-        gt[b, :n], labels[b, :n], pred[b], scores[b] = random_image(rng, n, style)
+        gt[b, :n], labels[b, :n], pred[b], scores[b] = random_image(rng, n, style, (h, w))
         valid[b, :n] = True
     out = jax.tree.map(np.asarray, _assign_batch(scores, pred, gt, labels, valid))
     for b, n in enumerate(num_gts):
-        want = ref.assign_image(PRIORS, scores[b], pred[b], gt[b, :n], labels[b, :n])
+        want = ref.assign_image(priors, scores[b], pred[b], gt[b, :n], labels[b, :n])
         np.testing.assert_array_equal(out["candidate_mask"][b], want["candidate_mask"])
         np.testing.assert_array_equal(out["dynamic_ks"][b, :n], want["dynamic_ks"])
         np.testing.assert_array_equal(out["gt_index"][b], want["gt_index"])
