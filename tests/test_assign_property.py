@@ -230,6 +230,16 @@ SHARDED_SCRIPT = textwrap.dedent("""
     np.testing.assert_array_equal(np.asarray(sharded[0]), np.asarray(plain[0]))
     np.testing.assert_allclose(float(sharded[1]), float(plain[1]), rtol=1e-6)
     assert float(sharded[2]) == float(plain[2]) > 0
+
+    def local_step(s, p, g, l, v):         # official DDP semantics: pmean-ed normalisers
+        out = assign.align_ota(s, t.PRIORS, p, g, l, v)
+        tgt = assign.build_targets(out, t.PRIORS, g, l, num_classes=t.C, reg_max=7)
+        reg = jax.numpy.zeros(p.shape[:2] + (4, 8))
+        total, _ = losses.detection_loss(dict(scores=s, boxes=p, reg_logits_flat=reg), tgt,
+                                         reg_max=7, axis_name="data")
+        return jax.lax.pmean(total, "data")  # = what averaging the device gradients optimises
+    mapped = jax.jit(jax.shard_map(local_step, mesh=mesh, in_specs=P("data"), out_specs=P()))
+    np.testing.assert_allclose(float(mapped(*args)), float(plain[1]), rtol=1e-5)
     print("SHARDED_OK")
 """)
 
