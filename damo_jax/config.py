@@ -80,6 +80,7 @@ def model_config(
     c.model.bn_epsilon = 1e-3
     c.model.bn_momentum = 0.97  # flax convention (= 1 - torch momentum 0.03)
     c.model.dtype = "float32"   # compute dtype; params stay float32
+    c.model.depthwise_impl = "auto"  # depthwise convs + SPP pools: auto | conv | taps (models/cpu_ops.py)
 
     c.data = ml_collections.ConfigDict()
     c.data.train = "demo"          # dataset spec, see data_pipelines.open_dataset

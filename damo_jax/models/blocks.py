@@ -19,13 +19,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from damo_jax.models.cpu_ops import (DEPTHWISE_IMPLS, depthwise_conv_taps, max_pool_same,  # noqa: F401
+                                     resolve_depthwise_impl, spp_max_pools)
+
+
 @dataclasses.dataclass(frozen=True)
 class Opts:
-    """Options every block needs: deploy mode, compute dtype and BatchNorm constants."""
+    """Options every block needs: deploy mode, compute dtype, BatchNorm constants and the
+    formulation of depthwise convs and SPP pools (``"auto"``/``"conv"``/``"taps"``,
+    ``models/cpu_ops.py``)."""
     deploy: Any = False
     dtype: str = "float32"
     bn_epsilon: float = 1e-3
     bn_momentum: float = 0.97
+    depthwise_impl: str = "auto"
 
     def __post_init__(self):
         mode = self.deploy
@@ -35,6 +42,9 @@ class Opts:
             if mode not in (0, 1):
                 raise ValueError(f"deploy must be one of False, 'reparam', True; got {mode!r}")
             object.__setattr__(self, "deploy", bool(mode))
+        if self.depthwise_impl not in DEPTHWISE_IMPLS:
+            raise ValueError(f"model.depthwise_impl must be one of {DEPTHWISE_IMPLS}, "
+                             f"got {self.depthwise_impl!r}")
 
     @property
     def fuse_bn(self) -> bool:
@@ -92,14 +102,19 @@ def bn_bias_init_for(style: str):
 # ----------------------------------------------------------------------------- primitives (§2.1)
 def conv(x, features: int, kernel: int, *, name: str, opts: Opts, stride: int = 1, groups: int = 1,
          use_bias: bool = False, init: str = "torch", bias_init=None):
-    """Conv with symmetric ``(k-1)//2`` padding (never 'SAME'), created in the caller's scope."""
+    """Conv with symmetric ``(k-1)//2`` padding (never 'SAME'), created in the caller's scope.
+    Depthwise convs (groups == in == out channels) run as ``opts.depthwise_impl`` resolves at
+    trace time (same parameters either way)."""
     pad = (kernel - 1) // 2
     fan_in = (x.shape[-1] // groups) * kernel * kernel
+    depthwise = groups > 1 and groups == x.shape[-1] == features
+    taps = depthwise and resolve_depthwise_impl(opts.depthwise_impl) == "taps"
     return nn.Conv(
         features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
         feature_group_count=groups, use_bias=use_bias, dtype=opts.compute_dtype,
         param_dtype=jnp.float32, kernel_init=kernel_init_for(init),
-        bias_init=bias_init or _torch_bias_init(fan_in), name=name)(x)
+        bias_init=bias_init or _torch_bias_init(fan_in),
+        conv_general_dilated=depthwise_conv_taps if taps else None, name=name)(x)
 
 
 def batch_norm(x, *, name: str, opts: Opts, train: bool, init: str = "torch"):
@@ -117,11 +132,6 @@ def conv_bn(x, features: int, kernel: int, *, conv_name: str, bn_name: str, opts
                     use_bias=True, init=init, bias_init=nn.initializers.zeros)
     y = conv(x, features, kernel, name=conv_name, opts=opts, stride=stride, groups=groups, init=init)
     return batch_norm(y, name=bn_name, opts=opts, train=train, init=init)
-
-
-def max_pool_same(x, k: int):
-    """Stride-1 max pool with -inf padding k//2 (odd k); keyword call form for jax2onnx."""
-    return nn.max_pool(x, window_shape=(k, k), strides=(1, 1), padding="SAME")
 
 
 def upsample2x(x):
@@ -215,7 +225,8 @@ class Focus(nn.Module):
 
 
 class SPPBottleneck(nn.Module):
-    """1x1 conv to C/2, concat [y, pool5, pool9, pool13], 1x1 conv; always SiLU (SPEC §2.5)."""
+    """1x1 conv to C/2, concat [y, pool5, pool9, pool13], 1x1 conv; always SiLU (SPEC §2.5).
+    The pools are separable cascades when ``opts.depthwise_impl`` resolves to ``"taps"``."""
     features: int
     pool_sizes: tuple = (5, 9, 13)
     init: str = "torch"
@@ -225,7 +236,8 @@ class SPPBottleneck(nn.Module):
     def __call__(self, x, train: bool = False):
         hidden = x.shape[-1] // 2
         y = ConvBNAct(hidden, 1, act="silu", init=self.init, opts=self.opts, name="conv1")(x, train)
-        y = jnp.concatenate([y] + [max_pool_same(y, k) for k in self.pool_sizes], axis=-1)
+        separable = resolve_depthwise_impl(self.opts.depthwise_impl) == "taps"
+        y = jnp.concatenate([y] + spp_max_pools(y, self.pool_sizes, separable=separable), axis=-1)
         return ConvBNAct(self.features, 1, act="silu", init=self.init, opts=self.opts,
                          name="conv2")(y, train)
 

@@ -1,15 +1,19 @@
 """``build_model(config_or_name, deploy=False)``: the DAMO-YOLO detector as one Flax module."""
 from __future__ import annotations
 
+import copy
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from damo_jax.config import load_config, neck_depth_n
 from damo_jax.models.backbone_csp import TinyNASCSP
 from damo_jax.models.backbone_mob import TinyNASMob
 from damo_jax.models.backbone_res import TinyNASRes
 from damo_jax.models.blocks import Opts
+from damo_jax.models.cpu_ops import resolve_depthwise_impl
 from damo_jax.models.head import ZeroHead
 from damo_jax.models.neck import GiraffeNeckV2
 from damo_jax.models.structures import load_structure
@@ -95,13 +99,16 @@ def build_model(config_or_name, deploy=False) -> DamoYolo:
 
     ``deploy``: ``False`` train graph; ``"reparam"`` RepConvs folded (BNs kept);
     ``True`` fully folded inference graph (no BatchNorm). Variables for the deploy forms come
-    from ``damo_jax.reparam.fuse``.
+    from ``damo_jax.reparam.fuse``. ``cfg.model.depthwise_impl`` (``"auto"`` default, ``"conv"``,
+    ``"taps"``) picks how depthwise convs and the SPP pools are computed (``models/cpu_ops.py``;
+    ``"auto"`` = shifted-slice forms on CPU; exporters use ``"conv"``, see :func:`with_depthwise_impl`).
     """
     cfg = load_config(config_or_name)
     m = cfg.model
     opts = Opts(deploy=deploy, dtype=str(_get(m, "dtype", "float32")),
                 bn_epsilon=float(_get(m, "bn_epsilon", 1e-3)),
-                bn_momentum=float(_get(m, "bn_momentum", 0.97)))
+                bn_momentum=float(_get(m, "bn_momentum", 0.97)),
+                depthwise_impl=str(_get(m, "depthwise_impl", "auto")))
     return DamoYolo(backbone=build_backbone(m.backbone, opts), neck=build_neck(m.neck, opts),
                     head=build_head(m.head, opts), dtype=opts.dtype)
 
@@ -121,3 +128,18 @@ def init_variables(model: nn.Module, key, input_shape=(1, 64, 64, 3)) -> dict:
     lowered = jax.jit(model.init).lower(key, images)
     options = FAST_COMPILE_OPTIONS if jax.default_backend() == "cpu" else None
     return dict(lowered.compile(compiler_options=options)(key, images))
+
+
+def with_depthwise_impl(config_or_name, impl: str):
+    """A copy of the config with ``model.depthwise_impl = impl`` (``"auto"``/``"conv"``/``"taps"``).
+
+    Exporters call ``with_depthwise_impl(cfg, "conv")`` so that every depthwise conv is traced as
+    one grouped convolution (a single ONNX ``Conv`` node) whatever the tracing backend.
+    """
+    resolve_depthwise_impl(impl)  # validates the name
+    cfg = load_config(config_or_name)
+    cfg = (ml_collections.ConfigDict(cfg) if isinstance(cfg, ml_collections.FrozenConfigDict)
+           else copy.deepcopy(cfg))
+    with cfg.unlocked():
+        cfg.model.depthwise_impl = impl
+    return cfg
