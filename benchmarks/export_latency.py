@@ -4,7 +4,8 @@
 
 For every model: random official-init weights (latency does not depend on the values), fused
 deploy graph, then
-* JAX ``jit`` (XLA CPU; XLA's own thread pool over all cores in every row),
+* JAX ``jit`` of the library's deploy model (XLA CPU; XLA's own thread pool over all cores in
+  every row; the config's default depthwise formulation),
 * onnxruntime on the jax2onnx file as converted (literal), on the cleaned jax2onnx file (the
   default export) and on the TFLite-route file (``--skip-tf`` to leave it out),
 * OpenVINO on the IR with FP32 weights and with FP16 weights (both compiled with
@@ -57,10 +58,17 @@ def ov_runner(path, threads, precision):
     return lambda x: request.infer({0: x})
 
 
-def jax_runner(dm):
+def jax_runner(dm, name):
+    """The library's own JAX path: the deploy model built from the unmodified config (its default
+    depthwise formulation, unlike the export trace which forces grouped convs)."""
+    import dataclasses
+
     import jax
+
+    from damo_jax.models import build_model
     from export import common
-    fn = jax.jit(common.raw_fn(dm))
+    library_dm = dataclasses.replace(dm, model=build_model(name, deploy=True))
+    fn = jax.jit(common.raw_fn(library_dm))
     return lambda x: jax.block_until_ready(fn(x))
 
 
@@ -107,8 +115,8 @@ def export_files(name, size, workdir: Path, skip_tf: bool):
     return dm, files
 
 
-def make_runners(dm, files, threads):
-    runners = {"JAX jit (XLA CPU)": jax_runner(dm)}
+def make_runners(dm, name, files, threads):
+    runners = {"JAX jit (XLA CPU)": jax_runner(dm, name)}
     for label in ("jax2onnx literal", "jax2onnx (default)", "TFLite route"):
         if label in files:
             runners[f"onnxruntime, {label}"] = ort_runner(files[label][0], threads)
@@ -125,7 +133,7 @@ def bench_model(spec, args, workdir):
     x = np.random.default_rng(0).uniform(0, 255, (1, 3, size, size)).astype(np.float32)
     out = []
     for threads in args.threads:
-        timings = time_runners(make_runners(dm, files, threads), x, warmup=args.warmup,
+        timings = time_runners(make_runners(dm, name, files, threads), x, warmup=args.warmup,
                                runs=args.runs, rounds=args.rounds)
         rows = []
         for key, (med, lo, hi, cpu) in timings.items():
