@@ -91,6 +91,7 @@ def test_graph_is_clean_and_checked(name):
     ops = onnx_utils.op_counts(model)
     assert ops["Conv"] == len(kernels)
     assert ops["BatchNormalization"] == 0 and ops["Einsum"] == 0
+    assert ops["MaxPool"] == 3                      # SPP 5/9/13 as plain pools, not cascades
     assert ops["Transpose"] <= 6
     assert {n.domain for n in model.graph.node} <= {""}
     meta = {p.key: p.value for p in model.metadata_props}
