@@ -1,11 +1,18 @@
-"""Forward latency of the jitted model, batch 1 (train graph and fully folded deploy graph).
+"""Forward latency of the jitted model, batch 1 (train graph and/or fully folded deploy graph).
 
-    python benchmarks/model_latency.py [--models t:640 ns:416] [--runs 20] [--out docs/bench_models.md]
+    python benchmarks/model_latency.py [--models t:640 ns:416] [--graphs train deploy]
+        [--impls auto] [--runs 20] [--tune-allocator] [--out docs/bench_models.md]
 
 Random (initialised) weights; the deploy variables come from ``reparam.fuse(..., fuse_bn=True)``.
-Reports the median (and min / p90) over ``--runs`` timed calls after 3 warm-up calls, compile
-time, the device and the 1-minute load average at start and end (other processes on the machine
-skew CPU numbers; read them together with the load).
+``--impls`` lists ``model.depthwise_impl`` values to compare (``conv``: native grouped convs and
+5/9/13 max pools, the pre-2026-11-30 graph and what ONNX export traces; ``taps``: shifted-slice
+depthwise convs and separable SPP pools; ``auto``: taps on CPU, conv elsewhere). All variants of
+one model are compiled first, warmed up 3 times, then timed **interleaved** (one call of each per
+round) so that load changes on a shared machine hit them alike. Reports the median / min / p90
+wall time, the median process CPU time per call (all threads; less sensitive to other processes
+than wall time), compile time, the device and the 1-minute load average at start and end.
+``--tune-allocator`` calls ``damo_jax.runtime.tune_cpu_allocator()`` first (process-wide glibc
+setting that keeps XLA's per-call temp buffer mapped; see damo_jax/runtime.py).
 """
 from __future__ import annotations
 
@@ -20,63 +27,92 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from damo_jax.config import load_config
-from damo_jax.models import build_model, init_variables
+from damo_jax.models import build_model, init_variables, with_depthwise_impl
 from damo_jax.reparam import fuse
+from damo_jax.runtime import tune_cpu_allocator
+
+GRAPH_LABELS = {"train": "train graph", "deploy": "deploy=True"}
 
 
-def time_forward(model, variables, size, runs):
-    x = jax.random.uniform(jax.random.PRNGKey(0), (1, size, size, 3), maxval=255.0)
+def compile_forward(model, variables, images):
+    """Jitted ``(scores, boxes)`` forward (what an exported model returns) and its compile time."""
     def forward(v, x):
         out = model.apply(v, x)
-        return out["scores"], out["boxes"]  # what an exported model returns (before NMS)
+        return out["scores"], out["boxes"]
     fn = jax.jit(forward)
     t0 = time.perf_counter()
-    jax.block_until_ready(fn(variables, x))
-    compile_s = time.perf_counter() - t0
-    for _ in range(3):
-        jax.block_until_ready(fn(variables, x))
-    times = []
+    jax.block_until_ready(fn(variables, images))
+    return fn, time.perf_counter() - t0
+
+
+def time_interleaved(variants, images, runs):
+    """``variants``: {label: (fn, variables)} -> {label: stats}, calls alternating per round."""
+    for fn, v in variants.values():
+        for _ in range(3):
+            jax.block_until_ready(fn(v, images))
+    wall = {k: [] for k in variants}
+    cpu = {k: [] for k in variants}
     for _ in range(runs):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(variables, x))
-        times.append((time.perf_counter() - t0) * 1e3)
-    return dict(median=statistics.median(times), min=min(times),
-                p90=float(np.percentile(times, 90)), compile_s=compile_s)
+        for label, (fn, v) in variants.items():
+            c0, t0 = time.process_time(), time.perf_counter()
+            jax.block_until_ready(fn(v, images))
+            wall[label].append((time.perf_counter() - t0) * 1e3)
+            cpu[label].append((time.process_time() - c0) * 1e3)
+    return {k: dict(median=statistics.median(w), min=min(w), p90=float(np.percentile(w, 90)),
+                    cpu=statistics.median(cpu[k])) for k, w in wall.items()}
 
 
-def bench(name, size, runs):
-    cfg = load_config(name)
-    train_net = build_model(cfg)
-    variables = init_variables(train_net, jax.random.PRNGKey(0))
-    rows = [("train graph", time_forward(train_net, variables, size, runs))]
-    deployed = fuse(variables, cfg, fuse_bn=True)
-    rows.append(("deploy=True", time_forward(build_model(cfg, deploy=True), deployed, size, runs)))
-    return rows
+def bench(name, size, runs, graphs, impls):
+    """Rows ``(graph label, impl, stats)`` for one model at ``size`` x ``size``."""
+    images = jax.random.uniform(jax.random.PRNGKey(0), (1, size, size, 3), maxval=255.0)
+    train_variables = init_variables(build_model(name), jax.random.PRNGKey(0))
+    deploy_variables = fuse(train_variables, name, fuse_bn=True) if "deploy" in graphs else None
+    variants, compile_s = {}, {}
+    for graph in graphs:
+        for impl in impls:
+            cfg = with_depthwise_impl(name, impl)
+            if graph == "train":
+                model, v = build_model(cfg), train_variables
+            else:
+                model, v = build_model(cfg, deploy=True), deploy_variables
+            fn, compile_s[(graph, impl)] = compile_forward(model, v, images)
+            variants[(graph, impl)] = (fn, v)
+    stats = time_interleaved(variants, images, runs)
+    return [(GRAPH_LABELS[g], impl, dict(stats[(g, impl)], compile_s=compile_s[(g, impl)]))
+            for g, impl in variants]
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["t:640", "ns:416"])
+    ap.add_argument("--graphs", nargs="+", default=["train", "deploy"], choices=sorted(GRAPH_LABELS))
+    ap.add_argument("--impls", nargs="+", default=["auto"], choices=["auto", "conv", "taps"],
+                    help="model.depthwise_impl values to compare (default: auto)")
     ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--tune-allocator", action="store_true",
+                    help="damo_jax.runtime.tune_cpu_allocator() before anything runs")
     ap.add_argument("--out", default=None, help="append a markdown table to this file")
     args = ap.parse_args(argv)
+    allocator = "glibc default allocator"
+    if args.tune_allocator:
+        allocator = ("tuned allocator (runtime.tune_cpu_allocator)" if tune_cpu_allocator()
+                     else "allocator tuning unsupported here (default allocator)")
     load0 = os.getloadavg()[0]
     dev = jax.devices()[0]
-    lines = [f"| model | input | graph | median ms | min ms | p90 ms | compile s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | input | graph | depthwise_impl | median ms | min ms | p90 ms | CPU ms/call | compile s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for spec in args.models:
         name, size = spec.split(":")
-        for graph, r in bench(name, int(size), args.runs):
-            lines.append(f"| {name.upper()} | 1x{size}x{size} | {graph} | {r['median']:.1f} | "
-                         f"{r['min']:.1f} | {r['p90']:.1f} | {r['compile_s']:.1f} |")
+        for graph, impl, r in bench(name, int(size), args.runs, args.graphs, args.impls):
+            lines.append(f"| {name.upper()} | 1x{size}x{size} | {graph} | {impl} | {r['median']:.1f} | "
+                         f"{r['min']:.1f} | {r['p90']:.1f} | {r['cpu']:.1f} | {r['compile_s']:.1f} |")
             print(lines[-1], flush=True)
     load1 = os.getloadavg()[0]
     header = (f"\n### {time.strftime('%Y-%m-%d %H:%M')} — {dev.platform} ({dev.device_kind}), "
               f"{os.cpu_count()} CPUs, jax {jax.__version__}, python {platform.python_version()}\n\n"
               f"Command: `python {' '.join([Path(sys.argv[0]).as_posix()] + (argv or sys.argv[1:]))}`  \n"
-              f"{args.runs} timed runs after 3 warm-up calls; 1-min load average {load0:.1f} at start, "
-              f"{load1:.1f} at end.\n\n")
+              f"{args.runs} timed runs after 3 warm-up calls, variants interleaved, {allocator}; "
+              f"1-min load average {load0:.1f} at start, {load1:.1f} at end.\n\n")
     text = header + "\n".join(lines) + "\n"
     print(text)
     if args.out:
