@@ -1,7 +1,7 @@
 """Forward latency of the jitted model, batch 1 (train graph and/or fully folded deploy graph).
 
     python benchmarks/model_latency.py [--models t:640 ns:416] [--graphs train deploy]
-        [--impls auto] [--runs 20] [--tune-allocator] [--out docs/bench_models.md]
+        [--impls auto] [--runs 20] [--tuned] [--out docs/bench_models.md]
 
 Random (initialised) weights; the deploy variables come from ``reparam.fuse(..., fuse_bn=True)``.
 ``--impls`` lists ``model.depthwise_impl`` values to compare (``conv``: native grouped convs and
@@ -11,8 +11,8 @@ one model are compiled first, warmed up 3 times, then timed **interleaved** (one
 round) so that load changes on a shared machine hit them alike. Reports the median / min / p90
 wall time, the median process CPU time per call (all threads; less sensitive to other processes
 than wall time), compile time, the device and the 1-minute load average at start and end.
-``--tune-allocator`` calls ``damo_jax.runtime.tune_cpu_allocator()`` first (process-wide glibc
-setting that keeps XLA's per-call temp buffer mapped; see damo_jax/runtime.py).
+``--tuned`` applies ``damo_jax.runtime``: ``tune_cpu_allocator()`` first (process-wide glibc setting
+that keeps XLA's per-call temp buffer mapped) and ``cpu_compiler_options()`` on every jit.
 """
 from __future__ import annotations
 
@@ -29,17 +29,17 @@ import numpy as np
 
 from damo_jax.models import build_model, init_variables, with_depthwise_impl
 from damo_jax.reparam import fuse
-from damo_jax.runtime import tune_cpu_allocator
+from damo_jax.runtime import cpu_compiler_options, tune_cpu_allocator
 
 GRAPH_LABELS = {"train": "train graph", "deploy": "deploy=True"}
 
 
-def compile_forward(model, variables, images):
+def compile_forward(model, variables, images, compiler_options=None):
     """Jitted ``(scores, boxes)`` forward (what an exported model returns) and its compile time."""
     def forward(v, x):
         out = model.apply(v, x)
         return out["scores"], out["boxes"]
-    fn = jax.jit(forward)
+    fn = jax.jit(forward, compiler_options=compiler_options or None)
     t0 = time.perf_counter()
     jax.block_until_ready(fn(variables, images))
     return fn, time.perf_counter() - t0
@@ -62,7 +62,7 @@ def time_interleaved(variants, images, runs):
                     cpu=statistics.median(cpu[k])) for k, w in wall.items()}
 
 
-def bench(name, size, runs, graphs, impls):
+def bench(name, size, runs, graphs, impls, compiler_options=None):
     """Rows ``(graph label, impl, stats)`` for one model at ``size`` x ``size``."""
     images = jax.random.uniform(jax.random.PRNGKey(0), (1, size, size, 3), maxval=255.0)
     train_variables = init_variables(build_model(name), jax.random.PRNGKey(0))
@@ -75,7 +75,7 @@ def bench(name, size, runs, graphs, impls):
                 model, v = build_model(cfg), train_variables
             else:
                 model, v = build_model(cfg, deploy=True), deploy_variables
-            fn, compile_s[(graph, impl)] = compile_forward(model, v, images)
+            fn, compile_s[(graph, impl)] = compile_forward(model, v, images, compiler_options)
             variants[(graph, impl)] = (fn, v)
     stats = time_interleaved(variants, images, runs)
     return [(GRAPH_LABELS[g], impl, dict(stats[(g, impl)], compile_s=compile_s[(g, impl)]))
@@ -89,21 +89,23 @@ def main(argv=None):
     ap.add_argument("--impls", nargs="+", default=["auto"], choices=["auto", "conv", "taps"],
                     help="model.depthwise_impl values to compare (default: auto)")
     ap.add_argument("--runs", type=int, default=20)
-    ap.add_argument("--tune-allocator", action="store_true",
-                    help="damo_jax.runtime.tune_cpu_allocator() before anything runs")
+    ap.add_argument("--tuned", action="store_true",
+                    help="damo_jax.runtime: tune_cpu_allocator() + cpu_compiler_options() on the jits")
     ap.add_argument("--out", default=None, help="append a markdown table to this file")
     args = ap.parse_args(argv)
-    allocator = "glibc default allocator"
-    if args.tune_allocator:
-        allocator = ("tuned allocator (runtime.tune_cpu_allocator)" if tune_cpu_allocator()
-                     else "allocator tuning unsupported here (default allocator)")
+    runtime, options = "default allocator, no compiler options", None
+    if args.tuned:
+        options = cpu_compiler_options()
+        allocator = ("tune_cpu_allocator" if tune_cpu_allocator()
+                     else "allocator tuning unsupported here")
+        runtime = f"damo_jax.runtime tuning: {allocator}, compiler options {options}"
     load0 = os.getloadavg()[0]
     dev = jax.devices()[0]
     lines = ["| model | input | graph | depthwise_impl | median ms | min ms | p90 ms | CPU ms/call | compile s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for spec in args.models:
         name, size = spec.split(":")
-        for graph, impl, r in bench(name, int(size), args.runs, args.graphs, args.impls):
+        for graph, impl, r in bench(name, int(size), args.runs, args.graphs, args.impls, options):
             lines.append(f"| {name.upper()} | 1x{size}x{size} | {graph} | {impl} | {r['median']:.1f} | "
                          f"{r['min']:.1f} | {r['p90']:.1f} | {r['cpu']:.1f} | {r['compile_s']:.1f} |")
             print(lines[-1], flush=True)
@@ -111,7 +113,7 @@ def main(argv=None):
     header = (f"\n### {time.strftime('%Y-%m-%d %H:%M')} — {dev.platform} ({dev.device_kind}), "
               f"{os.cpu_count()} CPUs, jax {jax.__version__}, python {platform.python_version()}\n\n"
               f"Command: `python {' '.join([Path(sys.argv[0]).as_posix()] + (argv or sys.argv[1:]))}`  \n"
-              f"{args.runs} timed runs after 3 warm-up calls, variants interleaved, {allocator}; "
+              f"{args.runs} timed runs after 3 warm-up calls, variants interleaved, {runtime}; "
               f"1-min load average {load0:.1f} at start, {load1:.1f} at end.\n\n")
     text = header + "\n".join(lines) + "\n"
     print(text)

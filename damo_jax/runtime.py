@@ -1,31 +1,38 @@
-"""Opt-in, process-level CPU runtime tuning for JAX inference (``tune_cpu_allocator``).
+"""Opt-in CPU runtime tuning for JAX inference: allocator, XLA:CPU compiler options.
 
-XLA:CPU allocates one temporary buffer per executable call for all intermediate activations
-(``compiled.memory_analysis().temp_size_in_bytes``: Nm@416 51 MB, S@640 ~60 MB, T@640 20 MB). glibc
-serves blocks above its mmap threshold (dynamic, at most 32 MB) with a fresh ``mmap``, so such a
-buffer is page-faulted and zeroed again on every call (Nm: 12,400 minor faults per forward,
-measured with ``resource.getrusage``; batched calls have several times larger buffers, and
-XLA's worker threads allocate from their own glibc arenas, which are trimmed on their own).
-:func:`tune_cpu_allocator` makes glibc serve every block from one heap (one arena) and never trim
-it, so the buffer is reused from the second call on (Nm@416 batch 1: 25% less CPU time per
-forward; T@640 batch 4: 8%; batch-1 models whose buffers stay under 32 MB: no change). It changes
-``malloc`` for the whole process (memory freed by any library stays reserved by the process), which
-is why nothing calls it implicitly: the benchmarks, and applications that run many forwards
-(``predict``/``eval`` style loops), opt in. The same effect without code:
-``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=4294967296 MALLOC_ARENA_MAX=1`` in the environment at
-start-up. Call it before the first JAX computation (the arena limit only binds threads that have
-not allocated yet).
+Nothing here runs implicitly; the benchmarks and CLIs that run many forwards opt in.
 
-No XLA compiler flag of jax 0.10.2 was found to speed up these models on CPU (oneDNN, XNNPACK graph
-fusion, YNN eltwise fusion, 512-bit vector preference: measured, docs/bench_models.md), so there is
-no flag helper here; the depthwise / SPP formulations live in ``damo_jax/models/cpu_ops.py``.
+* :func:`cpu_compiler_options` -> ``jax.jit(fn, compiler_options=...)`` options for the model
+  forward: ``xla_cpu_prefer_vector_width=512`` on AVX-512 hosts (LLVM otherwise emits 256-bit code;
+  the shifted-slice depthwise/SiLU loop fusions gain: Nm@416 -11%, Ns@416 -7%, T@640 -1%, outputs
+  bit-identical). Tried and not adopted (no gain or slower, docs/bench_models.md): oneDNN
+  (``xla_cpu_use_onednn``: HLO unchanged), XNNPACK graph fusion, YNNPACK eltwise fusion (swallows the
+  depthwise taps: Ns 5x slower), ``xla_cpu_max_isa``, disabling YNNPACK convolutions.
+* :func:`tune_cpu_allocator`: XLA:CPU allocates one temporary buffer per executable call for all
+  intermediate activations (``compiled.memory_analysis().temp_size_in_bytes``: Nm@416 51 MB, T@640
+  batch 4 ~150 MB). glibc serves blocks above its mmap threshold (dynamic, at most 32 MB) with a
+  fresh ``mmap``, so such a buffer is page-faulted and zeroed again on every call (Nm: 12,400 minor
+  faults per forward, measured with ``resource.getrusage``; XLA's worker threads also allocate from
+  their own glibc arenas, which are trimmed on their own). The tuning makes glibc serve every block
+  from one heap (one arena) and never trim it, so the buffer is reused from the second call on
+  (Nm@416 batch 1: 25% less CPU time per forward; T@640 batch 4: 8%; batch-1 models whose buffers
+  stay under 32 MB: no change). It changes ``malloc`` for the whole process (memory freed by any
+  library stays reserved by the process). Same effect without code:
+  ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=4294967296 MALLOC_ARENA_MAX=1`` at start-up.
+* :func:`tune_cpu_runtime`: both, process-wide, for CLIs: the allocator, and the compiler options
+  appended to ``XLA_FLAGS`` (read once, when the first computation initialises the backend, so it
+  must run before that; jit calls that cannot take ``compiler_options`` then get them too).
+
+The depthwise-conv / SPP formulations live in ``damo_jax/models/cpu_ops.py`` (``model.depthwise_impl``).
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import logging
+import os
 import sys
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -68,3 +75,44 @@ def tune_cpu_allocator(enable: bool = True) -> bool:
     if not ok:
         log.warning("tune_cpu_allocator: mallopt refused the setting")
     return ok
+
+
+def host_has_avx512() -> bool:
+    """True when ``/proc/cpuinfo`` lists ``avx512f`` (False where it cannot be read)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(line.startswith("flags") and " avx512f" in line for line in text.splitlines())
+
+
+def cpu_compiler_options(backend: str | None = None) -> dict:
+    """XLA compiler options that speed up the model forward on CPU (``{}`` elsewhere or when none
+    applies); pass them as ``jax.jit(fn, compiler_options=cpu_compiler_options())``."""
+    import jax
+    if (backend or jax.default_backend()) != "cpu":
+        return {}
+    return {"xla_cpu_prefer_vector_width": 512} if host_has_avx512() else {}
+
+
+def tune_cpu_runtime() -> dict:
+    """Process-wide CPU tuning for CLIs: :func:`tune_cpu_allocator` and the options of
+    :func:`cpu_compiler_options` appended to ``XLA_FLAGS`` (CPU-only flags; other backends ignore
+    them). Call before the first JAX computation (afterwards XLA_FLAGS is no longer read: a warning
+    says so and only the allocator changes).
+    Returns ``{"allocator": bool, "xla_flags": [flags added]}``."""
+    from jax._src import xla_bridge
+
+    result = {"allocator": tune_cpu_allocator(), "xla_flags": []}
+    if xla_bridge.backends_are_initialized():
+        log.warning("tune_cpu_runtime: JAX backends already initialised; XLA_FLAGS unchanged "
+                    "(pass runtime.cpu_compiler_options() to jax.jit instead)")
+        return result
+    current = os.environ.get("XLA_FLAGS", "")
+    for key, value in cpu_compiler_options("cpu").items():
+        if f"--{key}=" not in current:
+            flag = f"--{key}={value}"
+            current = f"{current} {flag}".strip()
+            result["xla_flags"].append(flag)
+    os.environ["XLA_FLAGS"] = current
+    return result
