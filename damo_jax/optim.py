@@ -109,8 +109,12 @@ def decay_mask(params: PyTree, batch_stats: PyTree | None = None) -> PyTree:
 # --------------------------------------------------------------------------------------------------
 # Optimizer
 # --------------------------------------------------------------------------------------------------
-def make_optimizer(train_cfg, lr_schedule: Callable, mask: PyTree) -> optax.GradientTransformation:
+def make_optimizer(train_cfg, lr_schedule, mask: PyTree) -> optax.GradientTransformation:
     """SGD (Nesterov, coupled L2) or AdamW (decoupled), both with the same decay ``mask``.
+
+    ``lr_schedule``: a float or an optax schedule of the optimizer's own update count. The trainer
+    passes 1.0 and multiplies the updates by ``lr(state["step"])`` itself (identical arithmetic:
+    optax applies the lr as one final multiply by −lr in both optimizers).
 
     ``train_cfg.optimizer``: "sgd" | "adamw". Optional global-norm clipping (``grad_clip`` > 0)
     comes first, as ``clip_grad_norm_`` before ``optimizer.step()`` in PyTorch.

@@ -31,6 +31,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from damo_jax import checkpoint, optim
@@ -186,7 +187,15 @@ def shard_batch(batch: dict, sharding: NamedSharding) -> dict:
 # ==================================================================================================
 # 3. State
 # ==================================================================================================
-def init_state(model, tx_fn, cfg, key, replicated: NamedSharding) -> dict:
+def make_tx(cfg, params, batch_stats):
+    """The optimizer with a UNIT learning rate: ``update_fn`` multiplies its updates by
+    ``lr_fn(state["step"])``, so the applied lr is a function of the state's step (the one that is
+    logged, checkpointed and resumed), not of a separate counter inside the optimizer state.
+    Same arithmetic as optax's own schedule (one multiply by −lr, SPEC §9.1 semantics)."""
+    return optim.make_optimizer(cfg.train, 1.0, optim.decay_mask(params, batch_stats))
+
+
+def init_state(model, cfg, key, replicated: NamedSharding) -> dict:
     """Fresh train state, created directly on the devices (no device_put aliasing, TOOLCHAIN §3)."""
     h, w = (int(s) for s in cfg.data.image_size)
 
@@ -194,36 +203,34 @@ def init_state(model, tx_fn, cfg, key, replicated: NamedSharding) -> dict:
         init_key, state_key = jax.random.split(key)
         variables = model.init(init_key, jnp.zeros((1, h, w, 3), jnp.float32), train=False)
         params, stats = variables["params"], variables.get("batch_stats", {})
-        return {"params": params, "batch_stats": stats, "opt_state": tx_fn(params, stats).init(params),
+        return {"params": params, "batch_stats": stats, "opt_state": make_tx(cfg, params, stats).init(params),
                 "ema_params": jax.tree.map(jnp.copy, params), "ema_batch_stats": jax.tree.map(jnp.copy, stats),
                 "step": jnp.zeros((), jnp.int32), "rng": state_key}
 
     return jax.jit(init, out_shardings=replicated)(key)
 
 
-def apply_finetune(state: dict, cfg, tx, replicated, info) -> dict:
-    """Load official / npz weights (``train.finetune``) into params + batch_stats (and EMA)."""
+def apply_finetune(state: dict, cfg, tx, replicated: NamedSharding, info) -> dict:
+    """Load official ``.pth`` / ``.npz`` weights (``train.finetune``) into params + batch_stats.
+
+    ``damo_jax.convert.load_pretrained`` loads every tensor whose shape matches; with another class
+    count the ``head.gfl_cls.*`` tensors are skipped and keep their fresh initialisation. The
+    optimizer state and the EMA restart from the merged weights.
+    """
     from damo_jax import convert
     subset, report = convert.load_pretrained(cfg.train.finetune, cfg, skip_head_if_mismatch=True)
-    info(f"fine-tuning from {cfg.train.finetune}: {report}" if not isinstance(report, dict) else
-         "fine-tuning from {}: loaded {} tensors, skipped {} ({})".format(
-             cfg.train.finetune, len(report.get("loaded", ())), len(report.get("skipped", ())),
-             ", ".join(map(str, report.get("skipped", ())))[:500] or "none"))
+    skipped = "; ".join(f"{key} ({why})" for key, why in report["skipped"]) or "none"
+    info(f"fine-tuning from {cfg.train.finetune}: loaded {report['num_loaded']} tensors; "
+         f"skipped (re-initialised): {skipped}")
+    host = {"params": jax.device_get(state["params"]), "batch_stats": jax.device_get(state["batch_stats"])}
+    merged = convert.merge_variables(host, subset)
 
-    def merge(fresh, loaded):
-        if isinstance(fresh, dict):
-            return {k: merge(v, loaded.get(k)) if isinstance(loaded, dict) else v for k, v in fresh.items()}
-        if loaded is None:
-            return fresh
-        if tuple(np.shape(loaded)) != tuple(fresh.shape):
-            raise ValueError(f"finetune weights: shape {np.shape(loaded)} vs model {fresh.shape}")
-        return jnp.asarray(loaded, fresh.dtype)
+    def restart(v):
+        return {"params": v["params"], "batch_stats": v["batch_stats"], "opt_state": tx.init(v["params"]),
+                "ema_params": jax.tree.map(jnp.copy, v["params"]),
+                "ema_batch_stats": jax.tree.map(jnp.copy, v["batch_stats"])}
 
-    params = merge(jax.device_get(state["params"]), subset.get("params", {}))
-    stats = merge(jax.device_get(state["batch_stats"]), subset.get("batch_stats", {}))
-    new = dict(state, params=params, batch_stats=stats, opt_state=tx.init(params),
-               ema_params=params, ema_batch_stats=stats)
-    return jax.device_put(jax.tree.map(np.array, new), replicated)
+    return dict(state, **jax.jit(restart, out_shardings=replicated)(merged))
 
 
 # ==================================================================================================
@@ -256,7 +263,8 @@ def make_update_fn(model, tx, lr_fn, cfg):
         (total, (metrics, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state["params"], state["batch_stats"], batch, step_rng)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
+        lr = lr_fn(step)
+        params = jax.tree.map(lambda p, u: p + lr * u, state["params"], updates)
         if tc.ema:
             ema_params = optim.ema_update(state["ema_params"], params, step, tc.ema_decay, tc.ema_tau)
             ema_stats = optim.ema_update(state["ema_batch_stats"], new_stats, step, tc.ema_decay, tc.ema_tau)
@@ -264,11 +272,11 @@ def make_update_fn(model, tx, lr_fn, cfg):
             ema_params, ema_stats = params, new_stats
         new_state = {"params": params, "batch_stats": new_stats, "opt_state": opt_state,
                      "ema_params": ema_params, "ema_batch_stats": ema_stats, "step": step + 1, "rng": rng}
-        grad_norm = optim.optax.global_norm(grads)
+        grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
         new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, state)
         metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
-        metrics.update(total_loss=total, lr=lr_fn(step), grad_norm=grad_norm, finite=finite)
+        metrics.update(total_loss=total, lr=lr, grad_norm=grad_norm, finite=finite)
         return new_state, metrics
 
     return update_fn
@@ -312,142 +320,180 @@ def _meta(cfg, train_ds, step: int, rl: RunLength, metrics=None) -> dict:
             "epoch": int(step // rl.steps_per_epoch), "eval": metrics or {}}
 
 
-def evaluate_ema(model, state, val_ds, cfg) -> dict:
+def evaluate_ema(model, state, val_ds, cfg, progress: bool = True) -> dict:
     from damo_jax.eval import evaluate
-    stats = evaluate(model, _host_variables(state, ema=True), val_ds, cfg)
+    stats = evaluate(model, _host_variables(state, ema=True), val_ds, cfg, progress=progress)
     return {k: float(v) for k, v in stats.items()}
 
 
-def train(cfg, workdir, *, progress: bool = True) -> dict:
-    """Run (or resume) training in ``workdir``; returns a summary dict."""
+@dataclasses.dataclass
+class Run:
+    """Everything a training run holds besides the state (built once by ``setup``)."""
+    cfg: object
+    workdir: Path
+    model: object
+    tx: object
+    lr_fn: object
+    base_lr: float
+    rl: RunLength
+    train_ds: object
+    val_ds: object
+    ckpts: checkpoint.Checkpoints
+    replicated: NamedSharding
+    data_sharding: NamedSharding
+    primary: bool
+    progress: bool
+    tlog: TrainLog | None = None
+    best: dict = dataclasses.field(default_factory=lambda: {"AP": -1.0})
+    last_eval: dict = dataclasses.field(default_factory=dict)
+
+    def info(self, msg: str) -> None:
+        if self.tlog is not None:
+            self.tlog.info(msg)
+        elif self.primary:
+            print(msg, file=sys.stderr, flush=True)
+
+
+def setup(cfg, workdir, *, progress: bool = True) -> tuple[Run, dict]:
+    """Mesh, data, model, optimizer, checkpoint manager and a fresh state (on the devices)."""
     from damo_jax.models import build_model
 
-    workdir = Path(workdir).absolute()
-    primary = jax.process_index() == 0
     mesh = make_mesh()
-    replicated = NamedSharding(mesh, P())
-    data_sharding = NamedSharding(mesh, P("data"))
-    n_dev = mesh.devices.size
-    if int(cfg.train.batch_size) % n_dev:
+    replicated, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    if int(cfg.train.batch_size) % mesh.devices.size:
         raise ValueError(f"config train.batch_size={cfg.train.batch_size} is not divisible by the "
-                         f"{n_dev} devices")
-
+                         f"{mesh.devices.size} devices")
     train_ds, val_ds = open_datasets(cfg)
     rl = run_length(cfg, len(train_ds))
     lr_fn, lr_consts = optim.schedule_from_config(cfg.train, steps_per_epoch=rl.steps_per_epoch,
                                                   global_batch=int(cfg.train.batch_size))
     model = build_model(cfg)
+    state = init_state(model, cfg, jax.random.PRNGKey(int(cfg.train.seed)), replicated)
+    workdir = Path(workdir).absolute()
+    run = Run(cfg=cfg, workdir=workdir, model=model, tx=make_tx(cfg, state["params"], state["batch_stats"]),
+              lr_fn=lr_fn, base_lr=lr_consts["base_lr"], rl=rl, train_ds=train_ds, val_ds=val_ds,
+              ckpts=checkpoint.Checkpoints(workdir / checkpoint.CKPT_SUBDIR,
+                                           keep=int(cfg.train.keep_checkpoints)),
+              replicated=replicated, data_sharding=data_sharding, primary=jax.process_index() == 0,
+              progress=progress)
+    return run, state
 
-    def tx_fn(params, stats):
-        return optim.make_optimizer(cfg.train, lr_fn, optim.decay_mask(params, stats))
 
-    state = init_state(model, tx_fn, cfg, jax.random.PRNGKey(int(cfg.train.seed)), replicated)
-    tx = tx_fn(state["params"], state["batch_stats"])
-    ckpts = checkpoint.Checkpoints(workdir / checkpoint.CKPT_SUBDIR, keep=int(cfg.train.keep_checkpoints))
-    def info(msg):
-        log.info(msg)
-        if primary:
-            print(msg, file=sys.stderr, flush=True)
+def resume_or_start(run: Run, state: dict) -> dict:
+    """Latest complete checkpoint of the workdir, else the fine-tuning weights, else ``state``."""
+    steps = run.ckpts.steps()
+    if not steps:
+        return apply_finetune(state, run.cfg, run.tx, run.replicated, run.info) if run.cfg.train.finetune \
+            else state
+    restored = run.ckpts.restore_latest(state)
+    if restored is None:
+        raise RuntimeError(f"{run.ckpts.directory} holds checkpoints {steps} but none can be restored "
+                           f"into this model/config; use a new --workdir")
+    state, meta = restored
+    run.info(f"resumed from {run.ckpts.directory}/{int(jax.device_get(state['step']))} "
+             f"(epoch {meta.get('epoch')})")
+    for s in steps:
+        m = run.ckpts.metrics(s)
+        if m and m.get("AP", -1) > run.best["AP"]:
+            run.best = dict(m, step=s)
+    return state
 
-    restored = ckpts.restore_latest(state) if ckpts.steps() else None
-    if ckpts.steps() and restored is None:
-        raise RuntimeError(f"{ckpts.directory} holds checkpoints {ckpts.steps()} but none can be "
-                           f"restored into this model/config; use a new --workdir")
-    if restored is not None:
-        state, meta = restored
-        info(f"resumed from {ckpts.directory}/{int(state['step'])} (epoch {meta.get('epoch')})")
-    elif cfg.train.finetune:
-        state = apply_finetune(state, cfg, tx, replicated, info)
-    start = int(jax.device_get(state["step"]))
-    tlog = TrainLog(workdir, total_steps=rl.last_step, start_step=start, primary=primary, progress=progress)
-    info = tlog.info
 
+def describe(run: Run, state: dict, start: int) -> str:
+    cfg, rl = run.cfg, run.rl
     counts = optim.count_decayed(optim.decay_mask(state["params"], state["batch_stats"]), state["params"])
-    info(f"model {cfg.model.name}: {len(cfg.model.class_names)} classes, "
-         f"{counts['decayed_elems'] + counts['plain_elems']:,} params ({counts['decayed_tensors']} tensors "
-         f"with weight decay, {counts['plain_tensors']} without); {cfg.train.optimizer} "
-         f"base lr {lr_consts['base_lr']:.4g}; {len(train_ds)} train images, batch {cfg.train.batch_size} "
-         f"on {n_dev} device(s); {rl.steps_per_epoch} steps/epoch, {rl.total_steps} total, warmup "
-         f"{rl.warmup_steps}, no-aug from {rl.no_aug_start_step}; running steps {start}..{rl.last_step}")
+    return (f"model {cfg.model.name}: {len(cfg.model.class_names)} classes, "
+            f"{counts['decayed_elems'] + counts['plain_elems']:,} params ({counts['decayed_tensors']} "
+            f"tensors with weight decay, {counts['plain_tensors']} without); {cfg.train.optimizer} base lr "
+            f"{run.base_lr:.4g}; {len(run.train_ds)} train images, batch "
+            f"{cfg.train.batch_size} on {run.replicated.mesh.devices.size} device(s); {rl.steps_per_epoch} "
+            f"steps/epoch, {rl.total_steps} total, warmup {rl.warmup_steps}, no-aug from "
+            f"{rl.no_aug_start_step}; running steps {start}..{rl.last_step}")
 
-    update = jax.jit(make_update_fn(model, tx, lr_fn, cfg), in_shardings=(replicated, data_sharding),
-                     out_shardings=(replicated, replicated), donate_argnums=0)
-    best = {"AP": -1.0}
-    for s in ckpts.steps():
-        m = ckpts.metrics(s)
-        if m and m.get("AP", -1) > best["AP"]:
-            best = dict(m, step=s)
-    last_eval: dict = {}
-    step = start
+
+def after_step(run: Run, state: dict, step: int, metrics: dict) -> None:
+    """Logging, evaluation (EMA) and checkpointing once ``step`` updates are done."""
+    cfg, rl = run.cfg, run.rl
+    epoch = (step - 1) // rl.steps_per_epoch
+    run.tlog.step(step, metrics, images=int(cfg.train.batch_size))
+    final = step == rl.last_step
+    if step % int(cfg.train.log_every_steps) == 0 or final:
+        run.tlog.write_train(step, epoch, {k: v for k, v in metrics.items() if k != "finite"})
+    end_of_epoch = step % rl.steps_per_epoch == 0
+    eval_metrics = None
+    if run.val_ds is not None and ((end_of_epoch and should_eval(cfg, epoch, rl)) or final):
+        eval_metrics = evaluate_ema(run.model, state, run.val_ds, cfg, progress=run.progress)
+        run.last_eval = dict(eval_metrics, step=step)
+        run.tlog.write_eval(step, epoch, eval_metrics)
+        if eval_metrics.get("AP", -1) > run.best["AP"]:
+            run.best = dict(eval_metrics, step=step)
+        run.info(f"eval step {step} (epoch {epoch + 1}): AP {eval_metrics.get('AP', float('nan')):.4f} "
+                 f"AP50 {eval_metrics.get('AP50', float('nan')):.4f} (best AP {run.best['AP']:.4f} "
+                 f"at step {run.best.get('step')})")
+    every = int(cfg.train.ckpt_every_steps)
+    if final or eval_metrics or (end_of_epoch if every <= 0 else step % every == 0):
+        run.ckpts.save(step, state, _meta(cfg, run.train_ds, step, rl, eval_metrics), metrics=eval_metrics)
+        run.tlog.reset_timer()
+
+
+def train(cfg, workdir, *, progress: bool = True) -> dict:
+    """Run (or resume) training in ``workdir``; returns a summary dict."""
+    run, state = setup(cfg, workdir, progress=progress)
+    state = resume_or_start(run, state)
+    start = int(jax.device_get(state["step"]))
+    run.tlog = TrainLog(run.workdir, total_steps=run.rl.last_step, start_step=start, primary=run.primary,
+                        progress=progress)
+    run.info(describe(run, state, start))
+    update = jax.jit(make_update_fn(run.model, run.tx, run.lr_fn, cfg),
+                     in_shardings=(run.replicated, run.data_sharding),
+                     out_shardings=(run.replicated, run.replicated), donate_argnums=0)
+    loader = make_loader(run.train_ds, cfg, run.rl, start) if start < run.rl.last_step else None
     try:
-        loader = make_loader(train_ds, cfg, rl, start) if start < rl.last_step else None
-        t_compile = time.perf_counter()
-        while step < rl.last_step:
+        t0 = time.perf_counter()
+        for step in range(start, run.rl.last_step):
             batch = next(loader)
             state = _test_hooks(state, step)
-            state, metrics = update(state, shard_batch(batch, data_sharding))
+            state, metrics = update(state, shard_batch(batch, run.data_sharding))
             metrics = jax.device_get(metrics)
-            check_finite(metrics, step)
-            step += 1
-            if step == start + 1:
-                info(f"first step (compile + run) {time.perf_counter() - t_compile:.1f}s")
-                tlog.reset_timer()
-            tlog.step(step, metrics, images=int(cfg.train.batch_size))
-            epoch = (step - 1) // rl.steps_per_epoch
-            if step % int(cfg.train.log_every_steps) == 0 or step == rl.last_step:
-                tlog.write_train(step, epoch, {k: v for k, v in metrics.items() if k != "finite"})
-            end_of_epoch = step % rl.steps_per_epoch == 0
-            final = step == rl.last_step
-            eval_metrics = None
-            if val_ds is not None and ((end_of_epoch and should_eval(cfg, epoch, rl)) or final):
-                eval_metrics = evaluate_ema(model, state, val_ds, cfg)
-                last_eval = dict(eval_metrics, step=step)
-                tlog.write_eval(step, epoch, eval_metrics)
-                if eval_metrics.get("AP", -1) > best["AP"]:
-                    best = dict(eval_metrics, step=step)
-                info(f"eval step {step} (epoch {epoch + 1}): AP {eval_metrics.get('AP', float('nan')):.4f} "
-                     f"AP50 {eval_metrics.get('AP50', float('nan')):.4f} (best AP {best['AP']:.4f} "
-                     f"at step {best.get('step')})")
-            every = int(cfg.train.ckpt_every_steps)
-            if final or (end_of_epoch if every <= 0 else step % every == 0) or eval_metrics:
-                ckpts.save(step, state, _meta(cfg, train_ds, step, rl, eval_metrics), metrics=eval_metrics)
-                tlog.reset_timer()
-    except NonFiniteError as err:
-        ckpts.close()
-        tlog.close()
-        raise err
+            check_finite(metrics, step)          # before anything of this step is logged or saved
+            if step == start:
+                run.info(f"first step (compile + run) {time.perf_counter() - t0:.1f}s")
+                run.tlog.reset_timer()
+            after_step(run, state, step + 1, metrics)
     finally:
-        if "loader" in locals() and loader is not None and hasattr(loader, "close"):
+        if loader is not None:
             loader.close()
-    ckpts.close()
-    tlog.close()
-    return finish(cfg, workdir, model, state, val_ds, ckpts, best, last_eval, primary, info)
+        run.ckpts.close()
+        run.tlog.close()
+    return finish(run, state)
 
 
-def finish(cfg, workdir, model, state, val_ds, ckpts, best, last_eval, primary, info) -> dict:
+def finish(run: Run, state: dict) -> dict:
     """curves.png, predictions.png and the summary line."""
-    summary = {"workdir": str(workdir), "step": int(jax.device_get(state["step"])),
-               "best": best if best["AP"] >= 0 else None, "last_eval": last_eval,
-               "checkpoint": str(ckpts.directory / str(ckpts.best_step() or ckpts.latest_step()))}
-    if primary:
-        summary["curves"] = str(plot_curves(workdir / "metrics.jsonl", workdir / "curves.png"))
-        if val_ds is not None:
-            try:
-                from damo_jax.train_log import write_predictions_png
-                summary["predictions"] = str(write_predictions_png(
-                    model, _host_variables(state), val_ds, cfg, workdir / "predictions.png"))
-            except Exception as err:  # noqa: BLE001 - the picture must never fail the run
-                info(f"predictions.png not written: {err}")
-        b = summary["best"]
-        info(f"done: {summary['step']} steps; best AP {b['AP']:.4f} / AP50 {b.get('AP50', float('nan')):.4f} "
-             f"at step {b['step']}" if b else f"done: {summary['step']} steps (no evaluation)")
-        info(f"checkpoint: {summary['checkpoint']}  curves: {summary['curves']}"
+    best = run.best if run.best["AP"] >= 0 else None
+    summary = {"workdir": str(run.workdir), "step": int(jax.device_get(state["step"])), "best": best,
+               "last_eval": run.last_eval,
+               "checkpoint": str(run.ckpts.directory / str(run.ckpts.best_step() or run.ckpts.latest_step()))}
+    if not run.primary:
+        return summary
+    summary["curves"] = str(plot_curves(run.workdir / "metrics.jsonl", run.workdir / "curves.png"))
+    if run.val_ds is not None:
+        try:
+            from damo_jax.train_log import write_predictions_png
+            summary["predictions"] = str(write_predictions_png(
+                run.model, _host_variables(state), run.val_ds, run.cfg, run.workdir / "predictions.png"))
+        except Exception as err:  # noqa: BLE001 - the picture must never fail the run
+            run.info(f"predictions.png not written: {err}")
+    run.info(f"done: {summary['step']} steps; best AP {best['AP']:.4f} / AP50 "
+             f"{best.get('AP50', float('nan')):.4f} at step {best['step']}" if best
+             else f"done: {summary['step']} steps (no evaluation)")
+    run.info(f"checkpoint: {summary['checkpoint']}  curves: {summary['curves']}"
              + (f"  predictions: {summary['predictions']}" if "predictions" in summary else ""))
     return summary
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.ERROR)
     cfg, args = parse_args(argv)
     maybe_init_distributed(args.multihost)

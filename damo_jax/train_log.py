@@ -15,13 +15,11 @@ The jsonl is append-only across resumes; readers keep the LAST record of each (k
 from __future__ import annotations
 
 import json
-import logging
 import math
 import sys
 import time
 from pathlib import Path
 
-log = logging.getLogger("damo_jax.train")
 
 TRAIN_KEYS = ("total_loss", "loss_cls", "loss_bbox", "loss_dfl")
 BAR_KEYS = (("loss", "total_loss"), ("cls", "loss_cls"), ("box", "loss_bbox"), ("dfl", "loss_dfl"))
@@ -85,7 +83,7 @@ class TrainLog:
             self._tb.flush()
 
     def info(self, msg: str) -> None:
-        log.info(msg)
+        """Print a line (primary process only) above the progress bar."""
         if not self.primary:
             return
         if self._bar is not None:

@@ -157,6 +157,27 @@ def test_optimizer_matches_pytorch_semantics(kind):
         assert not np.allclose(ref0["kernel"], ref["kernel"], rtol=0, atol=1e-7)
 
 
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_unit_lr_times_external_lr_equals_scheduled_optimizer(kind):
+    """The trainer's form: optimizer with lr 1.0, updates multiplied by lr(step) (damo_jax.train)."""
+    rng = np.random.default_rng(1)
+    params = {"kernel": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32), "bias": jnp.zeros(4)}
+    mask = {"kernel": True, "bias": False}
+    sched = optim.make_lr_schedule(base_lr=0.1, total_steps=6, warmup_steps=2, no_aug_steps=1,
+                                   min_lr_ratio=0.05)
+    a = optim.make_optimizer(_cfg(optimizer=kind), sched, mask)
+    b = optim.make_optimizer(_cfg(optimizer=kind), 1.0, mask)
+    pa, pb, sa, sb = params, params, a.init(params), b.init(params)
+    for step in range(6):
+        g = {k: jnp.asarray(rng.normal(size=v.shape), jnp.float32) for k, v in params.items()}
+        ua, sa = a.update(g, sa, pa)
+        ub, sb = b.update(g, sb, pb)
+        pa = jax.tree.map(lambda p, u: p + u, pa, ua)
+        pb = jax.tree.map(lambda p, u: p + sched(step) * u, pb, ub)
+    for k in params:
+        np.testing.assert_allclose(np.asarray(pa[k]), np.asarray(pb[k]), rtol=1e-6, atol=1e-7)
+
+
 def test_optimizer_bad_name_raises():
     with pytest.raises(ValueError, match="train.optimizer"):
         optim.make_optimizer(_cfg(optimizer="rmsprop"), lambda s: 0.1, {"w": True})

@@ -1,6 +1,7 @@
 """Shared helpers of the training tests: a tiny synthetic COCO folder, a tiny config file, and
-subprocess runs of ``python -m damo_jax.train`` that share one persistent XLA compilation cache
-(so only the first run of a test session pays for compiling the DAMO-YOLO-Ns train step; set
+subprocess runs of ``python -m damo_jax.train`` on 4 fake CPU devices that share one persistent XLA
+compilation cache (so only the first run of a test session pays for compiling the DAMO-YOLO-Ns
+train step; set
 ``DAMO_JAX_TEST_XLA_CACHE=/some/dir`` to keep that cache across sessions while developing).
 """
 from __future__ import annotations
@@ -59,7 +60,12 @@ def write_coco(root: Path, split: str, n_images: int, seed: int) -> None:
         json.dumps({"images": images, "annotations": annotations, "categories": cats}))
 
 
-CONFIG_TEMPLATE = '''"""Tiny DAMO-YOLO-Ns run for the training tests (64x64, batch 2, 2 epochs of 4 steps)."""
+CONFIG_TEMPLATE = '''"""Tiny DAMO-YOLO-Ns run for the training tests (64x64, batch 4, 2 epochs of 4 steps, SGD).
+
+SGD (not the nano AdamW) so that tests/test_train_multidevice.py can compare a 1- and a 4-device
+step of THIS program (shared with the CLI runs through the persistent XLA cache) without Adam's
+first-step amplification of float noise; AdamW numerics are covered by tests/test_optim.py.
+"""
 from damo_jax.config import load_config
 
 
@@ -69,7 +75,9 @@ def get_config():
     c.data.mosaic_size = (64, 64)
     c.data.max_boxes = 8
     c.data.workers = 0
-    c.train.batch_size = 2
+    c.train.batch_size = 4
+    c.train.optimizer = "sgd"
+    c.train.weight_decay = 5e-4
     c.train.epochs = 2
     c.train.warmup_epochs = 1
     c.train.no_aug_epochs = 1
@@ -87,7 +95,7 @@ def get_config():
 def shared_dir() -> Path:
     """One folder per test process: data, config, XLA cache."""
     d = Path(tempfile.mkdtemp(prefix="damo_train_test_"))
-    write_coco(d / "coco", "train", 8, seed=1)
+    write_coco(d / "coco", "train", 16, seed=1)
     write_coco(d / "coco", "val", 4, seed=2)
     (d / "tiny.py").write_text(CONFIG_TEMPLATE)
     (d / "xla_cache").mkdir()
@@ -100,13 +108,19 @@ def train_cmd(workdir: Path, *extra: str) -> list[str]:
             "--data", f"coco:{d / 'coco'}", "--workdir", str(workdir), "--no-progress", *extra]
 
 
+DEVICES = 4
+
+
 def train_env(**extra: str) -> dict:
-    env = dict(os.environ)
+    """Subprocess environment: shared XLA cache, 4 fake CPU devices (so the CLI runs are data
+    parallel, and tests/test_train_multidevice.py reuses their compiled 4-device step), only the
+    given test hooks."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DAMO_JAX_TEST_")}
     cache = os.environ.get("DAMO_JAX_TEST_XLA_CACHE") or str(shared_dir() / "xla_cache")
-    env.update(JAX_COMPILATION_CACHE_DIR=cache,
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", PYTHONUNBUFFERED="1",
-               XLA_FLAGS=env.get("XLA_FLAGS", ""), **extra)
-    env.pop("DAMO_JAX_TEST_NAN_STEP", None) if "DAMO_JAX_TEST_NAN_STEP" not in extra else None
+    env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES}")
+    env.update(extra)
     return env
 
 
