@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from damo_jax.models.cpu_ops import (DEPTHWISE_IMPLS, depthwise_conv_taps, max_pool_same,  # noqa: F401
+from damo_jax.models.cpu_ops import (DEPTHWISE_IMPLS, depthwise_conv_taps,
                                      resolve_depthwise_impl, spp_max_pools)
 
 
