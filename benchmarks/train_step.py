@@ -38,7 +38,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--num-gt", type=int, default=10, help="valid GT boxes per image (padded G = 2x)")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--no-tune", action="store_true",
+                    help="skip damo_jax.runtime.tune_cpu_runtime() (the train CLI applies it)")
     args = ap.parse_args(argv)
+    if not args.no_tune:
+        from damo_jax import runtime
+        runtime.tune_cpu_runtime()
 
     from damo_jax import optim
     from damo_jax.config import load_config
@@ -79,7 +84,7 @@ def main(argv=None) -> dict:
         times.append(time.perf_counter() - t)
     med = statistics.median(times)
     res = {"config": args.config, "img_size": args.img_size, "batch": args.batch, "steps": args.steps,
-           "dtype": args.dtype, "devices": len(jax.devices()), "backend": jax.default_backend(),
+           "dtype": args.dtype, "tuned": not args.no_tune, "devices": len(jax.devices()), "backend": jax.default_backend(),
            "compile_plus_first_step_s": round(compile_s, 1), "median_step_s": round(med, 4),
            "images_per_s": round(args.batch / med, 2), "min_step_s": round(min(times), 4),
            "max_step_s": round(max(times), 4), "cpu_count": os.cpu_count(),

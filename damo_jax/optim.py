@@ -62,8 +62,8 @@ def schedule_from_config(train_cfg, *, steps_per_epoch: int, global_batch: int) 
     consts = dict(
         base_lr=float(train_cfg.base_lr_per_img) * global_batch,
         total_steps=int(train_cfg.epochs) * steps_per_epoch,
-        warmup_steps=int(train_cfg.warmup_epochs) * steps_per_epoch,
-        no_aug_steps=int(train_cfg.no_aug_epochs) * steps_per_epoch,
+        warmup_steps=int(round(float(train_cfg.warmup_epochs) * steps_per_epoch)),
+        no_aug_steps=int(round(float(train_cfg.no_aug_epochs) * steps_per_epoch)),
         min_lr_ratio=float(train_cfg.min_lr_ratio),
     )
     return make_lr_schedule(**consts), consts

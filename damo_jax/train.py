@@ -107,9 +107,24 @@ def parse_args(argv=None):
 # ==================================================================================================
 # 1. Devices
 # ==================================================================================================
+def multihost_requested(multihost: bool, env=os.environ) -> bool:
+    """--multihost, or an environment that describes several processes (JAX coordinator, a
+    multi-worker TPU slice, SLURM / Open MPI with more than one task)."""
+    return bool(multihost or env.get("JAX_COORDINATOR_ADDRESS")
+                or "," in env.get("TPU_WORKER_HOSTNAMES", "")
+                or int(env.get("SLURM_NTASKS", "1") or 1) > 1
+                or int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1)
+
+
 def maybe_init_distributed(multihost: bool) -> None:
-    if multihost or os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        jax.distributed.initialize()
+    """``jax.distributed.initialize()``: auto-detected on TPU pods, SLURM and Open MPI; elsewhere set
+    JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID."""
+    if multihost_requested(multihost):
+        env = os.environ
+        jax.distributed.initialize(
+            coordinator_address=env.get("JAX_COORDINATOR_ADDRESS") or None,
+            num_processes=int(env["JAX_NUM_PROCESSES"]) if env.get("JAX_NUM_PROCESSES") else None,
+            process_id=int(env["JAX_PROCESS_ID"]) if env.get("JAX_PROCESS_ID") else None)
 
 
 def make_mesh() -> Mesh:
@@ -142,8 +157,13 @@ def run_length(cfg, num_images: int) -> RunLength:
     spe = max(1, math.ceil(num_images / int(tc.batch_size)))
     total = int(tc.epochs) * spe
     last = min(total, int(tc.max_steps)) if int(tc.max_steps) > 0 else total
-    return RunLength(spe, total, int(tc.warmup_epochs) * spe, total - int(tc.no_aug_epochs) * spe,
-                     last, int(tc.epochs))
+    return RunLength(spe, total, epochs_to_steps(tc.warmup_epochs, spe),
+                     total - epochs_to_steps(tc.no_aug_epochs, spe), last, int(tc.epochs))
+
+
+def epochs_to_steps(epochs, steps_per_epoch: int) -> int:
+    """Whole or fractional epochs (e.g. a 0.5-epoch warmup in a short demo run) -> steps."""
+    return int(round(float(epochs) * steps_per_epoch))
 
 
 def open_datasets(cfg):
@@ -496,6 +516,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.ERROR)
     cfg, args = parse_args(argv)
+    from damo_jax import runtime
+    runtime.tune_cpu_runtime()        # CPU only: allocator + XLA:CPU vector width (before JAX starts)
     maybe_init_distributed(args.multihost)
     enable_compile_cache()
     try:

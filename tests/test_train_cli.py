@@ -61,3 +61,13 @@ def test_check_finite_names_step_and_terms():
            "total_loss": float("nan"), "grad_norm": float("nan")}
     with pytest.raises(train.NonFiniteError, match=r"loss_cls, loss_dfl, total_loss, grad_norm at step 12"):
         train.check_finite(bad, 12)
+
+
+def test_multihost_detection():
+    assert not train.multihost_requested(False, {})
+    assert train.multihost_requested(True, {})
+    assert train.multihost_requested(False, {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
+    assert train.multihost_requested(False, {"TPU_WORKER_HOSTNAMES": "w0,w1"})
+    assert not train.multihost_requested(False, {"TPU_WORKER_HOSTNAMES": "localhost"})
+    assert train.multihost_requested(False, {"SLURM_NTASKS": "4"})
+    assert not train.multihost_requested(False, {"SLURM_NTASKS": "1"})

@@ -25,6 +25,8 @@ from train_setup import ROOT, shared_dir, train_env
 
 SCRIPT = r'''
 import json, sys
+from damo_jax import runtime
+runtime.tune_cpu_runtime()                 # as the train CLI does (same XLA flags -> same cache keys)
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from damo_jax import optim, train
