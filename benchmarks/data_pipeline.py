@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from data_pipelines import TrainLoader, eval_batches, open_dataset
+from damo_jax.data_pipelines import TrainLoader, eval_batches, open_dataset
 
 OFFICIAL = "official DAMO-YOLO anchor (SPEC/ANCHORS): 16.4 img/s without workers, 26.7 img/s with 2 workers"
 

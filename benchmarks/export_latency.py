@@ -66,7 +66,7 @@ def jax_runner(dm, name):
     import jax
 
     from damo_jax.models import build_model
-    from export import common
+    from damo_jax.export import common
     library_dm = dataclasses.replace(dm, model=build_model(name, deploy=True))
     fn = jax.jit(common.raw_fn(library_dm))
     return lambda x: jax.block_until_ready(fn(x))
@@ -98,7 +98,7 @@ def time_runners(runners: dict, x, *, warmup, runs, rounds) -> dict:
 
 def export_files(name, size, workdir: Path, skip_tf: bool):
     """Export the model every way; returns (DeployModel, {label: (path, graph summary)})."""
-    from export import common, onnx_utils, to_onnx, to_openvino
+    from damo_jax.export import common, onnx_utils, to_onnx, to_openvino
     dm = common.load_deploy_model(name, image_size=(size, size))
     files = {}
     for label, optimize in (("jax2onnx literal", False), ("jax2onnx (default)", True)):
@@ -190,7 +190,7 @@ def main(argv=None):
     p.add_argument("--out", default="docs/bench_export.md")
     args = p.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
-    from export.common import setup_logging
+    from damo_jax.export.common import setup_logging
     setup_logging()
     t0 = time.time()
     load_before = " ".join(f"{v:.1f}" for v in os.getloadavg())

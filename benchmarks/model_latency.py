@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 from damo_jax.models import build_model, init_variables, with_depthwise_impl
-from damo_jax.reparam import fuse
+from damo_jax.models.reparam import fuse
 from damo_jax.runtime import cpu_compiler_options, tune_cpu_allocator
 
 GRAPH_LABELS = {"train": "train graph", "deploy": "deploy=True"}

@@ -45,10 +45,10 @@ def main(argv=None) -> dict:
         from damo_jax import runtime
         runtime.tune_cpu_runtime()
 
-    from damo_jax import optim
+    from damo_jax.train import optim
     from damo_jax.config import load_config
     from damo_jax.models import build_model
-    from damo_jax.train import init_state, make_mesh, make_tx, make_update_fn, shard_batch
+    from damo_jax.train.loop import init_state, make_mesh, make_tx, make_update_fn, shard_batch
 
     cfg = load_config(args.config)
     cfg.data.image_size = (args.img_size, args.img_size)

@@ -11,7 +11,7 @@ Train on COCO 2017 with the official recipe (global batch 256, 300 epochs, 640x6
 Expected result with the official recipe: COCO val2017 50.8 mAP (51.9 distilled) (official release, SPEC §11).
 Evaluate an official checkpoint::
 
-    python -m damo_jax.eval --config l --weights damoyolo_l.pth --data coco:/data/coco
+    python -m damo_jax.evaluation.evaluator --config l --weights damoyolo_l.pth --data coco:/data/coco
 """
 from damo_jax.config import model_config
 

@@ -11,7 +11,7 @@ Train on COCO 2017 with the official recipe (global batch 256, 300 epochs, 416x4
 Expected result with the official recipe: COCO val2017 32.3 mAP (official release, SPEC §11).
 Evaluate an official checkpoint::
 
-    python -m damo_jax.eval --config ns --weights damoyolo_ns.pth --data coco:/data/coco
+    python -m damo_jax.evaluation.evaluator --config ns --weights damoyolo_ns.pth --data coco:/data/coco
 """
 from damo_jax.config import model_config
 

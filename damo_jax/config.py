@@ -22,7 +22,13 @@ from typing import Sequence
 import ml_collections
 
 MODEL_NAMES = ("t", "s", "m", "l", "ns", "nm", "nl", "n")
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+def _config_dir() -> Path:
+    """The bundled config files: the ``damo_jax.configs`` package (repo folder ``configs/``)."""
+    import damo_jax.configs
+    return Path(damo_jax.configs.__file__).resolve().parent
+
+
+CONFIG_DIR = _config_dir()
 
 COCO_CLASSES = (
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",

@@ -129,7 +129,7 @@ def detection_loss(head_outputs, targets, *, reg_max, axis_name=None):
 
     head_outputs: the model output dict — ``scores`` (B, A, C) probabilities, ``boxes`` (B, A, 4)
     decoded x1y1x2y2, ``reg_logits_flat`` (B, A, 4, R+1) pre-softmax after Scale.
-    targets: from :func:`damo_jax.assign.build_targets` — ``labels`` (B, A) (C = background),
+    targets: from :func:`damo_jax.assign.ota.build_targets` — ``labels`` (B, A) (C = background),
     ``label_scores``, ``bbox_targets`` (B, A, 4), ``dfl_targets`` (B, A, 4), ``fg_mask`` (B, A).
 
     loss_cls = Σ QFL / max(#pos, 1); w = detached max class score of each positive;

@@ -14,8 +14,8 @@ spawned loader workers start quickly.
 from __future__ import annotations
 
 
-from data_pipelines.loader import TrainLoader, build_batch, eval_batches, global_indices
-from data_pipelines.records import DataError, DetectionDataset, Record
+from damo_jax.data_pipelines.loader import TrainLoader, build_batch, eval_batches, global_indices
+from damo_jax.data_pipelines.records import DataError, DetectionDataset, Record
 
 SPEC_KINDS = ("demo", "coco", "yolo", "voc", "tfds")
 
@@ -46,7 +46,7 @@ def open_dataset(spec: str, split: str | None = None, **kwargs) -> DetectionData
             raise DataError(f"dataset spec {spec!r}: expected one of "
                             f"{', '.join(k + ':...' for k in SPEC_KINDS[1:])}, 'demo', or a .json/.yaml path")
     if kind == "demo":
-        from data_pipelines.demo import open_demo
+        from damo_jax.data_pipelines.demo import open_demo
         try:
             size = int(rest) if rest else None
         except ValueError as e:
@@ -55,18 +55,18 @@ def open_dataset(spec: str, split: str | None = None, **kwargs) -> DetectionData
             raise DataError(f"dataset spec {spec!r}: demo size must be a multiple of 32 (>= 32)")
         return open_demo({"validation": "val"}.get(split, split), size)
     if kind == "coco":
-        from data_pipelines.readers.coco import read_coco, resolve_coco_paths
+        from damo_jax.data_pipelines.readers.coco import read_coco, resolve_coco_paths
         coco_split = {"validation": "val"}.get(split, split)
         ann, image_dir = resolve_coco_paths(rest, coco_split)
         return read_coco(ann, kwargs.get("image_dir", image_dir), name=f"coco:{rest}:{coco_split}")
     if kind == "yolo":
-        from data_pipelines.readers.yolo import read_yolo
+        from damo_jax.data_pipelines.readers.yolo import read_yolo
         return read_yolo(rest, split)
     if kind == "voc":
-        from data_pipelines.readers.voc import read_voc
+        from damo_jax.data_pipelines.readers.voc import read_voc
         return read_voc(rest, {"validation": "val"}.get(split, split), **kwargs)
     if kind == "tfds":
-        from data_pipelines.readers.tfds import read_tfds
+        from damo_jax.data_pipelines.readers.tfds import read_tfds
         return read_tfds(rest, split, **kwargs)
     raise DataError(f"dataset spec {spec!r}: unknown kind {kind!r} (known: {', '.join(SPEC_KINDS)})")
 

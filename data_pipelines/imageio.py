@@ -33,7 +33,7 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from data_pipelines.records import DataError, log
+from damo_jax.data_pipelines.records import DataError, log
 
 ORIENTATION_TAG = 0x0112
 _SWAPPING_ORIENTATIONS = (5, 6, 7, 8)

@@ -26,10 +26,10 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from data_pipelines.augment.pipeline import AugParams, as_hw, train_sample
-from data_pipelines.augment.resize import stretch_resize
-from data_pipelines.batching import collate_train
-from data_pipelines.records import log
+from damo_jax.data_pipelines.augment.pipeline import AugParams, as_hw, train_sample
+from damo_jax.data_pipelines.augment.resize import stretch_resize
+from damo_jax.data_pipelines.batching import collate_train
+from damo_jax.data_pipelines.records import log
 
 _WORKER: dict[str, Any] = {}
 

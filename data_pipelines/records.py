@@ -119,7 +119,7 @@ class DetectionDataset:
 
     def load_image(self, rec: Record) -> np.ndarray:
         """(H, W, 3) uint8 RGB in the annotated frame (subclasses with other sources override)."""
-        from data_pipelines.imageio import decode_image
+        from damo_jax.data_pipelines.imageio import decode_image
         return decode_image(rec.file, annotated_size=(rec.width, rec.height), stats=self.stats)
 
     def __repr__(self) -> str:

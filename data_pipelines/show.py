@@ -1,6 +1,6 @@
 """Draw augmented training samples with their boxes into one PNG.
 
-    python -m data_pipelines.show --data demo --out samples.png [--config ns] [--num 8]
+    python -m damo_jax.data_pipelines.show --data demo --out samples.png [--config ns] [--num 8]
         [--step 0] [--size 320] [--seed 0] [--no-aug]
 
 ``--step`` picks the global step (SADA strength grows with step / total; ``--no-aug`` shows the
@@ -15,7 +15,7 @@ import colorsys
 import cv2
 import numpy as np
 
-from data_pipelines import TrainLoader, open_dataset
+from damo_jax.data_pipelines import TrainLoader, open_dataset
 
 
 def _color(k: int) -> tuple[int, int, int]:

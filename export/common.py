@@ -6,7 +6,7 @@
 * ``raw_fn(dm)``: ``images`` (N, 3, H, W) float32 RGB 0-255 **NCHW** -> ``(scores (N, A, C),
   boxes (N, A, 4) x1y1x2y2 input px)`` — the official raw export layout (SPEC §2.13, §10.1).
   The transpose to Flax's NHWC happens inside the function.
-* ``end2end_fn(dm, topk, conf, iou)``: the same followed by ``damo_jax.nms.multiclass_nms`` over all
+* ``end2end_fn(dm, topk, conf, iou)``: the same followed by ``damo_jax.ops.nms.multiclass_nms`` over all
   candidates (``pre_nms_topk = A*C``, the exact official semantics) — the JAX reference of the
   ``--end2end`` ONNX graph: ``(num_dets (N, 1) int32, boxes (N, K, 4), scores (N, K), labels (N, K))``.
 * ``parse_img_size`` / ``parse_batch`` / ``input_spec``: CLI helpers shared by the scripts.
@@ -124,12 +124,12 @@ def load_deploy_model(config=None, *, checkpoint=None, weights=None, image_size=
     warning — useful only for latency tests and format checks.
     """
     from damo_jax.models import build_model
-    from damo_jax.reparam import fuse
+    from damo_jax.models.reparam import fuse
 
     if checkpoint is not None and weights is not None:
         raise ValueError("export: give at most one of --checkpoint and --weights")
     if checkpoint is not None or weights is not None:
-        from damo_jax.detector import load_jax_model
+        from damo_jax.inference.detector import load_jax_model
         cfg, _, variables, class_names = load_jax_model(
             config=config, checkpoint=checkpoint, weights=weights, fuse=True)
         cfg = export_config(cfg)
@@ -155,7 +155,7 @@ def load_deploy_model(config=None, *, checkpoint=None, weights=None, image_size=
 def from_variables(cfg, train_variables, image_size, *, source="variables") -> DeployModel:
     """DeployModel from in-memory train-graph variables (tests, notebooks)."""
     from damo_jax.models import build_model
-    from damo_jax.reparam import fuse
+    from damo_jax.models.reparam import fuse
 
     cfg = export_config(cfg)
     return DeployModel(cfg=cfg, model=build_model(cfg, deploy=True),
@@ -176,7 +176,7 @@ def raw_fn(dm: DeployModel):
 
 def end2end_fn(dm: DeployModel, *, topk: int, conf_thre: float, iou_thre: float):
     """JAX reference of the ``--end2end`` graph (official NMS over *all* candidates)."""
-    from damo_jax.nms import multiclass_nms
+    from damo_jax.ops.nms import multiclass_nms
 
     forward = raw_fn(dm)
 

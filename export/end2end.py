@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from export import onnx_utils
+from damo_jax.export import onnx_utils
 
 E2E_OUTPUTS = ("num_dets", "boxes", "scores", "labels")
 _P = "e2e_"  # prefix of every appended tensor / node name
@@ -77,7 +77,7 @@ def nms_nodes(scores: str, boxes: str, *, topk: int, conf_thre: float, iou_thre:
          n.const("conf_thre", np.array([conf_thre], np.float32))],
         "selected", center_point_box=0)
     # Reorder to [image, anchor, class] so the dense matrix is (N, A, C) and ties in TopK go
-    # anchor-major, class-minor: the candidate order of the official / damo_jax.nms code.
+    # anchor-major, class-minor: the candidate order of the official / damo_jax.ops.nms code.
     selected = n.node("Gather", [selected, n.const("bac", np.array([0, 2, 1], np.int64))],
                       "selected_bac", axis=1)
     kept_scores = n.node("GatherND", [scores, selected], "kept_scores")         # (S,)

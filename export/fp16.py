@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from export import onnx_utils
+from damo_jax.export import onnx_utils
 
 FP16_OPS = frozenset({
     "Conv", "Relu", "Sigmoid", "Mul", "Add", "Sub", "Div", "Concat", "MaxPool", "Resize",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import onnx
 
-from export import common, onnx_utils
+from damo_jax.export import common, onnx_utils
 
 log = logging.getLogger("damo_jax.export")
 

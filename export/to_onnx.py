@@ -5,7 +5,7 @@
     python export/to_onnx.py --config t --weights t.pth --end2end --topk 100 --output t_e2e.onnx
     python export/to_onnx.py --config ns --img-size 416 --via tf --output ns_tf.onnx
 
-Pipeline: weights -> ``damo_jax.reparam.fuse`` (RepConv + every BN folded) -> ``build_model(cfg,
+Pipeline: weights -> ``damo_jax.models.reparam.fuse`` (RepConv + every BN folded) -> ``build_model(cfg,
 deploy=True)`` -> ONNX. Input ``images`` float32 (N, 3, H, W) RGB 0-255 (no normalisation);
 outputs ``scores`` (N, A, C) sigmoid probabilities and ``boxes`` (N, A, 4) x1y1x2y2 in input pixels
 (the official raw export layout, no NMS). ``--end2end`` appends the official class-aware NMS as ONNX
@@ -27,12 +27,10 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # ``python export/to_onnx.py``: make the repo root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import onnx
 
-from export import common, end2end, graph_passes, onnx_utils
+from damo_jax.export import common, end2end, graph_passes, onnx_utils
 
 log = logging.getLogger("damo_jax.export")
 MIN_OPSET = 17
@@ -103,7 +101,7 @@ def export_onnx(dm: common.DeployModel, *, via: str = "jax2onnx", batch=1, opset
                              "OpenVINO cannot use its dynamic-batch graph); use --via jax2onnx")
         if opset > MAX_TF2ONNX_OPSET:
             raise ValueError(f"--via tf: tf2onnx 1.17 supports opset <= {MAX_TF2ONNX_OPSET}")
-        from export import tflite_route
+        from damo_jax.export import tflite_route
         if tf_dir is None:
             raise ValueError("--via tf needs an output location for the SavedModel / .tflite")
         model = tflite_route.convert(dm, batch=batch, opset=opset, workdir=tf_dir)

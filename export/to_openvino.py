@@ -7,7 +7,7 @@
 ``--fp16`` stores the weights in FP16 (``ov.save_model(..., compress_to_fp16=True)``); the CPU
 plugin decompresses them and computes in its inference precision. Note: on CPUs with
 AMX/AVX512-BF16 the CPU plugin computes in **bf16 by default**; for FP32 results compile with
-``{"INFERENCE_PRECISION_HINT": "f32"}`` (``damo_jax.backends.OpenVinoBackend(precision="f32")``,
+``{"INFERENCE_PRECISION_HINT": "f32"}`` (``damo_jax.inference.backends.OpenVinoBackend(precision="f32")``,
 ``benchmark_app -infer_precision f32``). The ONNX metadata (class names, size, thresholds) is
 copied into the IR's rt_info under ``damo_jax``.
 
@@ -23,8 +23,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import onnx
 
@@ -67,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> Path:
-    from export.common import setup_logging  # lazy: keeps jax out of the import
+    from damo_jax.export.common import setup_logging  # lazy: keeps jax out of the import
     setup_logging()
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
@@ -79,7 +77,7 @@ def main(argv=None) -> Path:
     if not rest:
         parser.error("give --onnx FILE, or to_onnx.py options (--config/--weights/--checkpoint, "
                      "--img-size, --batch, --end2end, ...) to export first")
-    from export import to_onnx
+    from damo_jax.export import to_onnx
     if args.keep_onnx:
         onnx_path = to_onnx.main(rest + ["--output", str(out.with_suffix(".onnx"))])
         return convert(onnx_path, out, fp16=args.fp16)

@@ -27,8 +27,6 @@ import logging
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 log = logging.getLogger("damo_jax.export")
 
@@ -108,7 +106,7 @@ def build_engine(onnx_path, engine_path, *, fp16=False, min_batch=None, opt_batc
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     shapes = profile_shapes(onnx_input_shape(onnx_path), min_batch, opt_batch, max_batch)
     if fp16 and not has_fp16_flag(trt):
-        from export import fp16 as fp16_pass
+        from damo_jax.export import fp16 as fp16_pass
         fp16_onnx = engine_path.with_name(engine_path.stem + "_fp16.onnx")
         fp16_pass.convert_file(onnx_path, fp16_onnx)
         log.info("TensorRT %s has no BuilderFlag.FP16 (strong typing): building from the FP16 "
@@ -155,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None):
-    from export.common import setup_logging  # lazy: keeps jax out of the import
+    from damo_jax.export.common import setup_logging  # lazy: keeps jax out of the import
     setup_logging()
     args = build_parser().parse_args(argv)
     for name in ("min_batch", "opt_batch", "max_batch"):

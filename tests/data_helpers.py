@@ -69,7 +69,7 @@ def make_coco_dataset(root: Path, n: int = 6, size=(96, 128), seed: int = 0, max
     rng = np.random.default_rng(seed)
     scenes = [random_scene(rng, size[0], size[1], max_objects) for _ in range(n)]
     write_coco(root, scenes)
-    from data_pipelines import open_dataset
+    from damo_jax.data_pipelines import open_dataset
     return open_dataset(f"coco:{root}", "train"), scenes
 
 

@@ -108,7 +108,7 @@ def write_random_weights(path: Path, cfg, gain: float = 0.5) -> Path:
     ``gain`` 0.5 keeps the class scores unsaturated (about 0.01) for the nano models."""
     from golden_weights import make_state_dict
 
-    from damo_jax.convert import expected_torch_entries
+    from damo_jax.interop.convert import expected_torch_entries
     state_dict = make_state_dict({k: v[2] for k, v in expected_torch_entries(cfg).items()}, gain=gain)
     state_dict["head.integral.project"] = np.arange(cfg.model.head.reg_max + 1, dtype=np.float32)
     np.savez(path, **state_dict)
@@ -130,7 +130,7 @@ def write_checkpoint(run_dir: Path, cfg, variables, class_names) -> Path:
     """A training-run folder whose checkpoint holds ``variables`` as the EMA (and raw) weights."""
     import jax.numpy as jnp
 
-    from damo_jax import checkpoint
+    from damo_jax.train import checkpoint
     state = {"params": variables["params"], "batch_stats": variables["batch_stats"],
              "opt_state": {"count": jnp.zeros((), jnp.int32)}, "step": jnp.asarray(1, jnp.int32),
              "rng": jnp.zeros((2,), jnp.uint32), "ema_params": variables["params"],

@@ -117,6 +117,6 @@ def golden_state_dict(model: str, verify: bool = True) -> dict[str, np.ndarray]:
 def golden_variables(model: str):
     """(config, Flax variables) of the golden weights of ``model`` (cached per test process)."""
     from damo_jax.config import load_config
-    from damo_jax.convert import from_torch_state_dict
+    from damo_jax.interop.convert import from_torch_state_dict
     cfg = load_config(model.lower())
     return cfg, from_torch_state_dict(golden_state_dict(model), cfg)

@@ -1,6 +1,6 @@
 """Independent NumPy reference of AlignOTA (SPEC §6) and the head's targets: a plain per-image loop.
 
-Written from the specification, not from damo_jax.assign: candidate rows are subset explicitly,
+Written from the specification, not from damo_jax.assign.ota: candidate rows are subset explicitly,
 the class cost is the literal (candidates, G, C) quality-focal sum, selection uses a stable sort
 per GT column (lowest prior index first on equal costs) and conflicts take the first argmin.
 Everything is float32 like the official code. Used by the golden, property and benchmark checks.

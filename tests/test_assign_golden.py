@@ -18,7 +18,7 @@ import pytest
 
 import ref_align_ota as ref
 from conftest import golden_path
-from damo_jax import assign
+from damo_jax.assign import ota as assign
 
 REG_MAX = 16
 

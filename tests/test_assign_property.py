@@ -15,7 +15,9 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import ref_align_ota as ref
-from damo_jax import assign, losses, sinkhorn_ota
+from damo_jax import losses
+from damo_jax.assign import ota as assign
+from damo_jax.assign import sinkhorn as sinkhorn_ota
 from damo_jax.models import make_priors
 
 H, W, B, G_PAD, C = 64, 96, 3, 6, 4
@@ -202,7 +204,8 @@ SHARDED_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     import jax, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from damo_jax import assign, losses
+    from damo_jax import losses
+    from damo_jax.assign import ota as assign
     import test_assign_property as t
     assert jax.device_count() == 2, jax.devices()
     rng = np.random.default_rng(5)

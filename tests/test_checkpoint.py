@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from damo_jax import checkpoint
+from damo_jax.train import checkpoint
 from damo_jax.config import load_config
 
 

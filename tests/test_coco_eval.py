@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from damo_jax.coco_eval import (STAT_NAMES, coco_evaluate, detections_to_coco,
+from damo_jax.evaluation.coco import (STAT_NAMES, coco_evaluate, detections_to_coco,
                                 format_coco_table)
 
 CATEGORY_IDS = (1, 3, 7)  # non-contiguous source ids, like COCO

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from damo_jax.config import load_config
-from damo_jax.convert import (from_torch_state_dict, load_official_checkpoint, load_pretrained,
+from damo_jax.interop.convert import (from_torch_state_dict, load_official_checkpoint, load_pretrained,
                               merge_variables, to_torch_state_dict, torch_key)
 from damo_jax.models import build_model, init_variables
-from damo_jax.reparam import fuse
+from damo_jax.models.reparam import fuse
 from golden_weights import golden_state_dict
 
 
@@ -110,7 +110,7 @@ def test_npz_and_pth_files(ns_state_dict, tmp_path):
     want = from_torch_state_dict(ns_state_dict, cfg)
     np.savez(tmp_path / "ns.npz", **ns_state_dict)
     assert_trees_equal(load_official_checkpoint(tmp_path / "ns.npz", cfg), want)
-    from damo_jax.pth_io import save_pth
+    from damo_jax.interop.pth_io import save_pth
     save_pth({"model": to_torch_state_dict(want, cfg), "epoch": 3}, tmp_path / "ns.pth")
     assert_trees_equal(load_official_checkpoint(tmp_path / "ns.pth", cfg), want)
     with pytest.raises(FileNotFoundError):

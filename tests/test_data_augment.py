@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from data_helpers import CLASS_COLORS, color_components, make_coco_dataset, random_scene
-from data_pipelines.augment import (AugParams, box_candidates, drop_small, hflip, mixup, mosaic,
+from damo_jax.data_pipelines.augment import (AugParams, box_candidates, drop_small, hflip, mixup, mosaic,
                                     random_affine, stretch_resize, train_sample, transform_boxes)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_pipelines import demo, open_dataset
+from damo_jax.data_pipelines import demo, open_dataset
 
 
 def test_bundled_photos_load_offline_and_splits_use_disjoint_backgrounds():

@@ -10,10 +10,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from data_pipelines import DataError
-from data_pipelines.readers.coco import read_coco
-from data_pipelines.readers.voc import read_voc
-from data_pipelines.readers.yolo import parse_label_file, read_yolo
+from damo_jax.data_pipelines import DataError
+from damo_jax.data_pipelines.readers.coco import read_coco
+from damo_jax.data_pipelines.readers.voc import read_voc
+from damo_jax.data_pipelines.readers.yolo import parse_label_file, read_yolo
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

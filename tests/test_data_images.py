@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from data_helpers import write_coco
-from data_pipelines import DataError, TrainLoader, open_dataset
-from data_pipelines.imageio import decode_image, displayed_size
+from damo_jax.data_pipelines import DataError, TrainLoader, open_dataset
+from damo_jax.data_pipelines.imageio import decode_image, displayed_size
 
 
 def _save(img: Image.Image, path, **kw):
@@ -35,7 +35,7 @@ def test_missing_truncated_and_non_image_files_raise_naming_the_file(tmp_path):
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
 @pytest.mark.parametrize("mode", ["RGB", "L"])
 def test_fast_opencv_decode_matches_pil(tmp_path, fmt, mode):
-    from data_pipelines.imageio import _fast_path_ok
+    from damo_jax.data_pipelines.imageio import _fast_path_ok
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 255, (37, 53, 3), dtype=np.uint8)).convert(mode)
     path = _save(img, tmp_path / f"x.{fmt.lower()}", format=fmt)

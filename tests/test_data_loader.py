@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from data_helpers import make_coco_dataset
-from data_pipelines import TrainLoader, eval_batches, global_indices
-from data_pipelines.batching import pad_targets
+from damo_jax.data_pipelines import TrainLoader, eval_batches, global_indices
+from damo_jax.data_pipelines.batching import pad_targets
 
 CFG = {"image_size": (64, 64), "mosaic_size": (64, 64), "max_boxes": 8, "mixup_prob": 0.5, "prefetch": 1}
 
@@ -140,7 +140,7 @@ def test_eval_batches_pad_the_last_batch(ds):
 
 def test_all_negative_and_all_broken_datasets_never_hang(tmp_path):
     from data_helpers import write_coco
-    from data_pipelines import DataError, open_dataset
+    from damo_jax.data_pipelines import DataError, open_dataset
     empty = [(np.full((24, 24, 3), 90, np.uint8), np.zeros((0, 4)), np.zeros((0,), int)) for _ in range(3)]
     write_coco(tmp_path / "neg", empty)
     neg = open_dataset(f"coco:{tmp_path / 'neg'}")

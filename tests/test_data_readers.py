@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from data_helpers import random_scene, write_coco
-from data_pipelines import DataError, open_dataset
+from damo_jax.data_pipelines import DataError, open_dataset
 
 
 # ---------------------------------------------------------------------------------------------- COCO

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from data_helpers import CLASS_COLORS, rect_image
-from data_pipelines.augment.sada import (BOX_PROB, COLOR_RATIOS, box_select_prob, color_op, gaussian_map,
+from damo_jax.data_pipelines.augment.sada import (BOX_PROB, COLOR_RATIOS, box_select_prob, color_op, gaussian_map,
                                          geometric_op, sada, scale_splits)
 
 

@@ -9,8 +9,8 @@ from PIL import Image
 
 tfds = pytest.importorskip("tensorflow_datasets", reason="tensorflow-datasets not installed (extra [tf])")
 
-from data_pipelines import open_dataset  # noqa: E402
-from data_pipelines.readers.tfds import COCO_CATEGORY_IDS  # noqa: E402
+from damo_jax.data_pipelines import open_dataset  # noqa: E402
+from damo_jax.data_pipelines.readers.tfds import COCO_CATEGORY_IDS  # noqa: E402
 
 
 def test_random_mock_coco_is_handled_and_counted():
@@ -66,13 +66,13 @@ def test_hand_made_examples_convert_exactly():
 
 def test_out_of_range_label_is_a_data_error():
     bad = [dict(EXAMPLES[0], objects=dict(EXAMPLES[0]["objects"], label=np.array([3, 1, 80])))]
-    from data_pipelines import DataError
+    from damo_jax.data_pipelines import DataError
     with tfds.testing.mock_data(as_data_source_fn=lambda *a, **k: bad):
         with pytest.raises(DataError, match="objects/label.*80"):
             open_dataset("tfds:coco/2017", "train")
 
 
 def test_unknown_tfds_dataset_is_a_data_error():
-    from data_pipelines import DataError
+    from damo_jax.data_pipelines import DataError
     with pytest.raises(DataError, match="no_such_dataset_xyz"):
         open_dataset("tfds:no_such_dataset_xyz", "train")

@@ -1,4 +1,4 @@
-"""damo_jax.eval: the evaluation protocol end to end, and the ``python -m damo_jax.eval`` CLI."""
+"""damo_jax.evaluation.evaluator: the evaluation protocol end to end, and the ``python -m damo_jax.evaluation.evaluator`` CLI."""
 from __future__ import annotations
 
 import json
@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from damo_jax.config import load_config
-from damo_jax.eval import collect_detections, evaluate, main
+from damo_jax.evaluation.evaluator import collect_detections, evaluate, main
 
 from eval_fakes import (CATEGORY_IDS, CLASS_NAMES, ColorBoxDataset, ColorBoxOracle, box_iou_numpy,
                         write_checkpoint, write_random_weights, write_two_class_config)
@@ -75,7 +75,7 @@ def test_multi_device_sharded_eval_matches_single_device(oracle, tmp_path):
         "sys.path.insert(0, 'tests')\n"
         "from eval_fakes import ColorBoxDataset, ColorBoxOracle\n"
         "from test_eval_cli import oracle_config\n"
-        "from damo_jax.eval import evaluate\n"
+        "from damo_jax.evaluation.evaluator import evaluate\n"
         "assert jax.device_count() == 2\n"
         "m = ColorBoxOracle(); v = m.init(jax.random.key(0), jnp.zeros((1, 64, 96, 3)))\n"
         "print(json.dumps(evaluate(m, v, ColorBoxDataset(num_images=5), oracle_config(batch_size=4), progress=False)))\n")
@@ -122,7 +122,7 @@ def test_cli_official_weights_on_coco_folder(tmp_path, capsys):
         assert 0.001 < d["score"] <= 1.0
     assert set(per_image) <= {1000, 1001, 1002} and max(per_image.values()) <= 50
     # the same weights as a training checkpoint (config and class names from its meta)
-    from damo_jax.convert import from_torch_state_dict, read_state_dict_file
+    from damo_jax.interop.convert import from_torch_state_dict, read_state_dict_file
     cfg = load_config(str(config_file))
     run = write_checkpoint(tmp_path / "run", cfg, from_torch_state_dict(read_state_dict_file(weights), cfg),
                            CLASS_NAMES)

@@ -3,7 +3,7 @@
 A pass-through ONNX graph (inputs = raw scores/boxes) gets the NMS nodes appended; its outputs are
 compared with a plain numpy implementation of SPEC §2.14 (strict score > conf, class-aware greedy
 NMS suppressing IoU > iou, descending score, ties by (anchor, class) index, hard cap K) and with
-``damo_jax.nms.multiclass_nms``, in onnxruntime and OpenVINO (f32).
+``damo_jax.ops.nms.multiclass_nms``, in onnxruntime and OpenVINO (f32).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from export import end2end, onnx_utils
+from damo_jax.export import end2end, onnx_utils
 
 
 def _iou_one_to_many(box, others):
@@ -137,7 +137,7 @@ def test_end2end_cap_is_respected_with_thousands_of_candidates():
 def test_end2end_matches_damo_jax_nms_and_ties_go_anchor_major():
     import jax.numpy as jnp
 
-    from damo_jax.nms import multiclass_nms
+    from damo_jax.ops.nms import multiclass_nms
     scores, boxes = random_case(11, 2, 50, 6)
     scores[0, 3, :] = 0.8          # one anchor, equal scores in every class
     scores[1, 10:14, 2] = 0.7      # equal scores, same class, overlapping boxes

@@ -1,6 +1,6 @@
 """Export parity on the real models (Ns, T, S): the golden loop and every runtime / variant.
 
-Golden loop: official-recipe weights (tests/golden_weights.py) -> damo_jax.convert -> reparam.fuse
+Golden loop: official-recipe weights (tests/golden_weights.py) -> damo_jax.interop.convert -> reparam.fuse
 -> jax2onnx (+ clean-up passes) -> onnxruntime, compared with the official PyTorch outputs
 ``models/<M>_b2_128x128.npz`` (golden README §8 tolerances) and with the JAX model itself.
 The same file then goes through OpenVINO (IR FP32 with the f32 hint; IR FP16 loosely), the
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import golden_path  # noqa: E402
 from golden_weights import golden_state_dict  # noqa: E402
 
-from export import common, end2end, onnx_utils, to_onnx, to_openvino  # noqa: E402
+from damo_jax.export import common, end2end, onnx_utils, to_onnx, to_openvino  # noqa: E402
 
 MODELS = {"Ns": ("ns", 5e-3), "T": ("t", 0.05), "S": ("s", 0.05)}   # config, box atol (px)
 SIZE = (128, 128)
@@ -35,7 +35,7 @@ def golden_input() -> np.ndarray:
 
 @functools.lru_cache(maxsize=None)
 def train_variables(name: str):
-    from damo_jax.convert import from_torch_state_dict
+    from damo_jax.interop.convert import from_torch_state_dict
     return from_torch_state_dict(golden_state_dict(name), MODELS[name][0])
 
 
@@ -110,7 +110,7 @@ def _leaf_paths(tree, prefix=()):
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_openvino_ir_fp32_and_fp16(name, tmp_path):
-    from damo_jax.backends import OpenVinoBackend
+    from damo_jax.inference.backends import OpenVinoBackend
     dm, _, path, jax_out = exported(name)
     nhwc = golden_input().transpose(0, 2, 3, 1)
     xml = to_openvino.convert(path, tmp_path / "m.xml")
@@ -130,7 +130,7 @@ def test_openvino_ir_fp32_and_fp16(name, tmp_path):
 
 
 def test_end2end_matches_jax_nms():
-    """T: the appended ONNX NMS == damo_jax.nms over all candidates; never more than K rows."""
+    """T: the appended ONNX NMS == damo_jax.ops.nms over all candidates; never more than K rows."""
     dm, raw, _, _ = exported("T")
     e2e_cfg = dict(topk=20, conf_thre=0.05, iou_thre=0.7)
     model = to_onnx.finalize(raw, dm, route="jax2onnx", e2e=e2e_cfg)
@@ -168,7 +168,7 @@ def ort_run_bytes(model, images, names):
 
 def test_dynamic_batch_one_file_batches_1_and_3(tmp_path):
     """Ns exported with a dynamic batch: batch 1 and 3 from the same file (ORT and OpenVINO)."""
-    from damo_jax.backends import OnnxBackend, OpenVinoBackend
+    from damo_jax.inference.backends import OnnxBackend, OpenVinoBackend
     dm, _, path, _ = exported("Ns", batch=common.DYNAMIC_BATCH)
     assert onnx_utils.io_shapes(onnx_utils.load(path))["images"][0] == common.DYNAMIC_BATCH
     x = golden_input()
@@ -204,8 +204,8 @@ def test_cli_weights_npz_non_square(tmp_path):
 
 def test_detector_with_onnx_and_openvino_backends_matches_jax(tmp_path):
     """damo_jax.Detector on the exported Ns file == the JAX backend (same pre/post-processing)."""
-    from damo_jax.backends import OnnxBackend, OpenVinoBackend
-    from damo_jax.detector import Detector, JaxBackend
+    from damo_jax.inference.backends import OnnxBackend, OpenVinoBackend
+    from damo_jax.inference.detector import Detector, JaxBackend
     dm, _, path, _ = exported("Ns")                      # static batch 2 file
     rng = np.random.default_rng(0)
     # Dark images (pixel values 0..3): the synthetic golden weights expect O(1) inputs; full
@@ -225,7 +225,7 @@ def test_detector_with_onnx_and_openvino_backends_matches_jax(tmp_path):
 
 
 def test_backends_reject_end2end_files_and_wrong_sizes(tmp_path):
-    from damo_jax.backends import OnnxBackend
+    from damo_jax.inference.backends import OnnxBackend
     dm, raw, path, _ = exported("Ns")
     e2e = onnx_utils.save(to_onnx.finalize(raw, dm, route="jax2onnx", e2e=dict(topk=5)),
                           tmp_path / "e2e.onnx")
@@ -244,7 +244,7 @@ def test_cli_checkpoint_uses_ema_weights_and_stored_class_names(tmp_path):
     import jax
     import jax.numpy as jnp
 
-    from damo_jax import checkpoint
+    from damo_jax.train import checkpoint
     from damo_jax.config import load_config
     golden = train_variables("Ns")
     names = [f"thing{i}" for i in range(80)]

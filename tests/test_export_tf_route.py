@@ -18,7 +18,7 @@ from conftest import golden_path  # noqa: E402
 from test_export_models import (assert_boxes_close, assert_scores_close, golden_input,  # noqa: E402
                                 ort_run, train_variables)
 
-from export import common, onnx_utils, to_onnx  # noqa: E402
+from damo_jax.export import common, onnx_utils, to_onnx  # noqa: E402
 
 
 def test_tflite_route_golden_loop_and_artifacts(tmp_path):

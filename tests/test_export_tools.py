@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from export import common, fp16, graph_passes, onnx_utils, to_onnx, to_tensorrt
+from damo_jax.export import common, fp16, graph_passes, onnx_utils, to_onnx, to_tensorrt
 
 
 def tiny_net_onnx(upsample="repeat", batch=1):

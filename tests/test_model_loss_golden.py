@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 
 from conftest import golden_path
-from damo_jax import assign, losses
+from damo_jax import losses
+from damo_jax.assign import ota as assign
 from damo_jax.config import load_config
-from damo_jax.convert import from_torch_state_dict, to_torch_state_dict
+from damo_jax.interop.convert import from_torch_state_dict, to_torch_state_dict
 from damo_jax.models import build_model, make_priors
 from golden_weights import golden_state_dict
 

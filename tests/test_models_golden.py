@@ -23,7 +23,7 @@ import pytest
 
 from conftest import golden_path
 from damo_jax.config import load_config
-from damo_jax.convert import from_torch_state_dict, to_torch_state_dict
+from damo_jax.interop.convert import from_torch_state_dict, to_torch_state_dict
 from damo_jax.models import build_model
 from golden_weights import GOLDEN_MODELS, golden_state_dict
 

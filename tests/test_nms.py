@@ -1,4 +1,4 @@
-"""damo_jax.nms against an independent numpy port of the official post-processing.
+"""damo_jax.ops.nms against an independent numpy port of the official post-processing.
 
 Reference = DAMO-YOLO ``multiclass_nms`` + torchvision ``batched_nms`` semantics: candidates
 ``score > conf`` in row-major (anchor, class) order, stable descending sort, per-class greedy NMS
@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from damo_jax.nms import box_iou, multiclass_nms
+from damo_jax.ops.nms import box_iou, multiclass_nms
 
 
 def iou_one_vs_many_numpy(box, boxes):

@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from damo_jax import optim
+from damo_jax.train import optim
 
 
 # ---------------------------------------------------------------- lr schedule
@@ -159,7 +159,7 @@ def test_optimizer_matches_pytorch_semantics(kind):
 
 @pytest.mark.parametrize("kind", ["sgd", "adamw"])
 def test_unit_lr_times_external_lr_equals_scheduled_optimizer(kind):
-    """The trainer's form: optimizer with lr 1.0, updates multiplied by lr(step) (damo_jax.train)."""
+    """The trainer's form: optimizer with lr 1.0, updates multiplied by lr(step) (damo_jax.train.loop)."""
     rng = np.random.default_rng(1)
     params = {"kernel": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32), "bias": jnp.zeros(4)}
     mask = {"kernel": True, "bias": False}

@@ -1,4 +1,4 @@
-"""Detector API, backends interface, drawing, and the ``damo_jax.predict`` CLI."""
+"""Detector API, backends interface, drawing, and the ``damo_jax.inference.predict`` CLI."""
 from __future__ import annotations
 
 import json
@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 import damo_jax
-from damo_jax.detector import Detector, JaxBackend, stretch_resize, to_rgb_array
-from damo_jax.visualize import class_color, draw_detections
+from damo_jax.inference.detector import Detector, JaxBackend, stretch_resize, to_rgb_array
+from damo_jax.inference.draw import class_color, draw_detections
 
 from eval_fakes import (CLASS_NAMES, ColorBoxDataset, ColorBoxOracle, box_iou_numpy, draw_boxes,
                         write_checkpoint, write_random_weights, write_two_class_config)
@@ -127,7 +127,7 @@ def test_draw_detections_marks_box_pixels():
 def two_class_run(tmp_path_factory):
     """ns with 2 classes, golden-recipe random weights, test size 64x64, saved as a training run."""
     from damo_jax.config import load_config
-    from damo_jax.convert import from_torch_state_dict, read_state_dict_file
+    from damo_jax.interop.convert import from_torch_state_dict, read_state_dict_file
     root = tmp_path_factory.mktemp("run")
     cfg = load_config(str(write_two_class_config(root / "two_class.py")))
     cfg.test.image_size = (64, 64)
@@ -147,8 +147,8 @@ def make_image_folder(root: Path, dataset) -> Path:
 
 
 def test_predict_cli_folder_checkpoint_matches_eval_and_detector(two_class_run, tmp_path, capsys):
-    from damo_jax.eval import collect_detections
-    from damo_jax.predict import main
+    from damo_jax.evaluation.evaluator import collect_detections
+    from damo_jax.inference.predict import main
     run_dir, _, _ = two_class_run
     dataset = ColorBoxDataset(num_images=3)
     folder = make_image_folder(tmp_path / "images", dataset)
@@ -171,7 +171,7 @@ def test_predict_cli_folder_checkpoint_matches_eval_and_detector(two_class_run, 
     assert not np.array_equal(np.asarray(Image.open(out / "a.png")), dataset[0]["image"])
 
     # the same model through evaluation (eval_batches pre-processing) gives the same detections
-    from damo_jax.detector import load_jax_model
+    from damo_jax.inference.detector import load_jax_model
     cfg, model, variables, _ = load_jax_model(checkpoint=run_dir)
     cfg.test.conf_thre, cfg.test.batch_size = 0.001, 2
     coco = collect_detections(model, variables, dataset, cfg, progress=False)
@@ -190,7 +190,7 @@ def test_predict_cli_folder_checkpoint_matches_eval_and_detector(two_class_run, 
 
 
 def test_predict_cli_official_weights_single_image_and_errors(two_class_run, tmp_path):
-    from damo_jax.predict import main
+    from damo_jax.inference.predict import main
     _, weights, config_file = two_class_run
     image = ColorBoxDataset(num_images=1)[0]["image"]
     Image.fromarray(image).save(tmp_path / "one.png")
@@ -254,7 +254,7 @@ def test_exported_backends_plug_into_detector(tmp_path, backend):
 
 
 def test_predict_cli_onnx(tmp_path):
-    from damo_jax.predict import main
+    from damo_jax.inference.predict import main
     config = write_two_class_config(tmp_path / "two_class.py")
     onnx_file = write_handmade_onnx(tmp_path / "m.onnx")
     Image.fromarray(np.zeros((32, 64, 3), np.uint8)).save(tmp_path / "x.png")

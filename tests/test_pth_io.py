@@ -1,4 +1,4 @@
-"""Torch-free checkpoint I/O (damo_jax.pth_io): real-torch fixtures, malicious pickles, round trips.
+"""Torch-free checkpoint I/O (damo_jax.interop.pth_io): real-torch fixtures, malicious pickles, round trips.
 
 The fixtures in tests/fixtures/ were written by real torch 2.13 (tests/fixtures/make_pth_fixtures.py);
 no test here needs torch.
@@ -17,8 +17,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
-from damo_jax import pth_io
-from damo_jax.pth_io import (PthFormatError, UnsafeCheckpointError, load_pth, read_state_dict,
+from damo_jax.interop import pth_io
+from damo_jax.interop.pth_io import (PthFormatError, UnsafeCheckpointError, load_pth, read_state_dict,
                              save_pth)
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -327,7 +327,7 @@ def test_golden_T_state_dict_survives_save_and_read(tmp_path):
 
     from golden_weights import golden_state_dict, load_model_json
 
-    from damo_jax.convert import load_official_checkpoint
+    from damo_jax.interop.convert import load_official_checkpoint
 
     sd = golden_state_dict("T", verify=False)
     path = tmp_path / "epoch_300_ckpt.pth"

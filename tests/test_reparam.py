@@ -1,4 +1,4 @@
-"""Deploy folding (``damo_jax.reparam.fuse``) against the official deploy models (golden §4).
+"""Deploy folding (``damo_jax.models.reparam.fuse``) against the official deploy models (golden §4).
 
 * key names/shapes and per-key sums of the folded state_dict (via ``to_torch_state_dict``) equal
   ``deploy/<M>_<variant>.json`` (sums to 1e-5 of the key's abs-sum);
@@ -18,10 +18,10 @@ import pytest
 
 from conftest import golden_path
 from damo_jax.config import load_config
-from damo_jax.convert import to_torch_state_dict
+from damo_jax.interop.convert import to_torch_state_dict
 from damo_jax.models import build_model
 from damo_jax.models.blocks import Opts, RepConv
-from damo_jax.reparam import fold_repconv, fuse
+from damo_jax.models.reparam import fold_repconv, fuse
 from golden_weights import golden_variables
 from test_models_golden import FLOOR_FACTOR, RTOL, golden_input_nhwc, nhwc
 

@@ -6,14 +6,14 @@ import sys
 
 import pytest
 
-from damo_jax import train
+from damo_jax.train import loop as train
 from damo_jax.config import flat_items, load_config
 
 from train_setup import ROOT
 
 
 def test_help_lists_every_key_with_default():
-    r = subprocess.run([sys.executable, "-m", "damo_jax.train", "--config", "ns", "--help"], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "damo_jax.train.loop", "--config", "ns", "--help"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     for key, value in flat_items(load_config("ns")):

@@ -29,7 +29,8 @@ from damo_jax import runtime
 runtime.tune_cpu_runtime()                 # as the train CLI does (same XLA flags -> same cache keys)
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from damo_jax import optim, train
+from damo_jax.train import optim
+from damo_jax.train import loop as train
 from damo_jax.config import load_config
 from damo_jax.models import build_model
 

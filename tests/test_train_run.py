@@ -24,7 +24,7 @@ import jax
 import numpy as np
 import pytest
 
-from damo_jax.checkpoint import Checkpoints
+from damo_jax.train.checkpoint import Checkpoints
 from train_setup import ROOT, run_train, shared_dir, train_cmd, train_env
 
 
@@ -122,20 +122,20 @@ def test_kill9_then_kill_during_save_then_resume_is_bitwise_exact(run_a):
     assert not list(ckdir.glob("*.orbax-checkpoint-tmp*"))     # cleaned up by the next save
     _assert_bitwise_equal(_full_state(workdir), _full_state(workdir_a))
     # the resumed runs logged the steps they redid; readers keep the last record per step
-    from damo_jax.train_log import read_metrics
+    from damo_jax.train.log import read_metrics
     assert [x["step"] for x in read_metrics(workdir / "metrics.jsonl")["train"]] == list(range(1, 9))
 
 
 def _three_class_npz(run_a_dir, path):
     """An official-layout state dict (npz) with 3 classes, made from run A's weights."""
-    from damo_jax.checkpoint import load_for_inference
-    from damo_jax.convert import to_torch_state_dict
+    from damo_jax.train.checkpoint import load_for_inference
+    from damo_jax.interop.convert import to_torch_state_dict
     cfg, variables, _ = load_for_inference(run_a_dir, which="model", step="latest")
     sd = to_torch_state_dict(variables, cfg)
     for key in [k for k in sd if k.startswith("head.gfl_cls.")]:
         sd[key] = np.concatenate([sd[key], sd[key][:1]], axis=0)     # 2 -> 3 output channels
     np.savez(path, **sd)
-    from damo_jax.convert import expected_torch_entries
+    from damo_jax.interop.convert import expected_torch_entries
     return len(expected_torch_entries(cfg))
 
 

@@ -104,7 +104,7 @@ def shared_dir() -> Path:
 
 def train_cmd(workdir: Path, *extra: str) -> list[str]:
     d = shared_dir()
-    return [sys.executable, "-m", "damo_jax.train", "--config", str(d / "tiny.py"),
+    return [sys.executable, "-m", "damo_jax.train.loop", "--config", str(d / "tiny.py"),
             "--data", f"coco:{d / 'coco'}", "--workdir", str(workdir), "--no-progress", *extra]
 
 
@@ -130,6 +130,6 @@ def run_train(workdir: Path, *extra: str, timeout: float = 600, **env_extra: str
 
 
 def final_params(workdir: Path, which: str = "model", step="latest"):
-    from damo_jax.checkpoint import load_for_inference
+    from damo_jax.train.checkpoint import load_for_inference
     _, variables, _ = load_for_inference(workdir, which=which, step=step)
     return variables

@@ -2,7 +2,7 @@
 
 Layout: NHWC activations, conv kernels ``[kh, kw, in/groups, out]``. Every submodule carries the
 name of the official PyTorch attribute, with list indices written ``<list>_<i>`` (``block_list_3``,
-``conv_7``), so ``damo_jax.convert`` maps ``a/b_3/c/kernel`` to ``a.b.3.c.weight`` mechanically.
+``conv_7``), so ``damo_jax.interop.convert`` maps ``a/b_3/c/kernel`` to ``a.b.3.c.weight`` mechanically.
 
 Deploy modes (``Opts.deploy``):
 * ``False``     — train graph: RepConv has ``rbr_dense`` + ``rbr_1x1`` branches, every conv has a BN.

@@ -99,7 +99,7 @@ def build_model(config_or_name, deploy=False) -> DamoYolo:
 
     ``deploy``: ``False`` train graph; ``"reparam"`` RepConvs folded (BNs kept);
     ``True`` fully folded inference graph (no BatchNorm). Variables for the deploy forms come
-    from ``damo_jax.reparam.fuse``. ``cfg.model.depthwise_impl`` (``"auto"`` default, ``"conv"``,
+    from ``damo_jax.models.reparam.fuse``. ``cfg.model.depthwise_impl`` (``"auto"`` default, ``"conv"``,
     ``"taps"``) picks how depthwise convs and the SPP pools are computed (``models/cpu_ops.py``;
     ``"auto"`` = shifted-slice forms on CPU; exporters use ``"conv"``, see :func:`with_depthwise_impl`).
     """

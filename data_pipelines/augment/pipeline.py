@@ -19,13 +19,13 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from data_pipelines.augment.affine import random_affine
-from data_pipelines.augment.flip import random_hflip
-from data_pipelines.augment.mixup import mixup
-from data_pipelines.augment.mosaic import mosaic
-from data_pipelines.augment.resize import drop_small, stretch_resize
-from data_pipelines.augment.sada import sada
-from data_pipelines.records import DataError, log
+from damo_jax.data_pipelines.augment.affine import random_affine
+from damo_jax.data_pipelines.augment.flip import random_hflip
+from damo_jax.data_pipelines.augment.mixup import mixup
+from damo_jax.data_pipelines.augment.mosaic import mosaic
+from damo_jax.data_pipelines.augment.resize import drop_small, stretch_resize
+from damo_jax.data_pipelines.augment.sada import sada
+from damo_jax.data_pipelines.records import DataError, log
 
 MAX_BAD_IN_A_ROW = 10
 

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from data_pipelines.records import DataError, DetectionDataset, Record, clean_boxes, empty_boxes
+from damo_jax.data_pipelines.records import DataError, DetectionDataset, Record, clean_boxes, empty_boxes
 
 
 class CocoDataset(DetectionDataset):

@@ -22,7 +22,7 @@ import io
 
 import numpy as np
 
-from data_pipelines.records import DataError, DetectionDataset, Record, clean_boxes, empty_boxes, log
+from damo_jax.data_pipelines.records import DataError, DetectionDataset, Record, clean_boxes, empty_boxes, log
 
 COCO_CATEGORY_IDS = (
     1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28,
@@ -42,7 +42,7 @@ class TfdsDataset(DetectionDataset):
         example = self._source[rec.source_index]
         image = example["image"]
         if isinstance(image, (bytes, bytearray)):
-            from data_pipelines.imageio import decode_image
+            from damo_jax.data_pipelines.imageio import decode_image
             return decode_image(bytes(image), annotated_size=(rec.width, rec.height),
                                 stats=self.stats, name=rec.name)
         arr = np.asarray(image)

@@ -30,8 +30,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Sequence
 
-from data_pipelines.imageio import displayed_size
-from data_pipelines.records import DataError, DetectionDataset, Record, clean_boxes, empty_boxes, log
+from damo_jax.data_pipelines.imageio import displayed_size
+from damo_jax.data_pipelines.records import DataError, DetectionDataset, Record, clean_boxes, empty_boxes, log
 
 DIFFICULT_MODES = ("ignore", "keep", "drop")
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipelines.imageio import displayed_size
-from data_pipelines.records import DataError, DetectionDataset, Record, clean_boxes, empty_boxes, log
+from damo_jax.data_pipelines.imageio import displayed_size
+from damo_jax.data_pipelines.records import DataError, DetectionDataset, Record, clean_boxes, empty_boxes, log
 
 IMAGE_SUFFIXES = {".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp", ".mpo", ".dng", ".pfm"}
 

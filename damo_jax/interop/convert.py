@@ -170,7 +170,7 @@ def to_torch_state_dict(variables, config) -> dict[str, np.ndarray]:
 
 # ----------------------------------------------------------------------------- files
 def read_state_dict_file(path) -> dict[str, np.ndarray]:
-    """``.pth`` (torch-free reader ``damo_jax.pth_io``) or ``.npz`` -> name -> array."""
+    """``.pth`` (torch-free reader ``damo_jax.interop.pth_io``) or ``.npz`` -> name -> array."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"checkpoint {p} does not exist")
@@ -178,7 +178,7 @@ def read_state_dict_file(path) -> dict[str, np.ndarray]:
         with np.load(p, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
     if p.suffix in (".pth", ".pt", ".ckpt"):
-        from damo_jax.pth_io import read_state_dict
+        from damo_jax.interop.pth_io import read_state_dict
         return read_state_dict(str(p))
     raise ValueError(f"checkpoint {p}: unsupported suffix {p.suffix!r} (expected .pth or .npz)")
 

@@ -1,4 +1,4 @@
-"""Write PyTorch ``torch.save`` zip checkpoints without torch (re-exported by ``damo_jax.pth_io``).
+"""Write PyTorch ``torch.save`` zip checkpoints without torch (re-exported by ``damo_jax.interop.pth_io``).
 
 The file layout mirrors what torch 2.x writes: ``<archive>/data.pkl`` (protocol-2 pickle using
 ``torch._utils._rebuild_tensor_v2``, ``torch.<X>Storage`` persistent ids and

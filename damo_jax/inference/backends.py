@@ -1,4 +1,4 @@
-"""Runtimes for exported models, with the interface ``damo_jax.detector.Detector`` expects.
+"""Runtimes for exported models, with the interface ``damo_jax.inference.detector.Detector`` expects.
 
 A backend is a callable ``forward(images)``: images (B, H, W, 3) float32 RGB 0-255 **NHWC** (the
 library's layout) -> ``(scores (B, A, C), boxes (B, A, 4))`` numpy float32, boxes x1y1x2y2 in network
@@ -37,7 +37,7 @@ def _check_file(path, suffixes) -> Path:
 
 def _check_outputs(path, names) -> None:
     if sorted(names) != sorted(RAW_OUTPUTS):
-        hint = (" — an --end2end export; export without --end2end for damo_jax.predict / Detector"
+        hint = (" — an --end2end export; export without --end2end for damo_jax.inference.predict / Detector"
                 if "num_dets" in names else "")
         raise ValueError(f"{path}: outputs {list(names)}, expected {list(RAW_OUTPUTS)}{hint}")
 

@@ -159,16 +159,16 @@ def write_predictions_png(model, variables, dataset, cfg, png_path, *, num_image
     """A grid of the first images (≤ ``num_images``) of ``dataset`` with the model's detections.
 
     Same pre-processing, batch size and NMS as evaluation (``cfg.test``; so the compiled eval step is
-    reused), drawn on the resized images with :func:`damo_jax.visualize.draw_detections`
+    reused), drawn on the resized images with :func:`damo_jax.inference.draw.draw_detections`
     (score ≥ ``score_thr``).
     """
     import numpy as np
     from PIL import Image
 
-    from damo_jax.eval import detect_batch
-    from damo_jax.nms import iou_threshold_f32
-    from damo_jax.visualize import draw_detections
-    from data_pipelines import eval_batches
+    from damo_jax.evaluation.evaluator import detect_batch
+    from damo_jax.ops.nms import iou_threshold_f32
+    from damo_jax.inference.draw import draw_detections
+    from damo_jax.data_pipelines import eval_batches
 
     hw = tuple(int(v) for v in cfg.test.image_size)
     batch = next(iter(eval_batches(dataset, hw, int(cfg.test.batch_size))))

@@ -34,11 +34,12 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from damo_jax import checkpoint, optim
+from damo_jax.train import checkpoint
+from damo_jax.train import optim
 from damo_jax.config import apply_overrides, flat_items, load_config, runlocal
-from damo_jax.train_log import TrainLog, plot_curves
+from damo_jax.train.log import TrainLog, plot_curves
 
-log = logging.getLogger("damo_jax.train")
+log = logging.getLogger("damo_jax.train.loop")
 EXIT_NONFINITE = 3
 # Test hooks (host side only, so the compiled step is the same program with and without them):
 # NAN: before the update of this global step, the parameters are multiplied by NaN (a corrupted
@@ -168,7 +169,7 @@ def epochs_to_steps(epochs, steps_per_epoch: int) -> int:
 
 def open_datasets(cfg):
     """(train dataset, val dataset or None); also sets num_classes / class names from the data."""
-    import data_pipelines
+    from damo_jax import data_pipelines
     train_ds = data_pipelines.open_dataset(cfg.data.train, cfg.data.train_split)
     if len(train_ds) == 0:
         raise ValueError(f"config data.train={cfg.data.train!r} split {cfg.data.train_split!r} is empty")
@@ -187,7 +188,7 @@ def open_datasets(cfg):
 
 
 def make_loader(train_ds, cfg, rl: RunLength, start_step: int):
-    import data_pipelines
+    from damo_jax import data_pipelines
     return data_pipelines.TrainLoader(
         train_ds, cfg.data, batch_size=int(cfg.train.batch_size), seed=int(cfg.train.seed),
         steps_per_epoch=rl.steps_per_epoch, total_steps=rl.total_steps,
@@ -233,11 +234,11 @@ def init_state(model, cfg, key, replicated: NamedSharding) -> dict:
 def apply_finetune(state: dict, cfg, tx, replicated: NamedSharding, info) -> dict:
     """Load official ``.pth`` / ``.npz`` weights (``train.finetune``) into params + batch_stats.
 
-    ``damo_jax.convert.load_pretrained`` loads every tensor whose shape matches; with another class
+    ``damo_jax.interop.convert.load_pretrained`` loads every tensor whose shape matches; with another class
     count the ``head.gfl_cls.*`` tensors are skipped and keep their fresh initialisation. The
     optimizer state and the EMA restart from the merged weights.
     """
-    from damo_jax import convert
+    from damo_jax.interop import convert
     subset, report = convert.load_pretrained(cfg.train.finetune, cfg, skip_head_if_mismatch=True)
     skipped = "; ".join(f"{key} ({why})" for key, why in report["skipped"]) or "none"
     info(f"fine-tuning from {cfg.train.finetune}: loaded {report['num_loaded']} tensors; "
@@ -258,7 +259,7 @@ def apply_finetune(state: dict, cfg, tx, replicated: NamedSharding, info) -> dic
 # ==================================================================================================
 def make_update_fn(model, tx, lr_fn, cfg):
     """``update_fn(state, batch) -> (new_state, metrics)``; pure, to be jitted with donation."""
-    from damo_jax.assign import align_ota, build_targets
+    from damo_jax.assign.ota import align_ota, build_targets
     from damo_jax.losses import detection_loss
 
     num_classes = int(cfg.model.head.num_classes)
@@ -341,7 +342,7 @@ def _meta(cfg, train_ds, step: int, rl: RunLength, metrics=None) -> dict:
 
 
 def evaluate_ema(model, state, val_ds, cfg, progress: bool = True) -> dict:
-    from damo_jax.eval import evaluate
+    from damo_jax.evaluation.evaluator import evaluate
     stats = evaluate(model, _host_variables(state, ema=True), val_ds, cfg, progress=progress)
     return {k: float(v) for k, v in stats.items()}
 
@@ -499,7 +500,7 @@ def finish(run: Run, state: dict) -> dict:
     summary["curves"] = str(plot_curves(run.workdir / "metrics.jsonl", run.workdir / "curves.png"))
     if run.val_ds is not None:
         try:
-            from damo_jax.train_log import write_predictions_png
+            from damo_jax.train.log import write_predictions_png
             summary["predictions"] = str(write_predictions_png(
                 run.model, _host_variables(state), run.val_ds, run.cfg, run.workdir / "predictions.png"))
         except Exception as err:  # noqa: BLE001 - the picture must never fail the run

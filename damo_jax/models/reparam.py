@@ -125,7 +125,7 @@ def fuse(variables, config, fuse_bn: bool = False) -> dict:
 
 
 def _check_against_model(variables, cfg, deploy):
-    from damo_jax.convert import variable_template
+    from damo_jax.interop.convert import variable_template
     template = variable_template(cfg, deploy)
     want = {jax.tree_util.keystr(p): tuple(s.shape)
             for p, s in jax.tree_util.tree_flatten_with_path(template)[0]}

@@ -7,7 +7,7 @@
 
 Pre-processing is the evaluation protocol (SPEC §9.4/§10.2): stretch-resize (cv2 bilinear) to the
 network size, RGB 0–255 float32, no normalisation; post-processing is the same
-:func:`damo_jax.nms.multiclass_nms` as evaluation; boxes are mapped back with independent x / y
+:func:`damo_jax.ops.nms.multiclass_nms` as evaluation; boxes are mapped back with independent x / y
 factors. Each result is a dict ``boxes`` (N,4) float32 x1y1x2y2, ``scores`` (N,), ``labels`` (N,)
 int32 (0-based), ``class_names`` (N names), sorted by descending score.
 
@@ -15,7 +15,7 @@ Backend interface: a callable ``forward(images)`` with images (B,H,W,3) float32 
 returning ``(scores (B,A,C), boxes (B,A,4))`` in network-input pixels (numpy or jax arrays).
 Optional attributes: ``input_hw`` (fixed (H, W) of an exported model) and ``batch_size`` (fixed
 batch of an exported model; None = any). :class:`JaxBackend` is the Flax model;
-``damo_jax.backends.OnnxBackend`` / ``OpenVinoBackend`` (export helper) wrap exported files.
+``damo_jax.inference.backends.OnnxBackend`` / ``OpenVinoBackend`` (export helper) wrap exported files.
 """
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from damo_jax.nms import iou_threshold_f32, multiclass_nms
+from damo_jax.ops.nms import iou_threshold_f32, multiclass_nms
 
-log = logging.getLogger("damo_jax.detector")
+log = logging.getLogger("damo_jax.inference.detector")
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
@@ -42,7 +42,7 @@ def load_jax_model(config=None, checkpoint=None, weights=None, *, fuse: bool = T
 
     ``checkpoint``: training-run directory (EMA weights, config and class names from its meta);
     ``weights``: official ``.pth`` / converted ``.npz`` for ``config``. ``fuse`` folds RepConvs and
-    BatchNorms (``damo_jax.reparam.fuse`` + ``build_model(cfg, deploy=True)``; same outputs, faster).
+    BatchNorms (``damo_jax.models.reparam.fuse`` + ``build_model(cfg, deploy=True)``; same outputs, faster).
     """
     from damo_jax.config import load_config
     from damo_jax.models import build_model
@@ -50,7 +50,7 @@ def load_jax_model(config=None, checkpoint=None, weights=None, *, fuse: bool = T
     if (checkpoint is None) == (weights is None):
         raise ValueError("load_jax_model: give exactly one of checkpoint= or weights=")
     if checkpoint is not None:
-        from damo_jax.checkpoint import load_for_inference
+        from damo_jax.train.checkpoint import load_for_inference
         cfg, variables, class_names = load_for_inference(checkpoint)
         if config is not None:
             log.info("using the config stored in checkpoint %s (ignoring config %r)", checkpoint, config)
@@ -59,7 +59,7 @@ def load_jax_model(config=None, checkpoint=None, weights=None, *, fuse: bool = T
             raise ValueError(f"official weights {weights}: a config is needed (e.g. --config s)")
         if not Path(weights).is_file():
             raise FileNotFoundError(f"weights file {weights} not found")
-        from damo_jax.convert import from_torch_state_dict, read_state_dict_file
+        from damo_jax.interop.convert import from_torch_state_dict, read_state_dict_file
         cfg = load_config(config)
         state_dict = read_state_dict_file(weights)
         _check_weight_classes(state_dict, cfg, weights)
@@ -69,7 +69,7 @@ def load_jax_model(config=None, checkpoint=None, weights=None, *, fuse: bool = T
         raise ValueError(f"{checkpoint or weights}: {len(class_names)} class names but the model "
                          f"has {cfg.model.head.num_classes} classes")
     if fuse:
-        from damo_jax.reparam import fuse as fuse_variables
+        from damo_jax.models.reparam import fuse as fuse_variables
         variables = fuse_variables(variables, cfg, fuse_bn=True)
     return cfg, build_model(cfg, deploy=bool(fuse)), variables, tuple(class_names)
 
@@ -110,12 +110,12 @@ class JaxBackend:
 
 
 def make_backend(kind: str, model_path) -> Callable:
-    """``damo_jax.backends.OnnxBackend`` / ``OpenVinoBackend`` for an exported model file."""
+    """``damo_jax.inference.backends.OnnxBackend`` / ``OpenVinoBackend`` for an exported model file."""
     if not model_path:
         raise ValueError(f"backend {kind!r} needs model_path= (the exported .onnx / .xml file)")
     if not Path(model_path).is_file():
         raise FileNotFoundError(f"backend {kind!r}: model file {model_path} not found")
-    from damo_jax import backends
+    from damo_jax.inference import backends
     if kind == "onnx":
         return backends.OnnxBackend(str(model_path))
     if kind == "openvino":
@@ -128,7 +128,7 @@ def make_backend(kind: str, model_path) -> Callable:
 def read_image(path) -> np.ndarray:
     """(H,W,3) uint8 RGB of an image file, decoded like the datasets do (``data_pipelines.imageio``:
     EXIF orientation applied, alpha dropped, 16-bit / float images scaled)."""
-    from data_pipelines.imageio import decode_image
+    from damo_jax.data_pipelines.imageio import decode_image
     if not Path(path).is_file():
         raise FileNotFoundError(f"image {path} not found")
     return decode_image(str(path))
@@ -156,7 +156,7 @@ def to_rgb_array(image) -> np.ndarray:
 def stretch_resize(image: np.ndarray, image_hw: Sequence[int]) -> np.ndarray:
     """Stretch (no letterbox) an (h,w,3) uint8 image to (H,W,3), cv2 bilinear (SPEC §9.4) --
     the very function ``data_pipelines.eval_batches`` uses, so predict == eval pre-processing."""
-    from data_pipelines.augment.resize import stretch_resize as resize_with_boxes
+    from damo_jax.data_pipelines.augment.resize import stretch_resize as resize_with_boxes
     return resize_with_boxes(image, np.zeros((0, 4), np.float32), image_hw)[0]
 
 
@@ -209,7 +209,7 @@ class Detector:
             runner = JaxBackend(model, variables)
         else:
             if is_ckpt:
-                from damo_jax.checkpoint import config_from_json, load_meta
+                from damo_jax.train.checkpoint import config_from_json, load_meta
                 meta = load_meta(path_or_config)
                 cfg = config_from_json(meta["config"])
                 class_names = tuple(meta.get("class_names") or cfg.model.class_names)

@@ -9,7 +9,7 @@ Dense over (B images × G padded GTs × A priors), no Python loop over images or
 3. cost = (cls_cost·cls_weight + (−ln(IoU + 1e-7))·iou_weight) + 1e8·[not strict], float32, in
    this order (the penalised values round to the same multiples of 8 as the official code);
    cls_cost is the quality-focal cost summed over ALL classes (BCE on probabilities, logs clamped
-   at −100), see :mod:`damo_jax.ota_cost` (no (A, G, C) tensor is formed);
+   at −100), see :mod:`damo_jax.assign.cost` (no (A, G, C) tensor is formed);
 4. dynamic k_t = max(1, int(Σ top-min(10, #candidates) IoUs of GT t over candidates));
 5. each GT takes its k_t lowest-cost candidates (``lax.top_k`` on −cost with k = candidate_topk,
    then rank < k_t; equal costs resolve lowest prior index first);
@@ -18,7 +18,7 @@ Dense over (B images × G padded GTs × A priors), no Python loop over images or
 
 Invalid priors and padded GTs (``gt_valid`` False) are excluded everywhere; images without valid
 GTs or without candidates come out all negative. ``method="sinkhorn"`` replaces steps 5–6 by the
-original OTA transport problem (:mod:`damo_jax.sinkhorn_ota`).
+original OTA transport problem (:mod:`damo_jax.assign.sinkhorn`).
 
 Layouts: priors (A, 4) = (x, y, s, s), x = col·s, y = row·s; boxes x1y1x2y2 input pixels. Internal
 matrices are GT-major (B, G, A); the optional intermediates are returned prior-major (B, A, G).
@@ -30,8 +30,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from damo_jax import sinkhorn_ota
-from damo_jax.ota_cost import (  # noqa: F401  (re-exported for callers and tests)
+from damo_jax.assign import sinkhorn as sinkhorn_ota
+from damo_jax.assign.cost import (  # noqa: F401  (re-exported for callers and tests)
     PENALTY, background_cost, classification_cost, image_costs, inside_masks, pairwise_iou,
     penalised_cost)
 
@@ -111,7 +111,7 @@ def align_ota(scores, priors, pred_boxes, gt_boxes, gt_labels, gt_valid, *, cent
       pred_boxes: (B, A, 4) decoded predicted boxes, x1y1x2y2 input pixels.
       gt_boxes: (B, G, 4) ground truths x1y1x2y2 (padded to G); gt_labels (B, G) int in 0..C−1;
         gt_valid (B, G) bool, False for padding rows.
-      method: "dynamic_k" (official) or "sinkhorn" (entropic OT, :mod:`damo_jax.sinkhorn_ota`,
+      method: "dynamic_k" (official) or "sinkhorn" (entropic OT, :mod:`damo_jax.assign.sinkhorn`,
         with ``sinkhorn_epsilon``, ``sinkhorn_iters`` and ``sinkhorn_penalty`` replacing the 1e8
         penalty, which float32 Sinkhorn cannot resolve).
       return_intermediates: also return ``in_box_and_center``, ``pairwise_ious``, ``cost_matrix``
@@ -123,7 +123,7 @@ def align_ota(scores, priors, pred_boxes, gt_boxes, gt_labels, gt_valid, *, cent
     (B,) int32, ``candidate_mask`` (B, A) bool, ``dynamic_ks`` (B, G) int32 (0 for padding).
     """
     if method not in ("dynamic_k", "sinkhorn"):
-        raise ValueError(f"damo_jax.assign.align_ota: method must be 'dynamic_k' or 'sinkhorn', "
+        raise ValueError(f"damo_jax.assign.ota.align_ota: method must be 'dynamic_k' or 'sinkhorn', "
                          f"got {method!r}")
     sg = jax.lax.stop_gradient
     scores, pred_boxes, gt_boxes, priors = (sg(jnp.asarray(v, jnp.float32))
@@ -173,7 +173,7 @@ def _check_shapes(scores, priors, pred_boxes, gt_boxes, gt_labels, gt_valid):
                gt_labels=gt_labels.shape, gt_valid=gt_valid.shape)
     for name, shape in expected.items():
         if tuple(got[name]) != shape:
-            raise ValueError(f"damo_jax.assign.align_ota: {name} has shape {tuple(got[name])}, "
+            raise ValueError(f"damo_jax.assign.ota.align_ota: {name} has shape {tuple(got[name])}, "
                              f"expected {shape} (scores are {tuple(scores.shape)})")
 
 

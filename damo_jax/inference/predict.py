@@ -1,9 +1,9 @@
-"""``python -m damo_jax.predict``: detect objects in an image or a folder, draw and save them.
+"""``python -m damo_jax.inference.predict``: detect objects in an image or a folder, draw and save them.
 
-    python -m damo_jax.predict --checkpoint runs/s_demo --source photo.jpg
-    python -m damo_jax.predict --config s --weights damoyolo_s.pth --source images/ --out preds
-    python -m damo_jax.predict --config s --onnx s.onnx --source images/ --conf 0.4
-    python -m damo_jax.predict --config s --openvino s.xml --source images/
+    python -m damo_jax.inference.predict --checkpoint runs/s_demo --source photo.jpg
+    python -m damo_jax.inference.predict --config s --weights damoyolo_s.pth --source images/ --out preds
+    python -m damo_jax.inference.predict --config s --onnx s.onnx --source images/ --conf 0.4
+    python -m damo_jax.inference.predict --config s --openvino s.xml --source images/
 
 Writes ``<out>/<name>`` (the image with boxes and class names drawn; same file name and format)
 and ``<out>/detections.json``: one entry per image with ``file``, ``width``, ``height``,
@@ -18,9 +18,9 @@ import logging
 import sys
 from pathlib import Path
 
-from damo_jax.detector import IMAGE_SUFFIXES, Detector, read_image
+from damo_jax.inference.detector import IMAGE_SUFFIXES, Detector, read_image
 
-log = logging.getLogger("damo_jax.predict")
+log = logging.getLogger("damo_jax.inference.predict")
 
 
 def list_images(source) -> list[Path]:
@@ -38,7 +38,7 @@ def list_images(source) -> list[Path]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m damo_jax.predict", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m damo_jax.inference.predict", description=__doc__.split("\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="training checkpoint directory")
     src.add_argument("--weights", help="official .pth / converted .npz (needs --config)")
@@ -81,7 +81,7 @@ def _output_name(path: Path, source: Path) -> Path:
 
 
 def _save_drawing(target: Path, image, result, detector) -> None:
-    from damo_jax.visualize import draw_detections
+    from damo_jax.inference.draw import draw_detections
     target.parent.mkdir(parents=True, exist_ok=True)
     draw_detections(image, result["boxes"], result["scores"], result["labels"],
                     detector.class_names).save(target)
@@ -133,7 +133,7 @@ def main(argv=None) -> dict:
     try:
         return run(args)
     except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"damo_jax.predict: {e}")
+        sys.exit(f"damo_jax.inference.predict: {e}")
 
 
 if __name__ == "__main__":

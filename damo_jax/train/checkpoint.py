@@ -210,7 +210,7 @@ def resolve(path, step="best") -> tuple[Path, int]:
     steps = ck.steps()
     if not steps:
         raise FileNotFoundError(f"no complete checkpoint in {p} (expected <step>/ folders written by "
-                                f"damo_jax.train)")
+                                f"damo_jax.train.loop)")
     if step == "latest":
         chosen = ck.latest_step()
     elif step == "best":

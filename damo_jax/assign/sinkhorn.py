@@ -7,7 +7,7 @@ Label assignment as entropic optimal transport, per image:
   exceeds the number of candidates n_cand, the GT supplies are scaled by n_cand / Σ k_t and the
   background supplies 0, so the problem stays balanced);
 * demanders: every candidate prior demands exactly 1 unit (non-candidates take no part);
-* cost: the AlignOTA cost of :mod:`damo_jax.assign` (QFL class cost + 3·IoU cost) plus
+* cost: the AlignOTA cost of :mod:`damo_jax.assign.ota` (QFL class cost + 3·IoU cost) plus
   ``penalty``·[prior not in the GT's box ∩ centre square]; the background column costs the
   class cost against an all-zero target, Σ_c BCE(p_c, 0)·p_c². The official 1e8 penalty cannot
   be used: float32 potentials of magnitude 1e8 have an ulp of 8, i.e. errors of 80 in the
@@ -24,7 +24,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from damo_jax.ota_cost import background_cost, penalised_cost
+from damo_jax.assign.cost import background_cost, penalised_cost
 
 NEG_BIG = -1e30
 
@@ -86,7 +86,7 @@ def plan_to_assignment(plan: jax.Array, candidate: jax.Array) -> tuple[jax.Array
 def assign_image(scores, costs, ks, gt_valid, *, cls_weight, epsilon, iters, penalty):
     """One image: the OT plan on the AlignOTA cost with ``penalty`` instead of 1e8.
 
-    scores (A, C); costs: :func:`damo_jax.ota_cost.image_costs` output (GT-major (G, A));
+    scores (A, C); costs: :func:`damo_jax.assign.cost.image_costs` output (GT-major (G, A));
     ks (G,); gt_valid (G,). Returns (fg (A,), gt_index (A,) int32, plan (A, G + 1)).
     """
     cost = penalised_cost(costs["base"], costs["strict"], costs["candidate"], gt_valid, penalty)

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from damo_jax.pth_write import is_array_like, save_pth
+from damo_jax.interop.pth_write import is_array_like, save_pth
 
 __all__ = ["PthFormatError", "UnsafeCheckpointError", "load_pth", "read_state_dict", "save_pth"]
 

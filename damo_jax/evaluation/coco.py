@@ -35,7 +35,7 @@ _TABLE_ROWS = (  # (title, IoU, area, maxDets) of pycocotools' _summarizeDets, i
 
 def detections_to_coco(nms_out: Mapping, image_ids, orig_sizes, input_hw: Sequence[int],
                        category_ids: Sequence[int], valid=None) -> list[dict]:
-    """Convert one batch of :func:`damo_jax.nms.multiclass_nms` output to COCO result dicts.
+    """Convert one batch of :func:`damo_jax.ops.nms.multiclass_nms` output to COCO result dicts.
 
     Args:
       nms_out: ``boxes`` (B,K,4) x1y1x2y2 in network-input pixels, ``scores`` (B,K),

@@ -1,13 +1,13 @@
-"""COCO evaluation of a detector (official protocol, SPEC §9.4) and the ``damo_jax.eval`` CLI.
+"""COCO evaluation of a detector (official protocol, SPEC §9.4) and the ``damo_jax.evaluation.evaluator`` CLI.
 
 Protocol: stretch-resize every image to ``cfg.test.image_size`` (no letterbox), RGB 0–255 float,
-one jitted forward + :func:`damo_jax.nms.multiclass_nms` (``cfg.test`` conf / iou / max_dets /
+one jitted forward + :func:`damo_jax.ops.nms.multiclass_nms` (``cfg.test`` conf / iou / max_dets /
 pre_nms_topk), boxes mapped back with independent x / y factors, COCO bbox evaluation.
 
 CLI::
 
-    python -m damo_jax.eval --config s --weights damoyolo_s.pth --data coco:/data/coco
-    python -m damo_jax.eval --checkpoint runs/s_demo --data demo --json-out results.json
+    python -m damo_jax.evaluation.evaluator --config s --weights damoyolo_s.pth --data coco:/data/coco
+    python -m damo_jax.evaluation.evaluator --checkpoint runs/s_demo --data demo --json-out results.json
 """
 from __future__ import annotations
 
@@ -23,17 +23,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from damo_jax.coco_eval import coco_evaluate, detections_to_coco, print_coco_table
-from damo_jax.nms import iou_threshold_f32, multiclass_nms
+from damo_jax.evaluation.coco import coco_evaluate, detections_to_coco, print_coco_table
+from damo_jax.ops.nms import iou_threshold_f32, multiclass_nms
 
-log = logging.getLogger("damo_jax.eval")
+log = logging.getLogger("damo_jax.evaluation.evaluator")
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_dets", "pre_nms_topk"))
 def detect_batch(model, variables, images, conf_thre, iou_thre, *, max_dets=500, pre_nms_topk=1000):
     """Forward + NMS in one jit. images (B,H,W,3) uint8 or float RGB 0–255 -> NMS dict.
 
-    ``iou_thre`` should come through :func:`damo_jax.nms.iou_threshold_f32` (traced here).
+    ``iou_thre`` should come through :func:`damo_jax.ops.nms.iou_threshold_f32` (traced here).
     """
     out = model.apply(variables, images.astype(jnp.float32), train=False)
     return multiclass_nms(out["scores"], out["boxes"], conf_thre=conf_thre, iou_thre=iou_thre,
@@ -69,7 +69,7 @@ def _mesh_shardings(batch_size: int):
 
 def collect_detections(model, variables, dataset, cfg, *, batch_size=None, progress=True):
     """Run the detector over ``dataset`` -> list of COCO result dicts (original pixels, source ids)."""
-    from data_pipelines import eval_batches
+    from damo_jax.data_pipelines import eval_batches
 
     check_num_classes(cfg, dataset)
     image_hw = tuple(int(v) for v in _test_value(cfg, "image_size", cfg.model.image_size))
@@ -121,7 +121,7 @@ def evaluate(model, variables, dataset, cfg, *, batch_size=None, progress=True, 
 # ----------------------------------------------------------------------------------------- CLI
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m damo_jax.eval", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m damo_jax.evaluation.evaluator", description=__doc__.split("\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="training checkpoint directory (Orbax, EMA weights)")
     src.add_argument("--weights", help="official .pth or converted .npz (needs --config)")
@@ -160,22 +160,22 @@ def main(argv=None) -> dict:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("damo_jax").setLevel(logging.INFO)
     args = build_parser().parse_args(argv)
-    from damo_jax.detector import load_jax_model
-    from data_pipelines import open_dataset
+    from damo_jax.inference.detector import load_jax_model
+    from damo_jax.data_pipelines import open_dataset
 
     try:
         cfg, model, variables, class_names = load_jax_model(
             config=args.config, checkpoint=args.checkpoint, weights=args.weights, fuse=not args.no_fuse)
     except (ValueError, FileNotFoundError, KeyError) as e:
-        sys.exit(f"damo_jax.eval: {e}")
+        sys.exit(f"damo_jax.evaluation.evaluator: {e}")
     apply_test_overrides(cfg, args)
     spec = args.data or cfg.data.val or cfg.data.train
     split = args.split or cfg.data.val_split
     try:
         dataset = open_dataset(spec, split)
-        check_num_classes(cfg, dataset, where="damo_jax.eval")
+        check_num_classes(cfg, dataset, where="damo_jax.evaluation.evaluator")
     except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"damo_jax.eval: {e}" if not str(e).startswith("damo_jax.eval") else str(e))
+        sys.exit(f"damo_jax.evaluation.evaluator: {e}" if not str(e).startswith("damo_jax.evaluation.evaluator") else str(e))
     if tuple(dataset.class_names) != tuple(class_names):
         log.warning("class names of the weights and of the dataset differ (same count %d); "
                     "labels are matched by index", len(class_names))

@@ -1,0 +1,1 @@
+"""Evaluation: the COCO evaluator over a dataset split (``evaluator``) and COCO metrics (``coco``)."""

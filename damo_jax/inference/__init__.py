@@ -1,0 +1,2 @@
+"""Inference: ``Detector`` (``detector``), ONNX / OpenVINO backends (``backends``), the predict CLI
+(``predict``) and drawing (``draw``)."""

@@ -1,0 +1,1 @@
+"""Array ops shared by training, evaluation, inference and export: static-shape NMS (``nms``)."""
