@@ -1,0 +1,49 @@
+"""The error policy shared by every command (``damo-jax train|eval|predict|export|show|info``).
+
+A *user error* is anything the user can fix: a bad config name, key or value, a missing path, an
+impossible size, an unsafe or corrupt checkpoint, a dataset error. Library code raises
+:class:`UserError` (or one of the subclasses below, or one of the registered foreign types such as
+``DataError`` / ``PthFormatError`` / ``UnsafeCheckpointError``) with a message that names the flag,
+file and field. The CLI layer (``damo_jax.cli``) prints it as ONE line, ``error: <message>``, and
+exits with code 2; ``--debug`` or ``DAMO_JAX_DEBUG=1`` shows the traceback instead. Anything else is
+an internal error and keeps its traceback.
+"""
+from __future__ import annotations
+
+import os
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """A mistake the user can fix; the message is the whole story (file, flag, field, reason)."""
+
+
+class ConfigError(UserError, ValueError):
+    """Bad config name, override key or value (names the key and the config file)."""
+
+
+class InputPathError(UserError, FileNotFoundError):
+    """A path given on the command line or in a config does not exist / is not what is expected."""
+
+
+def user_error_types() -> tuple[type, ...]:
+    """Every exception type treated as a user error: :class:`UserError` and the domain errors of
+    the data pipeline and the torch-free checkpoint reader (imported lazily: no jax at import)."""
+    types: list[type] = [UserError]
+    try:
+        from damo_jax.data_pipelines.records import DataError
+        types.append(DataError)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from damo_jax.interop.pth_io import PthFormatError, UnsafeCheckpointError
+        types += [PthFormatError, UnsafeCheckpointError]
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(types)
+
+
+def debug_enabled(argv=None) -> bool:
+    """``--debug`` on the command line or ``DAMO_JAX_DEBUG=1`` in the environment."""
+    return bool(os.environ.get("DAMO_JAX_DEBUG")) or bool(argv and "--debug" in argv)
