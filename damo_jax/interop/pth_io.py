@@ -4,19 +4,21 @@
   ``<prefix>/byteorder``; the prefix directory varies) and the legacy non-zip format (magic number,
   protocol, sys info, data pickle, storage keys, raw storages). Tensors come back as C-contiguous
   numpy arrays with the tensor's dtype (bfloat16 is widened losslessly to float32); offset, size and
-  stride of views are honoured. Unpickling uses an allow-list: only the torch globals needed to rebuild
-  tensors are resolved, each to a local side-effect-free function; any other global raises
-  :class:`UnsafeCheckpointError` before anything is called.
+  stride of views are honoured (contiguous views share their storage's memory, like torch).
+  Unpickling uses an allow-list (``pth_unpickle``); every size the file declares is checked before
+  anything is allocated (``pth_bounds``), and the result is checked to be a plain tree (no cycles,
+  at most ``MAX_DEPTH`` levels, at most ``MAX_ELEMENTS`` elements counting shared sub-containers
+  once per use). Every refusal is a :class:`PthFormatError` or :class:`UnsafeCheckpointError`
+  naming the file and the record.
 * :func:`read_state_dict` returns the network weights ``{name: float32 | int64 array}`` of a
   ``.pth``/``.pt``/``.pkl``/``.npz`` file (``ckpt['model']``, else ``['state_dict']``, else the dict).
 * :func:`save_pth` writes a zip-format file that ``torch.load(path, weights_only=True)`` accepts.
 """
 from __future__ import annotations
 
-import collections
 import io
-import pickle
-import pickletools
+import math
+import os
 import struct
 import zipfile
 from pathlib import Path
@@ -24,381 +26,302 @@ from typing import Any
 
 import numpy as np
 
+from damo_jax.interop.pth_bounds import (Budget, PthFormatError, Storage, UnsafeCheckpointError,
+                                         decode, read_exact, resolve_max_bytes, short)
+from damo_jax.interop.pth_unpickle import DType, Loader
 from damo_jax.interop.pth_write import is_array_like, save_pth
 
 __all__ = ["PthFormatError", "UnsafeCheckpointError", "load_pth", "read_state_dict", "save_pth"]
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
+MAX_DEPTH = 100
+MAX_ELEMENTS = 10_000_000
+MAX_PICKLE_BYTES = 256 << 20
 _TORCH_SUFFIXES = (".pth", ".pt", ".pkl", ".ckpt", ".bin")
-
-# torch storage class name -> element dtype (little endian; "bf16" is decoded to float32)
-_STORAGE_DTYPES = {
-    "FloatStorage": "<f4", "DoubleStorage": "<f8", "HalfStorage": "<f2", "BFloat16Storage": "bf16",
-    "LongStorage": "<i8", "IntStorage": "<i4", "ShortStorage": "<i2", "CharStorage": "i1",
-    "ByteStorage": "u1", "BoolStorage": "?", "ComplexFloatStorage": "<c8",
-    "ComplexDoubleStorage": "<c16", "UntypedStorage": "u1",
-}
-# torch dtype name -> element dtype (used by _rebuild_tensor_v3 on untyped byte storages)
-_TORCH_DTYPES = {
-    "float32": "<f4", "float": "<f4", "float64": "<f8", "double": "<f8", "float16": "<f2",
-    "half": "<f2", "bfloat16": "bf16", "int64": "<i8", "long": "<i8", "int32": "<i4", "int": "<i4",
-    "int16": "<i2", "short": "<i2", "int8": "i1", "uint8": "u1", "bool": "?", "uint16": "<u2",
-    "uint32": "<u4", "uint64": "<u8", "complex64": "<c8", "complex128": "<c16",
-}
+_LINE_MAX = 1 << 16
 
 
-class PthFormatError(ValueError):
-    """The file is not a readable torch checkpoint (wrong magic, truncated, missing records...)."""
-
-
-class UnsafeCheckpointError(pickle.UnpicklingError):
-    """The pickle asked for a global outside the allow-list (it was refused, nothing was called)."""
-
-
-class _Sealed:
-    """Objects handed to the pickle: refuse BUILD (``__setstate__``) so a pickle cannot mutate them."""
-
-    def __setstate__(self, state):
-        raise UnsafeCheckpointError(f"BUILD on {type(self).__name__} refused")
-
-
-class _DType(_Sealed):
-    """Stand-in for a torch storage class or torch dtype: the element layout only."""
-
-    def __init__(self, name: str, code: str):
-        self.name, self.code = name, code
-
-    def numpy(self, byteorder: str) -> np.dtype:
-        code = "<u2" if self.code == "bf16" else self.code
-        return np.dtype(code).newbyteorder("<" if byteorder == "little" else ">")
-
-
-class _Callable(_Sealed):
-    """Allow-listed callable handed to the pickle; sealed so BUILD cannot alter the function."""
-
-    def __init__(self, fn):
-        self._fn = fn
-
-    def __call__(self, *args):
-        return self._fn(*args)
-
-    def __repr__(self):
-        return f"<allowed {self._fn.__name__}>"
-
-
-class _TensorType(_Sealed):
-    """Stand-in for ``torch.Tensor`` / ``torch.nn.Parameter`` (only used as a marker)."""
-
-
-class _Storage(_Sealed):
-    """A torch storage: 1-D elements, filled now (zip) or after the data pickle (legacy)."""
-
-    def __init__(self, dtype: _DType, key: str, numel: int, source: str, root=None, start=0):
-        self.dtype, self.key, self.numel, self.source = dtype, key, numel, source
-        self.root, self.start, self.array, self.byteorder = root, start, None, "little"
-
-    def elements(self) -> np.ndarray | None:
-        if self.root is not None:
-            base = self.root.elements()
-            return None if base is None else base[self.start:self.start + self.numel]
-        return self.array
-
-    def fill(self, raw: bytes, byteorder: str) -> None:
-        nbytes = self.numel * self.dtype.numpy(byteorder).itemsize
-        if len(raw) < nbytes:
-            raise PthFormatError(f"{self.source}: storage '{self.key}' is truncated "
-                                 f"({len(raw)} bytes, expected {nbytes})")
-        self.array, self.byteorder = _decode(raw, self.dtype, byteorder, self.numel), byteorder
-
-
-def _decode(raw, dtype: _DType, byteorder: str, count: int = -1) -> np.ndarray:
-    """Elements of ``raw`` (bytes or a uint8 array) in native byte order; bfloat16 -> float32."""
-    arr = np.frombuffer(raw, dtype.numpy(byteorder), count=count)
-    if not arr.dtype.isnative:
-        arr = arr.astype(arr.dtype.newbyteorder("="))
-    if dtype.code == "bf16":
-        arr = (arr.astype(np.uint32) << 16).view(np.float32)
-    return arr
-
-
-class _PendingTensor:
-    """A tensor whose storage has not been read yet (legacy format); resolved after loading."""
-
-    def __init__(self, args):
-        self.args = args
-
-
-def _int_tuple(value, what: str) -> tuple[int, ...]:
-    if not isinstance(value, (tuple, list)) or not all(isinstance(v, int) for v in value):
-        raise PthFormatError(f"tensor {what} must be a tuple of ints, got {value!r}")
-    return tuple(int(v) for v in value)
-
-
-def _build_tensor(storage, storage_offset, size, stride, dtype: _DType | None = None):
-    if not isinstance(storage, _Storage):
-        raise UnsafeCheckpointError(f"tensor rebuild got {type(storage).__name__}, not a storage")
-    if storage.elements() is None:
-        return _PendingTensor((storage, storage_offset, size, stride, dtype))
-    size, stride = _int_tuple(size, "size"), _int_tuple(stride, "stride")
-    elements = storage.elements()
-    if dtype is not None:  # v3: untyped byte storage reinterpreted as `dtype`
-        root = storage.root if storage.root is not None else storage
-        elements = _decode(np.ascontiguousarray(elements), dtype, root.byteorder)
-    if len(size) != len(stride) or min(size + stride, default=0) < 0 or \
-            not isinstance(storage_offset, int) or storage_offset < 0:
-        raise PthFormatError(f"{storage.source}: bad tensor geometry offset={storage_offset} "
-                             f"size={size} stride={stride} on storage '{storage.key}'")
-    if 0 in size:
-        return np.zeros(size, elements.dtype)
-    last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride))
-    if last >= elements.size:
-        raise PthFormatError(f"{storage.source}: tensor (offset={storage_offset}, size={size}, "
-                             f"stride={stride}) exceeds storage '{storage.key}' of "
-                             f"{elements.size} elements")
-    view = np.lib.stride_tricks.as_strided(
-        elements[storage_offset:], shape=size,
-        strides=tuple(s * elements.itemsize for s in stride), writeable=False)
-    return np.array(view, order="C")
-
-
-def _rebuild_tensor(storage, storage_offset, size, stride):
-    return _build_tensor(storage, storage_offset, size, stride)
-
-
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False,
-                       backward_hooks=None, metadata=None):
-    return _build_tensor(storage, storage_offset, size, stride)
-
-
-def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks,
-                       dtype, metadata=None):
-    if not isinstance(dtype, _DType):
-        raise UnsafeCheckpointError(f"_rebuild_tensor_v3 got dtype {dtype!r}")
-    return _build_tensor(storage, storage_offset, size, stride, dtype)
-
-
-def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
-    if not isinstance(data, (np.ndarray, _PendingTensor)):
-        raise UnsafeCheckpointError(f"_rebuild_parameter got {type(data).__name__}")
-    return data
-
-
-_REBUILDERS = {name: _Callable(fn) for name, fn in [
-    ("_rebuild_tensor", _rebuild_tensor), ("_rebuild_tensor_v2", _rebuild_tensor_v2),
-    ("_rebuild_tensor_v3", _rebuild_tensor_v3), ("_rebuild_parameter", _rebuild_parameter),
-    ("_rebuild_parameter_with_state", _rebuild_parameter)]}
-
-
-def _rebuild_from_type_v2(func, new_type, args, state):
-    if not any(func is f for f in _REBUILDERS.values()) or \
-            not isinstance(new_type, _TensorType) or not isinstance(args, tuple):
-        raise UnsafeCheckpointError(f"_rebuild_from_type_v2({func!r}, {new_type!r}) refused")
-    return func(*args)
-
-
-def _torch_size(dims=()):
-    return _int_tuple(dims, "torch.Size")
-
-
-def _torch_device(kind, index=None):
-    if not isinstance(kind, str) or not (index is None or isinstance(index, int)):
-        raise UnsafeCheckpointError(f"torch.device({kind!r}, {index!r}) refused")
-    return kind if index is None else f"{kind}:{index}"
-
-
-_SAFE_GLOBALS: dict[tuple[str, str], Any] = {
-    ("collections", "OrderedDict"): collections.OrderedDict,  # immutable C types: BUILD fails
-    **{(module, t.__name__): t for module in ("builtins", "__builtin__")  # (py2 name: protocol 2)
-       for t in (set, frozenset, complex)},
-    **{("torch._utils", name): fn for name, fn in _REBUILDERS.items()},
-    ("torch._tensor", "_rebuild_from_type_v2"): _Callable(_rebuild_from_type_v2),
-    ("torch", "Size"): _Callable(_torch_size), ("torch", "device"): _Callable(_torch_device),
-    ("torch", "Tensor"): _TensorType(), ("torch.nn.parameter", "Parameter"): _TensorType(),
-}
-for _module in ("torch", "torch.cuda", "torch.storage"):
-    _SAFE_GLOBALS.update({(_module, n): _DType(n, c) for n, c in _STORAGE_DTYPES.items()})
-_SAFE_GLOBALS.update({("torch", n): _DType(n, c) for n, c in _TORCH_DTYPES.items()})
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler that resolves only allow-listed globals; storages come from ``load_storage``."""
-
-    def __init__(self, file, source: str, load_storage=None):
-        super().__init__(file)
-        self._source, self._load_storage = source, load_storage
-
-    def find_class(self, module, name):
-        try:
-            return _SAFE_GLOBALS[(module, name)]
-        except (KeyError, TypeError):
-            raise UnsafeCheckpointError(
-                f"{self._source}: refused to load global '{module}.{name}' "
-                "(not needed to rebuild tensors; the file may be malicious)") from None
-
-    def persistent_load(self, pid):
-        if self._load_storage is None or not isinstance(pid, tuple) or not pid or \
-                pid[0] != "storage":
-            raise UnsafeCheckpointError(f"{self._source}: unsupported persistent id {pid!r}")
-        return self._load_storage(pid)
-
-
-def _check_storage_pid(pid, source: str):
-    if len(pid) < 5 or not isinstance(pid[1], _DType) or not isinstance(pid[2], str) or \
+def _storage_id(pid, source: str) -> tuple[DType, str, int]:
+    if len(pid) < 5 or not isinstance(pid[1], DType) or not isinstance(pid[2], str) or \
             not isinstance(pid[4], int) or pid[4] < 0:
-        raise PthFormatError(f"{source}: malformed storage id {pid!r}")
+        raise PthFormatError(f"{source}: malformed storage id {short(pid)}")
     return pid[1], pid[2], pid[4]
 
 
-def _unpickle(data: bytes | io.BytesIO, source: str, load_storage=None):
-    file = io.BytesIO(data) if isinstance(data, bytes) else data
+# ----------------------------------------------------------------------------- zip format
+def _open_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, source: str):
     try:
-        return _RestrictedUnpickler(file, source, load_storage).load()
-    except UnsafeCheckpointError as exc:
-        if str(exc).startswith(source):
-            raise
-        raise UnsafeCheckpointError(f"{source}: {exc}") from exc
-    except PthFormatError:
+        return archive.open(info)
+    except Exception as exc:  # bad local header, unsupported compression, encryption...
+        raise PthFormatError(f"{source}: corrupt record '{info.filename}' ({exc})") from exc
+
+
+def _read_member(archive, info, nbytes: int, source: str) -> np.ndarray:
+    """Exactly ``nbytes`` of a member (its header already checked), read in bounded chunks."""
+    try:
+        with _open_member(archive, info, source) as fh:
+            return read_exact(fh, nbytes, f"record '{info.filename}'", source)
+    except (PthFormatError, MemoryError):
         raise
-    except Exception as exc:  # truncated / corrupt pickle, bad arguments to an allowed callable
-        raise PthFormatError(f"{source}: corrupt pickle ({type(exc).__name__}: {exc})") from exc
+    except Exception as exc:  # CRC, zlib, truncated member
+        raise PthFormatError(f"{source}: corrupt record '{info.filename}' ({exc})") from exc
 
 
-def _load_zip(path: Path):
+def _load_zip(path: Path, budget: Budget):
     source = str(path)
     try:
         archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as exc:
+    except Exception as exc:
         raise PthFormatError(f"{source}: corrupt or truncated zip archive ({exc})") from exc
     with archive:
-        names = archive.namelist()
-        candidates = [n[:-len("data.pkl")] for n in names
+        infos = {info.filename: info for info in archive.infolist()}
+        candidates = [n[:-len("data.pkl")] for n in infos
                       if n.endswith("/data.pkl") and n.count("/") == 1]
         if not candidates:
             raise PthFormatError(f"{source}: zip archive has no '<prefix>/data.pkl' record "
                                  "(not a torch.save file)")
-        first = names[0].split("/", 1)[0] + "/"
+        first = next(iter(infos)).split("/", 1)[0] + "/"
         prefix = first if first in candidates else candidates[0]
 
-        def read(name: str) -> bytes:
-            try:
-                return archive.read(prefix + name)
-            except KeyError:
-                raise PthFormatError(f"{source}: missing record '{prefix + name}'") from None
-            except (zipfile.BadZipFile, OSError, EOFError) as exc:
-                raise PthFormatError(f"{source}: corrupt record '{prefix + name}' ({exc})") from exc
+        def member(name: str, max_size: int) -> zipfile.ZipInfo:
+            info = infos.get(prefix + name)
+            if info is None:
+                raise PthFormatError(f"{source}: missing record '{prefix + name}'")
+            if info.file_size > max_size:
+                raise PthFormatError(f"{source}: record '{info.filename}' declares "
+                                     f"{info.file_size} bytes (at most {max_size} expected)")
+            return info
 
-        byteorder = read("byteorder").decode() if prefix + "byteorder" in names else "little"
-        if byteorder not in ("little", "big"):
-            raise PthFormatError(f"{source}: unknown byteorder {byteorder!r}")
-        storages: dict[str, _Storage] = {}
+        byteorder = "little"
+        if prefix + "byteorder" in infos:
+            info = member("byteorder", 16)
+            raw = _read_member(archive, info, info.file_size, source).tobytes()
+            if raw not in (b"little", b"big"):
+                raise PthFormatError(f"{source}: record '{info.filename}' is {short(raw)}, "
+                                     "expected 'little' or 'big'")
+            byteorder = raw.decode()
+        storages: dict[str, Storage] = {}
 
         def load_storage(pid):
-            dtype, key, numel = _check_storage_pid(pid, source)
+            dtype, key, numel = _storage_id(pid, source)
             if key not in storages:
-                storages[key] = _Storage(dtype, key, numel, source)
-                storages[key].fill(read(f"data/{key}"), byteorder)
+                info = member(f"data/{key}", budget.max_bytes)
+                nbytes = numel * dtype.itemsize
+                if info.file_size != nbytes:
+                    raise PthFormatError(
+                        f"{source}: record '{info.filename}' holds {info.file_size} bytes but its "
+                        f"storage declares {numel} x {dtype!r} = {nbytes} bytes"
+                        + (" (storage is truncated)" if info.file_size < nbytes else ""))
+                budget.take_storage(nbytes, f"storage record '{info.filename}'")
+                storage = Storage(dtype, info.filename, numel, source)
+                raw = _read_member(archive, info, nbytes, source)
+                storage.array = decode(raw, dtype, byteorder, budget, f"'{info.filename}'")
+                storage.byteorder = byteorder
+                storages[key] = storage
             return storages[key]
 
-        return _unpickle(read("data.pkl"), source, load_storage)
+        info = member("data.pkl", min(MAX_PICKLE_BYTES, budget.max_bytes))
+        data = _read_member(archive, info, info.file_size, source).tobytes()
+        return Loader(source, budget, load_storage).unpickle(io.BytesIO(data), info.filename)
 
 
-def _pickle_end(raw: bytes, start: int, source: str) -> int:
-    """Offset just past the pickle starting at ``start`` (parsed, never executed)."""
+# ----------------------------------------------------------------------------- legacy format
+class _BoundedFile:
+    """File reads clamped to the file's size (a declared length never pre-allocates more)."""
+
+    def __init__(self, fh, size: int):
+        self.fh, self.size, self.pos = fh, size, 0
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.size - self.pos if n is None or n < 0 else min(n, self.size - self.pos)
+        data = self.fh.read(max(n, 0))
+        self.pos += len(data)
+        return data
+
+    def readline(self, limit: int = -1) -> bytes:
+        line = self.fh.readline(min(_LINE_MAX, self.size - self.pos))
+        self.pos += len(line)
+        return line
+
+    def seek(self, pos: int) -> None:
+        self.fh.seek(pos)
+        self.pos = pos
+
+
+def _no_storage(source: str):
+    def refuse(pid):
+        raise PthFormatError(f"{source}: storage id {short(pid)} in a legacy header record")
+    return refuse
+
+
+def _load_legacy(path: Path, fh, size: int, budget: Budget):
+    source, file = str(path), _BoundedFile(fh, size)
+    header = Loader(source, budget, _no_storage(source))
     try:
-        for opcode, _, pos in pickletools.genops(io.BytesIO(raw[start:])):
-            if opcode.name == "STOP":
-                return start + pos + 1
-    except Exception as exc:
-        raise PthFormatError(f"{source}: corrupt legacy data pickle ({exc})") from exc
-    raise PthFormatError(f"{source}: legacy data pickle has no STOP opcode")
-
-
-def _resolve(obj):
-    """Replace :class:`_PendingTensor` placeholders inside containers by arrays."""
-    if isinstance(obj, _PendingTensor):
-        return _build_tensor(*obj.args[:4], obj.args[4])
-    if isinstance(obj, dict):
-        return type(obj)((k, _resolve(v)) for k, v in obj.items())
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_resolve(v) for v in obj)
-    return obj
-
-
-def _load_legacy(path: Path, raw: bytes):
-    source = str(path)
-    try:
-        magic_end = _pickle_end(raw, 0, source)
+        magic = header.unpickle(file, "magic number")
     except PthFormatError:
-        raise PthFormatError(f"{source}: wrong magic {raw[:4]!r} (neither a torch zip archive nor "
-                             "a legacy torch.save file)") from None
-    if _unpickle(raw[:magic_end], source) != LEGACY_MAGIC:
-        raise PthFormatError(f"{source}: wrong magic number (not a torch.save file)")
-    ends = [magic_end]
-    for _ in range(4):  # protocol, sys_info, data, storage keys
-        ends.append(_pickle_end(raw, ends[-1], source))
-    protocol = _unpickle(raw[ends[0]:ends[1]], source)
+        file.seek(0)
+        raise PthFormatError(f"{source}: wrong magic {short(file.read(4))} (neither a torch zip "
+                             "archive nor a legacy torch.save file)") from None
+    if type(magic) is not int or magic != LEGACY_MAGIC:
+        raise PthFormatError(f"{source}: wrong magic number {short(magic)} (not a torch.save file)")
+    protocol = header.unpickle(file, "protocol version")
     if protocol != LEGACY_PROTOCOL:
-        raise PthFormatError(f"{source}: unsupported legacy protocol version {protocol!r}")
-    sys_info = _unpickle(raw[ends[1]:ends[2]], source)
-    keys = _unpickle(raw[ends[3]:ends[4]], source)
-    little = not isinstance(sys_info, dict) or sys_info.get("little_endian", True)
-    byteorder = "little" if little else "big"
-    roots: dict[str, _Storage] = {}
+        raise PthFormatError(f"{source}: unsupported legacy protocol version {short(protocol)}")
+    sys_info = header.unpickle(file, "sys info")
+    little = sys_info.get("little_endian", True) if isinstance(sys_info, dict) else True
+    byteorder = "little" if little is not False else "big"
+    roots: dict[str, Storage] = {}
 
-    def load_storage(pid):
-        dtype, key, numel = _check_storage_pid(pid, source)
-        root = roots.setdefault(key, _Storage(dtype, key, numel, source))
+    def load_storage(pid):  # pid = ('storage', type, root key, location, numel[, view])
+        dtype, key, numel = _storage_id(pid, source)
+        root = roots.setdefault(key, Storage(dtype, f"storage '{key}'", numel, source))
         view = pid[5] if len(pid) > 5 else None
         if view is None:
             return root
-        view_key, offset, view_size = view
-        return _Storage(dtype, view_key, view_size, source, root=root, start=offset)
+        if not (isinstance(view, tuple) and len(view) == 3 and isinstance(view[0], str) and
+                all(isinstance(v, int) and v >= 0 for v in view[1:])):
+            raise PthFormatError(f"{source}: malformed storage view {short(view)} of '{key}'")
+        return Storage(root.dtype, f"storage view '{view[0]}'", view[2], source, root, view[1])
 
-    obj = _unpickle(raw[ends[2]:ends[3]], source, load_storage)
-    _read_legacy_storages(raw, ends[4], keys, roots, byteorder, source)
-    try:
-        return _resolve(obj)
-    except PthFormatError:
-        raise
-    except (ValueError, TypeError) as exc:
-        raise PthFormatError(f"{source}: bad tensor in legacy file ({exc})") from exc
+    data_start = file.pos  # two passes: dtypes of the storages first, tensors once they are read
+    Loader(source, budget, load_storage).unpickle(file, "data pickle")
+    keys = header.unpickle(file, "storage key list")
+    _read_legacy_storages(file, keys, roots, byteorder, budget, source)
+    file.seek(data_start)
+    return Loader(source, budget, load_storage).unpickle(file, "data pickle")
 
 
-def _read_legacy_storages(raw, pos, keys, roots, byteorder, source):
+def _read_legacy_storages(file: _BoundedFile, keys, roots, byteorder, budget, source):
     """Fill ``roots`` from the raw storages: per key an int64 element count, then the elements."""
-    if not isinstance(keys, list):
-        raise PthFormatError(f"{source}: legacy storage key list is {type(keys).__name__}")
+    if not isinstance(keys, list) or len(set(map(str, keys))) != len(keys):
+        raise PthFormatError(f"{source}: legacy storage key list is {short(keys)}")
     for key in keys:
-        if key not in roots:
-            raise PthFormatError(f"{source}: storage '{key}' listed but never referenced")
-        storage = roots[key]
-        head = raw[pos:pos + 8]
+        storage = roots.get(key) if isinstance(key, str) else None
+        if storage is None:
+            raise PthFormatError(f"{source}: storage {short(key)} listed but never referenced")
+        head = file.read(8)
         if len(head) < 8:
             raise PthFormatError(f"{source}: truncated before storage '{key}'")
         count = struct.unpack("<q" if byteorder == "little" else ">q", head)[0]
-        if count < 0:
-            raise PthFormatError(f"{source}: negative size for storage '{key}'")
-        nbytes = count * storage.dtype.numpy(byteorder).itemsize
-        storage.numel = count
-        storage.fill(raw[pos + 8:pos + 8 + nbytes], byteorder)
-        pos += 8 + nbytes
+        if count != storage.numel:
+            raise PthFormatError(f"{source}: storage '{key}' holds {count} elements but the data "
+                                 f"pickle declares {storage.numel}")
+        nbytes = count * storage.dtype.itemsize
+        if nbytes > file.size - file.pos:
+            raise PthFormatError(f"{source}: storage '{key}' is truncated ({file.size - file.pos} "
+                                 f"bytes left, expected {nbytes})")
+        budget.take_storage(nbytes, f"storage '{key}'")
+        raw = read_exact(file, nbytes, f"storage '{key}'", source)
+        storage.array, storage.byteorder = decode(raw, storage.dtype, byteorder, budget,
+                                                  f"storage '{key}'"), byteorder
     missing = sorted(k for k, s in roots.items() if s.array is None)
     if missing:
-        raise PthFormatError(f"{source}: storages {missing} have no data (file truncated?)")
+        raise PthFormatError(f"{source}: storages {short(missing)} have no data (file truncated?)")
 
 
-def load_pth(path) -> Any:
-    """Load a ``torch.save`` file without torch; tensors become numpy arrays (see module doc)."""
+# ----------------------------------------------------------------------------- structure
+def _children(obj):
+    if isinstance(obj, dict):
+        return iter([*obj.keys(), *obj.values()])
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return iter(obj)
+    return None
+
+
+def check_structure(root, source: str, max_depth: int = MAX_DEPTH,
+                    max_elements: int = MAX_ELEMENTS) -> None:
+    """Refuse cycles, nesting deeper than ``max_depth`` and trees of more than ``max_elements``
+    elements (a shared sub-container counts once per use: a DAG of shared lists would expand
+    exponentially in any code that walks it). Iterative, memoised by object identity."""
+    if _children(root) is None:
+        return
+    done: dict[int, int] = {}
+    on_path = {id(root)}
+    stack: list[list] = [[root, _children(root), 1]]
+
+    def add(frame, count):
+        frame[2] += count
+        if frame[2] > max_elements:
+            raise PthFormatError(f"{source}: the checkpoint expands to more than {max_elements} "
+                                 "elements (shared sub-containers)")
+
+    while stack:
+        frame = stack[-1]
+        child = next(frame[1], stack)  # `stack` doubles as the end-of-children sentinel
+        if child is stack:
+            stack.pop()
+            on_path.discard(id(frame[0]))
+            done[id(frame[0])] = frame[2]
+            if stack:
+                add(stack[-1], frame[2])
+            continue
+        kids = _children(child)
+        if kids is None:
+            add(frame, 1)
+        elif id(child) in done:
+            add(frame, done[id(child)])
+        elif id(child) in on_path:
+            raise PthFormatError(f"{source}: the checkpoint contains a container that holds itself")
+        elif len(stack) >= max_depth:
+            raise PthFormatError(f"{source}: containers nested deeper than {max_depth} levels")
+        else:
+            on_path.add(id(child))
+            stack.append([child, kids, 1])
+
+
+def load_pth(path, *, max_bytes: int | None = None) -> Any:
+    """Load a ``torch.save`` file without torch; tensors become numpy arrays (see module doc).
+
+    ``max_bytes`` caps the tensor data one file may allocate (default ``$DAMO_JAX_PTH_MAX_BYTES``
+    or 4 GiB); the proportional checks (declared sizes = stored sizes, views inside storages) are
+    always on."""
     path = Path(path)
+    budget = Budget(str(path), resolve_max_bytes(max_bytes))
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(4)
+        fh = open(path, "rb")
     except OSError as exc:
         raise PthFormatError(f"{path}: cannot read checkpoint ({exc})") from exc
-    if head.startswith(b"PK"):
-        return _load_zip(path)
-    return _load_legacy(path, path.read_bytes())  # starts with the pickled magic number
+    with fh:
+        size = os.fstat(fh.fileno()).st_size
+        is_zip = fh.read(4).startswith(b"PK")
+        fh.seek(0)
+        obj = _load_zip(path, budget) if is_zip else _load_legacy(path, fh, size, budget)
+    check_structure(obj, str(path))
+    return obj
+
+
+def _read_npz(path: Path, max_bytes: int | None) -> dict[str, np.ndarray]:
+    """``np.load`` of a ``.npz`` with the same bounds: each ``.npy`` header's shape x itemsize
+    must match the member's declared size before anything is allocated."""
+    source, budget = str(path), Budget(str(path), resolve_max_bytes(max_bytes))
+    try:
+        archive = zipfile.ZipFile(path)
+    except Exception as exc:
+        raise PthFormatError(f"{source}: cannot read .npz ({exc})") from exc
+    out = {}
+    with archive:
+        for info in archive.infolist():
+            name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+            try:
+                with _open_member(archive, info, source) as fh:
+                    version = np.lib.format.read_magic(fh)
+                    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                        np.lib.format.read_array_header_2_0
+                    shape, fortran, dtype = read_header(fh)
+                    nbytes = math.prod(shape) * dtype.itemsize
+                    if dtype.hasobject or fh.tell() + nbytes != info.file_size:
+                        raise PthFormatError(f"{source}: array '{name}' declares {shape} x {dtype} "
+                                             f"but its record holds {info.file_size} bytes")
+                    budget.take_storage(nbytes, f"array '{name}'")
+                    raw = read_exact(fh, nbytes, f"array '{name}'", source)
+                out[name] = raw.view(dtype).reshape(shape, order="F" if fortran else "C")
+            except (PthFormatError, MemoryError):
+                raise
+            except Exception as exc:
+                raise PthFormatError(f"{source}: corrupt array '{name}' ({exc})") from exc
+    return out
 
 
 def _pick_state_dict(obj, source: str) -> dict:
@@ -410,25 +333,22 @@ def _pick_state_dict(obj, source: str) -> dict:
             return obj
     raise PthFormatError(f"{source}: no state dict found (expected a dict with 'model' or "
                          f"'state_dict', or a dict of tensors; got {type(obj).__name__}"
-                         f"{' with keys ' + str(list(obj)[:8]) if isinstance(obj, dict) else ''})")
+                         f"{' with keys ' + short(list(obj)[:8]) if isinstance(obj, dict) else ''})")
 
 
-def read_state_dict(path) -> dict[str, np.ndarray]:
+def read_state_dict(path, *, max_bytes: int | None = None) -> dict[str, np.ndarray]:
     """Network weights of a checkpoint: ``{name: array}``, floats as float32, ints/bools as int64.
 
-    Accepts ``.pth``/``.pt``/``.pkl``/``.ckpt``/``.bin`` (torch format) and ``.npz``. Uses ``ckpt['model']`` (official
-    files), else ``ckpt['state_dict']``, else the dict itself; a leading ``module.`` is stripped.
+    Accepts ``.pth``/``.pt``/``.pkl``/``.ckpt``/``.bin`` (torch format) and ``.npz``. Uses
+    ``ckpt['model']`` (official files), else ``ckpt['state_dict']``, else the dict itself; a leading
+    ``module.`` is stripped. ``max_bytes``: see :func:`load_pth`.
     """
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".npz":
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                obj = {k: npz[k] for k in npz.files}
-        except (OSError, ValueError, zipfile.BadZipFile) as exc:
-            raise PthFormatError(f"{path}: cannot read .npz ({exc})") from exc
+        obj = _read_npz(path, max_bytes)
     elif suffix in _TORCH_SUFFIXES:
-        obj = load_pth(path)
+        obj = load_pth(path, max_bytes=max_bytes)
     else:
         raise PthFormatError(f"{path}: unsupported checkpoint extension '{suffix}' "
                              f"(expected .npz or one of {', '.join(_TORCH_SUFFIXES)})")
@@ -436,8 +356,8 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for key, value in state_dict.items():
         if not isinstance(key, str) or not is_array_like(value):
-            raise PthFormatError(f"{path}: state dict entry {key!r} is {type(value).__name__}, "
-                                 "not a tensor")
+            raise PthFormatError(f"{path}: state dict entry {short(key)} is "
+                                 f"{type(value).__name__}, not a tensor")
         name = key[len("module."):] if key.startswith("module.") else key
         if name in out:
             raise PthFormatError(f"{path}: duplicate key '{name}' after stripping 'module.'")
