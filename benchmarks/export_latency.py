@@ -10,9 +10,14 @@ deploy graph, then
   default export) and on the TFLite-route file (``--skip-tf`` to leave it out),
 * OpenVINO on the IR with FP32 weights and with FP16 weights (both compiled with
   ``INFERENCE_PRECISION_HINT=f32``) and on the FP32 IR with the CPU's default precision (bf16 on
-  AMX/AVX512-BF16 CPUs).
+  AMX/AVX512-BF16 CPUs),
+* the OFFICIAL exports of ``--official-dir`` (``T_640_post.onnx``, ``Ns_416_post.onnx``: official
+  converter, NMS off, onnxsim) in onnxruntime and in OpenVINO (f32), in the same process.
 Timing: ``--warmup`` runs, then ``--rounds`` interleaved rounds of ``--runs`` runs per runtime; the
-reported value is the median of the round medians. Writes a markdown report (``--out``).
+reported value is the median of the round medians. Because every round times ours and the official
+file back to back, the ratio ours / official is computed PER ROUND (same load) and reported as the
+median and [min, max] over rounds; a goal counts as met only when the worst round meets it.
+Writes a markdown report (``--out``).
 """
 from __future__ import annotations
 
@@ -32,6 +37,12 @@ import numpy as np  # noqa: E402
 # ANCHORS.md: official ONNX (simplified, raw outputs) in onnxruntime, per thread count
 OFFICIAL_ORT_MS = {2: {"t@640": 117.0, "s@640": 224.0, "ns@416": 25.0, "nm@416": 42.0},
                    1: {"t@640": 232.0, "s@640": 497.0, "ns@416": 39.0, "nm@416": 74.0}}
+OFFICIAL_FILES = {"t@640": "T_640_post.onnx", "ns@416": "Ns_416_post.onnx"}
+OFFICIAL_ORT = "official ONNX, onnxruntime"
+OFFICIAL_OV = "official ONNX, OpenVINO f32"
+# goals (issue / ANCHORS): ours / official at most this, per runtime row
+GOALS = {"onnxruntime, jax2onnx (default)": (OFFICIAL_ORT, 0.9),
+         "OpenVINO IR FP32, f32": (OFFICIAL_ORT, 0.8)}
 
 
 def parse_model(text):
@@ -72,11 +83,12 @@ def jax_runner(dm, name):
     return lambda x: jax.block_until_ready(fn(x))
 
 
-def time_runners(runners: dict, x, *, warmup, runs, rounds) -> dict:
+def time_runners(runners: dict, x, *, warmup, runs, rounds, per_round=None) -> dict:
     """{key: (wall median, wall min, wall max, cpu median)} over round medians, in ms.
 
     CPU time (``time.process_time``, all threads of this process) is reported next to wall time:
-    on a shared machine wall time mostly measures the other jobs, CPU time much less so."""
+    on a shared machine wall time mostly measures the other jobs, CPU time much less so.
+    ``per_round`` (optional dict) receives ``{key: [round medians of wall ms]}`` for per-round ratios."""
     for run in runners.values():
         for _ in range(warmup):
             run(x)
@@ -92,16 +104,20 @@ def time_runners(runners: dict, x, *, warmup, runs, rounds) -> dict:
                 c.append((time.process_time() - c0) * 1e3)
             wall[key].append(statistics.median(w))
             cpu[key].append(statistics.median(c))
+    if per_round is not None:
+        per_round.update(wall)
+        per_round.update({("cpu", k): v for k, v in cpu.items()})
     return {k: (statistics.median(wall[k]), min(wall[k]), max(wall[k]), statistics.median(cpu[k]))
             for k in runners}
 
 
-def export_files(name, size, workdir: Path, skip_tf: bool):
+def export_files(name, size, workdir: Path, skip_tf: bool, skip_literal=False, skip_fp16=False):
     """Export the model every way; returns (DeployModel, {label: (path, graph summary)})."""
     from damo_jax.export import common, onnx_utils, to_onnx, to_openvino
     dm = common.load_deploy_model(name, image_size=(size, size))
     files = {}
-    for label, optimize in (("jax2onnx literal", False), ("jax2onnx (default)", True)):
+    routes = (("jax2onnx literal", False), ("jax2onnx (default)", True))
+    for label, optimize in routes[1:] if skip_literal else routes:
         model = to_onnx.export_onnx(dm, batch=1, optimize=optimize)
         path = onnx_utils.save(model, workdir / f"{name}_{'opt' if optimize else 'raw'}.onnx")
         files[label] = (path, onnx_utils.graph_summary(model))
@@ -111,36 +127,98 @@ def export_files(name, size, workdir: Path, skip_tf: bool):
                                  onnx_utils.graph_summary(model))
     default = files["jax2onnx (default)"][0]
     files["IR FP32"] = (to_openvino.convert(default, workdir / f"{name}.xml"), None)
-    files["IR FP16"] = (to_openvino.convert(default, workdir / f"{name}_fp16.xml", fp16=True), None)
+    if not skip_fp16:
+        files["IR FP16"] = (to_openvino.convert(default, workdir / f"{name}_fp16.xml", fp16=True),
+                            None)
     return dm, files
 
 
-def make_runners(dm, name, files, threads):
-    runners = {"JAX jit (XLA CPU)": jax_runner(dm, name)}
+def official_file(spec: str, directory):
+    """Path of the official export for ``spec`` (e.g. t@640) in ``directory``, or None."""
+    if not directory or spec not in OFFICIAL_FILES:
+        return None
+    path = Path(directory) / OFFICIAL_FILES[spec]
+    return path if path.is_file() else None
+
+
+def make_runners(dm, name, files, threads, args, official=None):
+    """Runners in interleaving order; the official file's rows sit next to ours."""
+    runners = {} if args.skip_jax else {"JAX jit (XLA CPU)": jax_runner(dm, name)}
+    if official is not None:
+        runners[OFFICIAL_ORT] = ort_runner(official, threads)
     for label in ("jax2onnx literal", "jax2onnx (default)", "TFLite route"):
         if label in files:
             runners[f"onnxruntime, {label}"] = ort_runner(files[label][0], threads)
+    if official is not None:
+        runners[OFFICIAL_OV] = ov_runner(official, threads, "f32")
     runners["OpenVINO IR FP32, f32"] = ov_runner(files["IR FP32"][0], threads, "f32")
-    runners["OpenVINO IR FP16, f32"] = ov_runner(files["IR FP16"][0], threads, "f32")
-    runners["OpenVINO IR FP32, CPU default (bf16)"] = ov_runner(files["IR FP32"][0], threads, None)
+    if "IR FP16" in files:
+        runners["OpenVINO IR FP16, f32"] = ov_runner(files["IR FP16"][0], threads, "f32")
+    if not args.skip_bf16:
+        runners["OpenVINO IR FP32, CPU default (bf16)"] = ov_runner(files["IR FP32"][0], threads,
+                                                                    None)
     return runners
 
 
+def round_ratios(per_round: dict, key: str, ref: str):
+    """(median, min, max) over rounds of ours / reference, each round's medians side by side."""
+    if key not in per_round or ref not in per_round:
+        return None
+    ratios = [a / b for a, b in zip(per_round[key], per_round[ref])]
+    return statistics.median(ratios), min(ratios), max(ratios)
+
+
 def bench_model(spec, args, workdir):
-    """[(threads, rows)] for one model; rows = (runtime, wall, lo, hi, cpu, graph summary)."""
+    """[(threads, rows)] for one model; rows = (runtime, wall, lo, hi, cpu, graph summary,
+    per-round ratio vs the official ORT file, per-round ratio vs the official file in OpenVINO)."""
     name, size = parse_model(spec)
-    dm, files = export_files(name, size, workdir, args.skip_tf)
+    key_name = f"{name}@{size}"
+    official = official_file(key_name, args.official_dir)
+    if official is None:
+        print(f"no official export for {key_name} in {args.official_dir}: no side-by-side rows")
+    dm, files = export_files(name, size, workdir, args.skip_tf, args.skip_literal, args.skip_fp16)
     x = np.random.default_rng(0).uniform(0, 255, (1, 3, size, size)).astype(np.float32)
     out = []
     for threads in args.threads:
-        timings = time_runners(make_runners(dm, name, files, threads), x, warmup=args.warmup,
-                               runs=args.runs, rounds=args.rounds)
+        per_round = {}
+        timings = time_runners(make_runners(dm, name, files, threads, args, official), x,
+                               warmup=args.warmup, runs=args.runs, rounds=args.rounds,
+                               per_round=per_round)
         rows = []
         for key, (med, lo, hi, cpu) in timings.items():
             label = key.split(", ", 1)[1] if key.startswith("onnxruntime, ") else None
-            rows.append((key, med, lo, hi, cpu, files[label][1] if label else None))
+            rows.append((key, med, lo, hi, cpu, files[label][1] if label in files else None,
+                         round_ratios(per_round, key, OFFICIAL_ORT),
+                         round_ratios(per_round, key, OFFICIAL_OV),
+                         round_ratios(per_round, ("cpu", key), ("cpu", OFFICIAL_ORT))))
         out.append((threads, rows))
-    return f"{name}@{size}", out
+    return key_name, out
+
+
+def _ratio_text(r):
+    return "-" if r is None else f"{r[0]:.2f}x [{r[1]:.2f}, {r[2]:.2f}]"
+
+
+def goal_lines(results) -> list[str]:
+    """The goal verdicts: met only when the WORST round's side-by-side ratio meets the goal."""
+    lines = ["## Goals, side by side with the official export (per-round ratios)", "",
+             "| model | threads | ours | vs | wall ratio, median [min, max] over rounds | "
+             "CPU-time ratio | goal | met? (wall, worst round) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for model, per_threads in results:
+        for threads, rows in per_threads:
+            by_key = {row[0]: row for row in rows}
+            for key, (ref, goal) in GOALS.items():
+                if key not in by_key:
+                    continue
+                r = by_key[key][6]
+                if r is None:
+                    continue
+                verdict = ("yes" if r[2] <= goal else
+                           "no" if r[1] > goal else "not beyond the noise")
+                lines.append(f"| {model} | {threads} | {key} | {ref} | {_ratio_text(r)} | "
+                             f"{_ratio_text(by_key[key][8])} | <= {goal}x | {verdict} |")
+    return lines + [""]
 
 
 def report(results, args, load_before, load_after, elapsed) -> str:
@@ -156,25 +234,41 @@ def report(results, args, load_before, load_after, elapsed) -> str:
              "shared machine wall time measures the other jobs as much as the model; with 1 thread "
              "the process CPU time per inference is the better estimate of idle wall time. With 2 "
              "threads CPU time also counts onnxruntime/OpenVINO worker threads spin-waiting, so it "
-             "over-states the work. JAX always uses XLA's own thread pool.", ""]
+             "over-states the work. JAX always uses XLA's own thread pool. The side-by-side ratios "
+             "divide each round's median by the official file's median of the SAME round.",
+             f"CPU: {cpu_model()}.", ""]
+    lines += goal_lines(results)
     for model, per_threads in results:
         for threads, rows in per_threads:
-            official = OFFICIAL_ORT_MS.get(threads, {}).get(model)
+            anchor = OFFICIAL_ORT_MS.get(threads, {}).get(model)
             lines += [f"## {model}, {threads} thread(s)", "",
-                      "| runtime / graph | wall ms | [min, max] | CPU ms | wall vs official ORT | "
-                      "nodes | Transpose | Conv |", "|---|---|---|---|---|---|---|---|"]
-            for key, med, lo, hi, cpu, summary in rows:
-                ratio = f"{med / official:.2f}x" if official else "-"
+                      "| runtime / graph | wall ms | [min, max] | CPU ms | vs official ORT, "
+                      "per round | vs official OpenVINO f32, per round | nodes | Transpose | Conv |",
+                      "|---|---|---|---|---|---|---|---|---|"]
+            for key, med, lo, hi, cpu, summary, r_ort, r_ov, _ in rows:
                 stats = (f"{summary['nodes']} | {summary['transposes']} | {summary['convs']}"
                          if summary else "- | - | -")
-                lines.append(f"| {key} | {med:.1f} | [{lo:.1f}, {hi:.1f}] | {cpu:.1f} | {ratio} | "
-                             f"{stats} |")
-            if official:
-                lines.append(f"\nOfficial ONNX in onnxruntime, {threads} thread(s), idle machine "
-                             f"(ANCHORS.md): {official} ms; goal ORT <= {0.9 * official:.1f} ms, "
-                             f"OpenVINO FP32 <= {0.8 * official:.1f} ms.")
+                lines.append(f"| {key} | {med:.1f} | [{lo:.1f}, {hi:.1f}] | {cpu:.1f} | "
+                             f"{_ratio_text(r_ort)} | {_ratio_text(r_ov)} | {stats} |")
+            if anchor:
+                lines.append(f"\n(ANCHORS.md, official ONNX in onnxruntime, {threads} thread(s), "
+                             f"other day: {anchor} ms; not used for the verdicts.)")
             lines.append("")
     return "\n".join(lines)
+
+
+def cpu_model() -> str:
+    """CPU model name and the ISA flags that matter for these runtimes (from /proc/cpuinfo)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((ln.split(":", 1)[1].strip() for ln in text.splitlines()
+                 if ln.startswith("model name")), platform.machine())
+    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines()
+                  if ln.startswith("flags")), [])
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
+    return f"{name} ({', '.join(isa) or 'no AVX2'})"
 
 
 def main(argv=None):
@@ -187,6 +281,13 @@ def main(argv=None):
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--skip-tf", action="store_true", help="leave out the TFLite route")
+    p.add_argument("--skip-jax", action="store_true", help="leave out the JAX jit row")
+    p.add_argument("--skip-literal", action="store_true", help="leave out the literal jax2onnx row")
+    p.add_argument("--skip-fp16", action="store_true", help="leave out the FP16-weight IR row")
+    p.add_argument("--skip-bf16", action="store_true", help="leave out the OpenVINO bf16 row")
+    p.add_argument("--official-dir", default=str(Path(__file__).resolve().parents[2] / "shared"
+                                                 / "reference" / "official_onnx"),
+                   help="folder with the official exports (T_640_post.onnx, Ns_416_post.onnx)")
     p.add_argument("--out", default="docs/bench_export.md")
     args = p.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
