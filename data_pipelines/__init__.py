@@ -15,9 +15,40 @@ from __future__ import annotations
 
 
 from damo_jax.data_pipelines.loader import TrainLoader, build_batch, eval_batches, global_indices
+from damo_jax.data_pipelines.quality import format_summary
 from damo_jax.data_pipelines.records import DataError, DetectionDataset, Record
 
 SPEC_KINDS = ("demo", "coco", "yolo", "voc", "tfds")
+#: reader options a spec may carry after ``?`` (``coco:/data/x.json?allow_outside_root=1``)
+SPEC_OPTIONS = {"coco": {"allow_outside_root": bool, "image_dir": str},
+                "voc": {"allow_outside_root": bool, "difficult": str},
+                "tfds": {"data_dir": str}, "yolo": {}, "demo": {}}
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def split_spec_options(kind: str, rest: str, spec: str) -> tuple[str, dict]:
+    """``/path?key=value&key2=value2`` -> (``/path``, options) for the keys of :data:`SPEC_OPTIONS`.
+
+    A ``?`` followed by text without ``=`` is part of the path. Unknown keys and bad boolean
+    values raise :class:`DataError` naming the spec and the key.
+    """
+    path, sep, query = rest.rpartition("?")
+    if not sep or "=" not in query:
+        return rest, {}
+    known = SPEC_OPTIONS.get(kind, {})
+    options = {}
+    for item in query.split("&"):
+        key, _, value = item.partition("=")
+        if key not in known:
+            raise DataError(f"dataset spec {spec!r}: unknown option {key!r} for {kind}: specs "
+                            f"(known: {', '.join(known) or 'none'})")
+        if known[key] is bool:
+            if value.lower() not in _TRUE + _FALSE:
+                raise DataError(f"dataset spec {spec!r}: option {key!r} must be 1/0 (true/false), got {value!r}")
+            options[key] = value.lower() in _TRUE
+        else:
+            options[key] = value
+    return path, options
 
 
 def open_dataset(spec: str, split: str | None = None, **kwargs) -> DetectionDataset:
@@ -27,24 +58,31 @@ def open_dataset(spec: str, split: str | None = None, **kwargs) -> DetectionData
     * ``coco:/dir`` (``annotations/instances_{split}2017.json`` + ``{split}2017/``, or
       ``annotations/instances_{split}.json`` + ``{split}/`` / ``images/{split}/``), ``coco:/file.json``
       or a bare ``*.json`` path (images beside: ``../{stem}``, ``images/`` or the json's folder;
-      ``image_dir=`` overrides).
+      ``image_dir=`` overrides; ``allow_outside_root=True`` allows ``file_name`` outside it).
     * ``yolo:/path/data.yaml``; ``voc:/path`` (kwargs ``class_names=``, ``difficult=``);
       ``tfds:<name>[/<version/config>]`` (kwarg ``data_dir=``).
 
     ``split`` defaults to ``"train"``; ``"val"`` and ``"validation"`` are accepted everywhere.
+    Reader options can also ride on the spec (for CLIs): ``coco:/data/coco?allow_outside_root=1``,
+    ``voc:/VOC2007?difficult=keep``, ``tfds:coco/2017?data_dir=/tfds`` (see :data:`SPEC_OPTIONS`).
     """
     if not isinstance(spec, str) or not spec:
         raise DataError(f"dataset spec must be a non-empty string, got {spec!r}")
     split = split or "train"
     kind, sep, rest = spec.partition(":")
     if not sep:
-        if spec.endswith(".json"):
+        head = spec.split("?", 1)[0]
+        if head.endswith(".json"):
             kind, rest = "coco", spec
-        elif spec.endswith((".yaml", ".yml")):
+        elif head.endswith((".yaml", ".yml")):
             kind, rest = "yolo", spec
         elif spec != "demo":
             raise DataError(f"dataset spec {spec!r}: expected one of "
                             f"{', '.join(k + ':...' for k in SPEC_KINDS[1:])}, 'demo', or a .json/.yaml path")
+    if kind not in SPEC_KINDS:
+        raise DataError(f"dataset spec {spec!r}: unknown kind {kind!r} (known: {', '.join(SPEC_KINDS)})")
+    rest, options = split_spec_options(kind, rest, spec)
+    kwargs = {**options, **kwargs}
     if kind == "demo":
         from damo_jax.data_pipelines.demo import open_demo
         try:
@@ -58,18 +96,17 @@ def open_dataset(spec: str, split: str | None = None, **kwargs) -> DetectionData
         from damo_jax.data_pipelines.readers.coco import read_coco, resolve_coco_paths
         coco_split = {"validation": "val"}.get(split, split)
         ann, image_dir = resolve_coco_paths(rest, coco_split)
-        return read_coco(ann, kwargs.get("image_dir", image_dir), name=f"coco:{rest}:{coco_split}")
+        return read_coco(ann, kwargs.get("image_dir", image_dir), name=f"coco:{rest}:{coco_split}",
+                         allow_outside_root=bool(kwargs.get("allow_outside_root", False)))
     if kind == "yolo":
         from damo_jax.data_pipelines.readers.yolo import read_yolo
         return read_yolo(rest, split)
     if kind == "voc":
         from damo_jax.data_pipelines.readers.voc import read_voc
         return read_voc(rest, {"validation": "val"}.get(split, split), **kwargs)
-    if kind == "tfds":
-        from damo_jax.data_pipelines.readers.tfds import read_tfds
-        return read_tfds(rest, split, **kwargs)
-    raise DataError(f"dataset spec {spec!r}: unknown kind {kind!r} (known: {', '.join(SPEC_KINDS)})")
+    from damo_jax.data_pipelines.readers.tfds import read_tfds
+    return read_tfds(rest, split, **kwargs)
 
 
 __all__ = ["open_dataset", "TrainLoader", "eval_batches", "build_batch", "global_indices",
-           "DataError", "DetectionDataset", "Record"]
+           "DataError", "DetectionDataset", "Record", "format_summary"]

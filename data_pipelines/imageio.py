@@ -21,7 +21,8 @@ Size mismatch: if the decoded image (in the chosen frame) differs from the annot
 warning is logged, ``size_mismatch`` is counted and the image is stretched (cv2 bilinear) to the
 annotated size so that boxes, image and ``orig_size`` agree.
 
-Unreadable, truncated or missing files raise :class:`DataError` naming the file.
+Unreadable, truncated, undecodable (whatever the decoder raises), oversized (PIL's decompression
+bomb limit) or missing files raise :class:`DataError` naming the file.
 """
 from __future__ import annotations
 
@@ -48,7 +49,10 @@ def _open(source: Source, name: str) -> Image.Image:
         return Image.open(source)
     except FileNotFoundError as e:
         raise DataError(f"{name}: field 'image': file not found") from e
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except UnidentifiedImageError as e:
+        raise DataError(f"{name}: field 'image': cannot identify the image format (not an image, "
+                        f"or a damaged header)") from e
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"{name}: field 'image': cannot read image ({e})") from e
 
 
@@ -82,7 +86,7 @@ def _read_bytes(source: Source, name: str) -> bytes:
             return f.read()
     except FileNotFoundError as e:
         raise DataError(f"{name}: field 'image': file not found") from e
-    except OSError as e:
+    except (OSError, ValueError) as e:   # ValueError: a path with a NUL byte
         raise DataError(f"{name}: field 'image': cannot read file ({e})") from e
 
 
@@ -153,8 +157,11 @@ def decode_image(source: Source, *, annotated_size: tuple[int, int] | None = Non
                 if transpose:
                     img = ImageOps.exif_transpose(img)
                 arr = _to_rgb_array(img)
-            except (OSError, ValueError, SyntaxError) as e:
-                raise DataError(f"{name}: field 'image': cannot decode image ({e})") from e
+            except (MemoryError, RecursionError):
+                raise
+            except Exception as e:  # noqa: BLE001 - decoder plugins raise many types on bad data
+                raise DataError(f"{name}: field 'image': cannot decode image "
+                                f"({type(e).__name__}: {e})") from e
     finally:
         img.close()
     if arr.ndim != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:

@@ -29,7 +29,7 @@ import numpy as np
 from damo_jax.data_pipelines.augment.pipeline import AugParams, as_hw, train_sample
 from damo_jax.data_pipelines.augment.resize import stretch_resize
 from damo_jax.data_pipelines.batching import collate_train
-from damo_jax.data_pipelines.records import log
+from damo_jax.data_pipelines.records import DataError, log
 
 _WORKER: dict[str, Any] = {}
 
@@ -187,30 +187,69 @@ def _eval_item(ds, index: int, out_hw) -> tuple[np.ndarray, int, tuple[int, int]
     return img, s["image_id"], s["orig_size"]
 
 
-def eval_batches(ds, image_size, batch_size: int, *, workers: int = 0) -> Iterator[dict]:
+def _eval_item_or_skip(ds, index: int, out_hw):
+    """``_eval_item`` or, for an image that cannot be read, a skip record
+    ``{"index", "image_id", "file", "reason"}`` (image_id / file None when the dataset has no
+    per-record metadata)."""
+    try:
+        return _eval_item(ds, index, out_hw)
+    except DataError as e:
+        rec = getattr(ds, "records", None)
+        rec = rec[index] if rec is not None else None
+        image_id = getattr(rec, "image_id", None)
+        return {"index": int(index), "image_id": None if image_id is None else int(image_id),
+                "file": getattr(rec, "name", None), "reason": str(e)}
+
+
+def eval_batches(ds, image_size, batch_size: int, *, workers: int = 0, skipped: list | None = None,
+                 process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
     """Stretch-resized evaluation batches over the whole dataset, in order.
 
     Yields ``images`` (B, H, W, 3) uint8, ``image_ids`` (B,) int64, ``orig_sizes`` (B, 2) int32
     (h, w), ``valid`` (B,) bool; the last batch is padded with zero images (id -1, size = H, W).
     ``workers`` > 0 decodes with that many threads (PIL and cv2 release the GIL).
+
+    An image that cannot be read (missing, truncated, undecodable: a :class:`DataError`) becomes
+    an invalid row like the padding (zero image, id -1, ``valid`` False), so every process yields
+    the same number of batches; it is logged with its file and reason and appended to ``skipped``
+    (a list the caller passes) as ``{"index", "image_id", "file", "reason"}``. Consumers score
+    only the valid rows' images (``damo_jax.evaluation``).
+
+    Multi-process: ``batch_size`` is the GLOBAL batch; process ``p`` of ``P`` decodes and yields
+    rows ``[p·B/P, (p+1)·B/P)`` of each global batch (``B`` must be divisible by ``P``).
     """
+    if batch_size % process_count or not 0 <= process_index < process_count:
+        raise ValueError(f"eval_batches: batch_size {batch_size} / process {process_index} of "
+                         f"{process_count}: the global batch must split evenly over the processes")
     out_hw = as_hw(image_size)
     n = len(ds)
+    local = batch_size // process_count
     pool = cf.ThreadPoolExecutor(workers) if workers > 0 else None
+
+    def load(i):
+        return _eval_item_or_skip(ds, i, out_hw) if i < n else None
+
     try:
         for start in range(0, n, batch_size):
-            idx = range(start, min(start + batch_size, n))
-            items = list(pool.map(lambda i: _eval_item(ds, i, out_hw), idx) if pool
-                         else (_eval_item(ds, i, out_hw) for i in idx))
-            pad = batch_size - len(items)
-            images = np.zeros((batch_size, out_hw[0], out_hw[1], 3), np.uint8)
-            images[:len(items)] = np.stack([it[0] for it in items])
-            yield {
-                "images": images,
-                "image_ids": np.asarray([it[1] for it in items] + [-1] * pad, np.int64),
-                "orig_sizes": np.asarray([it[2] for it in items] + [out_hw] * pad, np.int32),
-                "valid": np.asarray([True] * len(items) + [False] * pad),
-            }
+            idx = range(start + process_index * local, start + (process_index + 1) * local)
+            items = list(pool.map(load, idx) if pool else map(load, idx))
+            images = np.zeros((local, out_hw[0], out_hw[1], 3), np.uint8)
+            ids, sizes, valid = np.full(local, -1, np.int64), np.tile(np.int32(out_hw), (local, 1)), \
+                np.zeros(local, bool)
+            for row, item in enumerate(items):
+                if isinstance(item, tuple):
+                    images[row], ids[row], sizes[row], valid[row] = item[0], item[1], item[2], True
+                elif item is not None:
+                    _log_skip(item)
+                    if skipped is not None:
+                        skipped.append(item)
+            yield {"images": images, "image_ids": ids, "orig_sizes": sizes, "valid": valid}
     finally:
         if pool is not None:
             pool.shutdown(wait=True)
+
+
+def _log_skip(item: dict) -> None:
+    where = item["file"] or f"#{item['index']}"
+    log.warning("evaluation: skipping image (not scored): %s",
+                item["reason"] if where in item["reason"] else f"{where}: {item['reason']}")

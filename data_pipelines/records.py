@@ -13,18 +13,19 @@ A reader (COCO JSON, TFDS, YOLO txt, Pascal VOC XML) turns its source into a lis
 
 Problems in the input either raise :class:`DataError` (message names the file and field) or are
 dropped and counted in ``ds.stats`` (a ``collections.Counter``; keys listed in the README of the
-package, e.g. ``crowd_boxes``, ``empty_boxes``, ``clipped_boxes``, ``images_without_boxes``).
+package, e.g. ``crowd_boxes``, ``outside_boxes``, ``clipped_boxes``, ``images_without_boxes``); the
+box cleaning and the drop warnings live in ``data_pipelines.quality``.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
-import logging
+import os
 from typing import Any, Sequence
 
 import numpy as np
 
-log = logging.getLogger("data_pipelines")
+from damo_jax.data_pipelines.quality import DropAudit, clean_boxes, format_summary, log  # noqa: F401
 
 
 class DataError(ValueError):
@@ -56,28 +57,25 @@ class Record:
         return self.file if self.file is not None else f"record #{self.source_index} (image_id {self.image_id})"
 
 
+def check_inside(fname: str, where: str, field: str = "file_name", *, allow_outside_root: bool = False,
+                 option: str = "allow_outside_root") -> str:
+    """``fname`` if it names a file inside the image folder (relative, no climbing out with
+    ``..``, no NUL), else :class:`DataError` naming ``where`` and ``field`` (``allow_outside_root``
+    lifts the folder rule, not the NUL one). The check is lexical: symlinks are followed."""
+    if not fname or "\x00" in fname:
+        raise DataError(f"{where}: field {field!r} must be a non-empty path without NUL bytes, got {fname!r}")
+    if allow_outside_root:
+        return fname
+    norm = os.path.normpath(fname)
+    if os.path.isabs(fname) or norm == ".." or norm.startswith(".." + os.sep):
+        raise DataError(f"{where}: field {field!r} = {fname!r} points outside the image folder "
+                        f"(absolute or climbing out with '..'); pass {option}=True (data spec "
+                        f"'...?{option}=1') if that is intended")
+    return fname
+
+
 def empty_boxes() -> tuple[np.ndarray, np.ndarray]:
     return np.zeros((0, 4), np.float32), np.zeros((0,), np.int32)
-
-
-def clean_boxes(boxes_xyxy, labels, width: int, height: int, stats: collections.Counter,
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """Clip boxes to the image and drop non-finite / zero-width / zero-height ones (counted).
-
-    Returns float32 (N, 4) boxes and int32 (N,) labels, filtered together.
-    """
-    boxes = np.asarray(boxes_xyxy, np.float64).reshape(-1, 4)
-    labels = np.asarray(labels, np.int64).reshape(-1)
-    finite = np.isfinite(boxes).all(axis=1)
-    stats["nonfinite_boxes"] += int((~finite).sum())
-    boxes, labels = boxes[finite], labels[finite]
-    clipped = boxes.copy()
-    clipped[:, 0::2] = np.clip(clipped[:, 0::2], 0, width)
-    clipped[:, 1::2] = np.clip(clipped[:, 1::2], 0, height)
-    keep = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
-    stats["empty_boxes"] += int((~keep).sum())
-    stats["clipped_boxes"] += int((np.abs(clipped - boxes).max(axis=1, initial=0) > 0)[keep].sum())
-    return clipped[keep].astype(np.float32), labels[keep].astype(np.int32)
 
 
 class DetectionDataset:
@@ -147,7 +145,7 @@ class DetectionDataset:
         categories = [{"id": cid, "name": n} for cid, n in zip(self.category_ids, self.class_names)]
         return {"images": images, "annotations": annotations, "categories": categories}
 
-    def summary(self) -> str:
-        n_boxes = sum(len(r.labels) for r in self.records)
-        counts = ", ".join(f"{k}={v}" for k, v in sorted(self.stats.items()) if v)
-        return f"{self!r}: {n_boxes} boxes" + (f"; {counts}" if counts else "")
+    def summary(self, role: str = "data") -> str:
+        """One line: images, images skipped, boxes used / dropped / clipped by reason (see
+        ``data_pipelines.quality.format_summary``)."""
+        return format_summary(self, role)

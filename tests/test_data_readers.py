@@ -31,7 +31,8 @@ def test_coco_reader_cleans_boxes_and_keeps_negatives(tmp_path):
     ds = open_dataset(f"coco:{tmp_path}", "train")
     assert len(ds) == 4 and ds.num_classes == 6
     assert ds.category_ids == tuple(10 + 3 * k for k in range(6))
-    assert ds.stats["crowd_boxes"] == 1 and ds.stats["empty_boxes"] == 2 and ds.stats["clipped_boxes"] == 1
+    assert ds.stats["crowd_boxes"] == 1 and ds.stats["clipped_boxes"] == 1
+    assert ds.stats["zero_size_boxes"] == 1 and ds.stats["outside_boxes"] == 1
     assert ds.stats["images_without_boxes"] == 1
     s0 = ds[0]
     np.testing.assert_allclose(s0["boxes"], scenes[0][1])

@@ -153,8 +153,16 @@ def _run_faster(gt: dict, dets: list[dict]) -> np.ndarray:
     return np.asarray(evaluator.stats[:12], np.float64)
 
 
+def restrict_to_images(gt_coco_dict: Mapping, image_ids: Iterable[int]) -> dict:
+    """The ground truth of the listed images only (their ``images`` and ``annotations`` entries;
+    ``categories`` unchanged), e.g. the images an evaluation could actually read."""
+    keep = {int(i) for i in image_ids}
+    return dict(gt_coco_dict, images=[im for im in gt_coco_dict["images"] if int(im["id"]) in keep],
+                annotations=[a for a in gt_coco_dict["annotations"] if int(a["image_id"]) in keep])
+
+
 def coco_evaluate(gt_coco_dict: Mapping, detections: Iterable[Mapping], *,
-                  use_fast: bool = True) -> dict:
+                  use_fast: bool = True, image_ids: Iterable[int] | None = None) -> dict:
     """COCO bbox evaluation of ``detections`` (COCO results format, source category ids).
 
     Args:
@@ -162,8 +170,12 @@ def coco_evaluate(gt_coco_dict: Mapping, detections: Iterable[Mapping], *,
         ``dataset.to_coco_dict()``; it is not modified.
       detections: iterable of ``{"image_id", "category_id", "bbox": [x,y,w,h], "score"}``.
       use_fast: faster-coco-eval (True) or pycocotools (False); identical numbers.
+      image_ids: score only these images (:func:`restrict_to_images`; e.g. leave out images that
+        could not be read, instead of counting their objects as missed). None: every image.
     Returns ``{name: float}`` for the 12 :data:`STAT_NAMES`.
     """
+    if image_ids is not None:
+        gt_coco_dict = restrict_to_images(gt_coco_dict, image_ids)
     gt = _clean_gt(gt_coco_dict)
     dets = _check_detections(detections, gt)
     stats = _run_faster(gt, dets) if use_fast else _run_pycocotools(gt, dets)

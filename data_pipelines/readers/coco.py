@@ -6,8 +6,15 @@
 * Boxes xywh → x1y1x2y2, clipped to the image; zero width/height (after clipping) removed.
 * Images without annotations are kept (negatives); images are ordered by id.
 * Category ids are mapped to contiguous labels 0..C-1 in increasing id order; class names come
-  from ``categories``. An annotation with an unknown ``category_id`` or ``image_id`` raises
-  :class:`DataError` naming the file and the value.
+  from ``categories``. An annotation with an unknown ``category_id`` or ``image_id``, or an
+  ``iscrowd`` that is not 0/1 (int or bool; absent = 0), raises :class:`DataError` naming the
+  file, the annotation id and the field.
+* ``file_name`` must stay inside the image folder: an absolute path, or one that climbs out of
+  it with ``..``, is a :class:`DataError` unless ``allow_outside_root=True`` (data spec
+  ``coco:/path?allow_outside_root=1``). The check is on the path as written (symlinks inside the
+  folder are followed as usual).
+* Dropped boxes are counted by reason (``data_pipelines.quality``); when more than
+  ``DROP_WARN_SHARE`` of the file's boxes are dropped a warning guesses the cause.
 """
 from __future__ import annotations
 
@@ -18,7 +25,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from damo_jax.data_pipelines.records import DataError, DetectionDataset, Record, clean_boxes, empty_boxes
+from damo_jax.data_pipelines.quality import dominant_reason
+from damo_jax.data_pipelines.records import (DataError, DetectionDataset, DropAudit, Record, check_inside,
+                                             clean_boxes, empty_boxes)
 
 
 class CocoDataset(DetectionDataset):
@@ -90,12 +99,13 @@ def _parse_categories(data: dict, file: str) -> tuple[list[int], list[str]]:
     return ids, [by_id[i] for i in ids]
 
 
-def _parse_images(data: dict, file: str) -> dict[int, dict]:
+def _parse_images(data: dict, file: str, allow_outside_root: bool = False) -> dict[int, dict]:
     images: dict[int, dict] = {}
     for i, im in enumerate(_require(data, "images", list, file)):
         where = f"{file}: images[{i}]"
         iid = _require(im, "id", int, where)
-        fname = _require(im, "file_name", str, where)
+        fname = check_inside(_require(im, "file_name", str, where), f"{where} (id {iid})", "file_name",
+                             allow_outside_root=allow_outside_root)
         w, h = _require(im, "width", int, where), _require(im, "height", int, where)
         if not (0 < w < 2**31 and 0 < h < 2**31):
             raise DataError(f"{where}: field 'width'/'height' must be positive integers, got {w}x{h}")
@@ -125,8 +135,25 @@ def _parse_bbox(ann: dict, where: str) -> list[float]:
         raise DataError(f"{where}: field 'bbox' value out of range: {bbox!r}") from e
 
 
-def read_coco(ann_file: str | os.PathLike, image_dir: str | os.PathLike, *, name: str | None = None
-              ) -> CocoDataset:
+def _iscrowd(ann: dict, where: str) -> bool:
+    """``iscrowd`` as a bool: 0/1 as int, bool (or an integral float); absent = 0."""
+    value = ann.get("iscrowd", 0)
+    if isinstance(value, (bool, int, float)) and value in (0, 1):
+        return bool(value)
+    raise DataError(f"{where}: field 'iscrowd' must be 0 or 1 (int or bool), got {value!r} "
+                    f"({type(value).__name__})")
+
+
+def _guess(counts) -> str | None:
+    return {"inverted_boxes": "negative width or height in 'bbox': COCO boxes are [x, y, width, height]",
+            "zero_size_boxes": "'bbox' width or height is 0",
+            "outside_boxes": "boxes lie outside their image: 'bbox' must be [x, y, width, height] in "
+                             "pixels of the image ('width'/'height' fields)",
+            "nonfinite_boxes": "NaN/inf values in 'bbox'"}.get(dominant_reason(counts))
+
+
+def read_coco(ann_file: str | os.PathLike, image_dir: str | os.PathLike, *, name: str | None = None,
+              allow_outside_root: bool = False) -> CocoDataset:
     """Read a COCO instances JSON into a :class:`CocoDataset` (see module docstring)."""
     file = str(ann_file)
     try:
@@ -140,7 +167,7 @@ def read_coco(ann_file: str | os.PathLike, image_dir: str | os.PathLike, *, name
         raise DataError(f"{file}: top level must be a JSON object, got {type(data).__name__}")
     cat_ids, class_names = _parse_categories(data, file)
     label_of = {cid: i for i, cid in enumerate(cat_ids)}
-    images = _parse_images(data, file)
+    images = _parse_images(data, file, allow_outside_root)
     stats: collections.Counter = collections.Counter()
     per_image = collections.defaultdict(lambda: ([], [], [], []))
     gt_annotations = []
@@ -148,7 +175,8 @@ def read_coco(ann_file: str | os.PathLike, image_dir: str | os.PathLike, *, name
     if not isinstance(annotations, list):
         raise DataError(f"{file}: field 'annotations' must be a list, got {type(annotations).__name__}")
     for i, ann in enumerate(annotations):
-        where = f"{file}: annotations[{i}]"
+        ann_id = ann.get("id") if isinstance(ann, dict) else None
+        where = f"{file}: annotations[{i}]" + (f" (id {ann_id})" if ann_id is not None else "")
         iid = _require(ann, "image_id", int, where)
         cid = _require(ann, "category_id", int, where)
         if iid not in images:
@@ -156,7 +184,7 @@ def read_coco(ann_file: str | os.PathLike, image_dir: str | os.PathLike, *, name
         if cid not in label_of:
             raise DataError(f"{where}: unknown category_id {cid} (known: {cat_ids})")
         x, y, w, h = _parse_bbox(ann, where)
-        crowd = bool(ann.get("iscrowd", 0))
+        crowd = _iscrowd(ann, where)
         box = [x, y, x + w, y + h]
         boxes, labels, crowd_boxes, crowd_labels = per_image[iid]
         (crowd_boxes if crowd else boxes).append(box)
@@ -164,15 +192,16 @@ def read_coco(ann_file: str | os.PathLike, image_dir: str | os.PathLike, *, name
         stats["crowd_boxes"] += int(crowd)
         area = _finite_float(ann.get("area"))
         area = area if area is not None else max(w, 0.0) * max(h, 0.0)
-        ann_id = ann.get("id")
         gt_annotations.append({"id": ann_id if isinstance(ann_id, int) else i + 1,
                                "image_id": iid, "category_id": cid, "bbox": [x, y, w, h],
                                "area": area, "iscrowd": int(crowd)})
     records = []
+    audit = DropAudit(name or file)
     for iid in sorted(images):
         im = images[iid]
         boxes, labels, crowd_boxes, crowd_labels = per_image.get(iid, ([], [], [], []))
-        b, l = clean_boxes(boxes, labels, im["width"], im["height"], stats) if boxes else empty_boxes()
+        b, l = (clean_boxes(boxes, labels, im["width"], im["height"], stats, audit, file, _guess)
+                if boxes else empty_boxes())
         cb, cl = (clean_boxes(crowd_boxes, crowd_labels, im["width"], im["height"], collections.Counter())
                   if crowd_boxes else empty_boxes())
         records.append(Record(image_id=iid, width=im["width"], height=im["height"], boxes=b, labels=l,
@@ -180,4 +209,5 @@ def read_coco(ann_file: str | os.PathLike, image_dir: str | os.PathLike, *, name
                               ignore_boxes=cb, ignore_labels=cl))
     gt = {"images": [images[i] for i in sorted(images)], "annotations": gt_annotations,
           "categories": [{"id": c, "name": n} for c, n in zip(cat_ids, class_names)]}
+    audit.warn()
     return CocoDataset(records, class_names, cat_ids, name=name or file, stats=stats, coco_gt=gt)

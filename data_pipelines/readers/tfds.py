@@ -9,8 +9,8 @@ Opening scans every record once for its annotations (image bytes are not decoded
 supports ``SkipDecoding``; otherwise the decoded array gives the size). Robustness (the TFDS mock
 data is semantically random): an example whose ``objects/*`` sequences have different lengths
 keeps only its first min-length objects (counted ``inconsistent_objects``); boxes with
-max < min (inverted), non-finite or zero size are dropped (counted ``inverted_boxes`` /
-``empty_boxes``); labels outside the ClassLabel range raise :class:`DataError`.
+max < min (inverted), non-finite, zero size or outside the image are dropped (counted by reason:
+``inverted_boxes``, ``nonfinite_boxes``, ``zero_size_boxes``, ``outside_boxes``); labels outside the ClassLabel range raise :class:`DataError`.
 
 Category ids for ``to_coco_dict``: the official COCO ids for ``coco/*`` datasets with the 80 COCO
 names, else 1..C. Split ``val`` maps to ``validation`` when the dataset has no ``val`` split.
@@ -22,7 +22,8 @@ import io
 
 import numpy as np
 
-from damo_jax.data_pipelines.records import DataError, DetectionDataset, Record, clean_boxes, empty_boxes, log
+from damo_jax.data_pipelines.records import (DataError, DetectionDataset, DropAudit, Record, clean_boxes,
+                                             empty_boxes, log)
 
 COCO_CATEGORY_IDS = (
     1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28,
@@ -124,14 +125,20 @@ def read_tfds(name: str, split: str, *, data_dir: str | None = None) -> TfdsData
     is_coco = name.split("/")[0] == "coco" and len(class_names) == len(COCO_CATEGORY_IDS)
     category_ids = list(COCO_CATEGORY_IDS) if is_coco else list(range(1, len(class_names) + 1))
     stats: collections.Counter = collections.Counter()
+    audit = DropAudit(f"tfds:{name}:{split}")
     records = []
     for i in range(len(meta)):
         ex = meta[i]
         where = f"tfds:{name}:{split}[{i}]"
         width, height = _image_size(ex["image"])
+        inverted_before = stats["inverted_boxes"]
         bbox, label, crowd = _example_annotations(ex.get("objects", {}), len(class_names), where, stats)
+        n_inverted = stats["inverted_boxes"] - inverted_before
+        if n_inverted:
+            audit.add(f"tfds:{name}:{split}", n_inverted, collections.Counter(inverted_boxes=n_inverted))
         px = np.stack([bbox[:, 1] * width, bbox[:, 0] * height, bbox[:, 3] * width, bbox[:, 2] * height], 1)
-        b, l = clean_boxes(px[~crowd], label[~crowd], width, height, stats) if (~crowd).any() else empty_boxes()
+        b, l = (clean_boxes(px[~crowd], label[~crowd], width, height, stats, audit, f"tfds:{name}:{split}")
+                if (~crowd).any() else empty_boxes())
         cb, cl = (clean_boxes(px[crowd], label[crowd], width, height, collections.Counter())
                   if crowd.any() else empty_boxes())
         image_id = int(np.asarray(ex.get("image/id", i + 1)))
@@ -143,5 +150,6 @@ def read_tfds(name: str, split: str, *, data_dir: str | None = None) -> TfdsData
         log.warning("tfds:%s:%s: duplicate image ids; renumbering 1..N", name, split)
         for k, r in enumerate(records):
             r.image_id = k + 1
+    audit.warn()
     return TfdsDataset(records, class_names, category_ids, name=f"tfds:{name}:{split}", stats=stats,
                        source=source)

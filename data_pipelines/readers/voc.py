@@ -21,6 +21,9 @@ Coordinates: VOC pixel indices are 1-based and inclusive; boxes become
 ``iscrowd=1`` regions by ``to_coco_dict`` (so detections on them are neither TP nor FP, as in the
 VOC protocol); ``"keep"`` treats them as normal objects, ``"drop"`` removes them entirely.
 The stored ``<size>`` is the annotated frame; when missing or zero the image header is read.
+A ``<filename>`` fallback that leaves the image folder (absolute, ``..``) is a :class:`DataError`
+unless ``allow_outside_root=True``. Unusable boxes are dropped, counted by reason and warned
+about per XML file (``data_pipelines.quality``).
 """
 from __future__ import annotations
 
@@ -31,7 +34,9 @@ from pathlib import Path
 from typing import Sequence
 
 from damo_jax.data_pipelines.imageio import displayed_size
-from damo_jax.data_pipelines.records import DataError, DetectionDataset, Record, clean_boxes, empty_boxes, log
+from damo_jax.data_pipelines.quality import dominant_reason
+from damo_jax.data_pipelines.records import (DataError, DetectionDataset, DropAudit, Record, check_inside,
+                                             clean_boxes, empty_boxes, log)
 
 DIFFICULT_MODES = ("ignore", "keep", "drop")
 
@@ -77,12 +82,22 @@ def _objects(root: ET.Element, path: Path):
         yield name, difficult, [x1 - 1.0, y1 - 1.0, x2, y2]
 
 
-def _find_image(folder: Path, stem: str, fallback_name: str | None) -> Path | None:
+def _guess(counts) -> str | None:
+    return {"inverted_boxes": "xmax < xmin or ymax < ymin in <bndbox>",
+            "zero_size_boxes": "xmax == xmin or ymax == ymin in <bndbox>",
+            "outside_boxes": "boxes lie outside <size> width/height: check <size> and that <bndbox> is "
+                             "in pixels (1-based)",
+            "nonfinite_boxes": "NaN/inf in <bndbox>"}.get(dominant_reason(counts))
+
+
+def _find_image(folder: Path, stem: str, fallback_name: str | None, where: str = "",
+                allow_outside_root: bool = False) -> Path | None:
     for suffix in (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".JPG", ".JPEG", ".PNG"):
         p = folder / f"{stem}{suffix}"
         if p.is_file():
             return p
     if fallback_name:
+        check_inside(fallback_name, where, "filename", allow_outside_root=allow_outside_root)
         p = folder / fallback_name
         if p.is_file():
             return p
@@ -129,7 +144,7 @@ def _class_names(root: Path, given: Sequence[str] | None) -> tuple[list[str], bo
 
 
 def read_voc(path: str | os.PathLike, split: str, *, class_names: Sequence[str] | None = None,
-             difficult: str = "ignore") -> DetectionDataset:
+             difficult: str = "ignore", allow_outside_root: bool = False) -> DetectionDataset:
     root = Path(path).expanduser()
     if difficult not in DIFFICULT_MODES:
         raise DataError(f"voc:{root}: difficult must be one of {DIFFICULT_MODES}, got {difficult!r}")
@@ -138,6 +153,7 @@ def read_voc(path: str | os.PathLike, split: str, *, class_names: Sequence[str] 
     names, _ = _class_names(root, class_names)
     label_of = {n: i for i, n in enumerate(names)}
     stats: collections.Counter = collections.Counter()
+    audit = DropAudit(f"voc:{root}:{split}")
     records = []
     for i, (xml, image) in enumerate(_pairs(root, split)):
         if not xml.is_file():
@@ -145,7 +161,8 @@ def read_voc(path: str | os.PathLike, split: str, *, class_names: Sequence[str] 
         tree = _parse_xml(xml)
         if image is None:
             image = _find_image(xml.parent.parent / "JPEGImages" if xml.parent.name == "Annotations"
-                                else xml.parent, xml.stem, _text(tree, "filename"))
+                                else xml.parent, xml.stem, _text(tree, "filename"), str(xml),
+                                allow_outside_root)
         if image is None:
             stats["skipped_images"] += 1
             log.warning("%s: no image with stem %r (or <filename>) found; skipped", xml, xml.stem)
@@ -171,12 +188,14 @@ def read_voc(path: str | os.PathLike, split: str, *, class_names: Sequence[str] 
                 continue
             boxes.append(box)
             labels.append(label_of[name])
-        b, l = clean_boxes(boxes, labels, width, height, stats) if boxes else empty_boxes()
+        b, l = (clean_boxes(boxes, labels, width, height, stats, audit, str(xml), _guess)
+                if boxes else empty_boxes())
         ib, il = (clean_boxes(ign_boxes, ign_labels, width, height, collections.Counter())
                   if ign_boxes else empty_boxes())
         records.append(Record(image_id=i + 1, width=width, height=height, boxes=b, labels=l,
                               file=str(image), ignore_boxes=ib, ignore_labels=il))
     if not records:
         raise DataError(f"voc:{root}: split {split!r} has no usable images")
+    audit.warn()
     return DetectionDataset(records, names, list(range(1, len(names) + 1)),
                             name=f"voc:{root}:{split}", stats=stats)

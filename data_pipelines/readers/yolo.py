@@ -11,7 +11,10 @@ suffix ``.txt``. A line is ``class cx cy w h`` (normalised) or a polygon ``class
 the image size read at open time is the EXIF-transposed header size. A missing label file means a
 negative image (counted ``missing_label_files``); unreadable images are skipped at open time
 (counted ``skipped_images``); malformed lines and unknown class indices raise :class:`DataError`
-naming the file, line and value.
+naming the file, line and value. Boxes that cannot be used (NaN, negative or zero width/height,
+outside the image — e.g. pixel instead of normalised coordinates) are dropped and counted by
+reason (``data_pipelines.quality``); a label file (or the split) losing more than
+``DROP_WARN_SHARE`` of its boxes gets a warning that guesses the cause.
 """
 from __future__ import annotations
 
@@ -22,7 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from damo_jax.data_pipelines.imageio import displayed_size
-from damo_jax.data_pipelines.records import DataError, DetectionDataset, Record, clean_boxes, empty_boxes, log
+from damo_jax.data_pipelines.quality import dominant_reason
+from damo_jax.data_pipelines.records import (DataError, DetectionDataset, DropAudit, Record, clean_boxes,
+                                             empty_boxes, log)
 
 IMAGE_SUFFIXES = {".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp", ".mpo", ".dng", ".pfm"}
 
@@ -126,6 +131,29 @@ def parse_label_file(path: Path, width: int, height: int, class_index: dict[int,
     return boxes, labels
 
 
+def _guess(path: Path):
+    """A ``guess(counts)`` for the drop warning of one label file (reads its values again only
+    when a warning is due)."""
+    def guess(counts) -> str | None:
+        reason = dominant_reason(counts)
+        if reason == "outside_boxes":
+            values = []
+            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    values += [abs(float(v)) for v in line.split()[1:]]
+                except ValueError:
+                    pass
+            top = max((v for v in values if np.isfinite(v)), default=0.0)
+            if top > 1.5:
+                return (f"values up to {top:g} fall outside [0, 1]: YOLO labels must be normalised "
+                        f"by the image width/height, these look like pixels")
+            return "box centres lie outside the image (YOLO lines are 'class cx cy w h', normalised)"
+        return {"inverted_boxes": "negative width or height: YOLO lines are 'class cx cy w h' with w, h > 0",
+                "zero_size_boxes": "width or height is 0",
+                "nonfinite_boxes": "NaN/inf values in the label file"}.get(reason)
+    return guess
+
+
 def read_yolo(yaml_path: str | os.PathLike, split: str) -> DetectionDataset:
     file = Path(yaml_path).expanduser()
     data = _load_yaml(file)
@@ -138,6 +166,7 @@ def read_yolo(yaml_path: str | os.PathLike, split: str) -> DetectionDataset:
     class_index = {cid: i for i, cid in enumerate(cat_ids)}
     images = _image_files(data[split_key], root, file)
     stats: collections.Counter = collections.Counter()
+    audit = DropAudit(f"yolo:{file}:{split}")
     records = []
     stems = [p.stem for p in images]
     numeric_ids = all(s.isdigit() for s in stems) and len(set(map(int, stems))) == len(stems) if stems else False
@@ -154,9 +183,11 @@ def read_yolo(yaml_path: str | os.PathLike, split: str) -> DetectionDataset:
         else:
             stats["missing_label_files"] += 1
             boxes, labels = [], []
-        b, l = clean_boxes(boxes, labels, width, height, stats) if boxes else empty_boxes()
+        b, l = (clean_boxes(boxes, labels, width, height, stats, audit, str(lbl), _guess(lbl))
+                if boxes else empty_boxes())
         records.append(Record(image_id=int(img.stem) if numeric_ids else i + 1, width=width,
                               height=height, boxes=b, labels=l, file=str(img)))
     if not records:
         raise DataError(f"{file}: split {split!r} has no readable images under {data[split_key]!r}")
+    audit.warn()
     return DetectionDataset(records, names, cat_ids, name=f"yolo:{file}:{split}", stats=stats)
