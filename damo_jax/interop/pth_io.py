@@ -106,7 +106,7 @@ def _load_zip(path: Path, budget: Budget):
         def load_storage(pid):
             dtype, key, numel = _storage_id(pid, source)
             if key not in storages:
-                info = member(f"data/{key}", budget.max_bytes)
+                info = member(f"data/{key}", 2**64)  # size checked against numel just below
                 nbytes = numel * dtype.itemsize
                 if info.file_size != nbytes:
                     raise PthFormatError(
@@ -176,14 +176,14 @@ def _load_legacy(path: Path, fh, size: int, budget: Budget):
 
     def load_storage(pid):  # pid = ('storage', type, root key, location, numel[, view])
         dtype, key, numel = _storage_id(pid, source)
-        root = roots.setdefault(key, Storage(dtype, f"storage '{key}'", numel, source))
+        root = roots.setdefault(key, Storage(dtype, key, numel, source))
         view = pid[5] if len(pid) > 5 else None
         if view is None:
             return root
         if not (isinstance(view, tuple) and len(view) == 3 and isinstance(view[0], str) and
                 all(isinstance(v, int) and v >= 0 for v in view[1:])):
             raise PthFormatError(f"{source}: malformed storage view {short(view)} of '{key}'")
-        return Storage(root.dtype, f"storage view '{view[0]}'", view[2], source, root, view[1])
+        return Storage(root.dtype, view[0], view[2], source, root, view[1])
 
     data_start = file.pos  # two passes: dtypes of the storages first, tensors once they are read
     Loader(source, budget, load_storage).unpickle(file, "data pickle")
