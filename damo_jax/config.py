@@ -14,7 +14,6 @@ seven config files stay a few lines each.
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 from pathlib import Path
 from typing import Sequence
@@ -87,6 +86,7 @@ def model_config(
     c.model.bn_momentum = 0.97  # flax convention (= 1 - torch momentum 0.03)
     c.model.dtype = "float32"   # compute dtype; params stay float32
     c.model.depthwise_impl = "auto"  # depthwise convs + SPP pools: auto | conv | taps (models/cpu_ops.py)
+    c.model.grad_impl = "auto"  # conv gradients in train graphs: auto | native | matmul (models/conv_grad.py)
 
     c.data = ml_collections.ConfigDict()
     c.data.train = "demo"          # dataset spec, see data_pipelines.open_dataset
@@ -123,7 +123,7 @@ def model_config(
     c.train.ema = True
     c.train.ema_decay = 0.9998
     c.train.ema_tau = 2000.0
-    c.train.grad_clip = 0.0        # 0 = off (the official code clips only when distilling)
+    c.train.grad_clip = -1.0       # global-norm clip of the student grads; <0 = official (30 when distilling, else off), 0 = off
     c.train.seed = 0
     c.train.eval_every_epochs = 10
     c.train.eval_every_epochs_tail = 1
@@ -132,6 +132,16 @@ def model_config(
     c.train.log_every_steps = 10
     c.train.finetune = ""          # path to an official .pth / .npz to start from
     c.train.max_steps = 0          # >0 stops early (tests, demos)
+
+    c.distill = ml_collections.ConfigDict()   # feature distillation (SPEC §8, damo_jax/train/distill.py)
+    c.distill.teacher = ""         # teacher config name or path ("" = off, or taken from a damo_jax run)
+    c.distill.teacher_weights = "" # official .pth / .npz, or a damo_jax run directory / checkpoint
+    c.distill.method = "cwd"       # cwd (official) | mimic
+    c.distill.weight = 1.0         # loss weight at step 0 ...
+    c.distill.weight_end = 0.1     # ... cosine-decayed to this at the last step (official 1 -> 0.1)
+    c.distill.tau = 1.0
+    c.distill.min_teacher_ap = 0.01  # teacher val AP below this stops the run ...
+    c.distill.allow_weak_teacher = False  # ... unless this is set
 
     c.test = ml_collections.ConfigDict()
     c.test.image_size = (size, size)
@@ -148,18 +158,24 @@ def neck_depth_n(depth: float) -> int:
     return int(round(3 * depth))
 
 
+def known_config_names() -> list[str]:
+    """Short names of the bundled configs (``configs/*.py``)."""
+    return sorted(q.stem for q in CONFIG_DIR.glob("*.py") if not q.stem.startswith("_"))
+
+
 def resolve_config_path(name_or_path: str) -> Path:
+    """``configs/<name>.py`` for a short name, or an existing ``.py`` path; else
+    :class:`~damo_jax.errors.InputPathError` naming ``--config`` and the known names."""
+    from damo_jax.errors import InputPathError
     p = Path(name_or_path)
-    if p.suffix == ".py" and p.exists():
+    if p.suffix == ".py" and p.is_file():
         return p
-    short = name_or_path.lower()
-    cand = CONFIG_DIR / f"{short}.py"
-    if cand.exists():
+    cand = CONFIG_DIR / f"{name_or_path.lower()}.py"
+    if "/" not in name_or_path and cand.is_file():
         return cand
-    known = ", ".join(sorted(q.stem for q in CONFIG_DIR.glob("*.py") if not q.stem.startswith("_")))
-    raise FileNotFoundError(
-        f"config {name_or_path!r}: not a config file path and not a known model name "
-        f"(known: {known}; directory {CONFIG_DIR})")
+    what = "config file not found" if p.suffix == ".py" else "not a known config name"
+    raise InputPathError(f"--config {name_or_path!r}: {what} (known names: "
+                         f"{', '.join(known_config_names())}; or give a path to a .py config file)")
 
 
 def load_config(name_or_path) -> ml_collections.ConfigDict:
@@ -167,58 +183,123 @@ def load_config(name_or_path) -> ml_collections.ConfigDict:
 
     A ConfigDict passed in is returned unchanged, so APIs can take either form.
     """
+    from damo_jax.errors import ConfigError
     if isinstance(name_or_path, ml_collections.ConfigDict):
         return name_or_path
     path = resolve_config_path(str(name_or_path))
     spec = importlib.util.spec_from_file_location(f"damo_jax_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise ConfigError(f"config file {path}: syntax error line {e.lineno}: {e.msg}") from e
     if not hasattr(module, "get_config"):
-        raise AttributeError(f"{path}: config files must define get_config()")
-    cfg = module.get_config()
-    return cfg
+        raise ConfigError(f"config file {path}: config files must define get_config()")
+    return module.get_config()
 
 
-def _parse_value(text: str, current):
+def _parse_value(text: str, current, key: str):
+    """``text`` as a value of the type of ``current`` (the default); ConfigError naming ``key``."""
     import ast
+    from damo_jax.errors import ConfigError
+
+    def bad(expected):
+        return ConfigError(f"--config.{key}={text}: expected {expected} "
+                           f"(default {current!r})")
+
     if isinstance(current, bool):
         low = text.lower()
         if low in ("1", "true", "yes", "on"):
             return True
         if low in ("0", "false", "no", "off"):
             return False
-        raise ValueError(f"expected a boolean, got {text!r}")
+        raise bad("a boolean (true/false)")
     if isinstance(current, str):
         return text
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
         value = text
-    if isinstance(current, float) and isinstance(value, int):
-        value = float(value)
-    if isinstance(current, tuple) and isinstance(value, list):
-        value = tuple(value)
+    if current is None:
+        return value
+    if isinstance(current, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+        return value
+    if isinstance(current, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        return float(value)
+    if isinstance(current, (tuple, list)):
+        if isinstance(value, int) and len(current) == 2 and all(type(v) is int for v in current):
+            value = (value, value)  # one size for both sides, like --img-size 640
+        if not isinstance(value, (tuple, list)):
+            raise bad(f"a {type(current).__name__} like {current!r}")
+        return tuple(value) if isinstance(current, tuple) else list(value)
     return value
 
 
 def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
-    """Apply ``key.sub=value`` overrides (the ``--config.key.sub=value`` CLI form, prefix optional)."""
+    """Apply ``key.sub=value`` overrides (the ``--config.key.sub=value`` CLI form, prefix optional).
+
+    Unknown keys raise :class:`~damo_jax.errors.ConfigKeyError`, values of the wrong type
+    :class:`~damo_jax.errors.ConfigError`; both name the key (and the closest known key).
+    """
+    import difflib
+    from damo_jax.errors import ConfigError, ConfigKeyError
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} must look like key.sub=value")
+            raise ConfigError(f"override {item!r} must look like --config.key.sub=value")
         key, text = item.split("=", 1)
         key = key.removeprefix("--").removeprefix("config.")
         parts = key.split(".")
         node = cfg
-        for p in parts[:-1]:
-            if p not in node:
-                raise KeyError(f"override {item!r}: unknown config section {p!r}")
-            node = node[p]
+        for depth, p in enumerate(parts):
+            if not isinstance(node, (ml_collections.ConfigDict, dict)) or p not in node:
+                known = [k for k, _ in flat_items(cfg)]
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f"; did you mean --config.{close[0]}?" if close else ""
+                what = "config key" if depth == len(parts) - 1 else "config section"
+                raise ConfigKeyError(f"--config.{key}: unknown {what} {p!r}{hint}")
+            if depth < len(parts) - 1:
+                node = node[p]
         leaf = parts[-1]
-        if leaf not in node:
-            raise KeyError(f"override {item!r}: unknown config key {key!r}")
-        node[leaf] = _parse_value(text, node[leaf])
+        value = _parse_value(text, node[leaf], key)
+        try:
+            node[leaf] = value
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"--config.{key}={text}: {e}") from e
     return cfg
+
+
+def validate_config(cfg: ml_collections.ConfigDict, where: str = "config") -> ml_collections.ConfigDict:
+    """Reject values no run can use, naming the key: batch sizes and epochs >= 1, image sizes
+    positive multiples of 32 (:func:`damo_jax.ops.boxes.check_image_size`)."""
+    from damo_jax.errors import ConfigError
+    from damo_jax.ops.boxes import check_image_size
+
+    def at_least(section, key, low):
+        if section in cfg and key in cfg[section]:
+            value = cfg[section][key]
+            if not isinstance(value, (int, float)) or value < low:
+                raise ConfigError(f"{where}: {section}.{key} = {value!r} must be >= {low}")
+
+    for section, key in (("train", "batch_size"), ("test", "batch_size")):
+        at_least(section, key, 1)
+    at_least("train", "epochs", 1)
+    for section in ("model", "data", "test"):
+        if section in cfg and "image_size" in cfg[section]:
+            check_image_size(cfg[section]["image_size"], f"{where}: {section}.image_size")
+    return cfg
+
+
+def config_value(section, key: str, default=None):
+    """``section[key]`` when present and not None, else ``default`` (ConfigDict, dict or None)."""
+    try:
+        value = section[key]
+    except (KeyError, TypeError, AttributeError):
+        return default
+    return default if value is None else value
 
 
 def flat_items(cfg, prefix: str = ""):
@@ -228,10 +309,6 @@ def flat_items(cfg, prefix: str = ""):
             yield from flat_items(v, f"{prefix}{k}.")
         else:
             yield f"{prefix}{k}", v
-
-
-def iters_per_epoch(num_images: int, batch_size: int) -> int:
-    return max(1, math.ceil(num_images / batch_size))
 
 
 def runlocal(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

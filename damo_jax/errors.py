@@ -27,6 +27,20 @@ class InputPathError(UserError, FileNotFoundError):
     """A path given on the command line or in a config does not exist / is not what is expected."""
 
 
+class ConfigKeyError(ConfigError, KeyError):
+    """An override names a config key that does not exist (also a ``KeyError`` for callers)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+def one_line(err: BaseException) -> str:
+    """The message of ``err`` as one line (newlines folded), for the ``error: ...`` output."""
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    text = " ".join(part.strip() for part in text.splitlines() if part.strip())
+    return text or type(err).__name__
+
+
 def user_error_types() -> tuple[type, ...]:
     """Every exception type treated as a user error: :class:`UserError` and the domain errors of
     the data pipeline and the torch-free checkpoint reader (imported lazily: no jax at import)."""

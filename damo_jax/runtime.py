@@ -116,3 +116,11 @@ def tune_cpu_runtime() -> dict:
             result["xla_flags"].append(flag)
     os.environ["XLA_FLAGS"] = current
     return result
+
+
+def make_mesh(devices=None, axis: str = "data"):
+    """THE device mesh: 1-D over ``devices`` (default: all devices of all processes) named ``axis``.
+    Training shards its batch over all devices; evaluation passes ``jax.local_devices()``."""
+    import jax
+    import numpy as np
+    return jax.sharding.Mesh(np.asarray(jax.devices() if devices is None else list(devices)), (axis,))

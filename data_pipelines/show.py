@@ -1,72 +1,72 @@
-"""Draw augmented training samples with their boxes into one PNG.
+"""``damo-jax show``: draw augmented training samples with their boxes into one PNG.
 
-    python -m damo_jax.data_pipelines.show --data demo --out samples.png [--config ns] [--num 8]
-        [--step 0] [--size 320] [--seed 0] [--no-aug]
+examples:
+  damo-jax show --data demo --out samples.png
+  damo-jax show --data coco:/data/coco --config ns --num 8 --step 0
+  damo-jax show --data yolo:/data/data.yaml --img-size 320 --no-aug
 
-``--step`` picks the global step (SADA strength grows with step / total; ``--no-aug`` shows the
-no-mosaic tail). ``--config`` takes the augmentation recipe from a model config (default: the
-official S recipe); ``--size`` overrides both the image and the mosaic size.
+--step picks the global step (SADA strength grows with step / total; --no-aug shows the no-mosaic
+tail). --config takes the augmentation recipe from a model config (default: the official S
+recipe; --config.data.KEY=VALUE overrides it); --img-size overrides both the image and the mosaic
+size. Alias: python -m damo_jax.data_pipelines.show.
 """
 from __future__ import annotations
 
-import argparse
-import colorsys
-
-import cv2
 import numpy as np
 
-from damo_jax.data_pipelines import TrainLoader, open_dataset
+PROG = "damo-jax show"
 
 
-def _color(k: int) -> tuple[int, int, int]:
-    r, g, b = colorsys.hsv_to_rgb((k * 0.618) % 1.0, 0.9, 1.0)
-    return int(r * 255), int(g * 255), int(b * 255)
+def add_arguments(p) -> None:
+    from damo_jax.cli import common
+    common.add_data(p, default="demo")
+    p.add_argument("--split", default="train")
+    p.add_argument("--out", default="samples.png", help="output PNG (default samples.png)")
+    p.add_argument("--config", default=None, help="model config name/path for the augmentation recipe")
+    p.add_argument("--num", type=int, default=8, help="number of samples (default 8)")
+    p.add_argument("--step", type=int, default=None, help="global step (default: 3/4 of the schedule)")
+    p.add_argument("--total-steps", type=int, default=1000)
+    common.add_img_size(p, "image and mosaic size")
+    p.add_argument("--size", type=int, default=None, help=argparse_suppress())
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-aug", action="store_true", help="show the no-mosaic/mixup tail")
 
 
-def draw_boxes(image: np.ndarray, boxes, labels, class_names) -> np.ndarray:
-    """RGB uint8 copy of ``image`` with labelled boxes."""
-    out = np.ascontiguousarray(image.copy())
-    scale = max(0.35, image.shape[0] / 900)
-    for box, label in zip(np.asarray(boxes), np.asarray(labels)):
-        x1, y1, x2, y2 = (int(round(v)) for v in box)
-        color = _color(int(label))
-        cv2.rectangle(out, (x1, y1), (max(x1, x2 - 1), max(y1, y2 - 1)), color, 1 + image.shape[0] // 400)
-        name = class_names[int(label)] if 0 <= int(label) < len(class_names) else str(int(label))
-        cv2.putText(out, name, (x1 + 2, max(10, y1 + int(12 * scale / 0.35))), cv2.FONT_HERSHEY_SIMPLEX,
-                    scale, color, 1, cv2.LINE_AA)
-    return out
+def argparse_suppress():
+    import argparse
+    return argparse.SUPPRESS  # --size N: old spelling of --img-size N
 
 
-def grid(images: list[np.ndarray], cols: int) -> np.ndarray:
-    h, w = images[0].shape[:2]
-    rows = -(-len(images) // cols)
-    canvas = np.full((rows * (h + 4), cols * (w + 4), 3), 255, np.uint8)
-    for k, im in enumerate(images):
-        r, c = divmod(k, cols)
-        canvas[r * (h + 4):r * (h + 4) + h, c * (w + 4):c * (w + 4) + w] = im
-    return canvas
+def build_parser(prog: str = PROG):
+    from damo_jax.cli.common import Parser
+    p = Parser(prog=prog, description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 2)[2])
+    add_arguments(p)
+    return p
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default="demo")
-    ap.add_argument("--split", default="train")
-    ap.add_argument("--out", default="samples.png")
-    ap.add_argument("--config", default=None, help="model config name/path for the augmentation recipe")
-    ap.add_argument("--num", type=int, default=8)
-    ap.add_argument("--step", type=int, default=None, help="global step (default: 3/4 of the schedule)")
-    ap.add_argument("--total-steps", type=int, default=1000)
-    ap.add_argument("--size", type=int, default=None)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--no-aug", action="store_true", help="show the no-mosaic/mixup tail")
-    args = ap.parse_args(argv)
+def sample_grid(batch: dict, class_names, cols: int = 4):
+    """PIL grid of a train batch's images with their valid ground-truth boxes drawn."""
+    from damo_jax.inference.draw import draw_detections, image_grid
+    tiles = [draw_detections(img, boxes[valid], None, labels[valid], class_names)
+             for img, boxes, labels, valid in zip(batch["images"], batch["gt_boxes"],
+                                                  batch["gt_labels"], batch["gt_valid"])]
+    return image_grid(tiles, cols=cols, pad=4)
 
+
+def run(args, overrides=()) -> dict:
+    from damo_jax.cli import common
+    from damo_jax.data_pipelines import TrainLoader, open_dataset
+    from damo_jax.errors import ConfigError
+
+    common.check_data_spec(args.data)
+    if args.num < 1:
+        raise ConfigError(f"--num must be >= 1, got {args.num}")
     data_cfg = {}
-    if args.config:
-        from damo_jax.config import load_config
-        data_cfg = dict(load_config(args.config).data)
-    if args.size:
-        data_cfg.update(image_size=(args.size, args.size), mosaic_size=(args.size, args.size))
+    if args.config or overrides:
+        data_cfg = dict(common.load_cli_config(args.config or "s", overrides).data)
+    size = common.img_size(args.img_size or ([args.size] if args.size else None))
+    if size:
+        data_cfg.update(image_size=size, mosaic_size=size)
     ds = open_dataset(args.data, args.split)
     total = args.total_steps
     step = args.step if args.step is not None else (3 * total) // 4
@@ -74,13 +74,20 @@ def main(argv=None) -> None:
                          total_steps=total, no_aug_start_step=0 if args.no_aug else total, start_step=step,
                          workers=0)
     batch = next(loader)
-    tiles = [draw_boxes(img, boxes[valid], labels[valid], ds.class_names)
-             for img, boxes, labels, valid in zip(batch["images"], batch["gt_boxes"], batch["gt_labels"],
-                                                  batch["gt_valid"])]
-    cv2.imwrite(args.out, cv2.cvtColor(grid(tiles, cols=min(4, len(tiles))), cv2.COLOR_RGB2BGR))
-    n_boxes = int(batch["gt_valid"].sum())
-    print(f"wrote {args.out}: {len(tiles)} samples of {ds!r} at step {step}/{total}, {n_boxes} boxes; "
+    sample_grid(batch, ds.class_names, cols=min(4, args.num)).save(args.out)
+    n_boxes = int(np.asarray(batch["gt_valid"]).sum())
+    print(f"wrote {args.out}: {args.num} samples of {ds!r} at step {step}/{total}, {n_boxes} boxes; "
           f"loader stats {dict(loader.stats)}")
+    return {"out": args.out, "boxes": n_boxes, "step": step}
+
+
+def main(argv=None, prog: str = "python -m damo_jax.data_pipelines.show") -> dict:
+    from damo_jax.cli.common import run_cli, split_overrides
+
+    def go(argv):
+        rest, overrides = split_overrides(argv)
+        return run(build_parser(prog).parse_args(rest), overrides)
+    return run_cli(go, argv)
 
 
 if __name__ == "__main__":

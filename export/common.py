@@ -1,12 +1,13 @@
 """What every export route shares: weights -> fused deploy model -> NCHW export function.
 
 * ``load_deploy_model(config, checkpoint=, weights=, image_size=, seed=)`` -> :class:`DeployModel`
-  (the fully folded ``build_model(cfg, deploy=True)`` + ``reparam.fuse(..., fuse_bn=True)`` variables;
+  (:func:`damo_jax.inference.loading.load_model` with ``export=True``: the fully folded ``build_model(cfg, deploy=True)`` + ``reparam.fuse(..., fuse_bn=True)`` variables;
   random weights with a loud warning when neither a checkpoint nor weights are given).
 * ``raw_fn(dm)``: ``images`` (N, 3, H, W) float32 RGB 0-255 **NCHW** -> ``(scores (N, A, C),
   boxes (N, A, 4) x1y1x2y2 input px)`` — the official raw export layout (SPEC §2.13, §10.1).
   The transpose to Flax's NHWC happens inside the function.
-* ``end2end_fn(dm, topk, conf, iou)``: the same followed by ``damo_jax.ops.nms.multiclass_nms`` over all
+* ``end2end_fn(dm, topk, conf, iou)``: the inference path's forward + NMS
+  (``damo_jax.inference.pipeline.detect_batch``) over all
   candidates (``pre_nms_topk = A*C``, the exact official semantics) — the JAX reference of the
   ``--end2end`` ONNX graph: ``(num_dets (N, 1) int32, boxes (N, K, 4), scores (N, K), labels (N, K))``.
 * ``parse_img_size`` / ``parse_batch`` / ``input_spec``: CLI helpers shared by the scripts.
@@ -56,37 +57,29 @@ class DeployModel:
 
 
 def setup_logging() -> None:
-    """CLI logging: our INFO lines; converters' chatter (jax2onnx, onnx_ir, absl) only from WARNING."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("damo_jax").setLevel(logging.INFO)
-    logging.getLogger("onnx_ir").setLevel(logging.ERROR)
+    """Alias of :func:`damo_jax.cli.common.setup_logging` (the one logging set-up)."""
+    from damo_jax.cli.common import setup_logging as setup
+    setup()
 
 
 def parse_img_size(values, default) -> tuple[int, int]:
     """``--img-size 640`` or ``--img-size H W`` (None -> ``default``), multiples of 32."""
-    if not values:
-        h, w = tuple(int(v) for v in default)
-    elif len(values) == 1:
-        h = w = int(values[0])
-    elif len(values) == 2:
-        h, w = int(values[0]), int(values[1])
-    else:
-        raise ValueError(f"--img-size takes one or two integers, got {values}")
-    if h <= 0 or w <= 0 or h % 32 or w % 32:
-        raise ValueError(f"--img-size {h} {w}: height and width must be positive multiples of 32")
-    return h, w
+    from damo_jax.cli.common import img_size
+    from damo_jax.ops.boxes import check_image_size
+    return img_size(values) if values else check_image_size(tuple(default), "image size")
 
 
 def parse_batch(text) -> int | str:
     """``--batch``: a positive integer (static) or ``dynamic``."""
+    from damo_jax.errors import ConfigError
     if str(text).lower() in ("dynamic", "dyn", "-1"):
         return DYNAMIC_BATCH
     try:
         b = int(text)
     except ValueError:
-        raise ValueError(f"--batch must be a positive integer or 'dynamic', got {text!r}") from None
+        raise ConfigError(f"--batch must be a positive integer or 'dynamic', got {text!r}") from None
     if b < 1:
-        raise ValueError(f"--batch must be >= 1, got {b}")
+        raise ConfigError(f"--batch must be >= 1, got {b}")
     return b
 
 
@@ -95,61 +88,35 @@ def input_spec(batch, image_size) -> tuple:
     return (batch, 3, int(image_size[0]), int(image_size[1]))
 
 
-def _random_variables(cfg, seed: int) -> dict:
-    """Official-init train-graph variables; their shapes do not depend on the image size, so the
-    init runs on a small 64x64 input (much cheaper than the export size)."""
-    from damo_jax.models import build_model, init_variables
-    return init_variables(build_model(cfg), jax.random.PRNGKey(seed), (1, 64, 64, 3))
-
-
 def export_config(config):
     """The config to trace for export: depthwise convs as one grouped conv each
     (``model.depthwise_impl = "conv"``; the models' CPU default may unroll them into shifted-slice
     "taps", which would export as dozens of Mul/Add nodes instead of one ``Conv``)."""
-    from damo_jax import models
-    from damo_jax.config import load_config
-
-    cfg = load_config(config)
-    if hasattr(models, "with_depthwise_impl"):
-        cfg = models.with_depthwise_impl(cfg, "conv")
-    return cfg
+    from damo_jax.models import with_depthwise_impl
+    return with_depthwise_impl(config, "conv")
 
 
 def load_deploy_model(config=None, *, checkpoint=None, weights=None, image_size=None,
-                      seed: int = 0) -> DeployModel:
-    """Weights -> fused deploy model.
+                      seed: int = 0, overrides=()) -> DeployModel:
+    """Weights -> fused deploy model (:func:`damo_jax.inference.loading.load_model`, built once).
 
     ``checkpoint``: a training-run directory (EMA weights + its stored config); ``weights``: official
     ``.pth`` or converted ``.npz`` for ``config``; neither: random initialisation (``seed``), with a
     warning — useful only for latency tests and format checks.
     """
-    from damo_jax.models import build_model
-    from damo_jax.models.reparam import fuse
+    from damo_jax.inference.loading import load_model
 
-    if checkpoint is not None and weights is not None:
-        raise ValueError("export: give at most one of --checkpoint and --weights")
-    if checkpoint is not None or weights is not None:
-        from damo_jax.inference.detector import load_jax_model
-        cfg, _, variables, class_names = load_jax_model(
-            config=config, checkpoint=checkpoint, weights=weights, fuse=True)
-        cfg = export_config(cfg)
-        model = build_model(cfg, deploy=True)
-        source = str(checkpoint or weights)
-    else:
-        if config is None:
-            raise ValueError("export: --config is required when no --checkpoint is given")
-        cfg = export_config(config)
-        msg = (f"NO WEIGHTS GIVEN: exporting model {cfg.model.name!r} with RANDOM weights "
+    random_init = checkpoint is None and weights is None
+    loaded = load_model(config, checkpoint=checkpoint, weights=weights, overrides=overrides,
+                        fuse=True, export=True, random_init=random_init, seed=seed)
+    if random_init:
+        msg = (f"NO WEIGHTS GIVEN: exporting model {loaded.cfg.model.name!r} with RANDOM weights "
                f"(seed {seed}). The file is only good for format / latency tests, not detection.")
         warnings.warn(msg, stacklevel=2)
         log.warning("!" * 20 + " " + msg + " " + "!" * 20)
-        variables = fuse(_random_variables(cfg, seed), cfg, fuse_bn=True)
-        model = build_model(cfg, deploy=True)
-        class_names = tuple(cfg.model.class_names)
-        source = f"random-init(seed={seed})"
-    size = tuple(int(v) for v in (image_size or cfg.model.image_size))
-    return DeployModel(cfg=cfg, model=model, variables=variables, class_names=tuple(class_names),
-                       image_size=size, source=source)
+    size = tuple(int(v) for v in (image_size or loaded.cfg.model.image_size))
+    return DeployModel(cfg=loaded.cfg, model=loaded.model, variables=loaded.variables,
+                       class_names=loaded.class_names, image_size=size, source=loaded.source)
 
 
 def from_variables(cfg, train_variables, image_size, *, source="variables") -> DeployModel:
@@ -175,16 +142,18 @@ def raw_fn(dm: DeployModel):
 
 
 def end2end_fn(dm: DeployModel, *, topk: int, conf_thre: float, iou_thre: float):
-    """JAX reference of the ``--end2end`` graph (official NMS over *all* candidates)."""
-    from damo_jax.ops.nms import multiclass_nms
+    """JAX reference of the ``--end2end`` graph: the inference path's forward + NMS
+    (:func:`damo_jax.inference.pipeline.detect_batch`) over *all* candidates (official NMS)."""
+    from damo_jax.inference.pipeline import detect_batch
 
-    forward = raw_fn(dm)
+    strides = tuple(dm.cfg.model.head.get("strides", (8, 16, 32)))
 
     def e2e(images):
-        scores, boxes = forward(images)
-        num_candidates = scores.shape[1] * scores.shape[2]
-        det = multiclass_nms(scores, boxes, conf_thre=conf_thre, iou_thre=iou_thre,
-                             max_dets=topk, pre_nms_topk=num_candidates)
+        nhwc = jnp.transpose(images, (0, 2, 3, 1))
+        h, w = images.shape[2], images.shape[3]
+        num_candidates = sum((h // s) * (w // s) for s in strides) * dm.num_classes
+        det = detect_batch(dm.model, dm.variables, nhwc, conf_thre, iou_thre, max_dets=topk,
+                           pre_nms_topk=num_candidates)
         return (det["num_dets"].reshape(-1, 1).astype(jnp.int32), det["boxes"], det["scores"],
                 det["labels"].astype(jnp.int32))
     return e2e

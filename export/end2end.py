@@ -30,6 +30,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from damo_jax.export import onnx_utils
 
+from damo_jax.errors import ConfigError, InputPathError
+
 E2E_OUTPUTS = ("num_dets", "boxes", "scores", "labels")
 _P = "e2e_"  # prefix of every appended tensor / node name
 
@@ -54,11 +56,11 @@ class _Builder:
 
 def validate_thresholds(topk: int, conf_thre: float, iou_thre: float) -> None:
     if int(topk) != topk or topk < 1:
-        raise ValueError(f"end2end topk must be a positive integer, got {topk!r}")
+        raise ConfigError(f"end2end topk must be a positive integer, got {topk!r}")
     if not 0.0 <= conf_thre < 1.0:
-        raise ValueError(f"end2end conf threshold must be in [0, 1), got {conf_thre!r}")
+        raise ConfigError(f"end2end conf threshold must be in [0, 1), got {conf_thre!r}")
     if not 0.0 <= iou_thre <= 1.0:
-        raise ValueError(f"end2end IoU threshold must be in [0, 1], got {iou_thre!r}")
+        raise ConfigError(f"end2end IoU threshold must be in [0, 1], got {iou_thre!r}")
 
 
 def nms_nodes(scores: str, boxes: str, *, topk: int, conf_thre: float, iou_thre: float):
@@ -136,10 +138,10 @@ def append_end2end(model: onnx.ModelProto, *, topk: int = 100, conf_thre: float 
     names = [o.name for o in model.graph.output]
     for need in (scores, boxes):
         if need not in names:
-            raise ValueError(f"append_end2end: the model has no output {need!r} (outputs: {names})")
+            raise ConfigError(f"append_end2end: the model has no output {need!r} (outputs: {names})")
     opset = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     if opset < 13:
-        raise ValueError(f"append_end2end needs opset >= 13, the model has {opset}")
+        raise ConfigError(f"append_end2end needs opset >= 13, the model has {opset}")
     onnx_utils.rename_value(model, scores, "raw_scores")
     onnx_utils.rename_value(model, boxes, "raw_boxes")
     nodes, inits, out = nms_nodes("raw_scores", "raw_boxes", topk=topk, conf_thre=conf_thre,

@@ -21,14 +21,14 @@ Routes (``--via``):
 """
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 import time
 from pathlib import Path
 
 
 import onnx
+
+from damo_jax.errors import ConfigError, InputPathError
 
 from damo_jax.export import common, end2end, graph_passes, onnx_utils
 
@@ -92,37 +92,35 @@ def export_onnx(dm: common.DeployModel, *, via: str = "jax2onnx", batch=1, opset
                 tf_dir: Path | None = None) -> onnx.ModelProto:
     """The whole export; returns the checked model (not yet saved)."""
     if opset < MIN_OPSET:
-        raise ValueError(f"--opset must be >= {MIN_OPSET}, got {opset}")
+        raise ConfigError(f"--opset must be >= {MIN_OPSET}, got {opset}")
     if via == "jax2onnx":
         model = convert_jax2onnx(dm, batch=batch, opset=opset, optimize=optimize)
     elif via == "tf":
         if batch == common.DYNAMIC_BATCH:
-            raise ValueError("--via tf supports a static --batch only (the TFLite converter and "
+            raise ConfigError("--via tf supports a static --batch only (the TFLite converter and "
                              "OpenVINO cannot use its dynamic-batch graph); use --via jax2onnx")
         if opset > MAX_TF2ONNX_OPSET:
-            raise ValueError(f"--via tf: tf2onnx 1.17 supports opset <= {MAX_TF2ONNX_OPSET}")
+            raise ConfigError(f"--via tf: tf2onnx 1.17 supports opset <= {MAX_TF2ONNX_OPSET}")
         from damo_jax.export import tflite_route
         if tf_dir is None:
-            raise ValueError("--via tf needs an output location for the SavedModel / .tflite")
+            raise ConfigError("--via tf needs an output location for the SavedModel / .tflite")
         model = tflite_route.convert(dm, batch=batch, opset=opset, workdir=tf_dir)
         if optimize:
             model = optimize_graph(model)
     else:
-        raise ValueError(f"--via must be 'jax2onnx' or 'tf', got {via!r}")
+        raise ConfigError(f"--via must be 'jax2onnx' or 'tf', got {via!r}")
     return finalize(model, dm, route=via, e2e=end2end_cfg)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0] + " Writes an ONNX file (opset >= 17).",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--config", help="model name (t, s, m, l, ns, nm, nl) or config file path")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--checkpoint", help="training-run directory (its EMA weights and config)")
-    src.add_argument("--weights", help="official .pth or converted state_dict .npz (needs --config)")
-    p.add_argument("--img-size", nargs="+", type=int, metavar="N",
-                   help="export size: one value (square) or H W; multiples of 32 "
-                        "(default: the config's image_size, 640 or 416 for nano)")
+PROG = "damo-jax export onnx"
+
+
+def add_arguments(p) -> None:
+    from damo_jax.cli import common
+    common.add_model_source(p, ("checkpoint", "weights"), config_help="model name (t, s, m, l, "
+                            "ns, nm, nl) or config file path; --config.KEY=VALUE overrides any key")
+    common.add_img_size(p, "export size (default: the config's model.image_size, 640 or 416 for "
+                        "nano)")
     p.add_argument("--batch", default="1",
                    help="static batch size, or 'dynamic' (jax2onnx route only) (default 1)")
     p.add_argument("--end2end", action="store_true",
@@ -141,21 +139,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the converter's literal graph (no ORT-basic / upsample clean-up)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random init without weights")
     p.add_argument("--output", required=True, help="output .onnx path")
+
+
+def build_parser(prog: str = PROG):
+    from damo_jax.cli.common import Parser
+    p = Parser(prog=prog, description=__doc__.split("\n\n")[0] + " Writes an ONNX file (opset >= 17).",
+               epilog="examples:\n" + __doc__.split("\n\n", 1)[1])
+    add_arguments(p)
     return p
 
 
-def main(argv=None) -> Path:
-    common.setup_logging()
-    args = build_parser().parse_args(argv)
+def run(args, overrides=()) -> Path:
+    from damo_jax.cli.common import img_size
+    from damo_jax.errors import ConfigError
     if args.checkpoint is None and args.config is None:
-        raise SystemExit("to_onnx: give --config (with --weights, or alone for random weights) "
-                         "or --checkpoint")
-    from damo_jax.config import load_config
-    default_size = load_config(args.config).model.image_size if args.config else None
-    size = common.parse_img_size(args.img_size, default_size) if args.img_size else None
+        raise ConfigError("give --config (with --weights, or alone for random weights) or "
+                          "--checkpoint")
     batch = common.parse_batch(args.batch)
+    size = img_size(args.img_size)
     dm = common.load_deploy_model(args.config, checkpoint=args.checkpoint, weights=args.weights,
-                                  image_size=size, seed=args.seed)
+                                  image_size=size, seed=args.seed, overrides=overrides)
     e2e = None
     if args.end2end:
         e2e = dict(topk=args.topk,
@@ -172,6 +175,16 @@ def main(argv=None) -> Path:
              "I/O %s", out, args.via, batch, *dm.image_size, args.opset, summary["nodes"],
              summary["convs"], summary["transposes"], onnx_utils.io_shapes(model))
     return out
+
+
+def main(argv=None, prog: str = "python export/to_onnx.py") -> Path:
+    """``damo-jax export onnx`` / ``python export/to_onnx.py``; returns the written path."""
+    from damo_jax.cli.common import run_cli, split_overrides
+
+    def go(argv):
+        rest, overrides = split_overrides(argv)
+        return run(build_parser(prog).parse_args(rest), overrides)
+    return run_cli(go, argv)
 
 
 if __name__ == "__main__":

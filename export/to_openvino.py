@@ -17,14 +17,14 @@ once per machine with ``opt_in_out --opt_out`` (OpenVINO's tool).
 """
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 import tempfile
 from pathlib import Path
 
 
 import onnx
+
+from damo_jax.errors import ConfigError, InputPathError
 
 log = logging.getLogger("damo_jax.export")
 
@@ -36,9 +36,9 @@ def convert(onnx_path, output, *, fp16: bool = False) -> Path:
 
     onnx_path, output = Path(onnx_path), Path(output)
     if not onnx_path.is_file():
-        raise FileNotFoundError(f"ONNX file {onnx_path} not found")
+        raise InputPathError(f"--onnx {onnx_path}: ONNX file not found")
     if output.suffix != ".xml":
-        raise ValueError(f"--output must end in .xml, got {output}")
+        raise ConfigError(f"--output must end in .xml, got {output}")
     model = ov.convert_model(str(onnx_path))
     proto = onnx.load(str(onnx_path), load_external_data=False)
     for prop in proto.metadata_props:
@@ -52,11 +52,11 @@ def convert(onnx_path, output, *, fp16: bool = False) -> Path:
     return output
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--onnx", help="input ONNX file (from export/to_onnx.py)")
+def build_parser(prog: str = "python export/to_openvino.py"):
+    from damo_jax.cli.common import Parser
+    p = Parser(prog=prog, description=__doc__.split("\n\n")[0],
+               epilog="examples:\n" + __doc__.split("\n\n", 1)[1])
+    p.add_argument("--onnx", help="input ONNX file (from damo-jax export onnx)")
     p.add_argument("--fp16", action="store_true", help="store FP16-compressed weights")
     p.add_argument("--output", required=True, help="output IR .xml path")
     p.add_argument("--keep-onnx", action="store_true",
@@ -64,26 +64,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> Path:
-    from damo_jax.export.common import setup_logging  # lazy: keeps jax out of the import
-    setup_logging()
-    parser = build_parser()
+def run(argv, prog: str) -> Path:
+    from damo_jax.export import to_onnx
+    parser = build_parser(prog)
     args, rest = parser.parse_known_args(argv)
     out = Path(args.output)
+    if out.suffix != ".xml":
+        raise ConfigError(f"--output must end in .xml, got {out}")
     if args.onnx:
         if rest:
             parser.error(f"unexpected arguments with --onnx: {rest}")
         return convert(args.onnx, out, fp16=args.fp16)
     if not rest:
-        parser.error("give --onnx FILE, or to_onnx.py options (--config/--weights/--checkpoint, "
-                     "--img-size, --batch, --end2end, ...) to export first")
-    from damo_jax.export import to_onnx
+        parser.error("give --onnx FILE, or export options (--config/--weights/--checkpoint, "
+                     "--img-size, --batch, --end2end, ...) to export to ONNX first")
+    onnx_prog = f"{prog} (ONNX step)"
     if args.keep_onnx:
-        onnx_path = to_onnx.main(rest + ["--output", str(out.with_suffix(".onnx"))])
+        onnx_path = to_onnx.main(rest + ["--output", str(out.with_suffix(".onnx"))], prog=onnx_prog)
         return convert(onnx_path, out, fp16=args.fp16)
     with tempfile.TemporaryDirectory() as tmp:
-        onnx_path = to_onnx.main(rest + ["--output", str(Path(tmp) / "model.onnx")])
+        onnx_path = to_onnx.main(rest + ["--output", str(Path(tmp) / "model.onnx")], prog=onnx_prog)
         return convert(onnx_path, out, fp16=args.fp16)
+
+
+def main(argv=None, prog: str = "python export/to_openvino.py") -> Path:
+    """``damo-jax export openvino`` / ``python export/to_openvino.py``; returns the .xml path."""
+    from damo_jax.cli.common import run_cli
+    return run_cli(lambda a: run(a, prog), argv)
 
 
 if __name__ == "__main__":

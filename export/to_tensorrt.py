@@ -22,11 +22,11 @@ script is untested there beyond argument parsing and the profile logic.
 """
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 from pathlib import Path
 
+
+from damo_jax.errors import ConfigError, InputPathError
 
 log = logging.getLogger("damo_jax.export")
 
@@ -40,7 +40,7 @@ def onnx_input_shape(onnx_path) -> tuple:
     model = onnx.load(str(onnx_path), load_external_data=False)
     inputs = {i.name: i for i in model.graph.input}
     if INPUT_NAME not in inputs:
-        raise ValueError(f"{onnx_path}: no input named {INPUT_NAME!r} (inputs {list(inputs)})")
+        raise ConfigError(f"{onnx_path}: no input named {INPUT_NAME!r} (inputs {list(inputs)})")
     dims = inputs[INPUT_NAME].type.tensor_type.shape.dim
     return tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims)
 
@@ -52,14 +52,14 @@ def profile_shapes(input_shape, min_batch=None, opt_batch=None, max_batch=None):
     takes the defaults 1 / 8 / 32 for missing values and needs ``min <= opt <= max``.
     """
     if len(input_shape) != 4:
-        raise ValueError(f"input {INPUT_NAME!r} must be 4-D (N, 3, H, W), got {input_shape}")
+        raise ConfigError(f"input {INPUT_NAME!r} must be 4-D (N, 3, H, W), got {input_shape}")
     batch, c, h, w = input_shape
     if not all(isinstance(d, int) and d > 0 for d in (c, h, w)):
-        raise ValueError(f"input {INPUT_NAME!r}: only the batch may be dynamic, got {input_shape}")
+        raise ConfigError(f"input {INPUT_NAME!r}: only the batch may be dynamic, got {input_shape}")
     requested = [b for b in (min_batch, opt_batch, max_batch) if b is not None]
     if isinstance(batch, int) and batch > 0:
         if any(b != batch for b in requested):
-            raise ValueError(f"the ONNX file has a static batch of {batch}; re-export with "
+            raise ConfigError(f"the ONNX file has a static batch of {batch}; re-export with "
                              f"`to_onnx.py --batch dynamic` to build for batches {requested}")
         return None
     lo = 1 if min_batch is None else int(min_batch)
@@ -70,7 +70,7 @@ def profile_shapes(input_shape, min_batch=None, opt_batch=None, max_batch=None):
     if max_batch is None and hi < opt:
         hi = opt
     if not 1 <= lo <= opt <= hi:
-        raise ValueError(f"batch profile must satisfy 1 <= min <= opt <= max, got {lo}/{opt}/{hi}")
+        raise ConfigError(f"batch profile must satisfy 1 <= min <= opt <= max, got {lo}/{opt}/{hi}")
     return tuple((b, c, h, w) for b in (lo, opt, hi))
 
 
@@ -136,10 +136,10 @@ def build_engine(onnx_path, engine_path, *, fp16=False, min_batch=None, opt_batc
     return engine_path
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+def build_parser(prog: str = "python export/to_tensorrt.py"):
+    from damo_jax.cli.common import Parser
+    p = Parser(prog=prog, description=__doc__.split("\n\n")[0],
+               epilog="examples:\n" + __doc__.split("\n\n", 1)[1])
     p.add_argument("--onnx", required=True, help="ONNX file from export/to_onnx.py")
     p.add_argument("--output", required=True, help="engine file to write (.engine / .plan)")
     p.add_argument("--fp16", action="store_true", help="FP16 engine (see above for TensorRT 11)")
@@ -152,16 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None):
-    from damo_jax.export.common import setup_logging  # lazy: keeps jax out of the import
-    setup_logging()
-    args = build_parser().parse_args(argv)
+def run(args):
     for name in ("min_batch", "opt_batch", "max_batch"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.workspace <= 0:
-        raise SystemExit(f"--workspace must be > 0 GiB, got {args.workspace}")
+        raise ConfigError(f"--workspace must be > 0 GiB, got {args.workspace}")
+    if not Path(args.onnx).is_file():
+        raise InputPathError(f"--onnx {args.onnx}: ONNX file not found")
     shapes = profile_shapes(onnx_input_shape(args.onnx), args.min_batch, args.opt_batch,
                             args.max_batch)
     command = trtexec_command(args.onnx, args.output, shapes, fp16=args.fp16,
@@ -172,6 +171,12 @@ def main(argv=None):
     return build_engine(args.onnx, args.output, fp16=args.fp16, min_batch=args.min_batch,
                         opt_batch=args.opt_batch, max_batch=args.max_batch,
                         workspace_gib=args.workspace)
+
+
+def main(argv=None, prog: str = "python export/to_tensorrt.py"):
+    """``damo-jax export tensorrt`` / ``python export/to_tensorrt.py``."""
+    from damo_jax.cli.common import run_cli
+    return run_cli(lambda a: run(build_parser(prog).parse_args(a)), argv)
 
 
 if __name__ == "__main__":

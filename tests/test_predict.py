@@ -171,8 +171,9 @@ def test_predict_cli_folder_checkpoint_matches_eval_and_detector(two_class_run, 
     assert not np.array_equal(np.asarray(Image.open(out / "a.png")), dataset[0]["image"])
 
     # the same model through evaluation (eval_batches pre-processing) gives the same detections
-    from damo_jax.inference.detector import load_jax_model
-    cfg, model, variables, _ = load_jax_model(checkpoint=run_dir)
+    from damo_jax.inference.loading import load_model
+    loaded = load_model(checkpoint=run_dir)
+    cfg, model, variables = loaded.cfg, loaded.model, loaded.variables
     cfg.test.conf_thre, cfg.test.batch_size = 0.001, 2
     coco = collect_detections(model, variables, dataset, cfg, progress=False)
     first = [d for d in coco if d["image_id"] == 1000]

@@ -23,15 +23,22 @@ from pathlib import Path
 
 import numpy as np
 
+from damo_jax.errors import InputPathError, UserError
+from damo_jax.inference.pipeline import pad_batch
+
 RAW_OUTPUTS = ("scores", "boxes")
+
+
+class ExportedModelError(UserError, ValueError):
+    """An exported file that is not a raw-output damo_jax model (wrong suffix, outputs, input)."""
 
 
 def _check_file(path, suffixes) -> Path:
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"exported model {p} not found")
+        raise InputPathError(f"exported model {p} not found")
     if p.suffix.lower() not in suffixes:
-        raise ValueError(f"exported model {p}: expected a {'/'.join(suffixes)} file")
+        raise ExportedModelError(f"exported model {p}: expected a {'/'.join(suffixes)} file")
     return p
 
 
@@ -39,7 +46,7 @@ def _check_outputs(path, names) -> None:
     if sorted(names) != sorted(RAW_OUTPUTS):
         hint = (" — an --end2end export; export without --end2end for damo_jax.inference.predict / Detector"
                 if "num_dets" in names else "")
-        raise ValueError(f"{path}: outputs {list(names)}, expected {list(RAW_OUTPUTS)}{hint}")
+        raise ExportedModelError(f"{path}: outputs {list(names)}, expected {list(RAW_OUTPUTS)}{hint}")
 
 
 def _static_dim(d):
@@ -76,10 +83,7 @@ class _Backend:
         for start in range(0, len(nchw), fixed):
             chunk = nchw[start:start + fixed]
             count = len(chunk)
-            if count < fixed:
-                chunk = np.concatenate([chunk, np.zeros((fixed - count,) + chunk.shape[1:],
-                                                        np.float32)])
-            s, b = self._run(chunk)
+            s, b = self._run(pad_batch(chunk, fixed))
             scores.append(s[:count])
             boxes.append(b[:count])
         return np.concatenate(scores), np.concatenate(boxes)
@@ -100,7 +104,7 @@ class OnnxBackend(_Backend):
                                             providers=providers or ["CPUExecutionProvider"])
         inputs = self.session.get_inputs()
         if len(inputs) != 1:
-            raise ValueError(f"{self.path}: expected one input 'images', got "
+            raise ExportedModelError(f"{self.path}: expected one input 'images', got "
                              f"{[i.name for i in inputs]}")
         self.input_name = inputs[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]

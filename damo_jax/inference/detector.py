@@ -5,21 +5,17 @@
     det = damo_jax.Detector.load("s", backend="onnx", model_path="s.onnx") # exported model
     result = det("photo.jpg")          # or a PIL image, an (H,W,3) uint8 RGB array, or a list
 
-Pre-processing is the evaluation protocol (SPEC §9.4/§10.2): stretch-resize (cv2 bilinear) to the
-network size, RGB 0–255 float32, no normalisation; post-processing is the same
-:func:`damo_jax.ops.nms.multiclass_nms` as evaluation; boxes are mapped back with independent x / y
-factors. Each result is a dict ``boxes`` (N,4) float32 x1y1x2y2, ``scores`` (N,), ``labels`` (N,)
-int32 (0-based), ``class_names`` (N names), sorted by descending score.
+Loading is :func:`damo_jax.inference.loading.load_model`; pre-processing, forward, NMS and the
+mapping back to original pixels are :mod:`damo_jax.inference.pipeline` (the evaluation protocol,
+SPEC §9.4/§10.2: stretch-resize, RGB 0–255 float32, no normalisation; independent x / y factors).
+Each result is a dict ``boxes`` (N,4) float32 x1y1x2y2, ``scores`` (N,), ``labels`` (N,) int32
+(0-based), ``class_names`` (N names), sorted by descending score.
 
-Backend interface: a callable ``forward(images)`` with images (B,H,W,3) float32 RGB 0–255 NHWC
-returning ``(scores (B,A,C), boxes (B,A,4))`` in network-input pixels (numpy or jax arrays).
-Optional attributes: ``input_hw`` (fixed (H, W) of an exported model) and ``batch_size`` (fixed
-batch of an exported model; None = any). :class:`JaxBackend` is the Flax model;
-``damo_jax.inference.backends.OnnxBackend`` / ``OpenVinoBackend`` (export helper) wrap exported files.
+Backend interface: see :mod:`damo_jax.inference.pipeline` (``forward(images)`` NHWC float32 ->
+``(scores, boxes)``, optional ``input_hw`` / ``batch_size``).
 """
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from pathlib import Path
@@ -28,114 +24,30 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from damo_jax.ops.nms import iou_threshold_f32, multiclass_nms
+from damo_jax.errors import ConfigError, InputPathError
+from damo_jax.inference.pipeline import (JaxBackend, NmsParams, detect, pad_batch, preprocess,
+                                         rescale_detections, stretch_resize)
+from damo_jax.ops.boxes import check_image_size
 
 log = logging.getLogger("damo_jax.inference.detector")
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+__all__ = ["Detector", "JaxBackend", "read_image", "to_rgb_array", "stretch_resize"]
 
 
-# --------------------------------------------------------------------------------- model loading
-
-def load_jax_model(config=None, checkpoint=None, weights=None, *, fuse: bool = True):
-    """``(cfg, model, variables, class_names)`` from a training checkpoint or official weights.
-
-    ``checkpoint``: training-run directory (EMA weights, config and class names from its meta);
-    ``weights``: official ``.pth`` / converted ``.npz`` for ``config``. ``fuse`` folds RepConvs and
-    BatchNorms (``damo_jax.models.reparam.fuse`` + ``build_model(cfg, deploy=True)``; same outputs, faster).
-    """
-    from damo_jax.config import load_config
-    from damo_jax.models import build_model
-
-    if (checkpoint is None) == (weights is None):
-        raise ValueError("load_jax_model: give exactly one of checkpoint= or weights=")
-    if checkpoint is not None:
-        from damo_jax.train.checkpoint import load_for_inference
-        cfg, variables, class_names = load_for_inference(checkpoint)
-        if config is not None:
-            log.info("using the config stored in checkpoint %s (ignoring config %r)", checkpoint, config)
-    else:
-        if config is None:
-            raise ValueError(f"official weights {weights}: a config is needed (e.g. --config s)")
-        if not Path(weights).is_file():
-            raise FileNotFoundError(f"weights file {weights} not found")
-        from damo_jax.interop.convert import from_torch_state_dict, read_state_dict_file
-        cfg = load_config(config)
-        state_dict = read_state_dict_file(weights)
-        _check_weight_classes(state_dict, cfg, weights)
-        variables = from_torch_state_dict(state_dict, cfg)
-        class_names = tuple(cfg.model.class_names)
-    if len(class_names) != int(cfg.model.head.num_classes):
-        raise ValueError(f"{checkpoint or weights}: {len(class_names)} class names but the model "
-                         f"has {cfg.model.head.num_classes} classes")
-    if fuse:
-        from damo_jax.models.reparam import fuse as fuse_variables
-        variables = fuse_variables(variables, cfg, fuse_bn=True)
-    return cfg, build_model(cfg, deploy=bool(fuse)), variables, tuple(class_names)
-
-
-def _check_weight_classes(state_dict, cfg, weights) -> None:
-    """Clear error when the weights' head predicts another number of classes than the config."""
-    key = next((k for k in state_dict if k.removeprefix("module.") == "head.gfl_cls.0.bias"), None)
-    if key is None:
-        return  # the strict conversion reports the missing head keys
-    found, expected = int(np.shape(state_dict[key])[0]), int(cfg.model.head.num_classes)
-    legacy = bool(cfg.model.head.get("legacy", False))  # legacy heads have one extra channel
-    if found != expected + legacy:
-        raise ValueError(f"weights {weights} predict {found} classes but config {cfg.model.name!r} "
-                         f"has model.head.num_classes = {expected}")
-
-
-@functools.partial(jax.jit, static_argnames=("model",))
-def _scores_and_boxes(model, variables, images):
-    out = model.apply(variables, images, train=False)
-    return out["scores"], out["boxes"]
-
-
-class JaxBackend:
-    """Backend of a Flax ``build_model`` module: jitted ``model.apply`` -> (scores, boxes).
-
-    The jitted function is shared: equal models with same-shaped inputs reuse one compilation.
-    """
-
-    input_hw = None
-    batch_size = None
-
-    def __init__(self, model, variables):
-        self.model = model
-        self.variables = variables
-
-    def __call__(self, images):
-        return _scores_and_boxes(self.model, self.variables, images)
-
-
-def make_backend(kind: str, model_path) -> Callable:
-    """``damo_jax.inference.backends.OnnxBackend`` / ``OpenVinoBackend`` for an exported model file."""
-    if not model_path:
-        raise ValueError(f"backend {kind!r} needs model_path= (the exported .onnx / .xml file)")
-    if not Path(model_path).is_file():
-        raise FileNotFoundError(f"backend {kind!r}: model file {model_path} not found")
-    from damo_jax.inference import backends
-    if kind == "onnx":
-        return backends.OnnxBackend(str(model_path))
-    if kind == "openvino":
-        return backends.OpenVinoBackend(str(model_path))
-    raise ValueError(f"unknown backend {kind!r} (known: jax, onnx, openvino)")
-
-
-# ------------------------------------------------------------------------------- pre-processing
+# ------------------------------------------------------------------------------- images in
 
 def read_image(path) -> np.ndarray:
     """(H,W,3) uint8 RGB of an image file, decoded like the datasets do (``data_pipelines.imageio``:
     EXIF orientation applied, alpha dropped, 16-bit / float images scaled)."""
     from damo_jax.data_pipelines.imageio import decode_image
     if not Path(path).is_file():
-        raise FileNotFoundError(f"image {path} not found")
+        raise InputPathError(f"image {path} not found")
     return decode_image(str(path))
 
 
 def to_rgb_array(image) -> np.ndarray:
-    """Path / PIL image / (H,W[,1|3|4]) array -> (H,W,3) uint8 RGB."""
+    """Path / PIL image / (H,W[,1|3|4]) array -> (H,W,3) uint8 RGB (the one array -> RGB rule:
+    gray repeated, alpha dropped, non-uint8 values rounded and clipped to 0..255)."""
     if isinstance(image, (str, os.PathLike)):
         return read_image(image)
     if hasattr(image, "convert") and hasattr(image, "size"):  # PIL image
@@ -153,13 +65,6 @@ def to_rgb_array(image) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def stretch_resize(image: np.ndarray, image_hw: Sequence[int]) -> np.ndarray:
-    """Stretch (no letterbox) an (h,w,3) uint8 image to (H,W,3), cv2 bilinear (SPEC §9.4) --
-    the very function ``data_pipelines.eval_batches`` uses, so predict == eval pre-processing."""
-    from damo_jax.data_pipelines.augment.resize import stretch_resize as resize_with_boxes
-    return resize_with_boxes(image, np.zeros((0, 4), np.float32), image_hw)[0]
-
-
 # ------------------------------------------------------------------------------------- Detector
 
 class Detector:
@@ -171,93 +76,84 @@ class Detector:
         image_size = tuple(int(v) for v in image_size)
         fixed = getattr(backend, "input_hw", None)
         if fixed is not None and tuple(fixed) != image_size:
-            raise ValueError(f"Detector: the exported model takes {tuple(fixed)} inputs but "
-                             f"image size {image_size} was requested")
-        if image_size[0] % 32 or image_size[1] % 32:
-            raise ValueError(f"Detector: image size {image_size} must be multiples of 32")
+            raise ConfigError(f"Detector: the exported model takes {tuple(fixed)} inputs but "
+                              f"image size {image_size} was requested (--img-size)")
+        self.image_size = check_image_size(image_size, "Detector: image size (--img-size)")
         self.backend = backend
         self.class_names = tuple(class_names)
-        self.image_size = image_size
-        self.conf, self.iou = float(conf), float(iou)
-        self.max_dets, self.pre_nms_topk = int(max_dets), int(pre_nms_topk)
+        self.params = NmsParams(conf=float(conf), iou=float(iou), max_dets=int(max_dets),
+                                pre_nms_topk=int(pre_nms_topk))
         self.batch_size = int(getattr(backend, "batch_size", None) or batch_size)
         self._fixed_batch = getattr(backend, "batch_size", None) is not None
+
+    @property
+    def conf(self) -> float:
+        return self.params.conf
+
+    @property
+    def iou(self) -> float:
+        return self.params.iou
+
+    @classmethod
+    def from_loaded(cls, loaded, *, conf=None, iou=None, img_size=None, max_dets=None,
+                    batch_size: int = 8) -> "Detector":
+        """Detector of a :class:`~damo_jax.inference.loading.LoadedModel`; thresholds and size
+        default to its config's ``test`` section (official 0.05 / 0.7, nano 0.03 / 0.65)."""
+        from damo_jax.inference.pipeline import nms_params
+        test = loaded.cfg.test
+        params = nms_params(test, conf=conf, iou=iou, max_dets=max_dets)
+        size = img_size or loaded.input_hw or test.image_size
+        size = (size, size) if isinstance(size, int) else size
+        return cls(loaded.backend, class_names=loaded.class_names, image_size=size,
+                   conf=params.conf, iou=params.iou, max_dets=params.max_dets,
+                   pre_nms_topk=params.pre_nms_topk, batch_size=batch_size)
 
     @classmethod
     def load(cls, path_or_config, *, weights=None, backend: str = "jax", model_path=None,
              conf=None, iou=None, img_size=None, max_dets=None, batch_size: int = 8) -> "Detector":
-        """Build a detector.
+        """Build a detector (:func:`damo_jax.inference.loading.load_model`).
 
         ``path_or_config``: a training checkpoint directory, or a config name / path / ConfigDict
         (then ``weights=`` official .pth/.npz for the jax backend, or ``model_path=`` for
-        ``backend="onnx"`` / ``"openvino"``). ``conf`` / ``iou`` / ``img_size`` default to the
-        config's ``test`` section (official 0.05 / 0.7, nano 0.03 / 0.65).
+        ``backend="onnx"`` / ``"openvino"``).
         """
-        from damo_jax.config import load_config
-        is_ckpt = isinstance(path_or_config, (str, os.PathLike)) and Path(path_or_config).is_dir()
+        from damo_jax.inference.loading import load_model
         if isinstance(path_or_config, (str, os.PathLike)) and Path(path_or_config).suffix in (
                 ".pth", ".pt", ".npz", ".onnx", ".xml"):
-            raise ValueError(f"Detector.load({str(path_or_config)!r}): pass a config and the file as "
-                             "weights= (.pth/.npz) or model_path= (.onnx/.xml)")
+            raise ConfigError(f"Detector.load({str(path_or_config)!r}): pass a config and the file "
+                              "as weights= (.pth/.npz) or model_path= (.onnx/.xml)")
+        is_run = isinstance(path_or_config, (str, os.PathLike)) and Path(path_or_config).is_dir()
         if backend == "jax":
-            if not is_ckpt and weights is None:
-                raise ValueError(f"Detector.load({path_or_config!r}): not a checkpoint directory; "
-                                 "give weights= (official .pth/.npz) or an exported model_path=")
-            cfg, model, variables, class_names = load_jax_model(
-                config=None if is_ckpt else path_or_config,
-                checkpoint=path_or_config if is_ckpt else None, weights=weights)
-            runner = JaxBackend(model, variables)
+            if not is_run and weights is None:
+                raise ConfigError(f"Detector.load({path_or_config!r}): not a checkpoint directory; "
+                                  "give weights= (official .pth/.npz) or an exported model_path=")
+            loaded = (load_model(checkpoint=path_or_config) if is_run
+                      else load_model(path_or_config, weights=weights))
+        elif backend in ("onnx", "openvino"):
+            if not model_path:
+                raise ConfigError(f"backend {backend!r} needs model_path= (the exported .onnx / .xml)")
+            loaded = load_model(path_or_config, **{backend: model_path})
         else:
-            if is_ckpt:
-                from damo_jax.train.checkpoint import config_from_json, load_meta
-                meta = load_meta(path_or_config)
-                cfg = config_from_json(meta["config"])
-                class_names = tuple(meta.get("class_names") or cfg.model.class_names)
-            else:
-                cfg = load_config(path_or_config)
-                class_names = tuple(cfg.model.class_names)
-            runner = make_backend(backend, model_path)
-            exported = getattr(runner, "class_names", None)
-            if exported and len(exported) != len(class_names):
-                raise ValueError(f"{model_path} predicts {len(exported)} classes but the config "
-                                 f"has {len(class_names)} class names")
-            class_names = tuple(exported or class_names)
-        test = cfg.test
-        size = img_size or getattr(runner, "input_hw", None) or test.image_size
-        return cls(runner, class_names=class_names, image_size=size,
-                   conf=test.conf_thre if conf is None else conf,
-                   iou=test.iou_thre if iou is None else iou,
-                   max_dets=max_dets or test.max_dets, pre_nms_topk=test.pre_nms_topk,
-                   batch_size=batch_size)
+            raise ConfigError(f"unknown backend {backend!r} (known: jax, onnx, openvino)")
+        return cls.from_loaded(loaded, conf=conf, iou=iou, img_size=img_size, max_dets=max_dets,
+                               batch_size=batch_size)
 
     def preprocess(self, images: list) -> tuple[np.ndarray, np.ndarray]:
         """list of (h,w,3) uint8 -> ((B,H,W,3) float32 network input, (B,2) original (h, w))."""
-        batch = np.stack([stretch_resize(im, self.image_size) for im in images]).astype(np.float32)
-        sizes = np.array([im.shape[:2] for im in images], np.float64)
-        return batch, sizes
+        batch, sizes = preprocess(images, self.image_size)
+        return batch.astype(np.float32), sizes
 
     def _run_chunk(self, images: list, pad: bool) -> list[dict]:
-        batch, sizes = self.preprocess(images)
-        count = len(images)
-        if pad and count < self.batch_size:  # static batch: no recompilation / exported batch
-            batch = np.concatenate([batch, np.zeros((self.batch_size - count,) + batch.shape[1:],
-                                                    np.float32)])
-        scores, boxes = self.backend(batch)
-        out = jax.device_get(multiclass_nms(
-            scores, boxes, conf_thre=self.conf, iou_thre=iou_threshold_f32(self.iou),
-            max_dets=self.max_dets, pre_nms_topk=self.pre_nms_topk))
+        batch, sizes = preprocess(images, self.image_size)
+        if pad:  # static batch: no recompilation / the exported batch
+            batch = pad_batch(batch, self.batch_size)
+        out = jax.device_get(detect(self.backend, batch, self.params))
         results = []
-        in_h, in_w = self.image_size
-        for b in range(count):
-            n = int(out["num_dets"][b])
-            scale = np.array([sizes[b, 1] / in_w, sizes[b, 0] / in_h] * 2, np.float64)
-            labels = out["labels"][b, :n].astype(np.int32)
-            results.append({
-                "boxes": (out["boxes"][b, :n].astype(np.float64) * scale).astype(np.float32),
-                "scores": out["scores"][b, :n].astype(np.float32),
-                "labels": labels,
-                "class_names": [self._name(int(c)) for c in labels],
-            })
+        for b in range(len(images)):
+            det = rescale_detections(out, b, sizes[b], self.image_size)
+            results.append({"boxes": det["boxes"].astype(np.float32),
+                            "scores": det["scores"].astype(np.float32), "labels": det["labels"],
+                            "class_names": [self._name(int(c)) for c in det["labels"]]})
         return results
 
     def _name(self, label: int) -> str:

@@ -1,6 +1,11 @@
-"""Model summary: per-part parameter counts and conv GFLOPs.
+"""``damo-jax info``: model summary, per-part parameter counts and conv GFLOPs.
 
-    python -m damo_jax.models --config s [--img-size H W] [--deploy [reparam|full]] [--batch B]
+examples:
+  damo-jax info --config s
+  damo-jax info --config ns --img-size 416 --deploy
+  damo-jax info --config t --img-size 320 480 --deploy full --batch 4
+
+Alias: python -m damo_jax.models.
 
 GFLOPs = 2 x multiply-accumulates of every convolution (``B * H_out * W_out * C_out * kh * kw *
 C_in / groups``), read from the traced shapes; BN, activations, pooling, bias adds and the head's
@@ -11,7 +16,6 @@ deploy/README form); ``--deploy full`` the fully folded export graph.
 """
 from __future__ import annotations
 
-import argparse
 import collections
 
 import flax.linen as nn
@@ -67,15 +71,29 @@ def summary(config, img_size=None, deploy=False, batch=1) -> dict:
             "gflops": {k: 2 * v / 1e9 for k, v in macs.items()}}
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="s", help="config name (t, s, m, l, ns, nm, nl, n) or path")
-    ap.add_argument("--img-size", nargs=2, type=int, metavar=("H", "W"), default=None)
+PROG = "damo-jax info"
+
+
+def build_parser(prog: str = PROG):
+    from damo_jax.cli import common
+    ap = common.Parser(prog=prog, description=__doc__.split("\n")[0],
+                       epilog=__doc__.split("\n", 2)[2])
+    ap.add_argument("--config", default="s", help="config name (t, s, m, l, ns, nm, nl, n) or path; "
+                    "--config.KEY=VALUE overrides any key")
+    common.add_img_size(ap, "input size (default: the config's model.image_size)")
     ap.add_argument("--deploy", nargs="?", const="reparam", default=None, choices=("reparam", "full"))
     ap.add_argument("--batch", type=int, default=1)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def run(args, overrides=()) -> dict:
+    from damo_jax.cli import common
+    from damo_jax.errors import ConfigError
+    if args.batch < 1:
+        raise ConfigError(f"--batch must be >= 1, got {args.batch}")
+    cfg = common.load_cli_config(args.config, overrides)
     deploy = {None: False, "reparam": "reparam", "full": True}[args.deploy]
-    s = summary(args.config, args.img_size, deploy, args.batch)
+    s = summary(cfg, common.img_size(args.img_size), deploy, args.batch)
     graph = {False: "train graph", "reparam": "RepConv-folded deploy graph",
              True: "fully folded graph"}[deploy]
     print(f"DAMO-YOLO-{s['model'].upper()}  {graph}, input {args.batch}x{s['size'][0]}x{s['size'][1]}")
@@ -84,6 +102,16 @@ def main(argv=None):
         print(f"{part:10s} {s['params'].get(part, 0):>14,d} {s['gflops'].get(part, 0.0):>10.3f}")
     print(f"{'total':10s} {sum(s['params'].values()):>14,d} {sum(s['gflops'].values()):>10.3f}")
     print("GFLOPs = 2 x conv multiply-accumulates (from shapes); params = trainable parameters")
+    return s
+
+
+def main(argv=None, prog: str = "python -m damo_jax.models"):
+    from damo_jax.cli.common import run_cli, split_overrides
+
+    def go(argv):
+        rest, overrides = split_overrides(argv)
+        return run(build_parser(prog).parse_args(rest), overrides)
+    return run_cli(go, argv)
 
 
 if __name__ == "__main__":

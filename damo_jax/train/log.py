@@ -158,34 +158,24 @@ def write_predictions_png(model, variables, dataset, cfg, png_path, *, num_image
                           score_thr: float = 0.3) -> Path:
     """A grid of the first images (≤ ``num_images``) of ``dataset`` with the model's detections.
 
-    Same pre-processing, batch size and NMS as evaluation (``cfg.test``; so the compiled eval step is
-    reused), drawn on the resized images with :func:`damo_jax.inference.draw.draw_detections`
-    (score ≥ ``score_thr``).
+    The inference path of evaluation (:func:`damo_jax.inference.pipeline.detect`, ``cfg.test``
+    thresholds and batch size, so the compiled eval step is reused), drawn on the resized images
+    with :mod:`damo_jax.inference.draw` (score ≥ ``score_thr``).
     """
-    import numpy as np
-    from PIL import Image
+    import jax
 
-    from damo_jax.evaluation.evaluator import detect_batch
-    from damo_jax.ops.nms import iou_threshold_f32
-    from damo_jax.inference.draw import draw_detections
     from damo_jax.data_pipelines import eval_batches
+    from damo_jax.inference.draw import draw_detections, image_grid
+    from damo_jax.inference.pipeline import JaxBackend, detect, nms_params
 
     hw = tuple(int(v) for v in cfg.test.image_size)
     batch = next(iter(eval_batches(dataset, hw, int(cfg.test.batch_size))))
-    out = detect_batch(model, variables, batch["images"], float(cfg.test.conf_thre),
-                       iou_threshold_f32(float(cfg.test.iou_thre)), max_dets=int(cfg.test.max_dets),
-                       pre_nms_topk=int(cfg.test.pre_nms_topk))
-    out = {k: np.asarray(v) for k, v in out.items()}
+    out = jax.device_get(detect(JaxBackend(model, variables), batch["images"], nms_params(cfg.test)))
     tiles = []
     for i in range(min(int(batch["valid"].sum()), num_images)):
         n = int(out["num_dets"][i])
         tiles.append(draw_detections(batch["images"][i], out["boxes"][i, :n], out["scores"][i, :n],
                                      out["labels"][i, :n], tuple(dataset.class_names), score_thr=score_thr))
-    cols = min(4, len(tiles))
-    rows = -(-len(tiles) // cols)
-    grid = Image.new("RGB", (cols * hw[1], rows * hw[0]), (255, 255, 255))
-    for i, tile in enumerate(tiles):
-        grid.paste(tile, ((i % cols) * hw[1], (i // cols) * hw[0]))
     png_path = Path(png_path)
-    grid.save(png_path)
+    image_grid(tiles, cols=4).save(png_path)
     return png_path

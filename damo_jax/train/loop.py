@@ -3,7 +3,7 @@
 
 Sections (big_vision style, read top to bottom):
 
-0. CLI: config by name or path, ``--config.<key>=value`` overrides, ``--help`` lists every key.
+0. CLI: :mod:`damo_jax.cli.train` (``damo-jax train``; config, ``--config.<key>=value`` overrides).
 1. Devices: optional ``jax.distributed.initialize()``, a 1-D ``Mesh`` over all devices ("data").
 2. Data: train / val datasets, run lengths (steps per epoch, warmup, no-aug tail, total).
 3. State: model init, optional fine-tuning weights, optimizer, EMA copy — one plain dict pytree
@@ -19,7 +19,6 @@ Exit codes: 0 done, 3 non-finite loss/gradients (the run stops before a checkpoi
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import math
@@ -36,7 +35,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from damo_jax.train import checkpoint
 from damo_jax.train import optim
-from damo_jax.config import apply_overrides, flat_items, load_config, runlocal
 from damo_jax.train.log import TrainLog, plot_curves
 
 log = logging.getLogger("damo_jax.train.loop")
@@ -67,42 +65,10 @@ class NonFiniteError(RuntimeError):
 # ==================================================================================================
 # 0. CLI
 # ==================================================================================================
-def _base_parser(add_help: bool) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m damo_jax.train", add_help=add_help,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Train a DAMO-YOLO model (official recipe of SPEC §9.1) on 1..N devices.")
-    p.add_argument("--config", default="s", help="config name (t s m l ns nm nl n demo) or .py path")
-    p.add_argument("--data", default=None, help="training data spec: demo | coco:/path | yolo:/data.yaml"
-                   " | voc:/path | tfds:coco/2017 (sets config.data.train)")
-    p.add_argument("--workdir", default=None, help="run folder (checkpoints, logs); default runs/<config>")
-    p.add_argument("--runlocal", action="store_true", help="shrink the run for a quick CPU check")
-    p.add_argument("--multihost", action="store_true",
-                   help="call jax.distributed.initialize() (also automatic when JAX_COORDINATOR_ADDRESS is set)")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm bar (log lines only)")
-    return p
-
-
 def parse_args(argv=None):
-    """(config, args). Unknown ``--config.a.b=v`` arguments are config overrides."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    pre, _ = _base_parser(add_help=False).parse_known_args(argv)
-    cfg = load_config(pre.config)
-    keys = "\n".join(f"  --config.{k}={v!r}" for k, v in flat_items(cfg))
-    parser = _base_parser(add_help=True)
-    parser.epilog = f"overridable config keys of --config {pre.config} (with their defaults):\n{keys}"
-    args, extra = parser.parse_known_args(argv)
-    bad = [a for a in extra if not a.startswith("--config.")]
-    if bad:
-        parser.error(f"unrecognized arguments: {' '.join(bad)}")
-    if args.runlocal:
-        runlocal(cfg)
-    apply_overrides(cfg, extra)
-    if args.data:
-        cfg.data.train = args.data
-    if args.workdir is None:
-        args.workdir = str(Path("runs") / Path(str(args.config)).stem)
-    return cfg, args
+    """(config, args) of the train command line: :func:`damo_jax.cli.train.parse_args`."""
+    from damo_jax.cli.train import parse_args as cli_parse_args
+    return cli_parse_args(argv, prog="python -m damo_jax.train")
 
 
 # ==================================================================================================
@@ -129,7 +95,8 @@ def maybe_init_distributed(multihost: bool) -> None:
 
 
 def make_mesh() -> Mesh:
-    return Mesh(np.asarray(jax.devices()), ("data",))
+    from damo_jax.runtime import make_mesh as mesh_over
+    return mesh_over()
 
 
 def enable_compile_cache() -> None:
@@ -514,19 +481,10 @@ def finish(run: Run, state: dict) -> dict:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("absl").setLevel(logging.ERROR)
-    cfg, args = parse_args(argv)
-    from damo_jax import runtime
-    runtime.tune_cpu_runtime()        # CPU only: allocator + XLA:CPU vector width (before JAX starts)
-    maybe_init_distributed(args.multihost)
-    enable_compile_cache()
-    try:
-        train(cfg, args.workdir, progress=not args.no_progress)
-    except NonFiniteError as err:
-        print(f"ERROR: {err}", file=sys.stderr, flush=True)
-        return EXIT_NONFINITE
-    return 0
+    """``python -m damo_jax.train``: alias of ``damo-jax train`` (:mod:`damo_jax.cli.train`);
+    ``run(cfg, workdir)``-style entry: :func:`train`."""
+    from damo_jax.cli.train import main as train_main
+    return train_main(argv, prog="python -m damo_jax.train")
 
 
 if __name__ == "__main__":

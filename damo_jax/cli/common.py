@@ -1,0 +1,170 @@
+"""What every ``damo-jax`` command shares: parser, error policy, logging, model-source flags,
+``--img-size``, ``--config.KEY=VALUE`` overrides and the ``--data`` check.
+
+Error policy (:func:`run_cli`): a user error (:func:`damo_jax.errors.user_error_types`: bad config
+name / key / value, missing path, impossible size, unsafe or corrupt checkpoint, dataset error)
+prints ONE line ``error: <message>`` on stderr and exits with code 2; ``--debug`` or
+``DAMO_JAX_DEBUG=1`` re-raises it with its traceback. Command-line syntax errors (argparse) get the
+same one line and code. Anything else is an internal error and keeps its traceback.
+
+Extension points for new flags: every command module (``damo_jax.cli.<command>``) has
+``add_arguments(parser)`` and ``run(args, overrides)``; add flags there and read them in ``run``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from damo_jax.errors import (EXIT_USER_ERROR, ConfigError, InputPathError, debug_enabled, one_line,
+                             user_error_types)
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+QUIET_LOGGERS = ("absl", "onnx_ir", "jax._src.xla_bridge")
+
+
+class UserExit(SystemExit):
+    """SystemExit with code 2 whose ``str()`` is the one-line message (already printed)."""
+
+    def __init__(self, message: str):
+        super().__init__(EXIT_USER_ERROR)
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"error: {self.message}"
+
+
+def report_user_error(message: str) -> UserExit:
+    """Print ``error: <message>`` (one line) on stderr; return the exception to raise."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    return UserExit(message)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the error policy: a usage mistake is one ``error:`` line + exit 2."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.add_argument("--debug", action="store_true",
+                          help="show tracebacks of user errors (also DAMO_JAX_DEBUG=1)")
+
+    def error(self, message):  # noqa: D401 - argparse hook
+        raise report_user_error(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """The one logging set-up of every command: our INFO lines, third-party chatter only from
+    WARNING/ERROR."""
+    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT, datefmt="%H:%M:%S")
+    logging.getLogger("damo_jax").setLevel(level)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def run_cli(fn: Callable, argv: Sequence[str] | None = None):
+    """Run ``fn(argv)`` under the error policy (see the module docstring); returns its result."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    setup_logging()
+    try:
+        return fn(argv)
+    except user_error_types() as err:
+        if debug_enabled(argv):
+            raise
+        raise report_user_error(one_line(err)) from None
+
+
+# ------------------------------------------------------------------------- config overrides
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(other arguments, ``--config.KEY=VALUE`` overrides) of a command line."""
+    rest, overrides = [], []
+    for arg in argv:
+        if arg.startswith("--config.") and not arg.startswith("--config.py"):
+            if "=" not in arg:
+                raise ConfigError(f"{arg}: overrides look like --config.KEY=VALUE "
+                                  f"(e.g. --config.train.epochs=3)")
+            overrides.append(arg)
+        else:
+            rest.append(arg)
+    return rest, overrides
+
+
+def load_cli_config(name_or_path, overrides: Sequence[str] = ()):
+    """Config of ``--config`` with the overrides applied and validated (ConfigError names the key)."""
+    from damo_jax.config import apply_overrides, load_config, validate_config
+    cfg = load_config(name_or_path)
+    apply_overrides(cfg, overrides)
+    return validate_config(cfg, where=f"--config {name_or_path}")
+
+
+def override(key: str, value) -> list[str]:
+    """A flag's value as an override string (``[]`` when the flag was not given)."""
+    if value is None:
+        return []
+    text = repr(tuple(value)) if isinstance(value, (list, tuple)) else str(value)
+    return [f"{key}={text}"]
+
+
+# ------------------------------------------------------------------------- shared flags
+MODEL_SOURCES = {
+    "checkpoint": "training run directory (its EMA weights, config and class names)",
+    "weights": "official .pth or converted .npz (needs --config)",
+    "onnx": "exported raw-output ONNX file (needs --config)",
+    "openvino": "exported OpenVINO IR .xml (needs --config)",
+}
+
+
+def add_model_source(p: argparse.ArgumentParser, sources=tuple(MODEL_SOURCES), *,
+                     config_help: str | None = None) -> None:
+    """``--config`` plus the mutually exclusive model-source flags ``sources``."""
+    p.add_argument("--config", help=config_help or "model config name (t s m l ns nm nl n demo) or "
+                   ".py path; --config.KEY=VALUE overrides any key")
+    group = p.add_mutually_exclusive_group()
+    for name in sources:
+        group.add_argument(f"--{name}", help=MODEL_SOURCES[name])
+
+
+def model_source(args) -> dict:
+    """The model-source flags that were given, as ``load_model`` keyword arguments."""
+    return {k: getattr(args, k) for k in MODEL_SOURCES if getattr(args, k, None) is not None}
+
+
+def add_img_size(p: argparse.ArgumentParser, what: str = "network input size") -> None:
+    """``--img-size N`` (square) or ``--img-size H W``: the one size convention of every command."""
+    p.add_argument("--img-size", nargs="+", type=int, metavar="N",
+                   help=f"{what}: one value (square) or H W, multiples of 32")
+
+
+def img_size(values) -> tuple[int, int] | None:
+    """(H, W) of ``--img-size`` values (None when absent); ConfigError unless 1-2 multiples of 32."""
+    from damo_jax.ops.boxes import check_image_size
+    if not values:
+        return None
+    if len(values) > 2:
+        raise ConfigError(f"--img-size takes one or two integers (H W), got {len(values)}")
+    return check_image_size(values[0] if len(values) == 1 else tuple(values), "--img-size")
+
+
+def add_data(p: argparse.ArgumentParser, default=None, help_extra: str = "") -> None:
+    p.add_argument("--data", default=default,
+                   help="dataset spec: demo | coco:/dir | yolo:/data.yaml | voc:/dir | tfds:coco/2017"
+                   + help_extra)
+
+
+def check_data_spec(spec: str, flag: str = "--data") -> str:
+    """InputPathError when the path of a ``kind:/path`` (or bare .json/.yaml) spec does not exist."""
+    if not spec or spec.startswith(("demo", "tfds:")):
+        return spec
+    kind, sep, rest = spec.partition(":")
+    path = rest if sep and kind in ("coco", "yolo", "voc") else spec
+    if not sep and not spec.endswith((".json", ".yaml", ".yml")):
+        if Path(spec).exists():
+            raise ConfigError(f"{flag} {spec}: say which format the folder is in, e.g. "
+                              f"{flag} coco:{spec} | yolo:{spec}/data.yaml | voc:{spec}")
+        raise InputPathError(f"{flag} {spec}: no such file or folder (dataset specs: demo, "
+                             f"coco:/dir, yolo:/data.yaml, voc:/dir, tfds:NAME)")
+    if not Path(path).exists():
+        raise InputPathError(f"{flag} {spec}: {path} does not exist")
+    return spec

@@ -1,0 +1,123 @@
+"""``damo-jax eval``: COCO mAP of a trained, official or EXPORTED model on a dataset.
+
+examples:
+  damo-jax eval --checkpoint runs/demo --data demo
+  damo-jax eval --config s --weights damoyolo_s.pth --data coco:/data/coco --json-out dets.json
+  damo-jax eval --config s --onnx s.onnx --data coco:/data/coco        # the file you deploy
+  damo-jax eval --checkpoint runs/demo --openvino demo.xml --data demo  # run's names/thresholds
+  damo-jax eval --config s --weights s.pth --data coco:/c --config.test.conf_thre=0.001
+
+The exported files get exactly the same pre-processing (stretch resize, RGB 0-255) and the same
+NMS as the Flax model, so their mAP is directly comparable.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from damo_jax.cli import common
+
+log = logging.getLogger("damo_jax.cli.eval")
+PROG = "damo-jax eval"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--config", help="model config name or .py path (needed with --weights/--onnx/"
+                   "--openvino; with --checkpoint and --onnx/--openvino it may be the run directory)")
+    src = p.add_mutually_exclusive_group()
+    for name in ("weights", "onnx", "openvino"):
+        src.add_argument(f"--{name}", help=common.MODEL_SOURCES[name])
+    p.add_argument("--checkpoint", help=common.MODEL_SOURCES["checkpoint"] + "; with --onnx/"
+                   "--openvino: only the config and class names come from it")
+    common.add_data(p, help_extra=" (default: the config's data.val / data.train)")
+    p.add_argument("--split", default=None, help="dataset split (default: config data.val_split)")
+    common.add_img_size(p, "test size (default config test.image_size)")
+    p.add_argument("--batch-size", type=int, help="images per batch (default config test.batch_size)")
+    p.add_argument("--conf", type=float, help="score threshold (default config test.conf_thre)")
+    p.add_argument("--iou", type=float, help="NMS IoU threshold (default config test.iou_thre)")
+    p.add_argument("--max-dets", type=int, help="detections kept per image (default 500)")
+    p.add_argument("--pre-nms-topk", type=int, help="candidates per image before NMS (default 1000)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--fast", dest="use_fast", action="store_true", default=True,
+                       help="faster-coco-eval (default)")
+    group.add_argument("--pycocotools", dest="use_fast", action="store_false", help="pycocotools")
+    p.add_argument("--no-fuse", action="store_true", help="evaluate the train graph (no RepConv/BN fusion)")
+    p.add_argument("--json-out", help="write the detections (COCO results format) to this file")
+    p.add_argument("--stats-out", help="write the 12 stats as JSON to this file")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def build_parser(prog: str = PROG):
+    p = common.Parser(prog=prog, description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 2)[2])
+    add_arguments(p)
+    return p
+
+
+def test_overrides(args) -> list[str]:
+    """eval/predict flags as ``test.*`` overrides (one mechanism with ``--config.test.KEY=V``)."""
+    size = common.img_size(args.img_size)
+    out = common.override("test.image_size", size)
+    for flag, key in (("batch_size", "batch_size"), ("conf", "conf_thre"), ("iou", "iou_thre"),
+                      ("max_dets", "max_dets"), ("pre_nms_topk", "pre_nms_topk")):
+        out += common.override(f"test.{key}", getattr(args, flag, None))
+    return out
+
+
+def load(args, overrides):
+    """The LoadedModel of the eval/predict model flags (``--checkpoint`` may only give the config
+    of an exported file)."""
+    from damo_jax.inference.loading import load_model
+    source = common.model_source(args)
+    config = args.config
+    if args.checkpoint and (args.onnx or args.openvino):
+        source.pop("checkpoint")
+        config = args.checkpoint
+    return load_model(config, overrides=overrides, fuse=not getattr(args, "no_fuse", False),
+                      **source)
+
+
+def run(args, overrides) -> dict:
+    from damo_jax.data_pipelines import format_summary, open_dataset
+    from damo_jax.evaluation.coco import print_coco_table
+    from damo_jax.evaluation.evaluator import check_num_classes, run_detections, score_detections
+
+    if args.data:
+        common.check_data_spec(args.data)
+    loaded = load(args, overrides + test_overrides(args))
+    cfg = loaded.cfg
+    if loaded.input_hw is not None and args.img_size is None:
+        cfg.test.image_size = tuple(loaded.input_hw)   # an exported file has one input size
+    spec = args.data or cfg.data.val or cfg.data.train
+    split = args.split or cfg.data.val_split
+    dataset = open_dataset(spec, split)
+    log.info("%s", format_summary(dataset, "eval data"))
+    check_num_classes(cfg, dataset, where=PROG)
+    if tuple(dataset.class_names) != tuple(loaded.class_names):
+        log.warning("class names of the model and of the dataset differ (same count %d); "
+                    "labels are matched by index", len(loaded.class_names))
+    log.info("evaluating %s (%s %s) on %s (%s, %d images) at %s", cfg.model.name, loaded.kind,
+             loaded.source, spec, split, len(dataset), tuple(cfg.test.image_size))
+    start = time.time()
+    scored: set = set()
+    detections = run_detections(loaded.backend, dataset, cfg, progress=not args.no_progress, scored_ids=scored)
+    stats = score_detections(dataset, detections, scored, use_fast=args.use_fast)
+    log.info("%d detections on %d images in %.1f s; %d images scored, %d skipped (unreadable)",
+             len(detections), len(dataset), time.time() - start, stats["images_scored"],
+             stats["images_skipped"])
+    print_coco_table(stats)
+    print(json.dumps({k: round(v, 5) for k, v in stats.items()}))
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(detections, f)
+    if args.stats_out:
+        with open(args.stats_out, "w") as f:
+            json.dump(stats, f, indent=1)
+    return stats
+
+
+def main(argv=None, prog: str = PROG) -> dict:
+    def go(argv):
+        rest, overrides = common.split_overrides(argv)
+        return run(build_parser(prog).parse_args(rest), overrides)
+    return common.run_cli(go, argv)

@@ -1,0 +1,44 @@
+"""``damo-jax export TARGET``: export a model without PyTorch.
+
+examples:
+  damo-jax export onnx --config s --weights damoyolo_s.pth --output s.onnx
+  damo-jax export onnx --checkpoint runs/demo --img-size 256 --batch dynamic --output demo.onnx
+  damo-jax export onnx --config t --weights t.pth --end2end --topk 100 --output t_e2e.onnx
+  damo-jax export openvino --onnx s.onnx --output s.xml [--fp16]
+  damo-jax export openvino --config s --weights damoyolo_s.pth --output s.xml
+  damo-jax export tensorrt --onnx s.onnx --output s.engine [--fp16]
+
+Then score the exported file with the same pre/post-processing: damo-jax eval --config s
+--onnx s.onnx --data coco:/data/coco. Aliases: python export/to_onnx.py, to_openvino.py,
+to_tensorrt.py.
+"""
+from __future__ import annotations
+
+import importlib
+
+# target -> (module with main(argv, prog), one-line description). Add rows for new targets.
+EXPORT_TARGETS = {
+    "onnx": ("damo_jax.export.to_onnx", "raw (scores, boxes) or --end2end ONNX (opset >= 17)"),
+    "openvino": ("damo_jax.export.to_openvino", "OpenVINO IR .xml/.bin from an ONNX file (or export first)"),
+    "tensorrt": ("damo_jax.export.to_tensorrt", "TensorRT engine from an ONNX file (NVIDIA GPU)"),
+}
+
+
+def usage(prog: str) -> str:
+    rows = "\n".join(f"  {name:9s} {desc}" for name, (_, desc) in EXPORT_TARGETS.items())
+    return (f"usage: {prog} TARGET [options]   ({prog} TARGET --help)\n\n"
+            f"{__doc__.splitlines()[0]}\n\ntargets:\n{rows}\n\n" + __doc__.split("\n\n", 1)[1])
+
+
+def main(argv=None, prog: str = "damo-jax export"):
+    from damo_jax.cli.common import report_user_error
+    argv = list(argv or [])
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage(prog))
+        return 0
+    target, rest = argv[0], argv[1:]
+    if target not in EXPORT_TARGETS:
+        raise report_user_error(f"{prog}: unknown target {target!r} (targets: "
+                                f"{', '.join(EXPORT_TARGETS)})")
+    module = importlib.import_module(EXPORT_TARGETS[target][0])
+    return module.main(rest, prog=f"{prog} {target}")

@@ -1,0 +1,94 @@
+"""``damo-jax train``: train a DAMO-YOLO model (official recipe of SPEC §9.1) on 1..N devices.
+
+examples:
+  damo-jax train --config demo --workdir runs/demo
+  damo-jax train --config s --data coco:/data/coco --workdir runs/s_coco
+  damo-jax train --config ns --data yolo:/data/data.yaml --config.train.epochs=50 \\
+      --config.train.finetune=damoyolo_ns.pth
+  damo-jax train --config s --runlocal --img-size 320      # a quick CPU check
+
+Every config key can be overridden with --config.KEY=VALUE (listed below with its default for
+the chosen --config). An interrupted run resumes from its --workdir. Exit codes: 0 done,
+2 user error, 3 non-finite loss/gradients. Alias: python -m damo_jax.train.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from damo_jax.cli import common
+
+PROG = "damo-jax train"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--config", default="s", help="config name (t s m l ns nm nl n demo) or .py path")
+    common.add_data(p, help_extra=" (sets config.data.train)")
+    p.add_argument("--workdir", default=None, help="run folder (checkpoints, logs); default runs/<config>")
+    common.add_img_size(p, "training and test size (sets data.image_size, test.image_size)")
+    p.add_argument("--runlocal", action="store_true", help="shrink the run for a quick CPU check")
+    p.add_argument("--multihost", action="store_true",
+                   help="call jax.distributed.initialize() (also automatic when JAX_COORDINATOR_ADDRESS is set)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar (log lines only)")
+
+
+def build_parser(prog: str = PROG, add_help: bool = True):
+    p = common.Parser(prog=prog, add_help=add_help, description=__doc__.split("\n")[0],
+                      epilog=__doc__.split("\n", 2)[2])
+    add_arguments(p)
+    return p
+
+
+def parse_args(argv=None, prog: str = PROG):
+    """(config, args): ``--config`` loaded, ``--runlocal`` then the overrides applied, validated."""
+    from damo_jax.config import apply_overrides, flat_items, load_config, runlocal, validate_config
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest, overrides = common.split_overrides(argv)
+    pre, _ = build_parser(prog, add_help=False).parse_known_args(rest)
+    cfg = load_config(pre.config)
+    parser = build_parser(prog)
+    keys = "\n".join(f"  --config.{k}={v!r}" for k, v in flat_items(cfg))
+    parser.epilog += f"\noverridable config keys of --config {pre.config} (with their defaults):\n{keys}"
+    args = parser.parse_args(rest)
+    if args.runlocal:
+        runlocal(cfg)
+    apply_overrides(cfg, overrides)
+    size = common.img_size(args.img_size)
+    if size:
+        apply_overrides(cfg, common.override("data.image_size", size)
+                        + common.override("test.image_size", size))
+    if args.data:
+        cfg.data.train = args.data
+    validate_config(cfg, where=f"--config {args.config}")
+    if args.workdir is None:
+        args.workdir = str(Path("runs") / Path(str(args.config)).stem)
+    return cfg, args
+
+
+def check_inputs(cfg, args) -> None:
+    """The paths a run reads, checked before JAX starts (InputPathError naming the flag/key)."""
+    common.check_data_spec(cfg.data.train, flag="--data" if args.data else "config data.train")
+    if cfg.data.get("val"):
+        common.check_data_spec(cfg.data.val, flag="config data.val")
+    if cfg.train.get("finetune") and not Path(cfg.train.finetune).is_file():
+        from damo_jax.errors import InputPathError
+        raise InputPathError(f"--config.train.finetune={cfg.train.finetune}: file not found")
+
+
+def run(cfg, args) -> int:
+    from damo_jax import runtime
+    from damo_jax.train import loop
+    check_inputs(cfg, args)
+    runtime.tune_cpu_runtime()        # CPU only: allocator + XLA:CPU vector width (before JAX starts)
+    loop.maybe_init_distributed(args.multihost)
+    loop.enable_compile_cache()
+    try:
+        loop.train(cfg, args.workdir, progress=not args.no_progress)
+    except loop.NonFiniteError as err:
+        print(f"ERROR: {err}", file=sys.stderr, flush=True)
+        return loop.EXIT_NONFINITE
+    return 0
+
+
+def main(argv=None, prog: str = PROG) -> int:
+    return common.run_cli(lambda a: run(*parse_args(a, prog)), argv)

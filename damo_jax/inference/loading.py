@@ -1,0 +1,195 @@
+"""ONE way to load a model for inference: :func:`load_model`.
+
+    m = load_model(checkpoint="runs/demo")                  # training run dir: EMA weights + config
+    m = load_model("s", weights="damoyolo_s.pth")           # official .pth / converted .npz
+    m = load_model("s", onnx="s.onnx")                      # exported files (config: names, thresholds)
+    m = load_model("s", openvino="s.xml")
+    m.backend(images)  # (B,H,W,3) float32 RGB 0-255 NHWC -> (scores (B,A,C), boxes (B,A,4))
+
+Used by ``damo-jax eval|predict|export``, :class:`damo_jax.inference.detector.Detector` and the
+export scripts. Every user mistake (missing file, missing ``--config``, weights that do not fit
+the config, a class-count mismatch) raises a :mod:`damo_jax.errors` user error naming the flag.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from damo_jax.errors import ConfigError, InputPathError
+
+log = logging.getLogger("damo_jax.inference.loading")
+SOURCES = ("checkpoint", "weights", "onnx", "openvino")
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model ready for the inference path (:mod:`damo_jax.inference.pipeline`)."""
+    cfg: object                  # ConfigDict (test section: thresholds, size)
+    class_names: tuple
+    backend: Callable            # forward(images NHWC float32) -> (scores, boxes)
+    kind: str                    # "jax" | "onnx" | "openvino"
+    source: str                  # where the weights came from (logs, export metadata)
+    model: object = None         # Flax module (jax kind only)
+    variables: dict | None = None
+
+    @property
+    def input_hw(self):
+        """Fixed (H, W) of an exported file, else None (any multiple of 32)."""
+        return getattr(self.backend, "input_hw", None)
+
+
+def _existing(flag: str, path, *, directory: bool = False) -> Path:
+    p = Path(path)
+    ok = p.is_dir() if directory else p.is_file()
+    if not ok:
+        kind = "directory" if directory else "file"
+        hint = " (a training run directory, e.g. runs/demo)" if directory else ""
+        raise InputPathError(f"{flag} {path}: {kind} not found{hint}")
+    return p
+
+
+def _flag(name: str) -> str:
+    return f"--{name}"
+
+
+def load_model(config=None, *, checkpoint=None, weights=None, onnx=None, openvino=None,
+               overrides: Sequence[str] = (), fuse: bool = True, export: bool = False,
+               random_init: bool = False, seed: int = 0, threads: int | None = None) -> LoadedModel:
+    """Load one model from exactly one source.
+
+    ``config``: name / path / ConfigDict, or a training-run directory (its stored config; lets an
+    exported file be scored with the run's class names and thresholds). Needed with ``weights``,
+    ``onnx``, ``openvino`` and ``random_init``; ignored (logged) with ``checkpoint``.
+    ``overrides``: ``key.sub=value`` strings applied to the config (``--config.KEY=VALUE``).
+    ``fuse``: fold RepConvs and BNs (``models.reparam.fuse`` + ``build_model(cfg, deploy=True)``).
+    ``export``: trace-friendly config (``model.depthwise_impl = "conv"``) for the exporters.
+    ``random_init``: no weights, official initialisation from ``seed`` (latency / format tests).
+    """
+    given = {k: v for k, v in dict(checkpoint=checkpoint, weights=weights, onnx=onnx,
+                                   openvino=openvino).items() if v is not None}
+    if len(given) > 1:
+        raise ConfigError(f"give only one model source, got {', '.join(map(_flag, given))}")
+    if not given and not random_init:
+        raise ConfigError("no model given: use --checkpoint RUN_DIR, or --config NAME with "
+                          "--weights FILE.pth|.npz, --onnx FILE.onnx or --openvino FILE.xml")
+    kind, path = next(iter(given.items())) if given else ("random", None)
+    if kind == "checkpoint":
+        cfg, variables, class_names = _checkpoint(checkpoint, config)
+    else:
+        if config is None:
+            what = f"{_flag(kind)} {path}" if path else "without weights"
+            raise ConfigError(f"{what}: --config is needed (the model's config name or file, "
+                              f"e.g. --config s)")
+        cfg, class_names = _config(config)
+    cfg = _prepare(cfg, overrides, export)
+    if kind in ("onnx", "openvino"):
+        return _exported(kind, _existing(_flag(kind), path), cfg, class_names, threads)
+    if kind == "weights":
+        variables = _weights(_existing("--weights", path), cfg)
+    elif kind == "random":
+        variables = _random_variables(cfg, seed)
+    if len(class_names) != int(cfg.model.head.num_classes):
+        raise ConfigError(f"{path}: {len(class_names)} class names but the model has "
+                          f"model.head.num_classes = {cfg.model.head.num_classes}")
+    from damo_jax.inference.pipeline import JaxBackend
+    from damo_jax.models import build_model
+    if fuse:
+        from damo_jax.models.reparam import fuse as fuse_variables
+        variables = fuse_variables(variables, cfg, fuse_bn=True)
+    model = build_model(cfg, deploy=bool(fuse))
+    source = str(path) if path else f"random-init(seed={seed})"
+    return LoadedModel(cfg=cfg, class_names=tuple(class_names), backend=JaxBackend(model, variables),
+                       kind="jax", source=source, model=model, variables=variables)
+
+
+def _config(config):
+    """(cfg, class names) of a config name / path / ConfigDict or of a training-run directory."""
+    from damo_jax.config import load_config
+    if isinstance(config, (str, os.PathLike)) and Path(config).is_dir():
+        from damo_jax.train.checkpoint import config_from_json, load_meta
+        meta = _run_dir_call(load_meta, config)
+        cfg = config_from_json(meta["config"])
+        return cfg, tuple(meta.get("class_names") or cfg.model.class_names)
+    cfg = load_config(config)
+    return cfg, tuple(cfg.model.class_names)
+
+
+def _run_dir_call(fn, path, flag: str = "--checkpoint"):
+    try:
+        return fn(path)
+    except FileNotFoundError as e:
+        raise InputPathError(f"{flag} {path}: {e}") from e
+
+
+def _checkpoint(path, config):
+    from damo_jax.train.checkpoint import load_for_inference
+    if not Path(path).exists():
+        raise InputPathError(f"--checkpoint {path}: no such directory (a training run directory, "
+                             f"e.g. runs/demo)")
+    cfg, variables, class_names = _run_dir_call(load_for_inference, path)
+    if config is not None:
+        log.info("using the config stored in checkpoint %s (ignoring config %r)", path, config)
+    return cfg, variables, class_names
+
+
+def _prepare(cfg, overrides, export: bool):
+    from damo_jax.config import apply_overrides, validate_config
+    import copy
+    cfg = copy.deepcopy(cfg)
+    if overrides:
+        apply_overrides(cfg, overrides)
+    if export:
+        from damo_jax.models import with_depthwise_impl
+        cfg = with_depthwise_impl(cfg, "conv")
+    return validate_config(cfg, where=f"config {cfg.model.get('name', '?')!r}")
+
+
+def _weights(path: Path, cfg) -> dict:
+    """Official ``.pth`` / converted ``.npz`` -> train-graph variables for ``cfg``."""
+    from damo_jax.interop.convert import from_torch_state_dict, read_state_dict_file
+    if path.suffix.lower() not in (".pth", ".pt", ".npz"):
+        raise InputPathError(f"--weights {path}: expected an official .pth/.pt or a converted .npz")
+    state_dict = read_state_dict_file(path)
+    _check_weight_classes(state_dict, cfg, path)
+    try:
+        return from_torch_state_dict(state_dict, cfg)
+    except (ValueError, KeyError) as e:
+        raise ConfigError(f"--weights {path} do not fit --config {cfg.model.name!r}: "
+                          f"{e.args[0] if e.args else e}") from e
+
+
+def _check_weight_classes(state_dict, cfg, weights) -> None:
+    """Clear error when the weights' head predicts another number of classes than the config."""
+    key = next((k for k in state_dict if k.removeprefix("module.") == "head.gfl_cls.0.bias"), None)
+    if key is None:
+        return  # the strict conversion reports the missing head keys
+    found, expected = int(np.shape(state_dict[key])[0]), int(cfg.model.head.num_classes)
+    legacy = bool(cfg.model.head.get("legacy", False))  # legacy heads have one extra channel
+    if found != expected + legacy:
+        raise ConfigError(f"weights {weights} predict {found} classes but config "
+                          f"{cfg.model.name!r} has model.head.num_classes = {expected}")
+
+
+def _random_variables(cfg, seed: int) -> dict:
+    """Official-init train-graph variables; their shapes do not depend on the image size, so the
+    init runs on a small 64x64 input."""
+    import jax
+    from damo_jax.models import build_model, init_variables
+    return init_variables(build_model(cfg), jax.random.PRNGKey(seed), (1, 64, 64, 3))
+
+
+def _exported(kind: str, path: Path, cfg, class_names, threads) -> LoadedModel:
+    from damo_jax.inference import backends
+    runner = (backends.OnnxBackend(path, threads=threads) if kind == "onnx"
+              else backends.OpenVinoBackend(path, threads=threads))
+    exported = getattr(runner, "class_names", None)
+    if exported and len(exported) != len(class_names):
+        raise ConfigError(f"--{kind} {path} predicts {len(exported)} classes but the config has "
+                          f"{len(class_names)} class names")
+    return LoadedModel(cfg=cfg, class_names=tuple(exported or class_names), backend=runner,
+                       kind=kind, source=str(path))

@@ -1,0 +1,131 @@
+"""THE inference path: pre-process -> forward -> NMS -> rescale, shared by evaluation, predict,
+``Detector``, training's ``predictions.png`` and the reference of the end-to-end export.
+
+* :func:`stretch_resize` / :func:`preprocess` — the evaluation protocol (SPEC §9.4/§10.2):
+  stretch-resize (cv2 bilinear, no letterbox) to the network size, RGB 0–255, no normalisation.
+* :func:`pad_batch` — zero-pads a batch to a static size (one compiled shape, fixed-batch files).
+* :class:`NmsParams` / :func:`nms_params` — conf / iou / max_dets / pre_nms_topk from ``cfg.test``.
+* :func:`detect` — backend forward + :func:`damo_jax.ops.nms.multiclass_nms`; a :class:`JaxBackend`
+  runs both in ONE jit (:func:`detect_batch`), exported backends (ONNX, OpenVINO) run their
+  forward and then the same jitted NMS.
+* :func:`rescale_detections` — NMS output of one image -> boxes in original-image pixels.
+
+Backend interface: ``forward(images)`` with images (B, H, W, 3) float32 RGB 0–255 NHWC returning
+``(scores (B, A, C), boxes (B, A, 4))`` xyxy network-input pixels; optional attributes
+``input_hw`` (fixed (H, W)) and ``batch_size`` (fixed batch; None = any).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from damo_jax.ops.boxes import scale_boxes
+from damo_jax.ops.nms import iou_threshold_f32, multiclass_nms
+
+
+def stretch_resize(image: np.ndarray, image_hw: Sequence[int]) -> np.ndarray:
+    """(h, w, 3) uint8 -> (H, W, 3) uint8, cv2 bilinear; the image itself when already (H, W)."""
+    import cv2
+    h, w = int(image_hw[0]), int(image_hw[1])
+    if image.shape[:2] == (h, w):
+        return image
+    return cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def preprocess(images: Sequence[np.ndarray], image_hw) -> tuple[np.ndarray, np.ndarray]:
+    """list of (h, w, 3) uint8 RGB -> ((B, H, W, 3) uint8 network input, (B, 2) original (h, w))."""
+    batch = np.stack([stretch_resize(im, image_hw) for im in images])
+    sizes = np.array([im.shape[:2] for im in images], np.int64)
+    return batch, sizes
+
+
+def pad_batch(array: np.ndarray, size: int) -> np.ndarray:
+    """Zero-pad axis 0 of ``array`` to ``size`` rows (returned unchanged when already that long)."""
+    array = np.asarray(array)
+    missing = int(size) - len(array)
+    if missing <= 0:
+        return array
+    return np.concatenate([array, np.zeros((missing,) + array.shape[1:], array.dtype)])
+
+
+@dataclasses.dataclass(frozen=True)
+class NmsParams:
+    conf: float = 0.05        # keep scores strictly above
+    iou: float = 0.7          # suppress IoU strictly above (same class)
+    max_dets: int = 500       # kept per image
+    pre_nms_topk: int = 1000  # candidates per image before NMS (static shape)
+
+
+def nms_params(test_cfg=None, **overrides) -> NmsParams:
+    """:class:`NmsParams` from a config's ``test`` section (missing keys: defaults); keyword
+    overrides that are not None win (``conf=``, ``iou=``, ``max_dets=``, ``pre_nms_topk=``)."""
+    from damo_jax.config import config_value
+    values = dict(conf=float(config_value(test_cfg, "conf_thre", NmsParams.conf)),
+                  iou=float(config_value(test_cfg, "iou_thre", NmsParams.iou)),
+                  max_dets=int(config_value(test_cfg, "max_dets", NmsParams.max_dets)),
+                  pre_nms_topk=int(config_value(test_cfg, "pre_nms_topk", NmsParams.pre_nms_topk)))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return NmsParams(**values)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_dets", "pre_nms_topk"))
+def detect_batch(model, variables, images, conf_thre, iou_thre, *, max_dets=500, pre_nms_topk=1000):
+    """Flax forward + NMS in one jit. images (B,H,W,3) uint8 or float RGB 0–255 -> NMS dict
+    (``boxes`` (B,K,4) network-input pixels, ``scores`` (B,K), ``labels`` (B,K), ``num_dets`` (B,)).
+
+    ``iou_thre`` should come through :func:`damo_jax.ops.nms.iou_threshold_f32` (traced here).
+    """
+    out = model.apply(variables, images.astype(jnp.float32), train=False)
+    return multiclass_nms(out["scores"], out["boxes"], conf_thre=conf_thre, iou_thre=iou_thre,
+                          max_dets=max_dets, pre_nms_topk=pre_nms_topk)
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _scores_and_boxes(model, variables, images):
+    out = model.apply(variables, images.astype(jnp.float32), train=False)
+    return out["scores"], out["boxes"]
+
+
+class JaxBackend:
+    """Backend of a Flax ``build_model`` module: jitted ``model.apply`` -> (scores, boxes).
+
+    The jitted functions are shared: equal models with same-shaped inputs reuse one compilation.
+    """
+
+    input_hw = None
+    batch_size = None
+
+    def __init__(self, model, variables):
+        self.model = model
+        self.variables = variables
+
+    def __call__(self, images):
+        return _scores_and_boxes(self.model, self.variables, images)
+
+
+def detect(backend, images, params: NmsParams) -> dict:
+    """(B, H, W, 3) uint8/float images -> NMS dict (device arrays; see :func:`detect_batch`).
+
+    Asynchronous for a :class:`JaxBackend` (one jit), so callers may overlap the next batch.
+    """
+    iou = iou_threshold_f32(params.iou)
+    if isinstance(backend, JaxBackend):
+        return detect_batch(backend.model, backend.variables, images, params.conf, iou,
+                            max_dets=params.max_dets, pre_nms_topk=params.pre_nms_topk)
+    scores, boxes = backend(np.asarray(images, np.float32))
+    return multiclass_nms(scores, boxes, conf_thre=params.conf, iou_thre=iou,
+                          max_dets=params.max_dets, pre_nms_topk=params.pre_nms_topk)
+
+
+def rescale_detections(nms_out: dict, index: int, orig_hw, input_hw) -> dict:
+    """Row ``index`` of a host NMS dict -> ``boxes`` (N, 4) float64 xyxy in original pixels,
+    ``scores`` (N,) float64, ``labels`` (N,) int32 — N = ``num_dets``, descending score."""
+    n = int(nms_out["num_dets"][index])
+    return {"boxes": scale_boxes(nms_out["boxes"][index, :n], input_hw, orig_hw),
+            "scores": np.asarray(nms_out["scores"][index, :n], np.float64),
+            "labels": np.asarray(nms_out["labels"][index, :n]).astype(np.int32)}
