@@ -1,0 +1,103 @@
+"""Evaluation never dies on a bad image: unreadable val images are skipped, logged with file and
+reason, left out of the COCO ground truth (not counted as images without detections), and the
+result says how many images were scored and skipped."""
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from damo_jax.data_pipelines import DataError, eval_batches, open_dataset
+from damo_jax.evaluation.coco import coco_evaluate
+from damo_jax.evaluation.evaluator import collect_detections, evaluate
+from data_helpers import make_coco_dataset
+from eval_fakes import ColorBoxDataset, ColorBoxOracle
+from test_eval_cli import oracle_config, write_coco_folder
+
+
+def _break(path, how: str) -> None:
+    if how == "missing":
+        path.unlink()
+    elif how == "truncated":
+        path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 3])
+    else:                                            # not an image at all
+        path.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_eval_batches_turn_unreadable_images_into_logged_invalid_rows(tmp_path, caplog, workers):
+    ds, _ = make_coco_dataset(tmp_path, n=7)
+    _break(tmp_path / "train2017" / "000003.png", "garbage")
+    _break(tmp_path / "train2017" / "000005.png", "missing")
+    skipped = []
+    with caplog.at_level(logging.WARNING, logger="data_pipelines"):
+        batches = list(eval_batches(ds, (64, 64), 4, workers=workers, skipped=skipped))
+    assert len(batches) == 2
+    ids = np.concatenate([b["image_ids"] for b in batches])
+    valid = np.concatenate([b["valid"] for b in batches])
+    assert ids[valid].tolist() == [1, 2, 4, 6, 7]
+    assert (ids[~valid] == -1).all() and not np.concatenate([b["images"] for b in batches])[~valid].any()
+    assert [(s["index"], s["image_id"]) for s in skipped] == [(2, 3), (4, 5)]
+    assert skipped[0]["file"].endswith("000003.png") and "cannot identify the image format" in skipped[0]["reason"]
+    assert "file not found" in skipped[1]["reason"]
+    for name in ("000003.png", "000005.png"):
+        assert f"skipping image (not scored): {tmp_path / 'train2017' / name}" in caplog.text
+
+
+def test_eval_batches_process_slices_cover_the_readable_images_once(tmp_path):
+    ds, _ = make_coco_dataset(tmp_path, n=7)
+    _break(tmp_path / "train2017" / "000002.png", "truncated")
+    per_process = [list(eval_batches(ds, (32, 32), 4, process_index=p, process_count=2)) for p in (0, 1)]
+    assert len(per_process[0]) == len(per_process[1]) == 2          # same count: no collective hangs
+    seen = [i for batches in per_process for b in batches for i in b["image_ids"][b["valid"]].tolist()]
+    assert sorted(seen) == [1, 3, 4, 5, 6, 7]
+    with pytest.raises(ValueError, match="split evenly"):
+        next(eval_batches(ds, (32, 32), 3, process_index=0, process_count=2))
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    model = ColorBoxOracle()
+    return model, model.init(jax.random.key(0), jnp.zeros((1, 64, 96, 3)))
+
+
+def test_evaluate_scores_only_the_images_it_could_read(tmp_path, oracle):
+    """The oracle finds every box of the images it sees, so AP50 over the scored images is 1.0;
+    counting the unreadable images as 'no detections' would give less (checked independently)."""
+    fake = ColorBoxDataset(num_images=5)
+    root = write_coco_folder(tmp_path / "coco", fake)
+    gt = fake.to_coco_dict()
+    broken = gt["images"][2]
+    _break(root / "val" / broken["file_name"], "truncated")
+    ds = open_dataset(f"coco:{root}", "val")
+    cfg = oracle_config()
+    stats = evaluate(*oracle, ds, cfg, progress=False)
+    assert stats["images_scored"] == 4 and stats["images_skipped"] == 1
+    assert stats["AP50"] == pytest.approx(1.0)
+    dets = collect_detections(*oracle, ds, cfg, progress=False)
+    assert broken["id"] not in {d["image_id"] for d in dets}
+    # independent reference: the ground truth of the 4 readable images, built by hand
+    kept = {"images": [im for im in gt["images"] if im["id"] != broken["id"]],
+            "annotations": [a for a in gt["annotations"] if a["image_id"] != broken["id"]],
+            "categories": gt["categories"]}
+    ref = coco_evaluate(kept, dets, use_fast=False)
+    assert {k: stats[k] for k in ref} == pytest.approx(ref)
+    assert coco_evaluate(gt, dets)["AP50"] < 0.95         # what silently counting them would give
+
+
+def test_evaluate_with_no_readable_image_is_one_data_error(tmp_path, oracle):
+    fake = ColorBoxDataset(num_images=2)
+    root = write_coco_folder(tmp_path / "coco", fake)
+    for im in fake.to_coco_dict()["images"]:
+        _break(root / "val" / im["file_name"], "missing")
+    ds = open_dataset(f"coco:{root}", "val")
+    with pytest.raises(DataError, match=r"none of the 2 images of .* could be read"):
+        evaluate(*oracle, ds, oracle_config(), progress=False)
+
+
+def test_clean_dataset_reports_all_images_scored(oracle):
+    stats = evaluate(*oracle, ColorBoxDataset(num_images=3), oracle_config(), progress=False)
+    assert stats["images_scored"] == 3 and stats["images_skipped"] == 0
