@@ -47,9 +47,10 @@ def build_parser(prog: str = PROG):
 def load_detector(args, overrides=()):
     from damo_jax.inference.detector import Detector
     from damo_jax.inference.loading import load_model
+    size = common.img_size(args.img_size)          # checked before anything is loaded
     loaded = load_model(args.config, overrides=overrides, **common.model_source(args))
-    return Detector.from_loaded(loaded, conf=args.conf, iou=args.iou,
-                                img_size=common.img_size(args.img_size), batch_size=args.batch_size)
+    return Detector.from_loaded(loaded, conf=args.conf, iou=args.iou, img_size=size,
+                                batch_size=args.batch_size)
 
 
 def _entry(path: Path, image, result) -> dict:

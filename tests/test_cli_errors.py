@@ -1,0 +1,190 @@
+"""Every command x every user mistake of issue 10 (Why-5, item 3): exit code 2, exactly one
+``error: ...`` line on stderr naming the flag / key / file, no traceback.
+
+The table runs the commands in-process (their ``main(argv)``: the same parser, loading and error
+policy as the console script, without re-importing JAX 50 times); the last tests run the real
+entry points in subprocesses (``damo-jax``, ``python -m damo_jax``, ``python -m damo_jax.train``,
+``python export/to_onnx.py``) and ``--debug``. Mistakes are caught before JAX compiles anything.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+WEIGHTS = ROOT / "tests" / "fixtures" / "pth_official.pth"   # exists; never reached by these mistakes
+
+
+def _cli(name):
+    """name -> main(argv) of that command (imported lazily)."""
+    if name == "train":
+        from damo_jax.cli.train import main
+    elif name == "eval":
+        from damo_jax.cli.eval import main
+    elif name == "predict":
+        from damo_jax.cli.predict import main
+    elif name == "export onnx":
+        from damo_jax.cli.export import main as export_main
+        return lambda argv: export_main(["onnx"] + argv)
+    elif name == "show":
+        from damo_jax.data_pipelines.show import main
+    elif name == "info":
+        from damo_jax.models.__main__ import main
+    elif name == "to_onnx.py":
+        from damo_jax.export.to_onnx import main
+    return main
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli_errors")
+    image = root / "img.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(image)
+    malicious = root / "evil.pth"   # a torch zip whose pickle calls os.system (refused by pth_io)
+    marker = root / "pwned"
+    cmd = f"touch {marker}".encode()
+    payload = b"\x80\x02cos\nsystem\nX" + len(cmd).to_bytes(4, "little") + cmd + b"\x85R."
+    with zipfile.ZipFile(malicious, "w") as archive:
+        archive.writestr("archive/data.pkl", payload)
+        archive.writestr("archive/byteorder", b"little")
+        archive.writestr("archive/version", b"3\n")
+    return {"root": root, "image": image, "malicious": malicious, "marker": marker}
+
+
+def base_args(cli, f, config="demo"):
+    """The arguments a correct call of ``cli`` needs (model source, data, output)."""
+    out = str(f["root"] / "out")
+    return {
+        "train": ["--config", config, "--workdir", out, "--no-progress"],
+        "eval": ["--config", config, "--weights", str(WEIGHTS), "--data", "demo", "--no-progress"],
+        "predict": ["--config", config, "--weights", str(WEIGHTS), "--source", str(f["image"]),
+                    "--out", out, "--no-progress"],
+        "export onnx": ["--config", config, "--weights", str(WEIGHTS), "--output", out + ".onnx"],
+        "to_onnx.py": ["--config", config, "--weights", str(WEIGHTS), "--output", out + ".onnx"],
+        "show": ["--config", config, "--data", "demo", "--out", out + ".png"],
+        "info": ["--config", config],
+    }[cli]
+
+
+def without(args, flag):
+    i = args.index(flag)
+    return args[:i] + args[i + 2:]
+
+
+CLIS = ("train", "eval", "predict", "export onnx", "to_onnx.py", "show", "info")
+
+
+def mistakes(f):
+    """(cli, mistake) -> (argv, text the error line must contain)."""
+    table = {}
+    for cli in CLIS:
+        base = base_args(cli, f)
+        table[cli, "unknown config name"] = (base_args(cli, f, config="nosuchmodel"), "nosuchmodel")
+        table[cli, "batch_size=abc"] = (base + ["--config.train.batch_size=abc"], "train.batch_size")
+        table[cli, "batch_size=0"] = (base + ["--config.train.batch_size=0"], "train.batch_size")
+        table[cli, "misspelt key"] = (base + ["--config.train.bach_size=3"], "bach_size")
+        table[cli, "--img-size 100"] = (base + ["--img-size", "100"], "--img-size")
+        table[cli, "bad flag"] = (base + ["--no-such-flag"], "--no-such-flag")
+    for cli in ("train", "eval", "show"):
+        base = base_args(cli, f)
+        table[cli, "missing --data folder"] = (without(base, "--data") if "--data" in base else base)
+        table[cli, "missing --data folder"] += ["--data", "/no/such/folder"]
+        table[cli, "missing --data folder"] = (table[cli, "missing --data folder"], "/no/such/folder")
+        table[cli, "coco: folder missing"] = (
+            (without(base, "--data") if "--data" in base else base) + ["--data", "coco:/no/coco"],
+            "/no/coco")
+    table["predict", "missing --source"] = (
+        without(base_args("predict", f), "--source") + ["--source", "/no/such.jpg"], "--source")
+    for cli in ("eval", "predict", "export onnx", "to_onnx.py"):
+        base = without(without(base_args(cli, f), "--config"), "--weights")
+        table[cli, "--checkpoint missing dir"] = (base + ["--checkpoint", "/no/such/run"],
+                                                  "--checkpoint /no/such/run")
+        table[cli, "--weights missing file"] = (base_args(cli, f)[:3] + ["/no/w.pth"]
+                                                + base_args(cli, f)[4:], "/no/w.pth")
+        table[cli, "malicious .pth"] = (base_args(cli, f)[:3] + [str(f["malicious"])]
+                                        + base_args(cli, f)[4:], "evil.pth")
+        table[cli, "--weights without --config"] = (without(base_args(cli, f), "--config"),
+                                                    "--config")
+    for cli in ("eval", "predict"):
+        table[cli, "no model source"] = (without(base_args(cli, f), "--weights"), "--checkpoint")
+    table["train", "missing finetune file"] = (
+        base_args("train", f) + ["--config.train.finetune=/no/such.pth"], "train.finetune")
+    table["train", "unknown config section"] = (base_args("train", f) + ["--config.trian.epochs=1"],
+                                                "trian")
+    table["info", "--img-size three values"] = (["--config", "demo", "--img-size", "64", "64", "64"],
+                                                "--img-size")
+    return table
+
+
+CASES = [("train", "unknown config name"), ("train", "missing --data folder"),
+         ("train", "batch_size=abc"), ("train", "batch_size=0"), ("train", "misspelt key"),
+         ("train", "--img-size 100"), ("train", "missing finetune file"), ("train", "bad flag"),
+         ("train", "unknown config section"), ("train", "coco: folder missing")]
+CASES += [(cli, m) for cli in CLIS[1:] for m in (
+    "unknown config name", "batch_size=abc", "batch_size=0", "misspelt key", "--img-size 100",
+    "bad flag")]
+CASES += [(cli, m) for cli in ("eval", "show") for m in ("missing --data folder", "coco: folder missing")]
+CASES += [(cli, m) for cli in ("eval", "predict", "export onnx", "to_onnx.py") for m in (
+    "--checkpoint missing dir", "--weights missing file", "malicious .pth", "--weights without --config")]
+CASES += [("eval", "no model source"), ("predict", "no model source"), ("predict", "missing --source"),
+          ("info", "--img-size three values")]
+
+
+def assert_one_error_line(err: str, must_contain: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err, err
+    assert must_contain in lines[0], (must_contain, lines[0])
+    return lines[0]
+
+
+@pytest.mark.parametrize("cli,mistake", CASES, ids=[f"{c}|{m}" for c, m in CASES])
+def test_user_mistake_is_one_error_line_and_exit_2(cli, mistake, files, capsys):
+    argv, must_contain = mistakes(files)[cli, mistake]
+    with pytest.raises(SystemExit) as info:
+        _cli(cli)(argv)
+    assert info.value.code == 2
+    assert_one_error_line(capsys.readouterr().err, must_contain)
+    assert not files["marker"].exists()     # the malicious pickle never ran
+
+
+def run(cmd, **env):
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu", **env})
+
+
+@pytest.mark.parametrize("cmd,must_contain", [
+    (["-m", "damo_jax", "train", "--config", "nosuchmodel"], "nosuchmodel"),
+    (["-m", "damo_jax.train", "--config", "demo", "--config.train.batch_size=abc"], "batch_size"),
+    (["export/to_onnx.py", "--config", "demo", "--img-size", "100", "--output", "/tmp/x.onnx"],
+     "--img-size"),
+    (["-m", "damo_jax", "predict", "--checkpoint", "/no/such/run", "--source", "{image}"],
+     "--checkpoint /no/such/run"),
+    (["-m", "damo_jax", "nosuchcommand"], "nosuchcommand"),
+])
+def test_entry_points_subprocess(cmd, must_contain, files):
+    r = run([sys.executable] + [a.format(image=files["image"]) for a in cmd])
+    assert r.returncode == 2, r.stderr
+    assert_one_error_line(r.stderr, must_contain)
+
+
+def test_debug_shows_the_traceback():
+    r = run([sys.executable, "-m", "damo_jax", "info", "--config", "nosuchmodel", "--debug"])
+    assert r.returncode != 0 and "Traceback" in r.stderr and "InputPathError" in r.stderr
+    r = run([sys.executable, "-m", "damo_jax", "info", "--config", "nosuchmodel"], DAMO_JAX_DEBUG="1")
+    assert "Traceback" in r.stderr
+
+
+def test_help_of_every_command_has_examples():
+    from damo_jax.cli import COMMANDS
+    for name in COMMANDS:
+        r = run([sys.executable, "-m", "damo_jax", name, "--help"])
+        assert r.returncode == 0, (name, r.stderr)
+        assert "example" in r.stdout and "damo-jax" in r.stdout, name
