@@ -1,0 +1,133 @@
+"""Multi-process (multi-host) runs: start-up, the process-slice check, gathers, fail-fast exit.
+
+One JAX process per host (TPU VM worker, GPU node) or, on one machine, several CPU processes that
+talk over gloo (how tests/test_multiprocess.py runs the real thing on localhost):
+
+* :func:`initialize` — ``jax.distributed.initialize`` with the coordinator / process count / id
+  from the environment (``JAX_COORDINATOR_ADDRESS`` host:port of process 0, ``JAX_NUM_PROCESSES``,
+  ``JAX_PROCESS_ID``) or auto-detected (TPU pod slices, SLURM, Open MPI). CPU collectives use gloo.
+  A process that dies stops sending heartbeats; every other process is then terminated by the
+  coordination service after ``DAMO_JAX_HEARTBEAT_TIMEOUT_S`` seconds (default 100, JAX's) with
+  "Terminating process because the JAX distributed service detected fatal errors ... another task
+  died": never a silent hang.
+* :func:`check_process_slices` — all-gathers the global-batch rows each process read (and the image
+  ids it got for them) and raises unless the rows are disjoint, cover the global batch and hold
+  the global batch's images.
+* :func:`allgather_rows` — numpy values of process-local or globally sharded arrays, concatenated
+  over processes along axis 0 (int64 / float64 survive without ``jax_enable_x64``).
+* :func:`exit_on_error` — in a multi-process run, an exception in ONE process prints
+  ``error: process i/n: ...`` and hard-exits that process (``os._exit(1)``), so the others are
+  stopped by the heartbeat instead of waiting in a collective or a shutdown barrier.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+import numpy as np
+
+HEARTBEAT_ENV = "DAMO_JAX_HEARTBEAT_TIMEOUT_S"
+INIT_TIMEOUT_ENV = "DAMO_JAX_INIT_TIMEOUT_S"
+
+
+def requested(multihost: bool, env=os.environ) -> bool:
+    """--multihost, or an environment that describes several processes (JAX coordinator, a
+    multi-worker TPU slice, SLURM / Open MPI with more than one task)."""
+    return bool(multihost or env.get("JAX_COORDINATOR_ADDRESS")
+                or "," in env.get("TPU_WORKER_HOSTNAMES", "")
+                or int(env.get("SLURM_NTASKS", "1") or 1) > 1
+                or int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1)
+
+
+def initialize(multihost: bool, env=os.environ) -> bool:
+    """``jax.distributed.initialize`` when :func:`requested`; returns whether it ran.
+
+    Must run before the first JAX computation. Coordinator, process count and id come from
+    ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` when set, otherwise
+    from JAX's cluster auto-detection (Cloud TPU, SLURM, Open MPI)."""
+    if not requested(multihost, env):
+        return False
+    import jax
+    if str(jax.config.jax_cpu_collectives_implementation or "none") == "none":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")   # CPU processes talk over gloo
+    jax.distributed.initialize(
+        coordinator_address=env.get("JAX_COORDINATOR_ADDRESS") or None,
+        num_processes=int(env["JAX_NUM_PROCESSES"]) if env.get("JAX_NUM_PROCESSES") else None,
+        process_id=int(env["JAX_PROCESS_ID"]) if env.get("JAX_PROCESS_ID") else None,
+        initialization_timeout=int(env.get(INIT_TIMEOUT_ENV, 300)),
+        heartbeat_timeout_seconds=int(env.get(HEARTBEAT_ENV, 100)))
+    return True
+
+
+def allgather_rows(tree):
+    """Every leaf, concatenated over processes along axis 0, as numpy (all processes get it).
+
+    Leaves are process-local numpy arrays (each process's rows, same shape on all processes) or
+    ``jax.Array`` s sharded along axis 0 over the global mesh (their global value is returned).
+    One process: the leaves' values, unchanged."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    def one(x):
+        if isinstance(x, jax.Array):
+            if jax.process_count() == 1 or x.is_fully_addressable:
+                return np.asarray(x)
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        x = np.asarray(x)
+        if jax.process_count() == 1:
+            return x
+        wide = x.dtype.itemsize == 8
+        y = np.ascontiguousarray(x.reshape(x.shape[0], -1))
+        if wide:
+            y = y.view(np.int32)                  # (rows, 2·k): exact for int64 / float64
+        out = np.asarray(multihost_utils.process_allgather(y, tiled=True))
+        if wide:
+            out = np.ascontiguousarray(out).view(x.dtype)
+        return out.reshape(-1, *x.shape[1:])
+
+    return jax.tree.map(one, tree)
+
+
+def check_process_slices(rows, values, expected) -> None:
+    """Raise unless the processes' global-batch ``rows`` are disjoint and cover the global batch,
+    and what each process read for its rows is what the global batch holds there.
+
+    rows: (L,) this process's rows of the global batch; values: (L,) what it read for them (e.g.
+    source image ids); expected: (B,) the values of the whole global batch (every process computes
+    them without reading the data)."""
+    import jax
+    got = allgather_rows({"rows": np.asarray(rows, np.int32)[None],
+                          "values": np.asarray(values, np.int64)[None]})
+    all_rows, all_values = got["rows"].reshape(-1), got["values"].reshape(-1)
+    expected = np.asarray(expected, np.int64)
+    if sorted(all_rows.tolist()) != list(range(len(expected))):
+        raise RuntimeError(f"process slices of the global batch overlap or leave gaps: rows per "
+                           f"process {got['rows'].tolist()} (global batch {len(expected)}, "
+                           f"{jax.process_count()} processes)")
+    if not np.array_equal(all_values, expected[all_rows]):
+        raise RuntimeError(f"the processes read {got['values'].tolist()} for their rows "
+                           f"{got['rows'].tolist()} of the global batch, expected {expected.tolist()}")
+
+
+def exit_on_error(fn, *args, passthrough: tuple = (), **kwargs):
+    """``fn(*args, **kwargs)``; in a multi-process run an exception prints ``error: process i/n:``
+    with its traceback and ends THIS process at once (``os._exit(1)``): the other processes are then
+    stopped by the distributed heartbeat instead of hanging in a collective. Exceptions of the
+    ``passthrough`` types (raised alike by every process, e.g. a non-finite loss, which all
+    processes see) propagate normally."""
+    import jax
+    if jax.process_count() == 1:
+        return fn(*args, **kwargs)
+    try:
+        return fn(*args, **kwargs)
+    except passthrough:
+        raise
+    except BaseException as err:  # noqa: BLE001 - any failure must end the whole job
+        if isinstance(err, SystemExit) and not err.code:
+            raise
+        traceback.print_exc()
+        print(f"error: process {jax.process_index()}/{jax.process_count()}: {type(err).__name__}: {err}; "
+              f"exiting so the other processes stop (distributed heartbeat)", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
