@@ -1,6 +1,10 @@
 """Official state_dict <-> Flax conversion: strictness, round trips, .npz/.pth files, fine-tuning
-loader. Uses the golden weights of the small models (no forward passes except one)."""
+loader. The state dicts are random, built with the golden recipe (tests/golden_weights.py) over
+the key shapes of the model's own variable template, so nothing here needs the golden folder
+except the check that the template's keys and shapes are the official ones."""
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -8,16 +12,35 @@ import numpy as np
 import pytest
 
 from damo_jax.config import load_config
-from damo_jax.interop.convert import (from_torch_state_dict, load_official_checkpoint, load_pretrained,
-                              merge_variables, to_torch_state_dict, torch_key)
+from damo_jax.errors import InputPathError, UserError
+from damo_jax.interop.convert import (CheckpointMismatchError, expected_torch_entries,
+                                      from_torch_state_dict, load_official_checkpoint,
+                                      load_pretrained, merge_variables, to_torch_state_dict,
+                                      torch_key)
+from damo_jax.interop.pth_io import PthFormatError
 from damo_jax.models import build_model, init_variables
 from damo_jax.models.reparam import fuse
-from golden_weights import golden_state_dict
+from golden_weights import load_model_json, make_state_dict
+
+
+@functools.lru_cache(maxsize=None)
+def _random_state_dict(name: str, seed: int) -> dict:
+    cfg = load_config(name)
+    shapes = {key: shape for key, (_, _, shape) in expected_torch_entries(cfg).items()}
+    shapes.update({k[:-len("running_mean")] + "num_batches_tracked": () for k in shapes
+                   if k.endswith(".running_mean")})
+    shapes["head.integral.project"] = (int(cfg.model.head.reg_max) + 1,)
+    return make_state_dict(shapes, seed=seed)
+
+
+def random_state_dict(name: str = "ns", seed: int = 7) -> dict:
+    """A complete official-format state dict for config ``name`` with random values (a copy)."""
+    return dict(_random_state_dict(name, seed))
 
 
 @pytest.fixture(scope="module")
 def ns_state_dict():
-    return golden_state_dict("Ns")
+    return random_state_dict("ns")
 
 
 def assert_trees_equal(a, b):
@@ -45,6 +68,15 @@ def test_key_mapping_examples():
     assert torch_key("params", ("head", "scales_2", "scale")) == "head.scales.2.scale"
     assert torch_key("params", ("backbone", "csp_stage_3", "convstem_6", "conv1", "bn1", "bias")) \
         == "backbone.csp_stage.3.convstem.6.conv1.bn1.bias"
+
+
+@pytest.mark.parametrize("model", ["Ns", "T"])
+def test_template_keys_and_shapes_are_the_official_ones(model):
+    """The only golden-data test here: the official key list (with shapes) of the PyTorch model."""
+    official = {e["key"]: tuple(e["shape"]) for e in load_model_json(model)["weights"]["entries"]}
+    assert sorted(random_state_dict(model.lower())) == sorted(official)
+    for key, value in random_state_dict(model.lower()).items():
+        assert value.shape == official[key], key
 
 
 def test_round_trip_torch_flax_torch(ns_state_dict):
@@ -113,13 +145,14 @@ def test_npz_and_pth_files(ns_state_dict, tmp_path):
     from damo_jax.interop.pth_io import save_pth
     save_pth({"model": to_torch_state_dict(want, cfg), "epoch": 3}, tmp_path / "ns.pth")
     assert_trees_equal(load_official_checkpoint(tmp_path / "ns.pth", cfg), want)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(InputPathError, match=r"absent\.pth does not exist"):
         load_official_checkpoint(tmp_path / "absent.pth", cfg)
+    assert issubclass(InputPathError, FileNotFoundError)
 
 
 def test_reparam_state_dict_round_trip(ns_state_dict):
     cfg = load_config("t")
-    variables = from_torch_state_dict(golden_state_dict("T"), cfg)
+    variables = from_torch_state_dict(random_state_dict("t"), cfg)
     deployed = fuse(variables, cfg)
     sd = to_torch_state_dict(deployed, cfg)
     with pytest.raises(ValueError, match="deploy='reparam'"):
@@ -149,3 +182,25 @@ def test_load_pretrained_with_other_class_count(ns_state_dict, tmp_path):
     assert jax.jit(net.apply)(merged, x)["scores"].shape == (1, 84, 3)
     with pytest.raises(ValueError, match=r"head\.gfl_cls\.0\.(weight|bias)"):
         load_pretrained(tmp_path / "ns.npz", cfg, skip_head_if_mismatch=False)
+
+
+def test_mismatch_errors_are_user_errors_naming_file_and_key(ns_state_dict, tmp_path):
+    sd = dict(ns_state_dict)
+    sd["head.gfl_reg.0.bias"] = np.zeros((5,), np.float32)
+    np.savez(tmp_path / "bad.npz", **sd)
+    with pytest.raises(CheckpointMismatchError, match=r"bad\.npz: key 'head\.gfl_reg\.0\.bias'"
+                                                      r": expected shape \(32,\), got \(5,\)") as info:
+        load_official_checkpoint(tmp_path / "bad.npz", "ns")
+    assert isinstance(info.value, UserError) and isinstance(info.value, ValueError)
+    with pytest.raises(CheckpointMismatchError, match=r"bad\.npz: key 'head\.gfl_reg\.0\.bias'"):
+        load_pretrained(tmp_path / "bad.npz", "ns")
+    np.savez(tmp_path / "project.npz", **dict(ns_state_dict, **{
+        "head.integral.project": np.ones(8, np.float32)}))
+    with pytest.raises(CheckpointMismatchError, match=r"project\.npz: head\.integral\.project"):
+        load_official_checkpoint(tmp_path / "project.npz", "ns")
+    (tmp_path / "corrupt.pth").write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(PthFormatError, match=r"corrupt\.pth: corrupt or truncated zip"):
+        load_official_checkpoint(tmp_path / "corrupt.pth", "ns")
+    (tmp_path / "dir.pth").mkdir()
+    with pytest.raises(InputPathError, match=r"dir\.pth is not a file"):
+        load_official_checkpoint(tmp_path / "dir.pth", "ns")

@@ -21,12 +21,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from damo_jax.config import load_config
+from damo_jax.errors import InputPathError, UserError
 
 LIST_NAMES = ("block_list", "csp_stage", "convstem", "convs", "conv", "gfl_cls", "gfl_reg", "scales")
 _LIST_RE = re.compile(r"^(%s)_(\d+)$" % "|".join(LIST_NAMES))
 _SCALE_MODULE_RE = re.compile(r"^scales_\d+$")
 PROJECT_KEY = "head.integral.project"
 TEMPLATE_SIZE = 64  # input size used to trace the variable shapes (any multiple of 32 works)
+
+
+class CheckpointMismatchError(UserError, ValueError):
+    """The state dict does not fit the model: missing, unexpected or mis-shaped keys (named)."""
 
 
 # ----------------------------------------------------------------------------- naming
@@ -102,8 +107,8 @@ def _strip_module_prefix(state_dict) -> dict:
 def _check_project(value, reg_max: int):
     value = np.asarray(value)
     if value.shape != (reg_max + 1,) or not np.allclose(value, np.arange(reg_max + 1)):
-        raise ValueError(f"{PROJECT_KEY}: expected 0..{reg_max} (shape ({reg_max + 1},)), "
-                         f"got shape {value.shape}")
+        raise CheckpointMismatchError(f"{PROJECT_KEY}: expected 0..{reg_max} (shape "
+                                      f"({reg_max + 1},)), got shape {value.shape}")
 
 
 def _split_known(state_dict, config, entries):
@@ -123,31 +128,38 @@ def _split_known(state_dict, config, entries):
     return tensors, unexpected
 
 
-def from_torch_state_dict(state_dict, config, *, deploy=False) -> dict:
+def from_torch_state_dict(state_dict, config, *, deploy=False, source: str = "") -> dict:
     """Official state_dict (name -> array) -> Flax ``{"params", "batch_stats"}``; strict.
 
-    Missing, unexpected or mis-shaped entries raise ``ValueError`` naming the key. A leading
+    Missing, unexpected or mis-shaped entries raise :class:`CheckpointMismatchError` (a
+    ``ValueError`` and a user error) naming the key, prefixed with ``source`` (the file). A leading
     ``module.`` is stripped; ``num_batches_tracked`` and ``head.integral.project`` are ignored
     (the latter's values are checked). ``deploy`` selects the graph the keys belong to
     (train graph by default; ``"reparam"`` for ``rbr_reparam`` state dicts).
     """
     cfg = load_config(config)
+    where = f"{source}: " if source else ""
     entries = expected_torch_entries(cfg, deploy)
-    tensors, unexpected = _split_known(_strip_module_prefix(state_dict), cfg, entries)
+    try:
+        tensors, unexpected = _split_known(_strip_module_prefix(state_dict), cfg, entries)
+    except CheckpointMismatchError as exc:
+        raise CheckpointMismatchError(f"{where}{exc}") from None
     if unexpected:
         hint = " (a re-parameterised state_dict? pass deploy='reparam')" if any(
             "rbr_reparam" in k for k in unexpected) else ""
-        raise ValueError(f"unexpected key(s) for config {cfg.model.name!r}: "
-                         f"{sorted(unexpected)[:10]}{hint}")
+        raise CheckpointMismatchError(f"{where}unexpected key(s) for config {cfg.model.name!r}: "
+                                      f"{sorted(unexpected)[:10]}{hint}")
     missing = sorted(set(entries) - set(tensors))
     if missing:
-        raise ValueError(f"missing key(s) for config {cfg.model.name!r}: {missing[:10]}"
-                         f"{' ...' if len(missing) > 10 else ''} ({len(missing)} in all)")
+        raise CheckpointMismatchError(
+            f"{where}missing key(s) for config {cfg.model.name!r}: {missing[:10]}"
+            f"{' ...' if len(missing) > 10 else ''} ({len(missing)} in all)")
     variables: dict = {}
     for key, (collection, path, shape) in entries.items():
         value = np.asarray(tensors[key])
         if tuple(value.shape) != shape:
-            raise ValueError(f"key {key!r}: expected shape {shape}, got {tuple(value.shape)}")
+            raise CheckpointMismatchError(f"{where}key {key!r}: expected shape {shape}, "
+                                          f"got {tuple(value.shape)}")
         flax_value = from_torch_layout(path[-1], value.astype(np.float32))
         _set(variables.setdefault(collection, {}), path, jnp.asarray(flax_value))
     return variables
@@ -170,22 +182,19 @@ def to_torch_state_dict(variables, config) -> dict[str, np.ndarray]:
 
 # ----------------------------------------------------------------------------- files
 def read_state_dict_file(path) -> dict[str, np.ndarray]:
-    """``.pth`` (torch-free reader ``damo_jax.interop.pth_io``) or ``.npz`` -> name -> array."""
+    """``.pth``/``.pt``/``.npz``... -> ``{name: array}`` via the bounded torch-free reader
+    (:func:`damo_jax.interop.pth_io.read_state_dict`); a missing file is an ``InputPathError``."""
+    from damo_jax.interop.pth_io import read_state_dict
     p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"checkpoint {p} does not exist")
-    if p.suffix == ".npz":
-        with np.load(p, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    if p.suffix in (".pth", ".pt", ".ckpt"):
-        from damo_jax.interop.pth_io import read_state_dict
-        return read_state_dict(str(p))
-    raise ValueError(f"checkpoint {p}: unsupported suffix {p.suffix!r} (expected .pth or .npz)")
+    if not p.is_file():
+        raise InputPathError(f"checkpoint {p} does not exist" if not p.exists() else
+                             f"checkpoint {p} is not a file")
+    return read_state_dict(p)
 
 
 def load_official_checkpoint(path, config, *, deploy=False) -> dict:
     """Official ``.pth`` (no torch needed) or ``.npz`` state_dict -> Flax variables (strict)."""
-    return from_torch_state_dict(read_state_dict_file(path), config, deploy=deploy)
+    return from_torch_state_dict(read_state_dict_file(path), config, deploy=deploy, source=str(path))
 
 
 def load_pretrained(path, config, *, skip_head_if_mismatch=True):
@@ -199,21 +208,26 @@ def load_pretrained(path, config, *, skip_head_if_mismatch=True):
     """
     cfg = load_config(config)
     entries = expected_torch_entries(cfg)
-    tensors, unexpected = _split_known(_strip_module_prefix(read_state_dict_file(path)), cfg, entries)
+    try:
+        tensors, unexpected = _split_known(read_state_dict_file(path), cfg, entries)
+    except CheckpointMismatchError as exc:
+        raise CheckpointMismatchError(f"{path}: {exc}") from None
     if unexpected:
-        raise ValueError(f"{path}: unexpected key(s) for config {cfg.model.name!r}: "
-                         f"{sorted(unexpected)[:10]}")
+        raise CheckpointMismatchError(f"{path}: unexpected key(s) for config {cfg.model.name!r}: "
+                                      f"{sorted(unexpected)[:10]}")
     subset: dict = {}
     loaded, skipped = [], []
     for key, (collection, path_, shape) in entries.items():
         if key not in tensors:
-            raise ValueError(f"{path}: missing key {key!r} for config {cfg.model.name!r}")
+            raise CheckpointMismatchError(f"{path}: missing key {key!r} for config "
+                                          f"{cfg.model.name!r}")
         value = np.asarray(tensors[key])
         if tuple(value.shape) != shape:
             if skip_head_if_mismatch and key.startswith("head.gfl_cls."):
                 skipped.append((key, f"shape {tuple(value.shape)} != model {shape}"))
                 continue
-            raise ValueError(f"{path}: key {key!r}: expected shape {shape}, got {tuple(value.shape)}")
+            raise CheckpointMismatchError(f"{path}: key {key!r}: expected shape {shape}, "
+                                          f"got {tuple(value.shape)}")
         _set(subset.setdefault(collection, {}), path_,
              jnp.asarray(from_torch_layout(path_[-1], value.astype(np.float32))))
         loaded.append(key)
