@@ -343,3 +343,22 @@ def test_golden_T_state_dict_survives_save_and_read(tmp_path):
     assert whole.hexdigest() == load_model_json("T")["weights"]["state_dict_sha256"]
     variables = load_official_checkpoint(path, "t")
     assert set(variables) >= {"params", "batch_stats"}
+
+
+def test_save_pth_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pth"
+    save_pth({"model": {"w": np.ones(3, np.float32)}}, path)
+    before = path.read_bytes()
+    calls = []
+
+    def failing_writestr(self, info, data, *args, **kwargs):
+        calls.append(info)
+        if len(calls) > 2:
+            raise OSError("disk full")
+        return original(self, info, data, *args, **kwargs)
+
+    original = zipfile.ZipFile.writestr
+    monkeypatch.setattr(zipfile.ZipFile, "writestr", failing_writestr)
+    with pytest.raises(OSError, match="disk full"):
+        save_pth({"model": {"w": np.zeros(5, np.float32)}}, path)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pth"]

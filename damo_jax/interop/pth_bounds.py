@@ -204,7 +204,10 @@ def build_view(storage: Storage, offset, size, stride, dtype: DType | None,
         raise PthFormatError(f"{where}: bad geometry offset={short(offset)} size={short(size)} "
                              f"stride={short(stride)}")
     numel, capacity = math.prod(size), elements.size
-    geometry = f"(offset={offset}, size={short(size)}, stride={short(stride)})"
+
+    def geometry() -> str:
+        return f"(offset={offset}, size={short(size)}, stride={short(stride)})"
+
     if numel == 0:
         if offset > capacity:
             raise PthFormatError(f"{where}: offset {offset} past the storage's {capacity} elements")
@@ -213,16 +216,16 @@ def build_view(storage: Storage, offset, size, stride, dtype: DType | None,
         except ValueError as exc:
             raise PthFormatError(f"{where}: bad empty tensor size {short(size)} ({exc})") from None
     if numel > capacity:
-        raise PthFormatError(f"{where}: {geometry} declares {numel} elements but the storage holds "
+        raise PthFormatError(f"{where}: {geometry()} declares {numel} elements but the storage holds "
                              f"{capacity} (broadcast / overlapping views are not supported)")
     last = offset + sum((n - 1) * s for n, s in zip(size, stride))
     if last >= capacity:
-        raise PthFormatError(f"{where}: {geometry} exceeds the storage's {capacity} elements")
+        raise PthFormatError(f"{where}: {geometry()} exceeds the storage's {capacity} elements")
     stride = tuple(0 if n == 1 else s for n, s in zip(size, stride))
     contiguous = tuple(0 if n == 1 else math.prod(size[i + 1:]) for i, n in enumerate(size))
     if stride == contiguous:  # shares the storage's memory (like torch)
         return elements[offset:offset + numel].reshape(size)
-    budget.take_copy(numel * elements.itemsize, f"tensor view {geometry} of '{storage.record}'")
+    budget.take_copy(numel * elements.itemsize, f"tensor view {geometry()} of '{storage.record}'")
     view = np.lib.stride_tricks.as_strided(
         elements[offset:], shape=size, strides=tuple(s * elements.itemsize for s in stride),
         writeable=False)

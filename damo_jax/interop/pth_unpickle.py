@@ -174,7 +174,7 @@ class _RestrictedUnpickler(pickle._Unpickler):  # noqa: SLF001 (the pure-Python 
 
     def __init__(self, file, loader: Loader, record: str):
         super().__init__(file)
-        self._loader, self._record, self._ops = loader, record, 0
+        self._loader, self._record = loader, record
         self._tuple_depth: dict[int, tuple[tuple, int]] = {}  # id -> (tuple kept alive, depth)
 
     def find_class(self, module, name):
@@ -203,21 +203,37 @@ class _RestrictedUnpickler(pickle._Unpickler):  # noqa: SLF001 (the pure-Python 
 
     def _note_tuple(self):
         value = self.stack[-1]
-        depth = 1 + max((self._tuple_depth.get(id(v), (None, 1))[1] for v in value
-                         if type(v) is tuple), default=0)
+        if not any(type(v) is tuple for v in value):
+            return  # depth 1: not recorded (the default)
+        depth = 1 + max(self._tuple_depth.get(id(v), (None, 1))[1] for v in value
+                        if type(v) is tuple)
         if depth > MAX_TUPLE_DEPTH:
             self._refuse(f"tuples nested deeper than {MAX_TUPLE_DEPTH} levels")
         self._tuple_depth[id(value)] = (value, depth)
 
+    def load(self):
+        """``pickle._Unpickler.load`` with at most ``MAX_OPS`` opcodes."""
+        self._unframer = pickle._Unframer(self._file_read, self._file_readline)  # noqa: SLF001
+        self.read, self.readline = self._unframer.read, self._unframer.readline
+        self.readinto = self._unframer.readinto
+        self.metastack, self.stack, self.proto = [], [], 0
+        self.append = self.stack.append
+        read, dispatch = self.read, self.dispatch
+        try:
+            for _ in range(MAX_OPS):
+                key = read(1)
+                if not key:
+                    raise EOFError("pickle data ended before its STOP opcode")
+                dispatch[key[0]](self)
+        except pickle._Stop as stop:  # noqa: SLF001
+            return stop.value
+        self._refuse(f"more than {MAX_OPS} pickle opcodes")
 
-def _counted(handler, after=None):
+
+def _then(handler, after):
     def run(self):
-        self._ops += 1
-        if self._ops > MAX_OPS:
-            self._refuse(f"more than {MAX_OPS} pickle opcodes")
         handler(self)
-        if after is not None:
-            after(self)
+        after(self)
     return run
 
 
@@ -225,13 +241,11 @@ def _refused_opcode(self):
     self._refuse("refused protocol-5 buffer opcode")
 
 
-_TUPLE_OPS = {op[0] for op in (pickle.TUPLE, pickle.TUPLE1, pickle.TUPLE2, pickle.TUPLE3,
-                               pickle.EMPTY_TUPLE)}
+_TUPLE_OPS = {op[0] for op in (pickle.TUPLE, pickle.TUPLE1, pickle.TUPLE2, pickle.TUPLE3)}
 _REFUSED_OPS = {op[0] for op in (pickle.BYTEARRAY8, pickle.NEXT_BUFFER, pickle.READONLY_BUFFER)}
-for _code, _handler in pickle._Unpickler.dispatch.items():  # noqa: SLF001
-    if _code == pickle.BUILD[0]:
-        _handler = _RestrictedUnpickler._load_build
-    elif _code in _REFUSED_OPS:
-        _handler = _refused_opcode
-    _RestrictedUnpickler.dispatch[_code] = _counted(
-        _handler, _RestrictedUnpickler._note_tuple if _code in _TUPLE_OPS else None)
+_RestrictedUnpickler.dispatch = dict(pickle._Unpickler.dispatch)  # noqa: SLF001
+_RestrictedUnpickler.dispatch[pickle.BUILD[0]] = _RestrictedUnpickler._load_build
+_RestrictedUnpickler.dispatch.update({code: _refused_opcode for code in _REFUSED_OPS})
+_RestrictedUnpickler.dispatch.update({code: _then(_RestrictedUnpickler.dispatch[code],
+                                                  _RestrictedUnpickler._note_tuple)
+                                      for code in _TUPLE_OPS})

@@ -9,8 +9,10 @@ The file layout mirrors what torch 2.x writes: ``<archive>/data.pkl`` (protocol-
 from __future__ import annotations
 
 import collections
+import os
 import pickle
 import struct
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -142,6 +144,7 @@ def save_pth(obj, path, *, archive_name: str = "archive") -> None:
     ``obj`` may nest dicts, lists, tuples, str, int, float, bool, None and arrays (numpy, jax,
     ml_dtypes.bfloat16). Each array becomes a contiguous tensor with its own storage; dicts whose
     values are all arrays (state dicts) and OrderedDicts are written as ``collections.OrderedDict``.
+    The file is written to a temporary name in the same folder and renamed (atomic).
     """
     writer = _PickleWriter()
     writer.emit(obj, "")
@@ -150,7 +153,16 @@ def save_pth(obj, path, *, archive_name: str = "archive") -> None:
     records += [(f"data/{i}", data) for i, data in enumerate(writer.storages)]
     records += [("version", b"3\n")]
     path = Path(path)
-    with open(path, "wb") as fh, zipfile.ZipFile(fh, "w", zipfile.ZIP_STORED) as archive:
-        for name, data in records:
-            info = _aligned_info(f"{archive_name}/{name}", fh.tell())
-            archive.writestr(info, data)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:  # atomic: a crash leaves the old file (or none), never a partial one
+        with os.fdopen(fd, "wb") as fh:
+            with zipfile.ZipFile(fh, "w", zipfile.ZIP_STORED) as archive:
+                for name, data in records:
+                    info = _aligned_info(f"{archive_name}/{name}", fh.tell())
+                    archive.writestr(info, data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
