@@ -102,13 +102,17 @@ def build_model(config_or_name, deploy=False) -> DamoYolo:
     from ``damo_jax.models.reparam.fuse``. ``cfg.model.depthwise_impl`` (``"auto"`` default, ``"conv"``,
     ``"taps"``) picks how depthwise convs and the SPP pools are computed (``models/cpu_ops.py``;
     ``"auto"`` = shifted-slice forms on CPU; exporters use ``"conv"``, see :func:`with_depthwise_impl`).
+    ``cfg.model.grad_impl`` (``"auto"`` default, ``"native"``, ``"matmul"``) picks how the train
+    graph's conv gradients are computed (``models/conv_grad.py``; ``"auto"`` = matmul-shaped
+    kernel gradients on CPU); it changes neither parameters nor forward outputs.
     """
     cfg = load_config(config_or_name)
     m = cfg.model
     opts = Opts(deploy=deploy, dtype=str(_get(m, "dtype", "float32")),
                 bn_epsilon=float(_get(m, "bn_epsilon", 1e-3)),
                 bn_momentum=float(_get(m, "bn_momentum", 0.97)),
-                depthwise_impl=str(_get(m, "depthwise_impl", "auto")))
+                depthwise_impl=str(_get(m, "depthwise_impl", "auto")),
+                grad_impl=str(_get(m, "grad_impl", "auto")))
     return DamoYolo(backbone=build_backbone(m.backbone, opts), neck=build_neck(m.neck, opts),
                     head=build_head(m.head, opts), dtype=opts.dtype)
 

@@ -1,0 +1,171 @@
+"""Convolution gradients as matmul-shaped ops for XLA:CPU, selected by ``model.grad_impl``.
+
+XLA:CPU (jax 0.10.2) computes the gradient of a convolution with respect to its kernel as a
+"backward-filter" convolution that runs 4-25x slower than the forward of the same convolution
+(measured per shape in docs/bench_train.md). The same numbers written as matrix products run close
+to forward speed:
+
+* 1x1 kernel, any stride: ``dW = einsum('bhwc,bhwd->cd', x[:, ::s, ::s], g)`` — one GEMM
+  contracting over batch and space (S@320 64->64 at 80x80, batch 8: 289 ms -> 18 ms, 1.5x forward);
+* kxk kernel, stride 1 or 2: the same GEMM once per kernel tap on the strided shifted slice of the
+  zero-padded input, ``dW[i, j] = einsum(pad(x)[:, i::s, j::s][:, :Ho, :Wo], g)``;
+* depthwise (``feature_group_count == C``): per-tap multiply-reductions (what autodiff of the
+  ``"taps"`` forward of ``cpu_ops.py`` gives; the native grouped backward-filter conv is 10-30x
+  slower); input gradient by autodiff of the taps forward.
+
+The input gradient of dense convolutions stays XLA's own (a forward-style convolution that runs at
+forward speed on XLA:CPU).
+
+``grad_impl`` (config ``model.grad_impl``, :func:`resolve_grad_impl`):
+
+* ``"native"`` — ``lax.conv_general_dilated`` (or the depthwise taps) differentiated by JAX;
+* ``"matmul"`` — :func:`conv_general_dilated_matmul_grad`: a ``jax.custom_vjp`` whose primal is the
+  *same* forward op (same parameters, bit-identical forward outputs, same forward HLO) and whose
+  backward uses the formulations above;
+* ``"auto"`` — ``"matmul"`` when the default backend at trace time is CPU, else ``"native"``
+  (GPU/TPU keep XLA's native gradients).
+
+Only train graphs use it: folded deploy graphs (``deploy=True`` / ``"reparam"``, what export
+traces) always use the native op, so exported graphs never contain the custom VJP.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from damo_jax.models.cpu_ops import _NHWC_DIMS, _is_unit, depthwise_conv_taps
+
+GRAD_IMPLS = ("auto", "native", "matmul")
+
+
+def resolve_grad_impl(impl: str, backend: str | None = None) -> str:
+    """``"auto"`` / ``"native"`` / ``"matmul"`` -> ``"native"`` or ``"matmul"`` (``backend``
+    defaults to ``jax.default_backend()``, read when the model is traced)."""
+    if impl not in GRAD_IMPLS:
+        raise ValueError(f"model.grad_impl must be one of {GRAD_IMPLS}, got {impl!r}")
+    if impl != "auto":
+        return impl
+    return "matmul" if (backend or jax.default_backend()) == "cpu" else "native"
+
+
+# ----------------------------------------------------------------------------- forward (primal)
+def _forward(x, w, strides, padding, groups, taps):
+    """The forward op exactly as the native path runs it."""
+    if taps:
+        return depthwise_conv_taps(x, w, strides, padding, dimension_numbers=_NHWC_DIMS,
+                                   feature_group_count=groups)
+    return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC_DIMS,
+                                    feature_group_count=groups)
+
+
+def _tap_slices(xp, kh, kw, strides, out_hw):
+    """``{(i, j): xp[:, i::sh, j::sw, :][:, :Ho, :Wo]}`` for every kernel tap."""
+    (sh, sw), (ho, wo) = strides, out_hw
+    b, _, _, c = xp.shape
+    return {(i, j): lax.slice(xp, (0, i, j, 0), (b, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c),
+                              (1, sh, sw, 1))
+            for i in range(kh) for j in range(kw)}
+
+
+def _pad_input(x, padding):
+    """Zero-pad ``x`` (B, H, W, C) by ``((top, bottom), (left, right))`` (negative: crop)."""
+    (top, bottom), (left, right) = padding
+    return lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (top, bottom, 0), (left, right, 0),
+                                                (0, 0, 0)))
+
+
+def kernel_grad_dense(x, g, kernel_hw, strides, padding):
+    """dL/dW (kh, kw, C, D) of a dense NHWC/HWIO conv from input ``x`` (B, H, W, C) and output
+    cotangent ``g`` (B, Ho, Wo, D): one ``(B*Ho*Wo, C)^T @ (B*Ho*Wo, D)`` GEMM per tap."""
+    kh, kw = kernel_hw
+    out_hw = g.shape[1:3]
+    xp = _pad_input(x, padding)
+    taps = _tap_slices(xp, kh, kw, strides, out_hw)
+    dims = (((0, 1, 2), (0, 1, 2)), ((), ()))
+    rows = [jnp.stack([lax.dot_general(taps[(i, j)], g, dims, preferred_element_type=jnp.float32)
+                       for j in range(kw)]) for i in range(kh)]
+    return jnp.stack(rows)
+
+
+def kernel_grad_depthwise(x, g, kernel_hw, strides, padding):
+    """dL/dW (kh, kw, 1, C) of a depthwise conv: per-tap ``sum_{b,h,w} slice * g``."""
+    kh, kw = kernel_hw
+    out_hw = g.shape[1:3]
+    xp = _pad_input(x, padding).astype(jnp.float32)
+    g32 = g.astype(jnp.float32)
+    taps = _tap_slices(xp, kh, kw, strides, out_hw)
+    rows = [jnp.stack([jnp.sum(taps[(i, j)] * g32, axis=(0, 1, 2)) for j in range(kw)])
+            for i in range(kh)]
+    return jnp.stack(rows)[:, :, None, :]
+
+
+# ----------------------------------------------------------------------------- custom VJP
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _conv_matmul_grad(x, w, strides, padding, groups, taps):
+    return _forward(x, w, strides, padding, groups, taps)
+
+
+def _conv_fwd(x, w, strides, padding, groups, taps):
+    return _forward(x, w, strides, padding, groups, taps), (x, w)
+
+
+def _conv_bwd(strides, padding, groups, taps, res, g):
+    x, w = res
+    kh, kw = w.shape[:2]
+    if groups == 1:
+        dw = kernel_grad_dense(x, g, (kh, kw), strides, padding)
+    else:
+        dw = kernel_grad_depthwise(x, g, (kh, kw), strides, padding)
+    # input gradient: XLA's own (dense: a forward-style conv; depthwise: transposed taps)
+    _, vjp_x = jax.vjp(lambda x_: _forward(x_, w, strides, padding, groups, taps), x)
+    (dx,) = vjp_x(g)
+    return dx, dw.astype(w.dtype)
+
+
+_conv_matmul_grad.defvjp(_conv_fwd, _conv_bwd)
+
+
+def supported(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+              dimension_numbers=None, feature_group_count=1, batch_group_count=1) -> bool:
+    """True for 2-D NHWC/HWIO convs, no dilation, explicit padding, dense or depthwise."""
+    if lhs.ndim != 4 or rhs.ndim != 4 or batch_group_count != 1 or isinstance(padding, str):
+        return False
+    if not (_is_unit(lhs_dilation) and _is_unit(rhs_dilation)):
+        return False
+    dims = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    if tuple(dims) != tuple(_NHWC_DIMS):
+        return False
+    c = lhs.shape[3]
+    depthwise = feature_group_count == c and rhs.shape[2] == 1 and rhs.shape[3] == c
+    return feature_group_count == 1 or depthwise
+
+
+def make_conv_general_dilated(*, taps: bool):
+    """A ``lax.conv_general_dilated``-compatible callable (what ``flax.linen.Conv`` takes as
+    ``conv_general_dilated``) whose forward is the native op (``depthwise_conv_taps`` when
+    ``taps``) and whose gradients come from :func:`_conv_bwd`. Unsupported configurations (dilation,
+    other groupings, other layouts) fall back to the native op."""
+    def conv_general_dilated_matmul_grad(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                                         rhs_dilation=None, dimension_numbers=None,
+                                         feature_group_count=1, batch_group_count=1,
+                                         precision=None, preferred_element_type=None):
+        if (precision is not None or preferred_element_type is not None
+                or not supported(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                 dimension_numbers, feature_group_count, batch_group_count)):
+            native = depthwise_conv_taps if taps else lax.conv_general_dilated
+            return native(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+                          rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+                          feature_group_count=feature_group_count,
+                          batch_group_count=batch_group_count, precision=precision,
+                          preferred_element_type=preferred_element_type)
+        strides = tuple(int(s) for s in window_strides)
+        pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+        return _conv_matmul_grad(lhs, rhs, strides, pads, int(feature_group_count),
+                                 bool(taps and feature_group_count > 1))
+    return conv_general_dilated_matmul_grad
+
+
+conv_general_dilated_matmul_grad = make_conv_general_dilated(taps=False)
