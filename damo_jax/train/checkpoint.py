@@ -3,7 +3,10 @@
 Layout: ``<workdir>/checkpoints/<step>/`` with three items
 
 * ``state`` — the training state without EMA: ``params``, ``batch_stats``, ``opt_state``, ``step``,
-  ``rng`` (StandardSave; restored onto the shardings of a template state),
+  ``rng``, and when distilling the align convs ``align_params`` / ``align_opt_state`` (keys:
+  ``damo_jax.train.state``; StandardSave; restored onto the shardings of a template state). The
+  frozen teacher is NOT saved: it is reloaded from ``config.distill.teacher_weights`` (the meta's
+  ``distill.teacher_fingerprint`` guards a resume),
 * ``ema``   — ``{"params", "batch_stats"}`` of the EMA model (what evaluation / export use). The raw
   model and the EMA are BOTH saved (the official trainer saved only the EMA and resumed from it),
 * ``meta``  — JSON: ``config`` (the full ConfigDict), ``class_names``, ``category_ids``, ``loader``
@@ -27,9 +30,11 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from damo_jax.train import state as state_lib
+
 log = logging.getLogger(__name__)
 
-STATE_KEYS = ("params", "batch_stats", "opt_state", "step", "rng")
+STATE_KEYS = state_lib.CHECKPOINT_KEYS
 ITEMS = ("state", "ema", "meta")
 BEST_METRIC = "AP"
 CKPT_SUBDIR = "checkpoints"
@@ -63,16 +68,17 @@ def config_from_json(d: dict) -> ml_collections.ConfigDict:
 # State <-> checkpoint items
 # --------------------------------------------------------------------------------------------------
 def split_state(state: dict) -> tuple[dict, dict]:
-    """(``state`` item, ``ema`` item) of a train state dict."""
-    missing = [k for k in (*STATE_KEYS, "ema_params", "ema_batch_stats") if k not in state]
-    if missing:
-        raise KeyError(f"checkpoint.split_state: train state lacks {missing}")
-    return ({k: state[k] for k in STATE_KEYS},
+    """(``state`` item, ``ema`` item) of a train state dict (the teacher goes into neither)."""
+    state_lib.check_state(state, "checkpoint.split_state")
+    return ({k: state[k] for k in state_lib.checkpoint_keys(state)},
             {"params": state["ema_params"], "batch_stats": state["ema_batch_stats"]})
 
 
-def join_state(train_item: dict, ema_item: dict) -> dict:
-    return {**train_item, "ema_params": ema_item["params"], "ema_batch_stats": ema_item["batch_stats"]}
+def join_state(train_item: dict, ema_item: dict, template: dict | None = None) -> dict:
+    """Inverse of ``split_state``; the frozen teacher is taken from ``template`` (if it has one)."""
+    teacher = {k: template[k] for k in state_lib.TEACHER_KEYS if template and k in template}
+    return {**train_item, "ema_params": ema_item["params"], "ema_batch_stats": ema_item["batch_stats"],
+            **teacher}
 
 
 def _abstract(tree):
@@ -149,7 +155,7 @@ class Checkpoints:
         out = self._mngr.restore(int(step), args=ocp.args.Composite(
             state=ocp.args.StandardRestore(_abstract(train_tmpl)),
             ema=ocp.args.StandardRestore(_abstract(ema_tmpl)), meta=ocp.args.JsonRestore()))
-        return join_state(out["state"], out["ema"]), out["meta"]
+        return join_state(out["state"], out["ema"], template), out["meta"]
 
     def restore_latest(self, template: dict) -> tuple[dict, dict] | None:
         """Newest complete checkpoint that loads, or None. Broken ones are skipped with a warning."""
