@@ -108,3 +108,37 @@ def test_load_for_inference_ema_and_model(tmp_path):
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         (tmp_path / "emptyrun").mkdir()
         checkpoint.load_for_inference(tmp_path / "emptyrun")
+
+
+def _distill_state(seed: int = 0) -> dict:
+    """_state plus align convs (+ their optimizer state) and a frozen teacher."""
+    state = _state(seed)
+    k = jax.random.PRNGKey(seed + 50)
+    align = {"level0": {"kernel": jax.random.normal(k, (4, 6)), "bias": jnp.arange(6.0) + seed}}
+    tx = optax.sgd(0.1, 0.9)
+    _, a_opt = tx.update(align, tx.init(align), align)
+    teacher = {"backbone": {"conv": {"kernel": jnp.full((3, 3, 2, 2), float(seed))}}}
+    return dict(state, align_params=align, align_opt_state=a_opt, teacher_params=teacher,
+                teacher_batch_stats={"neck": {"bn": {"mean": jnp.zeros(2) + seed, "var": jnp.ones(2)}}})
+
+
+def test_distill_state_saves_align_convs_not_the_teacher(tmp_path):
+    state = _distill_state(seed=1)
+    cfg = load_config("ns")
+    with checkpoint.Checkpoints(tmp_path / "run" / "checkpoints") as ck:
+        ck.save(5, state, _meta(5, cfg))
+        ck.wait()
+        template = _distill_state(seed=2)        # the teacher a resumed run loads again
+        restored, _ = ck.restore(template, 5)
+        items = ck.restore_items(5, items=("state", "ema"))
+    assert set(items["state"]) == {"params", "batch_stats", "opt_state", "step", "rng", "align_params",
+                                   "align_opt_state"}
+    for key in ("params", "batch_stats", "opt_state", "ema_params", "align_params", "align_opt_state", "step"):
+        _assert_tree_equal(restored[key], state[key])
+    for key in ("teacher_params", "teacher_batch_stats"):    # from the template, never from disk
+        _assert_tree_equal(restored[key], template[key])
+    _, variables, _ = checkpoint.load_for_inference(tmp_path / "run")
+    assert set(variables) == {"params", "batch_stats"}
+    _assert_tree_equal(variables["params"], state["ema_params"])
+    with pytest.raises(KeyError, match="missing keys"):
+        checkpoint.split_state({k: v for k, v in state.items() if k != "align_opt_state"})
