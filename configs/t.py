@@ -2,22 +2,25 @@
 
 Train on the bundled demo set (CPU-sized run)::
 
-    python -m damo_jax.train --config t --data demo --runlocal --workdir runs/t_demo
+    damo-jax train --config t --data demo --runlocal --workdir runs/t_demo
 
 Train on COCO 2017 with the official recipe (global batch 256, 300 epochs, 640x640)::
 
-    python -m damo_jax.train --config t --data coco:/data/coco --workdir runs/t_coco
+    damo-jax train --config t --data coco:/data/coco --workdir runs/t_coco
 
 Expected result with the official recipe: COCO val2017 42.0 mAP (43.6 distilled) (official release, SPEC §11).
 Evaluate an official checkpoint::
 
-    python -m damo_jax.evaluation.evaluator --config t --weights damoyolo_t.pth --data coco:/data/coco
+    damo-jax eval --config t --weights damoyolo_t.pth --data coco:/data/coco
+
+Training recipe: ``official`` (SGD, lr 0.01 per 64 images, wd 5e-4, 300 epochs, batch 256,
+640x640; shear 0.2, mosaic scale (0.1, 2.0)) -- see ``damo_jax.config.RECIPES``.
 """
-from damo_jax.config import model_config
+from damo_jax.config import model_config, with_recipe
 
 
 def get_config():
-    return model_config(
+    c = model_config(
         name='t',
         backbone='TinyNAS_res',
         structure='tinynas_L20_k1kx',
@@ -33,6 +36,6 @@ def get_config():
         reg_max=16,
         last_kernel_size=3,
         nano=False,
-        shear=0.2,
-        mosaic_scale=(0.1, 2.0),
-    )
+    )  # architecture + evaluation protocol
+    # training recipe (SPEC §9.1/§9.2): the named recipe + this model's augmentation strength
+    return with_recipe(c, 'official', shear=0.2, mosaic_scale=(0.1, 2.0))

@@ -60,10 +60,12 @@ def model_config(
     reg_max: int,
     last_kernel_size: int,
     nano: bool,
-    shear: float,
+    shear: float = 2.0,
     mosaic_scale: tuple[float, float] = (0.1, 2.0),
 ) -> ml_collections.ConfigDict:
-    """The full config of one released model (architecture + official training recipe)."""
+    """The full config of one released model: architecture, evaluation protocol and default
+    data / train sections (the official recipe); model configs then pick their training recipe
+    explicitly with :func:`with_recipe`."""
     size = 416 if nano else 640
     c = ml_collections.ConfigDict()
 
@@ -151,6 +153,46 @@ def model_config(
     c.test.pre_nms_topk = 1000     # static candidate cap per image for the jit-able NMS
     c.test.batch_size = 8
     return c
+
+
+# Named training recipes (SPEC §9.1/§9.2): what a model config picks with ``with_recipe``. Keys are
+# ``section.key`` of the config; a model config adds its own augmentation strength (shear, mosaic
+# scale) as keyword arguments of ``with_recipe``.
+_COMMON_RECIPE = {
+    "train.epochs": 300, "train.no_aug_epochs": 16, "train.warmup_epochs": 5,
+    "train.batch_size": 256, "train.min_lr_ratio": 0.05, "train.ema": True,
+    "train.ema_decay": 0.9998, "train.ema_tau": 2000.0,
+    "data.mosaic_size": (640, 640), "data.mosaic_prob": 1.0, "data.mixup_prob": 0.15,
+    "data.degrees": 10.0, "data.translate": 0.2, "data.flip_prob": 0.5, "data.sada": True,
+}
+RECIPES = {
+    # T / S / M / L: SGD (momentum 0.9, Nesterov), lr 0.01 per 64 images, wd 5e-4, 640x640
+    "official": dict(_COMMON_RECIPE, **{
+        "train.optimizer": "sgd", "train.base_lr_per_img": 0.01 / 64, "train.weight_decay": 5e-4,
+        "train.momentum": 0.9, "train.nesterov": True,
+        "data.image_size": (640, 640), "test.image_size": (640, 640)}),
+    # nano models: AdamW, lr 0.001 per 64 images, wd 1e-2, 416x416 inputs built from 640 mosaics
+    "official_nano": dict(_COMMON_RECIPE, **{
+        "train.optimizer": "adamw", "train.base_lr_per_img": 0.001 / 64,
+        "train.weight_decay": 1e-2, "train.adam_betas": (0.9, 0.999),
+        "data.image_size": (416, 416), "test.image_size": (416, 416)}),
+}
+
+
+def with_recipe(cfg: ml_collections.ConfigDict, name: str, *, shear: float,
+                mosaic_scale: tuple[float, float]) -> ml_collections.ConfigDict:
+    """``cfg`` with the named training recipe of :data:`RECIPES` and the model's augmentation
+    strength (``data.shear``, ``data.mosaic_scale``); the one line a model config uses to show
+    how it is trained."""
+    from damo_jax.errors import ConfigError
+    if name not in RECIPES:
+        raise ConfigError(f"unknown training recipe {name!r} (known: {', '.join(RECIPES)})")
+    values = dict(RECIPES[name], **{"data.shear": float(shear),
+                                    "data.mosaic_scale": tuple(mosaic_scale)})
+    for key, value in values.items():
+        section, leaf = key.split(".")
+        cfg[section][leaf] = value
+    return cfg
 
 
 def neck_depth_n(depth: float) -> int:
