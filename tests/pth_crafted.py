@@ -1,8 +1,8 @@
 """Crafted hostile ``.pth`` files for the reader's bounds (issue 10), built on the fly (no binaries).
 
 ``python tests/pth_crafted.py [--big]`` builds the four amplification cases of the issue and a few
-more, loads each in a fresh subprocess and prints the outcome and the peak RSS (``ru_maxrss``),
-with the RSS of the same subprocess before the load as baseline. ``--big`` uses the issue's sizes
+more, loads each in a fresh subprocess and prints the outcome and the peak RSS (``VmHWM``),
+with the peak RSS of the same subprocess before the load as baseline. ``--big`` uses the issue's sizes
 (a 2 GiB deflate bomb, a 512 MiB tensor); the default sizes keep it quick.
 """
 from __future__ import annotations
@@ -164,6 +164,11 @@ def many_transposed_views(path: Path, side: int = 512, count: int = 2000) -> Pat
     return write_zip(path, pkl, {"0": bytes(numel * 4)})
 
 
+def pickle_bomb(path: Path, ops: int = 2_000_000) -> Path:
+    """A deflated ``data.pkl`` of ``ops`` EMPTY_LIST opcodes (~64 bytes of memory each)."""
+    return write_zip(path, b"\x80\x02" + b"]" * ops + b".", compress=True)
+
+
 CASES = {  # name -> (builder(path, big) -> path)
     "stride0_40000x40000_view": lambda p, big: stride0_view(p),
     "deflate_bomb_declared": lambda p, big: deflate_bomb(p, (2 << 30) if big else (64 << 20)),
@@ -176,20 +181,25 @@ CASES = {  # name -> (builder(path, big) -> path)
     "deep_tuple_key": lambda p, big: deep_tuple_key(p),
     "cyclic_list": lambda p, big: cyclic_list(p),
     "2000_transposed_views": lambda p, big: many_transposed_views(p),
+    "pickle_bomb_2M_lists": lambda p, big: pickle_bomb(p),
 }
 
 _PROBE = """
-import json, resource, sys
+import json, sys
 from damo_jax.interop import pth_io
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+def hwm_mb():  # VmHWM: this process's peak RSS (ru_maxrss would include the parent's, via exec)
+    with open("/proc/self/status") as fh:
+        return next(int(l.split()[1]) for l in fh if l.startswith("VmHWM:")) / 1024
+
+before = hwm_mb()
 try:
     obj = pth_io.load_pth(sys.argv[1])
     outcome, message = "loaded", type(obj).__name__
 except (pth_io.PthFormatError, pth_io.UnsafeCheckpointError) as exc:
     outcome, message = type(exc).__name__, str(exc)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"outcome": outcome, "message": message, "baseline_mb": before / 1024,
-                  "peak_mb": after / 1024}))
+print(json.dumps({"outcome": outcome, "message": message, "baseline_mb": before,
+                  "peak_mb": hwm_mb()}))
 """
 
 

@@ -32,6 +32,8 @@ MIB = 1 << 20
      r"record 'archive/data/0'"),
     ("dag", crafted.legacy_dag, "PthFormatError", r"expands to more than \d+ elements"),
     ("views", crafted.many_transposed_views, "PthFormatError", r"views re-reading the same storage"),
+    ("pickle", crafted.pickle_bomb, "PthFormatError",
+     r"record 'archive/data\.pkl' inflates \d+ bytes to 2000003 \(a pickle bomb"),
 ])
 def test_amplification_is_refused_with_small_peak_memory(tmp_path, name, build, outcome, message):
     path = build(tmp_path / f"{name}.pth")
@@ -125,6 +127,16 @@ def test_hostile_structures(tmp_path, name, build, error, message):
     with pytest.raises(error, match=message) as info:
         load_pth(path)
     assert str(info.value).startswith(f"{path}: ")
+
+
+def test_opcode_allowance(tmp_path, monkeypatch):
+    from damo_jax.interop import pth_unpickle
+    path = crafted.write_zip(tmp_path / "ops.pth", b"\x80\x02" + b"N" * 1500 + b".")
+    assert load_pth(path) is None  # 1502 opcodes; STOP returns the top of the stack
+    monkeypatch.setattr(pth_unpickle, "MAX_OPS", 1000)
+    with pytest.raises(PthFormatError, match=r"ops\.pth: more than 1000 pickle opcodes .* in "
+                                             r"'archive/data\.pkl'"):
+        load_pth(path)
 
 
 def test_build_positive_control_and_the_one_allowed_build(tmp_path):

@@ -37,7 +37,8 @@ LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
 MAX_DEPTH = 100
 MAX_ELEMENTS = 10_000_000
-MAX_PICKLE_BYTES = 256 << 20
+MAX_PICKLE_BYTES = 64 << 20
+PICKLE_SLACK, PICKLE_RATIO = 1 << 20, 64  # data.pkl: torch stores it; real pickles deflate < 10x
 _TORCH_SUFFIXES = (".pth", ".pt", ".pkl", ".ckpt", ".bin")
 _LINE_MAX = 1 << 16
 
@@ -122,8 +123,12 @@ def _load_zip(path: Path, budget: Budget):
             return storages[key]
 
         info = member("data.pkl", min(MAX_PICKLE_BYTES, budget.max_bytes))
+        if info.file_size > PICKLE_SLACK + PICKLE_RATIO * info.compress_size:
+            raise PthFormatError(f"{source}: record '{info.filename}' inflates {info.compress_size} "
+                                 f"bytes to {info.file_size} (a pickle bomb, not a torch pickle)")
         data = _read_member(archive, info, info.file_size, source).tobytes()
-        return Loader(source, budget, load_storage).unpickle(io.BytesIO(data), info.filename)
+        return Loader(source, budget, load_storage).unpickle(io.BytesIO(data), info.filename,
+                                                     info.compress_size)
 
 
 # ----------------------------------------------------------------------------- legacy format
@@ -159,17 +164,17 @@ def _load_legacy(path: Path, fh, size: int, budget: Budget):
     source, file = str(path), _BoundedFile(fh, size)
     header = Loader(source, budget, _no_storage(source))
     try:
-        magic = header.unpickle(file, "magic number")
+        magic = header.unpickle(file, "magic number", size)
     except PthFormatError:
         file.seek(0)
         raise PthFormatError(f"{source}: wrong magic {short(file.read(4))} (neither a torch zip "
                              "archive nor a legacy torch.save file)") from None
     if type(magic) is not int or magic != LEGACY_MAGIC:
         raise PthFormatError(f"{source}: wrong magic number {short(magic)} (not a torch.save file)")
-    protocol = header.unpickle(file, "protocol version")
+    protocol = header.unpickle(file, "protocol version", size)
     if protocol != LEGACY_PROTOCOL:
         raise PthFormatError(f"{source}: unsupported legacy protocol version {short(protocol)}")
-    sys_info = header.unpickle(file, "sys info")
+    sys_info = header.unpickle(file, "sys info", size)
     little = sys_info.get("little_endian", True) if isinstance(sys_info, dict) else True
     byteorder = "little" if little is not False else "big"
     roots: dict[str, Storage] = {}
@@ -186,11 +191,11 @@ def _load_legacy(path: Path, fh, size: int, budget: Budget):
         return Storage(root.dtype, view[0], view[2], source, root, view[1])
 
     data_start = file.pos  # two passes: dtypes of the storages first, tensors once they are read
-    Loader(source, budget, load_storage).unpickle(file, "data pickle")
-    keys = header.unpickle(file, "storage key list")
+    Loader(source, budget, load_storage).unpickle(file, "data pickle", size)
+    keys = header.unpickle(file, "storage key list", size)
     _read_legacy_storages(file, keys, roots, byteorder, budget, source)
     file.seek(data_start)
-    return Loader(source, budget, load_storage).unpickle(file, "data pickle")
+    return Loader(source, budget, load_storage).unpickle(file, "data pickle", size)
 
 
 def _read_legacy_storages(file: _BoundedFile, keys, roots, byteorder, budget, source):

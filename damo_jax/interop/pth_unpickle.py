@@ -8,7 +8,8 @@ Built on the pure-Python ``pickle._Unpickler`` so every opcode is under our cont
 * ``BUILD`` (``__setstate__``) is refused on everything except the one use real ``torch.save``
   files make of it: setting ``_metadata`` (a dict of ``{module prefix: {str: scalar}}``) on a
   state-dict ``OrderedDict``; so a pickle can never replace a method of an allowed object;
-* at most ``MAX_OPS`` opcodes run, tuples nest at most ``MAX_TUPLE_DEPTH`` deep (hashing a deeper
+* at most ``ops_allowance(stored bytes)`` opcodes run (each opcode makes at most one small object,
+  so a tiny file that inflates to a huge pickle cannot build millions of them), tuples nest at most ``MAX_TUPLE_DEPTH`` deep (hashing a deeper
   tuple would recurse in C), and the protocol-5 opcodes that pre-allocate a declared length
   (``BYTEARRAY8``, out-of-band buffers) are refused;
 * any other failure inside the pickle becomes :class:`PthFormatError` naming file and record.
@@ -25,6 +26,7 @@ from damo_jax.interop.pth_bounds import (Budget, DType, PthFormatError, Storage,
                                          UnsafeCheckpointError, build_view, int_tuple, short)
 
 MAX_OPS = 2_000_000  # ~40 opcodes per tensor in torch files: room for ~50k tensors
+BASE_OPS, OPS_PER_STORED_BYTE = 65_536, 2  # torch pickles: ~1 opcode per 6 bytes
 MAX_TUPLE_DEPTH = 100
 
 # torch storage class name -> element dtype (little endian; "bf16" is decoded to float32)
@@ -147,10 +149,14 @@ class Loader:
         return kind if index is None else f"{kind}:{index}"
 
     # ---------------------------------------------------------------- running a pickle
-    def unpickle(self, file, record: str):
-        """Run the pickle in ``file`` (positioned at its start; left just past its STOP)."""
+    def unpickle(self, file, record: str, stored_bytes: int):
+        """Run the pickle in ``file`` (positioned at its start; left just past its STOP).
+
+        ``stored_bytes``: what the pickle occupies in the file (compressed size of a zip member,
+        at most the file size otherwise); it sets the opcode allowance."""
+        max_ops = min(MAX_OPS, BASE_OPS + OPS_PER_STORED_BYTE * stored_bytes)
         try:
-            return _RestrictedUnpickler(file, self, record).load()
+            return _RestrictedUnpickler(file, self, record, max_ops).load()
         except (PthFormatError, UnsafeCheckpointError, MemoryError):
             raise
         except Exception as exc:  # truncated / corrupt pickle, bad arguments to a stand-in
@@ -172,9 +178,9 @@ def _name(value) -> str:
 class _RestrictedUnpickler(pickle._Unpickler):  # noqa: SLF001 (the pure-Python unpickler)
     dispatch: dict = {}
 
-    def __init__(self, file, loader: Loader, record: str):
+    def __init__(self, file, loader: Loader, record: str, max_ops: int):
         super().__init__(file)
-        self._loader, self._record = loader, record
+        self._loader, self._record, self._max_ops = loader, record, max_ops
         self._tuple_depth: dict[int, tuple[tuple, int]] = {}  # id -> (tuple kept alive, depth)
 
     def find_class(self, module, name):
@@ -212,7 +218,7 @@ class _RestrictedUnpickler(pickle._Unpickler):  # noqa: SLF001 (the pure-Python 
         self._tuple_depth[id(value)] = (value, depth)
 
     def load(self):
-        """``pickle._Unpickler.load`` with at most ``MAX_OPS`` opcodes."""
+        """``pickle._Unpickler.load`` with at most ``max_ops`` opcodes."""
         self._unframer = pickle._Unframer(self._file_read, self._file_readline)  # noqa: SLF001
         self.read, self.readline = self._unframer.read, self._unframer.readline
         self.readinto = self._unframer.readinto
@@ -220,14 +226,14 @@ class _RestrictedUnpickler(pickle._Unpickler):  # noqa: SLF001 (the pure-Python 
         self.append = self.stack.append
         read, dispatch = self.read, self.dispatch
         try:
-            for _ in range(MAX_OPS):
+            for _ in range(self._max_ops):
                 key = read(1)
                 if not key:
                     raise EOFError("pickle data ended before its STOP opcode")
                 dispatch[key[0]](self)
         except pickle._Stop as stop:  # noqa: SLF001
             return stop.value
-        self._refuse(f"more than {MAX_OPS} pickle opcodes")
+        self._refuse(f"more than {self._max_ops} pickle opcodes (the allowance for its size)")
 
 
 def _then(handler, after):
