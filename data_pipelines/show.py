@@ -38,10 +38,8 @@ def argparse_suppress():
 
 
 def build_parser(prog: str = PROG):
-    from damo_jax.cli.common import Parser
-    p = Parser(prog=prog, description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 2)[2])
-    add_arguments(p)
-    return p
+    from damo_jax.cli.common import command_parser
+    return command_parser(prog, __doc__, add_arguments)
 
 
 def sample_grid(batch: dict, class_names, cols: int = 4):
@@ -82,12 +80,8 @@ def run(args, overrides=()) -> dict:
 
 
 def main(argv=None, prog: str = "python -m damo_jax.data_pipelines.show") -> dict:
-    from damo_jax.cli.common import run_cli, split_overrides
-
-    def go(argv):
-        rest, overrides = split_overrides(argv)
-        return run(build_parser(prog).parse_args(rest), overrides)
-    return run_cli(go, argv)
+    from damo_jax.cli.common import run_command
+    return run_command(build_parser, run, argv, prog)
 
 
 if __name__ == "__main__":

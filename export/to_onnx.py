@@ -179,12 +179,8 @@ def run(args, overrides=()) -> Path:
 
 def main(argv=None, prog: str = "python export/to_onnx.py") -> Path:
     """``damo-jax export onnx`` / ``python export/to_onnx.py``; returns the written path."""
-    from damo_jax.cli.common import run_cli, split_overrides
-
-    def go(argv):
-        rest, overrides = split_overrides(argv)
-        return run(build_parser(prog).parse_args(rest), overrides)
-    return run_cli(go, argv)
+    from damo_jax.cli.common import run_command
+    return run_command(build_parser, run, argv, prog)
 
 
 if __name__ == "__main__":

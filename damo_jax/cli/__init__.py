@@ -14,7 +14,6 @@ error policy are :mod:`damo_jax.cli.common`. To add a subcommand or an export ta
 """
 from __future__ import annotations
 
-import importlib
 import sys
 
 # name -> (module with main(argv, prog), one-line description)
@@ -38,21 +37,13 @@ def usage() -> str:
 
 def main(argv=None):
     """Dispatch ``damo-jax COMMAND ARGS`` to the command module's ``main``."""
-    from damo_jax.cli.common import report_user_error
+    from damo_jax.cli.common import dispatch
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(usage())
-        return 0
-    if argv[0] in ("-V", "--version"):
+    if argv[:1] in (["-V"], ["--version"]):
         import damo_jax
         print(f"damo-jax {damo_jax.__version__}")
         return 0
-    name, rest = argv[0], argv[1:]
-    if name not in COMMANDS:
-        raise report_user_error(f"damo-jax: unknown command {name!r} (commands: "
-                                f"{', '.join(COMMANDS)}; see damo-jax --help)")
-    module = importlib.import_module(COMMANDS[name][0])
-    return module.main(rest, prog=f"damo-jax {name}")
+    return dispatch(COMMANDS, argv, "damo-jax", usage)
 
 
 def console_main() -> int:

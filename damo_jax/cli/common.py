@@ -76,6 +76,39 @@ def run_cli(fn: Callable, argv: Sequence[str] | None = None):
         raise report_user_error(one_line(err)) from None
 
 
+def command_parser(prog: str, doc: str, add_arguments: Callable) -> Parser:
+    """The parser of a command module: first line of ``doc`` as description, the rest (examples)
+    as epilog, options from ``add_arguments(parser)``."""
+    first, _, rest = doc.partition("\n")
+    p = Parser(prog=prog, description=first, epilog=rest.strip("\n"))
+    add_arguments(p)
+    return p
+
+
+def run_command(build_parser: Callable, run: Callable, argv, prog: str):
+    """``run(build_parser(prog).parse_args(rest), overrides)`` under the error policy, with the
+    ``--config.KEY=VALUE`` overrides split off ``argv``."""
+    def go(argv):
+        rest, overrides = split_overrides(argv)
+        return run(build_parser(prog).parse_args(rest), overrides)
+    return run_cli(go, argv)
+
+
+def dispatch(table: dict, argv, prog: str, usage: Callable, what: str = "command"):
+    """``argv[0]`` names a row of ``table`` (name -> (module, description)); its module's
+    ``main(argv[1:], prog=f"{prog} {name}")`` runs. No name / --help: print ``usage()``."""
+    import importlib
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in table:
+        raise report_user_error(f"{prog}: unknown {what} {name!r} ({what}s: {', '.join(table)}; "
+                                f"see {prog} --help)")
+    module = importlib.import_module(table[name][0])
+    return module.main(rest, prog=f"{prog} {name}")
+
+
 # ------------------------------------------------------------------------- config overrides
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     """(other arguments, ``--config.KEY=VALUE`` overrides) of a command line."""

@@ -45,13 +45,21 @@ def add_arguments(p) -> None:
     p.add_argument("--no-fuse", action="store_true", help="evaluate the train graph (no RepConv/BN fusion)")
     p.add_argument("--json-out", help="write the detections (COCO results format) to this file")
     p.add_argument("--stats-out", help="write the 12 stats as JSON to this file")
+    p.add_argument("--out", help="report folder: per-class AP/AP50 table (per_class.json/.md, also "
+                   "printed), pr_curves.png, confusion_matrix.png/.json")
+    p.add_argument("--save-json", action="store_true",
+                   help="with --out: also the detections in COCO results format (detections.json)")
+    p.add_argument("--cm-conf", type=float, default=0.25,
+                   help="confusion matrix: score threshold (default 0.25)")
+    p.add_argument("--cm-iou", type=float, default=0.5,
+                   help="confusion matrix: IoU to match a ground-truth box (default 0.5)")
+    from damo_jax.inference.tiling import add_tile_arguments
+    add_tile_arguments(p)
     p.add_argument("--no-progress", action="store_true")
 
 
 def build_parser(prog: str = PROG):
-    p = common.Parser(prog=prog, description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 2)[2])
-    add_arguments(p)
-    return p
+    return common.command_parser(prog, __doc__, add_arguments)
 
 
 def test_overrides(args) -> list[str]:
@@ -82,8 +90,13 @@ def run(args, overrides) -> dict:
     from damo_jax.evaluation.coco import print_coco_table
     from damo_jax.evaluation.evaluator import check_num_classes, run_detections, score_detections
 
+    from damo_jax.inference.tiling import check_tile_arguments
     if args.data:
         common.check_data_spec(args.data)
+    check_tile_arguments(args)
+    if args.save_json and not args.out:
+        from damo_jax.errors import ConfigError
+        raise ConfigError("--save-json writes into the report folder: give --out DIR")
     loaded = load(args, overrides + test_overrides(args))
     cfg = loaded.cfg
     if loaded.input_hw is not None and args.img_size is None:
@@ -100,7 +113,15 @@ def run(args, overrides) -> dict:
              loaded.source, spec, split, len(dataset), tuple(cfg.test.image_size))
     start = time.time()
     scored: set = set()
-    detections = run_detections(loaded.backend, dataset, cfg, progress=not args.no_progress, scored_ids=scored)
+    if args.tile:
+        from damo_jax.inference.detector import Detector
+        from damo_jax.inference.tiling import run_tiled_detections
+        detections = run_tiled_detections(
+            Detector.from_loaded(loaded), dataset, tile=args.tile, overlap=args.overlap,
+            full_image=args.tile_full_image, scored_ids=scored, progress=not args.no_progress)
+    else:
+        detections = run_detections(loaded.backend, dataset, cfg, progress=not args.no_progress,
+                                    scored_ids=scored)
     stats = score_detections(dataset, detections, scored, use_fast=args.use_fast)
     log.info("%d detections on %d images in %.1f s; %d images scored, %d skipped (unreadable)",
              len(detections), len(dataset), time.time() - start, stats["images_scored"],
@@ -113,11 +134,16 @@ def run(args, overrides) -> dict:
     if args.stats_out:
         with open(args.stats_out, "w") as f:
             json.dump(stats, f, indent=1)
+    if args.out:
+        from damo_jax.evaluation.coco import restrict_to_images
+        from damo_jax.evaluation.reports import write_eval_reports
+        gt = restrict_to_images(dataset.to_coco_dict(), scored)
+        report = write_eval_reports(args.out, gt, detections, class_names=dataset.class_names,
+                                    conf=args.cm_conf, iou=args.cm_iou, use_fast=args.use_fast,
+                                    save_json=args.save_json)
+        log.info("reports in %s: %s", args.out, ", ".join(sorted(report["files"])))
     return stats
 
 
 def main(argv=None, prog: str = PROG) -> dict:
-    def go(argv):
-        rest, overrides = common.split_overrides(argv)
-        return run(build_parser(prog).parse_args(rest), overrides)
-    return common.run_cli(go, argv)
+    return common.run_command(build_parser, run, argv, prog)

@@ -14,8 +14,6 @@ to_tensorrt.py.
 """
 from __future__ import annotations
 
-import importlib
-
 # target -> (module with main(argv, prog), one-line description). Add rows for new targets.
 EXPORT_TARGETS = {
     "onnx": ("damo_jax.export.to_onnx", "raw (scores, boxes) or --end2end ONNX (opset >= 17)"),
@@ -31,14 +29,5 @@ def usage(prog: str) -> str:
 
 
 def main(argv=None, prog: str = "damo-jax export"):
-    from damo_jax.cli.common import report_user_error
-    argv = list(argv or [])
-    if not argv or argv[0] in ("-h", "--help"):
-        print(usage(prog))
-        return 0
-    target, rest = argv[0], argv[1:]
-    if target not in EXPORT_TARGETS:
-        raise report_user_error(f"{prog}: unknown target {target!r} (targets: "
-                                f"{', '.join(EXPORT_TARGETS)})")
-    module = importlib.import_module(EXPORT_TARGETS[target][0])
-    return module.main(rest, prog=f"{prog} {target}")
+    from damo_jax.cli.common import dispatch
+    return dispatch(EXPORT_TARGETS, list(argv or []), prog, lambda: usage(prog), what="target")

@@ -35,13 +35,13 @@ def add_arguments(p) -> None:
     common.add_img_size(p)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--no-draw", action="store_true", help="only write detections.json")
+    from damo_jax.inference.tiling import add_tile_arguments
+    add_tile_arguments(p)
     p.add_argument("--no-progress", action="store_true")
 
 
 def build_parser(prog: str = PROG):
-    p = common.Parser(prog=prog, description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 2)[2])
-    add_arguments(p)
-    return p
+    return common.command_parser(prog, __doc__, add_arguments)
 
 
 def load_detector(args, overrides=()):
@@ -77,6 +77,8 @@ def run(args, overrides=()) -> dict:
     from damo_jax.inference.detector import read_image
     from damo_jax.inference.images import list_images
 
+    from damo_jax.inference.tiling import check_tile_arguments
+    check_tile_arguments(args)
     files = list_images(args.source, flag="--source")
     source = Path(args.source)
     if source.is_file():  # a single image: an unreadable file is an error (before loading the model)
@@ -96,7 +98,12 @@ def run(args, overrides=()) -> dict:
             log.warning("skipping %s", e)
             skipped.append(str(path))
         if len(pending) == detector.batch_size or (index == len(files) - 1 and pending):
-            results = detector([image for _, image in pending], pad_to_batch=len(files) > len(pending))
+            if args.tile:  # the windows of each image are batched inside detector.tiled
+                results = [detector.tiled(image, tile=args.tile, overlap=args.overlap,
+                                          full_image=args.tile_full_image) for _, image in pending]
+            else:
+                results = detector([image for _, image in pending],
+                                   pad_to_batch=len(files) > len(pending))
             for (p, image), result in zip(pending, results):
                 entries.append(_entry(p, image, result))
                 if not args.no_draw:
@@ -108,6 +115,9 @@ def run(args, overrides=()) -> dict:
         progress.close()
     summary = {"images": entries, "skipped": skipped, "conf": detector.conf, "iou": detector.iou,
                "image_size": list(detector.image_size)}
+    if args.tile:
+        summary["tiling"] = {"tile": args.tile, "overlap": args.overlap,
+                             "full_image": args.tile_full_image}
     with open(out_dir / "detections.json", "w") as f:
         json.dump(summary, f, indent=1)
     total = sum(len(e["scores"]) for e in entries)
@@ -116,7 +126,4 @@ def run(args, overrides=()) -> dict:
 
 
 def main(argv=None, prog: str = PROG) -> dict:
-    def go(argv):
-        rest, overrides = common.split_overrides(argv)
-        return run(build_parser(prog).parse_args(rest), overrides)
-    return common.run_cli(go, argv)
+    return common.run_command(build_parser, run, argv, prog)

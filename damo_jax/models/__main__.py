@@ -106,12 +106,8 @@ def run(args, overrides=()) -> dict:
 
 
 def main(argv=None, prog: str = "python -m damo_jax.models"):
-    from damo_jax.cli.common import run_cli, split_overrides
-
-    def go(argv):
-        rest, overrides = split_overrides(argv)
-        return run(build_parser(prog).parse_args(rest), overrides)
-    return run_cli(go, argv)
+    from damo_jax.cli.common import run_command
+    return run_command(build_parser, run, argv, prog)
 
 
 if __name__ == "__main__":
