@@ -46,23 +46,16 @@ def read_image(path) -> np.ndarray:
 
 
 def to_rgb_array(image) -> np.ndarray:
-    """Path / PIL image / (H,W[,1|3|4]) array -> (H,W,3) uint8 RGB (the one array -> RGB rule:
-    gray repeated, alpha dropped, non-uint8 values rounded and clipped to 0..255)."""
+    """Path / PIL image / array -> (H,W,3) uint8 RGB (arrays and 16-bit / float PIL modes through
+    the one converter :func:`damo_jax.inference.images.to_rgb_uint8`)."""
+    from damo_jax.inference.images import to_rgb_uint8
     if isinstance(image, (str, os.PathLike)):
         return read_image(image)
     if hasattr(image, "convert") and hasattr(image, "size"):  # PIL image
+        if image.mode.startswith("I") or image.mode == "F":
+            return to_rgb_uint8(np.asarray(image))
         return np.asarray(image.convert("RGB"), dtype=np.uint8)
-    arr = np.asarray(image)
-    if arr.ndim == 2:
-        arr = arr[..., None]
-    if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4) or 0 in arr.shape:
-        raise ValueError(f"image array must be (H, W, 3) RGB (or gray / RGBA), got shape {arr.shape}")
-    if arr.shape[-1] == 1:
-        arr = np.repeat(arr, 3, axis=-1)
-    arr = arr[..., :3]
-    if arr.dtype != np.uint8:
-        arr = np.clip(np.rint(arr.astype(np.float64)), 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(arr)
+    return to_rgb_uint8(image)
 
 
 # ------------------------------------------------------------------------------------- Detector
@@ -176,3 +169,10 @@ class Detector:
         for start in range(0, len(arrays), self.batch_size):
             results.extend(self._run_chunk(arrays[start:start + self.batch_size], pad))
         return results[0] if single else results
+
+    def tiled(self, image, *, tile: int, overlap: float = 0.2, full_image: bool = False) -> dict:
+        """One large image by ``tile``-pixel windows overlapping by ``overlap`` (batched through
+        this detector, merged by class-aware NMS in original pixels; ``full_image`` adds a
+        whole-image pass): :func:`damo_jax.inference.tiling.detect_tiled`. Same result dict."""
+        from damo_jax.inference.tiling import detect_tiled
+        return detect_tiled(self, image, tile=tile, overlap=overlap, full_image=full_image)

@@ -1,7 +1,11 @@
-"""Image files: the one set of image suffixes and the listing of a file or folder of images."""
+"""Images in: the one set of image suffixes, the listing of a file or folder of images, and the
+one array -> RGB uint8 converter (used by ``Detector`` and by the dataset decoder
+``data_pipelines.imageio`` for 16-bit / float images)."""
 from __future__ import annotations
 
 from pathlib import Path
+
+import numpy as np
 
 # What the decoders (PIL / cv2, data_pipelines.imageio) read; readers and predict use this set.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".mpo",
@@ -26,3 +30,28 @@ def list_images(source, *, flag: str = "source") -> list[Path]:
         raise InputPathError(f"{flag} {source}: the folder has no images "
                              f"({', '.join(IMAGE_SUFFIXES)})")
     return files
+
+
+def to_rgb_uint8(arr) -> np.ndarray:
+    """(H, W), (H, W, 1|3|4) array -> (H, W, 3) uint8 RGB: gray repeated, alpha dropped;
+    uint8 as is; other integers are 16-bit (``/ 257``); floats are 0..1 (``x 255``) when their
+    maximum is <= 1, else 0..255; NaN -> 0; rounded and clipped to 0..255."""
+    arr = np.asarray(arr)
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4) or 0 in arr.shape:
+        raise ValueError(f"image array must be (H, W, 3) RGB (or gray / RGBA), got shape {arr.shape}")
+    if arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    arr = arr[..., :3]
+    if arr.dtype == np.uint8:
+        return np.ascontiguousarray(arr)
+    if arr.dtype == bool:
+        values = arr.astype(np.float64) * 255.0
+    elif np.issubdtype(arr.dtype, np.integer):
+        values = arr.astype(np.float64) / 257.0
+    else:
+        values = arr.astype(np.float64)
+        if np.nanmax(values, initial=0.0) <= 1.0:
+            values = values * 255.0
+    return np.ascontiguousarray(np.clip(np.nan_to_num(np.rint(values)), 0, 255).astype(np.uint8))
