@@ -136,6 +136,12 @@ def dominant_reason(counts) -> str | None:
     return best if counts.get(best, 0) else None
 
 
+def hint_by_reason(hints: dict[str, str]) -> Callable[[collections.Counter], str | None]:
+    """A reader's ``guess(counts)``: the hint of the most frequent drop reason (a
+    :data:`DROP_KEYS` key -> text in the words of the format), None without one."""
+    return lambda counts: hints.get(dominant_reason(counts) or "")
+
+
 def format_summary(ds, role: str = "data") -> str:
     """One line per dataset for ``train`` / ``eval`` start-up: images, images skipped, boxes kept,
     dropped and clipped by reason, ignored regions, and other non-zero counters."""

@@ -160,7 +160,8 @@ def test_voc_filename_escape_and_inverted_warning(tmp_path, caplog):
     (tmp_path / "Annotations").mkdir()
     (tmp_path / "JPEGImages").mkdir()
     Image.fromarray(np.zeros((60, 100, 3), np.uint8)).save(tmp_path / "JPEGImages" / "a.jpg")
-    obj = "<object><name>dog</name><bndbox><xmin>50</xmin><ymin>5</ymin><xmax>10</xmax><ymax>20</ymax></bndbox></object>"
+    obj = ("<object><name>dog</name><bndbox><xmin>50</xmin><ymin>5</ymin><xmax>10</xmax><ymax>20</ymax>"
+           "</bndbox></object>")
     size = "<size><width>100</width><height>60</height></size>"
     (tmp_path / "Annotations" / "a.xml").write_text(f"<annotation><filename>a.jpg</filename>{size}{obj}</annotation>")
     with caplog.at_level(logging.WARNING, logger="data_pipelines"):

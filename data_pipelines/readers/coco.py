@@ -25,7 +25,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from damo_jax.data_pipelines.quality import dominant_reason
+from damo_jax.data_pipelines.quality import hint_by_reason
 from damo_jax.data_pipelines.records import (DataError, DetectionDataset, DropAudit, Record, check_inside,
                                              clean_boxes, empty_boxes)
 
@@ -144,12 +144,12 @@ def _iscrowd(ann: dict, where: str) -> bool:
                     f"({type(value).__name__})")
 
 
-def _guess(counts) -> str | None:
-    return {"inverted_boxes": "negative width or height in 'bbox': COCO boxes are [x, y, width, height]",
-            "zero_size_boxes": "'bbox' width or height is 0",
-            "outside_boxes": "boxes lie outside their image: 'bbox' must be [x, y, width, height] in "
-                             "pixels of the image ('width'/'height' fields)",
-            "nonfinite_boxes": "NaN/inf values in 'bbox'"}.get(dominant_reason(counts))
+_guess = hint_by_reason({
+    "inverted_boxes": "negative width or height in 'bbox': COCO boxes are [x, y, width, height]",
+    "zero_size_boxes": "'bbox' width or height is 0",
+    "outside_boxes": "boxes lie outside their image: 'bbox' must be [x, y, width, height] in pixels of "
+                     "the image ('width'/'height' fields)",
+    "nonfinite_boxes": "NaN/inf values in 'bbox'"})
 
 
 def read_coco(ann_file: str | os.PathLike, image_dir: str | os.PathLike, *, name: str | None = None,

@@ -10,7 +10,8 @@ supports ``SkipDecoding``; otherwise the decoded array gives the size). Robustne
 data is semantically random): an example whose ``objects/*`` sequences have different lengths
 keeps only its first min-length objects (counted ``inconsistent_objects``); boxes with
 max < min (inverted), non-finite, zero size or outside the image are dropped (counted by reason:
-``inverted_boxes``, ``nonfinite_boxes``, ``zero_size_boxes``, ``outside_boxes``); labels outside the ClassLabel range raise :class:`DataError`.
+``inverted_boxes``, ``nonfinite_boxes``, ``zero_size_boxes``, ``outside_boxes``); labels outside
+the ClassLabel range raise :class:`DataError`.
 
 Category ids for ``to_coco_dict``: the official COCO ids for ``coco/*`` datasets with the 80 COCO
 names, else 1..C. Split ``val`` maps to ``validation`` when the dataset has no ``val`` split.

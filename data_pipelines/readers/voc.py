@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Sequence
 
 from damo_jax.data_pipelines.imageio import displayed_size
-from damo_jax.data_pipelines.quality import dominant_reason
+from damo_jax.data_pipelines.quality import hint_by_reason
 from damo_jax.data_pipelines.records import (DataError, DetectionDataset, DropAudit, Record, check_inside,
                                              clean_boxes, empty_boxes, log)
 
@@ -82,12 +82,12 @@ def _objects(root: ET.Element, path: Path):
         yield name, difficult, [x1 - 1.0, y1 - 1.0, x2, y2]
 
 
-def _guess(counts) -> str | None:
-    return {"inverted_boxes": "xmax < xmin or ymax < ymin in <bndbox>",
-            "zero_size_boxes": "xmax == xmin or ymax == ymin in <bndbox>",
-            "outside_boxes": "boxes lie outside <size> width/height: check <size> and that <bndbox> is "
-                             "in pixels (1-based)",
-            "nonfinite_boxes": "NaN/inf in <bndbox>"}.get(dominant_reason(counts))
+_guess = hint_by_reason({
+    "inverted_boxes": "xmax < xmin or ymax < ymin in <bndbox>",
+    "zero_size_boxes": "xmax == xmin or ymax == ymin in <bndbox>",
+    "outside_boxes": "boxes lie outside <size> width/height: check <size> and that <bndbox> is in pixels "
+                     "(1-based)",
+    "nonfinite_boxes": "NaN/inf in <bndbox>"})
 
 
 def _find_image(folder: Path, stem: str, fallback_name: str | None, where: str = "",

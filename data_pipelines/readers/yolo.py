@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from damo_jax.data_pipelines.imageio import displayed_size
-from damo_jax.data_pipelines.quality import dominant_reason
+from damo_jax.data_pipelines.quality import dominant_reason, hint_by_reason
 from damo_jax.data_pipelines.records import (DataError, DetectionDataset, DropAudit, Record, clean_boxes,
                                              empty_boxes, log)
 
@@ -148,10 +148,14 @@ def _guess(path: Path):
                 return (f"values up to {top:g} fall outside [0, 1]: YOLO labels must be normalised "
                         f"by the image width/height, these look like pixels")
             return "box centres lie outside the image (YOLO lines are 'class cx cy w h', normalised)"
-        return {"inverted_boxes": "negative width or height: YOLO lines are 'class cx cy w h' with w, h > 0",
-                "zero_size_boxes": "width or height is 0",
-                "nonfinite_boxes": "NaN/inf values in the label file"}.get(reason)
+        return _HINTS(counts)
     return guess
+
+
+_HINTS = hint_by_reason({
+    "inverted_boxes": "negative width or height: YOLO lines are 'class cx cy w h' with w, h > 0",
+    "zero_size_boxes": "width or height is 0",
+    "nonfinite_boxes": "NaN/inf values in the label file"})
 
 
 def read_yolo(yaml_path: str | os.PathLike, split: str) -> DetectionDataset:
