@@ -53,8 +53,6 @@ def run_detections_global(backend: JaxBackend, dataset, image_hw, batch_size: in
             (dict(out), {k: batch[k] for k in ("image_ids", "orig_sizes", "valid")}))
         if scored_ids is not None:   # ids of the images run by any process (unreadable ones are invalid rows)
             scored_ids.update(np.asarray(meta["image_ids"])[np.asarray(meta["valid"], bool)].tolist())
-        if scored_ids is not None:
-            scored_ids.update(meta["image_ids"][meta["valid"]].tolist())
         results.extend(detections_to_coco(out, meta["image_ids"], meta["orig_sizes"], image_hw,
                                           dataset.category_ids, valid=meta["valid"]))
     return results
