@@ -1,23 +1,54 @@
 """Images/s of the full training update step (forward + AlignOTA + targets + loss + backward +
-optimizer + EMA, one jit, donated state) on synthetic batches.
+optimizer + EMA, one jit, donated state) on synthetic batches, with its parts timed separately.
 
-    python benchmarks/train_step.py --config s --img-size 320 --batch 8 --steps 20
+    python benchmarks/train_step.py --config s --img-size 320 --batch 8 --steps 12 --num-gt 5
+    python benchmarks/train_step.py --config s --grad-impls native matmul --parts fwd grad full
 
-Official anchor (ANCHORS.md): S@320, batch 8, forward + assignment + loss + backward + SGD on the
-same 2-core CPU: 2.42 images/s (3.3 s/step). Results go to docs/bench_train.md.
+Parts (each its own jit, all timed **interleaved**, one call of each per round, so load changes on
+a shared machine hit them alike):
+
+* ``model``: the bare train-mode forward (``model.apply(..., train=True)``, BN statistics updated);
+* ``fwd``:   forward + AlignOTA + targets + QFL/GIoU/DFL loss (no gradient);
+* ``grad``:  ``jax.value_and_grad`` of that loss (forward + backward);
+* ``full``:  ``damo_jax.train.loop.make_update_fn`` (value_and_grad + optimizer + EMA + the
+  non-finite guard), state donated — what the train CLI runs.
+
+backward = grad - fwd; optimizer + EMA + guard = full - grad. ``--grad-impls`` lists values of
+``model.grad_impl`` to compare (``native``: XLA's conv gradients; ``matmul``:
+``damo_jax/models/conv_grad.py``; ``auto``: matmul on CPU). The last stdout line is a one-line JSON
+summary; ``images_per_s`` is the full step of the first grad impl.
+
+Official anchor (../shared/reference/ANCHORS.md, PyTorch eager on this machine kind): S@320,
+batch 8, forward + assignment + loss + backward + SGD: 2.42 images/s (table, Intel AVX-512 host,
+quiet); 2.61-3.44 images/s (side-by-side passes of 2026-12-01, AMD EPYC AVX2 host).
+Results go to docs/bench_train.md.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import platform
 import statistics
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+
+OFFICIAL_TABLE_IMG_S = 2.42
+OFFICIAL_SIDE_BY_SIDE_IMG_S = (2.61, 3.44)
+
+
+def cpu_model() -> str:
+    """CPU model name and its widest SIMD ISA from /proc/cpuinfo ("?" where unreadable)."""
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return platform.processor() or "?"
+    name = next((ln.split(":", 1)[1].strip() for ln in text.splitlines()
+                 if ln.startswith("model name")), "?")
+    flags = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    isa = "AVX-512" if " avx512f" in flags else "AVX2" if " avx2" in flags else "no AVX2"
+    return f"{name} ({isa})"
 
 
 def synthetic_batch(batch: int, hw: int, num_gt: int, num_classes: int, seed: int = 0) -> dict:
@@ -30,14 +61,80 @@ def synthetic_batch(batch: int, hw: int, num_gt: int, num_classes: int, seed: in
             "gt_valid": np.ones((batch, num_gt), bool)}
 
 
+def make_loss(model, cfg):
+    """``loss(params, batch_stats, batch) -> (total, new_batch_stats)``: the update step's loss."""
+    import jax
+    import jax.numpy as jnp
+
+    from damo_jax.assign.ota import align_ota, build_targets
+    from damo_jax.losses import detection_loss
+
+    nc, reg_max = int(cfg.model.head.num_classes), int(cfg.model.head.reg_max)
+
+    def loss(params, batch_stats, batch):
+        out, mutated = model.apply({"params": params, "batch_stats": batch_stats},
+                                   batch["images"].astype(jnp.float32), train=True,
+                                   mutable=["batch_stats"])
+        assignment = align_ota(jax.lax.stop_gradient(out["scores"]), out["priors"],
+                               jax.lax.stop_gradient(out["boxes"]), batch["gt_boxes"],
+                               batch["gt_labels"], batch["gt_valid"])
+        targets = build_targets(assignment, out["priors"], batch["gt_boxes"], batch["gt_labels"],
+                                num_classes=nc, reg_max=reg_max)
+        total, _ = detection_loss(out, targets, reg_max=reg_max)
+        return total, mutated["batch_stats"]
+    return loss
+
+
+def build_parts(cfg, parts, lr_fn, repl, data_sh, key):
+    """{part: (callable(batch) -> result to block on)} for one config; ``full`` keeps its donated
+    state in a closure."""
+    import jax
+
+    from damo_jax.models import build_model
+    from damo_jax.train.loop import init_state, make_tx, make_update_fn
+
+    model = build_model(cfg)
+    state = {"s": init_state(model, cfg, key, repl)}
+    params, stats = state["s"]["params"], state["s"]["batch_stats"]
+    params = jax.tree.map(lambda a: a.copy(), params)
+    stats = jax.tree.map(lambda a: a.copy(), stats)
+    loss = make_loss(model, cfg)
+    fns = {}
+    if "model" in parts:
+        f = jax.jit(lambda p, s, b: model.apply({"params": p, "batch_stats": s},
+                                                b["images"].astype("float32"), train=True,
+                                                mutable=["batch_stats"])[0]["scores"])
+        fns["model"] = lambda b: f(params, stats, b)
+    if "fwd" in parts:
+        f_fwd = jax.jit(lambda p, s, b: loss(p, s, b)[0])
+        fns["fwd"] = lambda b: f_fwd(params, stats, b)
+    if "grad" in parts:
+        f_grad = jax.jit(lambda p, s, b: jax.value_and_grad(lambda q: loss(q, s, b), has_aux=True)(p))
+        fns["grad"] = lambda b: f_grad(params, stats, b)
+    if "full" in parts:
+        tx = make_tx(cfg, state["s"]["params"], state["s"]["batch_stats"])
+        update = jax.jit(make_update_fn(model, tx, lr_fn, cfg), in_shardings=(repl, data_sh),
+                         out_shardings=(repl, repl), donate_argnums=0)
+
+        def full(b):
+            state["s"], m = update(state["s"], b)
+            return m
+        fns["full"] = full
+    return fns
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="s")
     ap.add_argument("--img-size", type=int, default=320)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=20, help="timed rounds (one call of every part each)")
     ap.add_argument("--num-gt", type=int, default=10, help="valid GT boxes per image (padded G = 2x)")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--grad-impls", nargs="+", default=["auto"],
+                    help="model.grad_impl values to compare (auto, native, matmul)")
+    ap.add_argument("--parts", nargs="+", default=["full"], choices=("model", "fwd", "grad", "full"),
+                    help="what to time (default: full); fwd/grad give the forward/backward split")
     ap.add_argument("--no-tune", action="store_true",
                     help="skip damo_jax.runtime.tune_cpu_runtime() (the train CLI applies it)")
     args = ap.parse_args(argv)
@@ -45,50 +142,82 @@ def main(argv=None) -> dict:
         from damo_jax import runtime
         runtime.tune_cpu_runtime()
 
-    from damo_jax.train import optim
-    from damo_jax.config import load_config
-    from damo_jax.models import build_model
-    from damo_jax.train.loop import init_state, make_mesh, make_tx, make_update_fn, shard_batch
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
 
-    cfg = load_config(args.config)
-    cfg.data.image_size = (args.img_size, args.img_size)
-    cfg.train.batch_size = args.batch
-    cfg.model.dtype = args.dtype
+    from damo_jax.config import load_config
+    from damo_jax.train import optim
+    from damo_jax.train.loop import make_mesh, shard_batch
+
     mesh = make_mesh()
     repl, data_sh = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    model = build_model(cfg)
     lr_fn = optim.make_lr_schedule(base_lr=0.01 / 64 * args.batch, total_steps=1000, warmup_steps=0,
                                    no_aug_steps=0, min_lr_ratio=0.05)
-
-    t0 = time.perf_counter()
-    state = init_state(model, cfg, jax.random.PRNGKey(0), repl)
-    tx = make_tx(cfg, state["params"], state["batch_stats"])
-    update = jax.jit(make_update_fn(model, tx, lr_fn, cfg), in_shardings=(repl, data_sh),
-                     out_shardings=(repl, repl), donate_argnums=0)
-    nc = int(cfg.model.head.num_classes)
-    batches = []
-    for i in range(3):
-        b = synthetic_batch(args.batch, args.img_size, args.num_gt, nc, seed=i)
-        pad = lambda a, v: np.concatenate([a, np.full_like(a, v)], axis=1)  # noqa: E731
-        b = {"images": b["images"], "gt_boxes": pad(b["gt_boxes"], 0), "gt_labels": pad(b["gt_labels"], 0),
-             "gt_valid": pad(b["gt_valid"], False)}
-        batches.append(shard_batch(b, data_sh))
-    state, m = update(state, batches[0])
-    jax.block_until_ready(m)
-    compile_s = time.perf_counter() - t0
-    times = []
+    load0 = os.getloadavg()[0]
+    fns, compile_s = {}, {}
+    batches = None
+    for impl in args.grad_impls:
+        cfg = load_config(args.config)
+        cfg.data.image_size = (args.img_size, args.img_size)
+        cfg.train.batch_size = args.batch
+        cfg.model.dtype = args.dtype
+        cfg.model.grad_impl = impl
+        if batches is None:
+            nc = int(cfg.model.head.num_classes)
+            batches = []
+            for i in range(3):
+                b = synthetic_batch(args.batch, args.img_size, args.num_gt, nc, seed=i)
+                pad = lambda a, v: np.concatenate([a, np.full_like(a, v)], axis=1)  # noqa: E731
+                b = {"images": b["images"], "gt_boxes": pad(b["gt_boxes"], 0),
+                     "gt_labels": pad(b["gt_labels"], 0), "gt_valid": pad(b["gt_valid"], False)}
+                batches.append(shard_batch(b, data_sh))
+        for part, fn in build_parts(cfg, args.parts, lr_fn, repl, data_sh, jax.random.PRNGKey(0)).items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(batches[0]))
+            compile_s[(impl, part)] = time.perf_counter() - t0
+            fns[(impl, part)] = fn
+            print(f"compiled {impl}/{part} in {compile_s[(impl, part)]:.1f} s "
+                  f"(load {os.getloadavg()[0]:.1f})", flush=True)
+    for fn in fns.values():   # one more warm-up call each
+        jax.block_until_ready(fn(batches[1]))
+    wall = {k: [] for k in fns}
+    cpu = {k: [] for k in fns}
     for i in range(args.steps):
-        t = time.perf_counter()
-        state, m = update(state, batches[i % len(batches)])
-        jax.block_until_ready(m)
-        times.append(time.perf_counter() - t)
-    med = statistics.median(times)
+        for k, fn in fns.items():
+            c0, t0 = time.process_time(), time.perf_counter()
+            jax.block_until_ready(fn(batches[i % len(batches)]))
+            wall[k].append(time.perf_counter() - t0)
+            cpu[k].append(time.process_time() - c0)
+    load1 = os.getloadavg()[0]
+    med = {k: statistics.median(v) for k, v in wall.items()}
+    medc = {k: statistics.median(v) for k, v in cpu.items()}
+    print(f"{args.config}@{args.img_size} batch {args.batch}, {args.num_gt} GT/image, "
+          f"{cpu_model()}, load {load0:.1f} -> {load1:.1f}")
+    print("| grad_impl | part | median s | min s | CPU s (median) | img/s (median) | compile s |")
+    print("|---|---|---|---|---|---|---|")
+    for (impl, part), v in wall.items():
+        print(f"| {impl} | {part} | {med[(impl, part)]:.3f} | {min(v):.3f} | {medc[(impl, part)]:.3f} "
+              f"| {args.batch / med[(impl, part)]:.2f} | {compile_s[(impl, part)]:.0f} |")
+    for impl in args.grad_impls:
+        if (impl, "fwd") in med and (impl, "grad") in med:
+            print(f"{impl}: backward = grad - fwd = {med[(impl, 'grad')] - med[(impl, 'fwd')]:.3f} s")
+        if (impl, "grad") in med and (impl, "full") in med:
+            print(f"{impl}: optimizer + EMA + guard = full - grad = "
+                  f"{med[(impl, 'full')] - med[(impl, 'grad')]:.3f} s")
+    first = args.grad_impls[0]
+    key = (first, "full") if (first, "full") in med else next(iter(med))
+    ips = args.batch / med[key]
     res = {"config": args.config, "img_size": args.img_size, "batch": args.batch, "steps": args.steps,
-           "dtype": args.dtype, "tuned": not args.no_tune, "devices": len(jax.devices()), "backend": jax.default_backend(),
-           "compile_plus_first_step_s": round(compile_s, 1), "median_step_s": round(med, 4),
-           "images_per_s": round(args.batch / med, 2), "min_step_s": round(min(times), 4),
-           "max_step_s": round(max(times), 4), "cpu_count": os.cpu_count(),
-           "loadavg_1m": round(os.getloadavg()[0], 2), "loss_last": float(m["total_loss"])}
+           "num_gt": args.num_gt, "dtype": args.dtype, "tuned": not args.no_tune,
+           "grad_impl": first, "part": key[1], "devices": len(jax.devices()),
+           "backend": jax.default_backend(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
+           "compile_plus_first_step_s": round(compile_s[key], 1), "median_step_s": round(med[key], 4),
+           "images_per_s": round(ips, 2), "min_step_s": round(min(wall[key]), 4),
+           "max_step_s": round(max(wall[key]), 4), "cpu_s_median": round(medc[key], 4),
+           "ratio_to_official_table": round(ips / OFFICIAL_TABLE_IMG_S, 2),
+           "ratio_to_official_side_by_side": [round(ips / v, 2) for v in OFFICIAL_SIDE_BY_SIDE_IMG_S],
+           "parts_median_s": {f"{i}/{p}": round(v, 4) for (i, p), v in med.items()},
+           "loadavg_1m": [round(load0, 2), round(load1, 2)]}
     print(json.dumps(res))
     return res
 

@@ -1,17 +1,28 @@
-"""README demo: DAMO-YOLO-Ns trained from scratch on the bundled demo set at 256×256, CPU-sized.
+"""README demo: DAMO-YOLO-Ns trained from scratch on the bundled demo set at 192×192, CPU-sized.
 
     python -m damo_jax.train --config demo --workdir runs/demo
 
-About 10–12 minutes on a 2-core CPU (300 steps of batch 8, ~2.4 s/step): trains, evaluates the EMA
-weights on the demo val split after every epoch, writes ``runs/demo/curves.png`` and
-``runs/demo/predictions.png``. Measured 2026-11-30 (machine shared with one other job): 12 min 4 s
-wall, AP50 0.000 → 0.066 → 0.090, AP 0.0385 after 300 steps. The target mAP@0.5 ≥ 0.5 is NOT reached:
-CPU training costs ~2.4 s per step (the backward pass is ~10× the forward on XLA:CPU), so 10 minutes
-buy only 3 passes over the 800 training images; the curve is still rising steeply.
+Trains 6 epochs of the 800 demo training images (600 steps of batch 8), evaluates the EMA weights
+on the demo val split (100 images, backgrounds never seen in training) after every epoch and writes
+``runs/demo/curves.png`` and ``runs/demo/predictions.png``. Target: AP50 ≥ 0.5 within 10 minutes of
+training wall time on a 2-core CPU.
 
-Differences from the official Ns recipe (``configs/ns.py``), all for a 10-minute CPU run:
-global batch 8 instead of 256, 256×256 input and mosaic canvas instead of 416 / 640, a short
-schedule (epochs / warmup / no-aug tail below) and a larger per-image learning rate.
+Measured: see DEMO_CURVE below (filled in from the run; the machine load is recorded with it).
+
+DEMO_CURVE
+
+What differs from the official Ns recipe (``configs/ns.py``), all to learn fast in a few hundred
+steps on a CPU (same model, same train and eval code path, same dataset and val split):
+
+* 192×192 input (official 416): 0.56× the pixels of the previous 256 demo, 0.21× of 416; the demo
+  objects are 8–55 % of the image side, i.e. ≥ 15 px at 192;
+* global batch 8 (official 256) and an AdamW lr of 2e-3 (``base_lr_per_img`` = 0.016 / 64; the
+  official per-image lr gives 1.25e-4 at batch 8, far too slow for 600 steps), warmup 0.3 epoch,
+  cosine to 5 % over 6 epochs, last epoch without augmentation;
+* light augmentation: no mosaic, mixup or SADA (they shrink and occlude objects, which helps long
+  runs and slows short ones), horizontal flip only;
+* EMA ramp ``tau`` = 100 steps (official 2000 of ~140k steps);
+* conv kernel gradients as matmuls on CPU (``model.grad_impl = "auto"``, the default).
 """
 from damo_jax.config import load_config
 
@@ -19,18 +30,24 @@ from damo_jax.config import load_config
 def get_config():
     c = load_config("ns")
     c.data.train = "demo"
-    c.data.image_size = (256, 256)
-    c.data.mosaic_size = (256, 256)
+    c.data.image_size = (192, 192)
+    c.data.mosaic_size = (192, 192)
+    c.data.mosaic_prob = 0.0
+    c.data.mixup_prob = 0.0
+    c.data.sada = False
+    c.data.flip_prob = 0.5
     c.data.max_boxes = 32
-    c.test.image_size = (256, 256)
+    c.test.image_size = (192, 192)
     c.test.batch_size = 16
     c.train.batch_size = 8
-    c.train.epochs = 3
-    c.train.warmup_epochs = 1
+    c.train.epochs = 6
+    with c.unlocked():              # fractional epochs (the base config holds an int)
+        del c.train["warmup_epochs"]
+        c.train.warmup_epochs = 0.3
     c.train.no_aug_epochs = 1
     c.train.eval_every_epochs = 1
     c.train.eval_every_epochs_tail = 1
-    c.train.base_lr_per_img = 0.004 / 64
-    c.train.ema_tau = 200.0     # EMA warms up over ~a few hundred steps (official 2000 of ~140k)
+    c.train.base_lr_per_img = 0.016 / 64
+    c.train.ema_tau = 100.0
     c.train.log_every_steps = 10
     return c

@@ -1,0 +1,105 @@
+"""Forward vs kernel-/input-gradient time per convolution kind, native XLA vs ``model.grad_impl``
+"matmul" (damo_jax/models/conv_grad.py), jit, float32.
+
+    python benchmarks/conv_grad.py [--batch 8] [--runs 7] [--kinds 1x1 3x3 3x3s2 1x1s2 dw5 dw5s2]
+
+Shapes are those of S@320 / Ns@320 at batch 8 (64->64 at 80x80 etc.). For every kind the variants
+are compiled first and then timed interleaved (one call of each per round); the table gives the
+median wall ms and the median process CPU ms (all threads) per call, the machine's CPU model and
+the load average. Ratios to the forward of the same conv are what the issue's goal is about
+(kernel gradient <= ~2x forward).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_step import cpu_model  # noqa: E402
+
+from damo_jax.models.conv_grad import make_conv_general_dilated  # noqa: E402
+from damo_jax.models.cpu_ops import _NHWC_DIMS, depthwise_conv_taps  # noqa: E402
+
+# kind: (H=W, C_in, C_out, kernel, stride, depthwise)
+KINDS = {
+    "1x1": (80, 64, 64, 1, 1, False),
+    "1x1s2": (80, 64, 128, 1, 2, False),
+    "3x3": (80, 64, 64, 3, 1, False),
+    "3x3s2": (80, 64, 128, 3, 2, False),
+    "3x3@40": (40, 128, 128, 3, 1, False),
+    "dw5": (80, 96, 96, 5, 1, True),
+    "dw5s2": (80, 96, 96, 5, 2, True),
+}
+
+
+def variants(kind, batch):
+    hw, cin, cout, k, s, dw = KINDS[kind]
+    p, groups = (k - 1) // 2, (cin if dw else 1)
+    key = jax.random.PRNGKey(0)
+    x = jax.random.normal(key, (batch, hw, hw, cin))
+    w = jax.random.normal(key, (k, k, cin // groups, cout)) * 0.1
+    args = ((s, s), ((p, p), (p, p)))
+    native = depthwise_conv_taps if dw else lax.conv_general_dilated
+    matmul = make_conv_general_dilated(taps=dw)
+
+    def conv(fn):
+        return lambda x_, w_: fn(x_, w_, *args, dimension_numbers=_NHWC_DIMS, feature_group_count=groups)
+    g = jax.random.normal(key, conv(native)(x, w).shape)
+
+    def dw_of(fn):
+        return lambda x, w, g: jax.vjp(lambda w_: conv(fn)(x, w_), w)[1](g)[0]
+
+    def dx_of(fn):
+        return lambda x, w, g: jax.vjp(lambda x_: conv(fn)(x_, w), x)[1](g)[0]
+    fns = {"forward": lambda x, w, g: conv(native)(x, w),
+           "dW native": dw_of(native), "dW matmul": dw_of(matmul),
+           "dX native": dx_of(native), "dX matmul": dx_of(matmul)}
+    if dw:  # what XLA's own grouped conv gradient costs (depthwise_impl="conv", grad_impl="native")
+        fns["dW grouped conv"] = dw_of(lax.conv_general_dilated)
+    return fns, (x, w, g)
+
+
+def bench(fns, args, runs):
+    jf = {k: jax.jit(f) for k, f in fns.items()}
+    for f in jf.values():
+        jax.block_until_ready(f(*args))
+        jax.block_until_ready(f(*args))
+    wall, cpu = {k: [] for k in jf}, {k: [] for k in jf}
+    for _ in range(runs):
+        for k, f in jf.items():
+            c0, t0 = time.process_time(), time.perf_counter()
+            jax.block_until_ready(f(*args))
+            wall[k].append((time.perf_counter() - t0) * 1e3)
+            cpu[k].append((time.process_time() - c0) * 1e3)
+    return {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in jf}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--runs", type=int, default=7)
+    ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
+    args = ap.parse_args(argv)
+    print(f"CPU: {cpu_model()}, {os.cpu_count()} cores, jax {jax.__version__}, batch {args.batch}")
+    print("| kind | shape | variant | wall ms | CPU ms | CPU / forward CPU | load |")
+    print("|---|---|---|---|---|---|---|")
+    for kind in args.kinds:
+        hw, cin, cout, k, s, dw = KINDS[kind]
+        fns, a = variants(kind, args.batch)
+        res = bench(fns, a, args.runs)
+        fwd_cpu = res["forward"][1]
+        for name, (wall, cpu) in res.items():
+            print(f"| {kind} | {'dw ' if dw else ''}{k}x{k} s{s} {cin}->{cout} @{hw} | {name} | "
+                  f"{wall:.1f} | {cpu:.1f} | {cpu / fwd_cpu:.1f}x | {os.getloadavg()[0]:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

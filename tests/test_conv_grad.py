@@ -1,0 +1,167 @@
+"""``model.grad_impl``: matmul-shaped conv gradients (damo_jax/models/conv_grad.py).
+
+Every check compares against ``jax.grad`` of the NATIVE op (``lax.conv_general_dilated``), never
+against the module's own formulas: gradients w.r.t. input and kernel per conv kind and shape
+family of the released models, the full-model gradients of T, S and Ns, forward outputs
+(bit-identical) and the deploy graph (no custom VJP inside).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from damo_jax.config import load_config
+from damo_jax.models import build_model, init_variables
+from damo_jax.models.blocks import Opts
+from damo_jax.models.build import FAST_COMPILE_OPTIONS
+from damo_jax.models.conv_grad import make_conv_general_dilated, resolve_grad_impl
+from damo_jax.models.cpu_ops import _NHWC_DIMS
+
+RTOL = 1e-5
+
+# (name, batch, H, W, C_in, C_out, kernel, stride, groups) — shape families of the seven models
+# (TinyNAS res/csp/mob backbones, GiraffeNeckV2, ZeroHead), spatially shrunk.
+CASES = [
+    ("dense3x3_s1", 2, 10, 10, 16, 24, 3, 1, 1),        # RepConv rbr_dense, neck 3x3
+    ("dense3x3_s2", 2, 10, 10, 16, 32, 3, 2, 1),        # stem / down-sampling, RepConv stride 2
+    ("dense3x3_s2_odd", 1, 9, 7, 8, 8, 3, 2, 1),        # odd sizes: last row/col not read
+    ("dense1x1_s1", 2, 8, 8, 24, 40, 1, 1, 1),          # k1kx, CSP, SPP, neck 1x1, head 1x1
+    ("dense1x1_s2", 2, 10, 10, 16, 32, 1, 2, 1),        # RepConv rbr_1x1 at stride 2
+    ("focus3x3", 1, 8, 8, 12, 16, 3, 1, 1),             # Focus: 3x3 on space-to-depth (4*3 ch)
+    ("dense5x5_s1", 1, 8, 8, 8, 8, 5, 1, 1),            # kxkx structures with k = 5
+    ("depthwise5x5_s1", 2, 10, 10, 24, 24, 5, 1, 24),   # Mob block / nano neck
+    ("depthwise5x5_s2", 2, 10, 10, 24, 24, 5, 2, 24),
+    ("depthwise3x3_s2_odd", 1, 9, 9, 8, 8, 3, 2, 8),
+]
+
+
+def native_conv(x, w, stride, pad, groups):
+    return lax.conv_general_dilated(x, w, (stride, stride), ((pad, pad), (pad, pad)),
+                                    dimension_numbers=_NHWC_DIMS, feature_group_count=groups)
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+@pytest.mark.parametrize("taps", [False, True], ids=["conv_forward", "taps_forward"])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_conv_gradients_match_native(case, taps):
+    name, b, h, w, cin, cout, k, s, groups = case
+    if taps and groups == 1:
+        pytest.skip("the taps forward applies to depthwise convs only")
+    pad = (k - 1) // 2
+    kx, kw, kg = jax.random.split(jax.random.PRNGKey(hash(name) % 2**31), 3)
+    x = jax.random.normal(kx, (b, h, w, cin))
+    kernel = jax.random.normal(kw, (k, k, cin // groups, cout)) / np.sqrt(k * k * cin / groups)
+    fast = make_conv_general_dilated(taps=taps)
+
+    def fast_conv(x, w_):
+        return fast(x, w_, (s, s), ((pad, pad), (pad, pad)), dimension_numbers=_NHWC_DIMS,
+                    feature_group_count=groups)
+
+    y_ref = native_conv(x, kernel, s, pad, groups)
+    g = jax.random.normal(kg, y_ref.shape)
+
+    def loss(conv):
+        return lambda x_, w_: jnp.vdot(conv(x_, w_), g)
+    ref = jax.jit(jax.grad(loss(lambda x_, w_: native_conv(x_, w_, s, pad, groups)), (0, 1)))(x, kernel)
+    got = jax.jit(jax.grad(loss(fast_conv), (0, 1)))(x, kernel)
+    assert got[0].shape == x.shape and got[1].shape == kernel.shape
+    assert rel_err(got[0], ref[0]) <= RTOL, f"input gradient {rel_err(got[0], ref[0])}"
+    assert rel_err(got[1], ref[1]) <= RTOL, f"kernel gradient {rel_err(got[1], ref[1])}"
+    # and the forward is the native op (bit-identical without taps)
+    y = jax.jit(fast_conv)(x, kernel)
+    if taps:
+        assert rel_err(y, y_ref) <= RTOL
+    else:
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))
+
+
+def test_unsupported_configurations_fall_back_to_native():
+    """Dilation / other groupings go to lax.conv_general_dilated unchanged (no custom VJP)."""
+    fast = make_conv_general_dilated(taps=False)
+    x = jnp.ones((1, 8, 8, 8))
+    w = jnp.ones((3, 3, 4, 8))       # groups = 2: neither dense nor depthwise
+    jaxpr = jax.make_jaxpr(lambda x, w: fast(x, w, (1, 1), ((1, 1), (1, 1)),
+                                             dimension_numbers=_NHWC_DIMS, feature_group_count=2))(x, w)
+    assert "custom_vjp" not in str(jaxpr)
+    jaxpr = jax.make_jaxpr(lambda x, w: fast(x, w, (1, 1), ((2, 2), (2, 2)), rhs_dilation=(2, 2),
+                                             dimension_numbers=_NHWC_DIMS))(x, jnp.ones((3, 3, 8, 8)))
+    assert "custom_vjp" not in str(jaxpr)
+
+
+def test_resolve_grad_impl_and_validation():
+    assert resolve_grad_impl("auto", "cpu") == "matmul"
+    assert resolve_grad_impl("auto", "gpu") == "native"
+    assert resolve_grad_impl("auto", "tpu") == "native"
+    assert resolve_grad_impl("native", "cpu") == "native"
+    assert resolve_grad_impl("matmul", "gpu") == "matmul"
+    with pytest.raises(ValueError, match="grad_impl"):
+        resolve_grad_impl("fast")
+    with pytest.raises(ValueError, match="grad_impl"):
+        Opts(grad_impl="im2col")
+    assert load_config("s").model.grad_impl == "auto"
+
+
+def _model(name, grad_impl, deploy=False):
+    cfg = load_config(name)
+    cfg.model.grad_impl = grad_impl
+    return build_model(cfg, deploy=deploy)
+
+
+def test_deploy_graph_and_native_have_no_custom_vjp():
+    """Export traces the folded deploy graph: never a custom VJP there, whatever grad_impl."""
+    x = jnp.zeros((1, 64, 64, 3))
+    train_m = _model("ns", "matmul")
+    v = init_variables(train_m, jax.random.PRNGKey(0))
+    assert "custom_vjp" in str(jax.make_jaxpr(lambda v, x: train_m.apply(v, x)["scores"])(v, x))
+    assert "custom_vjp" not in str(jax.make_jaxpr(
+        lambda v, x: _model("ns", "native").apply(v, x)["scores"])(v, x))
+    from damo_jax.models.reparam import fuse
+    fused = fuse(v, "ns", fuse_bn=True)
+    deploy_m = _model("ns", "matmul", deploy=True)
+    assert "custom_vjp" not in str(jax.make_jaxpr(lambda v, x: deploy_m.apply(v, x)["scores"])(fused, x))
+
+
+def _fast_jit(fn, *args):
+    """jit compiled without backend optimisation: these tests check values, not speed."""
+    options = FAST_COMPILE_OPTIONS if jax.default_backend() == "cpu" else None
+    return jax.jit(fn).lower(*args).compile(compiler_options=options)(*args)
+
+
+@pytest.mark.parametrize("name", ["t", "s", "ns"])
+def test_full_model_gradient_matches_native(name):
+    """Train-mode forward (BN batch statistics) -> a loss over every head output; gradients w.r.t.
+    all parameters and the input, matmul vs native, within 1e-5 relative per parameter tensor.
+    Forward outputs are bit-identical."""
+    native, matmul = _model(name, "native"), _model(name, "matmul")
+    v = init_variables(native, jax.random.PRNGKey(0))
+    x = jax.random.uniform(jax.random.PRNGKey(1), (2, 64, 64, 3), maxval=255.0)
+    kc, kr = jax.random.split(jax.random.PRNGKey(2))
+
+    def make(model):
+        def f(params, x):
+            out, _ = model.apply({"params": params, "batch_stats": v["batch_stats"]}, x, train=True,
+                                 mutable=["batch_stats"])
+            wc = jax.random.normal(kc, out["cls_logits_flat"].shape)
+            wr = jax.random.normal(kr, out["reg_logits_flat"].shape)
+            loss = jnp.vdot(out["cls_logits_flat"], wc) + jnp.vdot(out["reg_logits_flat"], wr)
+            return loss, out["scores"]
+        return lambda p, x: jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(p, x)
+
+    (loss_n, scores_n), (gp_n, gx_n) = _fast_jit(make(native), v["params"], x)
+    (loss_m, scores_m), (gp_m, gx_m) = _fast_jit(make(matmul), v["params"], x)
+    np.testing.assert_array_equal(np.asarray(scores_m), np.asarray(scores_n))
+    assert float(loss_m) == float(loss_n)
+    assert rel_err(gx_m, gx_n) <= RTOL
+    leaves_n = jax.tree_util.tree_leaves_with_path(gp_n)
+    leaves_m = jax.tree_util.tree_leaves(gp_m)
+    assert len(leaves_n) == len(leaves_m)
+    bad = [(jax.tree_util.keystr(p), rel_err(m, n)) for (p, n), m in zip(leaves_n, leaves_m)
+           if rel_err(m, n) > RTOL]
+    assert not bad, bad
