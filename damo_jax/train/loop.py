@@ -33,6 +33,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from damo_jax.data_pipelines.quality import format_summary
 from damo_jax.train import checkpoint
 from damo_jax.train import optim
 from damo_jax.train.log import TrainLog, plot_curves
@@ -399,6 +400,31 @@ def describe(run: Run, state: dict, start: int) -> str:
             f"{rl.no_aug_start_step}; running steps {start}..{rl.last_step}")
 
 
+def evaluate_or_report(run: Run, state: dict, step: int, epoch: int) -> dict | None:
+    """EMA evaluation and best-AP bookkeeping. An evaluation that fails (no readable val image, an
+    error in the evaluator) is reported in ONE line and gives None: the step's checkpoint is still
+    written (without metrics), the best checkpoint stays the previous one, training goes on."""
+    try:
+        eval_metrics = evaluate_ema(run.model, state, run.val_ds, run.cfg, progress=run.progress)
+    except Exception as err:  # noqa: BLE001 - evaluation must never cost the checkpoint
+        reason = " ".join(str(err).split())[:400]
+        run.last_eval = {"step": step, "error": f"{type(err).__name__}: {reason}"}
+        run.info(f"eval step {step} (epoch {epoch + 1}) FAILED, checkpoint saved without metrics: "
+                 f"{type(err).__name__}: {reason}")
+        return None
+    run.last_eval = dict(eval_metrics, step=step)
+    run.tlog.write_eval(step, epoch, eval_metrics)
+    if eval_metrics.get("AP", -1) > run.best["AP"]:
+        run.best = dict(eval_metrics, step=step)
+    skipped = int(eval_metrics.get("images_skipped", 0))
+    run.info(f"eval step {step} (epoch {epoch + 1}): AP {eval_metrics.get('AP', float('nan')):.4f} "
+             f"AP50 {eval_metrics.get('AP50', float('nan')):.4f} (best AP {run.best['AP']:.4f} "
+             f"at step {run.best.get('step')})"
+             + (f"; {int(eval_metrics.get('images_scored', 0))} images scored, {skipped} unreadable "
+                f"skipped" if skipped else ""))
+    return eval_metrics
+
+
 def after_step(run: Run, state: dict, step: int, metrics: dict) -> None:
     """Logging, evaluation (EMA) and checkpointing once ``step`` updates are done."""
     cfg, rl = run.cfg, run.rl
@@ -409,17 +435,11 @@ def after_step(run: Run, state: dict, step: int, metrics: dict) -> None:
         run.tlog.write_train(step, epoch, {k: v for k, v in metrics.items() if k != "finite"})
     end_of_epoch = step % rl.steps_per_epoch == 0
     eval_metrics = None
-    if run.val_ds is not None and ((end_of_epoch and should_eval(cfg, epoch, rl)) or final):
-        eval_metrics = evaluate_ema(run.model, state, run.val_ds, cfg, progress=run.progress)
-        run.last_eval = dict(eval_metrics, step=step)
-        run.tlog.write_eval(step, epoch, eval_metrics)
-        if eval_metrics.get("AP", -1) > run.best["AP"]:
-            run.best = dict(eval_metrics, step=step)
-        run.info(f"eval step {step} (epoch {epoch + 1}): AP {eval_metrics.get('AP', float('nan')):.4f} "
-                 f"AP50 {eval_metrics.get('AP50', float('nan')):.4f} (best AP {run.best['AP']:.4f} "
-                 f"at step {run.best.get('step')})")
+    eval_due = run.val_ds is not None and ((end_of_epoch and should_eval(cfg, epoch, rl)) or final)
+    if eval_due:
+        eval_metrics = evaluate_or_report(run, state, step, epoch)
     every = int(cfg.train.ckpt_every_steps)
-    if final or eval_metrics or (end_of_epoch if every <= 0 else step % every == 0):
+    if final or eval_due or (end_of_epoch if every <= 0 else step % every == 0):
         run.ckpts.save(step, state, _meta(cfg, run.train_ds, step, rl, eval_metrics), metrics=eval_metrics)
         run.tlog.reset_timer()
 
@@ -432,6 +452,9 @@ def train(cfg, workdir, *, progress: bool = True) -> dict:
     run.tlog = TrainLog(run.workdir, total_steps=run.rl.last_step, start_step=start, primary=run.primary,
                         progress=progress)
     run.info(describe(run, state, start))
+    for ds, role in ((run.train_ds, "train data"), (run.val_ds, "val data")):
+        if ds is not None:
+            run.info(format_summary(ds, role))      # images, skips, boxes dropped/clipped by reason
     update = jax.jit(make_update_fn(run.model, run.tx, run.lr_fn, cfg),
                      in_shardings=(run.replicated, run.data_sharding),
                      out_shardings=(run.replicated, run.replicated), donate_argnums=0)
