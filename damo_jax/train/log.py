@@ -163,6 +163,7 @@ def write_predictions_png(model, variables, dataset, cfg, png_path, *, num_image
     with :mod:`damo_jax.inference.draw` (score ≥ ``score_thr``).
     """
     import jax
+    import numpy as np
 
     from damo_jax.data_pipelines import eval_batches
     from damo_jax.inference.draw import draw_detections, image_grid
@@ -172,7 +173,7 @@ def write_predictions_png(model, variables, dataset, cfg, png_path, *, num_image
     batch = next(iter(eval_batches(dataset, hw, int(cfg.test.batch_size))))
     out = jax.device_get(detect(JaxBackend(model, variables), batch["images"], nms_params(cfg.test)))
     tiles = []
-    for i in range(min(int(batch["valid"].sum()), num_images)):
+    for i in np.flatnonzero(batch["valid"])[:num_images]:     # unreadable images are invalid rows
         n = int(out["num_dets"][i])
         tiles.append(draw_detections(batch["images"][i], out["boxes"][i, :n], out["scores"][i, :n],
                                      out["labels"][i, :n], tuple(dataset.class_names), score_thr=score_thr))
