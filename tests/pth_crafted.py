@@ -68,7 +68,7 @@ def write_zip_zeros(path: Path, data_pkl: bytes, key: str, nbytes: int) -> Path:
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
         archive.writestr("archive/data.pkl", data_pkl, zipfile.ZIP_STORED)
         archive.writestr("archive/byteorder", b"little", zipfile.ZIP_STORED)
-        with archive.open(f"archive/data/{key}", "w", force_zip64=nbytes > 2**31) as fh:
+        with archive.open(f"archive/data/{key}", "w", force_zip64=nbytes >= zipfile.ZIP64_LIMIT) as fh:
             for start in range(0, nbytes, len(chunk)):
                 fh.write(chunk[:min(len(chunk), nbytes - start)])
     return path

@@ -120,6 +120,15 @@ def read_exact(fh, nbytes: int, what: str, source: str) -> np.ndarray:
     return buf
 
 
+def open_member(archive, info, source: str):
+    """``archive.open(info)``; a bad local header, unsupported compression or encryption ->
+    :class:`PthFormatError` naming the record."""
+    try:
+        return archive.open(info)
+    except Exception as exc:
+        raise PthFormatError(f"{source}: corrupt record '{info.filename}' ({exc})") from exc
+
+
 def decode(raw: np.ndarray, dtype: DType, byteorder: str, budget: Budget, what: str) -> np.ndarray:
     """uint8 bytes -> 1-D elements in native byte order, in place where possible; bfloat16 is
     widened to float32 (a counted copy)."""

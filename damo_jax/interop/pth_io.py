@@ -8,7 +8,7 @@
   Unpickling uses an allow-list (``pth_unpickle``); every size the file declares is checked before
   anything is allocated (``pth_bounds``), and the result is checked to be a plain tree (no cycles,
   at most ``MAX_DEPTH`` levels, at most ``MAX_ELEMENTS`` elements counting shared sub-containers
-  once per use). Every refusal is a :class:`PthFormatError` or :class:`UnsafeCheckpointError`
+  once per use: ``pth_unpickle.check_structure``). Every refusal is a :class:`PthFormatError` or :class:`UnsafeCheckpointError`
   naming the file and the record.
 * :func:`read_state_dict` returns the network weights ``{name: float32 | int64 array}`` of a
   ``.pth``/``.pt``/``.pkl``/``.npz`` file (``ckpt['model']``, else ``['state_dict']``, else the dict).
@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import io
-import math
 import os
 import struct
 import zipfile
@@ -27,16 +26,16 @@ from typing import Any
 import numpy as np
 
 from damo_jax.interop.pth_bounds import (Budget, PthFormatError, Storage, UnsafeCheckpointError,
-                                         decode, read_exact, resolve_max_bytes, short)
-from damo_jax.interop.pth_unpickle import DType, Loader
+                                         decode, open_member, read_exact, resolve_max_bytes,
+                                         short)
+from damo_jax.interop.npz_io import read_npz
+from damo_jax.interop.pth_unpickle import DType, Loader, check_structure
 from damo_jax.interop.pth_write import is_array_like, save_pth
 
 __all__ = ["PthFormatError", "UnsafeCheckpointError", "load_pth", "read_state_dict", "save_pth"]
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
-MAX_DEPTH = 100
-MAX_ELEMENTS = 10_000_000
 MAX_PICKLE_BYTES = 64 << 20
 PICKLE_SLACK, PICKLE_RATIO = 1 << 20, 64  # data.pkl: torch stores it; real pickles deflate < 10x
 _TORCH_SUFFIXES = (".pth", ".pt", ".pkl", ".ckpt", ".bin")
@@ -51,17 +50,10 @@ def _storage_id(pid, source: str) -> tuple[DType, str, int]:
 
 
 # ----------------------------------------------------------------------------- zip format
-def _open_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, source: str):
-    try:
-        return archive.open(info)
-    except Exception as exc:  # bad local header, unsupported compression, encryption...
-        raise PthFormatError(f"{source}: corrupt record '{info.filename}' ({exc})") from exc
-
-
 def _read_member(archive, info, nbytes: int, source: str) -> np.ndarray:
     """Exactly ``nbytes`` of a member (its header already checked), read in bounded chunks."""
     try:
-        with _open_member(archive, info, source) as fh:
+        with open_member(archive, info, source) as fh:
             return read_exact(fh, nbytes, f"record '{info.filename}'", source)
     except (PthFormatError, MemoryError):
         raise
@@ -226,56 +218,6 @@ def _read_legacy_storages(file: _BoundedFile, keys, roots, byteorder, budget, so
         raise PthFormatError(f"{source}: storages {short(missing)} have no data (file truncated?)")
 
 
-# ----------------------------------------------------------------------------- structure
-def _children(obj):
-    if isinstance(obj, dict):
-        return iter([*obj.keys(), *obj.values()])
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        return iter(obj)
-    return None
-
-
-def check_structure(root, source: str, max_depth: int = MAX_DEPTH,
-                    max_elements: int = MAX_ELEMENTS) -> None:
-    """Refuse cycles, nesting deeper than ``max_depth`` and trees of more than ``max_elements``
-    elements (a shared sub-container counts once per use: a DAG of shared lists would expand
-    exponentially in any code that walks it). Iterative, memoised by object identity."""
-    if _children(root) is None:
-        return
-    done: dict[int, int] = {}
-    on_path = {id(root)}
-    stack: list[list] = [[root, _children(root), 1]]
-
-    def add(frame, count):
-        frame[2] += count
-        if frame[2] > max_elements:
-            raise PthFormatError(f"{source}: the checkpoint expands to more than {max_elements} "
-                                 "elements (shared sub-containers)")
-
-    while stack:
-        frame = stack[-1]
-        child = next(frame[1], stack)  # `stack` doubles as the end-of-children sentinel
-        if child is stack:
-            stack.pop()
-            on_path.discard(id(frame[0]))
-            done[id(frame[0])] = frame[2]
-            if stack:
-                add(stack[-1], frame[2])
-            continue
-        kids = _children(child)
-        if kids is None:
-            add(frame, 1)
-        elif id(child) in done:
-            add(frame, done[id(child)])
-        elif id(child) in on_path:
-            raise PthFormatError(f"{source}: the checkpoint contains a container that holds itself")
-        elif len(stack) >= max_depth:
-            raise PthFormatError(f"{source}: containers nested deeper than {max_depth} levels")
-        else:
-            on_path.add(id(child))
-            stack.append([child, kids, 1])
-
-
 def load_pth(path, *, max_bytes: int | None = None) -> Any:
     """Load a ``torch.save`` file without torch; tensors become numpy arrays (see module doc).
 
@@ -295,38 +237,6 @@ def load_pth(path, *, max_bytes: int | None = None) -> Any:
         obj = _load_zip(path, budget) if is_zip else _load_legacy(path, fh, size, budget)
     check_structure(obj, str(path))
     return obj
-
-
-def _read_npz(path: Path, max_bytes: int | None) -> dict[str, np.ndarray]:
-    """``np.load`` of a ``.npz`` with the same bounds: each ``.npy`` header's shape x itemsize
-    must match the member's declared size before anything is allocated."""
-    source, budget = str(path), Budget(str(path), resolve_max_bytes(max_bytes))
-    try:
-        archive = zipfile.ZipFile(path)
-    except Exception as exc:
-        raise PthFormatError(f"{source}: cannot read .npz ({exc})") from exc
-    out = {}
-    with archive:
-        for info in archive.infolist():
-            name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
-            try:
-                with _open_member(archive, info, source) as fh:
-                    version = np.lib.format.read_magic(fh)
-                    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
-                        np.lib.format.read_array_header_2_0
-                    shape, fortran, dtype = read_header(fh)
-                    nbytes = math.prod(shape) * dtype.itemsize
-                    if dtype.hasobject or fh.tell() + nbytes != info.file_size:
-                        raise PthFormatError(f"{source}: array '{name}' declares {shape} x {dtype} "
-                                             f"but its record holds {info.file_size} bytes")
-                    budget.take_storage(nbytes, f"array '{name}'")
-                    raw = read_exact(fh, nbytes, f"array '{name}'", source)
-                out[name] = raw.view(dtype).reshape(shape, order="F" if fortran else "C")
-            except (PthFormatError, MemoryError):
-                raise
-            except Exception as exc:
-                raise PthFormatError(f"{source}: corrupt array '{name}' ({exc})") from exc
-    return out
 
 
 def _pick_state_dict(obj, source: str) -> dict:
@@ -351,7 +261,7 @@ def read_state_dict(path, *, max_bytes: int | None = None) -> dict[str, np.ndarr
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".npz":
-        obj = _read_npz(path, max_bytes)
+        obj = read_npz(path, max_bytes=max_bytes)
     elif suffix in _TORCH_SUFFIXES:
         obj = load_pth(path, max_bytes=max_bytes)
     else:

@@ -12,7 +12,8 @@ Built on the pure-Python ``pickle._Unpickler`` so every opcode is under our cont
   so a tiny file that inflates to a huge pickle cannot build millions of them), tuples nest at most ``MAX_TUPLE_DEPTH`` deep (hashing a deeper
   tuple would recurse in C), and the protocol-5 opcodes that pre-allocate a declared length
   (``BYTEARRAY8``, out-of-band buffers) are refused;
-* any other failure inside the pickle becomes :class:`PthFormatError` naming file and record.
+* any other failure inside the pickle becomes :class:`PthFormatError` naming file and record;
+* :func:`check_structure` then refuses cycles, deep nesting and DAGs that expand exponentially.
 """
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ from damo_jax.interop.pth_bounds import (Budget, DType, PthFormatError, Storage,
 MAX_OPS = 2_000_000  # ~40 opcodes per tensor in torch files: room for ~50k tensors
 BASE_OPS, OPS_PER_STORED_BYTE = 65_536, 2  # torch pickles: ~1 opcode per 6 bytes
 MAX_TUPLE_DEPTH = 100
+MAX_DEPTH = 100  # containers in the loaded object (check_structure)
+MAX_ELEMENTS = 10_000_000  # elements of the loaded object, a shared container once per use
 
 # torch storage class name -> element dtype (little endian; "bf16" is decoded to float32)
 STORAGE_DTYPES = {
@@ -48,6 +51,55 @@ _DTYPE_GLOBALS = {
        for n, c in STORAGE_DTYPES.items()},
     **{("torch", n): DType(n, c) for n, c in TORCH_DTYPES.items()},
 }
+
+
+def _children(obj):
+    if isinstance(obj, dict):
+        return iter([*obj.keys(), *obj.values()])
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return iter(obj)
+    return None
+
+
+def check_structure(root, source: str, max_depth: int = MAX_DEPTH,
+                    max_elements: int = MAX_ELEMENTS) -> None:
+    """Refuse cycles, nesting deeper than ``max_depth`` and trees of more than ``max_elements``
+    elements (a shared sub-container counts once per use: a DAG of shared lists would expand
+    exponentially in any code that walks it). Iterative, memoised by object identity."""
+    if _children(root) is None:
+        return
+    done: dict[int, int] = {}
+    on_path = {id(root)}
+    stack: list[list] = [[root, _children(root), 1]]
+
+    def add(frame, count):
+        frame[2] += count
+        if frame[2] > max_elements:
+            raise PthFormatError(f"{source}: the checkpoint expands to more than {max_elements} "
+                                 "elements (shared sub-containers)")
+
+    while stack:
+        frame = stack[-1]
+        child = next(frame[1], stack)  # `stack` doubles as the end-of-children sentinel
+        if child is stack:
+            stack.pop()
+            on_path.discard(id(frame[0]))
+            done[id(frame[0])] = frame[2]
+            if stack:
+                add(stack[-1], frame[2])
+            continue
+        kids = _children(child)
+        if kids is None:
+            add(frame, 1)
+        elif id(child) in done:
+            add(frame, done[id(child)])
+        elif id(child) in on_path:
+            raise PthFormatError(f"{source}: the checkpoint contains a container that holds itself")
+        elif len(stack) >= max_depth:
+            raise PthFormatError(f"{source}: containers nested deeper than {max_depth} levels")
+        else:
+            on_path.add(id(child))
+            stack.append([child, kids, 1])
 
 
 class Pending:
