@@ -190,3 +190,19 @@ def test_errors_are_user_errors():
     assert issubclass(PthFormatError, UserError) and issubclass(UnsafeCheckpointError, UserError)
     assert issubclass(UnsafeCheckpointError, pickle.UnpicklingError)
     assert {PthFormatError, UnsafeCheckpointError} <= set(user_error_types())
+
+
+def test_cli_prints_one_line_for_a_deeply_nested_checkpoint(tmp_path):
+    """The issue's 3,000-line RecursionError traceback: now exit 2 and one ``error:`` line."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "img.png")
+    weights = crafted.legacy_deep(tmp_path / "deep.pth")
+    proc = subprocess.run([sys.executable, "-m", "damo_jax", "predict", "--config", "ns", "--weights",
+                           str(weights), "--source", str(tmp_path / "img.png"), "--out",
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stdout + proc.stderr
+    assert lines[0] == f"error: {weights}: containers nested deeper than 100 levels"
