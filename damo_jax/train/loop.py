@@ -34,6 +34,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from damo_jax.data_pipelines.quality import format_summary
+from damo_jax import distributed
 from damo_jax.train import checkpoint
 from damo_jax.train import optim
 from damo_jax.train.log import TrainLog, plot_curves
@@ -76,23 +77,15 @@ def parse_args(argv=None):
 # 1. Devices
 # ==================================================================================================
 def multihost_requested(multihost: bool, env=os.environ) -> bool:
-    """--multihost, or an environment that describes several processes (JAX coordinator, a
-    multi-worker TPU slice, SLURM / Open MPI with more than one task)."""
-    return bool(multihost or env.get("JAX_COORDINATOR_ADDRESS")
-                or "," in env.get("TPU_WORKER_HOSTNAMES", "")
-                or int(env.get("SLURM_NTASKS", "1") or 1) > 1
-                or int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1)
+    """See :func:`damo_jax.distributed.requested`."""
+    return distributed.requested(multihost, env)
 
 
 def maybe_init_distributed(multihost: bool) -> None:
-    """``jax.distributed.initialize()``: auto-detected on TPU pods, SLURM and Open MPI; elsewhere set
-    JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID."""
-    if multihost_requested(multihost):
-        env = os.environ
-        jax.distributed.initialize(
-            coordinator_address=env.get("JAX_COORDINATOR_ADDRESS") or None,
-            num_processes=int(env["JAX_NUM_PROCESSES"]) if env.get("JAX_NUM_PROCESSES") else None,
-            process_id=int(env["JAX_PROCESS_ID"]) if env.get("JAX_PROCESS_ID") else None)
+    """``jax.distributed.initialize()`` (:func:`damo_jax.distributed.initialize`): auto-detected on
+    TPU pods, SLURM and Open MPI; elsewhere set JAX_COORDINATOR_ADDRESS (host:port of process 0),
+    JAX_NUM_PROCESSES and JAX_PROCESS_ID."""
+    distributed.initialize(multihost)
 
 
 def make_mesh() -> Mesh:
@@ -162,6 +155,23 @@ def make_loader(train_ds, cfg, rl: RunLength, start_step: int):
         steps_per_epoch=rl.steps_per_epoch, total_steps=rl.total_steps,
         no_aug_start_step=rl.no_aug_start_step, start_step=start_step,
         process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def check_process_slices(loader, batch: dict, step: int) -> str:
+    """Multi-process: assert (all-gather) that the processes read disjoint row slices covering the
+    global batch of ``step`` and got that batch's images; returns a log line."""
+    from damo_jax.data_pipelines.loader import global_indices
+    spec, ds = loader.spec, loader.ds
+    gidx = global_indices(spec["seed"], step, spec["batch_size"], spec["steps_per_epoch"], len(ds))
+    lo = spec["process_index"] * spec["local_batch"]
+    rows = np.arange(lo, lo + spec["local_batch"])
+    if hasattr(ds, "records"):          # source image ids of the global batch (no decoding)
+        expected, got = [int(ds.records[i].image_id) for i in gidx], batch["image_ids"]
+    else:
+        expected, got = gidx, gidx[rows]
+    distributed.check_process_slices(rows, got, expected)
+    return (f"data: step {step}: {jax.process_count()} processes read disjoint slices of "
+            f"{spec['local_batch']} rows covering the global batch of {spec['batch_size']} (checked)")
 
 
 DEVICE_BATCH_KEYS = ("images", "gt_boxes", "gt_labels", "gt_valid")
@@ -445,7 +455,12 @@ def after_step(run: Run, state: dict, step: int, metrics: dict) -> None:
 
 
 def train(cfg, workdir, *, progress: bool = True) -> dict:
-    """Run (or resume) training in ``workdir``; returns a summary dict."""
+    """Run (or resume) training in ``workdir``; returns a summary dict. Multi-process: an error in
+    one process ends it at once (``distributed.exit_on_error``) so the others stop too."""
+    return distributed.exit_on_error(_train, cfg, workdir, progress=progress, passthrough=(NonFiniteError,))
+
+
+def _train(cfg, workdir, *, progress: bool = True) -> dict:
     run, state = setup(cfg, workdir, progress=progress)
     state = resume_or_start(run, state)
     start = int(jax.device_get(state["step"]))
@@ -463,6 +478,8 @@ def train(cfg, workdir, *, progress: bool = True) -> dict:
         t0 = time.perf_counter()
         for step in range(start, run.rl.last_step):
             batch = next(loader)
+            if step == start and jax.process_count() > 1:
+                run.info(check_process_slices(loader, batch, step))
             state = _test_hooks(state, step)
             state, metrics = update(state, shard_batch(batch, run.data_sharding))
             metrics = jax.device_get(metrics)
