@@ -19,6 +19,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from damo_jax.ops import boxes as box_ops
+
 GIOU_EPS = 1e-6
 LOG_CLAMP = -100.0
 QFL_WEIGHT, GIOU_WEIGHT, DFL_WEIGHT = 1.0, 2.0, 0.25
@@ -88,28 +90,12 @@ def distribution_focal_loss(pred_logits, target):
 
 def pairwise_iou(boxes_a, boxes_b, eps=GIOU_EPS):
     """Plain IoU between every box of (N, 4) and every box of (M, 4), x1y1x2y2 -> (N, M)."""
-    area_a = (boxes_a[:, 2] - boxes_a[:, 0]) * (boxes_a[:, 3] - boxes_a[:, 1])
-    area_b = (boxes_b[:, 2] - boxes_b[:, 0]) * (boxes_b[:, 3] - boxes_b[:, 1])
-    lt = jnp.maximum(boxes_a[:, None, :2], boxes_b[None, :, :2])
-    rb = jnp.minimum(boxes_a[:, None, 2:], boxes_b[None, :, 2:])
-    wh = jnp.maximum(rb - lt, 0.0)
-    overlap = wh[..., 0] * wh[..., 1]
-    return overlap / jnp.maximum(area_a[:, None] + area_b[None, :] - overlap, eps)
+    return box_ops.pairwise_iou(boxes_a, boxes_b, eps=eps)
 
 
 def aligned_giou(pred, target, eps=GIOU_EPS):
-    """GIoU of matching rows (..., 4) x1y1x2y2: IoU − (enclose − union)/enclose, union and
-    enclosing area clamped ≥ eps."""
-    area_p = (pred[..., 2] - pred[..., 0]) * (pred[..., 3] - pred[..., 1])
-    area_t = (target[..., 2] - target[..., 0]) * (target[..., 3] - target[..., 1])
-    wh = jnp.maximum(jnp.minimum(pred[..., 2:], target[..., 2:])
-                     - jnp.maximum(pred[..., :2], target[..., :2]), 0.0)
-    overlap = wh[..., 0] * wh[..., 1]
-    union = jnp.maximum(area_p + area_t - overlap, eps)
-    enclose_wh = jnp.maximum(jnp.maximum(pred[..., 2:], target[..., 2:])
-                             - jnp.minimum(pred[..., :2], target[..., :2]), 0.0)
-    enclose = jnp.maximum(enclose_wh[..., 0] * enclose_wh[..., 1], eps)
-    return overlap / union - (enclose - union) / enclose
+    """GIoU of matching rows (..., 4) x1y1x2y2 (:func:`damo_jax.ops.boxes.aligned_giou`)."""
+    return box_ops.aligned_giou(pred, target, eps=eps)
 
 
 def giou_loss(pred, target, eps=GIOU_EPS):

@@ -12,6 +12,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from damo_jax.ops import boxes as box_ops
+
 PENALTY = 1e8
 IOU_EPS = 1e-6
 LOG_CLAMP = -100.0
@@ -30,15 +32,9 @@ def rounded(*arrays):
 
 
 def pairwise_iou(boxes_a: jax.Array, boxes_b: jax.Array, eps: float = IOU_EPS) -> jax.Array:
-    """IoU between every box of (N, 4) and every box of (M, 4) (x1y1x2y2) -> (N, M); union ≥ eps."""
-    area_a = (boxes_a[:, 2] - boxes_a[:, 0]) * (boxes_a[:, 3] - boxes_a[:, 1])
-    area_b = (boxes_b[:, 2] - boxes_b[:, 0]) * (boxes_b[:, 3] - boxes_b[:, 1])
-    lt = jnp.maximum(boxes_a[:, None, :2], boxes_b[None, :, :2])
-    rb = jnp.minimum(boxes_a[:, None, 2:], boxes_b[None, :, 2:])
-    wh = jnp.maximum(rb - lt, 0.0)
-    area_a, area_b, overlap = rounded(area_a, area_b, wh[..., 0] * wh[..., 1])
-    union = jnp.maximum(area_a[:, None] + area_b[None, :] - overlap, eps)
-    return overlap / union
+    """IoU between every box of (N, 4) and every box of (M, 4) (x1y1x2y2) -> (N, M); union ≥ eps;
+    areas and overlap kept :func:`rounded` (:func:`damo_jax.ops.boxes.pairwise_iou`)."""
+    return box_ops.pairwise_iou(boxes_a, boxes_b, eps=eps, round_terms=rounded)
 
 
 def inside_masks(priors: jax.Array, gt_boxes: jax.Array, gt_valid: jax.Array,

@@ -34,16 +34,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from damo_jax.ops.boxes import pairwise_iou
+
 
 def box_iou(boxes_a: jax.Array, boxes_b: jax.Array) -> jax.Array:
-    """Pairwise IoU (torchvision formula) of x1y1x2y2 boxes: (N,4), (M,4) -> (N,M)."""
-    area_a = (boxes_a[:, 2] - boxes_a[:, 0]) * (boxes_a[:, 3] - boxes_a[:, 1])
-    area_b = (boxes_b[:, 2] - boxes_b[:, 0]) * (boxes_b[:, 3] - boxes_b[:, 1])
-    top_left = jnp.maximum(boxes_a[:, None, :2], boxes_b[None, :, :2])
-    bottom_right = jnp.minimum(boxes_a[:, None, 2:], boxes_b[None, :, 2:])
-    wh = jnp.maximum(bottom_right - top_left, 0.0)
-    inter = wh[..., 0] * wh[..., 1]
-    return inter / (area_a[:, None] + area_b[None, :] - inter)
+    """Pairwise IoU (torchvision formula, no eps) of x1y1x2y2 boxes: (N,4), (M,4) -> (N,M)."""
+    return pairwise_iou(boxes_a, boxes_b)
 
 
 def _overlaps(boxes_a, labels_a, boxes_b, labels_b, iou_thre):
