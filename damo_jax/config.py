@@ -108,6 +108,7 @@ def model_config(
     c.data.max_boxes = 200         # static G of the padded ground truth
     c.data.workers = 2
     c.data.prefetch = 2
+    c.data.loader = "process"      # worker backend: process (pickle) | grain (shared memory; pod hosts)
 
     c.train = ml_collections.ConfigDict()
     c.train.epochs = 300

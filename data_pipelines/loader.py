@@ -11,7 +11,9 @@ progress k / total_steps.
 
 Workers: ``workers`` > 0 runs whole batches in a ``ProcessPoolExecutor`` with the ``spawn`` start
 method (safe after JAX started threads) and keeps ``workers + prefetch`` batches in flight;
-``workers=0`` builds batches in-process. A worker that dies raises ``RuntimeError`` naming the
+``workers=0`` builds batches in-process; ``backend="grain"`` (or ``data.loader = "grain"``) runs the
+same per-step work in grain worker processes with shared-memory transfer (``grain_loader.py``,
+for hosts feeding many accelerators). A worker that dies raises ``RuntimeError`` naming the
 step; a worker exception is re-raised. Scripts using workers need the usual
 ``if __name__ == "__main__":`` guard (spawn re-imports the main module).
 """
@@ -87,7 +89,7 @@ class TrainLoader:
 
     def __init__(self, ds, data_cfg, *, batch_size: int, seed: int, steps_per_epoch: int,
                  total_steps: int, no_aug_start_step: int, start_step: int = 0, process_index: int = 0,
-                 process_count: int = 1, workers: int | None = None):
+                 process_count: int = 1, workers: int | None = None, backend: str | None = None):
         if batch_size % process_count:
             raise ValueError(f"TrainLoader: global batch_size {batch_size} is not divisible by "
                              f"process_count {process_count}")
@@ -107,6 +109,10 @@ class TrainLoader:
         }
         self.workers = int(_cfg_get(data_cfg, "workers", 0) if workers is None else workers)
         self.prefetch = int(_cfg_get(data_cfg, "prefetch", 2))
+        self.backend = str(backend or _cfg_get(data_cfg, "loader", "process"))
+        if self.backend not in ("process", "grain"):
+            raise ValueError(f"TrainLoader: data.loader {self.backend!r} is not 'process' or 'grain'")
+        self._grain = None
         self.stats: collections.Counter = collections.Counter()
         self._next_step = int(start_step)
         self._submit_step = int(start_step)
@@ -124,6 +130,11 @@ class TrainLoader:
             raise StopIteration
         if self.workers <= 0:
             batch, stats = build_batch(self.ds, self.spec, step)
+        elif self.backend == "grain":        # shared-memory transfer (pod hosts): grain_loader.py
+            if self._grain is None:
+                from damo_jax.data_pipelines.grain_loader import grain_batches
+                self._grain = grain_batches(self.ds, self.spec, step, self.workers, self.prefetch)
+            batch, stats = next(self._grain)
         else:
             batch, stats = self._from_pool(step)
         self._next_step = step + 1
@@ -162,6 +173,9 @@ class TrainLoader:
 
     # -- shutdown ----------------------------------------------------------------------------
     def close(self) -> None:
+        if self._grain is not None:
+            self._grain.close()
+            self._grain = None
         pool, self._pool = self._pool, None
         self._pending.clear()
         self._submit_step = self._next_step
