@@ -78,13 +78,21 @@ def _set(tree: dict, path, value):
 
 
 # ----------------------------------------------------------------------------- templates
+_TEMPLATES: dict[tuple[str, str], dict] = {}  # (config JSON, deploy) -> shapes (immutable leaves)
+
+
 def variable_template(config, deploy=False) -> dict:
-    """Shapes of the model's variables: ``{collection: nested dict of ShapeDtypeStruct}``."""
+    """Shapes of the model's variables: ``{collection: nested dict of ShapeDtypeStruct}``.
+
+    Traced once per (config, deploy) and cached: every checkpoint load needs it."""
     from damo_jax.models import build_model
-    model = build_model(config, deploy=deploy)
-    x = jnp.zeros((1, TEMPLATE_SIZE, TEMPLATE_SIZE, 3), jnp.float32)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x))
-    return dict(shapes)
+    cfg = load_config(config)
+    key = (cfg.to_json_best_effort(sort_keys=True), repr(deploy))
+    if key not in _TEMPLATES:
+        model = build_model(cfg, deploy=deploy)
+        x = jnp.zeros((1, TEMPLATE_SIZE, TEMPLATE_SIZE, 3), jnp.float32)
+        _TEMPLATES[key] = dict(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x)))
+    return jax.tree_util.tree_map(lambda leaf: leaf, _TEMPLATES[key])  # fresh containers
 
 
 def expected_torch_entries(config, deploy=False) -> dict:
