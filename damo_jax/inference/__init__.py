@@ -1,2 +1,4 @@
-"""Inference: ``Detector`` (``detector``), ONNX / OpenVINO backends (``backends``), the predict CLI
-(``predict``) and drawing (``draw``)."""
+"""Inference: ``load_model`` (``loading``: checkpoints, .pth/.npz, ONNX, OpenVINO), the one
+inference path (``pipeline``: preprocess -> forward -> NMS -> rescale), ``Detector``
+(``detector``), ONNX / OpenVINO runtimes (``backends``), drawing (``draw``), image files and the
+array -> RGB converter (``images``). The predict command is ``damo_jax.cli.predict``."""
