@@ -21,8 +21,9 @@ import time
 from pathlib import Path
 
 
-TRAIN_KEYS = ("total_loss", "loss_cls", "loss_bbox", "loss_dfl")
-BAR_KEYS = (("loss", "total_loss"), ("cls", "loss_cls"), ("box", "loss_bbox"), ("dfl", "loss_dfl"))
+TRAIN_KEYS = ("total_loss", "loss_cls", "loss_bbox", "loss_dfl", "loss_distill")
+BAR_KEYS = (("loss", "total_loss"), ("cls", "loss_cls"), ("box", "loss_bbox"), ("dfl", "loss_dfl"),
+            ("kd", "loss_distill"), ("w_kd", "distill_weight"))   # kd*: only when distilling
 
 
 class TrainLog:
