@@ -7,7 +7,9 @@ Sections (big_vision style, read top to bottom):
 1. Devices: optional ``jax.distributed.initialize()``, a 1-D ``Mesh`` over all devices ("data").
 2. Data: train / val datasets, run lengths (steps per epoch, warmup, no-aug tail, total).
 3. State: model init, optional fine-tuning weights, optimizer, EMA copy — one plain dict pytree
-   ``{params, batch_stats, opt_state, ema_params, ema_batch_stats, step, rng}``, replicated.
+   ``{params, batch_stats, opt_state, ema_params, ema_batch_stats, step, rng}``, replicated; when
+   distilling also the align convs, their optimizer state and the frozen teacher (keys defined in
+   ``damo_jax/train/state.py``, distillation in ``damo_jax/train/distill.py``).
 4. ``update_fn(state, batch) -> (state, metrics)``: forward (train mode), AlignOTA on stop-gradient
    predictions, targets, loss, grads, optimizer, EMA, step += 1, non-finite guard. ONE ``jax.jit``
    with ``donate_argnums=0``; the batch is sharded on "data", so BN statistics and the loss
@@ -33,10 +35,12 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from damo_jax.data_pipelines.quality import format_summary
 from damo_jax import distributed
+from damo_jax.data_pipelines.quality import format_summary
 from damo_jax.train import checkpoint
+from damo_jax.train import distill as distill_lib
 from damo_jax.train import optim
+from damo_jax.train import state as state_lib
 from damo_jax.train.log import TrainLog, plot_curves
 
 log = logging.getLogger("damo_jax.train.loop")
@@ -195,18 +199,24 @@ def make_tx(cfg, params, batch_stats):
 
 
 def init_state(model, cfg, key, replicated: NamedSharding) -> dict:
-    """Fresh train state, created directly on the devices (no device_put aliasing, TOOLCHAIN §3)."""
-    h, w = (int(s) for s in cfg.data.image_size)
+    """Fresh train state, created directly on the devices (no device_put aliasing, TOOLCHAIN §3).
+
+    Variable shapes do not depend on the image size, so the init traces a 64×64 input; on CPU it
+    compiles without backend optimisation (``models.build.FAST_COMPILE_OPTIONS``: same values, the
+    optimised compile of hundreds of inlined RNG calls took minutes on a loaded 2-core host)."""
+    from damo_jax.models.build import FAST_COMPILE_OPTIONS
 
     def init(key):
         init_key, state_key = jax.random.split(key)
-        variables = model.init(init_key, jnp.zeros((1, h, w, 3), jnp.float32), train=False)
+        variables = model.init(init_key, jnp.zeros((1, 64, 64, 3), jnp.float32), train=False)
         params, stats = variables["params"], variables.get("batch_stats", {})
         return {"params": params, "batch_stats": stats, "opt_state": make_tx(cfg, params, stats).init(params),
                 "ema_params": jax.tree.map(jnp.copy, params), "ema_batch_stats": jax.tree.map(jnp.copy, stats),
                 "step": jnp.zeros((), jnp.int32), "rng": state_key}
 
-    return jax.jit(init, out_shardings=replicated)(key)
+    lowered = jax.jit(init, out_shardings=replicated).lower(key)
+    options = FAST_COMPILE_OPTIONS if jax.default_backend() == "cpu" else None
+    return lowered.compile(compiler_options=options)(key)
 
 
 def apply_finetune(state: dict, cfg, tx, replicated: NamedSharding, info) -> dict:
@@ -235,8 +245,13 @@ def apply_finetune(state: dict, cfg, tx, replicated: NamedSharding, info) -> dic
 # ==================================================================================================
 # 4. Update step
 # ==================================================================================================
-def make_update_fn(model, tx, lr_fn, cfg):
-    """``update_fn(state, batch) -> (new_state, metrics)``; pure, to be jitted with donation."""
+def make_update_fn(model, tx, lr_fn, cfg, *, teacher=None, align_tx=None, total_steps: int = 0):
+    """``update_fn(state, batch) -> (new_state, metrics)``; pure, to be jitted with donation.
+
+    With ``teacher`` (a ``distill.Teacher``; its frozen variables are in the state) the same step
+    also runs the teacher's backbone + neck (eval mode, stop_gradient), adds
+    ``w(step)·distill_loss`` (cosine weight over ``total_steps``) and updates the align convs with
+    ``align_tx``; the teacher state is passed through unchanged."""
     from damo_jax.assign.ota import align_ota, build_targets
     from damo_jax.losses import detection_loss
 
@@ -244,7 +259,8 @@ def make_update_fn(model, tx, lr_fn, cfg):
     reg_max = int(cfg.model.head.reg_max)
     tc = cfg.train
 
-    def loss_fn(params, batch_stats, batch, rng):
+    def loss_fn(trainable, batch_stats, batch, rng, teacher_neck, kd_weight):
+        params = trainable["params"]
         images = batch["images"].astype(jnp.float32)
         out, mutated = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
                                    mutable=["batch_stats"], rngs={"dropout": rng})
@@ -254,13 +270,26 @@ def make_update_fn(model, tx, lr_fn, cfg):
         targets = build_targets(assignment, out["priors"], batch["gt_boxes"], batch["gt_labels"],
                                 num_classes=num_classes, reg_max=reg_max)
         total, metrics = detection_loss(out, targets, reg_max=reg_max)
+        if teacher_neck is not None:
+            kd = distill_lib.feature_loss(cfg, out["neck"], teacher_neck, trainable["align"])
+            total = total + kd_weight * kd
+            metrics = dict(metrics, loss_distill=kd, distill_weight=kd_weight)
         return total, (metrics, mutated["batch_stats"])
 
     def update_fn(state, batch):
         step = state["step"]
         rng, step_rng = jax.random.split(state["rng"])
-        (total, (metrics, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state["params"], state["batch_stats"], batch, step_rng)
+        trainable, teacher_neck, kd_weight = {"params": state["params"]}, None, None
+        if teacher is not None:
+            trainable["align"] = state["align_params"]
+            teacher_neck = jax.lax.stop_gradient(distill_lib.neck_features(
+                teacher.model, {"params": state["teacher_params"], "batch_stats": state["teacher_batch_stats"]},
+                batch["images"].astype(jnp.float32)))
+            kd_weight = distill_lib.weight_at(step, total_steps, float(cfg.distill.weight),
+                                              float(cfg.distill.weight_end))
+        (total, (metrics, new_stats)), all_grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            trainable, state["batch_stats"], batch, step_rng, teacher_neck, kd_weight)
+        grads = all_grads["params"]
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         lr = lr_fn(step)
         params = jax.tree.map(lambda p, u: p + lr * u, state["params"], updates)
@@ -271,8 +300,16 @@ def make_update_fn(model, tx, lr_fn, cfg):
             ema_params, ema_stats = params, new_stats
         new_state = {"params": params, "batch_stats": new_stats, "opt_state": opt_state,
                      "ema_params": ema_params, "ema_batch_stats": ema_stats, "step": step + 1, "rng": rng}
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.global_norm(grads)      # student only, before clipping (as clip_grad_norm_)
         finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+        if teacher is not None:                   # align convs: own optimizer, same lr, no clip
+            a_updates, a_opt = align_tx.update(all_grads["align"], state["align_opt_state"],
+                                               state["align_params"])
+            new_state.update(align_params=jax.tree.map(lambda p, u: p + lr * u, state["align_params"],
+                                                       a_updates), align_opt_state=a_opt,
+                             teacher_params=state["teacher_params"],
+                             teacher_batch_stats=state["teacher_batch_stats"])
+            finite = finite & jnp.isfinite(optax.global_norm(all_grads["align"]))
         new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, state)
         metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
         metrics.update(total_loss=total, lr=lr, grad_norm=grad_norm, finite=finite)
@@ -285,7 +322,7 @@ def check_finite(metrics: dict, step: int) -> None:
     """Raise NonFiniteError naming the step and the non-finite terms."""
     if bool(metrics["finite"]):
         return
-    terms = [k for k in ("loss_cls", "loss_bbox", "loss_dfl", "total_loss", "grad_norm")
+    terms = [k for k in ("loss_cls", "loss_bbox", "loss_dfl", "loss_distill", "total_loss", "grad_norm")
              if k in metrics and not np.isfinite(metrics[k])]
     raise NonFiniteError(
         f"non-finite {', '.join(terms) or 'values'} at step {step} "
@@ -312,11 +349,14 @@ def should_eval(cfg, epoch: int, rl: RunLength) -> bool:
     return every > 0 and n % every == 0
 
 
-def _meta(cfg, train_ds, step: int, rl: RunLength, metrics=None) -> dict:
-    return {"config": checkpoint.config_to_json(cfg), "class_names": list(cfg.model.class_names),
+def _meta(cfg, train_ds, step: int, rl: RunLength, metrics=None, distill=None) -> dict:
+    meta = {"config": checkpoint.config_to_json(cfg), "class_names": list(cfg.model.class_names),
             "category_ids": [int(c) for c in getattr(train_ds, "category_ids", ())],
             "loader": {"step": int(step), "seed": int(cfg.train.seed)}, "step": int(step),
             "epoch": int(step // rl.steps_per_epoch), "eval": metrics or {}}
+    if distill:
+        meta["distill"] = distill    # teacher source, fingerprint, val stats (config: meta.config.distill)
+    return meta
 
 
 def evaluate_ema(model, state, val_ds, cfg, progress: bool = True) -> dict:
@@ -343,6 +383,9 @@ class Run:
     primary: bool
     progress: bool
     tlog: TrainLog | None = None
+    teacher: object = None            # distill.Teacher when distilling (its variables are in the state)
+    align_tx: object = None
+    distill_meta: dict = dataclasses.field(default_factory=dict)
     best: dict = dataclasses.field(default_factory=lambda: {"AP": -1.0})
     last_eval: dict = dataclasses.field(default_factory=dict)
 
@@ -366,15 +409,22 @@ def setup(cfg, workdir, *, progress: bool = True) -> tuple[Run, dict]:
     rl = run_length(cfg, len(train_ds))
     lr_fn, lr_consts = optim.schedule_from_config(cfg.train, steps_per_epoch=rl.steps_per_epoch,
                                                   global_batch=int(cfg.train.batch_size))
+    distill_lib.resolve_grad_clip(cfg)          # official: 30 when distilling (before make_tx)
     model = build_model(cfg)
+    teacher = distill_lib.load_teacher(cfg) if distill_lib.enabled(cfg) else None   # fail fast
     state = init_state(model, cfg, jax.random.PRNGKey(int(cfg.train.seed)), replicated)
+    align_tx, distill_meta = None, {}
+    if teacher is not None:
+        align_tx, state = distill_lib.attach(state, cfg, teacher, replicated)
+        distill_meta = {"teacher_source": teacher.source,
+                        "teacher_fingerprint": state_lib.fingerprint(teacher.frozen())}
     workdir = Path(workdir).absolute()
     run = Run(cfg=cfg, workdir=workdir, model=model, tx=make_tx(cfg, state["params"], state["batch_stats"]),
               lr_fn=lr_fn, base_lr=lr_consts["base_lr"], rl=rl, train_ds=train_ds, val_ds=val_ds,
               ckpts=checkpoint.Checkpoints(workdir / checkpoint.CKPT_SUBDIR,
                                            keep=int(cfg.train.keep_checkpoints)),
               replicated=replicated, data_sharding=data_sharding, primary=jax.process_index() == 0,
-              progress=progress)
+              progress=progress, teacher=teacher, align_tx=align_tx, distill_meta=distill_meta)
     return run, state
 
 
@@ -389,6 +439,9 @@ def resume_or_start(run: Run, state: dict) -> dict:
         raise RuntimeError(f"{run.ckpts.directory} holds checkpoints {steps} but none can be restored "
                            f"into this model/config; use a new --workdir")
     state, meta = restored
+    if run.teacher is not None:
+        distill_lib.check_resumed_teacher(meta.get("distill") or {}, run.distill_meta, run.ckpts.directory)
+        run.distill_meta = dict(meta.get("distill") or {}, **run.distill_meta)
     run.info(f"resumed from {run.ckpts.directory}/{int(jax.device_get(state['step']))} "
              f"(epoch {meta.get('epoch')})")
     for s in steps:
@@ -407,7 +460,10 @@ def describe(run: Run, state: dict, start: int) -> str:
             f"{run.base_lr:.4g}; {len(run.train_ds)} train images, batch "
             f"{cfg.train.batch_size} on {run.replicated.mesh.devices.size} device(s); {rl.steps_per_epoch} "
             f"steps/epoch, {rl.total_steps} total, warmup {rl.warmup_steps}, no-aug from "
-            f"{rl.no_aug_start_step}; running steps {start}..{rl.last_step}")
+            f"{rl.no_aug_start_step}; running steps {start}..{rl.last_step}"
+            + (f"; distilling from {cfg.distill.teacher or 'teacher'} ({run.teacher.source}), "
+               f"{cfg.distill.method}, weight {cfg.distill.weight}->{cfg.distill.weight_end}, "
+               f"grad clip {cfg.train.grad_clip}" if run.teacher is not None else ""))
 
 
 def evaluate_or_report(run: Run, state: dict, step: int, epoch: int) -> dict | None:
@@ -450,7 +506,8 @@ def after_step(run: Run, state: dict, step: int, metrics: dict) -> None:
         eval_metrics = evaluate_or_report(run, state, step, epoch)
     every = int(cfg.train.ckpt_every_steps)
     if final or eval_due or (end_of_epoch if every <= 0 else step % every == 0):
-        run.ckpts.save(step, state, _meta(cfg, run.train_ds, step, rl, eval_metrics), metrics=eval_metrics)
+        run.ckpts.save(step, state, _meta(cfg, run.train_ds, step, rl, eval_metrics, run.distill_meta),
+                       metrics=eval_metrics)
         run.tlog.reset_timer()
 
 
@@ -470,7 +527,10 @@ def _train(cfg, workdir, *, progress: bool = True) -> dict:
     for ds, role in ((run.train_ds, "train data"), (run.val_ds, "val data")):
         if ds is not None:
             run.info(format_summary(ds, role))      # images, skips, boxes dropped/clipped by reason
-    update = jax.jit(make_update_fn(run.model, run.tx, run.lr_fn, cfg),
+    if run.teacher is not None and start == 0:
+        check_teacher(run)
+    update = jax.jit(make_update_fn(run.model, run.tx, run.lr_fn, cfg, teacher=run.teacher,
+                                    align_tx=run.align_tx, total_steps=run.rl.total_steps),
                      in_shardings=(run.replicated, run.data_sharding),
                      out_shardings=(run.replicated, run.replicated), donate_argnums=0)
     loader = make_loader(run.train_ds, cfg, run.rl, start) if start < run.rl.last_step else None
@@ -494,6 +554,19 @@ def _train(cfg, workdir, *, progress: bool = True) -> dict:
         run.ckpts.close()
         run.tlog.close()
     return finish(run, state)
+
+
+def check_teacher(run: Run) -> None:
+    """Evaluate the teacher once on the val split, log its AP, stop if it is ~0 (not allowed weak)."""
+    t0 = time.perf_counter()
+    stats = distill_lib.evaluate_teacher(run.teacher, run.val_ds, progress=run.progress)
+    if stats is None:
+        run.info(f"teacher not evaluated: {run.teacher.note or 'no validation split'}")
+        return
+    run.distill_meta["teacher_eval"] = stats
+    run.info(f"teacher val AP {stats['AP']:.4f} AP50 {stats['AP50']:.4f} "
+             f"({time.perf_counter() - t0:.1f}s)")
+    distill_lib.check_teacher_ap(run.cfg, stats["AP"])
 
 
 def finish(run: Run, state: dict) -> dict:
