@@ -101,3 +101,38 @@ def test_evaluate_with_no_readable_image_is_one_data_error(tmp_path, oracle):
 def test_clean_dataset_reports_all_images_scored(oracle):
     stats = evaluate(*oracle, ColorBoxDataset(num_images=3), oracle_config(), progress=False)
     assert stats["images_scored"] == 3 and stats["images_skipped"] == 0
+
+
+def test_eval_cli_skips_counts_and_reports(tmp_path, capsys, caplog):
+    """``damo-jax eval`` on a COCO folder with one truncated image: exit normally, the summary and
+    the skip are logged, the printed stats carry images_scored / images_skipped; with every image
+    missing: one ``error:`` line and exit code 2."""
+    from damo_jax.config import load_config
+    from damo_jax.evaluation.evaluator import main
+    from eval_fakes import write_random_weights, write_two_class_config
+
+    fake = ColorBoxDataset(num_images=3)
+    root = write_coco_folder(tmp_path / "coco", fake)
+    images = fake.to_coco_dict()["images"]
+    _break(root / "val" / images[1]["file_name"], "truncated")
+    config_file = write_two_class_config(tmp_path / "two_class.py")
+    weights = write_random_weights(tmp_path / "w.npz", load_config(str(config_file)))
+    args = ["--config", str(config_file), "--weights", str(weights), "--data", f"coco:{root}", "--split",
+            "val", "--img-size", "64", "64", "--batch-size", "2", "--no-progress"]
+    with caplog.at_level(logging.INFO):
+        stats = main(args)
+    out = capsys.readouterr().out
+    assert stats["images_scored"] == 2 and stats["images_skipped"] == 1
+    assert '"images_scored": 2' in out and '"images_skipped": 1' in out
+    log_text = caplog.text
+    assert "eval data coco:" in log_text and "3 images (0 skipped)" in log_text
+    assert f"skipping image (not scored): {root / 'val' / images[1]['file_name']}" in log_text
+    assert "2 images scored, 1 skipped" in log_text
+    for im in images:
+        (root / "val" / im["file_name"]).unlink(missing_ok=True)
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert errors == [errors[0]] and "none of the 3 images" in errors[0] and "Traceback" not in err
