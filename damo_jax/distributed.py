@@ -9,10 +9,15 @@ talk over gloo (how tests/test_multiprocess.py runs the real thing on localhost)
   A process that dies stops sending heartbeats; every other process is then terminated by the
   coordination service after ``DAMO_JAX_HEARTBEAT_TIMEOUT_S`` seconds (default 100, JAX's) with
   "Terminating process because the JAX distributed service detected fatal errors ... another task
-  died": never a silent hang.
+  died": never a silent hang. (``jax_share_binary_between_hosts`` is NOT used: with the persistent
+  cache only process 0 hits it, and the others then wait for a binary that is never shared.)
 * :func:`check_process_slices` — all-gathers the global-batch rows each process read (and the image
   ids it got for them) and raises unless the rows are disjoint, cover the global batch and hold
   the global batch's images.
+* :func:`barrier` — every process waits for the others at the coordination service (not a device
+  collective). Gloo gives a new collective context only 30 s for all processes to arrive, and
+  compilation times differ between processes by more than that on a loaded host, so the first
+  update step (compiled ahead) and every all-gather are preceded by a barrier.
 * :func:`allgather_rows` — numpy values of process-local or globally sharded arrays, concatenated
   over processes along axis 0 (int64 / float64 survive without ``jax_enable_x64``).
 * :func:`exit_on_error` — in a multi-process run, an exception in ONE process prints
@@ -21,6 +26,7 @@ talk over gloo (how tests/test_multiprocess.py runs the real thing on localhost)
 """
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 import traceback
@@ -29,6 +35,8 @@ import numpy as np
 
 HEARTBEAT_ENV = "DAMO_JAX_HEARTBEAT_TIMEOUT_S"
 INIT_TIMEOUT_ENV = "DAMO_JAX_INIT_TIMEOUT_S"
+BARRIER_TIMEOUT_ENV = "DAMO_JAX_BARRIER_TIMEOUT_S"
+_BARRIER_IDS = itertools.count()
 
 
 def requested(multihost: bool, env=os.environ) -> bool:
@@ -57,7 +65,31 @@ def initialize(multihost: bool, env=os.environ) -> bool:
         process_id=int(env["JAX_PROCESS_ID"]) if env.get("JAX_PROCESS_ID") else None,
         initialization_timeout=int(env.get(INIT_TIMEOUT_ENV, 300)),
         heartbeat_timeout_seconds=int(env.get(HEARTBEAT_ENV, 100)))
+    _orbax_coordination_barriers()
     return True
+
+
+def _orbax_coordination_barriers() -> None:
+    """Orbax's barriers through the coordination service (with timeouts) instead of device
+    collectives, which gloo gives up on when processes arrive more than 30 s apart."""
+    from absl import flags
+    import orbax.checkpoint  # noqa: F401 - defines the flag
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    flags.FLAGS.experimental_orbax_use_distributed_barrier = True
+
+
+def barrier(name: str, timeout_s: float | None = None) -> None:
+    """Block until every process calls ``barrier`` with the same ``name`` (the n-th call of each
+    process meets the n-th of the others). Raises after ``timeout_s`` (default
+    ``DAMO_JAX_BARRIER_TIMEOUT_S`` or 1800 s); a dead process is caught sooner by the heartbeat."""
+    import jax
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed as jax_distributed
+    timeout_s = float(timeout_s or os.environ.get(BARRIER_TIMEOUT_ENV, 1800))
+    jax_distributed.global_state.client.wait_at_barrier(f"damo_jax/{name}/{next(_BARRIER_IDS)}",
+                                                        int(timeout_s * 1000))
 
 
 def allgather_rows(tree):
@@ -68,6 +100,8 @@ def allgather_rows(tree):
     One process: the leaves' values, unchanged."""
     import jax
     from jax.experimental import multihost_utils
+
+    barrier("allgather")                  # all processes at the collective within gloo's 30 s
 
     def one(x):
         if isinstance(x, jax.Array):

@@ -318,6 +318,17 @@ def make_update_fn(model, tx, lr_fn, cfg, *, teacher=None, align_tx=None, total_
     return update_fn
 
 
+def compile_first(update, state: dict, batch: dict):
+    """Multi-process: compile the jitted step ahead and wait at a barrier, so that all processes
+    enter its first collective together (a new gloo context allows 30 s; compile times differ
+    between processes by more on a loaded host). One process: ``update`` unchanged."""
+    if jax.process_count() == 1:
+        return update
+    compiled = update.lower(state, batch).compile()
+    distributed.barrier("first_update_step")
+    return compiled
+
+
 def check_finite(metrics: dict, step: int) -> None:
     """Raise NonFiniteError naming the step and the non-finite terms."""
     if bool(metrics["finite"]):
@@ -541,7 +552,10 @@ def _train(cfg, workdir, *, progress: bool = True) -> dict:
             if step == start and jax.process_count() > 1:
                 run.info(check_process_slices(loader, batch, step))
             state = _test_hooks(state, step)
-            state, metrics = update(state, shard_batch(batch, run.data_sharding))
+            sharded = shard_batch(batch, run.data_sharding)
+            if step == start:
+                update = compile_first(update, state, sharded)
+            state, metrics = update(state, sharded)
             metrics = jax.device_get(metrics)
             check_finite(metrics, step)          # before anything of this step is logged or saved
             if step == start:
