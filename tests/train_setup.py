@@ -91,6 +91,51 @@ def get_config():
 '''
 
 
+LEARN_CONFIG = '''"""Overfit check: DAMO-YOLO-Ns on {n} synthetic 64x64 images, evaluated on the same images.
+
+No augmentation (no mosaic / mixup / flip / SADA), no EMA (its warm-up is thousands of steps),
+AdamW at a high learning rate, one evaluation and one checkpoint at the end.
+"""
+from damo_jax.config import load_config
+
+
+def get_config():
+    c = load_config("ns")
+    c.data.image_size = (64, 64)
+    c.data.mosaic_size = (64, 64)
+    c.data.mosaic_prob = 0.0
+    c.data.mixup_prob = 0.0
+    c.data.flip_prob = 0.0
+    c.data.sada = False
+    c.data.max_boxes = 8
+    c.data.workers = 0
+    c.train.batch_size = {n}
+    c.train.epochs = {steps}
+    c.train.warmup_epochs = {warmup}
+    c.train.no_aug_epochs = 0
+    c.train.eval_every_epochs = 0
+    c.train.eval_every_epochs_tail = 0
+    c.train.ckpt_every_steps = 1000000
+    c.train.log_every_steps = 10
+    c.train.ema = False
+    c.train.base_lr_per_img = {lr} / {n}
+    c.train.min_lr_ratio = 0.1
+    c.test.image_size = (64, 64)
+    c.test.batch_size = {n}
+    c.test.conf_thre = 0.05
+    return c
+'''
+
+
+def learn_setup(root: Path, n: int = 8, steps: int = 120, warmup: int = 5, lr: float = 0.01) -> tuple[Path, str]:
+    """(config file, data spec) of the overfit run: train and val splits hold the SAME images."""
+    write_coco(root / "coco", "train", n, seed=7)
+    write_coco(root / "coco", "val", n, seed=7)
+    cfg = root / "learn.py"
+    cfg.write_text(LEARN_CONFIG.format(n=n, steps=steps, warmup=warmup, lr=lr))
+    return cfg, f"coco:{root / 'coco'}"
+
+
 @functools.lru_cache(maxsize=None)
 def shared_dir() -> Path:
     """One folder per test process: data, config, XLA cache."""
