@@ -239,7 +239,6 @@ def test_cli_run_logs_saves_and_exports_the_student_only(distill_run):
     w = [x["distill_weight"] for x in train]
     want = [1 - 0.9 * (1 - np.cos(np.pi * s / 8)) / 2 for s in range(8)]     # T = 8 steps
     np.testing.assert_allclose(w, want, rtol=1e-6)
-    from tensorboardX.proto import event_pb2  # noqa: F401 - the writer's own format
     tb = b"".join(p.read_bytes() for p in (workdir / "tensorboard").glob("events.out.tfevents.*"))
     assert b"train/loss_distill" in tb and b"train/distill_weight" in tb
     items = _state_items(workdir)
@@ -247,7 +246,7 @@ def test_cli_run_logs_saves_and_exports_the_student_only(distill_run):
                                    "align_opt_state"}
     assert items["meta"]["config"]["distill"]["teacher"] == "ns"
     assert items["meta"]["distill"]["teacher_fingerprint"]
-    cfg, variables, names = load_for_inference(workdir)
+    cfg, variables, names = load_for_inference(workdir, step=8)      # what eval/predict/export load
     assert set(variables) == {"params", "batch_stats"} and names == ("square", "disc")
     np.testing.assert_array_equal(jax.tree.leaves(variables["params"])[0],
                                   jax.tree.leaves(items["ema"]["params"])[0])
