@@ -7,9 +7,12 @@ on the demo val split (100 images, backgrounds never seen in training) after eve
 ``runs/demo/curves.png`` and ``runs/demo/predictions.png``. Target: AP50 ≥ 0.5 within 10 minutes of
 training wall time on a 2-core CPU.
 
-Measured: see DEMO_CURVE below (filled in from the run; the machine load is recorded with it).
-
-DEMO_CURVE
+Measured so far (2026-12-02, AMD EPYC 2 cores AVX2, machine shared with ~20 other processes,
+load average 16-33 throughout, so every time below is ~5-10x an idle run): compile + first step
+2141 s, then 0.5-1.6 img/s (5-16 s/step); epoch 1 (step 100) AP50 0.000 (EMA, loss 2.12 -> 1.44).
+The run did not get past epoch 1 before the session's deadline, so the AP50 >= 0.5 in 10 minutes
+target is NOT shown yet; the previous demo config (Ns@256, AdamW 5e-4, mosaic, 3 epochs) measured
+AP50 0.000 / 0.066 / 0.090 after epochs 1/2/3 in 12 min 4 s (2026-11-30, one other job running).
 
 What differs from the official Ns recipe (``configs/ns.py``), all to learn fast in a few hundred
 steps on a CPU (same model, same train and eval code path, same dataset and val split):
