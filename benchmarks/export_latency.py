@@ -84,31 +84,20 @@ def jax_runner(dm, name):
 
 
 def time_runners(runners: dict, x, *, warmup, runs, rounds, per_round=None) -> dict:
-    """{key: (wall median, wall min, wall max, cpu median)} over round medians, in ms.
+    """{key: (wall median, wall min, wall max, cpu median)} over round medians, in ms, from the
+    library's interleaved timer (:func:`damo_jax.export.quant_report.time_interleaved`).
 
     CPU time (``time.process_time``, all threads of this process) is reported next to wall time:
     on a shared machine wall time mostly measures the other jobs, CPU time much less so.
-    ``per_round`` (optional dict) receives ``{key: [round medians of wall ms]}`` for per-round ratios."""
-    for run in runners.values():
-        for _ in range(warmup):
-            run(x)
-    wall = {k: [] for k in runners}
-    cpu = {k: [] for k in runners}
-    for _ in range(rounds):
-        for key, run in runners.items():
-            w, c = [], []
-            for _ in range(runs):
-                t0, c0 = time.perf_counter(), time.process_time()
-                run(x)
-                w.append((time.perf_counter() - t0) * 1e3)
-                c.append((time.process_time() - c0) * 1e3)
-            wall[key].append(statistics.median(w))
-            cpu[key].append(statistics.median(c))
+    ``per_round`` (optional dict) receives ``{key: [round medians of wall ms]}`` and
+    ``{("cpu", key): [...]}`` for per-round ratios."""
+    from damo_jax.export.quant_report import time_interleaved
+    timings = time_interleaved(runners, x, warmup=warmup, runs=runs, rounds=rounds)
     if per_round is not None:
-        per_round.update(wall)
-        per_round.update({("cpu", k): v for k, v in cpu.items()})
-    return {k: (statistics.median(wall[k]), min(wall[k]), max(wall[k]), statistics.median(cpu[k]))
-            for k in runners}
+        per_round.update({k: v["wall"] for k, v in timings.items()})
+        per_round.update({("cpu", k): v["cpu"] for k, v in timings.items()})
+    return {k: (statistics.median(v["wall"]), min(v["wall"]), max(v["wall"]),
+                statistics.median(v["cpu"])) for k, v in timings.items()}
 
 
 def export_files(name, size, workdir: Path, skip_tf: bool, skip_literal=False, skip_fp16=False):
@@ -258,17 +247,28 @@ def report(results, args, load_before, load_after, elapsed) -> str:
 
 
 def cpu_model() -> str:
-    """CPU model name and the ISA flags that matter for these runtimes (from /proc/cpuinfo)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    name = next((ln.split(":", 1)[1].strip() for ln in text.splitlines()
-                 if ln.startswith("model name")), platform.machine())
-    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines()
-                  if ln.startswith("flags")), [])
-    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
-    return f"{name} ({', '.join(isa) or 'no AVX2'})"
+    from damo_jax.export.quant_report import cpu_model as library_cpu_model
+    return library_cpu_model()
+
+
+def load_text() -> str:
+    return " ".join(f"{v:.1f}" for v in os.getloadavg())
+
+
+def bench_all(specs, bench, render, out):
+    """``bench(spec, workdir)`` for every spec in one temporary folder; after each, the markdown
+    ``render(results, load_before, load_after, elapsed_s)`` is (re)written to ``out`` and printed,
+    so a long run that is cut short keeps what it measured."""
+    t0, load_before = time.time(), load_text()
+    results = []
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for spec in specs:
+            results.append(bench(spec, Path(tmp)))
+            text = render(results, load_before, load_text(), time.time() - t0)
+            Path(out).write_text(text + "\n")
+            print(text, flush=True)
+    return results
 
 
 def main(argv=None):
@@ -293,17 +293,8 @@ def main(argv=None):
     args.argv = sys.argv[1:] if argv is None else list(argv)
     from damo_jax.export.common import setup_logging
     setup_logging()
-    t0 = time.time()
-    load_before = " ".join(f"{v:.1f}" for v in os.getloadavg())
-    results = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for spec in args.models:
-            results.append(bench_model(spec, args, Path(tmp)))
-    load_after = " ".join(f"{v:.1f}" for v in os.getloadavg())
-    text = report(results, args, load_before, load_after, time.time() - t0)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text + "\n")
-    print(text)
+    bench_all(args.models, lambda spec, workdir: bench_model(spec, args, workdir),
+              lambda results, *times: report(results, args, *times), args.out)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ examples:
   damo-jax export openvino --onnx s.onnx --output s.xml [--fp16]
   damo-jax export openvino --config s --weights damoyolo_s.pth --output s.xml
   damo-jax export tensorrt --onnx s.onnx --output s.engine [--fp16]
+  damo-jax export openvino --int8 --checkpoint runs/demo --calib-data demo --mixed 4 --output-dir int8/
+  damo-jax export int8 --config s --onnx s.onnx --calib-data coco:/data/coco --output-dir int8/
 
 Then score the exported file with the same pre/post-processing: damo-jax eval --config s
 --onnx s.onnx --data coco:/data/coco. Aliases: python export/to_onnx.py, to_openvino.py,
@@ -19,7 +21,11 @@ EXPORT_TARGETS = {
     "onnx": ("damo_jax.export.to_onnx", "raw (scores, boxes) or --end2end ONNX (opset >= 17)"),
     "openvino": ("damo_jax.export.to_openvino", "OpenVINO IR .xml/.bin from an ONNX file (or export first)"),
     "tensorrt": ("damo_jax.export.to_tensorrt", "TensorRT engine from an ONNX file (NVIDIA GPU)"),
+    "int8": ("damo_jax.export.int8", "calibrated INT8 OpenVINO IR (NNCF) / QDQ ONNX (onnxruntime), "
+             "optional mixed precision, accuracy + latency report"),
 }
+# ``export onnx|openvino --int8 ...`` is ``export int8 --format onnx|openvino ...``
+INT8_FORMATS = ("onnx", "openvino")
 
 
 def usage(prog: str) -> str:
@@ -30,4 +36,7 @@ def usage(prog: str) -> str:
 
 def main(argv=None, prog: str = "damo-jax export"):
     from damo_jax.cli.common import dispatch
-    return dispatch(EXPORT_TARGETS, list(argv or []), prog, lambda: usage(prog), what="target")
+    argv = list(argv or [])
+    if argv and argv[0] in INT8_FORMATS and "--int8" in argv[1:]:
+        argv = ["int8"] + [a for a in argv[1:] if a != "--int8"] + ["--format", argv[0]]
+    return dispatch(EXPORT_TARGETS, argv, prog, lambda: usage(prog), what="target")

@@ -1,0 +1,258 @@
+"""INT8 export with calibration: OpenVINO IR through NNCF, QDQ ONNX through onnxruntime.
+
+    damo-jax export int8 --checkpoint runs/demo --calib-data demo --calib-images 64 \\
+        --format both --mixed 4 --output-dir int8/
+    damo-jax export int8 --config s --onnx s.onnx --calib-data coco:/data/coco --report-data coco:/data/coco
+
+Steps (library: :func:`export_int8`):
+
+1. FP32: the raw-output ONNX (``--onnx``, or exported first from ``--checkpoint`` / ``--config
+   --weights``) and its OpenVINO IR.
+2. Calibration images: ``--calib-images`` images spread evenly over the ``--calib-split`` split of
+   the user's dataset spec, through the shared inference pre-processing
+   (:func:`damo_jax.inference.pipeline.preprocess`: stretch-resize, RGB 0-255 float32), as NCHW.
+3. Full INT8: onnxruntime ``quantize_static`` (QDQ, per-channel symmetric INT8 weights, asymmetric
+   UINT8 activations, MinMax calibration) -> ``<stem>_int8.onnx``; NNCF ``nncf.quantize``
+   (performance preset, all calibration images) on the IR -> ``<stem>_int8.xml``.
+4. Mixed precision (``--mixed K``): the per-layer sensitivity of
+   :mod:`damo_jax.export.quant_sensitivity` (measured on the calibration images), and the K most
+   sensitive Convs kept in float (ORT ``nodes_to_exclude``, NNCF ``IgnoredScope``) ->
+   ``<stem>_int8_mixed.onnx`` / ``.xml``; the ranking is written to ``sensitivity.json``.
+5. The accuracy report (:mod:`damo_jax.export.quant_report`): mAP of every file on the report
+   split through the evaluation path, latency at 1 and 2 threads, ``int8_report.json`` / ``.md``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+log = logging.getLogger("damo_jax.export")
+
+FORMATS = ("openvino", "onnx")
+
+
+def calibration_images(spec: str, split: str, image_hw, count: int) -> list[np.ndarray]:
+    """``count`` images spread evenly over the split, as (1, 3, H, W) float32 NCHW network inputs.
+
+    Unreadable images are skipped and logged; an error names the spec when none can be read.
+    """
+    from damo_jax.data_pipelines import DataError, open_dataset
+    from damo_jax.inference.pipeline import preprocess
+
+    if count < 1:
+        raise DataError(f"--calib-images must be >= 1, got {count}")
+    dataset = open_dataset(spec, split)
+    if len(dataset) == 0:
+        raise DataError(f"calibration data {spec!r} ({split}): the split has no images")
+    indices = np.unique(np.linspace(0, len(dataset) - 1, min(count, len(dataset))).round())
+    images, skipped = [], 0
+    for index in indices.astype(int).tolist():
+        try:
+            image = dataset[index]["image"]
+        except (DataError, OSError, ValueError) as e:
+            skipped += 1
+            log.warning("calibration: skipping image %d of %s: %s", index, spec, e)
+            continue
+        batch, _ = preprocess([image], tuple(image_hw))
+        images.append(np.ascontiguousarray(batch.astype(np.float32).transpose(0, 3, 1, 2)))
+    if not images:
+        raise DataError(f"calibration data {spec!r} ({split}): none of {len(indices)} images "
+                        "could be read")
+    log.info("calibration: %d images of %s (%s) at %s, %d skipped", len(images), spec, split,
+             tuple(image_hw), skipped)
+    return images
+
+
+def _input_hw(onnx_path) -> tuple[int, int]:
+    import onnx
+    dims = onnx.load(str(onnx_path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+    return int(dims[2].dim_value), int(dims[3].dim_value)
+
+
+def quantize_onnx(fp32_onnx, output, images: Sequence[np.ndarray], *,
+                  exclude: Sequence[str] = ()) -> Path:
+    """QDQ INT8 ONNX by onnxruntime static quantisation; ``exclude``: node names kept float.
+    The FP32 file's metadata (class names, size, thresholds) is copied."""
+    import onnx
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
+                                          quantize_static)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self._it = iter(images)
+
+        def get_next(self):
+            x = next(self._it, None)
+            return None if x is None else {"images": x}
+
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    quantize_static(str(fp32_onnx), str(output), Reader(), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude))
+    source = onnx.load(str(fp32_onnx), load_external_data=False)
+    model = onnx.load(str(output))
+    meta = {p.key: p.value for p in source.metadata_props}
+    meta.update(precision="int8-qdq", float_layers=json.dumps(list(exclude)))
+    del model.metadata_props[:]
+    for key, value in meta.items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(output))
+    log.info("wrote %s (QDQ INT8, %d layers kept float)", output, len(exclude))
+    return output
+
+
+def quantize_openvino(fp32_xml, output, images: Sequence[np.ndarray], *,
+                      ignore: Sequence[str] = ()) -> Path:
+    """INT8 IR by NNCF post-training quantisation of the FP32 IR; ``ignore``: ONNX Conv node names
+    kept float (with their OpenVINO ``/WithoutBiases`` convolution)."""
+    import nncf
+    import openvino as ov
+
+    model = ov.Core().read_model(str(fp32_xml))
+    names = [n for name in ignore for n in (name, f"{name}/WithoutBiases")]
+    scope = nncf.IgnoredScope(names=names, validate=False) if names else None
+    quantized = nncf.quantize(model, nncf.Dataset(list(images)), subset_size=len(images),
+                              preset=nncf.QuantizationPreset.PERFORMANCE, ignored_scope=scope)
+    quantized.set_rt_info("int8-nncf", ["damo_jax", "weights_precision"])
+    quantized.set_rt_info(json.dumps(list(ignore)), ["damo_jax", "float_layers"])
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    ov.save_model(quantized, str(output), compress_to_fp16=False)
+    log.info("wrote %s (+ .bin, NNCF INT8, %d layers kept float)", output, len(ignore))
+    return output
+
+
+def export_int8(fp32_onnx, out_dir, images: Sequence[np.ndarray], *,
+                formats: Sequence[str] = FORMATS, mixed: int = 0,
+                candidates: Sequence[str] | None = None) -> dict:
+    """Write the FP32 / INT8 (/ mixed) files of ``fp32_onnx`` into ``out_dir``.
+
+    Returns ``{"files": {label: path}, "float_layers": [...], "sensitivity": {...} | None}``;
+    labels: ``onnx fp32``, ``onnx int8``, ``onnx int8 mixed``, ``openvino fp32``,
+    ``openvino int8``, ``openvino int8 mixed``. ``candidates``: Conv names measured for ``mixed``
+    (default all; tests use a few).
+    """
+    from damo_jax.export import to_openvino
+    from damo_jax.export.quant_sensitivity import float_layer_nodes, rank_layers
+
+    unknown = set(formats) - set(FORMATS)
+    if unknown or not formats:
+        from damo_jax.errors import ConfigError
+        raise ConfigError(f"--format: expected openvino, onnx or both, got {list(formats)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fp32 = out / f"{Path(fp32_onnx).stem}.onnx"
+    if Path(fp32_onnx).resolve() != fp32.resolve():
+        shutil.copyfile(fp32_onnx, fp32)
+    stem = fp32.stem
+    files = {"onnx fp32": fp32}
+    qdq = quantize_onnx(fp32, out / f"{stem}_int8.onnx", images)  # also the sensitivity base
+    if "onnx" in formats:
+        files["onnx int8"] = qdq
+    sensitivity, float_layers, float_nodes = None, [], []
+    if mixed > 0:
+        sensitivity = rank_layers(qdq, fp32, images, candidates=candidates)
+        import onnx
+        float_layers = [name for name, _ in sensitivity["layers"][:mixed]]
+        float_nodes = float_layer_nodes(onnx.load(str(fp32), load_external_data=False),
+                                        float_layers)
+        (out / "sensitivity.json").write_text(json.dumps(
+            {"method": "all INT8 but one layer (Conv + activation): error(all INT8) - "
+                       f"error(all INT8 but it), on {len(images)} calibration images",
+             "float_layers": float_layers, "float_nodes": float_nodes,
+             **sensitivity}, indent=1))
+        log.info("mixed precision: float layers %s (of %d measured)", float_layers,
+                 len(sensitivity["layers"]))
+        if "onnx" in formats:
+            files["onnx int8 mixed"] = quantize_onnx(fp32, out / f"{stem}_int8_mixed.onnx", images,
+                                                     exclude=float_nodes)
+    if "onnx" not in formats:
+        qdq.unlink()
+    if "openvino" in formats:
+        files["openvino fp32"] = to_openvino.convert(fp32, out / f"{stem}.xml")
+        files["openvino int8"] = quantize_openvino(files["openvino fp32"],
+                                                   out / f"{stem}_int8.xml", images)
+        if mixed > 0:
+            files["openvino int8 mixed"] = quantize_openvino(
+                files["openvino fp32"], out / f"{stem}_int8_mixed.xml", images, ignore=float_nodes)
+    return {"files": files, "float_layers": float_layers, "sensitivity": sensitivity}
+
+
+# ----------------------------------------------------------------------------------------- CLI
+
+PROG = "damo-jax export int8"
+
+
+def build_parser(prog: str = PROG):
+    from damo_jax.cli import common
+    p = common.Parser(prog=prog, description=__doc__.split("\n\n")[0],
+                      epilog="examples:\n" + __doc__.split("\n\n", 1)[1])
+    common.add_model_source(p, ("checkpoint", "weights", "onnx"), config_help=(
+        "model config name / file (with --weights or --onnx: class names and test thresholds)"))
+    common.add_img_size(p, "export size (default: the config's model.image_size)")
+    p.add_argument("--calib-data", required=True, help="dataset spec of the calibration images "
+                   "(demo, coco:/path, yolo:/path/data.yaml, voc:/path, tfds:coco/2017)")
+    p.add_argument("--calib-split", default="train", help="calibration split (default train)")
+    p.add_argument("--calib-images", type=int, default=64, help="calibration images (default 64)")
+    p.add_argument("--format", choices=("openvino", "onnx", "both"), default="both",
+                   help="INT8 OpenVINO IR (NNCF), QDQ ONNX (onnxruntime) or both (default)")
+    p.add_argument("--mixed", type=int, default=0, metavar="K",
+                   help="also write a mixed-precision model keeping the K most sensitive Convs "
+                        "(measured on the calibration images) in float")
+    p.add_argument("--report-data", help="dataset spec for the mAP part of the report "
+                   "(default: --calib-data)")
+    p.add_argument("--report-split", default="val", help="report split (default val)")
+    p.add_argument("--no-report", action="store_true", help="skip the accuracy/latency report")
+    p.add_argument("--report-rounds", type=int, default=5, help="interleaved latency rounds")
+    p.add_argument("--output-dir", "--output", dest="output_dir", required=True,
+                   help="folder for the files and the report")
+    return p
+
+
+def run(args, overrides=()) -> dict:
+    from damo_jax.cli.common import img_size
+    from damo_jax.errors import ConfigError
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = args.checkpoint or args.config
+    if config is None:
+        raise ConfigError("give --checkpoint RUN_DIR, or --config with --weights / --onnx")
+    if args.onnx:
+        fp32 = Path(args.onnx)
+        if not fp32.is_file():
+            from damo_jax.errors import InputPathError
+            raise InputPathError(f"--onnx {fp32}: file not found")
+    else:
+        from damo_jax.export import common, onnx_utils, to_onnx
+        dm = common.load_deploy_model(args.config, checkpoint=args.checkpoint,
+                                      weights=args.weights, image_size=img_size(args.img_size),
+                                      overrides=overrides)
+        fp32 = onnx_utils.save(to_onnx.export_onnx(dm, batch=1), out / f"{dm.cfg.model.name}.onnx")
+    hw = _input_hw(fp32)
+    images = calibration_images(args.calib_data, args.calib_split, hw, args.calib_images)
+    formats = FORMATS if args.format == "both" else (args.format,)
+    result = export_int8(fp32, out, images, formats=formats, mixed=args.mixed)
+    if not args.no_report:
+        from damo_jax.data_pipelines import open_dataset
+        from damo_jax.export.quant_report import write_report
+        spec = args.report_data or args.calib_data
+        report = write_report(out, result["files"], model=f"{fp32.stem} @ {hw[0]}x{hw[1]}",
+                              config=config, dataset=open_dataset(spec, args.report_split),
+                              calibration=f"{len(images)} images of {args.calib_data} "
+                                          f"({args.calib_split})",
+                              float_layers=result["float_layers"], rounds=args.report_rounds,
+                              overrides=overrides)
+        print((out / "int8_report.md").read_text())
+        result["report"] = report
+    return result
+
+
+def main(argv=None, prog: str = PROG):
+    from damo_jax.cli.common import run_command
+    return run_command(build_parser, run, argv, prog)
