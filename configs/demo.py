@@ -9,8 +9,8 @@ training wall time on a 2-core CPU.
 
 Measured so far (2026-12-02, AMD EPYC 2 cores AVX2, machine shared with ~20 other processes,
 load average 16-33 throughout, so every time below is ~5-10x an idle run): compile + first step
-2141 s, then 0.5-1.6 img/s (5-16 s/step); epoch 1 (step 100) AP50 0.000 (EMA, loss 2.12 -> 1.44).
-The run did not get past epoch 1 before the session's deadline, so the AP50 >= 0.5 in 10 minutes
+2141 s, then 0.5-1.6 img/s (5-16 s/step); AP50 after epochs 1 / 2 (EMA weights): 0.000 / 0.139
+(AP 0.071). The run did not finish before the session's deadline, so the AP50 >= 0.5 in 10 minutes
 target is NOT shown yet; the previous demo config (Ns@256, AdamW 5e-4, mosaic, 3 epochs) measured
 AP50 0.000 / 0.066 / 0.090 after epochs 1/2/3 in 12 min 4 s (2026-11-30, one other job running).
 
