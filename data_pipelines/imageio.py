@@ -113,15 +113,9 @@ def _cv2_decode(data: bytes, w: int, h: int) -> np.ndarray | None:
 
 def _to_rgb_array(img: Image.Image) -> np.ndarray:
     mode = img.mode
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        arr = np.asarray(img)
-        if mode == "F":
-            arr = arr.astype(np.float64)
-            arr = arr * 255.0 if np.nanmax(arr, initial=0.0) <= 1.0 else arr
-        else:
-            arr = arr.astype(np.float64) / 257.0
-        gray = np.clip(np.nan_to_num(np.rint(arr)), 0, 255).astype(np.uint8)
-        return np.repeat(gray[..., None], 3, axis=2)
+    if mode.startswith("I;16") or mode in ("I", "F"):   # 16/32-bit gray: the one converter's rules
+        from damo_jax.inference.images import to_rgb_uint8
+        return to_rgb_uint8(np.asarray(img))
     if mode != "RGB":
         img = img.convert("RGB")
     return np.asarray(img, dtype=np.uint8)

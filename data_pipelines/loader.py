@@ -37,10 +37,10 @@ _WORKER: dict[str, Any] = {}
 
 
 def _cfg_get(cfg, key, default):
-    try:
-        value = cfg[key]
-    except (KeyError, TypeError, AttributeError):
-        value = getattr(cfg, key, default)
+    """:func:`damo_jax.config.config_value`, also reading attributes of plain objects."""
+    from damo_jax.config import config_value
+    value = config_value(cfg, key, None)
+    value = getattr(cfg, key, None) if value is None else value
     return default if value is None else value
 
 

@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from damo_jax.config import load_config, neck_depth_n
+from damo_jax.config import config_value, load_config, neck_depth_n
+from damo_jax.ops.boxes import check_image_size
 from damo_jax.models.backbone_csp import TinyNASCSP
 from damo_jax.models.backbone_mob import TinyNASMob
 from damo_jax.models.backbone_res import TinyNASRes
@@ -35,9 +36,7 @@ class DamoYolo(nn.Module):
     def __call__(self, images, train: bool = False):
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"images must be (B, H, W, 3) NHWC RGB, got shape {images.shape}")
-        h, w = images.shape[1:3]
-        if h % 32 or w % 32:
-            raise ValueError(f"image height/width must be multiples of 32, got {h}x{w}")
+        check_image_size(tuple(images.shape[1:3]), "model input (H, W)")
         x = images.astype(jnp.dtype(self.dtype))
         feats = self.backbone(x, train)
         neck_feats = self.neck(feats, train)
@@ -47,8 +46,7 @@ class DamoYolo(nn.Module):
         return out
 
 
-def _get(section, key, default=None):
-    return section[key] if key in section else default
+_get = config_value  # section[key] when present and not None, else default
 
 
 def build_backbone(bb, opts: Opts) -> nn.Module:

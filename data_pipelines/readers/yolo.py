@@ -29,7 +29,7 @@ from damo_jax.data_pipelines.quality import dominant_reason, hint_by_reason
 from damo_jax.data_pipelines.records import (DataError, DetectionDataset, DropAudit, Record, clean_boxes,
                                              empty_boxes, log)
 
-IMAGE_SUFFIXES = {".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp", ".mpo", ".dng", ".pfm"}
+from damo_jax.inference.images import IMAGE_SUFFIXES  # noqa: E402 - the one suffix set
 
 
 def _load_yaml(path: Path) -> dict:
