@@ -38,6 +38,13 @@ import jax
 import numpy as np
 import pytest
 
+# Opt-in: on a 2-core runner each of the four 2-process runs recompiles the train step in every process
+# (5+ min each under load), and the whole file was not verified to fit the CI budget; the 1 vs 2
+# process equality and the dead-process exit were checked by hand (see docs/SCALING.md).
+pytestmark = pytest.mark.skipif(
+    os.environ.get("DAMO_JAX_MULTIPROCESS_TESTS") != "1",
+    reason="multi-process training runs are opt-in: set DAMO_JAX_MULTIPROCESS_TESTS=1 (about 20-30 min on 2 cores)")
+
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 4
 RUN_TIMEOUT = 900          # one whole run (compilation on a loaded 2-core machine included)
