@@ -213,7 +213,7 @@ DISTILL_ARGS = ("--config.distill.teacher=ns", "--config.distill.allow_weak_teac
 
 
 def _distill_cmd_args():
-    return (*DISTILL_ARGS, f"--config.distill.teacher_weights={teacher_npz()}")
+    return (*DISTILL_ARGS, "--teacher-weights", str(teacher_npz()))     # the short flag
 
 
 def _state_items(workdir, step=8):
@@ -276,3 +276,30 @@ def test_kill9_and_resume_with_a_teacher_is_bitwise_exact(distill_run):
         assert [p for p, _ in la] == [p for p, _ in lb]
         for (path, x), (_, y) in zip(la, lb):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=f"{item}{jax.tree_util.keystr(path)}")
+
+
+def test_run_directory_teacher_end_to_end(distill_run):
+    """A damo_jax training run as the teacher (``--teacher-weights RUN_DIR``, no ``--teacher``): its
+    stored config and EMA weights (head included: same classes) are what the step distills from."""
+    from damo_jax.config import load_config
+    teacher_run, _ = distill_run
+    cfg = load_config(str(shared_dir() / "tiny.py"))
+    cfg.distill.teacher_weights = str(teacher_run)
+    teacher = distill.load_teacher(cfg)
+    _, ema, names = load_for_inference(teacher_run, which="ema")
+    assert teacher.has_head and teacher.cfg.model.name == "ns" and names == ("square", "disc")
+    for col in ("params", "batch_stats"):
+        la = jax.tree_util.tree_leaves_with_path(teacher.variables[col])
+        lb = jax.tree_util.tree_leaves_with_path(ema[col])
+        assert [p for p, _ in la] == [p for p, _ in lb] and la
+        for (path, x), (_, y) in zip(la, lb):
+            np.testing.assert_array_equal(x, np.asarray(y), err_msg=f"{col}{jax.tree_util.keystr(path)}")
+    workdir = shared_dir() / "distill_from_run"
+    r = run_train(workdir, "--config.distill.allow_weak_teacher=true", "--teacher-weights", str(teacher_run),
+                  timeout=3600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    assert "distilling from" in r.stderr and "teacher val AP" in r.stderr
+    train = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    train = [x for x in train if x["kind"] == "train"]
+    assert len(train) == 8 and all(x["loss_distill"] > 0 for x in train)
+    assert _state_items(workdir)["meta"]["config"]["distill"]["teacher_weights"] == str(teacher_run)

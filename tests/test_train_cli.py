@@ -18,7 +18,7 @@ def test_help_lists_every_key_with_default():
     assert r.returncode == 0, r.stderr
     for key, value in flat_items(load_config("ns")):
         assert f"--config.{key}={value!r}" in r.stdout, key
-    for flag in ("--data", "--workdir", "--runlocal", "--multihost"):
+    for flag in ("--data", "--workdir", "--runlocal", "--multihost", "--teacher", "--teacher-weights"):
         assert flag in r.stdout
 
 
@@ -32,6 +32,13 @@ def test_parse_args_overrides_data_and_runlocal():
     assert cfg.data.image_size == (320, 320)
     assert cfg.train.optimizer == "adamw" and cfg.train.ema is False
     assert args.workdir.endswith("s") and not args.multihost
+
+
+def test_teacher_short_flags_set_the_distill_keys():
+    cfg, _ = train.parse_args(["--config", "s", "--teacher", "m", "--teacher-weights", "/w/m.pth"])
+    assert (cfg.distill.teacher, cfg.distill.teacher_weights) == ("m", "/w/m.pth")
+    cfg, _ = train.parse_args(["--config", "s", "--config.distill.teacher=l"])
+    assert (cfg.distill.teacher, cfg.distill.teacher_weights) == ("l", "")
 
 
 def test_parse_args_errors_name_the_problem(capsys):

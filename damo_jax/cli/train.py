@@ -6,6 +6,7 @@ examples:
   damo-jax train --config ns --data yolo:/data/data.yaml --config.train.epochs=50 \\
       --config.train.finetune=damoyolo_ns.pth
   damo-jax train --config s --runlocal --img-size 320      # a quick CPU check
+  damo-jax train --config s --teacher m --teacher-weights damoyolo_m.pth   # distillation
 
 Every config key can be overridden with --config.KEY=VALUE (listed below with its default for
 the chosen --config). An interrupted run resumes from its --workdir. Exit codes: 0 done,
@@ -26,6 +27,11 @@ def add_arguments(p) -> None:
     common.add_data(p, help_extra=" (sets config.data.train)")
     p.add_argument("--workdir", default=None, help="run folder (checkpoints, logs); default runs/<config>")
     common.add_img_size(p, "training and test size (sets data.image_size, test.image_size)")
+    p.add_argument("--teacher", default=None,
+                   help="distillation teacher config name or .py path (sets config.distill.teacher)")
+    p.add_argument("--teacher-weights", default=None,
+                   help="teacher weights: official .pth, .npz, or a damo_jax run dir / checkpoint "
+                        "(sets config.distill.teacher_weights)")
     p.add_argument("--runlocal", action="store_true", help="shrink the run for a quick CPU check")
     p.add_argument("--multihost", action="store_true",
                    help="call jax.distributed.initialize() (also automatic when JAX_COORDINATOR_ADDRESS is set)")
@@ -59,6 +65,10 @@ def parse_args(argv=None, prog: str = PROG):
                         + common.override("test.image_size", size))
     if args.data:
         cfg.data.train = args.data
+    if args.teacher is not None:
+        cfg.distill.teacher = args.teacher
+    if args.teacher_weights is not None:
+        cfg.distill.teacher_weights = args.teacher_weights
     validate_config(cfg, where=f"--config {args.config}")
     if args.workdir is None:
         args.workdir = str(Path("runs") / Path(str(args.config)).stem)
