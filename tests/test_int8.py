@@ -148,3 +148,36 @@ def test_report_contents(exported):
     assert lat["openvino int8 mixed"]["vs_fp32"]["min"] <= lat["openvino int8 mixed"]["vs_fp32"]["max"]
     md = (out / "int8_report.md").read_text()
     assert "onnx int8 mixed" in md and "load average" in md and report["cpu"] in md
+
+
+def _damo_jax(*args):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "damo_jax", *args], capture_output=True, text=True,
+                          timeout=1200)
+
+
+def test_cli_export_int8_end_to_end(fp32_onnx, tmp_path):
+    """``damo-jax export onnx --int8 ...`` as a user types it: files, report, exit code 0."""
+    out = tmp_path / "cli_int8"
+    r = _damo_jax("export", "onnx", "--int8", "--config", "demo", "--onnx", str(fp32_onnx),
+                  "--config.model.head.num_classes=6", "--config.model.class_names=('circle', 'square', "
+                  "'triangle', 'star', 'ring', 'cross')", f"--calib-data=demo:{SIZE}", "--calib-images", "4",
+                  "--mixed", "1", "--report-rounds", "1", "--output-dir", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    saved = json.loads((out / "int8_report.json").read_text())
+    assert set(saved["accuracy"]) == {"onnx fp32", "onnx int8", "onnx int8 mixed"}
+    assert all(stats["images_scored"] == 100 for stats in saved["accuracy"].values())
+    assert len(saved["float_layers"]) == 1
+    q = onnx.load(str(next(out.glob("*_int8.onnx"))))
+    assert sum(n.op_type == "QuantizeLinear" for n in q.graph.node) > 10
+    assert "onnx int8 mixed" in r.stdout                     # the report is printed
+
+
+def test_cli_export_int8_user_mistakes_exit_2(fp32_onnx, tmp_path):
+    r = _damo_jax("export", "int8", "--config", "demo", "--onnx", str(tmp_path / "missing.onnx"),
+                  "--calib-data", f"demo:{SIZE}", "--output-dir", str(tmp_path / "o"))
+    assert r.returncode == 2 and "missing.onnx" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = _damo_jax("export", "int8", "--config", "demo", "--onnx", str(fp32_onnx),
+                  "--calib-data", "coco:/nope/missing", "--output-dir", str(tmp_path / "o"))
+    assert r.returncode == 2 and "/nope/missing" in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -265,3 +265,16 @@ def test_predict_cli_onnx(tmp_path):
     assert entry["class_names"] == ["red", "green"]  # config names (the file has no metadata)
     assert entry["boxes"] == [[4.0, 2.0, 20.0, 18.0], [30.0, 10.0, 60.0, 30.0]]
     assert (tmp_path / "out" / "x.png").is_file()
+
+
+def test_load_model_class_names_override(tmp_path):
+    """--config.model.class_names=... beats the config's names; a count that does not fit the
+    head is a clear ConfigError naming num_classes."""
+    from damo_jax.errors import ConfigError
+    from damo_jax.inference.loading import load_model
+    names = "('cat', 'dog')"
+    loaded = load_model("ns", random_init=True, fuse=False,
+                        overrides=["--config.model.head.num_classes=2", f"--config.model.class_names={names}"])
+    assert loaded.class_names == ("cat", "dog")
+    with pytest.raises(ConfigError, match="num_classes"):
+        load_model("ns", random_init=True, fuse=False, overrides=[f"--config.model.class_names={names}"])
