@@ -10,7 +10,8 @@ images) at step 4. Checked:
 * the 2-process run ends with the params, BN statistics and EMA of a 1-process 4-device run
   (max |Δ| ≤ 1e-5 · max(1, max |value|) per tensor; the global batch, the shards per device and
   the update are the same, only the all-reduce runs over gloo instead of in-process) and the SAME
-  evaluation metrics (the eval batches are split over the processes and the detections gathered);
+  evaluation metrics (the eval batches are split over the processes and the detections gathered;
+  their count agrees within 0.1 %, so the gathered set is not empty);
 * every process read a disjoint slice of the global batch (the run all-gathers the rows and image
   ids each process read and asserts it; the log line is checked here);
 * only process 0 writes logs and pictures (one record per step in metrics.jsonl, one TensorBoard
@@ -37,13 +38,6 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-
-# Opt-in: on a 2-core runner each of the four 2-process runs recompiles the train step in every process
-# (5+ min each under load), and the whole file was not verified to fit the CI budget; the 1 vs 2
-# process equality and the dead-process exit were checked by hand (see docs/SCALING.md).
-pytestmark = pytest.mark.skipif(
-    os.environ.get("DAMO_JAX_MULTIPROCESS_TESTS") != "1",
-    reason="multi-process training runs are opt-in: set DAMO_JAX_MULTIPROCESS_TESTS=1 (about 20-30 min on 2 cores)")
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 4
@@ -101,7 +95,12 @@ def _free_port() -> int:
 def _env(shared: Path, devices: int, **extra) -> dict:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("DAMO_JAX_TEST_", "JAX_", "XLA_", "TPU_", "SLURM_", "OMPI_"))}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    # XLA:CPU backend optimisation off: the 4-step runs take seconds, while an optimised compile of
+    # the update step takes minutes per process on a 2-core runner (and a 2-process run compiles in
+    # both). All runs compared here use the same flags.
+    flags = (f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0 "
+             "--xla_llvm_disable_expensive_passes=true")
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=flags,
                JAX_COMPILATION_CACHE_DIR=_xla_cache(shared), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                PYTHONUNBUFFERED="1", DAMO_JAX_HEARTBEAT_TIMEOUT_S="10", DAMO_JAX_INIT_TIMEOUT_S="300")
     env.update(extra)
@@ -214,8 +213,12 @@ def test_two_processes_equal_one_process_with_four_devices(one_process, two_proc
     eval_b = [r for r in _records(two_processes.workdir) if r["kind"] == "eval"]
     assert [r["step"] for r in eval_a] == [r["step"] for r in eval_b] == [STEPS]
     print("eval (1 process):", eval_a[0], "\neval (2 processes):", eval_b[0])
+    # the COCO metrics are identical; the detection count (scores down to conf 0.001 of an untrained
+    # model) may differ by a box or two at the threshold / NMS ties (params differ by ~1e-7)
+    count_a, count_b = eval_a[0].pop("detections"), eval_b[0].pop("detections")
     assert eval_a == eval_b
     assert eval_a[0]["images_scored"] == 100
+    assert count_a > 1000 and abs(count_a - count_b) <= 1e-3 * count_a, (count_a, count_b)
 
 
 def test_disjoint_slices_and_only_process_zero_writes(two_processes):
