@@ -114,7 +114,10 @@ def load_deploy_model(config=None, *, checkpoint=None, weights=None, image_size=
                f"(seed {seed}). The file is only good for format / latency tests, not detection.")
         warnings.warn(msg, stacklevel=2)
         log.warning("!" * 20 + " " + msg + " " + "!" * 20)
-    size = tuple(int(v) for v in (image_size or loaded.cfg.model.image_size))
+    if not image_size:      # the size the model is evaluated at (a run trained with --img-size 320 exports at 320)
+        from damo_jax.evaluation.evaluator import test_image_size
+        image_size = test_image_size(loaded.cfg)
+    size = tuple(int(v) for v in image_size)
     return DeployModel(cfg=loaded.cfg, model=loaded.model, variables=loaded.variables,
                        class_names=loaded.class_names, image_size=size, source=loaded.source)
 

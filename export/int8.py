@@ -195,7 +195,7 @@ def build_parser(prog: str = PROG):
                       epilog="examples:\n" + __doc__.split("\n\n", 1)[1])
     common.add_model_source(p, ("checkpoint", "weights", "onnx"), config_help=(
         "model config name / file (with --weights or --onnx: class names and test thresholds)"))
-    common.add_img_size(p, "export size (default: the config's model.image_size)")
+    common.add_img_size(p, "export size (default: the config's / run's test.image_size)")
     p.add_argument("--calib-data", required=True, help="dataset spec of the calibration images "
                    "(demo, coco:/path, yolo:/path/data.yaml, voc:/path, tfds:coco/2017)")
     p.add_argument("--calib-split", default="train", help="calibration split (default train)")

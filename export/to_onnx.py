@@ -119,7 +119,7 @@ def add_arguments(p) -> None:
     from damo_jax.cli import common
     common.add_model_source(p, ("checkpoint", "weights"), config_help="model name (t, s, m, l, "
                             "ns, nm, nl) or config file path; --config.KEY=VALUE overrides any key")
-    common.add_img_size(p, "export size (default: the config's model.image_size, 640 or 416 for "
+    common.add_img_size(p, "export size (default: the config's test.image_size, 640 or 416 for "
                         "nano)")
     p.add_argument("--batch", default="1",
                    help="static batch size, or 'dynamic' (jax2onnx route only) (default 1)")

@@ -197,3 +197,15 @@ def test_tensorrt_engine_build(tmp_path):
     engine = to_tensorrt.build_engine(path, tmp_path / "m.engine", min_batch=1, opt_batch=2,
                                       max_batch=4, trt=trt)
     assert engine.stat().st_size > 0
+
+
+def test_export_size_defaults_to_the_test_size():
+    """A run trained and evaluated at 96 px (``--img-size 96`` sets data/test sizes, not
+    model.image_size) exports at 96 unless --img-size says otherwise."""
+    import warnings
+    from damo_jax.export.common import load_deploy_model
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dm = load_deploy_model("ns", overrides=["--config.test.image_size=(96, 96)"])
+        assert dm.cfg.model.image_size == (416, 416) and dm.image_size == (96, 96)
+        assert load_deploy_model("ns", image_size=(64, 128)).image_size == (64, 128)
