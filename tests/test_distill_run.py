@@ -285,6 +285,7 @@ def test_run_directory_teacher_end_to_end(distill_run):
     teacher_run, _ = distill_run
     cfg = load_config(str(shared_dir() / "tiny.py"))
     cfg.model.class_names = ("square", "disc")          # set from the dataset by the train loop
+    cfg.model.head.num_classes = 2
     cfg.distill.teacher_weights = str(teacher_run)
     teacher = distill.load_teacher(cfg)
     _, ema, names = load_for_inference(teacher_run, which="ema")
