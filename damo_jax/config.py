@@ -282,6 +282,11 @@ def _parse_value(text: str, current, key: str):
     return value
 
 
+def override_key(item: str) -> str:
+    """The dotted key of a ``--config.key.sub=value`` / ``key.sub=value`` override."""
+    return item.split("=", 1)[0].removeprefix("--").removeprefix("config.")
+
+
 def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
     """Apply ``key.sub=value`` overrides (the ``--config.key.sub=value`` CLI form, prefix optional).
 
@@ -293,8 +298,7 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) ->
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like --config.key.sub=value")
-        key, text = item.split("=", 1)
-        key = key.removeprefix("--").removeprefix("config.")
+        key, text = override_key(item), item.split("=", 1)[1]
         parts = key.split(".")
         node = cfg
         for depth, p in enumerate(parts):

@@ -87,8 +87,8 @@ def load_model(config=None, *, checkpoint=None, weights=None, onnx=None, openvin
                               f"e.g. --config s)")
         cfg, class_names = _config(config)
     cfg = _prepare(cfg, overrides, export)
-    if any(o.split("=", 1)[0].strip().lstrip("-").removeprefix("config.") == "model.class_names"
-           for o in overrides):
+    from damo_jax.config import override_key
+    if any(override_key(o) == "model.class_names" for o in overrides):
         class_names = tuple(cfg.model.class_names)      # an explicit override beats stored names
     if kind in ("onnx", "openvino"):
         return _exported(kind, _existing(_flag(kind), path), cfg, class_names, threads)
