@@ -135,6 +135,7 @@ def model_config(
     c.train.log_every_steps = 10
     c.train.finetune = ""          # path to an official .pth / .npz to start from
     c.train.max_steps = 0          # >0 stops early (tests, demos)
+    c.train.precompile = "auto"    # auto | on | off: compile the update step in a child process (CPU: faster steps, damo_jax/train/precompile.py)
 
     c.distill = ml_collections.ConfigDict()   # feature distillation (SPEC §8, damo_jax/train/distill.py)
     c.distill.teacher = ""         # teacher config name or path ("" = off, or taken from a damo_jax run)

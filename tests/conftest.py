@@ -13,6 +13,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = Path(os.environ.get("DAMO_GOLDEN", ROOT.parent / "shared" / "golden"))
+# The train loop's child-process compile (damo_jax/train/precompile.py) pays a start-up per run:
+# off for the suite's many short runs (and the CLI runs they start); tests/test_precompile.py
+# switches it on where it is the subject.
+os.environ.setdefault("DAMO_JAX_PRECOMPILE", "off")
 
 
 def golden_path(*parts: str) -> Path:

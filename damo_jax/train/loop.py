@@ -40,6 +40,7 @@ from damo_jax.data_pipelines.quality import format_summary
 from damo_jax.train import checkpoint
 from damo_jax.train import distill as distill_lib
 from damo_jax.train import optim
+from damo_jax.train import precompile
 from damo_jax.train import state as state_lib
 from damo_jax.train.log import TrainLog, plot_curves
 
@@ -318,12 +319,48 @@ def make_update_fn(model, tx, lr_fn, cfg, *, teacher=None, align_tx=None, total_
     return update_fn
 
 
-def compile_first(update, state: dict, batch: dict):
-    """Multi-process: compile the jitted step ahead and wait at a barrier, so that all processes
-    enter its first collective together (a new gloo context allows 30 s; compile times differ
-    between processes by more on a loaded host). One process: ``update`` unchanged."""
+def build_update(run) -> "jax.stages.Wrapped":
+    """THE jitted update step of a run: state replicated and donated, batch sharded on "data"
+    (also what :mod:`damo_jax.train.precompile` compiles in its child process)."""
+    return jax.jit(make_update_fn(run.model, run.tx, run.lr_fn, run.cfg, teacher=run.teacher,
+                                  align_tx=run.align_tx, total_steps=run.rl.total_steps),
+                   in_shardings=(run.replicated, run.data_sharding),
+                   out_shardings=(run.replicated, run.replicated), donate_argnums=0)
+
+
+def compile_first(update, state: dict, batch: dict, run=None):
+    """Compile the jitted step ahead of its first call.
+
+    * One CPU process with a persistent cache (``train.precompile``, :mod:`damo_jax.train.precompile`):
+      a child process compiles it into the cache and this process loads it (a process that compiled
+      the step itself runs it ~1.3x slower); a child failure or a cache miss falls back to compiling
+      here, with a warning.
+    * Multi-process: compile and wait at a barrier, so that all processes enter its first collective
+      together (a new gloo context allows 30 s; compile times differ between processes by more on a
+      loaded host).
+    * Otherwise ``update`` unchanged (compiled by its first call)."""
     if jax.process_count() == 1:
-        return update
+        if run is None or not precompile.wanted(run.cfg):
+            return update
+        ok, took = precompile.compile_in_child(run.cfg, batch, run.workdir / "precompile.log")
+        if not ok:
+            run.info(f"warning: compiling the update step in a subprocess failed after {took:.0f}s "
+                     f"(see {run.workdir / 'precompile.log'}); compiling it in this process "
+                     f"(train.precompile=off skips the attempt)")
+            return update
+        hits = []
+        listener = lambda event, **kw: hits.append(event) if event == "/jax/compilation_cache/cache_hits" else None  # noqa: E731
+        jax.monitoring.register_event_listener(listener)
+        try:
+            t0 = time.perf_counter()
+            compiled = update.lower(state, batch).compile()
+        finally:
+            jax.monitoring.unregister_event_listener(listener)
+        run.info(f"update step compiled in a subprocess ({took:.0f}s) and loaded from the persistent "
+                 f"cache ({time.perf_counter() - t0:.0f}s)" if hits else
+                 f"warning: the update step compiled in a subprocess ({took:.0f}s) was not found in the "
+                 f"persistent cache; compiled again in this process")
+        return compiled
     compiled = update.lower(state, batch).compile()
     distributed.barrier("first_update_step")
     return compiled
@@ -421,6 +458,7 @@ def setup(cfg, workdir, *, progress: bool = True) -> tuple[Run, dict]:
     lr_fn, lr_consts = optim.schedule_from_config(cfg.train, steps_per_epoch=rl.steps_per_epoch,
                                                   global_batch=int(cfg.train.batch_size))
     distill_lib.resolve_grad_clip(cfg)          # official: 30 when distilling (before make_tx)
+    precompile.mode(cfg)                        # a bad train.precompile fails here, not at step 1
     model = build_model(cfg)
     teacher = distill_lib.load_teacher(cfg) if distill_lib.enabled(cfg) else None   # fail fast
     state = init_state(model, cfg, jax.random.PRNGKey(int(cfg.train.seed)), replicated)
@@ -540,10 +578,7 @@ def _train(cfg, workdir, *, progress: bool = True) -> dict:
             run.info(format_summary(ds, role))      # images, skips, boxes dropped/clipped by reason
     if run.teacher is not None and start == 0:
         check_teacher(run)
-    update = jax.jit(make_update_fn(run.model, run.tx, run.lr_fn, cfg, teacher=run.teacher,
-                                    align_tx=run.align_tx, total_steps=run.rl.total_steps),
-                     in_shardings=(run.replicated, run.data_sharding),
-                     out_shardings=(run.replicated, run.replicated), donate_argnums=0)
+    update = build_update(run)
     loader = make_loader(run.train_ds, cfg, run.rl, start) if start < run.rl.last_step else None
     try:
         t0 = time.perf_counter()
@@ -554,7 +589,7 @@ def _train(cfg, workdir, *, progress: bool = True) -> dict:
             state = _test_hooks(state, step)
             sharded = shard_batch(batch, run.data_sharding)
             if step == start:
-                update = compile_first(update, state, sharded)
+                update = compile_first(update, state, sharded, run)
             state, metrics = update(state, sharded)
             metrics = jax.device_get(metrics)
             check_finite(metrics, step)          # before anything of this step is logged or saved

@@ -1,0 +1,101 @@
+"""The update step compiled in a child process and loaded from the persistent cache
+(``damo_jax/train/precompile.py``, ``train.precompile``): when it applies, that the training process
+really loads the child's executable (a cache hit, not a second compile), and that every failure
+falls back to compiling in-process."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+from damo_jax.config import load_config
+from damo_jax.errors import UserError
+from damo_jax.train import loop, precompile
+
+ROOT = Path(__file__).resolve().parent.parent
+
+CONFIG = '''"""Tiny run for the precompile test: Ns 64x64 on demo:64, batch 2, 2 steps, no eval."""
+from damo_jax.config import load_config
+
+
+def get_config():
+    c = load_config("ns")
+    c.data.train = "demo:64"
+    c.data.image_size = (64, 64)
+    c.data.mosaic_size = (64, 64)
+    c.data.max_boxes = 8
+    c.data.workers = 0
+    c.train.batch_size = 2
+    c.train.epochs = 1
+    c.train.warmup_epochs = 0
+    c.train.no_aug_epochs = 0
+    c.train.max_steps = 2
+    c.train.eval_every_epochs = 100
+    c.test.image_size = (64, 64)
+    return c
+'''
+
+
+def test_mode_and_when_it_applies(monkeypatch):
+    cfg = load_config("ns")
+    monkeypatch.delenv("DAMO_JAX_PRECOMPILE", raising=False)
+    monkeypatch.delenv(precompile.CHILD_ENV, raising=False)
+    assert precompile.mode(cfg) == "auto"
+    monkeypatch.setattr(precompile, "cache_dir", lambda: None)
+    assert not precompile.wanted(cfg)                         # nothing to carry the executable
+    monkeypatch.setattr(precompile, "cache_dir", lambda: "/tmp/some_cache")
+    assert precompile.wanted(cfg) == (jax.default_backend() == "cpu")
+    cfg.train.precompile = "off"
+    assert not precompile.wanted(cfg)
+    cfg.train.precompile = "on"
+    assert precompile.wanted(cfg)
+    monkeypatch.setenv(precompile.CHILD_ENV, "1")          # never recursively from the child
+    assert not precompile.wanted(cfg)
+    monkeypatch.delenv(precompile.CHILD_ENV)
+    monkeypatch.setenv("DAMO_JAX_PRECOMPILE", "off")       # the environment wins
+    assert not precompile.wanted(cfg)
+    monkeypatch.setenv("DAMO_JAX_PRECOMPILE", "sometimes")
+    with pytest.raises(UserError, match="train.precompile"):
+        precompile.mode(cfg)
+
+
+class _Run:
+    def __init__(self, cfg, workdir):
+        self.cfg, self.workdir, self.lines = cfg, Path(workdir), []
+
+    def info(self, msg):
+        self.lines.append(msg)
+
+
+def test_a_failed_child_falls_back_to_compiling_here(monkeypatch, tmp_path):
+    cfg = load_config("ns")
+    cfg.train.precompile = "on"
+    monkeypatch.delenv("DAMO_JAX_PRECOMPILE", raising=False)
+    monkeypatch.setattr(precompile, "cache_dir", lambda: str(tmp_path / "xla"))
+    monkeypatch.setattr(precompile, "compile_in_child", lambda *a, **k: (False, 1.0))
+    update = jax.jit(lambda s, b: (s, b))
+    run = _Run(cfg, tmp_path)
+    assert loop.compile_first(update, {}, {}, run) is update       # compiled by its first call
+    assert any("failed" in line and "precompile.log" in line for line in run.lines), run.lines
+
+
+def test_cli_run_loads_the_childs_executable(tmp_path):
+    """A real CLI run with a fresh cache: the child compiles, the trainer's compile is a cache hit."""
+    (tmp_path / "tiny.py").write_text(CONFIG)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_", "DAMO_JAX_PRECOMPILE"))}
+    env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla"),
+               XLA_FLAGS="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
+               DAMO_JAX_PRECOMPILE="auto")
+    proc = subprocess.run([sys.executable, "-m", "damo_jax.train", "--config", str(tmp_path / "tiny.py"),
+                           "--workdir", str(tmp_path / "run"), "--no-progress"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "update step compiled in a subprocess" in proc.stderr, proc.stderr[-3000:]
+    assert "loaded from the persistent cache" in proc.stderr, proc.stderr[-3000:]
+    child_log = (tmp_path / "run" / "precompile.log").read_text()
+    assert "update step compiled in" in child_log, child_log[-2000:]
+    assert "done: 2 steps" in proc.stderr
