@@ -110,7 +110,9 @@ def _env(shared: Path, devices: int, **extra) -> dict:
 class Job:
     """The processes of one run; logs in <workdir>.logs/p<i>.{out,err}."""
 
-    def __init__(self, shared: Path, workdir: Path, processes: int, env_per_process=None):
+    def __init__(self, shared: Path, workdir: Path, processes: int, env_per_process=None, flags=False):
+        """``flags``: coordinator / process count / id as CLI flags (--coordinator, --num-processes,
+        --process-id) instead of JAX_* environment variables."""
         self.workdir, self.logs = workdir, Path(f"{workdir}.logs")
         self.logs.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "damo_jax.train", "--config", str(shared / "mp_tiny.py"),
@@ -119,7 +121,10 @@ class Job:
         self.procs = []
         for i in range(processes):
             extra = dict((env_per_process or {}).get(i, {}))
-            if processes > 1:
+            if processes > 1 and flags:
+                cmd_i = cmd + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(processes),
+                               "--process-id", str(i)]
+            elif processes > 1:
                 cmd_i = cmd + ["--multihost"]
                 extra.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(processes),
                              JAX_PROCESS_ID=str(i))
@@ -260,7 +265,8 @@ def test_resume_after_killing_both_processes_is_exact(shared, two_processes):
 def test_a_dead_process_stops_the_other_with_an_error(shared, two_processes):
     # process 1 stops before its first update (so it never compiles the step: cheap); process 0
     # compiles (persistent cache) and waits for it at the first step's barrier, then it is killed
-    job = Job(shared, shared / "dies", 2, env_per_process={1: {"DAMO_JAX_TEST_HANG_AT_STEP": "0"}})
+    # started with the CLI flags (--coordinator/--num-processes/--process-id), not the environment
+    job = Job(shared, shared / "dies", 2, env_per_process={1: {"DAMO_JAX_TEST_HANG_AT_STEP": "0"}}, flags=True)
     job.wait_for(1, "[test hook] hanging before step 0")
     time.sleep(2.0)
     job.kill(1)

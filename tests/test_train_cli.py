@@ -18,7 +18,8 @@ def test_help_lists_every_key_with_default():
     assert r.returncode == 0, r.stderr
     for key, value in flat_items(load_config("ns")):
         assert f"--config.{key}={value!r}" in r.stdout, key
-    for flag in ("--data", "--workdir", "--runlocal", "--multihost", "--teacher", "--teacher-weights"):
+    for flag in ("--data", "--workdir", "--runlocal", "--multihost", "--teacher", "--teacher-weights",
+                 "--coordinator", "--num-processes", "--process-id"):
         assert flag in r.stdout
 
 
@@ -39,6 +40,31 @@ def test_teacher_short_flags_set_the_distill_keys():
     assert (cfg.distill.teacher, cfg.distill.teacher_weights) == ("m", "/w/m.pth")
     cfg, _ = train.parse_args(["--config", "s", "--config.distill.teacher=l"])
     assert (cfg.distill.teacher, cfg.distill.teacher_weights) == ("l", "")
+
+
+def test_process_flags_become_jax_environment_and_imply_multihost():
+    from damo_jax.cli.train import process_env
+    _, args = train.parse_args(["--config", "s", "--coordinator", "10.0.0.1:1234", "--num-processes", "4",
+                                "--process-id", "3"])
+    assert args.multihost
+    env = {}
+    process_env(args, env)
+    assert env == {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"}
+    _, args = train.parse_args(["--config", "s"])
+    process_env(args, env := {})
+    assert env == {} and not args.multihost
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--coordinator", "h:1"], "without --num-processes, --process-id"),
+    (["--coordinator", "nohostport", "--num-processes", "2", "--process-id", "0"], "HOST:PORT"),
+    (["--coordinator", "h:1", "--num-processes", "2", "--process-id", "2"], "0 <= I < N"),
+])
+def test_process_flags_user_mistakes_exit_2(flags, says):
+    r = subprocess.run([sys.executable, "-m", "damo_jax.train", "--config", "ns", *flags], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert says in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
 
 
 def test_parse_args_errors_name_the_problem(capsys):

@@ -7,6 +7,7 @@ examples:
       --config.train.finetune=damoyolo_ns.pth
   damo-jax train --config s --runlocal --img-size 320      # a quick CPU check
   damo-jax train --config s --teacher m --teacher-weights damoyolo_m.pth   # distillation
+  damo-jax train --config s --coordinator 10.0.0.1:1234 --num-processes 2 --process-id 0  # on each host
 
 Every config key can be overridden with --config.KEY=VALUE (listed below with its default for
 the chosen --config). An interrupted run resumes from its --workdir. Exit codes: 0 done,
@@ -14,6 +15,7 @@ the chosen --config). An interrupted run resumes from its --workdir. Exit codes:
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -35,6 +37,13 @@ def add_arguments(p) -> None:
     p.add_argument("--runlocal", action="store_true", help="shrink the run for a quick CPU check")
     p.add_argument("--multihost", action="store_true",
                    help="call jax.distributed.initialize() (also automatic when JAX_COORDINATOR_ADDRESS is set)")
+    p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="multi-process: address of process 0's coordinator (sets JAX_COORDINATOR_ADDRESS; "
+                        "implies --multihost; not needed on Cloud TPU / SLURM / Open MPI)")
+    p.add_argument("--num-processes", type=int, default=None, metavar="N",
+                   help="multi-process: number of processes (sets JAX_NUM_PROCESSES)")
+    p.add_argument("--process-id", type=int, default=None, metavar="I",
+                   help="multi-process: this process's index 0..N-1 (sets JAX_PROCESS_ID)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar (log lines only)")
 
 
@@ -70,9 +79,37 @@ def parse_args(argv=None, prog: str = PROG):
     if args.teacher_weights is not None:
         cfg.distill.teacher_weights = args.teacher_weights
     validate_config(cfg, where=f"--config {args.config}")
+    check_process_flags(args)
     if args.workdir is None:
         args.workdir = str(Path("runs") / Path(str(args.config)).stem)
     return cfg, args
+
+
+def check_process_flags(args) -> None:
+    """--coordinator / --num-processes / --process-id: all three or none, consistent."""
+    from damo_jax.errors import UserError
+    given = [f for f, v in (("--coordinator", args.coordinator), ("--num-processes", args.num_processes),
+                            ("--process-id", args.process_id)) if v is not None]
+    if not given:
+        return
+    if len(given) != 3:
+        missing = sorted({"--coordinator", "--num-processes", "--process-id"} - set(given))
+        raise UserError(f"{', '.join(given)} given without {', '.join(missing)}: a multi-process run "
+                        f"needs all three (or JAX's cluster auto-detection and none)")
+    host, _, port = str(args.coordinator).rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--coordinator {args.coordinator!r}: expected HOST:PORT (e.g. 10.0.0.1:1234)")
+    if args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
+        raise UserError(f"--num-processes {args.num_processes} --process-id {args.process_id}: need "
+                        f"N >= 1 and 0 <= I < N")
+    args.multihost = True
+
+
+def process_env(args, env) -> None:
+    """The flags as JAX's environment variables (read by damo_jax.distributed.initialize)."""
+    if args.coordinator is not None:
+        env.update(JAX_COORDINATOR_ADDRESS=str(args.coordinator), JAX_NUM_PROCESSES=str(args.num_processes),
+                   JAX_PROCESS_ID=str(args.process_id))
 
 
 def check_inputs(cfg, args) -> None:
@@ -90,6 +127,7 @@ def run(cfg, args) -> int:
     from damo_jax.train import loop
     check_inputs(cfg, args)
     runtime.tune_cpu_runtime()        # CPU only: allocator + XLA:CPU vector width (before JAX starts)
+    process_env(args, os.environ)
     loop.maybe_init_distributed(args.multihost)
     loop.enable_compile_cache()
     try:
