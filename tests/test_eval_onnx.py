@@ -37,7 +37,7 @@ def setup(tmp_path_factory):
     config.write_text(
         "from damo_jax.config import load_config\n"
         "def get_config():\n"
-        "    c = load_config('demo')\n"
+        "    c = load_config('demo_ns')\n"
         f"    c.model.head.num_classes = {len(val.class_names)}\n"
         f"    c.model.class_names = {tuple(val.class_names)!r}\n"
         f"    c.test.image_size = ({SIZE}, {SIZE})\n"

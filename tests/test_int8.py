@@ -29,7 +29,7 @@ SIZE = 64
 def demo_config():
     """The demo config (Ns with the COCO head) with the demo data's 6 classes."""
     from damo_jax.config import apply_overrides, load_config
-    cfg = load_config("demo")
+    cfg = load_config("demo_ns")
     return apply_overrides(cfg, ["model.head.num_classes=6", "model.class_names=('circle', "
                                  "'square', 'triangle', 'star', 'ring', 'cross')"])
 
@@ -160,7 +160,7 @@ def _damo_jax(*args):
 def test_cli_export_int8_end_to_end(fp32_onnx, tmp_path):
     """``damo-jax export onnx --int8 ...`` as a user types it: files, report, exit code 0."""
     out = tmp_path / "cli_int8"
-    r = _damo_jax("export", "onnx", "--int8", "--config", "demo", "--onnx", str(fp32_onnx),
+    r = _damo_jax("export", "onnx", "--int8", "--config", "demo_ns", "--onnx", str(fp32_onnx),
                   "--config.model.head.num_classes=6", "--config.model.class_names=('circle', 'square', "
                   "'triangle', 'star', 'ring', 'cross')", f"--calib-data=demo:{SIZE}", "--calib-images", "4",
                   "--mixed", "1", "--report-rounds", "1", "--output-dir", str(out))
@@ -175,9 +175,9 @@ def test_cli_export_int8_end_to_end(fp32_onnx, tmp_path):
 
 
 def test_cli_export_int8_user_mistakes_exit_2(fp32_onnx, tmp_path):
-    r = _damo_jax("export", "int8", "--config", "demo", "--onnx", str(tmp_path / "missing.onnx"),
+    r = _damo_jax("export", "int8", "--config", "demo_ns", "--onnx", str(tmp_path / "missing.onnx"),
                   "--calib-data", f"demo:{SIZE}", "--output-dir", str(tmp_path / "o"))
     assert r.returncode == 2 and "missing.onnx" in r.stderr and "Traceback" not in r.stderr, r.stderr
-    r = _damo_jax("export", "int8", "--config", "demo", "--onnx", str(fp32_onnx),
+    r = _damo_jax("export", "int8", "--config", "demo_ns", "--onnx", str(fp32_onnx),
                   "--calib-data", "coco:/nope/missing", "--output-dir", str(tmp_path / "o"))
     assert r.returncode == 2 and "/nope/missing" in r.stderr and "Traceback" not in r.stderr, r.stderr

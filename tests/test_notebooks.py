@@ -72,9 +72,9 @@ def test_notebooks_execute_on_cpu(kernel_env):
     work.mkdir()
     own = f"coco:{ensure_demo(64)}"        # the demo folder is a COCO layout: the 'own data' path
     t_train = _execute("train_tpu.ipynb", work, dict(
-        INSTALL=False, CONFIG="demo", DATA="demo:64", WORKDIR="runs/nb_demo", IMG_SIZE=64, BATCH_SIZE=4,
+        INSTALL=False, CONFIG="demo_ns", DATA="demo:64", WORKDIR="runs/nb_demo", IMG_SIZE=64, BATCH_SIZE=4,
         MAX_STEPS=2, RESUME_STEPS=1, EXTRA=["--no-progress", "--config.data.workers=0"],
-        OWN_DATA=own, OWN_CONFIG="demo", OWN_WORKDIR="runs/nb_own",
+        OWN_DATA=own, OWN_CONFIG="demo_ns", OWN_WORKDIR="runs/nb_own",
         OWN_EXTRA=["--no-progress", "--config.data.workers=0"]))
     run = work / "runs" / "nb_demo"
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]

@@ -163,12 +163,12 @@ def test_eval_cli_tiled_reports(tmp_path, monkeypatch):
 
     def fake_load(args, overrides):
         names = "(" + ", ".join(f"'c{k}'" for k in range(6)) + ")"
-        cfg = load_cli_config("demo", list(overrides) + ["model.head.num_classes=6",
+        cfg = load_cli_config("demo_ns", list(overrides) + ["model.head.num_classes=6",
                                                          f"model.class_names={names}"])
         return LoadedModel(cfg=cfg, class_names=tuple(cfg.model.class_names),
                            backend=BlobBackend(), kind="stub", source="blob stub")
     monkeypatch.setattr(eval_cli, "load", fake_load)
-    common = ["--config", "demo", "--data", f"coco:{tmp_path / 'coco'}", "--split", "val",
+    common = ["--config", "demo_ns", "--data", f"coco:{tmp_path / 'coco'}", "--split", "val",
               "--img-size", "128", "--conf", "0.3", "--no-progress"]
     out = tmp_path / "report"
     tiled = eval_cli.main(common + ["--tile", "128", "--overlap", "0.4", "--out", str(out),
