@@ -18,4 +18,6 @@ from damo_jax.config import load_config
 def get_config():
     c = load_config("demo_ns")
     c.model = load_config("t").model
+    c.data.image_size = c.data.mosaic_size = c.test.image_size = (224, 224)
+    c.train.epochs = 6
     return c
