@@ -15,29 +15,9 @@ import pytest
 from damo_jax.config import load_config
 from damo_jax.errors import UserError
 from damo_jax.train import loop, precompile
+from test_multiprocess import CONFIG     # the tiny demo:64 Ns run (SGD, batch 4)
 
 ROOT = Path(__file__).resolve().parent.parent
-
-CONFIG = '''"""Tiny run for the precompile test: Ns 64x64 on demo:64, batch 2, 2 steps, no eval."""
-from damo_jax.config import load_config
-
-
-def get_config():
-    c = load_config("ns")
-    c.data.train = "demo:64"
-    c.data.image_size = (64, 64)
-    c.data.mosaic_size = (64, 64)
-    c.data.max_boxes = 8
-    c.data.workers = 0
-    c.train.batch_size = 2
-    c.train.epochs = 1
-    c.train.warmup_epochs = 0
-    c.train.no_aug_epochs = 0
-    c.train.max_steps = 2
-    c.train.eval_every_epochs = 100
-    c.test.image_size = (64, 64)
-    return c
-'''
 
 
 def test_mode_and_when_it_applies(monkeypatch):
@@ -91,7 +71,8 @@ def test_cli_run_loads_the_childs_executable(tmp_path):
                XLA_FLAGS="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
                DAMO_JAX_PRECOMPILE="auto")
     proc = subprocess.run([sys.executable, "-m", "damo_jax.train", "--config", str(tmp_path / "tiny.py"),
-                           "--workdir", str(tmp_path / "run"), "--no-progress"], cwd=ROOT, env=env,
+                           "--workdir", str(tmp_path / "run"), "--no-progress", "--config.train.max_steps=2"],
+                          cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "update step compiled in a subprocess" in proc.stderr, proc.stderr[-3000:]
