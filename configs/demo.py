@@ -27,9 +27,9 @@ split:
 measured, not better within 10 minutes: T at 224×224 for 6 epochs (0.034 / 0.093 / 0.218 / 0.350 /
 0.367 / 0.380, done at 10.9 min: 10 img/s instead of 12–14), T at 160×160 (0.251 after 5 epochs vs
 0.398), Ns (0.336 after 7 epochs), AdamW 8e-3, batch 4 (``configs/demo_ns.py``). The previous demo
-(Ns, compiled in the training process) was at 0.336 after 19.2 minutes. ``predictions.png`` (7-epoch
-run) shows boxes on most objects, about half with the right class (star, ring, circle mostly right;
-cross / square / triangle still confused).
+(Ns, compiled in the training process) was at 0.336 after 19.2 minutes. ``predictions.png`` (9-epoch
+run) shows boxes on most objects, most with the right class (star, ring, circle, triangle mostly
+right; cross / square still confused at times).
 """
 from damo_jax.config import load_config
 
