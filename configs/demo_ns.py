@@ -56,6 +56,7 @@ def get_config():
     c.train.eval_every_epochs = 1
     c.train.eval_every_epochs_tail = 1
     c.train.base_lr_per_img = 0.032 / 64     # AdamW lr 4e-3 at batch 8
+    c.train.ema_decay = 0.99                 # EMA horizon ~100 steps (1 epoch); official 0.9998
     c.train.ema_tau = 100.0
     c.train.log_every_steps = 10
     return c
