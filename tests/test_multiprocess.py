@@ -17,7 +17,9 @@ images) at step 4. Checked:
 * only process 0 writes logs and pictures (one record per step in metrics.jsonl, one TensorBoard
   file, no log lines from process 1);
 * killing BOTH processes (SIGKILL, at step 3) and re-running the same command restores the step-2
-  checkpoint in both processes and ends bit-for-bit where the uninterrupted run ended;
+  checkpoint in both processes and ends bit-for-bit where the uninterrupted run ended; process 1
+  loads the update step it compiled in the first 2-process run from its own executable cache
+  (``distributed.compile_cached``) in both later runs;
 * a process that dies (SIGKILL) makes the other exit with an error naming the cause within a
   bounded time (heartbeat timeout 10 s here), never a silent hang.
 
@@ -172,13 +174,25 @@ def _run(shared, name, processes, **kw) -> Job:
 
 
 @pytest.fixture(scope="module")
-def one_process(shared):
-    return _run(shared, "one_process", 1)
+def first_runs(shared):
+    """The 1-process 4-device run and the 2-process run, started together (their compilations are
+    mostly single-threaded, so on a 2-core host they overlap instead of adding up)."""
+    jobs = {"one_process": Job(shared, shared / "one_process", 1),
+            "two_processes": Job(shared, shared / "two_processes", 2)}
+    for job in jobs.values():
+        codes = job.wait()
+        assert codes == [0] * len(job.procs), f"exit codes {codes}\n{job.dump()}"
+    return jobs
 
 
 @pytest.fixture(scope="module")
-def two_processes(shared):
-    return _run(shared, "two_processes", 2)
+def one_process(first_runs):
+    return first_runs["one_process"]
+
+
+@pytest.fixture(scope="module")
+def two_processes(first_runs):
+    return first_runs["two_processes"]
 
 
 def _state(workdir: Path, step: int = STEPS) -> dict:
@@ -257,6 +271,11 @@ def test_resume_after_killing_both_processes_is_exact(shared, two_processes):
     codes = resumed.wait()
     assert codes == [0, 0], f"exit codes {codes}\n{resumed.dump()}"
     assert "resumed from" in resumed.text(0) and "/checkpoints/2 " in resumed.text(0), resumed.dump()
+    # process 1 compiled the update step once (in the first 2-process run) and loaded it from its
+    # own executable cache in both later runs (JAX's persistent cache serves process 0 only)
+    for run in (job, resumed):
+        assert "process 1: loaded the compiled update step from" in run.text(1), run.dump()
+    assert "loaded the compiled update step" not in two_processes.text(1)
     a, b = _state(two_processes.workdir), _state(resumed.workdir)
     for (path, x), (_, y) in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)):
         np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))

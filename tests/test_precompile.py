@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 
 from damo_jax.config import load_config
@@ -56,10 +57,15 @@ def test_a_failed_child_falls_back_to_compiling_here(monkeypatch, tmp_path):
     cfg.train.precompile = "on"
     monkeypatch.delenv("DAMO_JAX_PRECOMPILE", raising=False)
     monkeypatch.setattr(precompile, "cache_dir", lambda: str(tmp_path / "xla"))
-    monkeypatch.setattr(precompile, "compile_in_child", lambda *a, **k: (False, 1.0))
-    update = jax.jit(lambda s, b: (s, b))
+    class FailedChild:
+        def wait(self):
+            return False, 1.0
+
+    monkeypatch.setattr(precompile, "start_child", lambda *a, **k: FailedChild())
+    update = jax.jit(lambda s, b: (s["x"] + 1, b["y"] * 2))
     run = _Run(cfg, tmp_path)
-    assert loop.compile_first(update, {}, {}, run) is update       # compiled by its first call
+    compiled = loop.compile_first(update, {"x": np.float32(1)}, {"y": np.float32(3)}, run)   # here
+    assert [float(v) for v in compiled({"x": np.float32(1)}, {"y": np.float32(3)})] == [2.0, 6.0]
     assert any("failed" in line and "precompile.log" in line for line in run.lines), run.lines
 
 

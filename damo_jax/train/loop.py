@@ -335,33 +335,38 @@ def compile_first(update, state: dict, batch: dict, run=None):
       a child process compiles it into the cache and this process loads it (a process that compiled
       the step itself runs it ~1.3x slower); a child failure or a cache miss falls back to compiling
       here, with a warning.
-    * Multi-process: compile and wait at a barrier, so that all processes enter its first collective
+    * Multi-process: compile (processes other than 0 on CPU through their own executable cache,
+      :func:`damo_jax.distributed.compile_cached`) and wait at a barrier, so that all processes enter its first collective
       together (a new gloo context allows 30 s; compile times differ between processes by more on a
       loaded host).
     * Otherwise ``update`` unchanged (compiled by its first call)."""
     if jax.process_count() == 1:
         if run is None or not precompile.wanted(run.cfg):
             return update
-        ok, took = precompile.compile_in_child(run.cfg, batch, run.workdir / "precompile.log")
+        child = precompile.start_child(run.cfg, batch, run.workdir / "precompile.log")
+        t0 = time.perf_counter()
+        lowered = update.lower(state, batch)             # traced here while the child compiles
+        lower_s = time.perf_counter() - t0
+        ok, took = child.wait()
         if not ok:
             run.info(f"warning: compiling the update step in a subprocess failed after {took:.0f}s "
                      f"(see {run.workdir / 'precompile.log'}); compiling it in this process "
                      f"(train.precompile=off skips the attempt)")
-            return update
+            return lowered.compile()
         hits = []
         listener = lambda event, **kw: hits.append(event) if event == "/jax/compilation_cache/cache_hits" else None  # noqa: E731
         jax.monitoring.register_event_listener(listener)
         try:
             t0 = time.perf_counter()
-            compiled = update.lower(state, batch).compile()
+            compiled = lowered.compile()
         finally:
             jax.monitoring.unregister_event_listener(listener)
-        run.info(f"update step compiled in a subprocess ({took:.0f}s) and loaded from the persistent "
-                 f"cache ({time.perf_counter() - t0:.0f}s)" if hits else
+        run.info(f"update step compiled in a subprocess ({took:.0f}s; traced here meanwhile, {lower_s:.0f}s) "
+                 f"and loaded from the persistent cache ({time.perf_counter() - t0:.0f}s)" if hits else
                  f"warning: the update step compiled in a subprocess ({took:.0f}s) was not found in the "
                  f"persistent cache; compiled again in this process")
         return compiled
-    compiled = update.lower(state, batch).compile()
+    compiled = distributed.compile_cached(update.lower(state, batch))
     distributed.barrier("first_update_step")
     return compiled
 

@@ -61,29 +61,42 @@ def cache_dir() -> str | None:
     return jax.config.jax_compilation_cache_dir or None
 
 
-def compile_in_child(cfg, batch: dict, log_path: Path) -> tuple[bool, float]:
-    """Run the child for ``cfg`` (the run's resolved config) and the first ``batch`` (only its
-    shapes and dtypes travel); its output goes to ``log_path``. Returns (succeeded, seconds)."""
-    tmp = Path(tempfile.mkdtemp(prefix="damo_jax_precompile_"))
-    spec = {k: (tuple(v.shape), str(v.dtype)) for k, v in batch.items()}
-    (tmp / "job.pkl").write_bytes(pickle.dumps({"cfg": cfg, "batch": spec}))
-    env = dict(os.environ, **{CHILD_ENV: "1",
-                              "JAX_COMPILATION_CACHE_DIR": str(cache_dir())})
-    t0 = time.perf_counter()
-    proc = None
-    try:
+class Child:
+    """A running child (:func:`start_child`); :meth:`wait` gives (succeeded, seconds since start)."""
+
+    def __init__(self, cfg, batch: dict, log_path: Path):
+        self.tmp = Path(tempfile.mkdtemp(prefix="damo_jax_precompile_"))
+        spec = {k: (tuple(v.shape), str(v.dtype)) for k, v in batch.items()}
+        (self.tmp / "job.pkl").write_bytes(pickle.dumps({"cfg": cfg, "batch": spec}))
+        env = dict(os.environ, **{CHILD_ENV: "1", "JAX_COMPILATION_CACHE_DIR": str(cache_dir())})
+        self.t0 = time.perf_counter()
         with open(log_path, "w") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "damo_jax.train.precompile", str(tmp)],
-                                    stdout=out, stderr=subprocess.STDOUT, env=env)
-            code = proc.wait(timeout=TIMEOUT_S)
-        return code == 0, time.perf_counter() - t0
-    except subprocess.TimeoutExpired:
-        return False, time.perf_counter() - t0
-    finally:
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        shutil.rmtree(tmp, ignore_errors=True)
+            self.proc = subprocess.Popen([sys.executable, "-m", "damo_jax.train.precompile", str(self.tmp)],
+                                         stdout=out, stderr=subprocess.STDOUT, env=env)
+
+    def wait(self) -> tuple[bool, float]:
+        try:
+            code = self.proc.wait(timeout=max(1.0, TIMEOUT_S - (time.perf_counter() - self.t0)))
+            return code == 0, time.perf_counter() - self.t0
+        except subprocess.TimeoutExpired:
+            return False, time.perf_counter() - self.t0
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def start_child(cfg, batch: dict, log_path: Path) -> Child:
+    """Start the child for ``cfg`` (the run's resolved config) and the first ``batch`` (only its
+    shapes and dtypes travel; output to ``log_path``) and return at once: the caller lowers the
+    step meanwhile (the two overlap on a multi-core host) and then calls ``wait()``."""
+    return Child(cfg, batch, log_path)
+
+
+def compile_in_child(cfg, batch: dict, log_path: Path) -> tuple[bool, float]:
+    """:func:`start_child` and wait for it: (succeeded, seconds)."""
+    return start_child(cfg, batch, log_path).wait()
 
 
 def main(argv=None) -> int:
