@@ -37,5 +37,5 @@ from damo_jax.config import load_config
 def get_config():
     c = load_config("demo_ns")
     c.model = load_config("t").model
-    c.train.epochs = 8
+    c.train.epochs = 9
     return c
