@@ -22,11 +22,12 @@ digit):
 The minutes are those of the fresh-clone run of commit 1c35081 (2026-12-02 10:03, README command 1,
 empty caches, nothing else running; child compile 53 s, load 18 s): the same model, batch, steps and
 code path, only the EMA constant differed (0.9998). So on that host **AP50 ≥ 0.5 is reached after
-epoch 7, at 8.6 minutes, and 0.546 at 9.8 minutes**. Not measured end to end on such a host: at
-12:55 the machine of this session ran 1.5x slower than in its morning (``benchmarks/train_step.py
---config demo --img-size 192 --batch 8``: 8.42 vs 12.95 img/s; child compile 109–135 s vs 53–86 s),
-and a fresh-clone run then reached epoch 1 at 5.2 min and epoch 2 at 7.0 min; on a host that slow
-epoch 7 comes at about 12.5 minutes and the target is not reached.
+epoch 7, at 8.6 minutes, and 0.546 at 9.8 minutes**. Not measured end to end on such a host: from 12:55 the machine of this session ran
+about 1.5x slower than in its morning (``benchmarks/train_step.py --config demo --img-size 192
+--batch 8``: 8.42 vs 12.95 img/s; child compile 94–135 s vs 53–86 s). A fresh-clone run of commit
+c63ef99 there (README command 1, empty caches, 13:44, nothing else running) reproduced every epoch's
+AP50 above to the last digit, at 4.7 / 6.4 / 8.2 / 10.0 / 11.9 / 13.6 / 15.3 / 17.0 / 18.8 minutes: on that slowed host the
+target is reached at 15.3 minutes, not within 10.
 
 What made the difference: the EMA horizon. The official decay 0.9998 (with the ramp
 ``decay·(1 − exp(−step/tau))``) averages over ~3,000 steps at step 900, so in a 900-step run the
