@@ -166,10 +166,10 @@ class Job:
             time.sleep(0.5)
 
 
-def _run(shared, name, processes, **kw) -> Job:
-    job = Job(shared, shared / name, processes, **kw)
+def _finish(job: Job) -> Job:
+    """Wait for every process of ``job`` and assert that all exited with 0."""
     codes = job.wait()
-    assert codes == [0] * processes, f"exit codes {codes}\n{job.dump()}"
+    assert codes == [0] * len(job.procs), f"exit codes {codes}\n{job.dump()}"
     return job
 
 
@@ -180,8 +180,7 @@ def first_runs(shared):
     jobs = {"one_process": Job(shared, shared / "one_process", 1),
             "two_processes": Job(shared, shared / "two_processes", 2)}
     for job in jobs.values():
-        codes = job.wait()
-        assert codes == [0] * len(job.procs), f"exit codes {codes}\n{job.dump()}"
+        _finish(job)
     return jobs
 
 
@@ -267,9 +266,7 @@ def test_resume_after_killing_both_processes_is_exact(shared, two_processes):
         time.sleep(0.5)
     job.kill()
     assert ckpts.is_complete(2), job.dump()
-    resumed = Job(shared, shared / "killed", 2)
-    codes = resumed.wait()
-    assert codes == [0, 0], f"exit codes {codes}\n{resumed.dump()}"
+    resumed = _finish(Job(shared, shared / "killed", 2))
     assert "resumed from" in resumed.text(0) and "/checkpoints/2 " in resumed.text(0), resumed.dump()
     # process 1 compiled the update step once (in the first 2-process run) and loaded it from its
     # own executable cache in both later runs (JAX's persistent cache serves process 0 only)

@@ -96,11 +96,6 @@ def start_child(cfg, batch: dict, log_path: Path) -> Child:
     return Child(cfg, batch, log_path)
 
 
-def compile_in_child(cfg, batch: dict, log_path: Path) -> tuple[bool, float]:
-    """:func:`start_child` and wait for it: (succeeded, seconds)."""
-    return start_child(cfg, batch, log_path).wait()
-
-
 def main(argv=None) -> int:
     """Child: ``python -m damo_jax.train.precompile JOB_DIR`` (JOB_DIR/job.pkl from the parent)."""
     from damo_jax import runtime
