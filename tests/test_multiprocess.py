@@ -3,8 +3,11 @@
 Each run is ``python -m damo_jax.train --multihost`` started like on a cluster: coordinator
 ``127.0.0.1:<free port>``, ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` in the environment, one
 shared workdir; JAX's distributed runtime (coordination service + gloo CPU collectives) connects
-them. The program: DAMO-YOLO-Ns at 64×64 on the demo set (``demo:64``, generated once into the
-cache), global batch 4, SGD, 4 steps, checkpoints at steps 2 and 4, evaluation (EMA, 100 val
+them. The program: a small DAMO-YOLO-Ns-shaped network (the Ns config with a one-block-per-stage
+TinyNAS structure file, narrower channels and one block per neck node: 138 k parameters, so that
+the XLA compilations that dominate these short runs take a fraction of the full Ns's; native conv
+gradients, no child-process precompile) at 64×64 on the demo set (``demo:64``, generated once into
+the cache), global batch 4, SGD, 4 steps, checkpoints at steps 2 and 4, evaluation (EMA, 100 val
 images) at step 4. Checked:
 
 * the 2-process run ends with the params, BN statistics and EMA of a 1-process 4-device run
@@ -16,12 +19,15 @@ images) at step 4. Checked:
   ids each process read and asserts it; the log line is checked here);
 * only process 0 writes logs and pictures (one record per step in metrics.jsonl, one TensorBoard
   file, no log lines from process 1);
-* killing BOTH processes (SIGKILL, at step 3) and re-running the same command restores the step-2
-  checkpoint in both processes and ends bit-for-bit where the uninterrupted run ended; process 1
-  loads the update step it compiled in the first 2-process run from its own executable cache
-  (``distributed.compile_cached``) in both later runs;
-* a process that dies (SIGKILL) makes the other exit with an error naming the cause within a
-  bounded time (heartbeat timeout 10 s here), never a silent hang.
+* a process that dies mid-run makes the other exit with an error naming the cause within a
+  bounded time (heartbeat timeout 10 s here), never a silent hang: process 1 stops before step 3
+  (after the step-2 checkpoint) and is killed (SIGKILL) while process 0 waits in step 3's
+  collectives; this run is started with the CLI flags (``--coordinator`` ...) instead of the
+  environment;
+* after that run (both processes dead), re-running the same command restores the step-2 checkpoint
+  in both processes and ends bit-for-bit where the uninterrupted run ended; process 1 loads the
+  update step it compiled in the first 2-process run from its own executable cache
+  (``distributed.compile_cached``) in both later runs.
 
 Every wait has a timeout; on failure all started processes are killed and their logs shown.
 """
@@ -46,12 +52,32 @@ STEPS = 4
 RUN_TIMEOUT = 900          # one whole run (compilation on a loaded 2-core machine included)
 DEATH_BOUND = 120          # seconds for the survivor to exit after its peer died (heartbeat 10 s)
 
-CONFIG = '''"""Tiny multi-process test run: Ns 64x64 on demo:64, batch 4, SGD, 4 steps."""
+# one block per TinyNAS stage, narrow (the Ns file's classes, kernels and strides)
+STRUCTURE = """[
+  {'class': 'ConvKXBNRELU', 'in': 3, 'out': 8, 's': 1, 'k': 3},
+  {'class': 'SuperResConvK1KX', 'in': 8, 'out': 16, 's': 2, 'k': 3, 'L': 1, 'btn': 8},
+  {'class': 'SuperResConvK1KX', 'in': 16, 'out': 24, 's': 2, 'k': 3, 'L': 1, 'btn': 16},
+  {'class': 'SuperResConvK1KX', 'in': 24, 'out': 32, 's': 2, 'k': 3, 'L': 1, 'btn': 16},
+  {'class': 'SuperResConvK1KX', 'in': 32, 'out': 40, 's': 1, 'k': 3, 'L': 1, 'btn': 24},
+  {'class': 'SuperResConvK1KX', 'in': 40, 'out': 48, 's': 2, 'k': 3, 'L': 1, 'btn': 24},
+]
+"""
+
+CONFIG = '''"""Tiny multi-process test run: a small Ns-shaped network at 64x64 on demo:64, batch 4, SGD, 4 steps."""
+from pathlib import Path
+
 from damo_jax.config import load_config
 
 
 def get_config():
     c = load_config("ns")
+    c.model.backbone.structure = str(Path(__file__).with_name("mp_tiny_structure.txt"))
+    c.model.neck.depth = 0.3                 # one block per neck node
+    c.model.neck.in_channels = (24, 40, 48)  # structure entries 2, 4, 5 (out_indices)
+    c.model.neck.out_channels = (24, 32, 48)
+    c.model.head.in_channels = (24, 32, 48)
+    c.model.grad_impl = "native"             # the CPU matmul gradients are tested in test_conv_grad
+    c.train.precompile = "off"               # tested in test_precompile
     c.data.train = "demo:64"
     c.data.image_size = (64, 64)
     c.data.mosaic_size = (64, 64)
@@ -79,6 +105,7 @@ def get_config():
 def shared():
     d = Path(tempfile.mkdtemp(prefix="damo_mp_test_"))
     (d / "mp_tiny.py").write_text(CONFIG)
+    (d / "mp_tiny_structure.txt").write_text(STRUCTURE)
     (d / "xla").mkdir()
     return d
 
@@ -112,10 +139,11 @@ def _env(shared: Path, devices: int, **extra) -> dict:
 class Job:
     """The processes of one run; logs in <workdir>.logs/p<i>.{out,err}."""
 
-    def __init__(self, shared: Path, workdir: Path, processes: int, env_per_process=None, flags=False):
+    def __init__(self, shared: Path, workdir: Path, processes: int, env_per_process=None, flags=False,
+                 logs: str = "logs"):
         """``flags``: coordinator / process count / id as CLI flags (--coordinator, --num-processes,
-        --process-id) instead of JAX_* environment variables."""
-        self.workdir, self.logs = workdir, Path(f"{workdir}.logs")
+        --process-id) instead of JAX_* environment variables; logs go to ``<workdir>.<logs>``."""
+        self.workdir, self.logs = workdir, Path(f"{workdir}.{logs}")
         self.logs.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "damo_jax.train", "--config", str(shared / "mp_tiny.py"),
                "--workdir", str(workdir), "--no-progress"]
@@ -254,19 +282,47 @@ def test_disjoint_slices_and_only_process_zero_writes(two_processes):
         assert (two_processes.workdir / name).is_file()
 
 
-def test_resume_after_killing_both_processes_is_exact(shared, two_processes):
+@pytest.fixture(scope="module")
+def killed(shared, two_processes):
+    """A 2-process run (started with the CLI flags) whose process 1 stops before step 3 and is
+    killed once the step-2 checkpoint is complete, while process 0 runs into step 3 (after the first
+    2-process run, whose compiled update step process 1 loads from its own cache); returns the job,
+    process 0's exit code and the seconds it took to exit after the kill."""
     from damo_jax.train.checkpoint import Checkpoints
-    hang = {i: {"DAMO_JAX_TEST_HANG_AT_STEP": "3"} for i in range(2)}
-    job = Job(shared, shared / "killed", 2, env_per_process=hang)
-    for i in range(2):
-        job.wait_for(i, "[test hook] hanging before step 3")
+    job = Job(shared, shared / "killed", 2, env_per_process={1: {"DAMO_JAX_TEST_HANG_AT_STEP": "3"}}, flags=True)
+    job.wait_for(1, "[test hook] hanging before step 3")
     ckpts = Checkpoints(job.workdir / "checkpoints", read_only=True)
     deadline = time.monotonic() + 120
     while not ckpts.is_complete(2) and time.monotonic() < deadline:   # async save of step 2
         time.sleep(0.5)
-    job.kill()
-    assert ckpts.is_complete(2), job.dump()
-    resumed = _finish(Job(shared, shared / "killed", 2))
+    if not ckpts.is_complete(2):
+        job.kill()
+        pytest.fail(f"the step-2 checkpoint was not complete within 120 s\n{job.dump()}")
+    job.kill(1)
+    t0 = time.monotonic()
+    try:
+        code = job.procs[0].wait(timeout=DEATH_BOUND)
+    except subprocess.TimeoutExpired:
+        job.kill()
+        pytest.fail(f"process 0 still running {DEATH_BOUND} s after process 1 died\n{job.dump()}")
+    return job, code, time.monotonic() - t0
+
+
+def test_a_dead_process_stops_the_other_with_an_error(killed):
+    job, code, took = killed
+    print(f"process 0 exited with {code} {took:.1f} s after process 1 was killed")
+    assert code != 0
+    err = job.text(0)
+    assert "[test hook]" not in job.text(0, "out"), "process 0 was meant to run into step 3"
+    # the coordination service names the dead task; or a failed collective raised in Python and
+    # distributed.exit_on_error reported it
+    assert any(m in err for m in ("another task died", "stopped sending heartbeats", "error: process 0/2")), \
+        err[-3000:]
+
+
+def test_resume_after_killing_both_processes_is_exact(shared, two_processes, killed):
+    job = killed[0]
+    resumed = _finish(Job(shared, shared / "killed", 2, logs="resumed.logs"))
     assert "resumed from" in resumed.text(0) and "/checkpoints/2 " in resumed.text(0), resumed.dump()
     # process 1 compiled the update step once (in the first 2-process run) and loaded it from its
     # own executable cache in both later runs (JAX's persistent cache serves process 0 only)
@@ -276,27 +332,3 @@ def test_resume_after_killing_both_processes_is_exact(shared, two_processes):
     a, b = _state(two_processes.workdir), _state(resumed.workdir)
     for (path, x), (_, y) in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)):
         np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
-
-
-def test_a_dead_process_stops_the_other_with_an_error(shared, two_processes):
-    # process 1 stops before its first update (so it never compiles the step: cheap); process 0
-    # compiles (persistent cache) and waits for it at the first step's barrier, then it is killed
-    # started with the CLI flags (--coordinator/--num-processes/--process-id), not the environment
-    job = Job(shared, shared / "dies", 2, env_per_process={1: {"DAMO_JAX_TEST_HANG_AT_STEP": "0"}}, flags=True)
-    job.wait_for(1, "[test hook] hanging before step 0")
-    time.sleep(2.0)
-    job.kill(1)
-    t0 = time.monotonic()
-    try:
-        code = job.procs[0].wait(timeout=DEATH_BOUND)
-    except subprocess.TimeoutExpired:
-        job.kill()
-        pytest.fail(f"process 0 still running {DEATH_BOUND} s after process 1 died\n{job.dump()}")
-    took = time.monotonic() - t0
-    print(f"process 0 exited with {code} {took:.1f} s after process 1 was killed")
-    assert code != 0
-    err = job.text(0)
-    # the coordination service names the dead task; or a failed collective raised in Python and
-    # distributed.exit_on_error reported it
-    assert any(m in err for m in ("another task died", "stopped sending heartbeats", "error: process 0/2")), \
-        err[-3000:]
