@@ -4,7 +4,7 @@ Each run is ``python -m damo_jax.train --multihost`` started like on a cluster: 
 ``127.0.0.1:<free port>``, ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` in the environment, one
 shared workdir; JAX's distributed runtime (coordination service + gloo CPU collectives) connects
 them. The program: a small DAMO-YOLO-Ns-shaped network (the Ns config with a one-block-per-stage
-TinyNAS structure file, narrower channels and one block per neck node: 138 k parameters, so that
+TinyNAS structure file, narrower channels and one block per neck node, ``train_setup.TINY_*``: 138 k parameters, so that
 the XLA compilations that dominate these short runs take a fraction of the full Ns's; native conv
 gradients, no child-process precompile) at 64×64 on the demo set (``demo:64``, generated once into
 the cache), global batch 4, SGD, 4 steps, checkpoints at steps 2 and 4, evaluation (EMA, 100 val
@@ -47,21 +47,12 @@ import jax
 import numpy as np
 import pytest
 
+from train_setup import TINY_MODEL_LINES, TINY_STRUCTURE, TINY_STRUCTURE_FILE
+
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 4
 RUN_TIMEOUT = 900          # one whole run (compilation on a loaded 2-core machine included)
 DEATH_BOUND = 120          # seconds for the survivor to exit after its peer died (heartbeat 10 s)
-
-# one block per TinyNAS stage, narrow (the Ns file's classes, kernels and strides)
-STRUCTURE = """[
-  {'class': 'ConvKXBNRELU', 'in': 3, 'out': 8, 's': 1, 'k': 3},
-  {'class': 'SuperResConvK1KX', 'in': 8, 'out': 16, 's': 2, 'k': 3, 'L': 1, 'btn': 8},
-  {'class': 'SuperResConvK1KX', 'in': 16, 'out': 24, 's': 2, 'k': 3, 'L': 1, 'btn': 16},
-  {'class': 'SuperResConvK1KX', 'in': 24, 'out': 32, 's': 2, 'k': 3, 'L': 1, 'btn': 16},
-  {'class': 'SuperResConvK1KX', 'in': 32, 'out': 40, 's': 1, 'k': 3, 'L': 1, 'btn': 24},
-  {'class': 'SuperResConvK1KX', 'in': 40, 'out': 48, 's': 2, 'k': 3, 'L': 1, 'btn': 24},
-]
-"""
 
 CONFIG = '''"""Tiny multi-process test run: a small Ns-shaped network at 64x64 on demo:64, batch 4, SGD, 4 steps."""
 from pathlib import Path
@@ -71,12 +62,7 @@ from damo_jax.config import load_config
 
 def get_config():
     c = load_config("ns")
-    c.model.backbone.structure = str(Path(__file__).with_name("mp_tiny_structure.txt"))
-    c.model.neck.depth = 0.3                 # one block per neck node
-    c.model.neck.in_channels = (24, 40, 48)  # structure entries 2, 4, 5 (out_indices)
-    c.model.neck.out_channels = (24, 32, 48)
-    c.model.head.in_channels = (24, 32, 48)
-    c.model.grad_impl = "native"             # the CPU matmul gradients are tested in test_conv_grad
+''' + TINY_MODEL_LINES + '''    c.model.grad_impl = "native"             # the CPU matmul gradients are tested in test_conv_grad
     c.train.precompile = "off"               # tested in test_precompile
     c.data.train = "demo:64"
     c.data.image_size = (64, 64)
@@ -105,7 +91,7 @@ def get_config():
 def shared():
     d = Path(tempfile.mkdtemp(prefix="damo_mp_test_"))
     (d / "mp_tiny.py").write_text(CONFIG)
-    (d / "mp_tiny_structure.txt").write_text(STRUCTURE)
+    (d / TINY_STRUCTURE_FILE).write_text(TINY_STRUCTURE)
     (d / "xla").mkdir()
     return d
 

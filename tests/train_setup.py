@@ -60,18 +60,44 @@ def write_coco(root: Path, split: str, n_images: int, seed: int) -> None:
         json.dumps({"images": images, "annotations": annotations, "categories": cats}))
 
 
-CONFIG_TEMPLATE = '''"""Tiny DAMO-YOLO-Ns run for the training tests (64x64, batch 4, 2 epochs of 4 steps, SGD).
+# A small Ns-shaped network for the training tests: one block per TinyNAS stage, narrow (the Ns
+# structure file's classes, kernels and strides). The tests check the training machinery, not the
+# architecture (the released networks have golden tests), and XLA compilation of the update step
+# is most of their time: this network compiles in a fraction of the full Ns's time.
+TINY_STRUCTURE = """[
+  {'class': 'ConvKXBNRELU', 'in': 3, 'out': 8, 's': 1, 'k': 3},
+  {'class': 'SuperResConvK1KX', 'in': 8, 'out': 16, 's': 2, 'k': 3, 'L': 1, 'btn': 8},
+  {'class': 'SuperResConvK1KX', 'in': 16, 'out': 24, 's': 2, 'k': 3, 'L': 1, 'btn': 16},
+  {'class': 'SuperResConvK1KX', 'in': 24, 'out': 32, 's': 2, 'k': 3, 'L': 1, 'btn': 16},
+  {'class': 'SuperResConvK1KX', 'in': 32, 'out': 40, 's': 1, 'k': 3, 'L': 1, 'btn': 24},
+  {'class': 'SuperResConvK1KX', 'in': 40, 'out': 48, 's': 2, 'k': 3, 'L': 1, 'btn': 24},
+]
+"""
+TINY_STRUCTURE_FILE = "tiny_structure.txt"   # written next to the config files that use it
+
+# the lines of a config file's get_config() that turn load_config("ns") into that network
+TINY_MODEL_LINES = '''    c.model.backbone.structure = str(Path(__file__).with_name("tiny_structure.txt"))
+    c.model.neck.depth = 0.3                 # one block per neck node
+    c.model.neck.in_channels = (24, 40, 48)  # structure entries 2, 4, 5 (out_indices)
+    c.model.neck.out_channels = (24, 32, 48)
+    c.model.head.in_channels = (24, 32, 48)
+'''
+
+CONFIG_TEMPLATE = '''"""Tiny run for the training tests: a small Ns-shaped network (64x64, batch 4, 2 epochs of 4
+steps, SGD).
 
 SGD (not the nano AdamW) so that tests/test_train_multidevice.py can compare a 1- and a 4-device
 step of THIS program (shared with the CLI runs through the persistent XLA cache) without Adam's
 first-step amplification of float noise; AdamW numerics are covered by tests/test_optim.py.
 """
+from pathlib import Path
+
 from damo_jax.config import load_config
 
 
 def get_config():
     c = load_config("ns")
-    c.data.image_size = (64, 64)
+''' + TINY_MODEL_LINES + '''    c.data.image_size = (64, 64)
     c.data.mosaic_size = (64, 64)
     c.data.max_boxes = 8
     c.data.workers = 0
@@ -143,6 +169,7 @@ def shared_dir() -> Path:
     write_coco(d / "coco", "train", 16, seed=1)
     write_coco(d / "coco", "val", 4, seed=2)
     (d / "tiny.py").write_text(CONFIG_TEMPLATE)
+    (d / TINY_STRUCTURE_FILE).write_text(TINY_STRUCTURE)
     (d / "xla_cache").mkdir()
     return d
 
