@@ -45,10 +45,16 @@ def synthetic_batch(seed=0, size=64, max_boxes=8, batch=4):
             "gt_labels": rng.integers(0, 2, size=(batch, max_boxes)).astype(np.int32), "gt_valid": valid}
 
 
+def teacher_config() -> str:
+    """The teachers of these tests: the tiny test network (its own config file; a teacher config is
+    a name or a path), so that every distillation program here shares one teacher graph."""
+    return str(shared_dir() / "tiny.py")
+
+
 def teacher_npz():
-    path = shared_dir() / "teacher_ns.npz"
+    path = shared_dir() / "teacher_tiny.npz"
     if not path.exists():
-        random_teacher_npz(path, "ns", num_classes=2, seed=5)
+        random_teacher_npz(path, teacher_config(), num_classes=2, seed=5)
     return path
 
 
@@ -79,7 +85,7 @@ def distill_program(cfg, devices):
 
 def _cfg():
     cfg = tiny_cfg()
-    cfg.distill.teacher, cfg.distill.teacher_weights = "ns", str(teacher_npz())
+    cfg.distill.teacher, cfg.distill.teacher_weights = teacher_config(), str(teacher_npz())
     return cfg
 
 
@@ -209,11 +215,12 @@ def test_one_distill_step_on_4_devices_equals_1_device():
 
 
 # ---------------------------------------------------------------------------------------- CLI
-DISTILL_ARGS = ("--config.distill.teacher=ns", "--config.distill.allow_weak_teacher=true")
+def distill_args() -> tuple[str, ...]:
+    return (f"--config.distill.teacher={teacher_config()}", "--config.distill.allow_weak_teacher=true")
 
 
 def _distill_cmd_args():
-    return (*DISTILL_ARGS, "--teacher-weights", str(teacher_npz()))     # the short flag
+    return (*distill_args(), "--teacher-weights", str(teacher_npz()))     # the short flag
 
 
 def _state_items(workdir, step=8):
@@ -230,7 +237,7 @@ def distill_run():
 
 def test_cli_run_logs_saves_and_exports_the_student_only(distill_run):
     workdir, r = distill_run
-    assert "distilling from ns" in r.stderr and "grad clip 30.0" in r.stderr
+    assert f"distilling from {teacher_config()}" in r.stderr and "grad clip 30.0" in r.stderr
     assert "teacher val AP" in r.stderr                       # evaluated once before training
     records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     train = [x for x in records if x["kind"] == "train"]
@@ -244,7 +251,7 @@ def test_cli_run_logs_saves_and_exports_the_student_only(distill_run):
     items = _state_items(workdir)
     assert set(items["state"]) == {"params", "batch_stats", "opt_state", "step", "rng", "align_params",
                                    "align_opt_state"}
-    assert items["meta"]["config"]["distill"]["teacher"] == "ns"
+    assert items["meta"]["config"]["distill"]["teacher"] == teacher_config()
     assert items["meta"]["distill"]["teacher_fingerprint"]
     cfg, variables, names = load_for_inference(workdir, step=8)      # what eval/predict/export load
     assert set(variables) == {"params", "batch_stats"} and names == ("square", "disc")
@@ -347,9 +354,9 @@ def test_finetune_and_distill_together_from_official_pth_files(tmp_path):
     head loaded) and ``--teacher-weights teacher.pth`` (official checkpoint) in ONE run."""
     # the student's own (tiny) architecture, as an 80-class official checkpoint
     student_pth, student = _official_pth(tmp_path / "student_ns.pth", str(shared_dir() / "tiny.py"), 80, seed=21)
-    teacher_pth, _ = _official_pth(tmp_path / "teacher_ns.pth", "ns", 2, seed=5)
+    teacher_pth, _ = _official_pth(tmp_path / "teacher_tiny.pth", teacher_config(), 2, seed=5)
     workdir = tmp_path / "run"
-    r = run_train(workdir, *DISTILL_ARGS, "--teacher-weights", str(teacher_pth),
+    r = run_train(workdir, *distill_args(), "--teacher-weights", str(teacher_pth),
                   f"--config.train.finetune={student_pth}", timeout=3600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     assert f"fine-tuning from {student_pth}" in r.stderr and "head.gfl_cls" in r.stderr
