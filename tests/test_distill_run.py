@@ -353,7 +353,7 @@ def test_finetune_and_distill_together_from_official_pth_files(tmp_path):
     """``--config.train.finetune=student.pth`` (80-class official checkpoint: all but the class
     head loaded) and ``--teacher-weights teacher.pth`` (official checkpoint) in ONE run."""
     # the student's own (tiny) architecture, as an 80-class official checkpoint
-    student_pth, student = _official_pth(tmp_path / "student_ns.pth", str(shared_dir() / "tiny.py"), 80, seed=21)
+    student_pth, student = _official_pth(tmp_path / "student_tiny.pth", str(shared_dir() / "tiny.py"), 80, seed=21)
     teacher_pth, _ = _official_pth(tmp_path / "teacher_tiny.pth", teacher_config(), 2, seed=5)
     workdir = tmp_path / "run"
     r = run_train(workdir, *distill_args(), "--teacher-weights", str(teacher_pth),

@@ -4,7 +4,7 @@ Each run is ``python -m damo_jax.train --multihost`` started like on a cluster: 
 ``127.0.0.1:<free port>``, ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` in the environment, one
 shared workdir; JAX's distributed runtime (coordination service + gloo CPU collectives) connects
 them. The program: a small DAMO-YOLO-Ns-shaped network (the Ns config with a one-block-per-stage
-TinyNAS structure file, narrower channels and one block per neck node, ``train_setup.TINY_*``: 138 k parameters, so that
+TinyNAS structure file, narrower channels and one block per neck node, ``train_setup.TINY_*``: 138 k parameters with the demo's 6 classes, so that
 the XLA compilations that dominate these short runs take a fraction of the full Ns's; native conv
 gradients, no child-process precompile) at 64×64 on the demo set (``demo:64``, generated once into
 the cache), global batch 4, SGD, 4 steps, checkpoints at steps 2 and 4, evaluation (EMA, 100 val
@@ -47,7 +47,7 @@ import jax
 import numpy as np
 import pytest
 
-from train_setup import TINY_MODEL_LINES, TINY_STRUCTURE, TINY_STRUCTURE_FILE
+from train_setup import TINY_MODEL_LINES, write_tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 4
@@ -90,8 +90,7 @@ def get_config():
 @pytest.fixture(scope="module")
 def shared():
     d = Path(tempfile.mkdtemp(prefix="damo_mp_test_"))
-    (d / "mp_tiny.py").write_text(CONFIG)
-    (d / TINY_STRUCTURE_FILE).write_text(TINY_STRUCTURE)
+    write_tiny_config(d, "mp_tiny.py", CONFIG)
     (d / "xla").mkdir()
     return d
 

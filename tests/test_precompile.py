@@ -17,7 +17,7 @@ from damo_jax.config import load_config
 from damo_jax.errors import UserError
 from damo_jax.train import loop, precompile
 from test_multiprocess import CONFIG   # the tiny demo:64 run (SGD, batch 4)
-from train_setup import TINY_STRUCTURE, TINY_STRUCTURE_FILE
+from train_setup import write_tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -72,13 +72,12 @@ def test_a_failed_child_falls_back_to_compiling_here(monkeypatch, tmp_path):
 
 def test_cli_run_loads_the_childs_executable(tmp_path):
     """A real CLI run with a fresh cache: the child compiles, the trainer's compile is a cache hit."""
-    (tmp_path / "mp_tiny.py").write_text(CONFIG)
-    (tmp_path / TINY_STRUCTURE_FILE).write_text(TINY_STRUCTURE)
+    config = write_tiny_config(tmp_path, "mp_tiny.py", CONFIG)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_", "DAMO_JAX_PRECOMPILE"))}
     env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla"),
                XLA_FLAGS="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
                DAMO_JAX_PRECOMPILE="auto")       # the environment wins over the config's "off"
-    proc = subprocess.run([sys.executable, "-m", "damo_jax.train", "--config", str(tmp_path / "mp_tiny.py"),
+    proc = subprocess.run([sys.executable, "-m", "damo_jax.train", "--config", str(config),
                            "--workdir", str(tmp_path / "run"), "--no-progress", "--config.train.max_steps=2"],
                           cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)

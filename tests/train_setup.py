@@ -76,12 +76,23 @@ TINY_STRUCTURE = """[
 TINY_STRUCTURE_FILE = "tiny_structure.txt"   # written next to the config files that use it
 
 # the lines of a config file's get_config() that turn load_config("ns") into that network
-TINY_MODEL_LINES = '''    c.model.backbone.structure = str(Path(__file__).with_name("tiny_structure.txt"))
+TINY_MODEL_LINES = f'''    c.model.backbone.structure = str(Path(__file__).with_name("{TINY_STRUCTURE_FILE}"))
     c.model.neck.depth = 0.3                 # one block per neck node
     c.model.neck.in_channels = (24, 40, 48)  # structure entries 2, 4, 5 (out_indices)
     c.model.neck.out_channels = (24, 32, 48)
     c.model.head.in_channels = (24, 32, 48)
 '''
+
+
+
+def write_tiny_config(folder: Path, name: str, text: str) -> Path:
+    """``folder/name`` holding the config ``text`` (built with ``TINY_MODEL_LINES``) and, beside it,
+    the structure file that config reads; returns the config's path."""
+    (folder / TINY_STRUCTURE_FILE).write_text(TINY_STRUCTURE)
+    path = folder / name
+    path.write_text(text)
+    return path
+
 
 CONFIG_TEMPLATE = '''"""Tiny run for the training tests: a small Ns-shaped network (64x64, batch 4, 2 epochs of 4
 steps, SGD).
@@ -168,8 +179,7 @@ def shared_dir() -> Path:
     d = Path(tempfile.mkdtemp(prefix="damo_train_test_"))
     write_coco(d / "coco", "train", 16, seed=1)
     write_coco(d / "coco", "val", 4, seed=2)
-    (d / "tiny.py").write_text(CONFIG_TEMPLATE)
-    (d / TINY_STRUCTURE_FILE).write_text(TINY_STRUCTURE)
+    write_tiny_config(d, "tiny.py", CONFIG_TEMPLATE)
     (d / "xla_cache").mkdir()
     return d
 
