@@ -12,22 +12,23 @@ Writes ``runs/demo/curves.png`` and ``runs/demo/predictions.png``.
 Target: AP50 ≥ 0.5 within 10 minutes of training wall time on a 2-core CPU.
 
 AP50 of the EMA weights on the val split after each epoch (deterministic: the same numbers on every
-run of this config on this host; a fresh clone of commit c63ef99 reproduced epochs 1–2 to the last
-digit):
+run of this config; fresh clones of c63ef99 and 893507c reproduced them to the last digit), and the
+minutes from the start of README command 1 (after the pip install) to the end of each epoch's
+evaluation:
 
     epoch         1      2      3      4      5      6      7      8      9
     AP50      0.035  0.156  0.244  0.336  0.416  0.465  0.511  0.546  0.567   (AP 0.410)
-    minutes     2.7    3.7    4.7    5.7    6.6    7.7    8.6    9.8   11.2   (host at normal speed)
+    minutes     2.6    3.5    4.5    5.6    6.8    8.0    9.3   10.4   11.4
 
-The minutes are those of the fresh-clone run of commit 1c35081 (2026-12-02 10:03, README command 1,
-empty caches, nothing else running; child compile 53 s, load 18 s): the same model, batch, steps and
-code path, only the EMA constant differed (0.9998). So on that host **AP50 ≥ 0.5 is reached after
-epoch 7, at 8.6 minutes, and 0.546 at 9.8 minutes**. Not measured end to end on such a host: from 12:55 the machine of this session ran
-about 1.5x slower than in its morning (``benchmarks/train_step.py --config demo --img-size 192
---batch 8``: 8.42 vs 12.95 img/s; child compile 94–135 s vs 53–86 s). A fresh-clone run of commit
-c63ef99 there (README command 1, empty caches, 13:44, nothing else running) reproduced every epoch's
-AP50 above to the last digit, at 4.7 / 6.4 / 8.2 / 10.0 / 11.9 / 13.6 / 15.3 / 17.0 / 18.8 minutes: on that slowed host the
-target is reached at 15.3 minutes, not within 10.
+Measured 2026-12-02 20:15–20:29 UTC on a 2-core AMD EPYC (AVX2, no AVX-512): fresh clone of
+893507c, fresh virtualenv installed as the README says, empty compilation cache, nothing else
+running (``python benchmarks/train_step.py --config demo --img-size 192 --batch 8 --steps 10
+--num-gt 5`` gave 15.15 img/s just before; the run itself logged 10.8–15.6 img/s per 10 steps).
+Child compile 53 s, load from the cache 11 s; the whole command took 11.5 min. So **AP50 ≥ 0.5 is
+reached after epoch 7, at 9.3 minutes**. The same host kind runs ~1.5x slower at times (8.4 vs
+12.95–15.2 img/s on that benchmark): a fresh-clone run of c63ef99 on such a host (2026-12-02 13:44)
+reached the same AP50s at 4.7 / 6.4 / 8.2 / 10.0 / 11.9 / 13.6 / 15.3 / 17.0 / 18.8 minutes, i.e.
+0.5 at 15.3 minutes, not within 10.
 
 What made the difference: the EMA horizon. The official decay 0.9998 (with the ramp
 ``decay·(1 − exp(−step/tau))``) averages over ~3,000 steps at step 900, so in a 900-step run the
