@@ -1,6 +1,7 @@
 """The Colab notebooks run top to bottom (papermill, this venv's Python as the kernel) on the CPU
-with tiny settings: ``colab/train_tpu.ipynb`` trains DAMO-YOLO-Ns (demo recipe) for 2 steps at
-64×64 on ``demo:64``, shows curves and predictions, resumes for 1 more step, then trains on
+with tiny settings: ``colab/train_tpu.ipynb`` trains the demo recipe (``demo_ns``) with the small
+Ns-shaped test network of ``train_setup.py`` (a config file given as ``CONFIG``, as a user passes
+their own) for 2 steps at 64×64 on ``demo:64``, shows curves and predictions, resumes for 1 more step, then trains on
 "own data" (the demo folder read as COCO); ``colab/eval_export.ipynb`` evaluates that run, exports
 it to ONNX and OpenVINO, checks both against JAX inside the notebook (it raises on a mismatch) and
 predicts with the exported model. A cell that raises fails the test (papermill
@@ -17,10 +18,24 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from train_setup import TINY_MODEL_LINES, write_tiny_config
+
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ("train_tpu.ipynb", "eval_export.ipynb")
 KERNEL = "damo-jax-test-venv"
 CELL_TIMEOUT = 1200
+# the notebooks' CONFIG / OWN_CONFIG: the demo recipe with the small test network (the released
+# networks have golden tests; compiling the full Ns step was most of this test's time)
+NB_CONFIG = '''"""demo_ns with the small Ns-shaped test network (tests/test_notebooks.py)."""
+from pathlib import Path
+
+from damo_jax.config import load_config
+
+
+def get_config():
+    c = load_config("demo_ns")
+''' + TINY_MODEL_LINES + '''    return c
+'''
 
 
 def test_notebooks_are_stripped_and_parameterised():
@@ -71,10 +86,11 @@ def test_notebooks_execute_on_cpu(kernel_env):
     work = kernel_env / "run"
     work.mkdir()
     own = f"coco:{ensure_demo(64)}"        # the demo folder is a COCO layout: the 'own data' path
+    config = str(write_tiny_config(kernel_env, "nb_tiny.py", NB_CONFIG))
     t_train = _execute("train_tpu.ipynb", work, dict(
-        INSTALL=False, CONFIG="demo_ns", DATA="demo:64", WORKDIR="runs/nb_demo", IMG_SIZE=64, BATCH_SIZE=4,
+        INSTALL=False, CONFIG=config, DATA="demo:64", WORKDIR="runs/nb_demo", IMG_SIZE=64, BATCH_SIZE=4,
         MAX_STEPS=2, RESUME_STEPS=1, EXTRA=["--no-progress", "--config.data.workers=0"],
-        OWN_DATA=own, OWN_CONFIG="demo_ns", OWN_WORKDIR="runs/nb_own",
+        OWN_DATA=own, OWN_CONFIG=config, OWN_WORKDIR="runs/nb_own",
         OWN_EXTRA=["--no-progress", "--config.data.workers=0"]))
     run = work / "runs" / "nb_demo"
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]

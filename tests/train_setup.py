@@ -128,17 +128,20 @@ def get_config():
 '''
 
 
-LEARN_CONFIG = '''"""Overfit check: DAMO-YOLO-Ns on {n} synthetic 64x64 images, evaluated on the same images.
+LEARN_CONFIG = '''"""Overfit check: the small Ns-shaped test network on {n} synthetic 64x64 images, evaluated on
+the same images.
 
 No augmentation (no mosaic / mixup / flip / SADA), no EMA (its warm-up is thousands of steps),
 AdamW at a high learning rate, one evaluation and one checkpoint at the end.
 """
+from pathlib import Path
+
 from damo_jax.config import load_config
 
 
 def get_config():
     c = load_config("ns")
-    c.data.image_size = (64, 64)
+''' + TINY_MODEL_LINES + '''    c.data.image_size = (64, 64)
     c.data.mosaic_size = (64, 64)
     c.data.mosaic_prob = 0.0
     c.data.mixup_prob = 0.0
@@ -168,8 +171,7 @@ def learn_setup(root: Path, n: int = 8, steps: int = 120, warmup: int = 5, lr: f
     """(config file, data spec) of the overfit run: train and val splits hold the SAME images."""
     write_coco(root / "coco", "train", n, seed=7)
     write_coco(root / "coco", "val", n, seed=7)
-    cfg = root / "learn.py"
-    cfg.write_text(LEARN_CONFIG.format(n=n, steps=steps, warmup=warmup, lr=lr))
+    cfg = write_tiny_config(root, "learn.py", LEARN_CONFIG.format(n=n, steps=steps, warmup=warmup, lr=lr))
     return cfg, f"coco:{root / 'coco'}"
 
 
