@@ -1,11 +1,11 @@
 """Distillation through the real update step and the CLI (tiny Ns student 64×64, random Ns teacher).
 
-* one jitted, donated step with a teacher (1 device, in process): the teacher is bit-identical
-  after 2 steps; the align-conv and student gradients (read from the SGD momentum buffers after
+* one jitted, donated step with a teacher (1 device; run in the subprocess of the 1-vs-4-device
+  check, which compiles that program anyway): the teacher is bit-identical after 2 steps; the align-conv and student gradients (read from the SGD momentum buffers after
   the first step) equal an independent computation: teacher neck from the FULL teacher model
   (official-layout weights, head included), student neck from a plain ``model.apply``, the golden-
   tested ``losses.distill_loss``, the detection loss, the cosine weight of SPEC §8 and the clip;
-* 1 device vs 4 devices (subprocess, fake CPU devices): same losses and updates (global-batch
+* 1 device vs 4 devices (one subprocess, 4 fake CPU devices): same losses and updates (global-batch
   normalisation of the distilled features, documented in damo_jax/train/distill.py);
 * CLI on 4 devices: ``loss_distill`` / ``distill_weight`` in metrics.jsonl, align convs and the
   distill config in the checkpoint, no teacher in the checkpoint or in what eval/predict/export
@@ -89,16 +89,63 @@ def _cfg():
     return cfg
 
 
-@pytest.fixture(scope="module")
-def one_device_steps():
-    cfg = _cfg()
-    model, teacher, state, update, dsh, rl, lr_fn = distill_program(cfg, jax.devices()[:1])
+MULTI = r'''
+import json, pickle, sys
+sys.path.insert(0, sys.argv[1])
+from damo_jax import runtime
+runtime.tune_cpu_runtime()
+import jax, numpy as np
+from damo_jax.train import loop
+from test_distill_run import _cfg, distill_program, synthetic_batch, host
+assert len(jax.devices()) == 4
+out = {}
+for n in (4, 1):
+    model, teacher, state, update, dsh, rl, lr_fn = distill_program(_cfg(), jax.devices()[:n])
     s0 = host(state)
-    batch = synthetic_batch()
-    s1, m1 = update(state, loop.shard_batch(batch, dsh))
-    h1, m1 = host(s1), jax.device_get(m1)
-    s2, m2 = update(s1, loop.shard_batch(synthetic_batch(seed=1), dsh))
-    return cfg, model, teacher, s0, h1, m1, host(s2), jax.device_get(m2), batch, rl
+    new, m = update(state, loop.shard_batch(synthetic_batch(), dsh))
+    out[n] = (s0, host(new), jax.device_get(m))
+# one device: a second step (the teacher must still be bit-identical after it)
+new2, m2 = update(new, loop.shard_batch(synthetic_batch(seed=1), dsh))
+with open(sys.argv[2], "wb") as f:
+    pickle.dump({"s0": out[1][0], "s1": out[1][1], "m1": out[1][2], "s2": host(new2),
+                 "m2": jax.device_get(m2)}, f)
+res = {"metrics": {k: [float(out[1][2][k]), float(out[4][2][k])] for k in
+                   ("total_loss", "loss_distill", "distill_weight", "grad_norm")}}
+for key in ("params", "align_params", "teacher_params", "ema_params", "batch_stats"):
+    worst = 0.0
+    for a, b in zip(jax.tree.leaves(out[1][1][key]), jax.tree.leaves(out[4][1][key])):
+        worst = max(worst, float(np.abs(a - b).max() / max(np.abs(a).max(), 1.0)))
+    res[key] = worst
+res["align_moved"] = max(float(np.abs(a - b).max()) for a, b in zip(
+    jax.tree.leaves(out[1][0]["align_params"]), jax.tree.leaves(out[1][1]["align_params"])))
+print("RESULT " + json.dumps(res))
+'''
+
+
+@pytest.fixture(scope="module")
+def programs(tmp_path_factory):
+    """One subprocess with 4 fake CPU devices compiles the distillation step on 4 devices and on 1
+    and runs it: 1 step each on the same batch (the 1-vs-4 comparison) and a second 1-device step
+    (the one-device states feed the frozen-teacher and gradient tests). Gives (comparison, states)."""
+    import pickle
+    states = tmp_path_factory.mktemp("distill_steps") / "one_device.pkl"
+    r = subprocess.run([sys.executable, "-c", MULTI, str(ROOT / "tests"), str(states)], cwd=ROOT,
+                       env=train_env(), capture_output=True, text=True, timeout=3600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-5000:]
+    res = json.loads(next(x for x in r.stdout.splitlines() if x.startswith("RESULT "))[7:])
+    return res, pickle.loads(states.read_bytes())
+
+
+@pytest.fixture(scope="module")
+def one_device_steps(programs):
+    """(cfg, model, teacher, s0, s1, m1, s2, m2, batch, rl) of the 1-device run in ``programs``;
+    the model and teacher are rebuilt here from the same config (no compilation)."""
+    from damo_jax.models import build_model
+    st = programs[1]
+    cfg = _cfg()
+    distill.resolve_grad_clip(cfg)
+    model, teacher, rl = build_model(cfg), distill.load_teacher(cfg), loop.run_length(cfg, 16)
+    return cfg, model, teacher, st["s0"], st["s1"], st["m1"], st["s2"], st["m2"], synthetic_batch(), rl
 
 
 def test_teacher_is_frozen_bit_identical_after_steps(one_device_steps):
@@ -173,39 +220,8 @@ def test_align_and_student_gradients_match_an_independent_computation(one_device
     assert (num / den) ** 0.5 < 1e-4, (num / den) ** 0.5
 
 
-MULTI = r'''
-import json, sys
-sys.path.insert(0, sys.argv[1])
-from damo_jax import runtime
-runtime.tune_cpu_runtime()
-import jax, numpy as np
-from damo_jax.train import loop
-from test_distill_run import _cfg, distill_program, synthetic_batch, host
-assert len(jax.devices()) == 4
-out = {}
-for n in (4, 1):
-    model, teacher, state, update, dsh, rl, lr_fn = distill_program(_cfg(), jax.devices()[:n])
-    s0 = host(state)
-    new, m = update(state, loop.shard_batch(synthetic_batch(), dsh))
-    out[n] = (s0, host(new), jax.device_get(m))
-res = {"metrics": {k: [float(out[1][2][k]), float(out[4][2][k])] for k in
-                   ("total_loss", "loss_distill", "distill_weight", "grad_norm")}}
-for key in ("params", "align_params", "teacher_params", "ema_params", "batch_stats"):
-    worst = 0.0
-    for a, b in zip(jax.tree.leaves(out[1][1][key]), jax.tree.leaves(out[4][1][key])):
-        worst = max(worst, float(np.abs(a - b).max() / max(np.abs(a).max(), 1.0)))
-    res[key] = worst
-res["align_moved"] = max(float(np.abs(a - b).max()) for a, b in zip(
-    jax.tree.leaves(out[1][0]["align_params"]), jax.tree.leaves(out[1][1]["align_params"])))
-print("RESULT " + json.dumps(res))
-'''
-
-
-def test_one_distill_step_on_4_devices_equals_1_device():
-    r = subprocess.run([sys.executable, "-c", MULTI, str(ROOT / "tests")], cwd=ROOT, env=train_env(),
-                       capture_output=True, text=True, timeout=3600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-5000:]
-    res = json.loads(next(x for x in r.stdout.splitlines() if x.startswith("RESULT "))[7:])
+def test_one_distill_step_on_4_devices_equals_1_device(programs):
+    res = programs[0]
     print("distill 1 vs 4 devices:", res)
     for key, (one, four) in res["metrics"].items():
         assert abs(one - four) <= 1e-5 * max(abs(one), 1e-6), (key, one, four)
