@@ -1,4 +1,4 @@
-"""Parser for the TinyNAS structure files in ``damo_jax/models/structures/*.txt`` (SPEC §1.3).
+"""Parser for the TinyNAS structure files in ``damo_jax/models/tinynas-structures/*.txt`` (SPEC §1.3).
 
 Each file is a Python-literal list of dicts: the first entry is the stem
 (``class: 'ConvKXBNRELU'``, keys ``in``/``out``/``k``/``s``), the next five are the NAS stages
@@ -13,7 +13,8 @@ import dataclasses
 import functools
 from pathlib import Path
 
-STRUCTURE_DIR = Path(__file__).resolve().parent / "structures"
+# a folder name that is not a Python identifier: package data, not a (namespace) package
+STRUCTURE_DIR = Path(__file__).resolve().parent / "tinynas-structures"
 STAGE_CLASSES = {"SuperResConvK1KX": "k1kx", "SuperResConvKXKX": "kxkx"}
 
 
@@ -81,7 +82,7 @@ def parse_structure_text(text: str, name: str = "<text>") -> Structure:
 
 @functools.lru_cache(maxsize=None)
 def load_structure(name_or_path: str) -> Structure:
-    """Load ``structures/<name>.txt`` (name with or without ``.txt``) or a file path."""
+    """Load ``tinynas-structures/<name>.txt`` (name with or without ``.txt``) or a file path."""
     p = Path(name_or_path)
     if not p.exists():
         p = STRUCTURE_DIR / (name_or_path if name_or_path.endswith(".txt") else f"{name_or_path}.txt")
