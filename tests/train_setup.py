@@ -97,7 +97,7 @@ def write_tiny_config(folder: Path, name: str, text: str) -> Path:
 CONFIG_TEMPLATE = '''"""Tiny run for the training tests: a small Ns-shaped network (64x64, batch 4, 2 epochs of 4
 steps, SGD).
 
-SGD (not the nano AdamW) so that tests/test_train_multidevice.py can compare a 1- and a 4-device
+SGD (not the nano AdamW) so that the multi-device test in tests/test_train_run.py can compare a 1- and a 4-device
 step of THIS program (shared with the CLI runs through the persistent XLA cache) without Adam's
 first-step amplification of float noise; AdamW numerics are covered by tests/test_optim.py.
 """
@@ -197,7 +197,7 @@ DEVICES = 4
 
 def train_env(**extra: str) -> dict:
     """Subprocess environment: shared XLA cache, 4 fake CPU devices (so the CLI runs are data
-    parallel, and tests/test_train_multidevice.py reuses their compiled 4-device step), only the
+    parallel, and the multi-device test in tests/test_train_run.py reuses their compiled 4-device step), only the
     given test hooks."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DAMO_JAX_TEST_")}
     cache = os.environ.get("DAMO_JAX_TEST_XLA_CACHE") or str(shared_dir() / "xla_cache")

@@ -102,6 +102,9 @@ def pairwise_iou(boxes_a, boxes_b, *, eps: float | None = None,
     union = area_a[:, None] + area_b[None, :] - inter
     if eps is not None:
         union = xp.maximum(union, eps)
+    if xp is np:
+        with np.errstate(invalid="ignore", divide="ignore"):     # 0/0 -> NaN is the contract
+            return inter / union
     return inter / union
 
 

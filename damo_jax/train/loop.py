@@ -301,7 +301,7 @@ def make_update_fn(model, tx, lr_fn, cfg, *, teacher=None, align_tx=None, total_
             ema_params, ema_stats = params, new_stats
         new_state = {"params": params, "batch_stats": new_stats, "opt_state": opt_state,
                      "ema_params": ema_params, "ema_batch_stats": ema_stats, "step": step + 1, "rng": rng}
-        grad_norm = optax.global_norm(grads)      # student only, before clipping (as clip_grad_norm_)
+        grad_norm = optax.tree.norm(grads)      # student only, before clipping (as clip_grad_norm_)
         finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
         if teacher is not None:                   # align convs: own optimizer, same lr, no clip
             a_updates, a_opt = align_tx.update(all_grads["align"], state["align_opt_state"],
@@ -310,7 +310,7 @@ def make_update_fn(model, tx, lr_fn, cfg, *, teacher=None, align_tx=None, total_
                                                        a_updates), align_opt_state=a_opt,
                              teacher_params=state["teacher_params"],
                              teacher_batch_stats=state["teacher_batch_stats"])
-            finite = finite & jnp.isfinite(optax.global_norm(all_grads["align"]))
+            finite = finite & jnp.isfinite(optax.tree.norm(all_grads["align"]))
         new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, state)
         metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
         metrics.update(total_loss=total, lr=lr, grad_norm=grad_norm, finite=finite)
