@@ -62,4 +62,5 @@ def get_config():
     c = load_config("demo_ns")
     c.model = load_config("t").model
     c.train.epochs = 9
+    c.test.image_size = (256, 256)
     return c
