@@ -22,13 +22,15 @@ assembled from stored copies of the repository's files): ``from .apis import *``
 path does not need); ``'legacy': False`` in the T config's ZeroHead where an older T config is used
 (the current configs have it, SPEC.md §1.2; the parameter counts then match SPEC §1.7: T 8.876 M /
 8.480 M reparameterised, S 16.936 M / 16.252 M); empty ``__init__.py`` files where a package folder
-had none. torchvision is optional: where it cannot be imported, a pure-torch ``batched_nms`` stands
-in (used only by ``--nms``).
+had none; for ``--config ns`` (added 2026-12-03) ``configs/damoyolo_tinynasL18_Ns.py`` and
+``damo/base_models/backbones/nas_backbones/tinynas_nano_small.txt`` as stored (1.41 M parameters,
+SPEC §1.7: 1.406 M), trained with the config's AdamW. torchvision is optional: where it cannot be
+imported, a pure-torch ``batched_nms`` stands in (used only by ``--nms``).
 
 * ``train``: one step = ``model(images, targets)`` (the detector returns the loss dict in train
   mode: forward, AlignOTA assignment, losses) + ``backward()`` + ``optimizer.step()``; the official
-  trainer's optimizer (SGD, momentum 0.9, nesterov, weight decay 5e-4, none on norm weights and
-  biases), fixed lr, plain BatchNorm (one process), EMA only with ``--ema``; images random 0-255
+  trainer's optimizer (the config's: SGD, momentum 0.9, nesterov, weight decay 5e-4 for T/S; AdamW,
+  weight decay 1e-2 for Ns; none on norm weights and biases), fixed lr, plain BatchNorm (one process), EMA only with ``--ema``; images random 0-255
   NCHW float, ``--num-gt`` boxes per image with log-uniform sides 12-160 px, random labels of 80
   classes, all made before timing. The official trainer itself is not used (CUDA, DDP, data loader).
 * ``infer``: batch 1, eval mode, the official deploy form: every RepConv ``switch_to_deploy()`` then
@@ -48,6 +50,7 @@ import types
 CONFIGS = {
     's': 'configs/damoyolo_tinynasL25_S.py',
     't': 'configs/damoyolo_tinynasL20_T.py',
+    'ns': 'configs/damoyolo_tinynasL18_Ns.py',     # AdamW recipe; needs nas_backbones/tinynas_nano_small.txt
 }
 
 
@@ -102,11 +105,12 @@ def _install_torchvision_shim():
     return 'torchvision shim (pure-torch batched_nms; real torchvision not importable)'
 
 
-def build_official_optimizer(model, lr, momentum=0.9, weight_decay=5e-4,
-                             nesterov=True):
+def build_official_optimizer(model, lr, opt_cfg=None):
     """Same grouping as damo/apis/detector_trainer.py Trainer.build_optimizer
-    with the base config's train.optimizer (SGD, momentum 0.9, wd 5e-4,
-    nesterov True); lr is set by the scheduler in the official loop."""
+    with the config's train.optimizer (base config: SGD, momentum 0.9, wd 5e-4,
+    nesterov True; the nano configs: AdamW, wd 1e-2): the torch.optim class of
+    that name with the dict's other entries; lr is set by the scheduler in the
+    official loop (here: ``lr``)."""
     import torch
     from torch.nn import GroupNorm, LayerNorm
     from torch.nn.modules.batchnorm import _BatchNorm
@@ -129,8 +133,10 @@ def build_official_optimizer(model, lr, momentum=0.9, weight_decay=5e-4,
     for p, pconfig in param_dict.items():
         pconfig.pop('name', None)
         param_groups += [{'params': p, **pconfig}]
-    return torch.optim.SGD(param_groups, lr=lr, momentum=momentum,
-                           weight_decay=weight_decay, nesterov=nesterov)
+    opt_cfg = dict(opt_cfg or {'name': 'SGD', 'momentum': 0.9, 'weight_decay': 5e-4, 'nesterov': True})
+    cls = getattr(torch.optim, opt_cfg.pop('name'))
+    opt_cfg['lr'] = lr
+    return cls(param_groups, **opt_cfg)
 
 
 def make_targets(batch, img_size, num_gt, num_classes, gen):
@@ -157,7 +163,7 @@ def run_train(args, model, cfg):
     import torch
     model.train()
     if args.optim == 'official':
-        opt = build_official_optimizer(model, args.lr)
+        opt = build_official_optimizer(model, args.lr, cfg.train.optimizer)
     else:
         opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9,
                               weight_decay=5e-4)
