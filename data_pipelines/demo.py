@@ -235,15 +235,15 @@ def _write_split(root: Path, split: str, count: int, size: int) -> None:
     def one(i):     # image i depends on (SEED, split, i) only: any order, any thread
         rng = np.random.default_rng((SEED, _SPLIT_CODE[split], i))
         img, boxes, labels, areas, _ = render_sample(rng, size, backgrounds)
-        cv2.imwrite(str(root / f"{split}2017" / f"{i + 1:012d}.jpg"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR),
+        fname = f"{i + 1:012d}.jpg"
+        cv2.imwrite(str(root / f"{split}2017" / fname), cv2.cvtColor(img, cv2.COLOR_RGB2BGR),
                     [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
-        return boxes, labels, areas
+        return fname, boxes, labels, areas
 
     # numpy/OpenCV release the GIL for most of the work: threads cut the first run's wait
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
         results = list(pool.map(one, range(count)))
-    for i, (boxes, labels, areas) in enumerate(results):
-        fname = f"{i + 1:012d}.jpg"
+    for i, (fname, boxes, labels, areas) in enumerate(results):
         images.append({"id": i + 1, "file_name": fname, "width": size, "height": size})
         for b, l, a in zip(boxes.tolist(), labels.tolist(), areas.tolist()):
             annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": l + 1,
