@@ -32,7 +32,8 @@ imported, a pure-torch ``batched_nms`` stands in (used only by ``--nms``).
   trainer's optimizer (the config's: SGD, momentum 0.9, nesterov, weight decay 5e-4 for T/S; AdamW,
   weight decay 1e-2 for Ns; none on norm weights and biases), fixed lr, plain BatchNorm (one
   process), EMA only with ``--ema``; images random 0-255 NCHW float, ``--num-gt`` boxes per image
-  with log-uniform sides 12-160 px, random labels of 80 classes, all made before timing. The official trainer itself is not used (CUDA, DDP, data loader).
+  with log-uniform sides 12-160 px, random labels of 80 classes, all made before timing. The
+  official trainer itself is not used (CUDA, DDP, data loader).
 * ``infer``: batch 1, eval mode, the official deploy form: every RepConv ``switch_to_deploy()`` then
   ``damo.utils.fuse_model`` (``tools/eval.py --fuse``), head NMS off (scores (1, A, 80) + boxes
   (1, A, 4), what the exported graph outputs), ``torch.no_grad()``.
