@@ -6,7 +6,9 @@
 Random (initialised) weights; the deploy variables come from ``reparam.fuse(..., fuse_bn=True)``.
 ``--impls`` lists ``model.depthwise_impl`` values to compare (``conv``: native grouped convs and
 5/9/13 max pools, the pre-2026-11-30 graph and what ONNX export traces; ``taps``: shifted-slice
-depthwise convs and separable SPP pools; ``auto``: taps on CPU, conv elsewhere). All variants of
+depthwise convs and separable SPP pools; ``auto``: taps on CPU, conv elsewhere); ``D/P`` also sets
+``model.pointwise_impl`` to ``P`` (``conv``: 1x1 convs as convolutions, as exported; ``dot``: as
+matrix products; ``auto``: dot on CPU), e.g. ``--impls auto/conv auto/dot``. All variants of
 one model are compiled first, warmed up 3 times, then timed **interleaved** (one call of each per
 round) so that load changes on a shared machine hit them alike. Reports the median / min / p90
 wall time, the median process CPU time per call (all threads; less sensitive to other processes
@@ -70,7 +72,8 @@ def bench(name, size, runs, graphs, impls, compiler_options=None):
     variants, compile_s = {}, {}
     for graph in graphs:
         for impl in impls:
-            cfg = with_depthwise_impl(name, impl)
+            depthwise, _, pointwise = impl.partition("/")
+            cfg = with_depthwise_impl(name, depthwise, pointwise or None)
             if graph == "train":
                 model, v = build_model(cfg), train_variables
             else:
@@ -86,8 +89,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["t:640", "ns:416"])
     ap.add_argument("--graphs", nargs="+", default=["train", "deploy"], choices=sorted(GRAPH_LABELS))
-    ap.add_argument("--impls", nargs="+", default=["auto"], choices=["auto", "conv", "taps"],
-                    help="model.depthwise_impl values to compare (default: auto)")
+    ap.add_argument("--impls", nargs="+", default=["auto"],
+                    help="model.depthwise_impl values to compare (auto, conv, taps), each optionally "
+                         "followed by /<model.pointwise_impl> (auto, conv, dot); default: auto")
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--tuned", action="store_true",
                     help="damo_jax.runtime: tune_cpu_allocator() + cpu_compiler_options() on the jits")
@@ -101,7 +105,11 @@ def main(argv=None):
         runtime = f"damo_jax.runtime tuning: {allocator}, compiler options {options}"
     load0 = os.getloadavg()[0]
     dev = jax.devices()[0]
-    lines = ["| model | input | graph | depthwise_impl | median ms | min ms | p90 ms | CPU ms/call | compile s |",
+    for impl in args.impls:
+        depthwise, _, pointwise = impl.partition("/")
+        if depthwise not in ("auto", "conv", "taps") or pointwise not in ("", "auto", "conv", "dot"):
+            ap.error(f"--impls: {impl!r} is not D or D/P with D in auto|conv|taps, P in auto|conv|dot")
+    lines = ["| model | input | graph | depthwise_impl[/pointwise_impl] | median ms | min ms | p90 ms | CPU ms/call | compile s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for spec in args.models:
         name, size = spec.split(":")

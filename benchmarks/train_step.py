@@ -3,6 +3,7 @@ optimizer + EMA, one jit, donated state) on synthetic batches, with its parts ti
 
     python benchmarks/train_step.py --config s --img-size 320 --batch 8 --steps 12 --num-gt 5
     python benchmarks/train_step.py --config s --grad-impls native matmul --parts fwd grad full
+    python benchmarks/train_step.py --config s --pointwise-impls dot conv --parts full
 
 By default a child process compiles every part into a fresh persistent cache and the timed process
 loads them (``--compile-here``: compile in the timed process), as the train CLI does
@@ -19,8 +20,12 @@ a shared machine hit them alike):
 
 backward = grad - fwd; optimizer + EMA + guard = full - grad. ``--grad-impls`` lists values of
 ``model.grad_impl`` to compare (``native``: XLA's conv gradients; ``matmul``:
-``damo_jax/models/conv_grad.py``; ``auto``: matmul on CPU). The last stdout line is a one-line JSON
-summary; ``images_per_s`` is the full step of the first grad impl.
+``damo_jax/models/conv_grad.py``; ``auto``: matmul on CPU), ``--pointwise-impls`` values of
+``model.pointwise_impl`` (``conv``: 1x1 convs as ``conv_general_dilated``; ``dot``: as matrix
+products, ``damo_jax/models/cpu_ops.py``; ``auto``: dot on CPU); every combination is timed (rows
+are labelled ``grad_impl`` or ``grad_impl/pointwise_impl`` when several pointwise impls are given).
+The last stdout line is a one-line JSON summary; ``images_per_s`` is the full step of the first
+combination.
 
 Official anchor (../shared/reference/ANCHORS.md, PyTorch eager on this machine kind): S@320,
 batch 8, forward + assignment + loss + backward + SGD: 2.42 images/s (table, Intel AVX-512 host,
@@ -137,6 +142,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--grad-impls", nargs="+", default=["auto"],
                     help="model.grad_impl values to compare (auto, native, matmul)")
+    ap.add_argument("--pointwise-impls", nargs="+", default=["auto"],
+                    help="model.pointwise_impl values to compare (auto, conv, dot)")
     ap.add_argument("--parts", nargs="+", default=["full"], choices=("model", "fwd", "grad", "full"),
                     help="what to time (default: full); fwd/grad give the forward/backward split")
     ap.add_argument("--no-tune", action="store_true",
@@ -178,12 +185,15 @@ def main(argv=None) -> dict:
     load0 = os.getloadavg()[0]
     fns, compile_s = {}, {}
     batches = None
-    for impl in args.grad_impls:
+    variants = {(f"{g}/{p}" if len(args.pointwise_impls) > 1 else g): (g, p)
+                for g in args.grad_impls for p in args.pointwise_impls}
+    for impl, (grad_impl, pointwise_impl) in variants.items():
         cfg = load_config(args.config)
         cfg.data.image_size = (args.img_size, args.img_size)
         cfg.train.batch_size = args.batch
         cfg.model.dtype = args.dtype
-        cfg.model.grad_impl = impl
+        cfg.model.grad_impl = grad_impl
+        cfg.model.pointwise_impl = pointwise_impl
         if batches is None:
             nc = int(cfg.model.head.num_classes)
             batches = []
@@ -223,13 +233,13 @@ def main(argv=None) -> dict:
     for (impl, part), v in wall.items():
         print(f"| {impl} | {part} | {med[(impl, part)]:.3f} | {min(v):.3f} | {medc[(impl, part)]:.3f} "
               f"| {args.batch / med[(impl, part)]:.2f} | {compile_s[(impl, part)]:.0f} |")
-    for impl in args.grad_impls:
+    for impl in variants:
         if (impl, "fwd") in med and (impl, "grad") in med:
             print(f"{impl}: backward = grad - fwd = {med[(impl, 'grad')] - med[(impl, 'fwd')]:.3f} s")
         if (impl, "grad") in med and (impl, "full") in med:
             print(f"{impl}: optimizer + EMA + guard = full - grad = "
                   f"{med[(impl, 'full')] - med[(impl, 'grad')]:.3f} s")
-    first = args.grad_impls[0]
+    first = next(iter(variants))
     key = (first, "full") if (first, "full") in med else next(iter(med))
     ips = args.batch / med[key]
     res = {"config": args.config, "img_size": args.img_size, "batch": args.batch, "steps": args.steps,

@@ -89,11 +89,12 @@ def input_spec(batch, image_size) -> tuple:
 
 
 def export_config(config):
-    """The config to trace for export: depthwise convs as one grouped conv each
-    (``model.depthwise_impl = "conv"``; the models' CPU default may unroll them into shifted-slice
-    "taps", which would export as dozens of Mul/Add nodes instead of one ``Conv``)."""
+    """The config to trace for export: depthwise convs as one grouped conv each and 1x1 convs as
+    convs (``model.depthwise_impl = model.pointwise_impl = "conv"``; the models' CPU defaults
+    unroll depthwise convs into shifted-slice "taps", which would export as dozens of Mul/Add
+    nodes instead of one ``Conv``, and write 1x1 convs as matrix products)."""
     from damo_jax.models import with_depthwise_impl
-    return with_depthwise_impl(config, "conv")
+    return with_depthwise_impl(config, "conv", "conv")
 
 
 def load_deploy_model(config=None, *, checkpoint=None, weights=None, image_size=None,

@@ -2,8 +2,10 @@
 
 Every check compares against ``jax.grad`` of the NATIVE op (``lax.conv_general_dilated``), never
 against the module's own formulas: gradients w.r.t. input and kernel per conv kind and shape
-family of the released models, the full-model gradients of T, S and Ns, forward outputs
-(bit-identical) and the deploy graph (no custom VJP inside).
+family of the released models (with each forward formulation the CPU path uses: the native conv,
+depthwise taps, 1x1 convs as dot), the full-model gradients of T, S and Ns (the CPU defaults
+against an all-native model), forward outputs (bit-identical with the native conv forward) and
+the deploy graph (no custom VJP inside).
 """
 from __future__ import annotations
 
@@ -50,20 +52,21 @@ def rel_err(a, b):
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
-# every case with the native conv forward; the depthwise cases also with the taps forward (it applies
-# to depthwise convs only)
-GRAD_CASES = [(c, False) for c in CASES] + [(c, True) for c in CASES if c[8] > 1]
+# every case with the native conv forward; the depthwise cases also with the taps forward and the
+# 1x1 cases with the dot forward (``cpu_ops.py``: each applies to those convs only)
+GRAD_CASES = ([(c, "conv") for c in CASES] + [(c, "taps") for c in CASES if c[8] > 1]
+              + [(c, "dot") for c in CASES if c[6] == 1 and c[8] == 1])
 
 
-@pytest.mark.parametrize("case,taps", GRAD_CASES,
-                         ids=[f"{c[0]}-{'taps' if t else 'conv'}_forward" for c, t in GRAD_CASES])
-def test_conv_gradients_match_native(case, taps):
+@pytest.mark.parametrize("case,form", GRAD_CASES,
+                         ids=[f"{c[0]}-{f}_forward" for c, f in GRAD_CASES])
+def test_conv_gradients_match_native(case, form):
     name, b, h, w, cin, cout, k, s, groups = case
     pad = (k - 1) // 2
     kx, kw, kg = jax.random.split(jax.random.PRNGKey(zlib.crc32(name.encode())), 3)
     x = jax.random.normal(kx, (b, h, w, cin))
     kernel = jax.random.normal(kw, (k, k, cin // groups, cout)) / np.sqrt(k * k * cin / groups)
-    fast = make_conv_general_dilated(taps=taps)
+    fast = make_conv_general_dilated(taps=form == "taps", pointwise=form == "dot")
 
     def fast_conv(x, w_):
         return fast(x, w_, (s, s), ((pad, pad), (pad, pad)), dimension_numbers=_NHWC_DIMS,
@@ -79,9 +82,9 @@ def test_conv_gradients_match_native(case, taps):
     assert got[0].shape == x.shape and got[1].shape == kernel.shape
     assert rel_err(got[0], ref[0]) <= RTOL, f"input gradient {rel_err(got[0], ref[0])}"
     assert rel_err(got[1], ref[1]) <= RTOL, f"kernel gradient {rel_err(got[1], ref[1])}"
-    # and the forward is the native op (bit-identical without taps)
+    # and the forward is the native op (bit-identical with the conv forward)
     y = jax.jit(fast_conv)(x, kernel)
-    if taps:
+    if form != "conv":
         assert rel_err(y, y_ref) <= RTOL
     else:
         np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))
@@ -113,9 +116,10 @@ def test_resolve_grad_impl_and_validation():
     assert load_config("s").model.grad_impl == "auto"
 
 
-def _model(name, grad_impl, deploy=False):
+def _model(name, grad_impl, deploy=False, pointwise_impl="auto"):
     cfg = load_config(name)
     cfg.model.grad_impl = grad_impl
+    cfg.model.pointwise_impl = pointwise_impl
     return build_model(cfg, deploy=deploy)
 
 
@@ -139,12 +143,18 @@ def _fast_jit(fn, *args):
     return jax.jit(fn).lower(*args).compile(compiler_options=options)(*args)
 
 
-@pytest.mark.parametrize("name", ["t", "s", "ns"])
-def test_full_model_gradient_matches_native(name):
+@pytest.mark.parametrize("name,pointwise", [(n, p) for p in ("conv", "dot") for n in ("t", "s", "ns")])
+def test_full_model_gradient_matches_native(name, pointwise):
     """Train-mode forward (BN batch statistics) -> a loss over every head output; gradients w.r.t.
     all parameters and the input, matmul vs native, within 1e-5 relative per parameter tensor.
-    Forward outputs are bit-identical."""
-    native, matmul = _model(name, "native"), _model(name, "matmul")
+    Forward outputs are bit-identical. Both models use the same 1x1 forward formulation
+    (``pointwise_impl``; "dot" is the CPU default): the two formulations differ by float32 rounding,
+    which the train-mode BatchNorms of this randomly initialised model amplify to up to 3e-3 in
+    the gradients -- as much as the same native model compiled with and without XLA's backend
+    optimisation differs (T, measured 2026-12-03). Their agreement per conv:
+    test_conv_gradients_match_native; whole-model outputs: tests/test_cpu_ops.py."""
+    native = _model(name, "native", pointwise_impl=pointwise)
+    matmul = _model(name, "matmul", pointwise_impl=pointwise)
     v = init_variables(native, jax.random.PRNGKey(0))
     x = jax.random.uniform(jax.random.PRNGKey(1), (2, 64, 64, 3), maxval=255.0)
     kc, kr = jax.random.split(jax.random.PRNGKey(2))

@@ -1,9 +1,12 @@
-"""CPU-friendly op formulations (damo_jax/models/cpu_ops.py) and the ``model.depthwise_impl`` switch.
+"""CPU-friendly op formulations (damo_jax/models/cpu_ops.py), the ``model.depthwise_impl`` and
+``model.pointwise_impl`` switches.
 
 Checks: shifted-slice depthwise conv == grouped conv (values, dtypes, gradients, fallback), separable
 cascaded SPP pools == the 5/9/13 max pools bit for bit, the impl resolution, and on the Ns model that
 both formulations share one parameter tree, agree on the outputs, and that ``"conv"`` traces exactly
-one grouped conv per depthwise layer (what the ONNX export relies on) while ``"taps"`` traces none.
+one grouped conv per depthwise layer (what the ONNX export relies on) while ``"taps"`` traces none;
+1x1 convs as matrix products == the 1x1 conv (values, gradients, fallbacks), and on S and Ns that
+``pointwise_impl="dot"`` leaves no 1x1 conv in the graph while the export config keeps every one.
 """
 from __future__ import annotations
 
@@ -17,8 +20,8 @@ from jax import lax
 from damo_jax.config import load_config
 from damo_jax.models import build_model, init_variables, with_depthwise_impl
 from damo_jax.models.blocks import Opts
-from damo_jax.models.cpu_ops import (depthwise_conv_taps, max_pool_same, resolve_depthwise_impl,
-                                     spp_max_pools)
+from damo_jax.models.cpu_ops import (depthwise_conv_taps, max_pool_same, pointwise_conv_dot,
+                                     resolve_depthwise_impl, resolve_pointwise_impl, spp_max_pools)
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -97,6 +100,126 @@ def test_non_depthwise_convs_fall_back_unchanged():
     np.testing.assert_array_equal(
         np.asarray(depthwise_conv_taps(x, w, (1, 1), ((2, 2), (2, 2)), **kw)),
         np.asarray(lax.conv_general_dilated(x, w, (1, 1), ((2, 2), (2, 2)), **kw)))
+
+
+def _conv_kw(x, w, **extra):
+    return dict(dimension_numbers=lax.conv_dimension_numbers(x.shape, w.shape, NHWC), **extra)
+
+
+@pytest.mark.parametrize("shape,cout,stride", [
+    ((2, 8, 8, 24), 40, 1),
+    ((2, 10, 10, 16), 32, 2),
+    ((1, 9, 7, 8), 12, 2),      # odd sizes: the last row / column is read at stride 2
+    ((1, 5, 11, 3), 7, (1, 2)),  # non-square, anisotropic stride
+])
+def test_pointwise_dot_matches_1x1_conv(shape, cout, stride):
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((1, 1, shape[-1], cout)), jnp.float32)
+    strides = (stride, stride) if isinstance(stride, int) else stride
+    pad = ((0, 0), (0, 0))
+    ref = lax.conv_general_dilated(x, w, strides, pad, **_conv_kw(x, w))
+    got = pointwise_conv_dot(x, w, strides, pad, **_conv_kw(x, w))
+    assert got.shape == ref.shape and got.dtype == ref.dtype
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
+    # independent float64 reference: y[b, i, j] = x[b, i*sh, j*sw] @ w[0, 0]
+    x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)[0, 0]
+    want = x64[:, ::strides[0], ::strides[1]] @ w64
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-5, atol=1e-5)
+    # gradients w.r.t. input and kernel: autodiff of the product == autodiff of the conv
+    g = jnp.asarray(rng.standard_normal(ref.shape), jnp.float32)
+
+    def grads(fn):
+        return jax.grad(lambda x_, w_: jnp.vdot(fn(x_, w_, strides, pad, **_conv_kw(x_, w_)), g),
+                        (0, 1))(x, w)
+    for a, b in zip(grads(lax.conv_general_dilated), grads(pointwise_conv_dot)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
+
+
+def test_pointwise_dot_bfloat16_and_fallbacks():
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((1, 6, 6, 8)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((1, 1, 8, 4)), jnp.bfloat16)
+    ref = lax.conv_general_dilated(x, w, (1, 1), ((0, 0), (0, 0)), **_conv_kw(x, w))
+    got = pointwise_conv_dot(x, w, (1, 1), ((0, 0), (0, 0)), **_conv_kw(x, w))
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref, np.float32),
+                               rtol=0.02, atol=0.05)
+    # not a plain 1x1 conv: passed to lax.conv_general_dilated unchanged (no dot_general)
+    x = jnp.asarray(rng.standard_normal((1, 8, 8, 6)), jnp.float32)
+    for w_shape, pad, extra in [((3, 3, 6, 4), ((1, 1), (1, 1)), {}),
+                                ((1, 1, 6, 4), ((1, 1), (1, 1)), {}),          # padded 1x1
+                                ((1, 1, 3, 6), ((0, 0), (0, 0)), {"feature_group_count": 2}),
+                                ((1, 1, 6, 4), ((0, 0), (0, 0)), {"lhs_dilation": (2, 2)})]:
+        w = jnp.asarray(rng.standard_normal(w_shape), jnp.float32)
+        kw = _conv_kw(x, w, **extra)
+        jaxpr = str(jax.make_jaxpr(lambda x, w: pointwise_conv_dot(x, w, (1, 1), pad, **kw))(x, w))
+        assert "dot_general" not in jaxpr and "conv_general_dilated" in jaxpr, (w_shape, extra)
+        np.testing.assert_array_equal(np.asarray(pointwise_conv_dot(x, w, (1, 1), pad, **kw)),
+                                      np.asarray(lax.conv_general_dilated(x, w, (1, 1), pad, **kw)))
+
+
+def test_resolve_pointwise_impl():
+    assert resolve_pointwise_impl("auto", "cpu") == "dot"
+    assert resolve_pointwise_impl("auto", "gpu") == "conv"
+    assert resolve_pointwise_impl("auto", "tpu") == "conv"
+    assert resolve_pointwise_impl("conv", "cpu") == "conv"
+    assert resolve_pointwise_impl("dot", "tpu") == "dot"
+    with pytest.raises(ValueError, match="pointwise_impl"):
+        resolve_pointwise_impl("gemm")
+    with pytest.raises(ValueError, match="pointwise_impl"):
+        Opts(pointwise_impl="im2col")
+    cfg = with_depthwise_impl("s", "conv", "conv")
+    assert (cfg.model.depthwise_impl, cfg.model.pointwise_impl) == ("conv", "conv")
+    assert load_config("s").model.pointwise_impl == "auto"
+    with pytest.raises(ValueError, match="pointwise_impl"):
+        with_depthwise_impl("s", "conv", "bogus")
+    legacy = load_config("s")  # configs saved before the key existed default to "auto"
+    del legacy.model["pointwise_impl"]
+    assert build_model(legacy).backbone.opts.pointwise_impl == "auto"
+
+
+def _count_1x1(jaxpr, counts):
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "conv_general_dilated":
+            counts["conv1x1" if eqn.invars[1].aval.shape[:2] == (1, 1) else "conv_other"] += 1
+        elif eqn.primitive.name == "dot_general":
+            counts["dot"] += 1
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            _count_1x1(sub, counts)
+    return counts
+
+
+@pytest.mark.parametrize("name", ["s", "ns"])
+def test_pointwise_dot_model_structure_and_outputs(name):
+    """``pointwise_impl="dot"``: every 1x1 conv of the train and deploy graphs becomes one
+    dot_general (none left), other convs untouched, same variables, outputs within float32
+    rounding; the export config keeps them all as convs."""
+    from damo_jax.models.reparam import fuse
+    key = jax.random.PRNGKey(0)
+    cfg_conv, cfg_dot = with_depthwise_impl(name, "conv", "conv"), with_depthwise_impl(name, "conv", "dot")
+    variables = init_variables(build_model(cfg_conv), key)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, variables,
+                           init_variables(build_model(cfg_dot), key))
+    fused = fuse(variables, name, fuse_bn=True)
+    images = jax.random.uniform(jax.random.PRNGKey(1), (1, 64, 64, 3), maxval=255.0)
+    for deploy, v in ((False, variables), (True, fused)):
+        outs, counts = {}, {}
+        for impl, cfg in (("conv", cfg_conv), ("dot", cfg_dot)):
+            model = build_model(cfg, deploy=deploy)
+
+            def fn(v, x, model=model):
+                out = model.apply(v, x)
+                return {k: out[k] for k in ("scores", "boxes")}
+            counts[impl] = _count_1x1(jax.make_jaxpr(fn)(v, images).jaxpr,
+                                      {"conv1x1": 0, "conv_other": 0, "dot": 0})
+            outs[impl] = jax.jit(fn)(v, images)
+        assert counts["conv"]["conv1x1"] > 0 and counts["dot"]["conv1x1"] == 0, counts
+        assert counts["dot"]["conv_other"] == counts["conv"]["conv_other"], counts
+        assert counts["dot"]["dot"] - counts["conv"]["dot"] == counts["conv"]["conv1x1"], counts
+        for k in outs["conv"]:
+            np.testing.assert_allclose(np.asarray(outs["dot"][k]), np.asarray(outs["conv"][k]),
+                                       rtol=1e-4, atol=1e-4, err_msg=f"deploy={deploy} {k}")
 
 
 @pytest.mark.parametrize("sizes", [(5, 9, 13), (9, 5, 13), (3,), (1, 5), (3, 7, 7)])

@@ -20,22 +20,24 @@ import jax
 import jax.numpy as jnp
 
 from damo_jax.models.conv_grad import GRAD_IMPLS, make_conv_general_dilated, resolve_grad_impl
-from damo_jax.models.cpu_ops import (DEPTHWISE_IMPLS, depthwise_conv_taps,
-                                     resolve_depthwise_impl, spp_max_pools)
+from damo_jax.models.cpu_ops import (DEPTHWISE_IMPLS, POINTWISE_IMPLS, depthwise_conv_taps,
+                                     pointwise_conv_dot, resolve_depthwise_impl,
+                                     resolve_pointwise_impl, spp_max_pools)
 
 
 @dataclasses.dataclass(frozen=True)
 class Opts:
     """Options every block needs: deploy mode, compute dtype, BatchNorm constants, the
-    formulation of depthwise convs and SPP pools (``"auto"``/``"conv"``/``"taps"``,
-    ``models/cpu_ops.py``) and of the conv gradients (``"auto"``/``"native"``/``"matmul"``,
-    ``models/conv_grad.py``; train graphs only)."""
+    formulation of depthwise convs and SPP pools (``"auto"``/``"conv"``/``"taps"``) and of 1x1
+    convs (``"auto"``/``"conv"``/``"dot"``, both ``models/cpu_ops.py``) and of the conv gradients
+    (``"auto"``/``"native"``/``"matmul"``, ``models/conv_grad.py``; train graphs only)."""
     deploy: Any = False
     dtype: str = "float32"
     bn_epsilon: float = 1e-3
     bn_momentum: float = 0.97
     depthwise_impl: str = "auto"
     grad_impl: str = "auto"
+    pointwise_impl: str = "auto"
 
     def __post_init__(self):
         mode = self.deploy
@@ -48,6 +50,9 @@ class Opts:
         if self.depthwise_impl not in DEPTHWISE_IMPLS:
             raise ValueError(f"model.depthwise_impl must be one of {DEPTHWISE_IMPLS}, "
                              f"got {self.depthwise_impl!r}")
+        if self.pointwise_impl not in POINTWISE_IMPLS:
+            raise ValueError(f"model.pointwise_impl must be one of {POINTWISE_IMPLS}, "
+                             f"got {self.pointwise_impl!r}")
         if self.grad_impl not in GRAD_IMPLS:
             raise ValueError(f"model.grad_impl must be one of {GRAD_IMPLS}, got {self.grad_impl!r}")
 
@@ -109,17 +114,19 @@ def conv(x, features: int, kernel: int, *, name: str, opts: Opts, stride: int = 
          use_bias: bool = False, init: str = "torch", bias_init=None):
     """Conv with symmetric ``(k-1)//2`` padding (never 'SAME'), created in the caller's scope.
     Depthwise convs (groups == in == out channels) run as ``opts.depthwise_impl`` resolves at
-    trace time (same parameters either way). In train graphs (``deploy=False``) the gradients
+    trace time, 1x1 convs as ``opts.pointwise_impl`` resolves (same parameters either way). In train graphs (``deploy=False``) the gradients
     come from ``models/conv_grad.py`` when ``opts.grad_impl`` resolves to ``"matmul"`` (same
     forward op and outputs); folded deploy graphs always use the native op."""
     pad = (kernel - 1) // 2
     fan_in = (x.shape[-1] // groups) * kernel * kernel
     depthwise = groups > 1 and groups == x.shape[-1] == features
     taps = depthwise and resolve_depthwise_impl(opts.depthwise_impl) == "taps"
+    pointwise = (kernel == 1 and groups == 1
+                 and resolve_pointwise_impl(opts.pointwise_impl) == "dot")
     if opts.deploy is False and resolve_grad_impl(opts.grad_impl) == "matmul":
-        conv_fn = make_conv_general_dilated(taps=taps)
+        conv_fn = make_conv_general_dilated(taps=taps, pointwise=pointwise)
     else:
-        conv_fn = depthwise_conv_taps if taps else None
+        conv_fn = (depthwise_conv_taps if taps else pointwise_conv_dot if pointwise else None)
     return nn.Conv(
         features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
         feature_group_count=groups, use_bias=use_bias, dtype=opts.compute_dtype,

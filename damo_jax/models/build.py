@@ -14,7 +14,7 @@ from damo_jax.models.backbone_csp import TinyNASCSP
 from damo_jax.models.backbone_mob import TinyNASMob
 from damo_jax.models.backbone_res import TinyNASRes
 from damo_jax.models.blocks import Opts
-from damo_jax.models.cpu_ops import resolve_depthwise_impl
+from damo_jax.models.cpu_ops import resolve_depthwise_impl, resolve_pointwise_impl
 from damo_jax.models.head import ZeroHead
 from damo_jax.models.neck import GiraffeNeckV2
 from damo_jax.models.structures import load_structure
@@ -99,7 +99,9 @@ def build_model(config_or_name, deploy=False) -> DamoYolo:
     ``True`` fully folded inference graph (no BatchNorm). Variables for the deploy forms come
     from ``damo_jax.models.reparam.fuse``. ``cfg.model.depthwise_impl`` (``"auto"`` default, ``"conv"``,
     ``"taps"``) picks how depthwise convs and the SPP pools are computed (``models/cpu_ops.py``;
-    ``"auto"`` = shifted-slice forms on CPU; exporters use ``"conv"``, see :func:`with_depthwise_impl`).
+    ``"auto"`` = shifted-slice forms on CPU; exporters use ``"conv"``, see :func:`with_depthwise_impl`);
+    ``cfg.model.pointwise_impl`` (``"auto"``, ``"conv"``, ``"dot"``) whether 1x1 convs run as
+    matrix products (``"auto"`` = on CPU; exporters use ``"conv"``).
     ``cfg.model.grad_impl`` (``"auto"`` default, ``"native"``, ``"matmul"``) picks how the train
     graph's conv gradients are computed (``models/conv_grad.py``; ``"auto"`` = matmul-shaped
     kernel gradients on CPU); it changes neither parameters nor forward outputs.
@@ -110,7 +112,8 @@ def build_model(config_or_name, deploy=False) -> DamoYolo:
                 bn_epsilon=float(_get(m, "bn_epsilon", 1e-3)),
                 bn_momentum=float(_get(m, "bn_momentum", 0.97)),
                 depthwise_impl=str(_get(m, "depthwise_impl", "auto")),
-                grad_impl=str(_get(m, "grad_impl", "auto")))
+                grad_impl=str(_get(m, "grad_impl", "auto")),
+                pointwise_impl=str(_get(m, "pointwise_impl", "auto")))
     return DamoYolo(backbone=build_backbone(m.backbone, opts), neck=build_neck(m.neck, opts),
                     head=build_head(m.head, opts), dtype=opts.dtype)
 
@@ -132,16 +135,22 @@ def init_variables(model: nn.Module, key, input_shape=(1, 64, 64, 3)) -> dict:
     return dict(lowered.compile(compiler_options=options)(key, images))
 
 
-def with_depthwise_impl(config_or_name, impl: str):
-    """A copy of the config with ``model.depthwise_impl = impl`` (``"auto"``/``"conv"``/``"taps"``).
+def with_depthwise_impl(config_or_name, impl: str, pointwise_impl: str | None = None):
+    """A copy of the config with ``model.depthwise_impl = impl`` (``"auto"``/``"conv"``/``"taps"``)
+    and, when given, ``model.pointwise_impl = pointwise_impl`` (``"auto"``/``"conv"``/``"dot"``).
 
-    Exporters call ``with_depthwise_impl(cfg, "conv")`` so that every depthwise conv is traced as
-    one grouped convolution (a single ONNX ``Conv`` node) whatever the tracing backend.
+    Exporters call ``with_depthwise_impl(cfg, "conv", "conv")`` so that every depthwise conv is
+    traced as one grouped convolution and every 1x1 conv as a convolution (one ONNX ``Conv``
+    node each) whatever the tracing backend.
     """
-    resolve_depthwise_impl(impl)  # validates the name
+    resolve_depthwise_impl(impl)  # validates the names
+    if pointwise_impl is not None:
+        resolve_pointwise_impl(pointwise_impl)
     cfg = load_config(config_or_name)
     cfg = (ml_collections.ConfigDict(cfg) if isinstance(cfg, ml_collections.FrozenConfigDict)
            else copy.deepcopy(cfg))
     with cfg.unlocked():
         cfg.model.depthwise_impl = impl
+        if pointwise_impl is not None:
+            cfg.model.pointwise_impl = pointwise_impl
     return cfg

@@ -14,14 +14,16 @@ to forward speed:
   slower); input gradient by autodiff of the taps forward.
 
 The input gradient of dense convolutions stays XLA's own (a forward-style convolution that runs at
-forward speed on XLA:CPU).
+forward speed on XLA:CPU). 1x1 convs whose forward is a matrix product (``model.pointwise_impl``,
+``cpu_ops.py``) get their input gradient from autodiff of that product (a GEMM).
 
 ``grad_impl`` (config ``model.grad_impl``, :func:`resolve_grad_impl`):
 
 * ``"native"`` — ``lax.conv_general_dilated`` (or the depthwise taps) differentiated by JAX;
 * ``"matmul"`` — :func:`conv_general_dilated_matmul_grad`: a ``jax.custom_vjp`` whose primal is the
-  *same* forward op (same parameters, bit-identical forward outputs, same forward HLO) and whose
-  backward uses the formulations above;
+  *same* forward op as the native path (same parameters, bit-identical forward outputs, same
+  forward HLO; the forward op itself is chosen by ``depthwise_impl`` / ``pointwise_impl``) and
+  whose backward uses the formulations above;
 * ``"auto"`` — ``"matmul"`` when the default backend at trace time is CPU, else ``"native"``
   (GPU/TPU keep XLA's native gradients).
 
@@ -36,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from damo_jax.models.cpu_ops import _NHWC_DIMS, _is_unit, depthwise_conv_taps
+from damo_jax.models.cpu_ops import _NHWC_DIMS, _is_unit, depthwise_conv_taps, pointwise_conv_dot
 
 GRAD_IMPLS = ("auto", "native", "matmul")
 
@@ -52,13 +54,15 @@ def resolve_grad_impl(impl: str, backend: str | None = None) -> str:
 
 
 # ----------------------------------------------------------------------------- forward (primal)
-def _forward(x, w, strides, padding, groups, taps):
-    """The forward op exactly as the native path runs it."""
-    if taps:
-        return depthwise_conv_taps(x, w, strides, padding, dimension_numbers=_NHWC_DIMS,
-                                   feature_group_count=groups)
-    return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC_DIMS,
-                                    feature_group_count=groups)
+_FORWARD_OPS = {"conv": lax.conv_general_dilated, "taps": depthwise_conv_taps,
+                "dot": pointwise_conv_dot}
+
+
+def _forward(x, w, strides, padding, groups, form):
+    """The forward op exactly as the native path runs it (``form``: ``"conv"``, ``"taps"`` for
+    depthwise shifted slices, ``"dot"`` for 1x1 matrix products; ``cpu_ops.py``)."""
+    return _FORWARD_OPS[form](x, w, strides, padding, dimension_numbers=_NHWC_DIMS,
+                              feature_group_count=groups)
 
 
 def _tap_slices(xp, kh, kw, strides, out_hw):
@@ -104,23 +108,24 @@ def kernel_grad_depthwise(x, g, kernel_hw, strides, padding):
 
 # ----------------------------------------------------------------------------- custom VJP
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def _conv_matmul_grad(x, w, strides, padding, groups, taps):
-    return _forward(x, w, strides, padding, groups, taps)
+def _conv_matmul_grad(x, w, strides, padding, groups, form):
+    return _forward(x, w, strides, padding, groups, form)
 
 
-def _conv_fwd(x, w, strides, padding, groups, taps):
-    return _forward(x, w, strides, padding, groups, taps), (x, w)
+def _conv_fwd(x, w, strides, padding, groups, form):
+    return _forward(x, w, strides, padding, groups, form), (x, w)
 
 
-def _conv_bwd(strides, padding, groups, taps, res, g):
+def _conv_bwd(strides, padding, groups, form, res, g):
     x, w = res
     kh, kw = w.shape[:2]
     if groups == 1:
         dw = kernel_grad_dense(x, g, (kh, kw), strides, padding)
     else:
         dw = kernel_grad_depthwise(x, g, (kh, kw), strides, padding)
-    # input gradient: XLA's own (dense: a forward-style conv; depthwise: transposed taps)
-    _, vjp_x = jax.vjp(lambda x_: _forward(x_, w, strides, padding, groups, taps), x)
+    # input gradient by autodiff of the forward op (dense: a forward-style conv; depthwise:
+    # transposed taps; 1x1 as dot: a GEMM)
+    _, vjp_x = jax.vjp(lambda x_: _forward(x_, w, strides, padding, groups, form), x)
     (dx,) = vjp_x(g)
     return dx, dw.astype(w.dtype)
 
@@ -143,11 +148,12 @@ def supported(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation
     return feature_group_count == 1 or depthwise
 
 
-def make_conv_general_dilated(*, taps: bool):
+def make_conv_general_dilated(*, taps: bool, pointwise: bool = False):
     """A ``lax.conv_general_dilated``-compatible callable (what ``flax.linen.Conv`` takes as
-    ``conv_general_dilated``) whose forward is the native op (``depthwise_conv_taps`` when
-    ``taps``) and whose gradients come from :func:`_conv_bwd`. Unsupported configurations (dilation,
-    other groupings, other layouts) fall back to the native op."""
+    ``conv_general_dilated``) whose forward is the native op (``depthwise_conv_taps`` for
+    depthwise convs when ``taps``, ``pointwise_conv_dot`` for 1x1 convs when ``pointwise``) and
+    whose gradients come from :func:`_conv_bwd`. Unsupported configurations (dilation, other
+    groupings, other layouts) fall back to the native op."""
     def conv_general_dilated_matmul_grad(lhs, rhs, window_strides, padding, lhs_dilation=None,
                                          rhs_dilation=None, dimension_numbers=None,
                                          feature_group_count=1, batch_group_count=1,
@@ -155,7 +161,8 @@ def make_conv_general_dilated(*, taps: bool):
         if (precision is not None or preferred_element_type is not None
                 or not supported(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                  dimension_numbers, feature_group_count, batch_group_count)):
-            native = depthwise_conv_taps if taps else lax.conv_general_dilated
+            native = (depthwise_conv_taps if taps else
+                      pointwise_conv_dot if pointwise else lax.conv_general_dilated)
             return native(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
                           rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
                           feature_group_count=feature_group_count,
@@ -163,8 +170,10 @@ def make_conv_general_dilated(*, taps: bool):
                           preferred_element_type=preferred_element_type)
         strides = tuple(int(s) for s in window_strides)
         pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-        return _conv_matmul_grad(lhs, rhs, strides, pads, int(feature_group_count),
-                                 bool(taps and feature_group_count > 1))
+        form = ("taps" if taps and feature_group_count > 1 else
+                "dot" if pointwise and rhs.shape[:2] == (1, 1) and feature_group_count == 1
+                and not any(pads[0] + pads[1]) else "conv")
+        return _conv_matmul_grad(lhs, rhs, strides, pads, int(feature_group_count), form)
     return conv_general_dilated_matmul_grad
 
 

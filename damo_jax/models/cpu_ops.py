@@ -1,4 +1,5 @@
-"""CPU-friendly formulations of two ops XLA:CPU runs slowly, selected by ``model.depthwise_impl``.
+"""CPU-friendly formulations of ops XLA:CPU runs slowly, selected by ``model.depthwise_impl`` and
+``model.pointwise_impl``.
 
 XLA:CPU (jax 0.10.2) runs grouped convolutions with ``feature_group_count == C`` 10-40x slower than
 the same arithmetic written as k*k shifted (strided) slices of the padded input times per-channel
@@ -17,6 +18,16 @@ Parameters are untouched (flax ``nn.Conv`` with kernel ``[kh, kw, 1, C]`` and ``
 its ``conv_general_dilated`` callable changes), so conversion, fusion and checkpoints do not depend
 on the choice. Depthwise results agree with the conv form to float32 rounding (different summation
 order); the pools are bit-identical.
+
+1x1 convolutions (``groups == 1``, no padding or dilation, any stride) run 1.4-3.5x faster on
+XLA:CPU as one matrix product ``x[:, ::s, ::s] (B*Ho*Wo, C) @ w[0, 0] (C, D)`` than as a
+``conv_general_dilated`` (measured 2026-12-03 on an AMD EPYC Zen 4, batch 8: 64->64 at 80x80
+17.3 -> 4.9 ms, 128->128 at 40x40 6.1 -> 2.4 ms; identical outputs), and the gradients autodiff
+gives for the product are GEMMs too. ``model.pointwise_impl``:
+
+* ``"conv"`` — ``lax.conv_general_dilated`` (exporters: one ONNX ``Conv`` node per 1x1 conv);
+* ``"dot"`` — :func:`pointwise_conv_dot`;
+* ``"auto"`` — ``"dot"`` when the default backend at trace time is CPU, else ``"conv"``.
 """
 from __future__ import annotations
 
@@ -26,6 +37,7 @@ from flax import linen as nn
 from jax import lax
 
 DEPTHWISE_IMPLS = ("auto", "conv", "taps")
+POINTWISE_IMPLS = ("auto", "conv", "dot")
 
 # NHWC activations, HWIO kernels, NHWC outputs: flax's dimension numbers for 4-D inputs.
 _NHWC_DIMS = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
@@ -40,6 +52,16 @@ def resolve_depthwise_impl(impl: str, backend: str | None = None) -> str:
     if impl != "auto":
         return impl
     return "taps" if (backend or jax.default_backend()) == "cpu" else "conv"
+
+
+def resolve_pointwise_impl(impl: str, backend: str | None = None) -> str:
+    """``"auto"`` / ``"conv"`` / ``"dot"`` -> ``"conv"`` or ``"dot"`` (``backend`` defaults to
+    ``jax.default_backend()``, read when the model is traced)."""
+    if impl not in POINTWISE_IMPLS:
+        raise ValueError(f"model.pointwise_impl must be one of {POINTWISE_IMPLS}, got {impl!r}")
+    if impl != "auto":
+        return impl
+    return "dot" if (backend or jax.default_backend()) == "cpu" else "conv"
 
 
 def _is_unit(values) -> bool:
@@ -98,6 +120,46 @@ def depthwise_conv_taps(lhs, rhs, window_strides, padding, lhs_dilation=None, rh
                             (1, sh, sw, 1)) * w[i, j, 0]
             acc = tap if acc is None else acc + tap
     return acc.astype(out_dtype)
+
+
+def pointwise_supported(lhs, rhs, padding, lhs_dilation=None, rhs_dilation=None,
+                        dimension_numbers=None, feature_group_count=1,
+                        batch_group_count=1) -> bool:
+    """True for a 2-D NHWC/HWIO 1x1 conv without groups, padding or dilation."""
+    if (lhs.ndim != 4 or rhs.ndim != 4 or tuple(rhs.shape[:2]) != (1, 1)
+            or feature_group_count != 1 or batch_group_count != 1 or isinstance(padding, str)):
+        return False
+    if any(int(v) != 0 for pair in padding for v in pair):
+        return False
+    dims = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    return (tuple(dims) == tuple(_NHWC_DIMS) and _is_unit(lhs_dilation)
+            and _is_unit(rhs_dilation))
+
+
+def pointwise_conv_dot(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                       dimension_numbers=None, feature_group_count=1, batch_group_count=1,
+                       precision=None, preferred_element_type=None):
+    """Same signature and result as ``lax.conv_general_dilated``.
+
+    1x1 convs (``lhs`` (B, H, W, C) NHWC, ``rhs`` (1, 1, C, D) HWIO, no groups, padding or
+    dilation, strides (sh, sw)) are computed as one ``dot_general`` of
+    ``lhs[:, ::sh, ::sw, :]`` (B, Ho, Wo, C) with ``rhs[0, 0]`` (C, D) -> (B, Ho, Wo, D).
+    Anything else is passed to ``lax.conv_general_dilated`` unchanged.
+    """
+    if not pointwise_supported(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                               feature_group_count, batch_group_count):
+        return lax.conv_general_dilated(
+            lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+            rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+            feature_group_count=feature_group_count, batch_group_count=batch_group_count,
+            precision=precision, preferred_element_type=preferred_element_type)
+    sh, sw = (int(s) for s in window_strides)
+    x = lhs
+    if (sh, sw) != (1, 1):
+        b, h, w, c = lhs.shape
+        x = lax.slice(lhs, (0, 0, 0, 0), (b, h, w, c), (1, sh, sw, 1))
+    return lax.dot_general(x, rhs[0, 0], (((3,), (0,)), ((), ())), precision=precision,
+                           preferred_element_type=preferred_element_type)
 
 
 def max_pool_same(x, k: int):
