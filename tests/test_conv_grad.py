@@ -90,6 +90,33 @@ def test_conv_gradients_match_native(case, form):
         np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))
 
 
+@pytest.mark.parametrize("rows_per_block", [1, 3, 4])
+@pytest.mark.parametrize("case", [c for c in CASES if c[8] > 1], ids=lambda c: c[0])
+def test_depthwise_gradients_with_several_row_blocks(monkeypatch, case, rows_per_block):
+    """The depthwise kernel gradient loops over blocks of output rows (sized for the L2 cache, so
+    the small test shapes fit one block): force 1, 3 and 4 rows per block, including a last block
+    that runs past the output (zero cotangent rows)."""
+    from damo_jax.models import conv_grad
+    name, b, h, w, cin, cout, k, s, groups = case
+    pad = (k - 1) // 2
+    ho = wo = (h + 2 * pad - k) // s + 1
+    monkeypatch.setattr(conv_grad, "_DEPTHWISE_BLOCK_BYTES",
+                        rows_per_block * 4 * cin * (wo + s * (w + 2 * pad)))
+    kx, kw, kg = jax.random.split(jax.random.PRNGKey(zlib.crc32(name.encode()) + 1), 3)
+    x = jax.random.normal(kx, (b, h, w, cin))
+    kernel = jax.random.normal(kw, (k, k, 1, cout)) / k
+    g = jax.random.normal(kg, (b, ho, wo, cout))
+    fast = make_conv_general_dilated(taps=True)
+
+    def grads(conv):
+        return jax.jit(jax.grad(lambda x_, w_: jnp.vdot(
+            conv(x_, w_, (s, s), ((pad, pad), (pad, pad)), dimension_numbers=_NHWC_DIMS,
+                 feature_group_count=groups), g), (0, 1)))(x, kernel)
+    got, ref = grads(fast), grads(lax.conv_general_dilated)
+    assert rel_err(got[0], ref[0]) <= RTOL and rel_err(got[1], ref[1]) <= RTOL, (
+        rel_err(got[0], ref[0]), rel_err(got[1], ref[1]))
+
+
 def test_unsupported_configurations_fall_back_to_native():
     """Dilation / other groupings go to lax.conv_general_dilated unchanged (no custom VJP)."""
     fast = make_conv_general_dilated(taps=False)
