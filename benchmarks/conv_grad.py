@@ -3,7 +3,9 @@
 
     python benchmarks/conv_grad.py [--batch 8] [--runs 7] [--kinds 1x1 3x3 3x3s2 1x1s2 dw5 dw5s2]
 
-Shapes are those of S@320 / Ns@320 at batch 8 (64->64 at 80x80 etc.). For every kind the variants
+Shapes are those of S@320 / Ns@320 at batch 8 (64->64 at 80x80 etc., ``conv_kinds.py``; the same
+kinds in PyTorch: ``conv_grad_torch.py``). "matmul" is the CPU default (``grad_impl`` and
+``pointwise_impl`` "auto": 1x1 convs as dot, depthwise convs as taps). For every kind the variants
 are compiled first and then timed interleaved (one call of each per round); the table gives the
 median wall ms and the median process CPU ms (all threads) per call, the machine's CPU model and
 the load average. Ratios to the forward of the same conv are what the issue's goal is about
@@ -23,22 +25,11 @@ import jax.numpy as jnp
 from jax import lax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conv_kinds import KINDS  # noqa: E402
 from train_step import cpu_model  # noqa: E402
 
 from damo_jax.models.conv_grad import make_conv_general_dilated  # noqa: E402
-from damo_jax.models.cpu_ops import _NHWC_DIMS, depthwise_conv_taps  # noqa: E402
-
-# kind: (H=W, C_in, C_out, kernel, stride, depthwise)
-KINDS = {
-    "1x1": (80, 64, 64, 1, 1, False),
-    "1x1s2": (80, 64, 128, 1, 2, False),
-    "3x3": (80, 64, 64, 3, 1, False),
-    "3x3s2": (80, 64, 128, 3, 2, False),
-    "3x3@40": (40, 128, 128, 3, 1, False),
-    "dw5": (80, 96, 96, 5, 1, True),
-    "dw5s2": (80, 96, 96, 5, 2, True),
-}
-
+from damo_jax.models.cpu_ops import _NHWC_DIMS, depthwise_conv_taps, pointwise_conv_dot  # noqa: E402
 
 def variants(kind, batch):
     hw, cin, cout, k, s, dw = KINDS[kind]
@@ -48,7 +39,7 @@ def variants(kind, batch):
     w = jax.random.normal(key, (k, k, cin // groups, cout)) * 0.1
     args = ((s, s), ((p, p), (p, p)))
     native = depthwise_conv_taps if dw else lax.conv_general_dilated
-    matmul = make_conv_general_dilated(taps=dw)
+    matmul = make_conv_general_dilated(taps=dw, pointwise=True)   # what grad_impl="auto" runs on CPU
 
     def conv(fn):
         return lambda x_, w_: fn(x_, w_, *args, dimension_numbers=_NHWC_DIMS, feature_group_count=groups)
@@ -62,6 +53,8 @@ def variants(kind, batch):
     fns = {"forward": lambda x, w, g: conv(native)(x, w),
            "dW native": dw_of(native), "dW matmul": dw_of(matmul),
            "dX native": dx_of(native), "dX matmul": dx_of(matmul)}
+    if k == 1 and not dw:  # model.pointwise_impl="dot" (the CPU default): forward as one GEMM
+        fns["forward dot"] = lambda x, w, g: conv(pointwise_conv_dot)(x, w)
     if dw:  # what XLA's own grouped conv gradient costs (depthwise_impl="conv", grad_impl="native")
         fns["dW grouped conv"] = dw_of(lax.conv_general_dilated)
     return fns, (x, w, g)

@@ -91,22 +91,25 @@ def test_conv_gradients_match_native(case, form):
 
 
 @pytest.mark.parametrize("rows_per_block", [1, 3, 4])
-@pytest.mark.parametrize("case", [c for c in CASES if c[8] > 1], ids=lambda c: c[0])
-def test_depthwise_gradients_with_several_row_blocks(monkeypatch, case, rows_per_block):
-    """The depthwise kernel gradient loops over blocks of output rows (sized for the L2 cache, so
-    the small test shapes fit one block): force 1, 3 and 4 rows per block, including a last block
-    that runs past the output (zero cotangent rows)."""
+@pytest.mark.parametrize("case", [c for c in CASES if c[6] > 1], ids=lambda c: c[0])
+def test_kernel_gradients_with_several_row_blocks(monkeypatch, case, rows_per_block):
+    """kxk kernel gradients loop over blocks of output rows sized for the cache (the small test
+    shapes fit one block): force 1, 3 and 4 rows per block, including a last block that runs past
+    the output (zero cotangent rows), dense and depthwise."""
     from damo_jax.models import conv_grad
     name, b, h, w, cin, cout, k, s, groups = case
     pad = (k - 1) // 2
-    ho = wo = (h + 2 * pad - k) // s + 1
-    monkeypatch.setattr(conv_grad, "_DEPTHWISE_BLOCK_BYTES",
-                        rows_per_block * 4 * cin * (wo + s * (w + 2 * pad)))
+    ho, wo = (h + 2 * pad - k) // s + 1, (w + 2 * pad - k) // s + 1
+    if groups > 1:
+        monkeypatch.setattr(conv_grad, "_DEPTHWISE_BLOCK_BYTES",
+                            rows_per_block * 4 * cin * (wo + s * (w + 2 * pad)))
+    else:
+        monkeypatch.setattr(conv_grad, "_DENSE_BLOCK_BYTES", rows_per_block * 4 * wo * k * k * cin)
     kx, kw, kg = jax.random.split(jax.random.PRNGKey(zlib.crc32(name.encode()) + 1), 3)
     x = jax.random.normal(kx, (b, h, w, cin))
-    kernel = jax.random.normal(kw, (k, k, 1, cout)) / k
+    kernel = jax.random.normal(kw, (k, k, cin // groups, cout)) / k
     g = jax.random.normal(kg, (b, ho, wo, cout))
-    fast = make_conv_general_dilated(taps=True)
+    fast = make_conv_general_dilated(taps=groups > 1)
 
     def grads(conv):
         return jax.jit(jax.grad(lambda x_, w_: jnp.vdot(
