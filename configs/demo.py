@@ -23,17 +23,24 @@ images and the COCO protocol too (the evaluation at 256 runs the 100 val images 
 
 AP50 of the EMA weights on the val split after each epoch and the minutes from the start of README
 command 1 (after the pip install) to the end of each epoch's evaluation, test size 256, fresh clone
-of 25647d1 with a fresh virtualenv and empty caches, nothing else running, 2026-12-03 11:58–12:10
-UTC, 2-core AMD EPYC family 25 (Zen 4, AVX-512):
+of 8dd8428 (1×1 convs as dot, cache-blocked kernel gradients) with a fresh virtualenv and empty
+caches, nothing else running, 2026-12-03 15:08–15:19 UTC, 2-core AMD EPYC family 25 (Zen 4,
+AVX-512); minutes = the progress bar's elapsed time + 0.45 min (the bar starts 27 s after the
+command: the checkpoints of steps 700 / 800 were written at 9.03 / 10.14 min):
+
+    epoch         1      2      3      4      5      6      7      8      9
+    AP50      0.047  0.061  0.224  0.340  0.442  0.506  0.541  0.573  0.591   (AP 0.425)
+    minutes     2.8    3.9    4.8    5.9    7.0    8.0    9.0   10.1   11.3
+
+**AP50 ≥ 0.5 after epoch 6, at 8.0 minutes** (first training step at ~1.7 min: child compile 59 s
++ 4 s set-up; 13–17 img/s). The same host and config before those two changes (fresh clone of
+25647d1, 11:58–12:10 UTC; a run of the working tree at 11:01 gave every digit):
 
     epoch         1      2      3      4      5      6      7      8      9
     AP50      0.035  0.111  0.184  0.325  0.416  0.481  0.525  0.562  0.573   (AP 0.409)
     minutes     2.7    3.8    4.8    5.8    6.9    8.0    9.2   10.3   11.4
 
-**AP50 ≥ 0.5 after epoch 7, at 9.2 minutes** (first training step at 96 s: child compile 58 s, load
-12 s; the step ran at 11–13 img/s, slower than the 15–16 img/s of the 08:31 run on this host). The
-same curve came out of a run of the working tree on this host at 11:01 (every digit; epoch 7 at 8.9
-min).
+i.e. 0.5 after epoch 7 at 9.2 minutes (first training step at 96 s: child compile 58 s, load 12 s).
 
 Earlier, with the test size equal to the training size (192), the curve was lower and the target
 was met on one CPU kind only. The numbers below are reproducible on one CPU kind, not across kinds
