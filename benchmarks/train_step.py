@@ -20,7 +20,8 @@ a shared machine hit them alike):
 
 backward = grad - fwd; optimizer + EMA + guard = full - grad. ``--grad-impls`` lists values of
 ``model.grad_impl`` to compare (``native``: XLA's conv gradients; ``matmul``:
-``damo_jax/models/conv_grad.py``; ``auto``: matmul on CPU), ``--pointwise-impls`` values of
+``damo_jax/models/conv_grad.py``; ``onednn``: dense convs in oneDNN, ``models/onednn.py``;
+``auto``: onednn on a one-device CPU process when the library loads, else matmul), ``--pointwise-impls`` values of
 ``model.pointwise_impl`` (``conv``: 1x1 convs as ``conv_general_dilated``; ``dot``: as matrix
 products, ``damo_jax/models/cpu_ops.py``; ``auto``: dot on CPU); every combination is timed (rows
 are labelled ``grad_impl`` or ``grad_impl/pointwise_impl`` when several pointwise impls are given).
@@ -141,7 +142,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--num-gt", type=int, default=10, help="valid GT boxes per image (padded G = 2x)")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--grad-impls", nargs="+", default=["auto"],
-                    help="model.grad_impl values to compare (auto, native, matmul)")
+                    help="model.grad_impl values to compare (auto, native, matmul, onednn)")
     ap.add_argument("--pointwise-impls", nargs="+", default=["auto"],
                     help="model.pointwise_impl values to compare (auto, conv, dot)")
     ap.add_argument("--parts", nargs="+", default=["full"], choices=("model", "fwd", "grad", "full"),

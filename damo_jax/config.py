@@ -88,7 +88,7 @@ def model_config(
     c.model.bn_momentum = 0.97  # flax convention (= 1 - torch momentum 0.03)
     c.model.dtype = "float32"   # compute dtype; params stay float32
     c.model.depthwise_impl = "auto"  # depthwise convs + SPP pools: auto | conv | taps (models/cpu_ops.py)
-    c.model.grad_impl = "auto"  # conv gradients in train graphs: auto | native | matmul (models/conv_grad.py)
+    c.model.grad_impl = "auto"  # train-graph convs on CPU: auto | native | matmul | onednn (models/conv_grad.py)
     c.model.pointwise_impl = "auto"  # 1x1 convs: auto | conv | dot (matrix product; models/cpu_ops.py)
 
     c.data = ml_collections.ConfigDict()

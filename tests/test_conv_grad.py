@@ -134,7 +134,9 @@ def test_unsupported_configurations_fall_back_to_native():
 
 
 def test_resolve_grad_impl_and_validation():
-    assert resolve_grad_impl("auto", "cpu") == "matmul"
+    from damo_jax.models import onednn
+    cpu_default = "onednn" if (onednn.available() and jax.device_count() == 1) else "matmul"
+    assert resolve_grad_impl("auto", "cpu") == cpu_default      # tests/test_onednn.py: each case
     assert resolve_grad_impl("auto", "gpu") == "native"
     assert resolve_grad_impl("auto", "tpu") == "native"
     assert resolve_grad_impl("native", "cpu") == "native"

@@ -102,9 +102,11 @@ def build_model(config_or_name, deploy=False) -> DamoYolo:
     ``"auto"`` = shifted-slice forms on CPU; exporters use ``"conv"``, see :func:`with_depthwise_impl`);
     ``cfg.model.pointwise_impl`` (``"auto"``, ``"conv"``, ``"dot"``) whether 1x1 convs run as
     matrix products (``"auto"`` = on CPU; exporters use ``"conv"``).
-    ``cfg.model.grad_impl`` (``"auto"`` default, ``"native"``, ``"matmul"``) picks how the train
-    graph's conv gradients are computed (``models/conv_grad.py``; ``"auto"`` = matmul-shaped
-    kernel gradients on CPU); it changes neither parameters nor forward outputs.
+    ``cfg.model.grad_impl`` (``"auto"`` default, ``"native"``, ``"matmul"``, ``"onednn"``) picks
+    how the train graph's convs and their gradients are computed (``models/conv_grad.py``;
+    ``"auto"`` on CPU = dense convs in oneDNN when it loads in a one-device process, else
+    matmul-shaped kernel gradients); it changes no parameter, and forward outputs only by float32
+    rounding (oneDNN sums in another order).
     """
     cfg = load_config(config_or_name)
     m = cfg.model
