@@ -22,17 +22,29 @@ step 800 0.493 → 0.562 (192 → 256). Training itself is unchanged (still 192)
 images and the COCO protocol too (the evaluation at 256 runs the 100 val images at 1.8× the pixels).
 
 AP50 of the EMA weights on the val split after each epoch and the minutes from the start of README
-command 1 (after the pip install) to the end of each epoch's evaluation, test size 256, fresh clone
-of 8dd8428 (1×1 convs as dot, cache-blocked kernel gradients) with a fresh virtualenv and empty
-caches, nothing else running, 2026-12-03 15:08–15:19 UTC, 2-core AMD EPYC family 25 (Zen 4,
-AVX-512); minutes = the progress bar's elapsed time + 0.45 min (the bar starts 27 s after the
-command: the checkpoints of steps 700 / 800 were written at 9.03 / 10.14 min):
+command 1 (after the pip install) to the end of each epoch's evaluation (TensorBoard wall times of
+the eval/AP50 events), test size 256, fresh clone of a979372 (dense convs of the train graph in
+oneDNN, ``model.grad_impl`` auto) with a fresh virtualenv and empty caches, nothing else running,
+2026-12-03 19:12–19:23 UTC, 2-core AMD EPYC family 25 (Zen 4, AVX-512):
+
+    epoch         1      2      3      4      5      6      7      8      9
+    AP50      0.029  0.059  0.202  0.320  0.437  0.486  0.539  0.564  0.583   (AP 0.413)
+    minutes     2.2    3.6    4.6    5.6    6.6    7.7    9.0   10.1   11.1
+
+**AP50 ≥ 0.5 after epoch 7, at 9.0 minutes** (first training step at 53 s: child compile 37 s
++ 4.5 s set-up, load 7 s; 14–15 img/s). The epochs take as long as with 8dd8428 below (the T@192
+step gains little from oneDNN), and the rounding of the other conv kernels gives another trajectory
+from scratch: 0.486 at epoch 6 instead of 0.506.
+
+The same host with 8dd8428 (1×1 convs as dot, cache-blocked kernel gradients; 15:08–15:19 UTC;
+minutes = the progress bar's elapsed time + 0.45 min, the bar starting 27 s after the command:
+the checkpoints of steps 700 / 800 were written at 9.03 / 10.14 min):
 
     epoch         1      2      3      4      5      6      7      8      9
     AP50      0.047  0.061  0.224  0.340  0.442  0.506  0.541  0.573  0.591   (AP 0.425)
     minutes     2.8    3.9    4.8    5.9    7.0    8.0    9.0   10.1   11.3
 
-**AP50 ≥ 0.5 after epoch 6, at 8.0 minutes** (first training step at ~1.7 min: child compile 59 s
+i.e. AP50 ≥ 0.5 after epoch 6, at 8.0 minutes (first training step at ~1.7 min: child compile 59 s
 + 4 s set-up; 13–17 img/s). The same host and config before those two changes (fresh clone of
 25647d1, 11:58–12:10 UTC; a run of the working tree at 11:01 gave every digit):
 
