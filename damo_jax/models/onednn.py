@@ -47,7 +47,6 @@ _CONV_DIRECT = 1
 _FORWARD_TRAINING = 64
 _ARG_SRC, _ARG_DST, _ARG_WEIGHTS = 1, 17, 33
 _ARG_DIFF_SRC, _ARG_DIFF_DST, _ARG_DIFF_WEIGHTS = 129, 145, 161
-_Q_IMPL_INFO_STR = 8
 _Q_SRC_MD, _Q_DIFF_SRC_MD, _Q_WEIGHTS_MD, _Q_DIFF_WEIGHTS_MD = 129, 130, 131, 132
 _Q_DST_MD, _Q_DIFF_DST_MD = 133, 134
 _ALLOCATE = c_void_p(ctypes.c_size_t(-1).value)  # DNNL_MEMORY_ALLOCATE
@@ -139,12 +138,13 @@ def unavailable_reason() -> str | None:
     return None if available() else _STATE.get("error")
 
 
-def library_info() -> str | None:
-    """Path and version of the loaded library (None when unavailable)."""
-    return _STATE.get("where") if available() else None
-
-
 # ----------------------------------------------------------------------------- primitives
+def _out_hw(in_hw, kernel_hw, strides, padding) -> tuple:
+    """(Ho, Wo) of a conv with explicit ((top, bottom), (left, right)) padding, no dilation."""
+    return tuple((n + lo + hi - k) // s + 1
+                 for n, k, s, (lo, hi) in zip(in_hw, kernel_hw, strides, padding))
+
+
 def _md_nhwc(lib, n, c, h, w):
     md = c_void_p()
     _check(lib.dnnl_memory_desc_create_with_strides(
@@ -186,8 +186,7 @@ class _ConvPrimitives:
         n, h, w, c = x_shape
         kh, kw, _, d = w_shape
         (pt, pb), (pl, pr) = padding
-        ho = (h + pt + pb - kh) // strides[0] + 1
-        wo = (w + pl + pr - kw) // strides[1] + 1
+        ho, wo = _out_hw((h, w), (kh, kw), strides, padding)
         self.y_shape = (n, ho, wo, d)
         src, dst = _md_nhwc(lib, n, c, h, w), _md_nhwc(lib, n, d, ho, wo)
         self.w_user = _md_hwio(lib, d, c, kh, kw)
@@ -230,15 +229,6 @@ class _ConvPrimitives:
         _check(lib.dnnl_memory_create(byref(mem), md, engine, _ALLOCATE), "memory(owned)")
         return mem
 
-    def impl_names(self) -> dict:
-        lib, _, _ = _runtime()
-        out = {}
-        for k, pd in self.pds.items():
-            r = ctypes.c_char_p()
-            _check(lib.dnnl_primitive_desc_query(pd, _Q_IMPL_INFO_STR, 0, byref(r)), "query")
-            out[k] = r.value.decode()
-        return out
-
 
 @functools.lru_cache(maxsize=None)
 def _primitives(x_shape, w_shape, strides, padding) -> _ConvPrimitives:
@@ -250,34 +240,35 @@ def _execute(lib, stream, prim, args):
     _check(lib.dnnl_primitive_execute(prim, stream, len(args), arr), "execute")
 
 
-def _wrap(lib, engine, md, array, keep):
-    """A oneDNN memory object over a C-contiguous float32 numpy array (no copy)."""
-    mem = c_void_p()
-    _check(lib.dnnl_memory_create(byref(mem), md, engine, c_void_p(array.ctypes.data)), "memory")
-    keep.append(mem)
-    return mem
+class _Session:
+    """One serialised round of oneDNN calls: ``wrap`` makes memory objects over numpy arrays (no
+    copy), ``run`` executes primitives; on exit waits for the stream and frees the objects."""
 
+    def __enter__(self):
+        self.lib, self.engine, self.stream = _runtime()
+        self.mems = []
+        _LOCK.acquire()
+        return self
 
-def _as_f32(a):
-    return np.ascontiguousarray(np.asarray(a), dtype=np.float32)
+    def wrap(self, md, array):
+        mem = c_void_p()
+        _check(self.lib.dnnl_memory_create(byref(mem), md, self.engine,
+                                           c_void_p(array.ctypes.data)), "memory")
+        self.mems.append(mem)
+        return mem
 
+    def run(self, prim, args):
+        _execute(self.lib, self.stream, prim, args)
 
-def conv_forward_np(x, w, strides, padding):
-    """NumPy in, NumPy out: ``y = conv(x, w)`` (NHWC, HWIO) by oneDNN."""
-    x, w = _as_f32(x), _as_f32(w)
-    p = _primitives(x.shape, w.shape, tuple(strides), tuple(map(tuple, padding)))
-    y = np.empty(p.y_shape, np.float32)
-    _run_forward(x, w, y, strides, padding)
-    return y
-
-
-def conv_backward_np(x, w, g, strides, padding):
-    """NumPy in, NumPy out: ``(dx, dw)`` of ``sum(conv(x, w) * g)`` by oneDNN."""
-    x, w, g = _as_f32(x), _as_f32(w), _as_f32(g)
-    dx = np.empty(x.shape, np.float32)
-    dw = np.empty(w.shape, np.float32)
-    _run_backward(x, w, g, dx, dw, strides, padding)
-    return dx, dw
+    def __exit__(self, exc_type, *_):
+        try:
+            if exc_type is None:
+                _check(self.lib.dnnl_stream_wait(self.stream), "stream_wait")
+        finally:
+            for m in self.mems:
+                self.lib.dnnl_memory_destroy(m)
+            _LOCK.release()
+        return False
 
 
 def _run_forward(x, w, y, strides, padding):
@@ -285,49 +276,29 @@ def _run_forward(x, w, y, strides, padding):
     p = _primitives(x.shape, w.shape, tuple(strides), tuple(map(tuple, padding)))
     if y.shape != p.y_shape:
         raise ValueError(f"output shape {y.shape} != {p.y_shape}")
-    lib, engine, stream = _runtime()
-    keep = []
-    with _LOCK:
-        try:
-            mx = _wrap(lib, engine, p.mds["src"], x, keep)
-            mw = _wrap(lib, engine, p.w_user, w, keep)
-            my = _wrap(lib, engine, p.mds["dst"], y, keep)
-            _execute(lib, stream, p.to_fwd.prim, [(_ARG_SRC, mw), (_ARG_DST, p.w_fwd)])
-            _execute(lib, stream, p.prims["fwd"],
-                     [(_ARG_SRC, mx), (_ARG_WEIGHTS, p.w_fwd), (_ARG_DST, my)])
-            _check(lib.dnnl_stream_wait(stream), "stream_wait")
-        finally:
-            for m in keep:
-                lib.dnnl_memory_destroy(m)
+    with _Session() as ses:
+        ses.run(p.to_fwd.prim, [(_ARG_SRC, ses.wrap(p.w_user, w)), (_ARG_DST, p.w_fwd)])
+        ses.run(p.prims["fwd"], [(_ARG_SRC, ses.wrap(p.mds["src"], x)), (_ARG_WEIGHTS, p.w_fwd),
+                                 (_ARG_DST, ses.wrap(p.mds["dst"], y))])
 
 
 def _run_backward(x, w, g, dx, dw, strides, padding):
     """``dx[...], dw[...]`` = gradients of ``sum(conv(x, w) * g)``; C-contiguous float32
     (``dx=None``: the kernel gradient only)."""
     p = _primitives(x.shape, w.shape, tuple(strides), tuple(map(tuple, padding)))
-    if g.shape != p.y_shape or (dx is not None and dx.shape != x.shape) or dw.shape != w.shape:
-        raise ValueError(f"shapes x {x.shape} w {w.shape} g {g.shape} dx {dx.shape} dw {dw.shape}")
-    lib, engine, stream = _runtime()
-    keep = []
-    with _LOCK:
-        try:
-            mx = _wrap(lib, engine, p.mds["src_w"], x, keep)
-            mw = _wrap(lib, engine, p.w_user, w, keep)
-            mg_w = _wrap(lib, engine, p.mds["diff_dst_w"], g, keep)
-            mdw = _wrap(lib, engine, p.w_user, dw, keep)
-            if dx is not None:
-                mg_d = _wrap(lib, engine, p.mds["diff_dst_d"], g, keep)
-                mdx = _wrap(lib, engine, p.mds["diff_src"], dx, keep)
-                _execute(lib, stream, p.to_bwd.prim, [(_ARG_SRC, mw), (_ARG_DST, p.w_bwd)])
-                _execute(lib, stream, p.prims["bwd_data"],
-                         [(_ARG_DIFF_DST, mg_d), (_ARG_WEIGHTS, p.w_bwd), (_ARG_DIFF_SRC, mdx)])
-            _execute(lib, stream, p.prims["bwd_weights"],
-                     [(_ARG_SRC, mx), (_ARG_DIFF_DST, mg_w), (_ARG_DIFF_WEIGHTS, p.dw_int)])
-            _execute(lib, stream, p.from_dw.prim, [(_ARG_SRC, p.dw_int), (_ARG_DST, mdw)])
-            _check(lib.dnnl_stream_wait(stream), "stream_wait")
-        finally:
-            for m in keep:
-                lib.dnnl_memory_destroy(m)
+    dx_shape = None if dx is None else dx.shape
+    if g.shape != p.y_shape or dx_shape not in (None, x.shape) or dw.shape != w.shape:
+        raise ValueError(f"shapes x {x.shape} w {w.shape} g {g.shape} dx {dx_shape} dw {dw.shape}")
+    with _Session() as ses:
+        if dx is not None:
+            ses.run(p.to_bwd.prim, [(_ARG_SRC, ses.wrap(p.w_user, w)), (_ARG_DST, p.w_bwd)])
+            ses.run(p.prims["bwd_data"], [(_ARG_DIFF_DST, ses.wrap(p.mds["diff_dst_d"], g)),
+                                          (_ARG_WEIGHTS, p.w_bwd),
+                                          (_ARG_DIFF_SRC, ses.wrap(p.mds["diff_src"], dx))])
+        ses.run(p.prims["bwd_weights"], [(_ARG_SRC, ses.wrap(p.mds["src_w"], x)),
+                                         (_ARG_DIFF_DST, ses.wrap(p.mds["diff_dst_w"], g)),
+                                         (_ARG_DIFF_WEIGHTS, p.dw_int)])
+        ses.run(p.from_dw.prim, [(_ARG_SRC, p.dw_int), (_ARG_DST, ses.wrap(p.w_user, dw))])
 
 
 # ----------------------------------------------------------------------------- XLA FFI handler
@@ -488,16 +459,12 @@ def supported(x, w, strides, padding, groups) -> bool:
     layout and dilation: ``conv_grad.supported``)."""
     if groups != 1 or x.dtype != jnp.float32 or w.dtype != jnp.float32:
         return False
-    (pt, pb), (pl, pr) = padding
-    ho = (x.shape[1] + pt + pb - w.shape[0]) // strides[0] + 1
-    wo = (x.shape[2] + pl + pr - w.shape[1]) // strides[1] + 1
-    return min(pt, pb, pl, pr) >= 0 and ho > 0 and wo > 0 and x.shape[0] > 0
+    ho, wo = _out_hw(x.shape[1:3], w.shape[:2], strides, padding)
+    return min(min(p) for p in padding) >= 0 and ho > 0 and wo > 0 and x.shape[0] > 0
 
 
 def _out_struct(x, w, strides, padding):
-    (pt, pb), (pl, pr) = padding
-    ho = (x.shape[1] + pt + pb - w.shape[0]) // strides[0] + 1
-    wo = (x.shape[2] + pl + pr - w.shape[1]) // strides[1] + 1
+    ho, wo = _out_hw(x.shape[1:3], w.shape[:2], strides, padding)
     return jax.ShapeDtypeStruct((x.shape[0], ho, wo, w.shape[3]), x.dtype)
 
 
