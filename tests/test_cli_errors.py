@@ -118,6 +118,8 @@ def mistakes(f):
         base_args("train", f) + ["--config.train.finetune=/no/such.pth"], "train.finetune")
     table["train", "unknown config section"] = (base_args("train", f) + ["--config.trian.epochs=1"],
                                                 "trian")
+    table["train", "bad grad_impl"] = (base_args("train", f) + ["--config.model.grad_impl=fast"],
+                                       "model.grad_impl")
     table["info", "--img-size three values"] = (["--config", "demo", "--img-size", "64", "64", "64"],
                                                 "--img-size")
     return table
@@ -126,7 +128,8 @@ def mistakes(f):
 CASES = [("train", "unknown config name"), ("train", "missing --data folder"),
          ("train", "batch_size=abc"), ("train", "batch_size=0"), ("train", "misspelt key"),
          ("train", "--img-size 100"), ("train", "missing finetune file"), ("train", "bad flag"),
-         ("train", "unknown config section"), ("train", "coco: folder missing")]
+         ("train", "unknown config section"), ("train", "coco: folder missing"),
+         ("train", "bad grad_impl")]
 CASES += [(cli, m) for cli in CLIS[1:] for m in (
     "unknown config name", "batch_size=abc", "batch_size=0", "misspelt key", "--img-size 100",
     "bad flag")]
@@ -153,6 +156,17 @@ def test_user_mistake_is_one_error_line_and_exit_2(cli, mistake, files, capsys):
     assert info.value.code == 2
     assert_one_error_line(capsys.readouterr().err, must_contain)
     assert not files["marker"].exists()     # the malicious pickle never ran
+
+
+def test_onednn_asked_for_but_unavailable_is_a_user_error(files, capsys, monkeypatch):
+    """``model.grad_impl=onednn`` where libdnnl.so.3 does not load: one error line with the reason."""
+    from damo_jax.models import onednn
+    monkeypatch.setattr(onednn, "available", lambda: False)
+    monkeypatch.setattr(onednn, "unavailable_reason", lambda: "libdnnl.so.3 not found: /x: missing")
+    with pytest.raises(SystemExit) as info:
+        _cli("train")(base_args("train", files) + ["--config.model.grad_impl=onednn"])
+    assert info.value.code == 2
+    assert_one_error_line(capsys.readouterr().err, "grad_impl='onednn': libdnnl.so.3 not found")
 
 
 def run(cmd, **env):

@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from damo_jax.errors import ConfigError
 from damo_jax.models.conv_grad import GRAD_IMPLS, make_conv_general_dilated, resolve_grad_impl
 from damo_jax.models.cpu_ops import (DEPTHWISE_IMPLS, POINTWISE_IMPLS, depthwise_conv_taps,
                                      pointwise_conv_dot, resolve_depthwise_impl,
@@ -48,13 +49,13 @@ class Opts:
                 raise ValueError(f"deploy must be one of False, 'reparam', True; got {mode!r}")
             object.__setattr__(self, "deploy", bool(mode))
         if self.depthwise_impl not in DEPTHWISE_IMPLS:
-            raise ValueError(f"model.depthwise_impl must be one of {DEPTHWISE_IMPLS}, "
+            raise ConfigError(f"model.depthwise_impl must be one of {DEPTHWISE_IMPLS}, "
                              f"got {self.depthwise_impl!r}")
         if self.pointwise_impl not in POINTWISE_IMPLS:
-            raise ValueError(f"model.pointwise_impl must be one of {POINTWISE_IMPLS}, "
+            raise ConfigError(f"model.pointwise_impl must be one of {POINTWISE_IMPLS}, "
                              f"got {self.pointwise_impl!r}")
         if self.grad_impl not in GRAD_IMPLS:
-            raise ValueError(f"model.grad_impl must be one of {GRAD_IMPLS}, got {self.grad_impl!r}")
+            raise ConfigError(f"model.grad_impl must be one of {GRAD_IMPLS}, got {self.grad_impl!r}")
 
     @property
     def fuse_bn(self) -> bool:

@@ -49,6 +49,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from damo_jax.errors import ConfigError
 from damo_jax.models import onednn
 from damo_jax.models.cpu_ops import _NHWC_DIMS, _is_unit, depthwise_conv_taps, pointwise_conv_dot
 
@@ -60,13 +61,14 @@ def resolve_grad_impl(impl: str, backend: str | None = None) -> str:
     defaults to ``jax.default_backend()``, read when the model is traced).
 
     ``"auto"``: ``"native"`` off CPU; on CPU ``"onednn"`` when ``libdnnl.so.3`` loads and the
-    process sees one device (host callbacks cannot be partitioned over a mesh), else ``"matmul"``.
+    process sees one device (the FFI custom call has no partitioning rule for a mesh), else
+    ``"matmul"``.
     ``"onednn"`` asked for explicitly but unavailable raises ``ValueError`` with the reason."""
     if impl not in GRAD_IMPLS:
-        raise ValueError(f"model.grad_impl must be one of {GRAD_IMPLS}, got {impl!r}")
+        raise ConfigError(f"model.grad_impl must be one of {GRAD_IMPLS}, got {impl!r}")
     if impl == "onednn":
         if not onednn.available():
-            raise ValueError(f"model.grad_impl='onednn': {onednn.unavailable_reason()}")
+            raise ConfigError(f"model.grad_impl='onednn': {onednn.unavailable_reason()}")
         return impl
     if impl != "auto":
         return impl

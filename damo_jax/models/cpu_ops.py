@@ -36,6 +36,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax import lax
 
+from damo_jax.errors import ConfigError
+
 DEPTHWISE_IMPLS = ("auto", "conv", "taps")
 POINTWISE_IMPLS = ("auto", "conv", "dot")
 
@@ -48,7 +50,7 @@ def resolve_depthwise_impl(impl: str, backend: str | None = None) -> str:
     """``"auto"`` / ``"conv"`` / ``"taps"`` -> ``"conv"`` or ``"taps"`` (``backend`` defaults to
     ``jax.default_backend()``, read when the model is traced)."""
     if impl not in DEPTHWISE_IMPLS:
-        raise ValueError(f"model.depthwise_impl must be one of {DEPTHWISE_IMPLS}, got {impl!r}")
+        raise ConfigError(f"model.depthwise_impl must be one of {DEPTHWISE_IMPLS}, got {impl!r}")
     if impl != "auto":
         return impl
     return "taps" if (backend or jax.default_backend()) == "cpu" else "conv"
@@ -58,7 +60,7 @@ def resolve_pointwise_impl(impl: str, backend: str | None = None) -> str:
     """``"auto"`` / ``"conv"`` / ``"dot"`` -> ``"conv"`` or ``"dot"`` (``backend`` defaults to
     ``jax.default_backend()``, read when the model is traced)."""
     if impl not in POINTWISE_IMPLS:
-        raise ValueError(f"model.pointwise_impl must be one of {POINTWISE_IMPLS}, got {impl!r}")
+        raise ConfigError(f"model.pointwise_impl must be one of {POINTWISE_IMPLS}, got {impl!r}")
     if impl != "auto":
         return impl
     return "dot" if (backend or jax.default_backend()) == "cpu" else "conv"
