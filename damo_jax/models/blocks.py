@@ -19,9 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from damo_jax.errors import ConfigError
 from damo_jax.models.conv_grad import GRAD_IMPLS, make_conv_general_dilated, resolve_grad_impl
-from damo_jax.models.cpu_ops import (DEPTHWISE_IMPLS, POINTWISE_IMPLS, depthwise_conv_taps,
+from damo_jax.models.cpu_ops import (DEPTHWISE_IMPLS, POINTWISE_IMPLS, check_impl, depthwise_conv_taps,
                                      pointwise_conv_dot, resolve_depthwise_impl,
                                      resolve_pointwise_impl, spp_max_pools)
 
@@ -48,14 +47,9 @@ class Opts:
             if mode not in (0, 1):
                 raise ValueError(f"deploy must be one of False, 'reparam', True; got {mode!r}")
             object.__setattr__(self, "deploy", bool(mode))
-        if self.depthwise_impl not in DEPTHWISE_IMPLS:
-            raise ConfigError(f"model.depthwise_impl must be one of {DEPTHWISE_IMPLS}, "
-                             f"got {self.depthwise_impl!r}")
-        if self.pointwise_impl not in POINTWISE_IMPLS:
-            raise ConfigError(f"model.pointwise_impl must be one of {POINTWISE_IMPLS}, "
-                             f"got {self.pointwise_impl!r}")
-        if self.grad_impl not in GRAD_IMPLS:
-            raise ConfigError(f"model.grad_impl must be one of {GRAD_IMPLS}, got {self.grad_impl!r}")
+        check_impl("depthwise_impl", self.depthwise_impl, DEPTHWISE_IMPLS)
+        check_impl("pointwise_impl", self.pointwise_impl, POINTWISE_IMPLS)
+        check_impl("grad_impl", self.grad_impl, GRAD_IMPLS)
 
     @property
     def fuse_bn(self) -> bool:

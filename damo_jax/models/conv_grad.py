@@ -51,7 +51,8 @@ from jax import lax
 
 from damo_jax.errors import ConfigError
 from damo_jax.models import onednn
-from damo_jax.models.cpu_ops import _NHWC_DIMS, _is_unit, depthwise_conv_taps, pointwise_conv_dot
+from damo_jax.models.cpu_ops import (_NHWC_DIMS, _is_unit, check_impl, depthwise_conv_taps,
+                                     pointwise_conv_dot)
 
 GRAD_IMPLS = ("auto", "native", "matmul", "onednn")
 
@@ -64,8 +65,7 @@ def resolve_grad_impl(impl: str, backend: str | None = None) -> str:
     process sees one device (the FFI custom call has no partitioning rule for a mesh), else
     ``"matmul"``.
     ``"onednn"`` asked for explicitly but unavailable raises ``ValueError`` with the reason."""
-    if impl not in GRAD_IMPLS:
-        raise ConfigError(f"model.grad_impl must be one of {GRAD_IMPLS}, got {impl!r}")
+    check_impl("grad_impl", impl, GRAD_IMPLS)
     if impl == "onednn":
         if not onednn.available():
             raise ConfigError(f"model.grad_impl='onednn': {onednn.unavailable_reason()}")

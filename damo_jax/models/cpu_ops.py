@@ -46,24 +46,31 @@ _NHWC_DIMS = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 
                                       out_spec=(0, 3, 1, 2))
 
 
+def check_impl(key: str, impl: str, choices: tuple) -> None:
+    """``ConfigError`` (one line, the CLI's exit 2) unless ``impl`` is one of ``choices``;
+    ``key`` is the ``model.*`` config key that named it."""
+    if impl not in choices:
+        raise ConfigError(f"model.{key} must be one of {choices}, got {impl!r}")
+
+
+def _resolve(key: str, impl: str, choices: tuple, on_cpu: str, elsewhere: str,
+             backend: str | None) -> str:
+    check_impl(key, impl, choices)
+    if impl != "auto":
+        return impl
+    return on_cpu if (backend or jax.default_backend()) == "cpu" else elsewhere
+
+
 def resolve_depthwise_impl(impl: str, backend: str | None = None) -> str:
     """``"auto"`` / ``"conv"`` / ``"taps"`` -> ``"conv"`` or ``"taps"`` (``backend`` defaults to
     ``jax.default_backend()``, read when the model is traced)."""
-    if impl not in DEPTHWISE_IMPLS:
-        raise ConfigError(f"model.depthwise_impl must be one of {DEPTHWISE_IMPLS}, got {impl!r}")
-    if impl != "auto":
-        return impl
-    return "taps" if (backend or jax.default_backend()) == "cpu" else "conv"
+    return _resolve("depthwise_impl", impl, DEPTHWISE_IMPLS, "taps", "conv", backend)
 
 
 def resolve_pointwise_impl(impl: str, backend: str | None = None) -> str:
     """``"auto"`` / ``"conv"`` / ``"dot"`` -> ``"conv"`` or ``"dot"`` (``backend`` defaults to
     ``jax.default_backend()``, read when the model is traced)."""
-    if impl not in POINTWISE_IMPLS:
-        raise ConfigError(f"model.pointwise_impl must be one of {POINTWISE_IMPLS}, got {impl!r}")
-    if impl != "auto":
-        return impl
-    return "dot" if (backend or jax.default_backend()) == "cpu" else "conv"
+    return _resolve("pointwise_impl", impl, POINTWISE_IMPLS, "dot", "conv", backend)
 
 
 def _is_unit(values) -> bool:
