@@ -18,6 +18,7 @@ import pytest
 from jax import lax
 
 from damo_jax.config import load_config
+from damo_jax.errors import ConfigError
 from damo_jax.models import build_model, init_variables, with_depthwise_impl
 from damo_jax.models.blocks import Opts
 from damo_jax.models.cpu_ops import (depthwise_conv_taps, max_pool_same, pointwise_conv_dot,
@@ -159,16 +160,24 @@ def test_pointwise_dot_bfloat16_and_fallbacks():
                                       np.asarray(lax.conv_general_dilated(x, w, (1, 1), pad, **kw)))
 
 
-def test_resolve_pointwise_impl():
-    assert resolve_pointwise_impl("auto", "cpu") == "dot"
-    assert resolve_pointwise_impl("auto", "gpu") == "conv"
-    assert resolve_pointwise_impl("auto", "tpu") == "conv"
-    assert resolve_pointwise_impl("conv", "cpu") == "conv"
-    assert resolve_pointwise_impl("dot", "tpu") == "dot"
-    with pytest.raises(ValueError, match="pointwise_impl"):
-        resolve_pointwise_impl("gemm")
-    with pytest.raises(ValueError, match="pointwise_impl"):
-        Opts(pointwise_impl="im2col")
+@pytest.mark.parametrize("resolve,key,on_cpu,other,bad", [
+    (resolve_depthwise_impl, "depthwise_impl", "taps", "conv", "winograd"),
+    (resolve_pointwise_impl, "pointwise_impl", "dot", "conv", "im2col")])
+def test_resolve_impl(resolve, key, on_cpu, other, bad):
+    """``auto`` picks the CPU formulation on CPU only; explicit values pass through on any
+    backend; unknown values are ConfigErrors naming the key, from the resolver and from Opts."""
+    assert resolve("auto", "cpu") == on_cpu
+    assert resolve("auto", "gpu") == other
+    assert resolve("auto", "tpu") == other
+    assert resolve(other, "cpu") == other
+    assert resolve(on_cpu, "gpu") == on_cpu
+    assert resolve("auto") == (on_cpu if jax.default_backend() == "cpu" else other)
+    for call in (lambda: resolve(bad), lambda: Opts(**{key: bad})):
+        with pytest.raises(ConfigError, match=f"model.{key} must be one of"):
+            call()
+
+
+def test_pointwise_impl_config():
     cfg = with_depthwise_impl("s", "conv", "conv")
     assert (cfg.model.depthwise_impl, cfg.model.pointwise_impl) == ("conv", "conv")
     assert load_config("s").model.pointwise_impl == "auto"
@@ -236,19 +245,6 @@ def test_separable_spp_pools_are_bit_identical(sizes):
     np.testing.assert_array_equal(np.asarray(ref[0]), np.asarray(max_pool_same(x, sizes[0])))
     with pytest.raises(ValueError, match="odd"):
         spp_max_pools(x, (4,), separable=True)
-
-
-def test_resolve_depthwise_impl():
-    assert resolve_depthwise_impl("auto", "cpu") == "taps"
-    assert resolve_depthwise_impl("auto", "gpu") == "conv"
-    assert resolve_depthwise_impl("auto", "tpu") == "conv"
-    assert resolve_depthwise_impl("conv", "cpu") == "conv"
-    assert resolve_depthwise_impl("taps", "gpu") == "taps"
-    assert resolve_depthwise_impl("auto") == ("taps" if jax.default_backend() == "cpu" else "conv")
-    with pytest.raises(ValueError, match="depthwise_impl"):
-        resolve_depthwise_impl("fast")
-    with pytest.raises(ValueError, match="depthwise_impl"):
-        Opts(depthwise_impl="winograd")
 
 
 def test_with_depthwise_impl_copies_and_validates():
