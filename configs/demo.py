@@ -36,6 +36,10 @@ oneDNN, ``model.grad_impl`` auto) with a fresh virtualenv and empty caches, noth
 step gains little from oneDNN), and the rounding of the other conv kernels gives another trajectory
 from scratch: 0.486 at epoch 6 instead of 0.506.
 
+Reproduced from a fresh clone of 13e2fe4 (same code path; 2026-12-03 22:33–22:45 UTC, same host,
+same procedure): the same AP50 to the last digit at 2.4 / 3.4 / 4.5 / 5.5 / 6.5 / 7.5 / **8.6** /
+9.8 / 10.8 minutes (first training step at 55 s: child compile 46 s).
+
 The same host with 8dd8428 (1×1 convs as dot, cache-blocked kernel gradients; 15:08–15:19 UTC;
 minutes = the progress bar's elapsed time + 0.45 min, the bar starting 27 s after the command:
 the checkpoints of steps 700 / 800 were written at 9.03 / 10.14 min):
