@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from damo_jax.models.conv_grad import GRAD_IMPLS, make_conv_general_dilated, resolve_grad_impl
-from damo_jax.models.cpu_ops import (DEPTHWISE_IMPLS, POINTWISE_IMPLS, check_impl, depthwise_conv_taps,
-                                     pointwise_conv_dot, resolve_depthwise_impl,
+from damo_jax.models.cpu_ops import (DEPTHWISE_IMPLS, POINTWISE_IMPLS, check_impl,
+                                     depthwise_conv_taps, pointwise_conv_dot, resolve_depthwise_impl,
                                      resolve_pointwise_impl, spp_max_pools)
 
 
@@ -30,7 +30,8 @@ class Opts:
     """Options every block needs: deploy mode, compute dtype, BatchNorm constants, the
     formulation of depthwise convs and SPP pools (``"auto"``/``"conv"``/``"taps"``) and of 1x1
     convs (``"auto"``/``"conv"``/``"dot"``, both ``models/cpu_ops.py``) and of the conv gradients
-    (``"auto"``/``"native"``/``"matmul"``, ``models/conv_grad.py``; train graphs only)."""
+    (``"auto"``/``"native"``/``"matmul"``/``"onednn"``, ``models/conv_grad.py``; train graphs
+    only). Unknown values are ``ConfigError``s (``cpu_ops.check_impl``)."""
     deploy: Any = False
     dtype: str = "float32"
     bn_epsilon: float = 1e-3

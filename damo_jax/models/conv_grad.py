@@ -64,7 +64,8 @@ def resolve_grad_impl(impl: str, backend: str | None = None) -> str:
     ``"auto"``: ``"native"`` off CPU; on CPU ``"onednn"`` when ``libdnnl.so.3`` loads and the
     process sees one device (the FFI custom call has no partitioning rule for a mesh), else
     ``"matmul"``.
-    ``"onednn"`` asked for explicitly but unavailable raises ``ValueError`` with the reason."""
+    Unknown values, and ``"onednn"`` asked for explicitly but unavailable, raise ``ConfigError``
+    (a ``ValueError``) with the reason."""
     check_impl("grad_impl", impl, GRAD_IMPLS)
     if impl == "onednn":
         if not onednn.available():
