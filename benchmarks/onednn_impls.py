@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
-import platform
 import statistics
 import sys
 import time
@@ -29,6 +28,7 @@ from ctypes import byref, c_char_p, c_void_p
 import numpy as np
 
 from damo_jax.models import onednn as o
+from train_step import cpu_model  # benchmarks/ sibling (run as a script: its folder is on sys.path)
 
 # the S@320 batch-8 problems with the largest gaps to the official code's in-graph times (§0h)
 S320_GAPS = [
@@ -41,10 +41,11 @@ _Q_IMPL_INFO_STR = 8   # dnnl_query_impl_info_str
 _Q_SRC, _Q_DIFF_SRC, _Q_W, _Q_DIFF_W, _Q_DST, _Q_DIFF_DST = 129, 130, 131, 132, 133, 134
 
 
-def _parse(spec: str):
+def problem_spec(spec: str):
+    """``"B,C,H,W,D,k,stride,prop"`` -> tuple (argparse type: a ValueError becomes a usage error)."""
     f = spec.split(",")
     if len(f) != 8 or f[7] not in ("fwd", "bwd_d", "bwd_w"):
-        raise SystemExit(f"--shape {spec!r}: expected B,C,H,W,D,k,stride,fwd|bwd_d|bwd_w")
+        raise ValueError(spec)
     return tuple(int(v) for v in f[:7]) + (f[7],)
 
 
@@ -105,7 +106,7 @@ def implementations(lib, engine, problem, x, y):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", action="append", default=None,
+    ap.add_argument("--shape", action="append", default=None, type=problem_spec,
                     help="B,C,H,W,D,k,stride,fwd|bwd_d|bwd_w (repeatable; default: the S@320 set)")
     ap.add_argument("--rounds", type=int, default=9, help="timed rounds (default 9)")
     args = ap.parse_args(argv)
@@ -115,15 +116,10 @@ def main(argv=None) -> int:
     lib, engine, stream = o._runtime()
     lib.dnnl_primitive_desc_next_impl.restype = ctypes.c_int
     rng = np.random.default_rng(0)
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    print(f"# {cpu}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}, {o._STATE['where']}")
+    print(f"# {cpu_model()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}, {o._STATE['where']}")
     print("| problem | impl (first = oneDNN's pick) | median ms | min ms |\n|---|---|---|---|")
-    for spec in args.shape or S320_GAPS:
-        problem = _parse(spec)
+    for problem in args.shape or [problem_spec(spec) for spec in S320_GAPS]:
+        spec = ",".join(map(str, problem))
         n, c, h, w, d, k, s, prop = problem
         ho, wo = (h + 2 * (k // 2) - k) // s + 1, (w + 2 * (k // 2) - k) // s + 1
         x = rng.random((n, h, w, c), np.float32)
