@@ -26,10 +26,10 @@ from jax import lax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conv_kinds import KINDS  # noqa: E402
-from train_step import cpu_model  # noqa: E402
 
 from damo_jax.models.conv_grad import make_conv_general_dilated  # noqa: E402
 from damo_jax.models.cpu_ops import _NHWC_DIMS, depthwise_conv_taps, pointwise_conv_dot  # noqa: E402
+from damo_jax.runtime import cpu_model  # noqa: E402
 
 def variants(kind, batch):
     hw, cin, cout, k, s, dw = KINDS[kind]

@@ -34,6 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
+from damo_jax.runtime import cpu_model  # noqa: E402
+
 # ANCHORS.md: official ONNX (simplified, raw outputs) in onnxruntime, per thread count
 OFFICIAL_ORT_MS = {2: {"t@640": 117.0, "s@640": 224.0, "ns@416": 25.0, "nm@416": 42.0},
                    1: {"t@640": 232.0, "s@640": 497.0, "ns@416": 39.0, "nm@416": 74.0}}
@@ -244,11 +246,6 @@ def report(results, args, load_before, load_after, elapsed) -> str:
                              f"other day: {anchor} ms; not used for the verdicts.)")
             lines.append("")
     return "\n".join(lines)
-
-
-def cpu_model() -> str:
-    from damo_jax.export.quant_report import cpu_model as library_cpu_model
-    return library_cpu_model()
 
 
 def load_text() -> str:

@@ -39,7 +39,7 @@ def bench_model(spec: str, args, workdir: Path) -> dict:
 
 
 def report(results, args, load_before, load_after, elapsed) -> str:
-    from damo_jax.export.quant_report import cpu_model
+    from damo_jax.runtime import cpu_model
     lines = ["## INT8 vs FP32 latency (batch 1, CPU)", "",
              f"Command: `python benchmarks/int8.py {' '.join(args.argv)}`", "",
              f"CPU: {cpu_model()}, {os.cpu_count()} cores; load average (1/5/15 min) before "

@@ -38,27 +38,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 
 import numpy as np
 
+from damo_jax.runtime import cpu_model
+
 OFFICIAL_TABLE_IMG_S = 2.42
 OFFICIAL_SIDE_BY_SIDE_IMG_S = (2.61, 3.44)
-
-
-def cpu_model() -> str:
-    """CPU model name and its widest SIMD ISA from /proc/cpuinfo ("?" where unreadable)."""
-    try:
-        text = open("/proc/cpuinfo").read()
-    except OSError:
-        return platform.processor() or "?"
-    name = next((ln.split(":", 1)[1].strip() for ln in text.splitlines()
-                 if ln.startswith("model name")), "?")
-    flags = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    isa = "AVX-512" if " avx512f" in flags else "AVX2" if " avx2" in flags else "no AVX2"
-    return f"{name} ({isa})"
 
 
 def synthetic_batch(batch: int, hw: int, num_gt: int, num_classes: int, seed: int = 0) -> dict:

@@ -77,13 +77,36 @@ def tune_cpu_allocator(enable: bool = True) -> bool:
     return ok
 
 
+def _cpuinfo() -> dict:
+    """The first CPU of ``/proc/cpuinfo`` as ``{field: value}`` (``flags`` split into a set);
+    ``{"flags": set()}`` where it cannot be read (not Linux)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
+    except OSError:
+        lines = []
+    info = dict((k.strip(), v.strip()) for k, _, v in (ln.partition(":") for ln in lines))
+    info["flags"] = frozenset(info.get("flags", "").split())
+    return info
+
+
 def host_has_avx512() -> bool:
     """True when ``/proc/cpuinfo`` lists ``avx512f`` (False where it cannot be read)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(line.startswith("flags") and " avx512f" in line for line in text.splitlines())
+    return "avx512f" in _cpuinfo()["flags"]
+
+
+def cpu_model() -> str:
+    """The CPU every benchmark figure names: model name, family/model numbers (cloud hosts often
+    report just "AMD EPYC") and the SIMD / int8 ISA flags that move XLA:CPU, oneDNN and
+    onnxruntime speed, e.g. ``"AMD EPYC (family 25 model 17; avx2, avx512f, avx512_bf16,
+    avx512_vnni)"``; ``platform.processor()`` / machine where ``/proc/cpuinfo`` cannot be read."""
+    import platform
+    info = _cpuinfo()
+    name = info.get("model name") or platform.processor() or platform.machine()
+    isa = ", ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni",
+                                "amx_int8") if f in info["flags"]) or "no AVX2"
+    if "cpu family" in info and "model" in info:
+        return f"{name} (family {info['cpu family']} model {info['model']}; {isa})"
+    return f"{name} ({isa})"
 
 
 def cpu_compiler_options(backend: str | None = None) -> dict:

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
+
+from damo_jax.runtime import cpu_model
 
 
 def file_runner(path, threads: int) -> Callable:
@@ -114,20 +115,6 @@ def measure_accuracy(files: Mapping[str, Path], config, dataset, image_hw, *,
 
 def _load() -> str:
     return " ".join(f"{v:.1f}" for v in os.getloadavg())
-
-
-def cpu_model() -> str:
-    """CPU model name and the ISA flags that matter for INT8 / FP32 CPU kernels (/proc/cpuinfo)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    name = next((ln.split(":", 1)[1].strip() for ln in text.splitlines()
-                 if ln.startswith("model name")), platform.machine())
-    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines()
-                  if ln.startswith("flags")), [])
-    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
-    return f"{name} ({', '.join(isa) or 'no AVX2'})"
 
 
 def _fmt(s: Mapping | None, unit: str = "") -> str:
