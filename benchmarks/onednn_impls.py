@@ -28,7 +28,7 @@ from ctypes import byref, c_char_p, c_void_p
 import numpy as np
 
 from damo_jax.models import onednn as o
-from train_step import cpu_model  # benchmarks/ sibling (run as a script: its folder is on sys.path)
+from damo_jax.runtime import cpu_model
 
 # the S@320 batch-8 problems with the largest gaps to the official code's in-graph times (§0h)
 S320_GAPS = [
@@ -52,25 +52,8 @@ def problem_spec(spec: str):
 def implementations(lib, engine, problem, x, y):
     """[(name, primitive, exec args)] for every non-reference implementation of ``problem``."""
     n, c, h, w, d, k, s, prop = problem
-    p = k // 2
-    src, dst = o._md_nhwc(lib, n, c, h, w), o._md_nhwc(lib, n, d, y.shape[1], y.shape[2])
-    w_any = o._md_any(lib, (d, c, k, k))
-    st, dl, pad = o._Dims(s, s), o._Dims(0, 0), o._Dims(p, p)
-    fwd = c_void_p()
-    o._check(lib.dnnl_convolution_forward_primitive_desc_create(
-        byref(fwd), engine, o._FORWARD_TRAINING, o._CONV_DIRECT, src, w_any, None, dst, st, dl,
-        pad, pad, None), "forward pd")
-    pd = fwd
-    if prop == "bwd_d":
-        pd = c_void_p()
-        o._check(lib.dnnl_convolution_backward_data_primitive_desc_create(
-            byref(pd), engine, o._CONV_DIRECT, src, w_any, dst, st, dl, pad, pad, fwd, None),
-            "backward-data pd")
-    elif prop == "bwd_w":
-        pd = c_void_p()
-        o._check(lib.dnnl_convolution_backward_weights_primitive_desc_create(
-            byref(pd), engine, o._CONV_DIRECT, src, w_any, None, dst, st, dl, pad, pad, fwd, None),
-            "backward-weights pd")
+    pds, _ = o._conv_pds(lib, engine, (n, h, w, c), (k, k, c, d), (s, s), ((k // 2,) * 2,) * 2)
+    pd = pds[{"fwd": "fwd", "bwd_d": "bwd_data", "bwd_w": "bwd_weights"}[prop]]
 
     def md(q):
         return c_void_p(lib.dnnl_primitive_desc_query_md(pd, q, 0))
@@ -121,7 +104,7 @@ def main(argv=None) -> int:
     for problem in args.shape or [problem_spec(spec) for spec in S320_GAPS]:
         spec = ",".join(map(str, problem))
         n, c, h, w, d, k, s, prop = problem
-        ho, wo = (h + 2 * (k // 2) - k) // s + 1, (w + 2 * (k // 2) - k) // s + 1
+        ho, wo = o._out_hw((h, w), (k, k), (s, s), ((k // 2,) * 2,) * 2)
         x = rng.random((n, h, w, c), np.float32)
         y = rng.random((n, ho, wo, d), np.float32)
         impls = implementations(lib, engine, problem, x, y)

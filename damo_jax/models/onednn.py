@@ -177,33 +177,45 @@ class _Reorder:
         _check(lib.dnnl_primitive_create(byref(self.prim), pd), "reorder")
 
 
+def _conv_pds(lib, engine, x_shape, w_shape, strides, padding):
+    """Primitive descriptors of one conv: ``({"fwd", "bwd_data", "bwd_weights"} -> pd, y_shape)``.
+
+    ``x_shape`` NHWC, ``w_shape`` HWIO, ``padding`` ((top, bottom), (left, right)), no dilation;
+    activations NHWC float32, kernel in oneDNN's preferred layout (``format_tag_any``); the
+    backward descriptors are hinted by the forward-training one. ``y_shape`` is NHWC. Each pd
+    holds oneDNN's first-choice implementation (``benchmarks/onednn_impls.py`` walks the others).
+    """
+    n, h, w, c = x_shape
+    kh, kw, _, d = w_shape
+    (pt, pb), (pl, pr) = padding
+    ho, wo = _out_hw((h, w), (kh, kw), strides, padding)
+    src, dst = _md_nhwc(lib, n, c, h, w), _md_nhwc(lib, n, d, ho, wo)
+    w_any = _md_any(lib, (d, c, kh, kw))
+    st, dl = _Dims(*strides), _Dims(0, 0)
+    lo, hi = _Dims(pt, pl), _Dims(pb, pr)
+    fwd_pd, bwd_d_pd, bwd_w_pd = c_void_p(), c_void_p(), c_void_p()
+    _check(lib.dnnl_convolution_forward_primitive_desc_create(
+        byref(fwd_pd), engine, _FORWARD_TRAINING, _CONV_DIRECT, src, w_any, None, dst, st, dl,
+        lo, hi, None), "conv_fwd_pd")
+    _check(lib.dnnl_convolution_backward_data_primitive_desc_create(
+        byref(bwd_d_pd), engine, _CONV_DIRECT, src, w_any, dst, st, dl, lo, hi, fwd_pd, None),
+        "conv_bwd_data_pd")
+    _check(lib.dnnl_convolution_backward_weights_primitive_desc_create(
+        byref(bwd_w_pd), engine, _CONV_DIRECT, src, w_any, None, dst, st, dl, lo, hi, fwd_pd,
+        None), "conv_bwd_weights_pd")
+    return {"fwd": fwd_pd, "bwd_data": bwd_d_pd, "bwd_weights": bwd_w_pd}, (n, ho, wo, d)
+
+
 class _ConvPrimitives:
     """Forward, backward-data and backward-weights primitives of one conv shape, plus the kernel
     reorders (HWIO <-> oneDNN's chosen layout) and oneDNN-owned kernel buffers."""
 
     def __init__(self, x_shape, w_shape, strides, padding):
         lib, engine, _ = _runtime()
-        n, h, w, c = x_shape
-        kh, kw, _, d = w_shape
-        (pt, pb), (pl, pr) = padding
-        ho, wo = _out_hw((h, w), (kh, kw), strides, padding)
-        self.y_shape = (n, ho, wo, d)
-        src, dst = _md_nhwc(lib, n, c, h, w), _md_nhwc(lib, n, d, ho, wo)
+        kh, kw, c, d = w_shape
         self.w_user = _md_hwio(lib, d, c, kh, kw)
-        w_any = _md_any(lib, (d, c, kh, kw))
-        st, dl = _Dims(*strides), _Dims(0, 0)
-        lo, hi = _Dims(pt, pl), _Dims(pb, pr)
-        fwd_pd, bwd_d_pd, bwd_w_pd = c_void_p(), c_void_p(), c_void_p()
-        _check(lib.dnnl_convolution_forward_primitive_desc_create(
-            byref(fwd_pd), engine, _FORWARD_TRAINING, _CONV_DIRECT, src, w_any, None, dst, st, dl,
-            lo, hi, None), "conv_fwd_pd")
-        _check(lib.dnnl_convolution_backward_data_primitive_desc_create(
-            byref(bwd_d_pd), engine, _CONV_DIRECT, src, w_any, dst, st, dl, lo, hi, fwd_pd, None),
-            "conv_bwd_data_pd")
-        _check(lib.dnnl_convolution_backward_weights_primitive_desc_create(
-            byref(bwd_w_pd), engine, _CONV_DIRECT, src, w_any, None, dst, st, dl, lo, hi, fwd_pd,
-            None), "conv_bwd_weights_pd")
-        self.pds = {"fwd": fwd_pd, "bwd_data": bwd_d_pd, "bwd_weights": bwd_w_pd}
+        self.pds, self.y_shape = _conv_pds(lib, engine, x_shape, w_shape, strides, padding)
+        fwd_pd, bwd_d_pd, bwd_w_pd = self.pds["fwd"], self.pds["bwd_data"], self.pds["bwd_weights"]
         self.prims = {}
         for k, pd in self.pds.items():
             self.prims[k] = c_void_p()
@@ -251,9 +263,11 @@ class _Session:
         return self
 
     def wrap(self, md, array):
+        """A oneDNN memory object over ``array`` (a handler ``_View`` or a C-contiguous float32
+        numpy array); no copy."""
         mem = c_void_p()
-        _check(self.lib.dnnl_memory_create(byref(mem), md, self.engine,
-                                           c_void_p(array.ctypes.data)), "memory")
+        ptr = array.ptr if isinstance(array, _View) else array.ctypes.data
+        _check(self.lib.dnnl_memory_create(byref(mem), md, self.engine, c_void_p(ptr)), "memory")
         self.mems.append(mem)
         return mem
 
@@ -379,14 +393,16 @@ def _ffi_error(frame, message: str):
 
 
 
-def _as_numpy(buf) -> np.ndarray:
-    """A float32 numpy view of an XLA_FFI_Buffer (row-major, no copy)."""
-    if buf.dtype != _FFI_F32:
-        raise TypeError(f"float32 buffer expected, got XLA dtype {buf.dtype}")
-    shape = tuple(buf.dims[k] for k in range(buf.rank))
-    count = int(np.prod(shape)) if shape else 1
-    arr = np.ctypeslib.as_array(ctypes.cast(buf.data, ctypes.POINTER(ctypes.c_float)), (count,))
-    return arr.reshape(shape)
+class _View:
+    """A float32 XLA_FFI_Buffer as the ``_run_*`` functions read it: ``shape`` and ``ptr`` (its
+    row-major data); ``_Session.wrap`` also takes numpy arrays. A numpy view per buffer cost
+    8-17 us, ~100 us per call, 2-4 % of an S@320 step (docs/bench_train.md §0j)."""
+    __slots__ = ("shape", "ptr")
+
+    def __init__(self, buf):
+        if buf.dtype != _FFI_F32:
+            raise TypeError(f"float32 buffer expected, got XLA dtype {buf.dtype}")
+        self.shape, self.ptr = tuple(buf.dims[:buf.rank]), buf.data
 
 
 def _conf(frame) -> tuple:
@@ -414,8 +430,8 @@ def _make_handler(body):
         if frame.stage != _FFI_STAGE_EXECUTE:
             return None
         try:
-            ins = [_as_numpy(frame.args.items[k].contents) for k in range(frame.args.size)]
-            outs = [_as_numpy(frame.rets.items[k].contents) for k in range(frame.rets.size)]
+            ins = [_View(frame.args.items[k].contents) for k in range(frame.args.size)]
+            outs = [_View(frame.rets.items[k].contents) for k in range(frame.rets.size)]
             body(ins, outs, *_conf(frame))
             return None
         except Exception as e:  # noqa: BLE001 - reported to XLA as the op's error
