@@ -40,6 +40,16 @@ Reproduced from a fresh clone of 13e2fe4 (same code path; 2026-12-03 22:33–22:
 same procedure): the same AP50 to the last digit at 2.4 / 3.4 / 4.5 / 5.5 / 6.5 / 7.5 / **8.6** /
 9.8 / 10.8 minutes (first training step at 55 s: child compile 46 s).
 
+A Zen 5 host (2-core AMD EPYC family 26 "model 2", AVX-512; fresh clone of 93e0fcd, same
+procedure, 2026-12-04 16:16–16:22 UTC, nothing else running; first training log at 40 s, ~27 img/s):
+
+    epoch         1      2      3      4      5      6      7      8      9
+    AP50      0.033  0.092  0.172  0.316  0.420  0.495  0.542  0.578  0.591   (AP 0.420)
+    minutes     1.1    1.7    2.2    2.7    3.2    3.8    4.4    5.0    5.6
+
+**AP50 ≥ 0.5 after epoch 7, at 4.4 minutes** (0.495 at epoch 6; another CPU kind, another
+rounding, another trajectory; the whole command 5.7 min).
+
 The same host with 8dd8428 (1×1 convs as dot, cache-blocked kernel gradients; 15:08–15:19 UTC;
 minutes = the progress bar's elapsed time + 0.45 min, the bar starting 27 s after the command:
 the checkpoints of steps 700 / 800 were written at 9.03 / 10.14 min):
