@@ -1,11 +1,14 @@
 """Forward vs kernel-/input-gradient time per convolution kind, native XLA vs ``model.grad_impl``
-"matmul" (damo_jax/models/conv_grad.py), jit, float32.
+"matmul" (damo_jax/models/conv_grad.py) vs "onednn" (damo_jax/models/onednn.py, dense convs), jit,
+float32.
 
     python benchmarks/conv_grad.py [--batch 8] [--runs 7] [--kinds 1x1 3x3 3x3s2 1x1s2 dw5 dw5s2]
 
 Shapes are those of S@320 / Ns@320 at batch 8 (64->64 at 80x80 etc., ``conv_kinds.py``; the same
 kinds in PyTorch: ``conv_grad_torch.py``). "matmul" is the CPU default (``grad_impl`` and
-``pointwise_impl`` "auto": 1x1 convs as dot, depthwise convs as taps). For every kind the variants
+``pointwise_impl`` "auto": 1x1 convs as dot, depthwise convs as taps) where oneDNN is not
+available; where it is, dense convs (not depthwise) run in oneDNN (rows "... onednn"; skipped
+with a printed reason when libdnnl cannot be loaded). For every kind the variants
 are compiled first and then timed interleaved (one call of each per round); the table gives the
 median wall ms and the median process CPU ms (all threads) per call, the machine's CPU model and
 the load average. Ratios to the forward of the same conv are what the issue's goal is about
@@ -27,6 +30,7 @@ from jax import lax
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conv_kinds import KINDS  # noqa: E402
 
+from damo_jax.models import onednn  # noqa: E402
 from damo_jax.models.conv_grad import make_conv_general_dilated  # noqa: E402
 from damo_jax.models.cpu_ops import _NHWC_DIMS, depthwise_conv_taps, pointwise_conv_dot  # noqa: E402
 from damo_jax.runtime import cpu_model  # noqa: E402
@@ -55,6 +59,13 @@ def variants(kind, batch):
            "dX native": dx_of(native), "dX matmul": dx_of(matmul)}
     if k == 1 and not dw:  # model.pointwise_impl="dot" (the CPU default): forward as one GEMM
         fns["forward dot"] = lambda x, w, g: conv(pointwise_conv_dot)(x, w)
+    if not dw and onednn.available():  # model.grad_impl="onednn" (the CPU "auto")
+        def dnnl(x_, w_, *a, **kw):
+            return onednn.conv(x_, w_, *a)
+        fns["forward onednn"] = lambda x, w, g: conv(dnnl)(x, w)
+        # its backward call returns dX and dW together (what training needs); dW alone is the
+        # call made for an input without gradient (the image into the stem)
+        fns["dW onednn"], fns["dX+dW onednn"] = dw_of(dnnl), dx_of(dnnl)
     if dw:  # what XLA's own grouped conv gradient costs (depthwise_impl="conv", grad_impl="native")
         fns["dW grouped conv"] = dw_of(lax.conv_general_dilated)
     return fns, (x, w, g)
@@ -82,6 +93,8 @@ def main(argv=None):
     ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
     args = ap.parse_args(argv)
     print(f"CPU: {cpu_model()}, {os.cpu_count()} cores, jax {jax.__version__}, batch {args.batch}")
+    if not onednn.available():
+        print(f"oneDNN rows skipped: {onednn.unavailable_reason()}")
     print("| kind | shape | variant | wall ms | CPU ms | CPU / forward CPU | load |")
     print("|---|---|---|---|---|---|---|")
     for kind in args.kinds:
