@@ -7,7 +7,7 @@ float32.
 Shapes are those of S@320 / Ns@320 at batch 8 (64->64 at 80x80 etc., ``conv_kinds.py``; the same
 kinds in PyTorch: ``conv_grad_torch.py``). "matmul" is the CPU default (``grad_impl`` and
 ``pointwise_impl`` "auto": 1x1 convs as dot, depthwise convs as taps) where oneDNN is not
-available; where it is, dense convs (not depthwise) run in oneDNN (rows "... onednn"; skipped
+available; where it is, dense and depthwise convs run in oneDNN (rows "... onednn"; skipped
 with a printed reason when libdnnl cannot be loaded). For every kind the variants
 are compiled first and then timed interleaved (one call of each per round); the table gives the
 median wall ms and the median process CPU ms (all threads) per call, the machine's CPU model and
@@ -59,7 +59,7 @@ def variants(kind, batch):
            "dX native": dx_of(native), "dX matmul": dx_of(matmul)}
     if k == 1 and not dw:  # model.pointwise_impl="dot" (the CPU default): forward as one GEMM
         fns["forward dot"] = lambda x, w, g: conv(pointwise_conv_dot)(x, w)
-    if not dw and onednn.available():  # model.grad_impl="onednn" (the CPU "auto")
+    if onednn.available() and onednn.supported(x, w, *args, groups):  # grad_impl "onednn" (CPU auto)
         def dnnl(x_, w_, *a, **kw):
             return onednn.conv(x_, w_, *a)
         fns["forward onednn"] = lambda x, w, g: conv(dnnl)(x, w)

@@ -60,7 +60,7 @@ def native(x, w, s, p):
 
 
 def fast(x, w, s, p):
-    return make_conv_general_dilated(taps=False, dense_onednn=True)(
+    return make_conv_general_dilated(taps=False, onednn_convs=True)(
         x, w, (s, s), _pads(p), dimension_numbers=_NHWC_DIMS)
 
 
@@ -101,6 +101,55 @@ def test_forward_and_gradients_match_native(case):
     assert rel_err(dw, dw_n) <= RTOL, rel_err(dw, dw_n)
 
 
+# depthwise convs of the nano models (groups == channels, multiplier 1): 3x3 / 5x5, strides 1 / 2
+DW_CASES = [
+    ("dw3x3_s1", 2, 10, 10, 16, 3, 1, (1, 1, 1, 1)),
+    ("dw3x3_s2_odd", 1, 9, 7, 24, 3, 2, (1, 1, 1, 1)),
+    ("dw5x5_s1", 2, 12, 12, 32, 5, 1, (2, 2, 2, 2)),
+    ("dw5x5_s2", 1, 11, 10, 8, 5, 2, (2, 2, 2, 2)),
+    ("dw3x3_asym_pad", 1, 8, 9, 8, 3, 2, (0, 1, 1, 0)),
+]
+
+
+def depthwise_f64(x, w, s, p):
+    """Independent float64 NumPy reference of a depthwise conv (NHWC, kernel (kh, kw, 1, C))."""
+    x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    (pt, pb), (pl, pr) = _pads(p)
+    xp = np.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    kh, kw = w.shape[:2]
+    ho, wo = (xp.shape[1] - kh) // s + 1, (xp.shape[2] - kw) // s + 1
+    y = np.zeros((x.shape[0], ho, wo, x.shape[3]))
+    for i in range(kh):
+        for j in range(kw):
+            y += xp[:, i:i + (ho - 1) * s + 1:s, j:j + (wo - 1) * s + 1:s, :] * w[i, j, 0]
+    return y
+
+
+@pytest.mark.parametrize("case", DW_CASES, ids=lambda c: c[0])
+def test_depthwise_forward_and_gradients_match_native(case):
+    name, b, h, w, c, k, s, p = case
+    kx, kw = jax.random.split(jax.random.PRNGKey(zlib.crc32(name.encode())))
+    x = jax.random.normal(kx, (b, h, w, c))
+    kernel = jax.random.normal(kw, (k, k, 1, c)) / k
+
+    def conv_with(fn):
+        return lambda x_, w_: fn(x_, w_, (s, s), _pads(p), dimension_numbers=_NHWC_DIMS,
+                                 feature_group_count=c)
+    fast_dw = conv_with(make_conv_general_dilated(taps=True, onednn_convs=True))
+    native_dw = conv_with(lax.conv_general_dilated)
+    assert "damo_jax_onednn_conv_fwd" in str(jax.make_jaxpr(fast_dw)(x, kernel))
+    y = jax.jit(fast_dw)(x, kernel)
+    assert rel_err(y, depthwise_f64(x, kernel, s, p)) <= RTOL
+    assert rel_err(y, native_dw(x, kernel)) <= RTOL
+    g = jax.random.normal(jax.random.PRNGKey(7), y.shape)
+
+    def grads(conv):
+        return jax.jit(jax.grad(lambda x_, w_: jnp.vdot(conv(x_, w_), g), (0, 1)))(x, kernel)
+    (dx, dw), (dx_n, dw_n) = grads(fast_dw), grads(native_dw)
+    assert rel_err(dx, dx_n) <= RTOL, rel_err(dx, dx_n)
+    assert rel_err(dw, dw_n) <= RTOL, rel_err(dw, dw_n)
+
+
 def _hlo(fn, *args):
     return jax.jit(fn).lower(*args).compile().as_text()
 
@@ -119,14 +168,17 @@ def test_custom_calls_in_graph_and_input_gradient_skipped_when_unused():
 
 
 def test_unsupported_inputs_keep_the_xla_path():
-    """bfloat16, grouped convs and dilation never reach oneDNN."""
-    conv = make_conv_general_dilated(taps=False, dense_onednn=True)
+    """bfloat16, grouped convs other than depthwise (multiplier 1) and dilation never reach
+    oneDNN."""
+    conv = make_conv_general_dilated(taps=False, onednn_convs=True)
     x, w = jnp.ones((1, 8, 8, 8)), jnp.ones((3, 3, 8, 8))
     cases = {
         "bf16": lambda: conv(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), (1, 1), ((1, 1), (1, 1)),
                              dimension_numbers=_NHWC_DIMS),
         "groups": lambda: conv(x, jnp.ones((3, 3, 4, 8)), (1, 1), ((1, 1), (1, 1)),
                                dimension_numbers=_NHWC_DIMS, feature_group_count=2),
+        "depthwise_multiplier_2": lambda: conv(x, jnp.ones((3, 3, 1, 16)), (1, 1), ((1, 1), (1, 1)),
+                                               dimension_numbers=_NHWC_DIMS, feature_group_count=8),
         "dilation": lambda: conv(x, w, (1, 1), ((2, 2), (2, 2)), rhs_dilation=(2, 2),
                                  dimension_numbers=_NHWC_DIMS),
     }
@@ -173,7 +225,8 @@ def test_resolve(monkeypatch):
 
 @pytest.mark.parametrize("name", ["t", "s", "ns"])
 def test_full_model_gradient_matches_native(name):
-    """All parameters' and the input's gradients of a whole model (every dense conv in oneDNN)
+    """All parameters' and the input's gradients of a whole model (every dense and depthwise
+    conv in oneDNN)
     against the all-native model, within 1e-5 relative per tensor. BatchNorm uses its running
     statistics here: in train mode this randomly initialised model on a 2-image 64x64 batch
     amplifies any float32 re-ordering of a sum by 1e3-1e4 (the same native model compiled with and

@@ -112,7 +112,7 @@ def conv(x, features: int, kernel: int, *, name: str, opts: Opts, stride: int = 
     Depthwise convs (groups == in == out channels) run as ``opts.depthwise_impl`` resolves at
     trace time, 1x1 convs as ``opts.pointwise_impl`` resolves (same parameters either way). In train graphs (``deploy=False``) the gradients
     come from ``models/conv_grad.py`` when ``opts.grad_impl`` resolves to ``"matmul"`` (same
-    forward op and outputs), or dense convs run in oneDNN when it resolves to ``"onednn"``
+    forward op and outputs), or dense and depthwise convs run in oneDNN when it resolves to ``"onednn"``
     (``models/onednn.py``); folded deploy graphs always use the native op."""
     pad = (kernel - 1) // 2
     fan_in = (x.shape[-1] // groups) * kernel * kernel
@@ -123,7 +123,7 @@ def conv(x, features: int, kernel: int, *, name: str, opts: Opts, stride: int = 
     grad_impl = resolve_grad_impl(opts.grad_impl) if opts.deploy is False else "native"
     if grad_impl in ("matmul", "onednn"):
         conv_fn = make_conv_general_dilated(taps=taps, pointwise=pointwise,
-                                            dense_onednn=grad_impl == "onednn")
+                                            onednn_convs=grad_impl == "onednn")
     else:
         conv_fn = (depthwise_conv_taps if taps else pointwise_conv_dot if pointwise else None)
     return nn.Conv(

@@ -32,9 +32,10 @@ forward speed on XLA:CPU). 1x1 convs whose forward is a matrix product (``model.
   ``pointwise_impl``) and
   whose backward uses the formulations above;
 * ``"onednn"`` — dense convs (``groups == 1``, any kernel size and stride, float32: the 3x3, 1x1,
-  Focus and RepConv-branch convs) run forward, input gradient and kernel gradient in oneDNN
-  through XLA FFI custom calls (``onednn.py``; 1.3-2x faster per conv than XLA:CPU, same function
-  to float32 rounding, ~1e-6 relative); depthwise convs keep the ``"matmul"`` backward above;
+  Focus and RepConv-branch convs) and depthwise convs (groups == input == output channels) run
+  forward, input gradient and kernel gradient in oneDNN through XLA FFI custom calls
+  (``onednn.py``; 1.3-4x faster per conv than XLA:CPU, same function to float32 rounding,
+  ~1e-6 relative; docs/bench_train.md §0g, §0k); other grouped convs keep ``"matmul"``;
 * ``"auto"`` — on CPU ``"onednn"`` when ``libdnnl.so.3`` loads and the process sees one device,
   else ``"matmul"``; ``"native"`` on GPU/TPU (they keep XLA's native gradients).
 
@@ -251,13 +252,13 @@ def supported(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation
     return feature_group_count == 1 or depthwise
 
 
-def make_conv_general_dilated(*, taps: bool, pointwise: bool = False, dense_onednn: bool = False):
+def make_conv_general_dilated(*, taps: bool, pointwise: bool = False, onednn_convs: bool = False):
     """A ``lax.conv_general_dilated``-compatible callable (what ``flax.linen.Conv`` takes as
     ``conv_general_dilated``) whose forward is the native op (``depthwise_conv_taps`` for
     depthwise convs when ``taps``, ``pointwise_conv_dot`` for 1x1 convs when ``pointwise``) and
     whose gradients come from :func:`_conv_bwd`. Unsupported configurations (dilation, other
-    groupings, other layouts) fall back to the native op. ``dense_onednn``: dense convs
-    (``groups == 1``, any kernel size, float32) run forward and backward in oneDNN
+    groupings, other layouts) fall back to the native op. ``onednn_convs``: dense
+    and depthwise convs (:func:`onednn.supported`, float32) run forward and backward in oneDNN
     (:func:`onednn.conv`)."""
     def conv_general_dilated_matmul_grad(lhs, rhs, window_strides, padding, lhs_dilation=None,
                                          rhs_dilation=None, dimension_numbers=None,
@@ -275,7 +276,7 @@ def make_conv_general_dilated(*, taps: bool, pointwise: bool = False, dense_oned
                           preferred_element_type=preferred_element_type)
         strides = tuple(int(s) for s in window_strides)
         pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-        if (dense_onednn
+        if (onednn_convs
                 and onednn.supported(lhs, rhs, strides, pads, feature_group_count)):
             return onednn.conv(lhs, rhs, strides, pads)
         form = ("taps" if taps and feature_group_count > 1 else

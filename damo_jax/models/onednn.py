@@ -12,8 +12,9 @@ stem), only the kernel gradient is computed.
 
 Scope and contract:
 
-* float32, 2-D, NHWC activations / HWIO kernels, explicit padding, no dilation, ``groups == 1``,
-  any kernel size and stride (:func:`supported`). The same function as ``lax.conv_general_dilated``
+* float32, 2-D, NHWC activations / HWIO kernels, explicit padding, no dilation, dense
+  (``groups == 1``) or depthwise (groups == input == output channels, kernel (kh, kw, 1, C)), any
+  kernel size and stride (:func:`supported`). The same function as ``lax.conv_general_dilated``
   up to float32 summation order (relative difference ~1e-6; tests/test_onednn.py).
 * Train graphs on a single-device CPU process only (``conv_grad.resolve_grad_impl``): the custom
   call has no partitioning rule for a ``Mesh``, and exported / deploy graphs never use it.
@@ -152,11 +153,27 @@ def _md_nhwc(lib, n, c, h, w):
     return md
 
 
-def _md_hwio(lib, o, i, kh, kw):
+def _md_hwio(lib, o, i, kh, kw, groups=1):
+    """The user kernel: HWIO (kh, kw, i / groups, o) row-major, as oneDNN dims (o, i, kh, kw),
+    or for ``groups > 1`` grouped dims (groups, o / groups, i / groups, kh, kw)."""
     md = c_void_p()
+    if groups == 1:
+        _check(lib.dnnl_memory_desc_create_with_strides(
+            byref(md), 4, _Dims(o, i, kh, kw), _F32, _Dims(1, o, kw * i * o, i * o)), "md(hwio)")
+        return md
+    og, ig = o // groups, i // groups
     _check(lib.dnnl_memory_desc_create_with_strides(
-        byref(md), 4, _Dims(o, i, kh, kw), _F32, _Dims(1, o, kw * i * o, i * o)), "md(hwio)")
+        byref(md), 5, _Dims(groups, og, ig, kh, kw), _F32,
+        _Dims(og, 1, o, kw * ig * o, ig * o)), "md(hwio, grouped)")
     return md
+
+
+def _weight_dims(x_shape, w_shape) -> tuple:
+    """oneDNN's kernel dims of an NHWC ``x`` / HWIO ``w`` conv: (o, i, kh, kw), or (groups,
+    o / groups, i / groups, kh, kw) when ``w``'s input channels are a fraction of ``x``'s."""
+    kh, kw, ig, o = w_shape
+    groups = x_shape[3] // ig
+    return (o, ig, kh, kw) if groups == 1 else (groups, o // groups, ig, kh, kw)
 
 
 def _md_any(lib, dims):
@@ -190,7 +207,7 @@ def _conv_pds(lib, engine, x_shape, w_shape, strides, padding):
     (pt, pb), (pl, pr) = padding
     ho, wo = _out_hw((h, w), (kh, kw), strides, padding)
     src, dst = _md_nhwc(lib, n, c, h, w), _md_nhwc(lib, n, d, ho, wo)
-    w_any = _md_any(lib, (d, c, kh, kw))
+    w_any = _md_any(lib, _weight_dims(x_shape, w_shape))
     st, dl = _Dims(*strides), _Dims(0, 0)
     lo, hi = _Dims(pt, pl), _Dims(pb, pr)
     fwd_pd, bwd_d_pd, bwd_w_pd = c_void_p(), c_void_p(), c_void_p()
@@ -212,8 +229,9 @@ class _ConvPrimitives:
 
     def __init__(self, x_shape, w_shape, strides, padding):
         lib, engine, _ = _runtime()
-        kh, kw, c, d = w_shape
-        self.w_user = _md_hwio(lib, d, c, kh, kw)
+        kh, kw, _, d = w_shape
+        c = x_shape[3]
+        self.w_user = _md_hwio(lib, d, c, kh, kw, groups=c // w_shape[2])
         self.pds, self.y_shape = _conv_pds(lib, engine, x_shape, w_shape, strides, padding)
         fwd_pd, bwd_d_pd, bwd_w_pd = self.pds["fwd"], self.pds["bwd_data"], self.pds["bwd_weights"]
         self.prims = {}
@@ -471,9 +489,12 @@ def _register_targets() -> None:
 
 # ----------------------------------------------------------------------------- JAX
 def supported(x, w, strides, padding, groups) -> bool:
-    """float32 dense (``groups == 1``) NHWC/HWIO conv with a valid output (checked by callers for
-    layout and dilation: ``conv_grad.supported``)."""
-    if groups != 1 or x.dtype != jnp.float32 or w.dtype != jnp.float32:
+    """float32 NHWC/HWIO conv, dense (``groups == 1``) or depthwise (``groups`` == input ==
+    output channels), with a valid output (checked by callers for layout and dilation:
+    ``conv_grad.supported``)."""
+    if x.dtype != jnp.float32 or w.dtype != jnp.float32:
+        return False
+    if groups != 1 and not (w.shape[2] == 1 and groups == x.shape[3] == w.shape[3]):
         return False
     ho, wo = _out_hw(x.shape[1:3], w.shape[:2], strides, padding)
     return min(min(p) for p in padding) >= 0 and ho > 0 and wo > 0 and x.shape[0] > 0
@@ -500,7 +521,8 @@ def conv(x, w, strides, padding):
     """``lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC/HWIO/NHWC)`` with
     forward, input gradient and kernel gradient computed by oneDNN (XLA FFI custom calls on CPU).
 
-    x: (B, H, W, C) float32, w: (kh, kw, C, D) float32, strides: (sh, sw),
+    x: (B, H, W, C) float32, w: (kh, kw, C, D) float32 (depthwise: (kh, kw, 1, C)),
+    strides: (sh, sw),
     padding: ((top, bottom), (left, right)) -> (B, Ho, Wo, D) float32.
     """
     return _forward_call(x, w, strides, padding)
