@@ -1,6 +1,6 @@
 """Forward vs kernel-/input-gradient time per convolution kind, native XLA vs ``model.grad_impl``
-"matmul" (damo_jax/models/conv_grad.py) vs "onednn" (damo_jax/models/onednn.py, dense convs), jit,
-float32.
+"matmul" (damo_jax/models/conv_grad.py) vs "onednn" (damo_jax/models/onednn.py, dense and depthwise
+convs), jit, float32.
 
     python benchmarks/conv_grad.py [--batch 8] [--runs 7] [--kinds 1x1 3x3 3x3s2 1x1s2 dw5 dw5s2]
 

@@ -69,17 +69,19 @@ def rel_err(a, b):
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
-def conv_f64(x, w, s, p):
-    """Independent float64 NumPy reference: explicit sum over taps (NHWC, HWIO)."""
+def conv_f64(x, w, s, p, depthwise=False):
+    """Independent float64 NumPy reference: explicit sum over taps (NHWC, HWIO; ``depthwise``:
+    kernel (kh, kw, 1, C), one filter per channel)."""
     x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
     (pt, pb), (pl, pr) = _pads(p)
     xp = np.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-    k = w.shape[0]
-    ho, wo = (xp.shape[1] - k) // s + 1, (xp.shape[2] - w.shape[1]) // s + 1
+    kh, kw = w.shape[:2]
+    ho, wo = (xp.shape[1] - kh) // s + 1, (xp.shape[2] - kw) // s + 1
     y = np.zeros((x.shape[0], ho, wo, w.shape[3]))
-    for i in range(k):
-        for j in range(w.shape[1]):
-            y += xp[:, i:i + (ho - 1) * s + 1:s, j:j + (wo - 1) * s + 1:s, :] @ w[i, j]
+    for i in range(kh):
+        for j in range(kw):
+            patch = xp[:, i:i + (ho - 1) * s + 1:s, j:j + (wo - 1) * s + 1:s, :]
+            y += patch * w[i, j, 0] if depthwise else patch @ w[i, j]
     return y
 
 
@@ -111,20 +113,6 @@ DW_CASES = [
 ]
 
 
-def depthwise_f64(x, w, s, p):
-    """Independent float64 NumPy reference of a depthwise conv (NHWC, kernel (kh, kw, 1, C))."""
-    x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
-    (pt, pb), (pl, pr) = _pads(p)
-    xp = np.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-    kh, kw = w.shape[:2]
-    ho, wo = (xp.shape[1] - kh) // s + 1, (xp.shape[2] - kw) // s + 1
-    y = np.zeros((x.shape[0], ho, wo, x.shape[3]))
-    for i in range(kh):
-        for j in range(kw):
-            y += xp[:, i:i + (ho - 1) * s + 1:s, j:j + (wo - 1) * s + 1:s, :] * w[i, j, 0]
-    return y
-
-
 @pytest.mark.parametrize("case", DW_CASES, ids=lambda c: c[0])
 def test_depthwise_forward_and_gradients_match_native(case):
     name, b, h, w, c, k, s, p = case
@@ -139,7 +127,7 @@ def test_depthwise_forward_and_gradients_match_native(case):
     native_dw = conv_with(lax.conv_general_dilated)
     assert "damo_jax_onednn_conv_fwd" in str(jax.make_jaxpr(fast_dw)(x, kernel))
     y = jax.jit(fast_dw)(x, kernel)
-    assert rel_err(y, depthwise_f64(x, kernel, s, p)) <= RTOL
+    assert rel_err(y, conv_f64(x, kernel, s, p, depthwise=True)) <= RTOL
     assert rel_err(y, native_dw(x, kernel)) <= RTOL
     g = jax.random.normal(jax.random.PRNGKey(7), y.shape)
 

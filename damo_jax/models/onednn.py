@@ -153,27 +153,24 @@ def _md_nhwc(lib, n, c, h, w):
     return md
 
 
-def _md_hwio(lib, o, i, kh, kw, groups=1):
-    """The user kernel: HWIO (kh, kw, i / groups, o) row-major, as oneDNN dims (o, i, kh, kw),
-    or for ``groups > 1`` grouped dims (groups, o / groups, i / groups, kh, kw)."""
-    md = c_void_p()
-    if groups == 1:
-        _check(lib.dnnl_memory_desc_create_with_strides(
-            byref(md), 4, _Dims(o, i, kh, kw), _F32, _Dims(1, o, kw * i * o, i * o)), "md(hwio)")
-        return md
-    og, ig = o // groups, i // groups
-    _check(lib.dnnl_memory_desc_create_with_strides(
-        byref(md), 5, _Dims(groups, og, ig, kh, kw), _F32,
-        _Dims(og, 1, o, kw * ig * o, ig * o)), "md(hwio, grouped)")
-    return md
-
-
 def _weight_dims(x_shape, w_shape) -> tuple:
     """oneDNN's kernel dims of an NHWC ``x`` / HWIO ``w`` conv: (o, i, kh, kw), or (groups,
     o / groups, i / groups, kh, kw) when ``w``'s input channels are a fraction of ``x``'s."""
     kh, kw, ig, o = w_shape
     groups = x_shape[3] // ig
     return (o, ig, kh, kw) if groups == 1 else (groups, o // groups, ig, kh, kw)
+
+
+def _md_hwio(lib, x_shape, w_shape):
+    """The user kernel ``w`` (HWIO, row-major) described with :func:`_weight_dims`' dims; the
+    strides of (groups, o / groups, i / groups, kh, kw), the group axis dropped when dense."""
+    dims = _weight_dims(x_shape, w_shape)
+    kh, kw, ig, o = w_shape
+    strides = (dims[1], 1, o, kw * ig * o, ig * o)[5 - len(dims):]   # grouped: dims[1] = o / groups
+    md = c_void_p()
+    _check(lib.dnnl_memory_desc_create_with_strides(
+        byref(md), len(dims), _Dims(*dims), _F32, _Dims(*strides)), "md(hwio)")
+    return md
 
 
 def _md_any(lib, dims):
@@ -229,9 +226,7 @@ class _ConvPrimitives:
 
     def __init__(self, x_shape, w_shape, strides, padding):
         lib, engine, _ = _runtime()
-        kh, kw, _, d = w_shape
-        c = x_shape[3]
-        self.w_user = _md_hwio(lib, d, c, kh, kw, groups=c // w_shape[2])
+        self.w_user = _md_hwio(lib, x_shape, w_shape)
         self.pds, self.y_shape = _conv_pds(lib, engine, x_shape, w_shape, strides, padding)
         fwd_pd, bwd_d_pd, bwd_w_pd = self.pds["fwd"], self.pds["bwd_data"], self.pds["bwd_weights"]
         self.prims = {}
