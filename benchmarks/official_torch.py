@@ -12,7 +12,8 @@ separate virtualenv with CPU torch (not damo_jax's), e.g.::
     /path/venv/bin/python benchmarks/official_torch.py --repo /path/DAMO-YOLO --mode infer \
         --config t --img-size 640 --runs 30                                 # batch-1 deploy forward
 
-Run it alternately with ``benchmarks/train_step.py`` / ``benchmarks/model_latency.py`` (same
+``--device cuda`` (a CUDA torch in the venv) runs the same on a GPU, each timed step ending with
+``torch.cuda.synchronize()`` (``benchmarks/gpu_check.sh``). Run it alternately with ``benchmarks/train_step.py`` / ``benchmarks/model_latency.py`` (same
 sizes) and take per-round ratios: docs/BENCHMARKS.md "Side by side with the official code" has the
 commands and results. The last stdout line is one JSON object.
 
@@ -181,14 +182,17 @@ def run_train(args, model, cfg):
     for _ in range(n_total):
         imgs = torch.rand(args.batch, 3, args.img_size, args.img_size,
                           generator=gen) * 255.0
-        batches.append((imgs, make_targets(args.batch, args.img_size,
-                                           args.num_gt, 80, gen)))
+        targets = make_targets(args.batch, args.img_size, args.num_gt, 80, gen)
+        batches.append((imgs.to(args.device), [t.to(args.device) for t in targets]))
+    sync = torch.cuda.synchronize if args.device.startswith('cuda') else (lambda: None)
 
     step_t, fwd_t, bwd_t = [], [], []
     for it, (imgs, targets) in enumerate(batches):
+        sync()
         t0 = time.perf_counter()
         outputs = model(imgs, targets)
         loss = outputs['total_loss']
+        sync()
         t1 = time.perf_counter()
         opt.zero_grad()
         loss.backward()
@@ -201,6 +205,7 @@ def run_train(args, model, cfg):
                     if p.dtype.is_floating_point:
                         p *= d
                         p += (1.0 - d) * sd[name].detach()
+        sync()
         t2 = time.perf_counter()
         tag = 'warmup' if it < args.warmup else 'step'
         print(f'{tag} {it:3d}: total {t2 - t0:.3f} s  fwd+loss {t1 - t0:.3f} s  '
@@ -242,12 +247,15 @@ def run_infer(args, model, cfg):
           f'{sum(p.numel() for p in model.parameters()) / 1e6:.3f} M', flush=True)
 
     gen = torch.Generator().manual_seed(args.seed)
-    x = torch.rand(1, 3, args.img_size, args.img_size, generator=gen) * 255.0
+    x = (torch.rand(1, 3, args.img_size, args.img_size, generator=gen) * 255.0).to(args.device)
+    sync = torch.cuda.synchronize if args.device.startswith('cuda') else (lambda: None)
     times = []
     with torch.no_grad():
         for i in range(args.warmup + args.runs):
+            sync()
             t0 = time.perf_counter()
             out = model(x)
+            sync()
             t1 = time.perf_counter()
             if i == 0:
                 if isinstance(out, (tuple, list)) and len(out) == 2 and \
@@ -287,6 +295,9 @@ def main():
     ap.add_argument('--warmup', type=int, default=None,
                     help='default 2 (train) / 3 (infer)')
     ap.add_argument('--threads', type=int, default=2)
+    ap.add_argument('--device', default='cpu',
+                    help="torch device: cpu (default) or cuda (then every timed step ends with "
+                         "torch.cuda.synchronize())")
     ap.add_argument('--lr', type=float, default=0.01)
     ap.add_argument('--optim', choices=['official', 'plain'], default='official',
                     help='official: per-param groups, nesterov, no decay on norm/bias; '
@@ -307,7 +318,8 @@ def main():
     if args.warmup is None:
         args.warmup = 2 if args.mode == 'train' else 3
 
-    os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
+    if args.device == 'cpu':
+        os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
     import torch
     torch.set_num_threads(args.threads)
     tv = _install_torchvision_shim()
@@ -321,9 +333,10 @@ def main():
 
     torch.manual_seed(args.seed)
     cfg = parse_config(os.path.join(repo, CONFIGS[args.config]))
-    model = build_local_model(cfg, 'cpu')
+    model = build_local_model(cfg, args.device)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f'torch {torch.__version__}, threads {torch.get_num_threads()}, {tv}; '
+    dev = torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'
+    print(f'torch {torch.__version__} on {dev}, threads {torch.get_num_threads()}, {tv}; '
           f'config {CONFIGS[args.config]}, params {n_params / 1e6:.2f} M, '
           f'img {args.img_size}, mode {args.mode}', flush=True)
 
@@ -335,7 +348,7 @@ def main():
         batch = 1
     line = {'impl': 'official-torch', 'mode': args.mode, 'torch': torch.__version__,
             'config': args.config, 'img_size': args.img_size, 'batch': batch,
-            'threads': args.threads}
+            'threads': args.threads, 'device': dev}
     if args.mode == 'train':
         line['num_gt'] = args.num_gt
     line.update(res)

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# One prepared GPU check (an NVIDIA host with jax[cuda] and CUDA torch): the parity tests on the
+# GPU backend, the S training step side by side with the official PyTorch code on the same GPU, a
+# bf16 row, and the README demo command. Results go to docs/BENCHMARKS.md ("GPU").
+#
+#   OUT=/tmp/gpu OFFICIAL_REPO=/path/DAMO-YOLO DAMO_GOLDEN=/path/golden bash benchmarks/gpu_check.sh
+#
+# The 2026-12-04 H200 run did not install the package: it put the wheels missing there on
+# PYTHONPATH, linked configs/, export/ and data_pipelines/ into damo_jax/ (what the install's
+# package-dir mapping does) and used PYTHONPATH=<repo>.
+#
+# Knobs (environment): IMG (640), BATCH (32, the official recipe's per-GPU batch), STEPS (10),
+# ROUNDS (2 alternations of ours / official), DEMO_S (seconds for the demo command, 0 = skip),
+# TESTS_S (seconds for the tests, 0 = skip), TOTAL_S (1200: no section runs past this many seconds
+# from the start). Every section has its own time limit and its own log under $OUT; a failing
+# section does not stop the others.
+set -u
+OUT=${OUT:?set OUT to a folder for the logs}
+IMG=${IMG:-640}; BATCH=${BATCH:-32}; STEPS=${STEPS:-10}; ROUNDS=${ROUNDS:-2}
+DEMO_S=${DEMO_S:-240}; TESTS_S=${TESTS_S:-300}
+PY=${PY:-python3}
+TOTAL_S=${TOTAL_S:-1200}; START=$(date +%s)
+export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/gpu_check_xla_cache}
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
+# limit SECONDS: the smaller of SECONDS and what is left of TOTAL_S (at least 1)
+limit() { local left=$(( TOTAL_S - ($(date +%s) - START) )); [ "$left" -lt "$1" ] && echo $(( left > 1 ? left : 1 )) || echo "$1"; }
+mkdir -p "$OUT"
+log() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$OUT/summary.txt"; }
+
+log "host: $(nproc) cores; $(nvidia-smi -L 2>/dev/null | head -1)"
+$PY - <<'EOF' 2>&1 | tee -a "$OUT/summary.txt"
+import jax, flax, optax
+print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__,
+      "backend", jax.default_backend(), jax.devices())
+from damo_jax.models.conv_grad import resolve_grad_impl
+print("model.grad_impl auto ->", resolve_grad_impl("auto"))
+EOF
+
+side_by_side() {   # round r: ours, then the official code
+  local r=$1
+  log "round $r: damo_jax S@$IMG batch $BATCH float32"
+  local parts="full"; [ "$r" = 1 ] && parts="fwd grad full"   # later rounds load the step from the cache
+  timeout "$(limit 150)" $PY benchmarks/train_step.py --config s --img-size "$IMG" --batch "$BATCH" \
+      --steps "$STEPS" --num-gt 5 --compile-here --no-tune --parts $parts \
+      > "$OUT/ours_r$r.log" 2>&1
+  tail -n 6 "$OUT/ours_r$r.log" | tee -a "$OUT/summary.txt"
+  if [ -n "${OFFICIAL_REPO:-}" ]; then
+    log "round $r: official S@$IMG batch $BATCH (torch, cuda)"
+    timeout "$(limit 80)" $PY benchmarks/official_torch.py --repo "$OFFICIAL_REPO" --device cuda \
+        --mode train --config s --img-size "$IMG" --batch "$BATCH" --num-gt 5 --steps "$STEPS" \
+        --warmup 3 > "$OUT/official_r$r.log" 2>&1
+    tail -n 3 "$OUT/official_r$r.log" | tee -a "$OUT/summary.txt"
+  fi
+}
+
+
+side_by_side 1
+
+if [ "$TESTS_S" -gt 0 ]; then
+  log "tests on the $($PY -c 'import jax; print(jax.default_backend())') backend"
+  # -v: every test's outcome is on its own line as it ends, so a run cut by its limit still names
+  # its failures
+  timeout "$(limit "$TESTS_S")" $PY -m pytest -p no:cacheprovider -v -n 4 --dist loadfile -o addopts="" \
+      tests/test_models_golden.py tests/test_model_loss_golden.py tests/test_losses_golden.py \
+      tests/test_assign_golden.py tests/test_reparam.py tests/test_conv_grad.py \
+      tests/test_distill_golden.py > "$OUT/tests.log" 2>&1
+  echo "rc $?" >> "$OUT/tests.log"
+  grep -E "FAILED|ERROR" "$OUT/tests.log" | head -n 60 | tee -a "$OUT/summary.txt"
+  echo "passed $(grep -c PASSED "$OUT/tests.log"), failed $(grep -c FAILED "$OUT/tests.log"), \
+skipped $(grep -c SKIPPED "$OUT/tests.log"); $(tail -n 1 "$OUT/tests.log")" | tee -a "$OUT/summary.txt"
+fi
+
+
+for r in $(seq 2 "$ROUNDS"); do side_by_side "$r"; done
+
+log "damo_jax S@$IMG batch $BATCH bfloat16 compute (model.dtype)"
+timeout "$(limit 180)" $PY benchmarks/train_step.py --config s --img-size "$IMG" --batch "$BATCH" \
+    --steps "$STEPS" --num-gt 5 --compile-here --no-tune --dtype bfloat16 \
+    > "$OUT/ours_bf16.log" 2>&1
+tail -n 3 "$OUT/ours_bf16.log" | tee -a "$OUT/summary.txt"
+
+if [ "$DEMO_S" -gt 0 ]; then
+  log "README command 1 on the GPU: python -m damo_jax.train --config demo (limit ${DEMO_S}s)"
+  rm -rf /tmp/gpu_demo
+  timeout "$(limit "$DEMO_S")" $PY -m damo_jax.train --config demo --workdir /tmp/gpu_demo > "$OUT/demo.log" 2>&1
+  echo "rc $?" >> "$OUT/demo.log"
+  grep -iE "AP50|epoch|error" "$OUT/demo.log" | tail -n 30 | tee -a "$OUT/summary.txt"
+  cp /tmp/gpu_demo/predictions.png "$OUT/" 2>/dev/null
+fi
+log "done"
