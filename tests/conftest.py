@@ -7,6 +7,7 @@ Tests that need it skip with a clear reason when the folder is absent.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,14 @@ GOLDEN = Path(os.environ.get("DAMO_GOLDEN", ROOT.parent / "shared" / "golden"))
 # off for the suite's many short runs (and the CLI runs they start); tests/test_precompile.py
 # switches it on where it is the subject.
 os.environ.setdefault("DAMO_JAX_PRECOMPILE", "off")
+# The parity tests compare float32 results with float32 / float64 references (1e-5 .. 1e-3). On
+# NVIDIA GPUs JAX's default precision runs float32 convolutions and matrix products in TF32 (10-bit
+# mantissa), which is a speed setting, not the model's math: the suite pins full float32 precision
+# (here and in the CLI processes it starts). On CPU float32 ops are full precision either way.
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+if "jax" in sys.modules:    # imported before this file (a plugin): the variable came too late
+    sys.modules["jax"].config.update("jax_default_matmul_precision",
+                                     os.environ["JAX_DEFAULT_MATMUL_PRECISION"])
 
 
 def golden_path(*parts: str) -> Path:
