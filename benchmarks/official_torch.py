@@ -321,6 +321,8 @@ def main():
     if args.device == 'cpu':
         os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
     import torch
+    if args.device != 'cpu' and not (args.device.startswith('cuda') and torch.cuda.is_available()):
+        ap.error(f'--device {args.device}: this torch ({torch.__version__}) sees no CUDA device')
     torch.set_num_threads(args.threads)
     tv = _install_torchvision_shim()
 
