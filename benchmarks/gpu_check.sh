@@ -9,17 +9,19 @@
 # PYTHONPATH, linked configs/, export/ and data_pipelines/ into damo_jax/ (what the install's
 # package-dir mapping does) and used PYTHONPATH=<repo>.
 #
-# Knobs (environment): IMG (640), BATCH (32, the official recipe's per-GPU batch), STEPS (10),
-# ROUNDS (2 alternations of ours / official), DEMO_S (seconds for the demo command, 0 = skip),
-# TESTS_S (seconds for the tests, 0 = skip), TOTAL_S (1200: no section runs past this many seconds
-# from the start). Every section has its own time limit and its own log under $OUT; a failing
-# section does not stop the others.
+# Knobs (environment): SECTIONS (order and choice, default "tests bf16 demo sbs": what the first
+# run, 2026-12-04, left open comes first), IMG (640), BATCH (32, the official recipe's per-GPU
+# batch), STEPS (10), ROUNDS (side-by-side alternations of ours / official, 2), DEMO_S (seconds for
+# the demo command), TESTS_S (seconds for the tests), BF16_S (seconds for the bf16 row), TOTAL_S
+# (540, one device call: no section runs past this many seconds from the start). Every section has
+# its own time limit and its own log under $OUT; a failing section does not stop the others.
 set -u
 OUT=${OUT:?set OUT to a folder for the logs}
 IMG=${IMG:-640}; BATCH=${BATCH:-32}; STEPS=${STEPS:-10}; ROUNDS=${ROUNDS:-2}
-DEMO_S=${DEMO_S:-240}; TESTS_S=${TESTS_S:-300}
+DEMO_S=${DEMO_S:-240}; TESTS_S=${TESTS_S:-200}; BF16_S=${BF16_S:-200}
+SECTIONS=${SECTIONS:-tests bf16 demo sbs}
 PY=${PY:-python3}
-TOTAL_S=${TOTAL_S:-1200}; START=$(date +%s)
+TOTAL_S=${TOTAL_S:-540}; START=$(date +%s)
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/gpu_check_xla_cache}
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
@@ -54,10 +56,7 @@ side_by_side() {   # round r: ours, then the official code
   fi
 }
 
-
-side_by_side 1
-
-if [ "$TESTS_S" -gt 0 ]; then
+tests() {
   log "tests on the $($PY -c 'import jax; print(jax.default_backend())') backend"
   # -v: every test's outcome is on its own line as it ends, so a run cut by its limit still names
   # its failures
@@ -67,25 +66,34 @@ if [ "$TESTS_S" -gt 0 ]; then
       tests/test_distill_golden.py > "$OUT/tests.log" 2>&1
   echo "rc $?" >> "$OUT/tests.log"
   grep -E "FAILED|ERROR" "$OUT/tests.log" | head -n 60 | tee -a "$OUT/summary.txt"
-  echo "passed $(grep -c PASSED "$OUT/tests.log"), failed $(grep -c FAILED "$OUT/tests.log"), \
-skipped $(grep -c SKIPPED "$OUT/tests.log"); $(tail -n 1 "$OUT/tests.log")" | tee -a "$OUT/summary.txt"
-fi
+  local n_pass n_fail n_skip
+  n_pass=$(grep -c PASSED "$OUT/tests.log"); n_fail=$(grep -c FAILED "$OUT/tests.log")
+  n_skip=$(grep -c SKIPPED "$OUT/tests.log")
+  echo "passed $n_pass, failed $n_fail, skipped $n_skip; $(tail -n 1 "$OUT/tests.log")" | tee -a "$OUT/summary.txt"
+}
 
+bf16() {
+  log "damo_jax S@$IMG batch $BATCH bfloat16 compute (model.dtype)"
+  timeout "$(limit "$BF16_S")" $PY benchmarks/train_step.py --config s --img-size "$IMG" --batch "$BATCH" \
+      --steps "$STEPS" --num-gt 5 --compile-here --no-tune --dtype bfloat16 \
+      > "$OUT/ours_bf16.log" 2>&1
+  echo "rc $?" >> "$OUT/ours_bf16.log"
+  grep -E "^\||^\{|^compiled|^rc" "$OUT/ours_bf16.log" | tail -n 6 | tee -a "$OUT/summary.txt"
+}
 
-for r in $(seq 2 "$ROUNDS"); do side_by_side "$r"; done
-
-log "damo_jax S@$IMG batch $BATCH bfloat16 compute (model.dtype)"
-timeout "$(limit 180)" $PY benchmarks/train_step.py --config s --img-size "$IMG" --batch "$BATCH" \
-    --steps "$STEPS" --num-gt 5 --compile-here --no-tune --dtype bfloat16 \
-    > "$OUT/ours_bf16.log" 2>&1
-tail -n 3 "$OUT/ours_bf16.log" | tee -a "$OUT/summary.txt"
-
-if [ "$DEMO_S" -gt 0 ]; then
+demo() {
   log "README command 1 on the GPU: python -m damo_jax.train --config demo (limit ${DEMO_S}s)"
   rm -rf /tmp/gpu_demo
   timeout "$(limit "$DEMO_S")" $PY -m damo_jax.train --config demo --workdir /tmp/gpu_demo > "$OUT/demo.log" 2>&1
   echo "rc $?" >> "$OUT/demo.log"
   grep -iE "AP50|epoch|error" "$OUT/demo.log" | tail -n 30 | tee -a "$OUT/summary.txt"
   cp /tmp/gpu_demo/predictions.png "$OUT/" 2>/dev/null
-fi
+}
+
+sbs() { for r in $(seq 1 "$ROUNDS"); do side_by_side "$r"; done; }
+
+for section in $SECTIONS; do
+  if [ "$(limit 10)" -lt 10 ]; then log "no time left for $section"; continue; fi
+  "$section"
+done
 log "done"
