@@ -13,9 +13,9 @@ separate virtualenv with CPU torch (not damo_jax's), e.g.::
         --config t --img-size 640 --runs 30                                 # batch-1 deploy forward
 
 ``--device cuda`` (a CUDA torch in the venv) runs the same on a GPU, each timed step ending with
-``torch.cuda.synchronize()`` (``benchmarks/gpu_check.sh``). Run it alternately with ``benchmarks/train_step.py`` / ``benchmarks/model_latency.py`` (same
-sizes) and take per-round ratios: docs/BENCHMARKS.md "Side by side with the official code" has the
-commands and results. The last stdout line is one JSON object.
+``torch.cuda.synchronize()`` (``benchmarks/gpu_check.sh``). Run it alternately with
+``benchmarks/train_step.py`` / ``benchmarks/model_latency.py`` (same sizes) and take per-round
+ratios: docs/BENCHMARKS.md "Side by side with the official code" has the commands and results. The last stdout line is one JSON object.
 
 Checkout adjustments used for the 2026-12-03 measurements (no network there, so the checkout was
 assembled from stored copies of the repository's files): ``from .apis import *`` in
@@ -157,6 +157,12 @@ def make_targets(batch, img_size, num_gt, num_classes, gen):
     return targets
 
 
+def synchronizer(device):
+    """What a timed region calls before reading the clock: waits for the GPU's queued work."""
+    import torch
+    return torch.cuda.synchronize if device.startswith('cuda') else (lambda: None)
+
+
 def med(xs):
     return statistics.median(xs) if xs else float('nan')
 
@@ -184,7 +190,7 @@ def run_train(args, model, cfg):
                           generator=gen) * 255.0
         targets = make_targets(args.batch, args.img_size, args.num_gt, 80, gen)
         batches.append((imgs.to(args.device), [t.to(args.device) for t in targets]))
-    sync = torch.cuda.synchronize if args.device.startswith('cuda') else (lambda: None)
+    sync = synchronizer(args.device)
 
     step_t, fwd_t, bwd_t = [], [], []
     for it, (imgs, targets) in enumerate(batches):
@@ -248,7 +254,7 @@ def run_infer(args, model, cfg):
 
     gen = torch.Generator().manual_seed(args.seed)
     x = (torch.rand(1, 3, args.img_size, args.img_size, generator=gen) * 255.0).to(args.device)
-    sync = torch.cuda.synchronize if args.device.startswith('cuda') else (lambda: None)
+    sync = synchronizer(args.device)
     times = []
     with torch.no_grad():
         for i in range(args.warmup + args.runs):
