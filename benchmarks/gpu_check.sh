@@ -31,13 +31,16 @@ mkdir -p "$OUT"
 log() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$OUT/summary.txt"; }
 
 log "host: $(nproc) cores; $(nvidia-smi -L 2>/dev/null | head -1)"
-$PY - <<'EOF' 2>&1 | tee -a "$OUT/summary.txt"
+env_info=$($PY - <<'EOF' 2>&1
 import jax, flax, optax
 print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__,
       "backend", jax.default_backend(), jax.devices())
 from damo_jax.models.conv_grad import resolve_grad_impl
 print("model.grad_impl auto ->", resolve_grad_impl("auto"))
 EOF
+)
+echo "$env_info" | tee -a "$OUT/summary.txt"
+BACKEND=$(echo "$env_info" | sed -n 's/.* backend \([a-z]*\) .*/\1/p')
 
 side_by_side() {   # round r: ours, then the official code
   local r=$1
@@ -57,7 +60,7 @@ side_by_side() {   # round r: ours, then the official code
 }
 
 tests() {
-  log "tests on the $($PY -c 'import jax; print(jax.default_backend())') backend"
+  log "tests on the ${BACKEND:-unknown} backend"
   # -v: every test's outcome is on its own line as it ends, so a run cut by its limit still names
   # its failures
   timeout "$(limit "$TESTS_S")" $PY -m pytest -p no:cacheprovider -v -n 4 --dist loadfile -o addopts="" \
