@@ -26,7 +26,8 @@ backward = grad - fwd; optimizer + EMA + guard = full - grad. ``--grad-impls`` l
 products, ``damo_jax/models/cpu_ops.py``; ``auto``: dot on CPU); every combination is timed (rows
 are labelled ``grad_impl`` or ``grad_impl/pointwise_impl`` when several pointwise impls are given).
 The last stdout line is a one-line JSON summary; ``images_per_s`` is the full step of the first
-combination.
+combination, ``step_s`` that part's wall time of every timed round in order (warm-up trends and
+host-noise bursts show there, not in the median).
 
 Official anchor (../shared/reference/ANCHORS.md, PyTorch eager on this machine kind): S@320,
 batch 8, forward + assignment + loss + backward + SGD: 2.42 images/s (table, Intel AVX-512 host,
@@ -244,6 +245,7 @@ def main(argv=None) -> dict:
            "child_compile_s": None if child_s is None else round(child_s, 1),
            "images_per_s": round(ips, 2), "min_step_s": round(min(wall[key]), 4),
            "max_step_s": round(max(wall[key]), 4), "cpu_s_median": round(medc[key], 4),
+           "step_s": [round(v, 4) for v in wall[key]],
            "ratio_to_official_table": round(ips / OFFICIAL_TABLE_IMG_S, 2) if anchored else None,
            "ratio_to_official_side_by_side": ([round(ips / v, 2) for v in OFFICIAL_SIDE_BY_SIDE_IMG_S]
                                               if anchored else None),
