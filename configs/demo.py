@@ -49,6 +49,10 @@ procedure, 2026-12-04 16:16–16:22 UTC, nothing else running; first training lo
 
 **AP50 ≥ 0.5 after epoch 7, at 4.4 minutes** (0.495 at epoch 6; another CPU kind, another
 rounding, another trajectory; the whole command 5.7 min).
+Reproduced from a fresh clone of b812ff3 (same code path; same host, 2026-12-04 21:30–21:35 UTC,
+fresh virtualenv and compilation cache; minutes from the training command's start to each eval's
+TensorBoard record): the same AP50 to the last digit at 1.3 / 1.8 / 2.3 / 2.9 / 3.3 / 3.8 /
+**4.3** / 4.8 / 5.3 minutes (the whole command 5.4 min).
 
 The same host with 8dd8428 (1×1 convs as dot, cache-blocked kernel gradients; 15:08–15:19 UTC;
 minutes = the progress bar's elapsed time + 0.45 min, the bar starting 27 s after the command:
