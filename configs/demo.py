@@ -53,6 +53,9 @@ Reproduced from a fresh clone of b812ff3 (same code path; same host, 2026-12-04 
 fresh virtualenv and compilation cache; minutes from the training command's start to each eval's
 TensorBoard record): the same AP50 to the last digit at 1.3 / 1.8 / 2.3 / 2.9 / 3.3 / 3.8 /
 **4.3** / 4.8 / 5.3 minutes (the whole command 5.4 min).
+Again from a fresh clone of 3270adb (same code path; same host, 2026-12-04 22:41–22:47 UTC,
+same procedure, 64 s install): the same AP50 to the last digit at 1.2 / 1.7 / 2.2 / 2.6 / 3.1 /
+3.6 / **4.1** / 4.5 / 5.0 minutes (the whole training command 5.0 min).
 
 The same host with 8dd8428 (1×1 convs as dot, cache-blocked kernel gradients; 15:08–15:19 UTC;
 minutes = the progress bar's elapsed time + 0.45 min, the bar starting 27 s after the command:
