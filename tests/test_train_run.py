@@ -90,7 +90,7 @@ def test_run_writes_everything_a_user_expects(run_a):
 
 
 MULTIDEVICE_SCRIPT = r'''
-import json, sys
+import json, re, sys
 from damo_jax import runtime
 runtime.tune_cpu_runtime()                 # as the train CLI does (same XLA flags -> same cache keys)
 import jax, jax.numpy as jnp, numpy as np
@@ -165,6 +165,14 @@ out["params_moved"] = max(float(np.abs(np.asarray(x) - y).max()) for x, y in
                           zip(jax.tree.leaves(n1["params"]), jax.tree.leaves(state0["params"])))
 out["steps"] = [int(n1["step"]), int(n4["step"])]
 
+# the compiled 1-device step copies no donated conv kernel (params, momentum) before updating it
+# in place (XLA:CPU did, ~2 copies per kernel, while the non-finite guard was a per-leaf select)
+hlo = updates[1].lower(state0, train.shard_batch(batch, shardings(1)[1])).compile().as_text()
+entry = hlo[hlo.index("\nENTRY"):]
+kernels = set(re.findall(r"(%\S+) = f32\[\d+,\d+,\d+,\d+\]\{[\d,]+\} parameter\(", entry))
+out["kernel_params"] = len(kernels)
+out["kernel_copies"] = sum(m in kernels for m in re.findall(r" copy\((%[^)]+)\)", entry))
+
 # non-finite guard on 4 devices (same compiled step): NaN parameters -> finite False, state unchanged
 repl, dsh = shardings(4)
 bad_host = dict(n4, params=jax.tree.map(lambda x: x * np.nan, n4["params"]))
@@ -212,6 +220,7 @@ def test_one_step_on_4_devices_equals_1_device(run_a):
     for name in ("momentum", "batch_stats"):
         assert res[name]["update_l2_rel"] <= 5e-5, (name, res[name])
     assert res["nan_finite_flag"] is False and res["nan_state_kept"], res
+    assert res["kernel_params"] > 0 and res["kernel_copies"] == 0, res
 
 
 def _wait_for_line(proc, needle, timeout):

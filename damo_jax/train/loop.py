@@ -291,27 +291,39 @@ def make_update_fn(model, tx, lr_fn, cfg, *, teacher=None, align_tx=None, total_
         (total, (metrics, new_stats)), all_grads = jax.value_and_grad(loss_fn, has_aux=True)(
             trainable, state["batch_stats"], batch, step_rng, teacher_neck, kd_weight)
         grads = all_grads["params"]
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         lr = lr_fn(step)
-        params = jax.tree.map(lambda p, u: p + lr * u, state["params"], updates)
-        if tc.ema:
-            ema_params = optim.ema_update(state["ema_params"], params, step, tc.ema_decay, tc.ema_tau)
-            ema_stats = optim.ema_update(state["ema_batch_stats"], new_stats, step, tc.ema_decay, tc.ema_tau)
-        else:
-            ema_params, ema_stats = params, new_stats
-        new_state = {"params": params, "batch_stats": new_stats, "opt_state": opt_state,
-                     "ema_params": ema_params, "ema_batch_stats": ema_stats, "step": step + 1, "rng": rng}
         grad_norm = optax.tree.norm(grads)      # student only, before clipping (as clip_grad_norm_)
         finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
-        if teacher is not None:                   # align convs: own optimizer, same lr, no clip
-            a_updates, a_opt = align_tx.update(all_grads["align"], state["align_opt_state"],
-                                               state["align_params"])
-            new_state.update(align_params=jax.tree.map(lambda p, u: p + lr * u, state["align_params"],
-                                                       a_updates), align_opt_state=a_opt,
-                             teacher_params=state["teacher_params"],
-                             teacher_batch_stats=state["teacher_batch_stats"])
+        if teacher is not None:
             finite = finite & jnp.isfinite(optax.tree.norm(all_grads["align"]))
-        new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, state)
+
+        def apply(state):
+            """The state after a finite step: optimizer, EMA, step + 1, next rng."""
+            updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+            params = jax.tree.map(lambda p, u: p + lr * u, state["params"], updates)
+            if tc.ema:
+                ema_params = optim.ema_update(state["ema_params"], params, step, tc.ema_decay, tc.ema_tau)
+                ema_stats = optim.ema_update(state["ema_batch_stats"], new_stats, step, tc.ema_decay,
+                                             tc.ema_tau)
+            else:
+                ema_params, ema_stats = params, new_stats
+            new_state = {"params": params, "batch_stats": new_stats, "opt_state": opt_state,
+                         "ema_params": ema_params, "ema_batch_stats": ema_stats, "step": step + 1,
+                         "rng": rng}
+            if teacher is not None:               # align convs: own optimizer, same lr, no clip
+                a_updates, a_opt = align_tx.update(all_grads["align"], state["align_opt_state"],
+                                                   state["align_params"])
+                new_state.update(align_params=jax.tree.map(lambda p, u: p + lr * u, state["align_params"],
+                                                           a_updates), align_opt_state=a_opt,
+                                 teacher_params=state["teacher_params"],
+                                 teacher_batch_stats=state["teacher_batch_stats"])
+            return new_state
+
+        # A non-finite step keeps the whole state. A branch, not a per-leaf ``where(finite, new,
+        # old)``: behind the select XLA:CPU recomputed the optimizer arithmetic once per output
+        # (param, momentum, EMA) and copied every donated param and momentum buffer before
+        # updating it in place (872 copies in the S step; docs/bench_train.md §0p).
+        new_state = jax.lax.cond(finite, apply, lambda s: s, state)
         metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
         metrics.update(total_loss=total, lr=lr, grad_norm=grad_norm, finite=finite)
         return new_state, metrics
