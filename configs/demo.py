@@ -56,6 +56,16 @@ TensorBoard record): the same AP50 to the last digit at 1.3 / 1.8 / 2.3 / 2.9 / 
 Again from a fresh clone of 3270adb (same code path; same host, 2026-12-04 22:41–22:47 UTC,
 same procedure, 64 s install): the same AP50 to the last digit at 1.2 / 1.7 / 2.2 / 2.6 / 3.1 /
 3.6 / **4.1** / 4.5 / 5.0 minutes (the whole training command 5.0 min).
+From a fresh clone of 0adb32c (the non-finite guard as a branch: one step gives bit-identical
+parameters, momentum and EMA, but 57 of 23 472 BN running-statistics values round 1 ulp
+differently, so another trajectory; same host, 2026-12-05 00:32–00:38 UTC, same procedure, 64 s
+install):
+
+    epoch         1      2      3      4      5      6      7      8      9
+    AP50      0.024  0.070  0.254  0.326  0.449  0.507  0.569  0.612  0.623   (AP 0.455)
+    minutes     1.1    1.6    2.1    2.6    3.1    3.5    4.0    4.5    4.9
+
+**AP50 ≥ 0.5 after epoch 6, at 3.5 minutes** (the whole training command 5.0 min).
 
 The same host with 8dd8428 (1×1 convs as dot, cache-blocked kernel gradients; 15:08–15:19 UTC;
 minutes = the progress bar's elapsed time + 0.45 min, the bar starting 27 s after the command:
