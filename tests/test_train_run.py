@@ -200,7 +200,9 @@ def test_one_step_on_4_devices_equals_1_device(run_a):
     buffers) and the BN statistics updates (tensors whose true gradient is exactly 0, like a BN bias
     feeding another BN, get float-noise gradients of ~1e-12 that differ between reductions, so a
     per-tensor relative test of gradients is meaningless for them). Also the non-finite guard on 4
-    devices: NaN parameters → ``finite`` False and the returned state is the input state."""
+    devices: NaN parameters → ``finite`` False and the returned state is the input state. And the
+    compiled 1-device step copies no donated conv kernel before updating it in place (the guard
+    once made XLA:CPU copy every kernel and momentum buffer; docs/bench_train.md §0p)."""
     env = train_env()                       # 4 CPU devices, the XLA cache of the CLI test runs
     r = subprocess.run([sys.executable, "-c", MULTIDEVICE_SCRIPT, str(shared_dir() / "tiny.py")], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=900)
