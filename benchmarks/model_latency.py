@@ -8,7 +8,10 @@ Random (initialised) weights; the deploy variables come from ``reparam.fuse(...,
 5/9/13 max pools, the pre-2026-11-30 graph and what ONNX export traces; ``taps``: shifted-slice
 depthwise convs and separable SPP pools; ``auto``: taps on CPU, conv elsewhere); ``D/P`` also sets
 ``model.pointwise_impl`` to ``P`` (``conv``: 1x1 convs as convolutions, as exported; ``dot``: as
-matrix products; ``auto``: dot on CPU), e.g. ``--impls auto/conv auto/dot``. All variants of
+matrix products; ``auto``: dot on CPU), e.g. ``--impls auto/conv auto/dot``; ``D/P/X`` also sets
+``model.dense_impl`` to ``X`` (how the deploy graph's k x k dense convs run: ``conv``: XLA's op,
+as exported; ``onednn``: oneDNN's forward, ``models/onednn.py``; ``auto``: onednn in a one-device
+CPU process), e.g. ``--impls auto/auto/conv auto/auto/onednn``. All variants of
 one model are compiled first, warmed up 3 times, then timed **interleaved** (one call of each per
 round) so that load changes on a shared machine hit them alike. Reports the median / min / p90
 wall time, the median process CPU time per call (all threads; less sensitive to other processes
@@ -64,6 +67,13 @@ def time_interleaved(variants, images, runs):
                     cpu=statistics.median(cpu[k])) for k, w in wall.items()}
 
 
+def _split_impl(impl: str) -> tuple:
+    """``"D[/P[/X]]"`` -> (depthwise_impl, pointwise_impl or None, dense_impl or None)."""
+    parts = impl.split("/")
+    parts += [None] * (3 - len(parts))
+    return parts[0], parts[1] or None, parts[2] or None
+
+
 def bench(name, size, runs, graphs, impls, compiler_options=None):
     """Rows ``(graph label, impl, stats)`` for one model at ``size`` x ``size``."""
     images = jax.random.uniform(jax.random.PRNGKey(0), (1, size, size, 3), maxval=255.0)
@@ -72,8 +82,8 @@ def bench(name, size, runs, graphs, impls, compiler_options=None):
     variants, compile_s = {}, {}
     for graph in graphs:
         for impl in impls:
-            depthwise, _, pointwise = impl.partition("/")
-            cfg = with_depthwise_impl(name, depthwise, pointwise or None)
+            depthwise, pointwise, dense = _split_impl(impl)
+            cfg = with_depthwise_impl(name, depthwise, pointwise, dense)
             if graph == "train":
                 model, v = build_model(cfg), train_variables
             else:
@@ -91,7 +101,8 @@ def main(argv=None):
     ap.add_argument("--graphs", nargs="+", default=["train", "deploy"], choices=sorted(GRAPH_LABELS))
     ap.add_argument("--impls", nargs="+", default=["auto"],
                     help="model.depthwise_impl values to compare (auto, conv, taps), each optionally "
-                         "followed by /<model.pointwise_impl> (auto, conv, dot); default: auto")
+                         "followed by /<model.pointwise_impl> (auto, conv, dot) and "
+                         "/<model.dense_impl> (auto, conv, onednn); default: auto")
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--tuned", action="store_true",
                     help="damo_jax.runtime: tune_cpu_allocator() + cpu_compiler_options() on the jits")
@@ -106,10 +117,13 @@ def main(argv=None):
     load0 = os.getloadavg()[0]
     dev = jax.devices()[0]
     for impl in args.impls:
-        depthwise, _, pointwise = impl.partition("/")
-        if depthwise not in ("auto", "conv", "taps") or pointwise not in ("", "auto", "conv", "dot"):
-            ap.error(f"--impls: {impl!r} is not D or D/P with D in auto|conv|taps, P in auto|conv|dot")
-    lines = ["| model | input | graph | depthwise_impl[/pointwise_impl] | median ms | min ms | p90 ms | CPU ms/call | compile s |",
+        depthwise, pointwise, dense = _split_impl(impl)
+        if (impl.count("/") > 2 or depthwise not in ("auto", "conv", "taps")
+                or pointwise not in (None, "auto", "conv", "dot")
+                or dense not in (None, "auto", "conv", "onednn")):
+            ap.error(f"--impls: {impl!r} is not D, D/P or D/P/X with D in auto|conv|taps, "
+                     f"P in auto|conv|dot, X in auto|conv|onednn")
+    lines = ["| model | input | graph | depthwise_impl[/pointwise_impl[/dense_impl]] | median ms | min ms | p90 ms | CPU ms/call | compile s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for spec in args.models:
         name, size = spec.split(":")

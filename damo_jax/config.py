@@ -90,6 +90,7 @@ def model_config(
     c.model.depthwise_impl = "auto"  # depthwise convs + SPP pools: auto | conv | taps (models/cpu_ops.py)
     c.model.grad_impl = "auto"  # train-graph convs on CPU: auto | native | matmul | onednn (models/conv_grad.py)
     c.model.pointwise_impl = "auto"  # 1x1 convs: auto | conv | dot (matrix product; models/cpu_ops.py)
+    c.model.dense_impl = "auto"  # k x k convs of folded inference graphs: auto | conv | onednn (models/conv_grad.py)
 
     c.data = ml_collections.ConfigDict()
     c.data.train = "demo"          # dataset spec, see data_pipelines.open_dataset

@@ -94,7 +94,7 @@ def export_config(config):
     unroll depthwise convs into shifted-slice "taps", which would export as dozens of Mul/Add
     nodes instead of one ``Conv``, and write 1x1 convs as matrix products)."""
     from damo_jax.models import with_depthwise_impl
-    return with_depthwise_impl(config, "conv", "conv")
+    return with_depthwise_impl(config, "conv", "conv", "conv")
 
 
 def load_deploy_model(config=None, *, checkpoint=None, weights=None, image_size=None,

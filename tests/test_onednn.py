@@ -250,3 +250,51 @@ def test_full_model_gradient_matches_native(name):
     bad = [(jax.tree_util.keystr(p), rel_err(f, n)) for (p, n), f in zip(leaves_n, leaves_f)
            if rel_err(f, n) > RTOL]
     assert not bad, bad
+
+
+def test_resolve_dense_impl(monkeypatch):
+    """``model.dense_impl`` (folded inference graphs): oneDNN only on a one-device CPU process
+    with the library; XLA's op elsewhere; explicit ``onednn`` without the library is an error."""
+    from damo_jax.models.conv_grad import resolve_dense_impl
+    assert resolve_dense_impl("conv", "cpu") == "conv"
+    assert resolve_dense_impl("auto", "gpu") == "conv"
+    monkeypatch.setattr(jax, "device_count", lambda *a: 1)
+    assert resolve_dense_impl("auto", "cpu") == "onednn"
+    monkeypatch.setattr(jax, "device_count", lambda *a: 2)
+    assert resolve_dense_impl("auto", "cpu") == "conv"
+    monkeypatch.setattr(onednn, "available", lambda: False)
+    monkeypatch.setattr(jax, "device_count", lambda *a: 1)
+    assert resolve_dense_impl("auto", "cpu") == "conv"
+    with pytest.raises(ValueError, match="dense_impl='onednn'"):
+        resolve_dense_impl("onednn", "cpu")
+    with pytest.raises(ValueError, match="model.dense_impl must be one of"):
+        resolve_dense_impl("bogus", "cpu")
+
+
+@pytest.mark.parametrize("name", ["t", "ns"])
+def test_deploy_graph_dense_convs_in_onednn_match_native(name):
+    """The fully folded inference graph with its k x k dense convs in oneDNN (``dense_impl``
+    ``onednn``, the CPU default) against the same graph with XLA's convs: same scores and boxes
+    within float32 rounding; the oneDNN forward is really in the compiled graph, and the exporters'
+    config (``export.common.export_config``) keeps every conv XLA's own op (no custom call in an
+    exported graph)."""
+    from damo_jax.models import build_model, init_variables, with_depthwise_impl
+    from damo_jax.models.reparam import fuse
+    from export.common import export_config
+
+    variables = fuse(init_variables(build_model(name), jax.random.PRNGKey(0)), name, fuse_bn=True)
+    x = jax.random.uniform(jax.random.PRNGKey(1), (2, 96, 128, 3), maxval=255.0)
+    outs, hlos = {}, {}
+    for impl in ("conv", "onednn"):
+        m = build_model(with_depthwise_impl(name, "auto", None, impl), deploy=True)
+        f = jax.jit(lambda v, x_, m=m: m.apply(v, x_))
+        hlos[impl] = f.lower(variables, x).compile().as_text()
+        outs[impl] = f(variables, x)
+    assert "damo_jax_onednn_conv_fwd" in hlos["onednn"]
+    assert "damo_jax_onednn" not in hlos["conv"]
+    for key in ("scores", "boxes"):
+        a, b = np.asarray(outs["onednn"][key]), np.asarray(outs["conv"][key])
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.abs(b).max()))
+    exp = build_model(export_config(name), deploy=True)
+    hlo = jax.jit(lambda v, x_: exp.apply(v, x_)).lower(variables, x).as_text()
+    assert "damo_jax_onednn" not in hlo and "custom_call" not in hlo

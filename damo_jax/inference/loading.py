@@ -148,7 +148,7 @@ def _prepare(cfg, overrides, export: bool):
         apply_overrides(cfg, overrides)
     if export:
         from damo_jax.models import with_depthwise_impl
-        cfg = with_depthwise_impl(cfg, "conv", "conv")
+        cfg = with_depthwise_impl(cfg, "conv", "conv", "conv")
     return validate_config(cfg, where=f"config {cfg.model.get('name', '?')!r}")
 
 

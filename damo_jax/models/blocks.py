@@ -19,7 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from damo_jax.models.conv_grad import GRAD_IMPLS, make_conv_general_dilated, resolve_grad_impl
+from damo_jax.models.conv_grad import (DENSE_IMPLS, GRAD_IMPLS, make_conv_general_dilated,
+                                      resolve_dense_impl, resolve_grad_impl)
 from damo_jax.models.cpu_ops import (DEPTHWISE_IMPLS, POINTWISE_IMPLS, check_impl,
                                      depthwise_conv_taps, pointwise_conv_dot, resolve_depthwise_impl,
                                      resolve_pointwise_impl, spp_max_pools)
@@ -31,7 +32,9 @@ class Opts:
     formulation of depthwise convs and SPP pools (``"auto"``/``"conv"``/``"taps"``) and of 1x1
     convs (``"auto"``/``"conv"``/``"dot"``, both ``models/cpu_ops.py``) and of the conv gradients
     (``"auto"``/``"native"``/``"matmul"``/``"onednn"``, ``models/conv_grad.py``; train graphs
-    only). Unknown values are ``ConfigError``s (``cpu_ops.check_impl``)."""
+    only) and of the dense k x k convs of folded inference graphs (``"auto"``/``"conv"``/
+    ``"onednn"``, ``conv_grad.resolve_dense_impl``). Unknown values are ``ConfigError``s
+    (``cpu_ops.check_impl``)."""
     deploy: Any = False
     dtype: str = "float32"
     bn_epsilon: float = 1e-3
@@ -39,6 +42,7 @@ class Opts:
     depthwise_impl: str = "auto"
     grad_impl: str = "auto"
     pointwise_impl: str = "auto"
+    dense_impl: str = "auto"
 
     def __post_init__(self):
         mode = self.deploy
@@ -51,6 +55,7 @@ class Opts:
         check_impl("depthwise_impl", self.depthwise_impl, DEPTHWISE_IMPLS)
         check_impl("pointwise_impl", self.pointwise_impl, POINTWISE_IMPLS)
         check_impl("grad_impl", self.grad_impl, GRAD_IMPLS)
+        check_impl("dense_impl", self.dense_impl, DENSE_IMPLS)
 
     @property
     def fuse_bn(self) -> bool:
@@ -113,7 +118,9 @@ def conv(x, features: int, kernel: int, *, name: str, opts: Opts, stride: int = 
     trace time, 1x1 convs as ``opts.pointwise_impl`` resolves (same parameters either way). In train graphs (``deploy=False``) the gradients
     come from ``models/conv_grad.py`` when ``opts.grad_impl`` resolves to ``"matmul"`` (same
     forward op and outputs), or dense and depthwise convs run in oneDNN when it resolves to ``"onednn"``
-    (``models/onednn.py``); folded deploy graphs always use the native op."""
+    (``models/onednn.py``). Folded inference graphs (``deploy`` ``True`` / ``"reparam"``) never
+    differentiate: their dense k x k convs (k > 1) run in oneDNN when ``opts.dense_impl`` resolves
+    to ``"onednn"`` (the CPU default), every other conv as the native op / ``*_impl`` form."""
     pad = (kernel - 1) // 2
     fan_in = (x.shape[-1] // groups) * kernel * kernel
     depthwise = groups > 1 and groups == x.shape[-1] == features
@@ -124,6 +131,9 @@ def conv(x, features: int, kernel: int, *, name: str, opts: Opts, stride: int = 
     if grad_impl in ("matmul", "onednn"):
         conv_fn = make_conv_general_dilated(taps=taps, pointwise=pointwise,
                                             onednn_convs=grad_impl == "onednn")
+    elif (opts.deploy is not False and groups == 1 and kernel > 1
+          and resolve_dense_impl(opts.dense_impl) == "onednn"):
+        conv_fn = make_conv_general_dilated(taps=False, onednn_convs=True)
     else:
         conv_fn = (depthwise_conv_taps if taps else pointwise_conv_dot if pointwise else None)
     return nn.Conv(

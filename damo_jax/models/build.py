@@ -14,7 +14,8 @@ from damo_jax.models.backbone_csp import TinyNASCSP
 from damo_jax.models.backbone_mob import TinyNASMob
 from damo_jax.models.backbone_res import TinyNASRes
 from damo_jax.models.blocks import Opts
-from damo_jax.models.cpu_ops import resolve_depthwise_impl, resolve_pointwise_impl
+from damo_jax.models.conv_grad import DENSE_IMPLS
+from damo_jax.models.cpu_ops import check_impl, resolve_depthwise_impl, resolve_pointwise_impl
 from damo_jax.models.head import ZeroHead
 from damo_jax.models.neck import GiraffeNeckV2
 from damo_jax.models.structures import load_structure
@@ -106,7 +107,9 @@ def build_model(config_or_name, deploy=False) -> DamoYolo:
     how the train graph's convs and their gradients are computed (``models/conv_grad.py``;
     ``"auto"`` on CPU = dense convs in oneDNN when it loads in a one-device process, else
     matmul-shaped kernel gradients); it changes no parameter, and forward outputs only by float32
-    rounding (oneDNN sums in another order).
+    rounding (oneDNN sums in another order). ``cfg.model.dense_impl`` (``"auto"``, ``"conv"``,
+    ``"onednn"``) how the folded graphs' dense k x k convs run (``"auto"`` = oneDNN in a one-device
+    CPU process; exporters use ``"conv"``).
     """
     cfg = load_config(config_or_name)
     m = cfg.model
@@ -115,7 +118,8 @@ def build_model(config_or_name, deploy=False) -> DamoYolo:
                 bn_momentum=float(_get(m, "bn_momentum", 0.97)),
                 depthwise_impl=str(_get(m, "depthwise_impl", "auto")),
                 grad_impl=str(_get(m, "grad_impl", "auto")),
-                pointwise_impl=str(_get(m, "pointwise_impl", "auto")))
+                pointwise_impl=str(_get(m, "pointwise_impl", "auto")),
+                dense_impl=str(_get(m, "dense_impl", "auto")))
     return DamoYolo(backbone=build_backbone(m.backbone, opts), neck=build_neck(m.neck, opts),
                     head=build_head(m.head, opts), dtype=opts.dtype)
 
@@ -137,17 +141,21 @@ def init_variables(model: nn.Module, key, input_shape=(1, 64, 64, 3)) -> dict:
     return dict(lowered.compile(compiler_options=options)(key, images))
 
 
-def with_depthwise_impl(config_or_name, impl: str, pointwise_impl: str | None = None):
+def with_depthwise_impl(config_or_name, impl: str, pointwise_impl: str | None = None,
+                        dense_impl: str | None = None):
     """A copy of the config with ``model.depthwise_impl = impl`` (``"auto"``/``"conv"``/``"taps"``)
-    and, when given, ``model.pointwise_impl = pointwise_impl`` (``"auto"``/``"conv"``/``"dot"``).
+    and, when given, ``model.pointwise_impl = pointwise_impl`` (``"auto"``/``"conv"``/``"dot"``)
+    and ``model.dense_impl = dense_impl`` (``"auto"``/``"conv"``/``"onednn"``).
 
-    Exporters call ``with_depthwise_impl(cfg, "conv", "conv")`` so that every depthwise conv is
-    traced as one grouped convolution and every 1x1 conv as a convolution (one ONNX ``Conv``
-    node each) whatever the tracing backend.
+    Exporters call ``with_depthwise_impl(cfg, "conv", "conv", "conv")`` so that every depthwise
+    conv is traced as one grouped convolution, every 1x1 conv as a convolution and every k x k conv
+    as XLA's op (one ONNX ``Conv`` node each, no oneDNN custom call) whatever the tracing backend.
     """
     resolve_depthwise_impl(impl)  # validates the names
     if pointwise_impl is not None:
         resolve_pointwise_impl(pointwise_impl)
+    if dense_impl is not None:
+        check_impl("dense_impl", dense_impl, DENSE_IMPLS)
     cfg = load_config(config_or_name)
     cfg = (ml_collections.ConfigDict(cfg) if isinstance(cfg, ml_collections.FrozenConfigDict)
            else copy.deepcopy(cfg))
@@ -155,4 +163,6 @@ def with_depthwise_impl(config_or_name, impl: str, pointwise_impl: str | None = 
         cfg.model.depthwise_impl = impl
         if pointwise_impl is not None:
             cfg.model.pointwise_impl = pointwise_impl
+        if dense_impl is not None:
+            cfg.model.dense_impl = dense_impl
     return cfg

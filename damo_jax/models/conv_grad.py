@@ -56,6 +56,7 @@ from damo_jax.models.cpu_ops import (_NHWC_DIMS, _is_unit, check_impl, depthwise
                                      pointwise_conv_dot)
 
 GRAD_IMPLS = ("auto", "native", "matmul", "onednn")
+DENSE_IMPLS = ("auto", "conv", "onednn")
 
 
 def resolve_grad_impl(impl: str, backend: str | None = None) -> str:
@@ -77,6 +78,25 @@ def resolve_grad_impl(impl: str, backend: str | None = None) -> str:
     if (backend or jax.default_backend()) != "cpu":
         return "native"
     return "onednn" if (jax.device_count() == 1 and onednn.available()) else "matmul"
+
+
+def resolve_dense_impl(impl: str, backend: str | None = None) -> str:
+    """``"auto"`` / ``"conv"`` / ``"onednn"`` -> ``"conv"`` or ``"onednn"``: how the dense k x k
+    convs (``groups == 1``, ``k > 1``) of a folded inference graph (``deploy=True`` / ``"reparam"``)
+    run. ``"auto"``: ``"onednn"`` on a one-device CPU process where ``libdnnl.so.3`` loads (the
+    kernels official PyTorch runs on CPU, on AVX2 and AVX-512 hosts alike), else ``"conv"`` (XLA's
+    op; exporters always use ``"conv"``). Unknown values, and ``"onednn"`` asked for explicitly but
+    unavailable, raise ``ConfigError``."""
+    check_impl("dense_impl", impl, DENSE_IMPLS)
+    if impl == "onednn":
+        if not onednn.available():
+            raise ConfigError(f"model.dense_impl='onednn': {onednn.unavailable_reason()}")
+        return impl
+    if impl != "auto":
+        return impl
+    if (backend or jax.default_backend()) != "cpu":
+        return "conv"
+    return "onednn" if (jax.device_count() == 1 and onednn.available()) else "conv"
 
 
 # ----------------------------------------------------------------------------- forward (primal)
