@@ -148,15 +148,18 @@ def test_resolve_grad_impl_and_validation():
     assert load_config("s").model.grad_impl == "auto"
 
 
-def _model(name, grad_impl, deploy=False, pointwise_impl="auto"):
+def _model(name, grad_impl, deploy=False, pointwise_impl="auto", dense_impl="auto"):
     cfg = load_config(name)
     cfg.model.grad_impl = grad_impl
     cfg.model.pointwise_impl = pointwise_impl
+    cfg.model.dense_impl = dense_impl
     return build_model(cfg, deploy=deploy)
 
 
 def test_deploy_graph_and_native_have_no_custom_vjp():
-    """Export traces the folded deploy graph: never a custom VJP there, whatever grad_impl."""
+    """Export traces the folded deploy graph (with ``dense_impl = "conv"``, as the exporters set
+    it): never a custom VJP there, whatever grad_impl. (With the CPU default ``dense_impl`` the
+    library's own deploy forward runs its k x k convs in oneDNN: tests/test_onednn.py.)"""
     x = jnp.zeros((1, 64, 64, 3))
     train_m = _model("ns", "matmul")
     v = init_variables(train_m, jax.random.PRNGKey(0))
@@ -165,7 +168,7 @@ def test_deploy_graph_and_native_have_no_custom_vjp():
         lambda v, x: _model("ns", "native").apply(v, x)["scores"])(v, x))
     from damo_jax.models.reparam import fuse
     fused = fuse(v, "ns", fuse_bn=True)
-    deploy_m = _model("ns", "matmul", deploy=True)
+    deploy_m = _model("ns", "matmul", deploy=True, dense_impl="conv")
     assert "custom_vjp" not in str(jax.make_jaxpr(lambda v, x: deploy_m.apply(v, x)["scores"])(fused, x))
 
 
