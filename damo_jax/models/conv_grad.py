@@ -39,8 +39,11 @@ forward speed on XLA:CPU). 1x1 convs whose forward is a matrix product (``model.
 * ``"auto"`` — on CPU ``"onednn"`` when ``libdnnl.so.3`` loads and the process sees one device,
   else ``"matmul"``; ``"native"`` on GPU/TPU (they keep XLA's native gradients).
 
-Only train graphs use them: folded deploy graphs (``deploy=True`` / ``"reparam"``, what export
-traces) always use the native op, so exported graphs never contain the custom VJP or a oneDNN call.
+Only train graphs use them. Folded deploy graphs (``deploy=True`` / ``"reparam"``) never take
+gradients: their dense k x k convs run in oneDNN's forward when ``model.dense_impl`` resolves to
+``"onednn"`` (:func:`resolve_dense_impl`; the one-device CPU default), every other conv as the
+native op; exporters set ``dense_impl = "conv"``, so exported graphs never contain the custom VJP
+or a oneDNN call.
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ On GPU/TPU the native ops are the fast form and exporters want one grouped ``Con
 node each, so the formulation is selectable (``Opts.depthwise_impl``, config ``model.depthwise_impl``):
 
 * ``"conv"`` — native ops: ``lax.conv_general_dilated`` with groups, ``nn.max_pool`` 5/9/13
-  (what ONNX export must use: ``damo_jax.models.with_depthwise_impl(cfg, "conv")``);
+  (what ONNX export must use: ``damo_jax.models.with_depthwise_impl(cfg, "conv", "conv", "conv")``);
 * ``"taps"`` — :func:`depthwise_conv_taps` and :func:`spp_max_pools` with ``separable=True``;
 * ``"auto"`` — ``"taps"`` when the default backend at trace time is CPU, else ``"conv"``.
 

@@ -1,4 +1,5 @@
-"""oneDNN convolutions for XLA:CPU train graphs (``model.grad_impl = "onednn"``).
+"""oneDNN convolutions for XLA:CPU train graphs (``model.grad_impl = "onednn"``) and for the dense
+k x k convs of folded inference graphs (``model.dense_impl = "onednn"``).
 
 XLA:CPU (jax 0.10.2) runs a dense 3x3 convolution's forward, input gradient and kernel gradient at
 about half the speed of oneDNN, the library PyTorch uses on CPU (measured per shape on an AMD EPYC
@@ -16,8 +17,9 @@ Scope and contract:
   (``groups == 1``) or depthwise (groups == input == output channels, kernel (kh, kw, 1, C)), any
   kernel size and stride (:func:`supported`). The same function as ``lax.conv_general_dilated``
   up to float32 summation order (relative difference ~1e-6; tests/test_onednn.py).
-* Train graphs on a single-device CPU process only (``conv_grad.resolve_grad_impl``): the custom
-  call has no partitioning rule for a ``Mesh``, and exported / deploy graphs never use it.
+* Single-device CPU processes only (``conv_grad.resolve_grad_impl`` / ``resolve_dense_impl``): the
+  custom call has no partitioning rule for a ``Mesh``; exported graphs never use it (exporters set
+  ``dense_impl = "conv"``).
 * All oneDNN calls are serialised by one lock (oneDNN itself uses all cores through OpenMP).
   Primitives are created once per shape and cached. Results are deterministic for a fixed
   ``OMP_NUM_THREADS``.
