@@ -62,25 +62,33 @@ GRAD_IMPLS = ("auto", "native", "matmul", "onednn")
 DENSE_IMPLS = ("auto", "conv", "onednn")
 
 
+def _resolve_onednn(key: str, impl: str, choices: tuple, elsewhere: str, cpu_fallback: str,
+                    backend: str | None) -> str:
+    """Shared rule of the ``model.*_impl`` keys with a oneDNN choice: explicit values as given
+    (``"onednn"`` only when the library loads, else ``ConfigError`` with the reason); ``"auto"`` ->
+    ``elsewhere`` off CPU, ``"onednn"`` in a one-device CPU process where it loads (the FFI custom
+    call has no partitioning rule for a mesh), else ``cpu_fallback``."""
+    check_impl(key, impl, choices)
+    if impl == "onednn":
+        if not onednn.available():
+            raise ConfigError(f"model.{key}='onednn': {onednn.unavailable_reason()}")
+        return impl
+    if impl != "auto":
+        return impl
+    if (backend or jax.default_backend()) != "cpu":
+        return elsewhere
+    return "onednn" if (jax.device_count() == 1 and onednn.available()) else cpu_fallback
+
+
 def resolve_grad_impl(impl: str, backend: str | None = None) -> str:
     """``"auto"`` / ``"native"`` / ``"matmul"`` / ``"onednn"`` -> the one that runs (``backend``
     defaults to ``jax.default_backend()``, read when the model is traced).
 
     ``"auto"``: ``"native"`` off CPU; on CPU ``"onednn"`` when ``libdnnl.so.3`` loads and the
-    process sees one device (the FFI custom call has no partitioning rule for a mesh), else
-    ``"matmul"``.
+    process sees one device, else ``"matmul"``.
     Unknown values, and ``"onednn"`` asked for explicitly but unavailable, raise ``ConfigError``
     (a ``ValueError``) with the reason."""
-    check_impl("grad_impl", impl, GRAD_IMPLS)
-    if impl == "onednn":
-        if not onednn.available():
-            raise ConfigError(f"model.grad_impl='onednn': {onednn.unavailable_reason()}")
-        return impl
-    if impl != "auto":
-        return impl
-    if (backend or jax.default_backend()) != "cpu":
-        return "native"
-    return "onednn" if (jax.device_count() == 1 and onednn.available()) else "matmul"
+    return _resolve_onednn("grad_impl", impl, GRAD_IMPLS, "native", "matmul", backend)
 
 
 def resolve_dense_impl(impl: str, backend: str | None = None) -> str:
@@ -90,16 +98,7 @@ def resolve_dense_impl(impl: str, backend: str | None = None) -> str:
     kernels official PyTorch runs on CPU, on AVX2 and AVX-512 hosts alike), else ``"conv"`` (XLA's
     op; exporters always use ``"conv"``). Unknown values, and ``"onednn"`` asked for explicitly but
     unavailable, raise ``ConfigError``."""
-    check_impl("dense_impl", impl, DENSE_IMPLS)
-    if impl == "onednn":
-        if not onednn.available():
-            raise ConfigError(f"model.dense_impl='onednn': {onednn.unavailable_reason()}")
-        return impl
-    if impl != "auto":
-        return impl
-    if (backend or jax.default_backend()) != "cpu":
-        return "conv"
-    return "onednn" if (jax.device_count() == 1 and onednn.available()) else "conv"
+    return _resolve_onednn("dense_impl", impl, DENSE_IMPLS, "conv", "conv", backend)
 
 
 # ----------------------------------------------------------------------------- forward (primal)
