@@ -19,7 +19,7 @@ import pytest
 from jax import lax
 
 from damo_jax.models import onednn
-from damo_jax.models.conv_grad import make_conv_general_dilated, resolve_grad_impl
+from damo_jax.models.conv_grad import make_conv_general_dilated
 from damo_jax.models.cpu_ops import _NHWC_DIMS
 
 pytestmark = pytest.mark.skipif(
@@ -197,18 +197,28 @@ def test_repeated_runs_are_bit_identical():
         np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
 
 
-def test_resolve(monkeypatch):
-    assert resolve_grad_impl("onednn", "cpu") == "onednn"
-    assert resolve_grad_impl("auto", "gpu") == "native"
+@pytest.mark.parametrize("key, elsewhere, cpu_fallback", [("grad_impl", "native", "matmul"),
+                                                          ("dense_impl", "conv", "conv")])
+def test_resolve(monkeypatch, key, elsewhere, cpu_fallback):
+    """``model.grad_impl`` (train graphs) and ``model.dense_impl`` (folded inference graphs):
+    oneDNN only in a one-device CPU process with the library; explicit ``onednn`` without it, and
+    unknown values, are errors."""
+    from damo_jax.models import conv_grad
+    resolve = getattr(conv_grad, f"resolve_{key}")
+    assert resolve("onednn", "cpu") == "onednn"
+    assert resolve(cpu_fallback, "cpu") == cpu_fallback
+    assert resolve("auto", "gpu") == elsewhere
     monkeypatch.setattr(jax, "device_count", lambda *a: 1)
-    assert resolve_grad_impl("auto", "cpu") == "onednn"
+    assert resolve("auto", "cpu") == "onednn"
     monkeypatch.setattr(jax, "device_count", lambda *a: 2)   # a mesh: host work can't be split
-    assert resolve_grad_impl("auto", "cpu") == "matmul"
+    assert resolve("auto", "cpu") == cpu_fallback
     monkeypatch.setattr(onednn, "available", lambda: False)
     monkeypatch.setattr(jax, "device_count", lambda *a: 1)
-    assert resolve_grad_impl("auto", "cpu") == "matmul"
-    with pytest.raises(ValueError, match="grad_impl='onednn'"):
-        resolve_grad_impl("onednn", "cpu")
+    assert resolve("auto", "cpu") == cpu_fallback
+    with pytest.raises(ValueError, match=f"{key}='onednn'"):
+        resolve("onednn", "cpu")
+    with pytest.raises(ValueError, match=f"model.{key} must be one of"):
+        resolve("bogus", "cpu")
 
 
 @pytest.mark.parametrize("name", ["t", "s", "ns"])
@@ -250,25 +260,6 @@ def test_full_model_gradient_matches_native(name):
     bad = [(jax.tree_util.keystr(p), rel_err(f, n)) for (p, n), f in zip(leaves_n, leaves_f)
            if rel_err(f, n) > RTOL]
     assert not bad, bad
-
-
-def test_resolve_dense_impl(monkeypatch):
-    """``model.dense_impl`` (folded inference graphs): oneDNN only on a one-device CPU process
-    with the library; XLA's op elsewhere; explicit ``onednn`` without the library is an error."""
-    from damo_jax.models.conv_grad import resolve_dense_impl
-    assert resolve_dense_impl("conv", "cpu") == "conv"
-    assert resolve_dense_impl("auto", "gpu") == "conv"
-    monkeypatch.setattr(jax, "device_count", lambda *a: 1)
-    assert resolve_dense_impl("auto", "cpu") == "onednn"
-    monkeypatch.setattr(jax, "device_count", lambda *a: 2)
-    assert resolve_dense_impl("auto", "cpu") == "conv"
-    monkeypatch.setattr(onednn, "available", lambda: False)
-    monkeypatch.setattr(jax, "device_count", lambda *a: 1)
-    assert resolve_dense_impl("auto", "cpu") == "conv"
-    with pytest.raises(ValueError, match="dense_impl='onednn'"):
-        resolve_dense_impl("onednn", "cpu")
-    with pytest.raises(ValueError, match="model.dense_impl must be one of"):
-        resolve_dense_impl("bogus", "cpu")
 
 
 @pytest.mark.parametrize("name", ["t", "ns"])
