@@ -5,7 +5,7 @@
 For every model: random official-init weights (latency does not depend on the values), fused
 deploy graph, then
 * JAX ``jit`` of the library's deploy model (XLA CPU; XLA's own thread pool over all cores in
-  every row; the config's default depthwise formulation),
+  every row; the config's default depthwise formulation; 3x3 convs in oneDNN on a one-device CPU),
 * onnxruntime on the jax2onnx file as converted (literal), on the cleaned jax2onnx file (the
   default export) and on the TFLite-route file (``--skip-tf`` to leave it out),
 * OpenVINO on the IR with FP32 weights and with FP16 weights (both compiled with
@@ -73,7 +73,8 @@ def ov_runner(path, threads, precision):
 
 def jax_runner(dm, name):
     """The library's own JAX path: the deploy model built from the unmodified config (its default
-    depthwise formulation, unlike the export trace which forces grouped convs)."""
+    depthwise / 1x1 formulations and, on a one-device CPU, its 3x3 convs in oneDNN
+    (``model.dense_impl``), unlike the export trace, which forces XLA's grouped / plain convs)."""
     import dataclasses
 
     import jax
