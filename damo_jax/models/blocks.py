@@ -119,8 +119,9 @@ def conv(x, features: int, kernel: int, *, name: str, opts: Opts, stride: int = 
     come from ``models/conv_grad.py`` when ``opts.grad_impl`` resolves to ``"matmul"`` (same
     forward op and outputs), or dense and depthwise convs run in oneDNN when it resolves to ``"onednn"``
     (``models/onednn.py``). Folded inference graphs (``deploy`` ``True`` / ``"reparam"``) never
-    differentiate: their dense k x k convs (k > 1) run in oneDNN when ``opts.dense_impl`` resolves
-    to ``"onednn"`` (the CPU default), every other conv as the native op / ``*_impl`` form."""
+    differentiate: their float32 dense k x k convs (k > 1) run in oneDNN when ``opts.dense_impl``
+    resolves to ``"onednn"`` (the CPU default), every other conv as the native op / ``*_impl``
+    form."""
     pad = (kernel - 1) // 2
     fan_in = (x.shape[-1] // groups) * kernel * kernel
     depthwise = groups > 1 and groups == x.shape[-1] == features
@@ -132,7 +133,7 @@ def conv(x, features: int, kernel: int, *, name: str, opts: Opts, stride: int = 
         conv_fn = make_conv_general_dilated(taps=taps, pointwise=pointwise,
                                             onednn_convs=grad_impl == "onednn")
     elif (opts.deploy is not False and groups == 1 and kernel > 1
-          and resolve_dense_impl(opts.dense_impl) == "onednn"):
+          and opts.compute_dtype == jnp.float32 and resolve_dense_impl(opts.dense_impl) == "onednn"):
         conv_fn = make_conv_general_dilated(taps=False, onednn_convs=True)
     else:
         conv_fn = (depthwise_conv_taps if taps else pointwise_conv_dot if pointwise else None)
