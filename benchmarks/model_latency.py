@@ -33,6 +33,8 @@ import jax
 import numpy as np
 
 from damo_jax.models import build_model, init_variables, with_depthwise_impl
+from damo_jax.models.conv_grad import DENSE_IMPLS
+from damo_jax.models.cpu_ops import DEPTHWISE_IMPLS, POINTWISE_IMPLS
 from damo_jax.models.reparam import fuse
 from damo_jax.runtime import cpu_compiler_options, tune_cpu_allocator
 
@@ -118,11 +120,10 @@ def main(argv=None):
     dev = jax.devices()[0]
     for impl in args.impls:
         depthwise, pointwise, dense = _split_impl(impl)
-        if (impl.count("/") > 2 or depthwise not in ("auto", "conv", "taps")
-                or pointwise not in (None, "auto", "conv", "dot")
-                or dense not in (None, "auto", "conv", "onednn")):
-            ap.error(f"--impls: {impl!r} is not D, D/P or D/P/X with D in auto|conv|taps, "
-                     f"P in auto|conv|dot, X in auto|conv|onednn")
+        if (impl.count("/") > 2 or depthwise not in DEPTHWISE_IMPLS
+                or pointwise not in (None, *POINTWISE_IMPLS) or dense not in (None, *DENSE_IMPLS)):
+            ap.error(f"--impls: {impl!r} is not D, D/P or D/P/X with D in {'|'.join(DEPTHWISE_IMPLS)}, "
+                     f"P in {'|'.join(POINTWISE_IMPLS)}, X in {'|'.join(DENSE_IMPLS)}")
     lines = ["| model | input | graph | depthwise_impl[/pointwise_impl[/dense_impl]] | median ms | min ms | p90 ms | CPU ms/call | compile s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for spec in args.models:
