@@ -6,10 +6,16 @@ about half the speed of oneDNN, the library PyTorch uses on CPU (measured per sh
 Zen 4, batch 8, 64->64 at 80x80: XLA 36 / 31 / 47-52 ms, oneDNN 17.5 / 17.4 / 27 ms;
 docs/bench_train.md). This module runs those three ops through oneDNN's C API (``libdnnl.so.3``
 from the ``onednn-cpu-gomp`` wheel, loaded with ``ctypes``; no build step) and exposes them to JAX
-as XLA FFI custom calls (a typed FFI handler written with ``ctypes``: XLA hands over its own
-buffers, no copies, and the compiled step can be stored in the persistent compilation cache)
-inside a ``jax.custom_vjp`` (:func:`conv`). When an input needs no gradient (the image into the
-stem), only the kernel gradient is computed.
+as XLA FFI custom calls (XLA hands over its own buffers, no copies, and the compiled step can be
+stored in the persistent compilation cache) inside a ``jax.custom_vjp`` (:func:`conv`). When an
+input needs no gradient (the image into the stem), only the kernel gradient is computed.
+
+Handlers: the native one (``onednn_ffi.c``, compiled on first use by :mod:`onednn_native` with the
+system C compiler) runs each call without Python; Python only builds a conv shape's primitives the
+first time it is met. Without a C compiler the typed FFI handler written with ``ctypes`` below
+takes over (a warning says so): it runs Python per call and so needs the GIL, and any Python
+thread running beside the model then slows every conv call (an S@320 step 0.8 -> 7.2 s beside one
+busy thread, docs/bench_train.md §0r). ``DAMO_JAX_ONEDNN_HANDLER=auto|native|python`` chooses.
 
 Scope and contract:
 
@@ -20,7 +26,8 @@ Scope and contract:
 * Single-device CPU processes only (``conv_grad.resolve_grad_impl`` / ``resolve_dense_impl``): the
   custom call has no partitioning rule for a ``Mesh``; exported graphs never use it (exporters set
   ``dense_impl = "conv"``).
-* All oneDNN calls are serialised by one lock (oneDNN itself uses all cores through OpenMP).
+* All oneDNN calls are serialised by one lock (the native handler's mutex once it is loaded;
+  oneDNN itself uses all cores through OpenMP).
   Primitives are created once per shape and cached. Results are deterministic for a fixed
   ``OMP_NUM_THREADS``.
 
@@ -31,6 +38,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 import os
 import sys
 import threading
@@ -64,8 +72,9 @@ class _Version(ctypes.Structure):
     _fields_ = [("major", c_int), ("minor", c_int), ("patch", c_int)]
 
 
-_LOCK = threading.Lock()
+_LOCK = threading.Lock()        # library loading
 _STATE: dict = {}
+log = logging.getLogger(__name__)
 
 
 def _candidate_paths():
@@ -222,9 +231,19 @@ def _conv_pds(lib, engine, x_shape, w_shape, strides, padding):
     return {"fwd": fwd_pd, "bwd_data": bwd_d_pd, "bwd_weights": bwd_w_pd}, (n, ho, wo, d)
 
 
+class _Plan(ctypes.Structure):
+    """One conv shape's primitives as the native handler reads them (``plan_t`` in
+    ``onednn_ffi.c``, same field order)."""
+    _fields_ = [("y_dims", c_int64 * 4)] + [(n, c_void_p) for n in (
+        "to_fwd", "fwd", "to_bwd", "bwd_data", "bwd_weights", "from_dw",
+        "md_w_user", "md_src", "md_dst", "md_diff_dst_d", "md_diff_src", "md_src_w", "md_diff_dst_w",
+        "w_fwd", "w_bwd", "dw_int")]
+
+
 class _ConvPrimitives:
     """Forward, backward-data and backward-weights primitives of one conv shape, plus the kernel
-    reorders (HWIO <-> oneDNN's chosen layout) and oneDNN-owned kernel buffers."""
+    reorders (HWIO <-> oneDNN's chosen layout) and oneDNN-owned kernel buffers; ``plan`` holds
+    the same handles for the native handler."""
 
     def __init__(self, x_shape, w_shape, strides, padding):
         lib, engine, _ = _runtime()
@@ -249,6 +268,12 @@ class _ConvPrimitives:
         self.to_fwd = _Reorder(lib, engine, self.w_user, md(fwd_pd, _Q_WEIGHTS_MD))
         self.to_bwd = _Reorder(lib, engine, self.w_user, md(bwd_d_pd, _Q_WEIGHTS_MD))
         self.from_dw = _Reorder(lib, engine, md(bwd_w_pd, _Q_DIFF_WEIGHTS_MD), self.w_user)
+        m = self.mds
+        self.plan = _Plan((c_int64 * 4)(*self.y_shape), *(h.value for h in (
+            self.to_fwd.prim, self.prims["fwd"], self.to_bwd.prim, self.prims["bwd_data"],
+            self.prims["bwd_weights"], self.from_dw.prim, self.w_user, m["src"], m["dst"],
+            m["diff_dst_d"], m["diff_src"], m["src_w"], m["diff_dst_w"], self.w_fwd, self.w_bwd,
+            self.dw_int)))
 
     @staticmethod
     def _owned(lib, engine, md):
@@ -274,7 +299,7 @@ class _Session:
     def __enter__(self):
         self.lib, self.engine, self.stream = _runtime()
         self.mems = []
-        _LOCK.acquire()
+        self._release = _exec_lock_acquire()
         return self
 
     def wrap(self, md, array):
@@ -296,8 +321,22 @@ class _Session:
         finally:
             for m in self.mems:
                 self.lib.dnnl_memory_destroy(m)
-            _LOCK.release()
+            self._release()
         return False
+
+
+_EXEC_LOCK = threading.Lock()
+
+
+def _exec_lock_acquire():
+    """Serialise oneDNN execution: the native handler's mutex once it is loaded (shared with its C
+    calls), else a Python lock. Returns the matching release function."""
+    native = _STATE.get("native")
+    if native is not None:
+        native.damo_onednn_lock()      # CDLL call: releases the GIL while it blocks
+        return native.damo_onednn_unlock
+    _EXEC_LOCK.acquire()
+    return _EXEC_LOCK.release
 
 
 def _run_forward(x, w, y, strides, padding):
@@ -471,16 +510,85 @@ def _bwd_weights_body(ins, outs, strides, padding):
 
 _TARGETS = {"damo_jax_onednn_conv_fwd": _fwd_body, "damo_jax_onednn_conv_bwd": _bwd_body,
             "damo_jax_onednn_conv_bwd_weights": _bwd_weights_body}
+_NATIVE_SYMBOLS = {"damo_jax_onednn_conv_fwd": "damo_onednn_conv_fwd",
+                   "damo_jax_onednn_conv_bwd": "damo_onednn_conv_bwd",
+                   "damo_jax_onednn_conv_bwd_weights": "damo_onednn_conv_bwd_weights"}
 _HANDLERS: dict = {}
+_REGISTER_LOCK = threading.Lock()
+_MAKE_PLAN = ctypes.CFUNCTYPE(c_void_p, ctypes.POINTER(c_int64))
+_PLANS: list = []
+
+
+def _make_plan(key):
+    """The native handler's callback on a conv shape it has not met: ``key`` int64[14] = x dims
+    (NHWC), w dims (HWIO), conf (sh, sw, pt, pb, pl, pr) -> address of that shape's ``_Plan``
+    (kept alive by the primitive cache), or NULL after logging the error."""
+    try:
+        k = [int(key[i]) for i in range(14)]
+        p = _primitives(tuple(k[0:4]), tuple(k[4:8]), (k[8], k[9]), ((k[10], k[11]), (k[12], k[13])))
+        _PLANS.append(p)      # alive for the process, even if a concurrent miss built a twin
+        return ctypes.addressof(p.plan)
+    except Exception:  # noqa: BLE001 - reported to XLA as the op's error by the C handler
+        log.exception("damo_jax oneDNN conv: building the primitives of shape key %s failed",
+                      [int(key[i]) for i in range(14)])
+        return None
+
+
+def _load_native():
+    """The native handler library, initialised; None (and why, logged once) when unavailable and
+    ``$DAMO_JAX_ONEDNN_HANDLER`` allows the Python handler."""
+    from damo_jax.models import onednn_native
+    choice = onednn_native.handler_choice()
+    if choice == "python":
+        return None
+    try:
+        native = onednn_native.load()
+    except OSError as e:
+        if choice == "native":
+            raise OSError(f"{onednn_native.HANDLER_ENV}=native: the native oneDNN handler is "
+                          f"unavailable: {e}") from e
+        log.warning("oneDNN convs use the Python FFI handler (%s): every conv call then needs the "
+                    "GIL, and Python threads running beside the model slow it down", e)
+        return None
+    lib, engine, stream = _runtime()
+    addr = lambda f: ctypes.cast(f, c_void_p)  # noqa: E731
+    _STATE["make_plan"] = cb = _MAKE_PLAN(_make_plan)
+    native.damo_onednn_init(engine, stream, addr(lib.dnnl_memory_create),
+                            addr(lib.dnnl_memory_destroy), addr(lib.dnnl_primitive_execute),
+                            addr(lib.dnnl_stream_wait), addr(cb))
+    return native
+
+
+def handler_kind() -> str:
+    """``"native"`` or ``"python"``: which FFI handler runs the oneDNN convs of this process
+    (registering the targets if that has not happened yet)."""
+    _register_targets()
+    return "native" if _STATE.get("native") is not None else "python"
+
+
+def native_plan_calls() -> int:
+    """How often the native handler called back into Python (once per new conv shape); 0 with the
+    Python handler."""
+    native = _STATE.get("native")
+    return 0 if native is None else int(native.damo_onednn_plan_calls())
 
 
 def _register_targets() -> None:
-    """Register the two FFI targets with XLA (once per process; before tracing a call)."""
-    with _LOCK:
+    """Register the three FFI targets with XLA (once per process; before tracing a call): the
+    native handlers of ``onednn_ffi.c`` when they load (``onednn_native``), else the ctypes ones."""
+    if _HANDLERS:
+        return
+    with _REGISTER_LOCK:
         if _HANDLERS:
             return
+        native = _load_native() if available() else None
+        if native is not None:
+            _STATE["native"] = native
         for name, body in _TARGETS.items():
-            _HANDLERS[name] = h = _make_handler(body)
+            if native is not None:
+                _HANDLERS[name] = h = getattr(native, _NATIVE_SYMBOLS[name])
+            else:
+                _HANDLERS[name] = h = _make_handler(body)
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(h), platform="cpu")
 
 

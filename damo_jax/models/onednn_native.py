@@ -1,0 +1,97 @@
+"""The native (C) XLA FFI handlers of the oneDNN convolutions: ``onednn_ffi.c``, compiled on first
+use with the system C compiler and cached; :mod:`damo_jax.models.onednn` falls back to its ctypes
+(Python) handler when this cannot be built.
+
+Why a native handler: the ctypes handler runs Python on every conv call and so needs the GIL; any
+other Python thread running bytecode at the same time (a data-loading thread, a server, a GUI)
+makes each call wait up to the interpreter's switch interval (5 ms). The C handler needs Python
+only the first time it meets a conv shape (to build that shape's primitives).
+
+Chosen by ``DAMO_JAX_ONEDNN_HANDLER``: ``auto`` (default: native when it builds, else Python),
+``native`` (an error when it cannot be built), ``python``. The compiler is ``$CC`` or ``cc``; the
+library goes to ``$DAMO_JAX_NATIVE_CACHE`` (default ``$XDG_CACHE_HOME/damo_jax`` or
+``~/.cache/damo_jax``), named by a hash of the source and the compiler command, written atomically
+(concurrent processes may race; each renames a complete file). No link-time dependency: the oneDNN
+functions come from the ``libdnnl.so.3`` onednn.py loaded, as pointers.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("onednn_ffi.c")
+HANDLER_ENV = "DAMO_JAX_ONEDNN_HANDLER"
+HANDLER_CHOICES = ("auto", "native", "python")
+_FLAGS = ("-O2", "-shared", "-fPIC", "-pthread")
+
+
+def handler_choice() -> str:
+    """``$DAMO_JAX_ONEDNN_HANDLER`` (``auto`` when unset); a ValueError naming the variable when it
+    holds anything else."""
+    value = os.environ.get(HANDLER_ENV, "auto").strip().lower() or "auto"
+    if value not in HANDLER_CHOICES:
+        raise ValueError(f"{HANDLER_ENV}={value!r}: expected one of {', '.join(HANDLER_CHOICES)}")
+    return value
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("DAMO_JAX_NATIVE_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "damo_jax"
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC") or "cc"
+    return shutil.which(cc) or shutil.which("gcc")
+
+
+def build() -> Path:
+    """Path of the compiled handler library, compiling it if the cache lacks it; OSError with the
+    reason (no compiler, compile error, unwritable cache) otherwise."""
+    cc = _compiler()
+    if cc is None:
+        raise OSError(f"no C compiler ({os.environ.get('CC') or 'cc'} / gcc not on PATH)")
+    source = SOURCE.read_bytes()
+    tag = hashlib.sha256(source + "\0".join((cc, *_FLAGS)).encode()).hexdigest()[:16]
+    out_dir = cache_dir()
+    target = out_dir / f"onednn_ffi-{tag}.so"
+    if target.exists():
+        return target
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=out_dir)
+        os.close(fd)
+    except OSError as e:
+        raise OSError(f"cache directory {out_dir}: {e}") from e
+    try:
+        proc = subprocess.run([cc, *_FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True,
+                              timeout=120)
+        if proc.returncode != 0:
+            first = (proc.stderr or proc.stdout).strip().splitlines()[:3]
+            raise OSError(f"{cc} failed on {SOURCE.name}: " + " | ".join(first))
+        os.replace(tmp, target)
+    except subprocess.TimeoutExpired as e:
+        raise OSError(f"{cc} timed out on {SOURCE.name}") from e
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def load() -> ctypes.CDLL:
+    """The handler library (compiled if needed); OSError with the reason."""
+    lib = ctypes.CDLL(str(build()))
+    lib.damo_onednn_plan_calls.restype = ctypes.c_int64
+    for name in ("damo_onednn_conv_fwd", "damo_onednn_conv_bwd", "damo_onednn_conv_bwd_weights"):
+        getattr(lib, name).restype = ctypes.c_void_p
+    return lib

@@ -1,0 +1,148 @@
+"""Which XLA FFI handler runs the oneDNN convs (damo_jax/models/onednn_native.py): the native one
+compiled from ``onednn_ffi.c`` (no Python, so no GIL, per call) or the ctypes fallback.
+
+References are ``lax.conv_general_dilated`` and ``jax.grad`` of it; the fallback and the
+no-compiler cases run in child processes (the handler is chosen once per process).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from damo_jax.models import onednn, onednn_native
+from damo_jax.models.cpu_ops import _NHWC_DIMS
+
+pytestmark = pytest.mark.skipif(
+    jax.default_backend() != "cpu" or not onednn.available(),
+    reason=f"oneDNN CPU path unavailable: {onednn.unavailable_reason() or jax.default_backend()}")
+
+
+def _chain(conv):
+    """Three convs (3x3 s1, 3x3 s2, 1x1) and a loss; odd sizes no other test uses."""
+    def f(x, w1, w2, w3):
+        y = conv(x, w1, (1, 1), ((1, 1), (1, 1)))
+        y = conv(jnp.tanh(y), w2, (2, 2), ((1, 1), (1, 1)))
+        y = conv(jnp.tanh(y), w3, (1, 1), ((0, 0), (0, 0)))
+        return jnp.sum(y * y)
+    return f
+
+
+def _lax_conv(x, w, s, p):
+    return lax.conv_general_dilated(x, w, s, p, dimension_numbers=_NHWC_DIMS)
+
+
+def _inputs(seed):
+    k = jax.random.split(jax.random.PRNGKey(seed), 4)
+    return (jax.random.normal(k[0], (2, 13, 11, 7)), jax.random.normal(k[1], (3, 3, 7, 9)) / 8,
+            jax.random.normal(k[2], (3, 3, 9, 10)) / 9, jax.random.normal(k[3], (1, 1, 10, 6)) / 3)
+
+
+def _check_grads(got, want):
+    for g, r in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5,
+                                   atol=1e-5 * float(np.abs(np.asarray(r)).max()))
+
+
+def test_native_handler_runs_no_python_per_call(monkeypatch):
+    """Once a conv shape's primitives exist, a call runs without Python: the callback count stays
+    put and the Python bodies (made to raise here) are never entered; results match lax."""
+    if onednn_native._compiler() is None:
+        pytest.skip("no C compiler here: the native handler cannot be built")
+    assert onednn.handler_kind() == "native"            # a compiler is there: it must build
+    grad = jax.jit(jax.value_and_grad(_chain(onednn.conv), argnums=(0, 1, 2, 3)))
+    ref = jax.jit(jax.value_and_grad(_chain(_lax_conv), argnums=(0, 1, 2, 3)))
+    args = _inputs(0)
+    jax.block_until_ready(grad(*args))                  # builds the shapes' primitives
+    calls = onednn.native_plan_calls()
+    assert calls >= 3                                   # at least one callback per new conv shape
+
+    def no_python(*_a, **_k):
+        raise AssertionError("the Python conv path ran")
+    monkeypatch.setattr(onednn, "_run_forward", no_python)
+    monkeypatch.setattr(onednn, "_run_backward", no_python)
+    args = _inputs(1)
+    (loss, grads), (loss_ref, grads_ref) = grad(*args), ref(*args)
+    np.testing.assert_allclose(float(loss), float(loss_ref), rtol=1e-5)
+    _check_grads(grads, grads_ref)
+    assert onednn.native_plan_calls() == calls
+
+
+_CHILD = textwrap.dedent("""
+    import json, logging, sys
+    logging.basicConfig(level=logging.WARNING)
+    import jax, jax.numpy as jnp, numpy as np
+    from jax import lax
+    from damo_jax.models import onednn
+    from damo_jax.models.cpu_ops import _NHWC_DIMS
+    try:
+        kind = onednn.handler_kind()
+    except OSError as e:
+        print(json.dumps({"error": str(e)})); sys.exit(0)
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 10, 5))
+    w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 5, 8)) / 6
+    g = jax.random.normal(jax.random.PRNGKey(2), (2, 5, 5, 8))
+    def loss(c):
+        return lambda x, w: jnp.vdot(c(x, w, (2, 2), ((1, 1), (1, 1))), g)
+    lax_conv = lambda x, w, s, p: lax.conv_general_dilated(x, w, s, p, dimension_numbers=_NHWC_DIMS)
+    got = jax.jit(jax.grad(loss(onednn.conv), (0, 1)))(x, w)
+    want = jax.jit(jax.grad(loss(lax_conv), (0, 1)))(x, w)
+    err = max(float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
+              for a, b in zip(got, want))
+    print(json.dumps({"kind": kind, "rel_err": err}))
+""")
+
+
+def _child(tmp_path, **env):
+    run_env = dict(os.environ, DAMO_JAX_NATIVE_CACHE=str(tmp_path / "native"), **env)
+    proc = subprocess.run([sys.executable, "-c", _CHILD], capture_output=True, text=True, env=run_env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
+
+
+def test_python_handler_on_request(tmp_path):
+    out, _ = _child(tmp_path, DAMO_JAX_ONEDNN_HANDLER="python")
+    assert out["kind"] == "python"
+    assert out["rel_err"] < 1e-5
+
+
+def test_without_a_compiler_auto_falls_back_and_native_is_an_error(tmp_path):
+    """No compiler on PATH and an empty library cache: ``auto`` warns and uses the Python handler
+    (same results); ``native`` fails naming the variable."""
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    no_cc = {"PATH": str(empty), "CC": str(empty / "cc")}
+    out, err = _child(tmp_path, DAMO_JAX_ONEDNN_HANDLER="auto", **no_cc)
+    assert out["kind"] == "python" and out["rel_err"] < 1e-5
+    assert "Python FFI handler" in err and "no C compiler" in err
+    out, _ = _child(tmp_path, DAMO_JAX_ONEDNN_HANDLER="native", **no_cc)
+    assert "DAMO_JAX_ONEDNN_HANDLER=native" in out["error"] and "no C compiler" in out["error"]
+
+
+def test_compile_errors_are_reported(tmp_path, monkeypatch):
+    bad = tmp_path / "broken.c"
+    bad.write_text("this is not C\n")
+    monkeypatch.setattr(onednn_native, "SOURCE", bad)
+    monkeypatch.setenv("DAMO_JAX_NATIVE_CACHE", str(tmp_path / "cache"))
+    if onednn_native._compiler() is None:
+        pytest.skip("no C compiler here")
+    with pytest.raises(OSError, match="broken.c"):
+        onednn_native.build()
+    assert not list((tmp_path / "cache").glob("*.tmp"))      # no half-written file left behind
+
+
+def test_handler_variable_is_validated(monkeypatch):
+    monkeypatch.setenv("DAMO_JAX_ONEDNN_HANDLER", "fast")
+    with pytest.raises(ValueError, match="DAMO_JAX_ONEDNN_HANDLER='fast'"):
+        onednn_native.handler_choice()
+    monkeypatch.setenv("DAMO_JAX_ONEDNN_HANDLER", " Native ")
+    assert onednn_native.handler_choice() == "native"
