@@ -201,15 +201,21 @@ def test_repeated_runs_are_bit_identical():
                                                           ("dense_impl", "conv", "conv")])
 def test_resolve(monkeypatch, key, elsewhere, cpu_fallback):
     """``model.grad_impl`` (train graphs) and ``model.dense_impl`` (folded inference graphs):
-    oneDNN only in a one-device CPU process with the library; explicit ``onednn`` without it, and
-    unknown values, are errors."""
+    oneDNN only in a one-device CPU process with the library (inference graphs: and the native
+    handler); explicit ``onednn`` without the library, and unknown values, are errors."""
     from damo_jax.models import conv_grad
     resolve = getattr(conv_grad, f"resolve_{key}")
     assert resolve("onednn", "cpu") == "onednn"
     assert resolve(cpu_fallback, "cpu") == cpu_fallback
     assert resolve("auto", "gpu") == elsewhere
     monkeypatch.setattr(jax, "device_count", lambda *a: 1)
+    monkeypatch.setattr(onednn, "handler_kind", lambda: "native")
     assert resolve("auto", "cpu") == "onednn"
+    # the ctypes fallback handler (no C compiler) needs the GIL per conv: inference graphs keep
+    # XLA's convs then, train graphs still gain from oneDNN
+    monkeypatch.setattr(onednn, "handler_kind", lambda: "python")
+    assert resolve("auto", "cpu") == ("onednn" if key == "grad_impl" else "conv")
+    monkeypatch.setattr(onednn, "handler_kind", lambda: "native")
     monkeypatch.setattr(jax, "device_count", lambda *a: 2)   # a mesh: host work can't be split
     assert resolve("auto", "cpu") == cpu_fallback
     monkeypatch.setattr(onednn, "available", lambda: False)

@@ -63,11 +63,12 @@ DENSE_IMPLS = ("auto", "conv", "onednn")
 
 
 def _resolve_onednn(key: str, impl: str, choices: tuple, elsewhere: str, cpu_fallback: str,
-                    backend: str | None) -> str:
+                    backend: str | None, auto_needs_native: bool = False) -> str:
     """Shared rule of the ``model.*_impl`` keys with a oneDNN choice: explicit values as given
     (``"onednn"`` only when the library loads, else ``ConfigError`` with the reason); ``"auto"`` ->
     ``elsewhere`` off CPU, ``"onednn"`` in a one-device CPU process where it loads (the FFI custom
-    call has no partitioning rule for a mesh), else ``cpu_fallback``."""
+    call has no partitioning rule for a mesh) and, with ``auto_needs_native``, where the native
+    (GIL-free) FFI handler runs (``onednn.handler_kind()``), else ``cpu_fallback``."""
     check_impl(key, impl, choices)
     if impl == "onednn":
         if not onednn.available():
@@ -77,7 +78,11 @@ def _resolve_onednn(key: str, impl: str, choices: tuple, elsewhere: str, cpu_fal
         return impl
     if (backend or jax.default_backend()) != "cpu":
         return elsewhere
-    return "onednn" if (jax.device_count() == 1 and onednn.available()) else cpu_fallback
+    if jax.device_count() != 1 or not onednn.available():
+        return cpu_fallback
+    if auto_needs_native and onednn.handler_kind() != "native":
+        return cpu_fallback
+    return "onednn"
 
 
 def resolve_grad_impl(impl: str, backend: str | None = None) -> str:
@@ -95,10 +100,13 @@ def resolve_dense_impl(impl: str, backend: str | None = None) -> str:
     """``"auto"`` / ``"conv"`` / ``"onednn"`` -> ``"conv"`` or ``"onednn"``: how the dense k x k
     convs (``groups == 1``, ``k > 1``) of a folded inference graph (``deploy=True`` / ``"reparam"``)
     run. ``"auto"``: ``"onednn"`` on a one-device CPU process where ``libdnnl.so.3`` loads (the
-    kernels official PyTorch runs on CPU, on AVX2 and AVX-512 hosts alike), else ``"conv"`` (XLA's
-    op; exporters always use ``"conv"``). Unknown values, and ``"onednn"`` asked for explicitly but
-    unavailable, raise ``ConfigError``."""
-    return _resolve_onednn("dense_impl", impl, DENSE_IMPLS, "conv", "conv", backend)
+    kernels official PyTorch runs on CPU, on AVX2 and AVX-512 hosts alike) and the native FFI
+    handler runs (inference is often embedded in threaded Python programs: the ``ctypes`` fallback
+    needs the GIL per conv, a T@640 forward 53 -> 1014 ms beside one busy Python thread), else
+    ``"conv"`` (XLA's op; exporters always use ``"conv"``). Unknown values, and ``"onednn"`` asked
+    for explicitly but unavailable, raise ``ConfigError``."""
+    return _resolve_onednn("dense_impl", impl, DENSE_IMPLS, "conv", "conv", backend,
+                           auto_needs_native=True)
 
 
 # ----------------------------------------------------------------------------- forward (primal)
