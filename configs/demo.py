@@ -69,6 +69,10 @@ install):
 Again from a fresh clone of 5c97df4 (the train path unchanged; same host, 2026-12-05 02:26–02:32
 UTC, same procedure, 58 s install): the same AP50 (to four digits in the log) at 1.0 / 1.4 / 1.8 /
 2.2 / 2.7 / **3.1** / 3.5 / 4.0 / 4.4 minutes (the whole training command 4.5 min).
+Again from a fresh clone of 4dfd095 (oneDNN convs through the native FFI handler, no Python per
+call; same host, 2026-12-05 04:24–04:29 UTC, same procedure, 61 s install): the same AP50 (to four
+digits in the log) at 1.0 / 1.5 / 1.9 / 2.3 / 2.7 / **3.1** / 3.5 / 3.9 / 4.3 minutes (the whole
+training command 4.4 min).
 
 The same host with 8dd8428 (1×1 convs as dot, cache-blocked kernel gradients; 15:08–15:19 UTC;
 minutes = the progress bar's elapsed time + 0.45 min, the bar starting 27 s after the command:
