@@ -146,3 +146,14 @@ def test_handler_variable_is_validated(monkeypatch):
         onednn_native.handler_choice()
     monkeypatch.setenv("DAMO_JAX_ONEDNN_HANDLER", " Native ")
     assert onednn_native.handler_choice() == "native"
+
+
+def test_train_log_names_the_conv_path(monkeypatch):
+    """The train log's set-up line says how convs run, and for oneDNN which handler."""
+    from damo_jax.models import conv_grad
+    monkeypatch.setattr(jax, "device_count", lambda *a: 1)
+    monkeypatch.setattr(onednn, "handler_kind", lambda: "python")
+    assert conv_grad.describe_grad_impl("auto", "float32", "cpu") == "convs: oneDNN, python FFI handler"
+    assert "float32 only" in conv_grad.describe_grad_impl("auto", "bfloat16", "cpu")
+    assert conv_grad.describe_grad_impl("auto", "float32", "gpu") == "convs: XLA's own ops and gradients"
+    assert "matmul" in conv_grad.describe_grad_impl("matmul", "float32", "cpu")

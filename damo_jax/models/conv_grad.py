@@ -109,6 +109,19 @@ def resolve_dense_impl(impl: str, backend: str | None = None) -> str:
                            auto_needs_native=True)
 
 
+def describe_grad_impl(impl: str, dtype: str = "float32", backend: str | None = None) -> str:
+    """One phrase for the train log: how this process runs the train graph's convs and their
+    gradients (``model.grad_impl`` resolved; for oneDNN, which FFI handler: ``native`` runs without
+    Python, ``python`` needs the GIL per call)."""
+    resolved = resolve_grad_impl(impl, backend)
+    if resolved == "onednn":
+        if dtype != "float32":
+            return f"convs: XLA ({dtype}; the oneDNN path is float32 only)"
+        return f"convs: oneDNN, {onednn.handler_kind()} FFI handler"
+    return {"native": "convs: XLA's own ops and gradients",
+            "matmul": "convs: XLA, kernel gradients as matmuls"}[resolved]
+
+
 # ----------------------------------------------------------------------------- forward (primal)
 _FORWARD_OPS = {"conv": lax.conv_general_dilated, "taps": depthwise_conv_taps,
                 "dot": pointwise_conv_dot}

@@ -37,6 +37,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from damo_jax import distributed
 from damo_jax.data_pipelines.quality import format_summary
+from damo_jax.models import conv_grad
 from damo_jax.train import checkpoint
 from damo_jax.train import distill as distill_lib
 from damo_jax.train import optim
@@ -526,7 +527,8 @@ def describe(run: Run, state: dict, start: int) -> str:
             f"{run.base_lr:.4g}; {len(run.train_ds)} train images, batch "
             f"{cfg.train.batch_size} on {run.replicated.mesh.devices.size} device(s); {rl.steps_per_epoch} "
             f"steps/epoch, {rl.total_steps} total, warmup {rl.warmup_steps}, no-aug from "
-            f"{rl.no_aug_start_step}; running steps {start}..{rl.last_step}"
+            f"{rl.no_aug_start_step}; running steps {start}..{rl.last_step}; "
+            f"{conv_grad.describe_grad_impl(cfg.model.grad_impl, str(cfg.model.dtype))}"
             + (f"; distilling from {cfg.distill.teacher or 'teacher'} ({run.teacher.source}), "
                f"{cfg.distill.method}, weight {cfg.distill.weight}->{cfg.distill.weight_end}, "
                f"grad clip {cfg.train.grad_clip}" if run.teacher is not None else ""))
