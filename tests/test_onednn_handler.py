@@ -85,8 +85,8 @@ _CHILD = textwrap.dedent("""
     from damo_jax.models.cpu_ops import _NHWC_DIMS
     try:
         kind = onednn.handler_kind()
-    except OSError as e:
-        print(json.dumps({"error": str(e)})); sys.exit(0)
+    except ValueError as e:   # ConfigError: a user mistake, one line on the CLI
+        print(json.dumps({"error": f"{type(e).__name__}: {e}"})); sys.exit(0)
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 10, 5))
     w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 5, 8)) / 6
     g = jax.random.normal(jax.random.PRNGKey(2), (2, 5, 5, 8))
@@ -125,6 +125,7 @@ def test_without_a_compiler_auto_falls_back_and_native_is_an_error(tmp_path):
     assert out["kind"] == "python" and out["rel_err"] < 1e-5
     assert "Python FFI handler" in err and "no C compiler" in err
     out, _ = _child(tmp_path, DAMO_JAX_ONEDNN_HANDLER="native", **no_cc)
+    assert out["error"].startswith("ConfigError: ")
     assert "DAMO_JAX_ONEDNN_HANDLER=native" in out["error"] and "no C compiler" in out["error"]
 
 

@@ -545,8 +545,9 @@ def _load_native():
         native = onednn_native.load()
     except OSError as e:
         if choice == "native":
-            raise OSError(f"{onednn_native.HANDLER_ENV}=native: the native oneDNN handler is "
-                          f"unavailable: {e}") from e
+            from damo_jax.errors import ConfigError
+            raise ConfigError(f"environment variable {onednn_native.HANDLER_ENV}=native: the native "
+                              f"oneDNN handler is unavailable: {e}") from e
         log.warning("oneDNN convs use the Python FFI handler (%s): every conv call then needs the "
                     "GIL, and Python threads running beside the model slow it down", e)
         return None

@@ -34,11 +34,13 @@ _FLAGS = ("-O2", "-shared", "-fPIC", "-pthread")
 
 
 def handler_choice() -> str:
-    """``$DAMO_JAX_ONEDNN_HANDLER`` (``auto`` when unset); a ValueError naming the variable when it
-    holds anything else."""
+    """``$DAMO_JAX_ONEDNN_HANDLER`` (``auto`` when unset); a ``ConfigError`` (a ValueError) naming
+    the variable when it holds anything else (the CLIs print it in one line, exit code 2)."""
+    from damo_jax.errors import ConfigError
     value = os.environ.get(HANDLER_ENV, "auto").strip().lower() or "auto"
     if value not in HANDLER_CHOICES:
-        raise ValueError(f"{HANDLER_ENV}={value!r}: expected one of {', '.join(HANDLER_CHOICES)}")
+        raise ConfigError(f"environment variable {HANDLER_ENV}={value!r}: expected one of "
+                          f"{', '.join(HANDLER_CHOICES)}")
     return value
 
 
