@@ -516,17 +516,17 @@ _NATIVE_SYMBOLS = {"damo_jax_onednn_conv_fwd": "damo_onednn_conv_fwd",
 _HANDLERS: dict = {}
 _REGISTER_LOCK = threading.Lock()
 _MAKE_PLAN = ctypes.CFUNCTYPE(c_void_p, ctypes.POINTER(c_int64))
-_PLANS: list = []
+_PLANS: dict = {}      # id -> _ConvPrimitives handed to the native handler (kept alive)
 
 
 def _make_plan(key):
     """The native handler's callback on a conv shape it has not met: ``key`` int64[14] = x dims
     (NHWC), w dims (HWIO), conf (sh, sw, pt, pb, pl, pr) -> address of that shape's ``_Plan``
-    (kept alive by the primitive cache), or NULL after logging the error."""
+    (kept alive in ``_PLANS``), or NULL after logging the error."""
     try:
         k = [int(key[i]) for i in range(14)]
         p = _primitives(tuple(k[0:4]), tuple(k[4:8]), (k[8], k[9]), ((k[10], k[11]), (k[12], k[13])))
-        _PLANS.append(p)      # alive for the process, even if a concurrent miss built a twin
+        _PLANS[id(p)] = p     # alive for the process, even if a concurrent miss built a twin
         return ctypes.addressof(p.plan)
     except Exception:  # noqa: BLE001 - reported to XLA as the op's error by the C handler
         log.exception("damo_jax oneDNN conv: building the primitives of shape key %s failed",
