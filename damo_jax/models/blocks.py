@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from damo_jax.models.batchnorm import BatchNorm
 from damo_jax.models.conv_grad import (DENSE_IMPLS, GRAD_IMPLS, make_conv_general_dilated,
                                       resolve_dense_impl, resolve_grad_impl)
 from damo_jax.models.cpu_ops import (DEPTHWISE_IMPLS, POINTWISE_IMPLS, check_impl,
@@ -146,9 +147,11 @@ def conv(x, features: int, kernel: int, *, name: str, opts: Opts, stride: int = 
 
 
 def batch_norm(x, *, name: str, opts: Opts, train: bool, init: str = "torch"):
-    return nn.BatchNorm(
+    """Training-mode statistics over (batch, H, W) with ``models/batchnorm.py``'s closed-form
+    gradient; variables and inference formula as ``nn.BatchNorm(use_fast_variance=False)``."""
+    return BatchNorm(
         use_running_average=not train, momentum=opts.bn_momentum, epsilon=opts.bn_epsilon,
-        dtype=opts.compute_dtype, param_dtype=jnp.float32, use_fast_variance=False,
+        dtype=opts.compute_dtype, param_dtype=jnp.float32,
         bias_init=bn_bias_init_for(init), name=name)(x)
 
 
