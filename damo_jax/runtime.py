@@ -18,7 +18,7 @@ Nothing here runs implicitly; the benchmarks and CLIs that run many forwards opt
   (Nm@416 batch 1: 25% less CPU time per forward; T@640 batch 4: 8%; batch-1 models whose buffers
   stay under 32 MB: no change). It changes ``malloc`` for the whole process (memory freed by any
   library stays reserved by the process). Same effect without code:
-  ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=4294967296 MALLOC_ARENA_MAX=1`` at start-up.
+  ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=18446744073709551615 MALLOC_ARENA_MAX=1`` at start-up.
 * :func:`tune_cpu_runtime`: both, process-wide, for CLIs: the allocator, and the compiler options
   appended to ``XLA_FLAGS`` (read once, when the first computation initialises the backend, so it
   must run before that; jit calls that cannot take ``compiler_options`` then get them too).
@@ -42,7 +42,11 @@ M_MMAP_MAX = -4
 M_ARENA_MAX = -8
 DEFAULT_MMAP_MAX = 65536
 DEFAULT_TRIM_THRESHOLD = 128 * 1024
-KEEP_TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int
+# "never trim": mallopt takes an int, glibc stores the threshold as size_t, so -1 is SIZE_MAX. (The
+# previous 2**31 - 1 trimmed a heap whose top had > 2 GiB free: the S@320 batch-8 step's 1.1 GB temp
+# buffer, allocated again before the previous step's copy was freed, then trimmed and re-faulted:
+# 269k minor faults and ~0.3 s extra in some steps, docs/bench_train.md §0s.)
+KEEP_TRIM_THRESHOLD = -1
 
 
 def _libc():
@@ -59,7 +63,7 @@ def _libc():
 
 
 def tune_cpu_allocator(enable: bool = True) -> bool:
-    """``enable=True``: glibc ``mallopt(M_MMAP_MAX, 0)``, ``mallopt(M_TRIM_THRESHOLD, 2**31-1)`` and
+    """``enable=True``: glibc ``mallopt(M_MMAP_MAX, 0)``, ``mallopt(M_TRIM_THRESHOLD, -1)`` (never) and
     ``mallopt(M_ARENA_MAX, 1)`` (one heap, never trimmed); ``False``: mmap / trim back to glibc's
     default values (its dynamic mmap-threshold adaptation stays off once touched; the arena limit
     stays). Returns True when applied, False where unsupported (not
