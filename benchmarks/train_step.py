@@ -4,6 +4,11 @@ optimizer + EMA, one jit, donated state) on synthetic batches, with its parts ti
     python benchmarks/train_step.py --config s --img-size 320 --batch 8 --steps 12 --num-gt 5
     python benchmarks/train_step.py --config s --grad-impls native matmul --parts fwd grad full
     python benchmarks/train_step.py --config s --pointwise-impls dot conv --parts full
+    python benchmarks/train_step.py --config s --img-size 320 --batch 8 --steps 12 --num-gt 5 --no-ema
+
+``--no-ema`` times the step of ANCHORS.md's official figure (forward + assignment + loss + backward +
+SGD; ``benchmarks/official_torch.py`` adds the official per-step EMA only with ``--ema``); the default
+is the recipe's step with its EMA.
 
 By default a child process compiles every part into a fresh persistent cache and the timed process
 loads them (``--compile-here``: compile in the timed process), as the train CLI does
@@ -136,6 +141,9 @@ def main(argv=None) -> dict:
                     help="model.pointwise_impl values to compare (auto, conv, dot)")
     ap.add_argument("--parts", nargs="+", default=["full"], choices=("model", "fwd", "grad", "full"),
                     help="what to time (default: full); fwd/grad give the forward/backward split")
+    ap.add_argument("--no-ema", action="store_true",
+                    help="train.ema=False: the step of ANCHORS.md's official figure (forward + assignment + "
+                         "loss + backward + SGD, no EMA); the default times the recipe's step with its EMA")
     ap.add_argument("--no-tune", action="store_true",
                     help="skip damo_jax.runtime.tune_cpu_runtime() (the train CLI applies it)")
     ap.add_argument("--compile-here", action="store_true",
@@ -184,6 +192,8 @@ def main(argv=None) -> dict:
         cfg.model.dtype = args.dtype
         cfg.model.grad_impl = grad_impl
         cfg.model.pointwise_impl = pointwise_impl
+        if args.no_ema:
+            cfg.train.ema = False
         if batches is None:
             nc = int(cfg.model.head.num_classes)
             batches = []
@@ -237,7 +247,7 @@ def main(argv=None) -> dict:
                 and args.batch == 8)
     res = {"config": args.config, "img_size": args.img_size, "batch": args.batch, "steps": args.steps,
            "num_gt": args.num_gt, "dtype": args.dtype, "tuned": not args.no_tune,
-           "grad_impl": first, "part": key[1], "devices": len(jax.devices()),
+           "grad_impl": first, "part": key[1], "ema": not args.no_ema, "devices": len(jax.devices()),
            "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
            "cpu": cpu_model(), "cpu_count": os.cpu_count(),
            "compile_plus_first_step_s": round(compile_s[key], 1), "median_step_s": round(med[key], 4),
