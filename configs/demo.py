@@ -73,6 +73,16 @@ Again from a fresh clone of 4dfd095 (oneDNN convs through the native FFI handler
 call; same host, 2026-12-05 04:24–04:29 UTC, same procedure, 61 s install): the same AP50 (to four
 digits in the log) at 1.0 / 1.5 / 1.9 / 2.3 / 2.7 / **3.1** / 3.5 / 3.9 / 4.3 minutes (the whole
 training command 4.4 min).
+From a fresh clone of 9fa6999 (BatchNorm's training gradient in closed form,
+``models/batchnorm.py``: the same function, other float32 rounding, hence another trajectory; same
+host, 2026-12-05 07:30–07:36 UTC, same procedure, 66 s install):
+
+    epoch         1      2      3      4      5      6      7      8      9
+    AP50      0.032  0.102  0.256  0.366  0.464  0.534  0.579  0.609  0.615   (AP 0.446)
+    minutes     1.0    1.4    1.8    2.2    2.6    3.0    3.4    3.8    4.2
+
+**AP50 ≥ 0.5 after epoch 6, at 3.0 minutes** (the whole training command 4.3 min;
+``predictions.png`` boxes most objects, most with the right class, a few class mix-ups).
 
 The same host with 8dd8428 (1×1 convs as dot, cache-blocked kernel gradients; 15:08–15:19 UTC;
 minutes = the progress bar's elapsed time + 0.45 min, the bar starting 27 s after the command:
