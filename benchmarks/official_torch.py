@@ -15,7 +15,7 @@ separate virtualenv with CPU torch (not damo_jax's), e.g.::
 ``--device cuda`` (a CUDA torch in the venv) runs the same on a GPU, each timed step ending with
 ``torch.cuda.synchronize()`` (``benchmarks/gpu_check.sh``). Run it alternately with
 ``benchmarks/train_step.py`` / ``benchmarks/model_latency.py`` (same sizes) and take per-round
-ratios: docs/BENCHMARKS.md "Side by side with the official code" has the commands and results.
+ratios (``benchmarks/side_by_side.py`` does this for the training step): docs/BENCHMARKS.md "Side by side with the official code" has the commands and results.
 The last stdout line is one JSON object.
 
 Checkout adjustments used for the 2026-12-03 measurements (no network there, so the checkout was
