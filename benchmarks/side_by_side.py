@@ -102,9 +102,9 @@ def commands(args, cache: str) -> tuple[list[str], list[str], dict]:
     return official, ours, dict(os.environ, DAMO_JAX_BENCH_CACHE=cache)
 
 
-def run_one(cmd: list[str], env: dict | None, what: str, round_no: int, cwd: str | None = None) -> dict:
+def run_one(cmd: list[str], env: dict | None, what: str, round_no: int) -> dict:
     """The JSON summary (last stdout line) of one benchmark process; RoundFailed otherwise."""
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = proc.stdout.strip().splitlines()
     summary = None
     if proc.returncode == 0 and lines:
@@ -146,9 +146,7 @@ def main(argv=None) -> int:
     official_s, ours_s = [], []
     try:
         for r in range(1, args.rounds + 1):
-            # outside this repository, so nothing here (configs/, a damo* folder) can shadow the
-            # official checkout's packages
-            o = run_one(official_cmd, None, "official_torch.py", r, cwd=tempfile.gettempdir())
+            o = run_one(official_cmd, None, "official_torch.py", r)   # it changes into --repo itself
             time.sleep(args.pause)
             u = run_one(ours_cmd, ours_env, "train_step.py", r)
             official_s.append(float(o["median_step_s"]))
