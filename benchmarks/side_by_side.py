@@ -33,9 +33,10 @@ are printed).
 from __future__ import annotations
 
 import argparse
-
+import atexit
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -137,7 +138,10 @@ def main(argv=None) -> int:
     except SystemExit as e:          # --help: 0; a usage mistake: its error line is printed, 2
         return int(e.code or 0)
     from damo_jax.runtime import cpu_model
-    cache = args.cache or tempfile.mkdtemp(prefix="damo_side_by_side_")
+    cache = args.cache
+    if not cache:                             # a fresh cache of this run's own: removed when it ends
+        cache = tempfile.mkdtemp(prefix="damo_side_by_side_")
+        atexit.register(shutil.rmtree, cache, True)
     official_cmd, ours_cmd, ours_env = commands(args, cache)
     started, load0 = datetime.now(timezone.utc), os.getloadavg()[0]
     print(f"side by side: {args.config}@{args.img_size} batch {args.batch}, {args.num_gt} boxes/image, "

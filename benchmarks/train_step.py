@@ -162,7 +162,12 @@ def main(argv=None) -> dict:
         import subprocess
         import sys
         import tempfile
-        cache = os.environ.get("DAMO_JAX_BENCH_CACHE") or tempfile.mkdtemp(prefix="damo_bench_xla_")
+        cache = os.environ.get("DAMO_JAX_BENCH_CACHE")
+        if not cache:                         # a fresh cache of this run's own: removed when it ends
+            import atexit
+            import shutil
+            cache = tempfile.mkdtemp(prefix="damo_bench_xla_")
+            atexit.register(shutil.rmtree, cache, True)
         jax.config.update("jax_compilation_cache_dir", cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         if not args.compile_only:

@@ -51,8 +51,12 @@ def exported(name: str, batch=2, size=SIZE):
 
 @functools.lru_cache(maxsize=None)
 def _tmpdir():
+    import atexit
+    import shutil
     import tempfile
-    return tempfile.mkdtemp(prefix="damo_export_test_")
+    d = tempfile.mkdtemp(prefix="damo_export_test_")
+    atexit.register(shutil.rmtree, d, True)        # removed when the test process ends
+    return d
 
 
 def ort_run(path, images, names=("scores", "boxes")):

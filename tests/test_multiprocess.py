@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -92,7 +93,8 @@ def shared():
     d = Path(tempfile.mkdtemp(prefix="damo_mp_test_"))
     write_tiny_config(d, "mp_tiny.py", CONFIG)
     (d / "xla").mkdir()
-    return d
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
 
 
 def _xla_cache(shared: Path) -> str:

@@ -101,6 +101,9 @@ def test_ema_modes_reach_the_right_side(stubs, ema, official_flag, ours_flag):
     assert ("--ema" in calls[0]["argv"]) is official_flag
     assert ("--no-ema" in calls[1]["argv"]) is ours_flag
     assert json.loads(proc.stdout.strip().splitlines()[-1])["ema"] == ema
+    cache = calls[1]["cache"]                 # no --cache: a fresh folder of the run's own ...
+    assert cache and Path(cache).name.startswith("damo_side_by_side_")
+    assert not Path(cache).exists()           # ... removed when the run ends
 
 
 @pytest.mark.parametrize("failing", ["official", "ours"])

@@ -6,9 +6,11 @@ train step; set
 """
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -179,6 +181,7 @@ def learn_setup(root: Path, n: int = 8, steps: int = 120, warmup: int = 5, lr: f
 def shared_dir() -> Path:
     """One folder per test process: data, config, XLA cache."""
     d = Path(tempfile.mkdtemp(prefix="damo_train_test_"))
+    atexit.register(shutil.rmtree, d, True)        # removed when the test process ends
     write_coco(d / "coco", "train", 16, seed=1)
     write_coco(d / "coco", "val", 4, seed=2)
     write_tiny_config(d, "tiny.py", CONFIG_TEMPLATE)
