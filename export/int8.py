@@ -218,8 +218,8 @@ def build_parser(prog: str = PROG):
 def run(args, overrides=()) -> dict:
     from damo_jax.cli.common import img_size
     from damo_jax.errors import ConfigError
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    from damo_jax.cli.common import output_dir
+    out = output_dir(args.output_dir, "--output-dir")
     config = args.checkpoint or args.config
     if config is None:
         raise ConfigError("give --checkpoint RUN_DIR, or --config with --weights / --onnx")

@@ -150,13 +150,14 @@ def build_parser(prog: str = PROG):
 
 
 def run(args, overrides=()) -> Path:
-    from damo_jax.cli.common import img_size
+    from damo_jax.cli.common import img_size, output_file
     from damo_jax.errors import ConfigError
     if args.checkpoint is None and args.config is None:
         raise ConfigError("give --config (with --weights, or alone for random weights) or "
                           "--checkpoint")
     batch = common.parse_batch(args.batch)
     size = img_size(args.img_size)
+    out = output_file(args.output, "--output")         # before the model loads and exports
     dm = common.load_deploy_model(args.config, checkpoint=args.checkpoint, weights=args.weights,
                                   image_size=size, seed=args.seed, overrides=overrides)
     e2e = None
@@ -165,7 +166,6 @@ def run(args, overrides=()) -> Path:
                    conf_thre=float(dm.cfg.test.conf_thre if args.conf is None else args.conf),
                    iou_thre=float(dm.cfg.test.iou_thre if args.iou is None else args.iou))
         end2end.validate_thresholds(**e2e)
-    out = Path(args.output)
     model = export_onnx(dm, via=args.via, batch=batch, opset=args.opset, end2end_cfg=e2e,
                         optimize=not args.no_optimize,
                         tf_dir=out.with_name(out.stem + "_tf") if args.via == "tf" else None)

@@ -71,6 +71,8 @@ def run(argv, prog: str) -> Path:
     out = Path(args.output)
     if out.suffix != ".xml":
         raise ConfigError(f"--output must end in .xml, got {out}")
+    from damo_jax.cli.common import output_file
+    output_file(out, "--output")
     if args.onnx:
         if rest:
             parser.error(f"unexpected arguments with --onnx: {rest}")

@@ -168,6 +168,8 @@ def run(args):
     if args.print_trtexec:
         print(command)
         return command
+    from damo_jax.cli.common import output_file
+    output_file(args.output, "--output")
     return build_engine(args.onnx, args.output, fp16=args.fp16, min_batch=args.min_batch,
                         opt_batch=args.opt_batch, max_batch=args.max_batch,
                         workspace_gib=args.workspace)

@@ -186,6 +186,37 @@ def add_data(p: argparse.ArgumentParser, default=None, help_extra: str = "") -> 
                    + help_extra)
 
 
+def _make_folder(folder: Path, where: str, name: str) -> None:
+    """Create ``folder`` (parents too) and check it is writable, else an InputPathError
+    ``"<where>: cannot create <name> (<why>)"``."""
+    import os
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise InputPathError(f"{where}: cannot create {name} (a file of that name exists)") from None
+    except OSError as e:
+        raise InputPathError(f"{where}: cannot create {name} ({e.strerror or e})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputPathError(f"{where}: cannot write into {name} (permission denied)")
+
+
+def output_dir(path, flag: str) -> Path:
+    """Create the output folder ``path`` (parents too) and check that it is writable, before any
+    work is done; an :class:`InputPathError` naming ``flag`` when it cannot be."""
+    out = Path(path)
+    _make_folder(out, f"{flag} {path}", "this folder")
+    return out
+
+
+def output_file(path, flag: str) -> Path:
+    """:func:`output_dir` for the folder of the output file ``path``; also rejects a folder."""
+    out = Path(path)
+    if out.is_dir():
+        raise InputPathError(f"{flag} {path}: is a folder, expected a file name")
+    _make_folder(out.parent, f"{flag} {path}", f"its folder {out.parent}")
+    return out
+
+
 def check_data_spec(spec: str, flag: str = "--data") -> str:
     """InputPathError when the path of a ``kind:/path`` (or bare .json/.yaml) spec does not exist."""
     if not spec or spec.startswith(("demo", "tfds:")):

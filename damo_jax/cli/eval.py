@@ -97,6 +97,11 @@ def run(args, overrides) -> dict:
     if args.save_json and not args.out:
         from damo_jax.errors import ConfigError
         raise ConfigError("--save-json writes into the report folder: give --out DIR")
+    for flag, path in (("--json-out", args.json_out), ("--stats-out", args.stats_out)):
+        if path:                       # unwritable outputs fail now, not after the evaluation
+            common.output_file(path, flag)
+    if args.out:
+        common.output_dir(args.out, "--out")
     loaded = load(args, overrides + test_overrides(args))
     cfg = loaded.cfg
     if loaded.input_hw is not None and args.img_size is None:

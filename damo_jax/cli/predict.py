@@ -83,9 +83,8 @@ def run(args, overrides=()) -> dict:
     source = Path(args.source)
     if source.is_file():  # a single image: an unreadable file is an error (before loading the model)
         read_image(source)
+    out_dir = common.output_dir(args.out, "--out")      # before the model loads
     detector = load_detector(args, overrides)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     progress = None
     if not args.no_progress and len(files) > 1:
         from tqdm import tqdm

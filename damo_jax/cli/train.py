@@ -113,13 +113,15 @@ def process_env(args, env) -> None:
 
 
 def check_inputs(cfg, args) -> None:
-    """The paths a run reads, checked before JAX starts (InputPathError naming the flag/key)."""
+    """The paths a run reads and the folder it writes, checked before JAX starts (InputPathError
+    naming the flag / key)."""
     common.check_data_spec(cfg.data.train, flag="--data" if args.data else "config data.train")
     if cfg.data.get("val"):
         common.check_data_spec(cfg.data.val, flag="config data.val")
     if cfg.train.get("finetune") and not Path(cfg.train.finetune).is_file():
         from damo_jax.errors import InputPathError
         raise InputPathError(f"--config.train.finetune={cfg.train.finetune}: file not found")
+    common.output_dir(args.workdir, "--workdir")
 
 
 def run(cfg, args) -> int:
