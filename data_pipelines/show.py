@@ -12,6 +12,8 @@ size. Alias: python -m damo_jax.data_pipelines.show.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 PROG = "damo-jax show"
@@ -59,6 +61,10 @@ def run(args, overrides=()) -> dict:
     common.check_data_spec(args.data)
     if args.num < 1:
         raise ConfigError(f"--num must be >= 1, got {args.num}")
+    from PIL import Image
+    if Path(args.out).suffix.lower() not in Image.registered_extensions():
+        raise ConfigError(f"--out {args.out}: not an image file name (use .png or .jpg)")
+    common.output_file(args.out, "--out")
     data_cfg = {}
     if args.config or overrides:
         data_cfg = dict(common.load_cli_config(args.config or "s", overrides).data)

@@ -122,12 +122,14 @@ def mistakes(f):
                                        "model.grad_impl")
     under_file = str(f["image"] / "sub")          # a folder can't be made there (not even by root)
     for cli, flag in (("train", "--workdir"), ("predict", "--out"), ("export onnx", "--output"),
-                      ("to_onnx.py", "--output")):
-        table[cli, "output under a file"] = (without(base_args(cli, f), flag) + [flag, under_file],
-                                             f"{flag} {under_file}: cannot create")
+                      ("to_onnx.py", "--output"), ("show", "--out")):
+        table[cli, "output under a file"] = (without(base_args(cli, f), flag) + [flag, under_file + ".png"],
+                                             f"{flag} {under_file}.png: cannot create")
     for flag in ("--json-out", "--stats-out", "--out"):
         table["eval", f"{flag} under a file"] = (base_args("eval", f) + [flag, under_file + "/x"],
                                                 f"{flag} {under_file}/x: cannot create")
+    table["show", "--out not an image"] = (without(base_args("show", f), "--out") + ["--out", "grid.txt"],
+                                           "--out grid.txt: not an image")
     table["info", "--img-size three values"] = (["--config", "demo", "--img-size", "64", "64", "64"],
                                                 "--img-size")
     return table
@@ -144,7 +146,8 @@ CASES += [(cli, m) for cli in CLIS[1:] for m in (
 CASES += [(cli, m) for cli in ("eval", "show") for m in ("missing --data folder", "coco: folder missing")]
 CASES += [(cli, m) for cli in ("eval", "predict", "export onnx", "to_onnx.py") for m in (
     "--checkpoint missing dir", "--weights missing file", "malicious .pth", "--weights without --config")]
-CASES += [(cli, "output under a file") for cli in ("train", "predict", "export onnx", "to_onnx.py")]
+CASES += [(cli, "output under a file") for cli in ("train", "predict", "export onnx", "to_onnx.py", "show")]
+CASES += [("show", "--out not an image")]
 CASES += [("eval", f"{flag} under a file") for flag in ("--json-out", "--stats-out", "--out")]
 CASES += [("eval", "no model source"), ("predict", "no model source"), ("predict", "missing --source"),
           ("info", "--img-size three values")]
