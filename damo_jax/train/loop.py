@@ -36,6 +36,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from damo_jax import distributed
+from damo_jax.errors import ConfigError
 from damo_jax.data_pipelines.quality import format_summary
 from damo_jax.models import conv_grad
 from damo_jax.train import checkpoint
@@ -99,12 +100,27 @@ def make_mesh() -> Mesh:
     return mesh_over()
 
 
+CACHE_MAX_GB = 2.0      # default bound of the persistent XLA cache (DAMO_JAX_CACHE_MAX_GB)
+
+
 def enable_compile_cache() -> None:
-    """Persistent XLA cache (restarts and resumes skip compilation); env JAX_COMPILATION_CACHE_DIR wins."""
-    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        cache = Path(os.environ.get("DAMO_JAX_CACHE", Path.home() / ".cache" / "damo_jax")) / "xla"
-        jax.config.update("jax_compilation_cache_dir", str(cache))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
+    """Persistent XLA cache in ``$DAMO_JAX_CACHE/xla`` (default ``~/.cache/damo_jax/xla``): restarts
+    and resumes skip compilation. Bounded to ``DAMO_JAX_CACHE_MAX_GB`` GiB (default 2; the least
+    recently used entries go first; an S@640 step is a few MB); env JAX_COMPILATION_CACHE_DIR wins
+    (then JAX's own settings apply)."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    text = os.environ.get("DAMO_JAX_CACHE_MAX_GB", str(CACHE_MAX_GB))
+    try:
+        max_gb = float(text)
+        if not max_gb > 0:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"DAMO_JAX_CACHE_MAX_GB={text!r}: expected a size in GiB > 0") from None
+    cache = Path(os.environ.get("DAMO_JAX_CACHE", Path.home() / ".cache" / "damo_jax")) / "xla"
+    jax.config.update("jax_compilation_cache_dir", str(cache))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
+    jax.config.update("jax_compilation_cache_max_size", int(max_gb * 2**30))
 
 
 # ==================================================================================================
