@@ -75,8 +75,13 @@ def build_batch(ds, spec: dict, step: int) -> tuple[dict, collections.Counter]:
 
 
 def _init_worker(ds, spec):
+    import signal
+
     import cv2
     cv2.setNumThreads(1)
+    # Ctrl-C in a terminal reaches the whole process group: the main process stops the run and
+    # shuts this pool down; a worker that raised KeyboardInterrupt too would only print a traceback
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _WORKER["ds"], _WORKER["spec"] = ds, spec
 
 

@@ -274,6 +274,31 @@ def test_kill9_then_kill_during_save_then_resume_is_bitwise_exact(run_a):
     assert [x["step"] for x in read_metrics(workdir / "metrics.jsonl")["train"]] == list(range(1, 9))
 
 
+@pytest.mark.parametrize("sig, hang_at, expect", [
+    (signal.SIGINT, "6", "the same command resumes from checkpoint 4 in "),
+    (signal.SIGTERM, "2", "no checkpoint was written yet; the same command starts the run again")])
+def test_ctrl_c_or_sigterm_stops_cleanly_and_says_how_to_resume(sig, hang_at, expect):
+    """Ctrl-C (SIGINT) or a scheduler's SIGTERM during training: no traceback, one line naming the
+    checkpoint the same command resumes from (or that none exists yet), exit 128 + signal, and
+    the checkpoint folder holds only complete checkpoints."""
+    workdir = shared_dir() / f"run_interrupted_{sig.name}"
+    ckdir = workdir / "checkpoints"
+    proc = subprocess.Popen(train_cmd(workdir), cwd=ROOT, env=train_env(DAMO_JAX_TEST_HANG_AT_STEP=hang_at),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for_line(proc, f"[test hook] hanging before step {hang_at}", timeout=600)
+    if hang_at == "6":                        # the async save of step 4 finishes in the background
+        deadline = time.time() + 120
+        while not Checkpoints(ckdir, read_only=True).is_complete(4) and time.time() < deadline:
+            time.sleep(0.2)
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    lines = [line for line in out.splitlines() if line.startswith("interrupted")]
+    assert lines == [f"interrupted ({sig.name}): {expect}" + (str(ckdir) if hang_at == "6" else "")], out[-3000:]
+    assert Checkpoints(ckdir, read_only=True).steps() == ([4] if hang_at == "6" else [])
+
+
 def _three_class_npz(run_a_dir, path):
     """An official-layout state dict (npz) with 3 classes, made from run A's weights."""
     from damo_jax.train.checkpoint import load_for_inference

@@ -10,12 +10,15 @@ examples:
   damo-jax train --config s --coordinator 10.0.0.1:1234 --num-processes 2 --process-id 0  # on each host
 
 Every config key can be overridden with --config.KEY=VALUE (listed below with its default for
-the chosen --config). An interrupted run resumes from its --workdir. Exit codes: 0 done,
-2 user error, 3 non-finite loss/gradients. Alias: python -m damo_jax.train.
+the chosen --config). An interrupted run resumes from its --workdir (Ctrl-C or SIGTERM: pending
+checkpoint writes finish, one line names the checkpoint the same command resumes from). Exit
+codes: 0 done, 2 user error, 3 non-finite loss/gradients, 130 / 143 interrupted (SIGINT / SIGTERM).
+Alias: python -m damo_jax.train.
 """
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -132,12 +135,50 @@ def run(cfg, args) -> int:
     process_env(args, os.environ)
     loop.maybe_init_distributed(args.multihost)
     loop.enable_compile_cache()
+    try:                                # a scheduler's stop (SIGTERM) ends the run as Ctrl-C does
+        previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    except ValueError:                  # not the main thread (an embedding application): untouched
+        previous = _UNSET
     try:
         loop.train(cfg, args.workdir, progress=not args.no_progress)
     except loop.NonFiniteError as err:
         print(f"ERROR: {err}", file=sys.stderr, flush=True)
         return loop.EXIT_NONFINITE
+    except KeyboardInterrupt as err:    # the loop's clean-up ran: pending checkpoint writes finished
+        signum = getattr(err, "signum", signal.SIGINT)
+        print(f"interrupted ({signal.Signals(signum).name}): {resume_note(args.workdir)}",
+              file=sys.stderr, flush=True)
+        return 128 + signum
+    finally:
+        if previous is not _UNSET:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+_UNSET = object()
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, _frame):
+    raise Interrupted(signum)
+
+
+def resume_note(workdir) -> str:
+    """What the same command will do next in ``workdir``: resume from its latest complete
+    checkpoint, or start again."""
+    from damo_jax.train.checkpoint import CKPT_SUBDIR, complete_steps
+    steps = complete_steps(Path(workdir) / CKPT_SUBDIR)
+    if steps:
+        return (f"the same command resumes from checkpoint {steps[-1]} in "
+                f"{Path(workdir) / CKPT_SUBDIR}")
+    return "no checkpoint was written yet; the same command starts the run again"
 
 
 def main(argv=None, prog: str = PROG) -> int:

@@ -137,8 +137,7 @@ class Checkpoints:
         return self._mngr.metrics(step)
 
     def is_complete(self, step: int) -> bool:
-        d = self.directory / str(step)
-        return (d / "_CHECKPOINT_METADATA").is_file() and all((d / item).is_dir() for item in ITEMS)
+        return _is_complete(self.directory / str(step))
 
     # ---- save / restore
     def save(self, step: int, state: dict, meta: dict, metrics: dict | None = None) -> None:
@@ -200,6 +199,20 @@ class Checkpoints:
 # --------------------------------------------------------------------------------------------------
 # Inference loading
 # --------------------------------------------------------------------------------------------------
+def _is_complete(step_dir: Path) -> bool:
+    return (step_dir / "_CHECKPOINT_METADATA").is_file() and all((step_dir / item).is_dir() for item in ITEMS)
+
+
+def complete_steps(directory) -> list[int]:
+    """Sorted steps of the complete checkpoints in ``directory`` (read from the folder names, no
+    Orbax manager; an interrupted write, Orbax's ``<step>.orbax-checkpoint-tmp*`` folder, is not
+    listed). ``[]`` when the folder does not exist."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and _is_complete(p))
+
+
 def resolve(path, step="best") -> tuple[Path, int]:
     """(checkpoint directory, step) for a workdir, its ``checkpoints/`` folder or one step folder.
 
