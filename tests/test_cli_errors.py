@@ -215,3 +215,19 @@ def test_help_of_every_command_has_examples():
         r = run([sys.executable, "-m", "damo_jax", name, "--help"])
         assert r.returncode == 0, (name, r.stderr)
         assert "example" in r.stdout and "damo-jax" in r.stdout, name
+
+
+def test_ctrl_c_is_one_line_and_exit_130(capsys):
+    """Ctrl-C in any command (here: while it runs): ``interrupted``, exit 130, no traceback;
+    ``--debug`` keeps the KeyboardInterrupt."""
+    from damo_jax.cli.common import run_cli
+
+    def body(argv):
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as info:
+        run_cli(body, ["--no-progress"])
+    assert info.value.code == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == ["interrupted"], err
+    with pytest.raises(KeyboardInterrupt):
+        run_cli(body, ["--debug"])

@@ -1,7 +1,7 @@
 """What every ``damo-jax`` command shares: parser, error policy, logging, model-source flags,
 ``--img-size``, ``--config.KEY=VALUE`` overrides and the ``--data`` check.
 
-Error policy (:func:`run_cli`): a user error (:func:`damo_jax.errors.user_error_types`: bad config
+Error policy (:func:`run_cli`): Ctrl-C prints ``interrupted`` and exits with 130; a user error (:func:`damo_jax.errors.user_error_types`: bad config
 name / key / value, missing path, impossible size, unsafe or corrupt checkpoint, dataset error)
 prints ONE line ``error: <message>`` on stderr and exits with code 2; ``--debug`` or
 ``DAMO_JAX_DEBUG=1`` re-raises it with its traceback. Command-line syntax errors (argparse) get the
@@ -22,6 +22,7 @@ from damo_jax.errors import (EXIT_USER_ERROR, ConfigError, InputPathError, debug
                              user_error_types)
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+EXIT_INTERRUPTED = 128 + 2        # SIGINT, as a shell reports it
 QUIET_LOGGERS = ("absl", "onnx_ir", "jax._src.xla_bridge")
 
 
@@ -74,6 +75,25 @@ def run_cli(fn: Callable, argv: Sequence[str] | None = None):
         if debug_enabled(argv):
             raise
         raise report_user_error(one_line(err)) from None
+    except KeyboardInterrupt:           # Ctrl-C: no traceback (train handles it itself: resume note)
+        if debug_enabled(argv):
+            raise
+        print("interrupted", file=sys.stderr, flush=True)
+        _finish_running_computations()
+        raise SystemExit(EXIT_INTERRUPTED) from None
+
+
+def _finish_running_computations() -> None:
+    """Let dispatched JAX computations finish before the interpreter shuts down (tearing the
+    runtime down under a running computation can crash the process)."""
+    jax = sys.modules.get("jax")
+    if jax is None:
+        return
+    try:
+        for array in jax.live_arrays():
+            array.block_until_ready()
+    except Exception:  # noqa: BLE001 - best effort on the way out
+        pass
 
 
 def command_parser(prog: str, doc: str, add_arguments: Callable) -> Parser:
