@@ -79,11 +79,11 @@ def run_cli(fn: Callable, argv: Sequence[str] | None = None):
         if debug_enabled(argv):
             raise
         print("interrupted", file=sys.stderr, flush=True)
-        _finish_running_computations()
+        finish_running_computations()
         raise SystemExit(EXIT_INTERRUPTED) from None
 
 
-def _finish_running_computations() -> None:
+def finish_running_computations() -> None:
     """Let dispatched JAX computations finish before the interpreter shuts down (tearing the
     runtime down under a running computation can crash the process)."""
     jax = sys.modules.get("jax")

@@ -146,6 +146,7 @@ def run(cfg, args) -> int:
         return loop.EXIT_NONFINITE
     except KeyboardInterrupt as err:    # the loop's clean-up ran: pending checkpoint writes finished
         signum = getattr(err, "signum", signal.SIGINT)
+        common.finish_running_computations()
         print(f"interrupted ({signal.Signals(signum).name}): {resume_note(args.workdir)}",
               file=sys.stderr, flush=True)
         return 128 + signum
