@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -280,7 +281,8 @@ def test_kill9_then_kill_during_save_then_resume_is_bitwise_exact(run_a):
 def test_ctrl_c_or_sigterm_stops_cleanly_and_says_how_to_resume(sig, hang_at, expect):
     """Ctrl-C (SIGINT) or a scheduler's SIGTERM during training: no traceback, one line naming the
     checkpoint the same command resumes from (or that none exists yet), exit 128 + signal, and
-    the checkpoint folder holds only complete checkpoints."""
+    the checkpoint folder holds only complete checkpoints. While the SIGTERM case's run hangs, a
+    second run started on its workdir is refused (one error line naming the first, exit 2)."""
     workdir = shared_dir() / f"run_interrupted_{sig.name}"
     ckdir = workdir / "checkpoints"
     proc = subprocess.Popen(train_cmd(workdir), cwd=ROOT, env=train_env(DAMO_JAX_TEST_HANG_AT_STEP=hang_at),
@@ -290,6 +292,12 @@ def test_ctrl_c_or_sigterm_stops_cleanly_and_says_how_to_resume(sig, hang_at, ex
         deadline = time.time() + 120
         while not Checkpoints(ckdir, read_only=True).is_complete(4) and time.time() < deadline:
             time.sleep(0.2)
+    if sig == signal.SIGTERM:   # meanwhile a second run on the same folder stops at once: exit 2
+        second = run_train(workdir, timeout=300)
+        assert second.returncode == 2, second.stderr[-3000:]
+        assert second.stderr.strip().splitlines() == [
+            f"error: --workdir {workdir}: another training run is using this folder (pid {proc.pid} on "
+            f"{socket.gethostname()}); wait for it to end or choose another --workdir"], second.stderr[-3000:]
     proc.send_signal(sig)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig, out[-3000:]

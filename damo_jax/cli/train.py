@@ -11,7 +11,8 @@ examples:
 
 Every config key can be overridden with --config.KEY=VALUE (listed below with its default for
 the chosen --config). An interrupted run resumes from its --workdir (Ctrl-C or SIGTERM: pending
-checkpoint writes finish, one line names the checkpoint the same command resumes from). Exit
+checkpoint writes finish, one line names the checkpoint the same command resumes from); one run
+at a time per --workdir (a second is refused, naming the first). Exit
 codes: 0 done, 2 user error, 3 non-finite loss/gradients, 130 / 143 interrupted (SIGINT / SIGTERM).
 Alias: python -m damo_jax.train.
 """

@@ -21,6 +21,7 @@ Retention: the last ``keep`` checkpoints plus the best one by validation ``AP`` 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from damo_jax.errors import UserError
 from damo_jax.train import state as state_lib
 
 log = logging.getLogger(__name__)
@@ -199,6 +201,45 @@ class Checkpoints:
 # --------------------------------------------------------------------------------------------------
 # Inference loading
 # --------------------------------------------------------------------------------------------------
+LOCK_FILE = ".train.lock"
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir):
+    """Hold an exclusive lock on ``workdir`` (``flock`` of ``workdir/.train.lock``, released when
+    the process ends, even by ``kill -9``) while a run trains into it: a second run started on the
+    same folder would interleave its checkpoints with this one's and delete them by its own
+    keep-last-N policy. Raises a :class:`UserError` naming the holder (pid and host); on a file
+    system without ``flock`` support the run goes on unlocked, with a warning."""
+    import fcntl
+    import socket
+    folder = Path(workdir)
+    folder.mkdir(parents=True, exist_ok=True)
+    f = open(folder / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown process"
+        f.close()
+        raise UserError(f"--workdir {workdir}: another training run is using this folder ({holder}); "
+                        f"wait for it to end or choose another --workdir") from None
+    except OSError as e:                    # e.g. a network file system without locks
+        log.warning("could not lock %s (%s); make sure no other run trains into it", folder, e)
+        f.close()
+        yield
+        return
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        yield
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
+
+
 def _is_complete(step_dir: Path) -> bool:
     return (step_dir / "_CHECKPOINT_METADATA").is_file() and all((step_dir / item).is_dir() for item in ITEMS)
 

@@ -602,6 +602,14 @@ def train(cfg, workdir, *, progress: bool = True) -> dict:
 
 
 def _train(cfg, workdir, *, progress: bool = True) -> dict:
+    """One writer per workdir: process 0 holds ``checkpoint.workdir_lock`` for the whole run."""
+    import contextlib
+    lock = checkpoint.workdir_lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+    with lock:
+        return _train_in(cfg, workdir, progress=progress)
+
+
+def _train_in(cfg, workdir, *, progress: bool = True) -> dict:
     run, state = setup(cfg, workdir, progress=progress)
     state = resume_or_start(run, state)
     start = int(jax.device_get(state["step"]))
