@@ -84,6 +84,11 @@ host, 2026-12-05 07:30–07:36 UTC, same procedure, 66 s install):
 **AP50 ≥ 0.5 after epoch 6, at 3.0 minutes** (the whole training command 4.3 min;
 ``predictions.png`` boxes most objects, most with the right class, a few class mix-ups).
 
+Again from a fresh clone of f66e31b (same train path; empty caches, 62 s install, same host,
+2026-12-05 11:23–11:27 UTC; minutes from the TensorBoard events' wall times): the same AP50
+digits at 0.9 / 1.3 / 1.7 / 2.1 / 2.5 / **2.8** / 3.2 / 3.6 / 4.0 minutes — **AP50 ≥ 0.5 at 2.8
+minutes** (the whole training command 4.0 min).
+
 The same host with 8dd8428 (1×1 convs as dot, cache-blocked kernel gradients; 15:08–15:19 UTC;
 minutes = the progress bar's elapsed time + 0.45 min, the bar starting 27 s after the command:
 the checkpoints of steps 700 / 800 were written at 9.03 / 10.14 min):
