@@ -199,7 +199,7 @@ class Checkpoints:
 
 
 # --------------------------------------------------------------------------------------------------
-# Inference loading
+# The run folder: one writer, complete steps
 # --------------------------------------------------------------------------------------------------
 LOCK_FILE = ".train.lock"
 
@@ -254,6 +254,9 @@ def complete_steps(directory) -> list[int]:
     return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and _is_complete(p))
 
 
+# --------------------------------------------------------------------------------------------------
+# Inference loading
+# --------------------------------------------------------------------------------------------------
 def resolve(path, step="best") -> tuple[Path, int]:
     """(checkpoint directory, step) for a workdir, its ``checkpoints/`` folder or one step folder.
 
