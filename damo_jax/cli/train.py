@@ -139,7 +139,7 @@ def run(cfg, args) -> int:
     try:                                # a scheduler's stop (SIGTERM) ends the run as Ctrl-C does
         previous = signal.signal(signal.SIGTERM, _raise_interrupted)
     except ValueError:                  # not the main thread (an embedding application): untouched
-        previous = _UNSET
+        previous = None
     try:
         loop.train(cfg, args.workdir, progress=not args.no_progress)
     except loop.NonFiniteError as err:
@@ -152,12 +152,9 @@ def run(cfg, args) -> int:
               file=sys.stderr, flush=True)
         return 128 + signum
     finally:
-        if previous is not _UNSET:
+        if previous is not None:        # None also when a non-Python handler was there: keep ours
             signal.signal(signal.SIGTERM, previous)
     return 0
-
-
-_UNSET = object()
 
 
 class Interrupted(KeyboardInterrupt):

@@ -21,6 +21,7 @@ Exit codes: 0 done, 3 non-finite loss/gradients (the run stops before a checkpoi
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -603,7 +604,6 @@ def train(cfg, workdir, *, progress: bool = True) -> dict:
 
 def _train(cfg, workdir, *, progress: bool = True) -> dict:
     """One writer per workdir: process 0 holds ``checkpoint.workdir_lock`` for the whole run."""
-    import contextlib
     lock = checkpoint.workdir_lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
     with lock:
         return _train_in(cfg, workdir, progress=progress)
