@@ -216,9 +216,8 @@ def build_parser(prog: str = PROG):
 
 
 def run(args, overrides=()) -> dict:
-    from damo_jax.cli.common import img_size
+    from damo_jax.cli.common import img_size, output_dir
     from damo_jax.errors import ConfigError
-    from damo_jax.cli.common import output_dir
     out = output_dir(args.output_dir, "--output-dir")
     config = args.checkpoint or args.config
     if config is None:

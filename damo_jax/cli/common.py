@@ -1,11 +1,11 @@
 """What every ``damo-jax`` command shares: parser, error policy, logging, model-source flags,
 ``--img-size``, ``--config.KEY=VALUE`` overrides and the ``--data`` check.
 
-Error policy (:func:`run_cli`): Ctrl-C prints ``interrupted`` and exits with 130; a user error (:func:`damo_jax.errors.user_error_types`: bad config
-name / key / value, missing path, impossible size, unsafe or corrupt checkpoint, dataset error)
-prints ONE line ``error: <message>`` on stderr and exits with code 2; ``--debug`` or
-``DAMO_JAX_DEBUG=1`` re-raises it with its traceback. Command-line syntax errors (argparse) get the
-same one line and code. Anything else is an internal error and keeps its traceback.
+Error policy (:func:`run_cli`): Ctrl-C prints ``interrupted`` and exits with 130; a user error
+(:func:`damo_jax.errors.user_error_types`: bad config name / key / value, missing path or
+unwritable output, impossible size, unsafe or corrupt checkpoint, dataset error) prints ONE line
+``error: <message>`` on stderr and exits with code 2; ``--debug`` or ``DAMO_JAX_DEBUG=1`` re-raises
+it with its traceback. Command-line syntax errors (argparse) get the same one line and code. Anything else is an internal error and keeps its traceback.
 
 Extension points for new flags: every command module (``damo_jax.cli.<command>``) has
 ``add_arguments(parser)`` and ``run(args, overrides)``; add flags there and read them in ``run``.
