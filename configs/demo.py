@@ -89,6 +89,12 @@ Again from a fresh clone of f66e31b (same train path; empty caches, 62 s install
 digits at 0.9 / 1.3 / 1.7 / 2.1 / 2.5 / **2.8** / 3.2 / 3.6 / 4.0 minutes — **AP50 ≥ 0.5 at 2.8
 minutes** (the whole training command 4.0 min).
 
+Again from a fresh clone of 840e9c0 (same train path; empty caches, 63 s install, same host,
+2026-12-05 12:34–12:39 UTC; minutes from the start of the training command to the log line that
+reports each epoch's evaluation): the same AP50 digits at 1.0 / 1.4 / 1.8 / 2.2 / 2.7 / **3.1** /
+3.5 / 3.9 / 4.3 minutes — **AP50 ≥ 0.5 at 3.1 minutes** (the whole training command 4.4 min;
+``predictions.png`` boxes most objects, most with the right class, a few class mix-ups and misses).
+
 The same host with 8dd8428 (1×1 convs as dot, cache-blocked kernel gradients; 15:08–15:19 UTC;
 minutes = the progress bar's elapsed time + 0.45 min, the bar starting 27 s after the command:
 the checkpoints of steps 700 / 800 were written at 9.03 / 10.14 min):
