@@ -74,3 +74,25 @@ def test_a_bad_bound_is_one_error_line(tmp_path, bad):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: DAMO_JAX_CACHE_MAX_GB="), proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_entries_written_without_the_bound_do_not_break_it(tmp_path):
+    """A cache folder from before the bound (or from a process with ``JAX_COMPILATION_CACHE_DIR``):
+    its entries have no ``-atime`` file, which JAX's bounded cache reads for every entry before each
+    write — without the stamping in ``enable_compile_cache`` every new entry failed with a warning."""
+    xla = tmp_path / "cache" / "xla"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "DAMO_JAX_CACHE"))}
+    env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(xla),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    old = subprocess.run([sys.executable, "-c", "import jax, jax.numpy as jnp; "
+                          "jax.jit(lambda x: jnp.tanh(x) @ x.T).lower(jnp.zeros((5, 5))).compile()"],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert old.returncode == 0, old.stderr
+    before = {p.name for p in xla.glob("*-cache")}
+    assert before and not list(xla.glob("*-atime"))         # written without the bound
+    proc = _run(tmp_path, n=6)                               # the bounded cache, 4 new functions
+    assert proc.returncode == 0, proc.stderr
+    assert "Error writing persistent compilation cache" not in proc.stderr, proc.stderr[-2000:]
+    after = {p.name for p in xla.glob("*-cache")}
+    assert before < after and len(after - before) >= 4
+    assert all((xla / (name[:-len("-cache")] + "-atime")).exists() for name in after)

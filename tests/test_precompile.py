@@ -5,6 +5,7 @@ falls back to compiling in-process."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -71,10 +72,13 @@ def test_a_failed_child_falls_back_to_compiling_here(monkeypatch, tmp_path):
 
 
 def test_cli_run_loads_the_childs_executable(tmp_path):
-    """A real CLI run with a fresh cache: the child compiles, the trainer's compile is a cache hit."""
+    """A real CLI run with a fresh cache: the child compiles, the trainer's compile is a cache hit.
+    The cache is the CLI's own, size-bounded one (``DAMO_JAX_CACHE``): the child writes its entries
+    under the same bound, i.e. with the ``-atime`` files without which every later write of the
+    parent fails (a warning each time, nothing cached)."""
     config = write_tiny_config(tmp_path, "mp_tiny.py", CONFIG)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_", "DAMO_JAX_PRECOMPILE"))}
-    env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla"),
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_", "DAMO_JAX_"))}
+    env.update(JAX_PLATFORMS="cpu", DAMO_JAX_CACHE=str(tmp_path / "cache"),
                XLA_FLAGS="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
                DAMO_JAX_PRECOMPILE="auto")       # the environment wins over the config's "off"
     proc = subprocess.run([sys.executable, "-m", "damo_jax.train", "--config", str(config),
@@ -88,3 +92,31 @@ def test_cli_run_loads_the_childs_executable(tmp_path):
     child_log = (tmp_path / "run" / "precompile.log").read_text()
     assert "update step compiled in" in child_log, child_log[-2000:]
     assert "done: 2 steps" in proc.stderr
+    assert "Error writing persistent compilation cache" not in proc.stderr, proc.stderr[-3000:]
+    entries = sorted((tmp_path / "cache" / "xla").glob("*-cache"))
+    assert entries
+    assert [e.name for e in entries if not e.with_name(e.name[:-6] + "-atime").exists()] == []
+
+
+def test_the_child_writes_under_the_parents_size_bound(monkeypatch, tmp_path):
+    """The child gets the parent's cache folder and size bound: an entry it writes without the
+    bound has no ``-atime`` file and breaks every later write of the parent's bounded cache."""
+    seen = {}
+
+    class FakePopen:
+        def __init__(self, cmd, stdout=None, stderr=None, env=None):
+            seen.update(env)
+
+    monkeypatch.setattr(precompile.subprocess, "Popen", FakePopen)
+    monkeypatch.setattr(precompile, "cache_dir", lambda: str(tmp_path / "xla"))
+    previous = jax.config.jax_compilation_cache_max_size
+    jax.config.update("jax_compilation_cache_max_size", 123456789)
+    try:
+        child = precompile.start_child(load_config("ns"), {"image": np.zeros((2, 8, 8, 3), np.float32)},
+                                       tmp_path / "precompile.log")
+    finally:
+        jax.config.update("jax_compilation_cache_max_size", previous)
+    shutil.rmtree(child.tmp, ignore_errors=True)
+    assert seen["JAX_COMPILATION_CACHE_DIR"] == str(tmp_path / "xla")
+    assert seen["JAX_COMPILATION_CACHE_MAX_SIZE"] == "123456789"
+    assert seen[precompile.CHILD_ENV] == "1"

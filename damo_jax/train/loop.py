@@ -119,9 +119,31 @@ def enable_compile_cache() -> None:
     except ValueError:
         raise ConfigError(f"DAMO_JAX_CACHE_MAX_GB={text!r}: expected a size in GiB > 0") from None
     cache = Path(os.environ.get("DAMO_JAX_CACHE", Path.home() / ".cache" / "damo_jax")) / "xla"
+    _stamp_unbounded_entries(cache)
     jax.config.update("jax_compilation_cache_dir", str(cache))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
     jax.config.update("jax_compilation_cache_max_size", int(max_gb * 2**30))
+
+
+def _stamp_unbounded_entries(cache: Path) -> None:
+    """Give every entry of ``cache`` the ``-atime`` file that JAX's bounded cache reads for each entry
+    before it writes a new one: entries written without a bound (by damo_jax before the bound existed,
+    or by a process with ``JAX_COMPILATION_CACHE_DIR`` set) have none, and one such entry makes every
+    later write fail with a warning. The entry's modification time stands in for its last use."""
+    if not cache.is_dir():
+        return
+    import filelock
+    try:
+        with filelock.FileLock(str(cache / ".lockfile"), timeout=30):
+            for entry in cache.glob("*-cache"):
+                atime = entry.with_name(entry.name[:-len("-cache")] + "-atime")
+                try:
+                    if not atime.exists():
+                        atime.write_bytes(entry.stat().st_mtime_ns.to_bytes(8, "little"))
+                except FileNotFoundError:               # evicted meanwhile by a process without the lock
+                    continue
+    except (OSError, filelock.Timeout) as err:          # the cache is an optimisation: never fatal
+        log.warning("compilation cache %s: could not stamp old entries (%s)", cache, err)
 
 
 # ==================================================================================================

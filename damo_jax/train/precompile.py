@@ -70,7 +70,10 @@ class Child:
         self.tmp = Path(tempfile.mkdtemp(prefix="damo_jax_precompile_"))
         spec = {k: (tuple(v.shape), str(v.dtype)) for k, v in batch.items()}
         (self.tmp / "job.pkl").write_bytes(pickle.dumps({"cfg": cfg, "batch": spec}))
-        env = dict(os.environ, **{CHILD_ENV: "1", "JAX_COMPILATION_CACHE_DIR": str(cache_dir())})
+        # the same folder and the same size bound: entries a child writes without the bound lack the
+        # `-atime` files the parent's bounded cache needs (every later write of the parent fails)
+        env = dict(os.environ, **{CHILD_ENV: "1", "JAX_COMPILATION_CACHE_DIR": str(cache_dir()),
+                                  "JAX_COMPILATION_CACHE_MAX_SIZE": str(jax.config.jax_compilation_cache_max_size)})
         self.t0 = time.perf_counter()
         with open(log_path, "w") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", "damo_jax.train.precompile", str(self.tmp)],
