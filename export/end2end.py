@@ -80,8 +80,12 @@ def nms_nodes(scores: str, boxes: str, *, topk: int, conf_thre: float, iou_thre:
         "selected", center_point_box=0)
     # Reorder to [image, anchor, class] so the dense matrix is (N, A, C) and ties in TopK go
     # anchor-major, class-minor: the candidate order of the official / damo_jax.ops.nms code.
-    selected = n.node("Gather", [selected, n.const("bac", np.array([0, 2, 1], np.int64))],
-                      "selected_bac", axis=1)
+    # Split + Concat, not a Gather of the columns: OpenVINO 2026.4 computed another network for the
+    # Gather form once saved as IR and read back (tests/test_export_models.py, IR end2end test).
+    img_col, cls_col, anchor_col = n.node(
+        "Split", [selected, n.const("split3", np.array([1, 1, 1], np.int64))],
+        "selected_cols", n_out=3, axis=1)
+    selected = n.node("Concat", [img_col, anchor_col, cls_col], "selected_bac", axis=1)
     kept_scores = n.node("GatherND", [scores, selected], "kept_scores")         # (S,)
     nac_shape = n.node("Shape", [scores], "nac_shape")
     minus_one = numpy_helper.from_array(np.array([-1.0], np.float32), _P + "minus_one")

@@ -152,6 +152,30 @@ def test_end2end_matches_jax_nms():
                                (want[1][i, :n], want[2][i, :n], want[3][i, :n]))
 
 
+@pytest.mark.parametrize("name", ["T", "Ns"])
+def test_end2end_openvino_ir_matches_jax_nms(name, tmp_path):
+    """The end-to-end file saved as OpenVINO IR and compiled from the .xml (what a deployer runs)
+    == damo_jax.ops.nms. OpenVINO 2026.4 computed another network when the appended graph picked
+    the NMS index columns with a Gather (scores off by 0.06, boxes by 200+ px) — only after the IR
+    round trip: the ONNX file and the in-memory model were right, so every other test missed it."""
+    import openvino as ov
+    dm, raw, _, _ = exported(name)
+    e2e_cfg = dict(topk=20, conf_thre=0.05, iou_thre=0.7)
+    path = onnx_utils.save(to_onnx.finalize(raw, dm, route="jax2onnx", e2e=e2e_cfg), tmp_path / "e2e.onnx")
+    xml = to_openvino.convert(path, tmp_path / "e2e.xml")
+    compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    res = compiled({"images": golden_input()})
+    num, boxes, scores, labels = (np.asarray(res[compiled.output(n)]) for n in end2end.E2E_OUTPUTS)
+    want = common.run_jax(common.end2end_fn(dm, **e2e_cfg), golden_input())
+    assert (num > 0).all()
+    np.testing.assert_array_equal(num, want[0])
+    for i in range(2):
+        n = int(num[i, 0])
+        assert_same_detections((boxes[i, :n], scores[i, :n], labels[i, :n]),
+                               (want[1][i, :n], want[2][i, :n], want[3][i, :n]),
+                               box_tol=MODELS[name][1])
+
+
 def assert_same_detections(got, want, score_tol=1e-4, box_tol=0.05):
     """Same detections up to float noise; rows whose scores differ by less than the noise may
     come in either order (ORT and XLA round differently), so rows are matched, not zipped."""
