@@ -97,7 +97,7 @@ def open_dataset(spec: str, split: str | None = None, **kwargs) -> DetectionData
         coco_split = {"validation": "val"}.get(split, split)
         ann, image_dir = resolve_coco_paths(rest, coco_split)
         return read_coco(ann, kwargs.get("image_dir", image_dir), name=f"coco:{rest}:{coco_split}",
-                         allow_outside_root=bool(kwargs.get("allow_outside_root", False)))
+                         allow_outside_root=bool(kwargs.get("allow_outside_root", False)), split=coco_split)
     if kind == "yolo":
         from damo_jax.data_pipelines.readers.yolo import read_yolo
         return read_yolo(rest, split)

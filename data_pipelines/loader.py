@@ -101,7 +101,7 @@ class TrainLoader:
         if not 0 <= process_index < process_count:
             raise ValueError(f"TrainLoader: process_index {process_index} not in [0, {process_count})")
         if len(ds) == 0:
-            raise ValueError(f"TrainLoader: dataset {getattr(ds, 'name', ds)!r} is empty")
+            raise DataError(f"dataset {getattr(ds, 'name', ds)!r} has no images (nothing to load)")
         if steps_per_epoch < 1:
             raise ValueError(f"TrainLoader: steps_per_epoch must be >= 1, got {steps_per_epoch}")
         self.ds = ds

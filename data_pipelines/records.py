@@ -93,6 +93,9 @@ class DetectionDataset:
         self.stats["images_without_boxes"] = sum(len(r.labels) == 0 for r in self.records)
         self.indices_with_boxes = np.array(
             [i for i, r in enumerate(self.records) if len(r.labels) > 0], np.int64)
+        # the reader's guess at why not one record has a box (where the labels were looked for),
+        # for the error of a training run on such a split; None where there are boxes
+        self.no_boxes_hint: str | None = None
 
     # -- sequence protocol ---------------------------------------------------------------------
     def __len__(self) -> int:

@@ -72,6 +72,9 @@ def run(args, overrides=()) -> dict:
     if size:
         data_cfg.update(image_size=size, mosaic_size=size)
     ds = open_dataset(args.data, args.split)
+    if len(ds) == 0:
+        from damo_jax.data_pipelines import DataError
+        raise DataError(f"--data {args.data} --split {args.split}: the split has no images")
     total = args.total_steps
     step = args.step if args.step is not None else (3 * total) // 4
     loader = TrainLoader(ds, data_cfg, batch_size=args.num, seed=args.seed, steps_per_epoch=total,

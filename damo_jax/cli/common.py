@@ -237,18 +237,33 @@ def output_file(path, flag: str) -> Path:
     return out
 
 
+def _is_drive_letter(kind: str) -> bool:
+    """``C`` of ``C:\\data\\x.json``: a one-letter prefix is a Windows drive, not a format."""
+    return len(kind) == 1 and kind.isalpha()
+
+
 def check_data_spec(spec: str, flag: str = "--data") -> str:
-    """InputPathError when the path of a ``kind:/path`` (or bare .json/.yaml) spec does not exist."""
+    """A ``kind:/path[?options]`` (or bare .json/.yaml) spec whose path exists: InputPathError when
+    it does not (the ``?key=value`` reader options are checked by the library, which lists the
+    known ones), ConfigError for an unknown format prefix."""
+    from damo_jax.data_pipelines import SPEC_KINDS, split_spec_options
     if not spec or spec.startswith(("demo", "tfds:")):
         return spec
     kind, sep, rest = spec.partition(":")
-    path = rest if sep and kind in ("coco", "yolo", "voc") else spec
-    if not sep and not spec.endswith((".json", ".yaml", ".yml")):
+    if sep and kind not in SPEC_KINDS and not _is_drive_letter(kind) and not Path(spec).exists():
+        raise ConfigError(f"{flag} {spec}: unknown dataset format {kind!r} (known: {', '.join(SPEC_KINDS)})")
+    if not (sep and kind in SPEC_KINDS):
+        kind, rest = "", spec
+    head = rest.split("?", 1)[0]
+    if not kind and not Path(spec).exists():
+        kind = "coco" if head.endswith(".json") else "yolo" if head.endswith((".yaml", ".yml")) else ""
+    if not kind and not spec.endswith((".json", ".yaml", ".yml")):
         if Path(spec).exists():
             raise ConfigError(f"{flag} {spec}: say which format the folder is in, e.g. "
                               f"{flag} coco:{spec} | yolo:{spec}/data.yaml | voc:{spec}")
         raise InputPathError(f"{flag} {spec}: no such file or folder (dataset specs: demo, "
                              f"coco:/dir, yolo:/data.yaml, voc:/dir, tfds:NAME)")
+    path = split_spec_options(kind, rest, spec)[0] if kind else rest
     if not Path(path).exists():
         raise InputPathError(f"{flag} {spec}: {path} does not exist")
     return spec

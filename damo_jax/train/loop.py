@@ -174,11 +174,17 @@ def epochs_to_steps(epochs, steps_per_epoch: int) -> int:
 
 
 def open_datasets(cfg):
-    """(train dataset, val dataset or None); also sets num_classes / class names from the data."""
+    """(train dataset, val dataset or None); also sets num_classes / class names from the data.
+
+    Refuses (``DataError``, one ``error:`` line on the CLI) a training split without images or
+    without a single usable box, and validation data whose class list differs from the training
+    data's (count, names or order)."""
     from damo_jax import data_pipelines
     train_ds = data_pipelines.open_dataset(cfg.data.train, cfg.data.train_split)
+    train_where = f"training data {cfg.data.train!r} (split {cfg.data.train_split!r})"
     if len(train_ds) == 0:
-        raise ValueError(f"config data.train={cfg.data.train!r} split {cfg.data.train_split!r} is empty")
+        raise data_pipelines.DataError(f"{train_where}: the split has no images")
+    check_train_boxes(train_ds, train_where)
     val_ds = None
     val_spec = cfg.data.val or cfg.data.train
     if val_spec and cfg.data.val_split:
@@ -187,10 +193,48 @@ def open_datasets(cfg):
         except (FileNotFoundError, KeyError, ValueError) as err:
             log.warning("no validation data (%s split %s): %s — evaluation skipped",
                         val_spec, cfg.data.val_split, err)
+    if val_ds is not None:
+        check_same_classes(train_ds, val_ds, train_where,
+                           f"validation data {val_spec!r} (split {cfg.data.val_split!r})")
     names = tuple(train_ds.class_names)
     cfg.model.head["num_classes"] = len(names)
     cfg.model.class_names = names
     return train_ds, val_ds
+
+
+def check_train_boxes(ds, where: str) -> None:
+    """``DataError`` when not one image of the training split has a usable box (a missing labels
+    folder, empty label files, only crowd / difficult objects...): such a run would learn nothing.
+    The message repeats the reader's hint (``ds.no_boxes_hint``) on where the labels were expected."""
+    from damo_jax.data_pipelines import DataError
+    records = getattr(ds, "records", None)
+    if records is None or any(len(r.labels) for r in records):
+        return
+    counts = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(ds.stats.items()) if v)
+    hint = getattr(ds, "no_boxes_hint", None)
+    raise DataError(f"{where}: the training split has no boxes to learn from ({len(records)} images; "
+                    f"{counts})" + (f": {hint}" if hint else ""))
+
+
+def _short(names, limit: int = 8) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return f"[{shown}{', ...' if len(names) > limit else ''}]"
+
+
+def check_same_classes(train_ds, val_ds, train_where: str, val_where: str) -> None:
+    """``DataError`` when the validation data's class list is not the training data's (a different
+    count fails every evaluation; other names or another order give wrong per-class AP)."""
+    from damo_jax.data_pipelines import DataError
+    train, val = tuple(train_ds.class_names), tuple(val_ds.class_names)
+    if len(train) != len(val):
+        raise DataError(f"{val_where} has {len(val)} classes {_short(val)} but {train_where} has "
+                        f"{len(train)} {_short(train)}: train and validation need the same class list")
+    if train != val:
+        i = next(k for k, (a, b) in enumerate(zip(train, val)) if a != b)
+        raise DataError(f"{val_where} and {train_where} name their classes differently: class {i} is "
+                        f"{val[i]!r} in the validation data but {train[i]!r} in the training data "
+                        f"(train {_short(train)}, val {_short(val)}); labels would be matched by index, "
+                        f"giving wrong per-class results")
 
 
 def make_loader(train_ds, cfg, rl: RunLength, start_step: int):

@@ -94,6 +94,10 @@ def _parse_categories(data: dict, file: str) -> tuple[list[int], list[str]]:
         cname = _require(c, "name", str, where)
         if cid in by_id:
             raise DataError(f"{where}: duplicate category id {cid}")
+        if cname in by_id.values():
+            other = next(k for k, v in by_id.items() if v == cname)
+            raise DataError(f"{where}: field 'name': {cname!r} is also the name of category id {other} "
+                            f"(class names must be unique)")
         by_id[cid] = cname
     ids = sorted(by_id)
     return ids, [by_id[i] for i in ids]
@@ -153,8 +157,9 @@ _guess = hint_by_reason({
 
 
 def read_coco(ann_file: str | os.PathLike, image_dir: str | os.PathLike, *, name: str | None = None,
-              allow_outside_root: bool = False) -> CocoDataset:
-    """Read a COCO instances JSON into a :class:`CocoDataset` (see module docstring)."""
+              allow_outside_root: bool = False, split: str | None = None) -> CocoDataset:
+    """Read a COCO instances JSON into a :class:`CocoDataset` (see module docstring). A file
+    without images is a :class:`DataError` (``split`` names the split in its message)."""
     file = str(ann_file)
     try:
         with open(file, "rb") as f:
@@ -168,6 +173,9 @@ def read_coco(ann_file: str | os.PathLike, image_dir: str | os.PathLike, *, name
     cat_ids, class_names = _parse_categories(data, file)
     label_of = {cid: i for i, cid in enumerate(cat_ids)}
     images = _parse_images(data, file, allow_outside_root)
+    if not images:
+        raise DataError(f"{file}: " + (f"split {split!r} has no images" if split else "no images")
+                        + " (field 'images' is empty)")
     stats: collections.Counter = collections.Counter()
     per_image = collections.defaultdict(lambda: ([], [], [], []))
     gt_annotations = []
@@ -210,4 +218,15 @@ def read_coco(ann_file: str | os.PathLike, image_dir: str | os.PathLike, *, name
     gt = {"images": [images[i] for i in sorted(images)], "annotations": gt_annotations,
           "categories": [{"id": c, "name": n} for c, n in zip(cat_ids, class_names)]}
     audit.warn()
-    return CocoDataset(records, class_names, cat_ids, name=name or file, stats=stats, coco_gt=gt)
+    ds = CocoDataset(records, class_names, cat_ids, name=name or file, stats=stats, coco_gt=gt)
+    if not len(ds.indices_with_boxes):
+        if "annotations" not in data:
+            ds.no_boxes_hint = f"{file} has no field 'annotations'"
+        elif not annotations:
+            ds.no_boxes_hint = f"{file}: field 'annotations' is empty"
+        elif stats["crowd_boxes"] == len(annotations):
+            ds.no_boxes_hint = (f"all {len(annotations)} annotations of {file} have iscrowd=1 (crowd "
+                                f"regions are ignored in training)")
+        else:
+            ds.no_boxes_hint = f"none of the {len(annotations)} annotations of {file} is a usable box"
+    return ds

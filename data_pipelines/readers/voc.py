@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Sequence
 
 from damo_jax.data_pipelines.imageio import displayed_size
-from damo_jax.data_pipelines.quality import hint_by_reason
+from damo_jax.data_pipelines.quality import dropped, hint_by_reason
 from damo_jax.data_pipelines.records import (DataError, DetectionDataset, DropAudit, Record, check_inside,
                                              clean_boxes, empty_boxes, log)
 
@@ -143,6 +143,25 @@ def _class_names(root: Path, given: Sequence[str] | None) -> tuple[list[str], bo
     return sorted(names), False
 
 
+def _check_unique(names: list[str], root: Path, given) -> None:
+    seen: dict[str, int] = {}
+    for i, n in enumerate(names):
+        if n in seen:
+            where = "class_names" if given is not None else next(
+                str(root / f) for f in ("classes.txt", "labels.txt") if (root / f).is_file())
+            raise DataError(f"voc:{root}: {where}: classes {seen[n]} and {i} have the same name {n!r} "
+                            f"(class names must be unique)")
+        seen[n] = i
+
+
+def no_boxes_hint(stats, root: Path) -> str:
+    """Why a split has not a single usable box (for the error of a training run on it)."""
+    if stats["difficult_boxes"] and not dropped(stats):
+        return (f"all {stats['difficult_boxes']} objects are marked <difficult>1</difficult> (not trained "
+                f"on; use voc:{root}?difficult=keep to train on them)")
+    return f"the XML files of the split (under {root}) have no usable <object>"
+
+
 def read_voc(path: str | os.PathLike, split: str, *, class_names: Sequence[str] | None = None,
              difficult: str = "ignore", allow_outside_root: bool = False) -> DetectionDataset:
     root = Path(path).expanduser()
@@ -151,6 +170,7 @@ def read_voc(path: str | os.PathLike, split: str, *, class_names: Sequence[str] 
     if not root.is_dir():
         raise DataError(f"voc:{root}: no such folder")
     names, _ = _class_names(root, class_names)
+    _check_unique(names, root, class_names)
     label_of = {n: i for i, n in enumerate(names)}
     stats: collections.Counter = collections.Counter()
     audit = DropAudit(f"voc:{root}:{split}")
@@ -197,5 +217,8 @@ def read_voc(path: str | os.PathLike, split: str, *, class_names: Sequence[str] 
     if not records:
         raise DataError(f"voc:{root}: split {split!r} has no usable images")
     audit.warn()
-    return DetectionDataset(records, names, list(range(1, len(names) + 1)),
-                            name=f"voc:{root}:{split}", stats=stats)
+    ds = DetectionDataset(records, names, list(range(1, len(names) + 1)),
+                          name=f"voc:{root}:{split}", stats=stats)
+    if not len(ds.indices_with_boxes):
+        ds.no_boxes_hint = no_boxes_hint(stats, root)
+    return ds

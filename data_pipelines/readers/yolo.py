@@ -34,6 +34,12 @@ from damo_jax.inference.images import IMAGE_SUFFIXES  # noqa: E402 - the one suf
 
 def _load_yaml(path: Path) -> dict:
     import yaml
+    if path.is_dir():
+        found = sorted(q.name for q in path.iterdir() if q.suffix in (".yaml", ".yml") and q.is_file())
+        suggest = (f" (e.g. yolo:{path / ('data.yaml' if 'data.yaml' in found else found[0])}; "
+                   f"YAML files there: {', '.join(found[:5])})" if found else
+                   " (no .yaml file in that folder)")
+        raise DataError(f"yolo:{path}: is a folder; pass its data YAML{suggest}")
     try:
         with open(path, "r", encoding="utf-8") as f:
             data = yaml.safe_load(f)
@@ -41,6 +47,8 @@ def _load_yaml(path: Path) -> dict:
         raise DataError(f"{path}: data YAML not found") from e
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: not valid YAML ({e})") from e
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the data YAML ({e.strerror or e})") from e
     if not isinstance(data, dict):
         raise DataError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     return data
@@ -64,6 +72,12 @@ def _parse_names(data: dict, file: Path) -> tuple[list[int], list[str]]:
     for k, v in pairs:
         if not isinstance(v, (str, int, float)) or isinstance(v, bool):
             raise DataError(f"{file}: field 'names': class {k} has an invalid name {v!r}")
+    first: dict[str, int] = {}
+    for k, v in pairs:
+        if str(v) in first:
+            raise DataError(f"{file}: field 'names': classes {first[str(v)]} and {k} have the same name "
+                            f"{str(v)!r} (class names must be unique)")
+        first[str(v)] = k
     nc = data.get("nc")
     if nc is not None and nc != len(pairs):
         raise DataError(f"{file}: field 'nc' = {nc!r} but 'names' has {len(pairs)} entries")
@@ -80,7 +94,7 @@ def _image_files(entry, root: Path, file: Path) -> list[Path]:
         return sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file())
     if p.is_file() and p.suffix == ".txt":
         out = []
-        for line in p.read_text(encoding="utf-8", errors="replace").splitlines():
+        for line in p.read_text(encoding="utf-8-sig", errors="replace").splitlines():
             line = line.strip()
             if line:
                 q = Path(line)
@@ -103,7 +117,7 @@ def parse_label_file(path: Path, width: int, height: int, class_index: dict[int,
                      ) -> tuple[list[list[float]], list[int]]:
     """Boxes (x1y1x2y2 px, unclipped) and contiguous labels of one YOLO label file."""
     boxes, labels = [], []
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text = path.read_text(encoding="utf-8-sig", errors="replace")   # -sig: a leading BOM is dropped
     for lineno, line in enumerate(text.splitlines(), 1):
         parts = line.split()
         if not parts:
@@ -138,7 +152,7 @@ def _guess(path: Path):
         reason = dominant_reason(counts)
         if reason == "outside_boxes":
             values = []
-            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            for line in path.read_text(encoding="utf-8-sig", errors="replace").splitlines():
                 try:
                     values += [abs(float(v)) for v in line.split()[1:]]
                 except ValueError:
@@ -194,4 +208,21 @@ def read_yolo(yaml_path: str | os.PathLike, split: str) -> DetectionDataset:
     if not records:
         raise DataError(f"{file}: split {split!r} has no readable images under {data[split_key]!r}")
     audit.warn()
-    return DetectionDataset(records, names, cat_ids, name=f"yolo:{file}:{split}", stats=stats)
+    ds = DetectionDataset(records, names, cat_ids, name=f"yolo:{file}:{split}", stats=stats)
+    if not len(ds.indices_with_boxes):
+        ds.no_boxes_hint = no_boxes_hint(records)
+    return ds
+
+
+def no_boxes_hint(records) -> str:
+    """Where the labels of a split without a single usable box were looked for (for the error of
+    a training run on it)."""
+    labels = [label_path(Path(r.file)) for r in records]
+    missing = [p for p in labels if not p.is_file()]
+    if len(missing) == len(labels):
+        return (f"no label file found: the labels are expected beside the images with the last "
+                f"'images' folder replaced by 'labels' and the suffix .txt, e.g. {records[0].file} -> "
+                f"{labels[0]}")
+    present = [p for p in labels if p.is_file()]
+    head = f"{len(missing)} of {len(labels)} label files missing (e.g. {missing[0]}); " if missing else ""
+    return f"{head}the label files found (e.g. {present[0]}) have no usable 'class cx cy w h' lines"
