@@ -711,7 +711,7 @@ def _train_in(cfg, workdir, *, progress: bool = True) -> dict:
             loader.close()
         run.ckpts.close()
         run.tlog.close()
-    return finish(run, state)
+    return finish(run, state, skipped=int(loader.stats["skipped_samples"]) if loader is not None else 0)
 
 
 def check_teacher(run: Run) -> None:
@@ -727,11 +727,12 @@ def check_teacher(run: Run) -> None:
     distill_lib.check_teacher_ap(run.cfg, stats["AP"])
 
 
-def finish(run: Run, state: dict) -> dict:
-    """curves.png, predictions.png and the summary line."""
+def finish(run: Run, state: dict, skipped: int = 0) -> dict:
+    """curves.png, predictions.png and the summary line; ``skipped``: training samples this
+    process replaced because their image could not be read."""
     best = run.best if run.best["AP"] >= 0 else None
     summary = {"workdir": str(run.workdir), "step": int(jax.device_get(state["step"])), "best": best,
-               "last_eval": run.last_eval,
+               "last_eval": run.last_eval, "skipped_samples": skipped,
                "checkpoint": str(run.ckpts.directory / str(run.ckpts.best_step() or run.ckpts.latest_step()))}
     if not run.primary:
         return summary
@@ -746,6 +747,9 @@ def finish(run: Run, state: dict) -> dict:
     run.info(f"done: {summary['step']} steps; best AP {best['AP']:.4f} / AP50 "
              f"{best.get('AP50', float('nan')):.4f} at step {best['step']}" if best
              else f"done: {summary['step']} steps (no evaluation)")
+    if skipped:
+        run.info(f"{skipped} training samples had an unreadable image and were replaced by the next "
+                 f"readable one (the warnings above name the files)")
     run.info(f"checkpoint: {summary['checkpoint']}  curves: {summary['curves']}"
              + (f"  predictions: {summary['predictions']}" if "predictions" in summary else ""))
     return summary

@@ -81,15 +81,24 @@ class AugParams:
         )
 
 
+#: (dataset name, index) of the unreadable samples already warned about in this process
+_WARNED: set = set()
+
+
 def load_sample(ds, index: int, stats: collections.Counter) -> dict:
-    """``ds[index]``, replacing undecodable images by the following index (counted, logged)."""
+    """``ds[index]``, replacing undecodable images by the following index (every replacement
+    counted in ``stats["skipped_samples"]``; a warning once per image and process)."""
     n = len(ds)
     for attempt in range(MAX_BAD_IN_A_ROW):
         try:
             return ds[(index + attempt) % n]
         except DataError as e:
             stats["skipped_samples"] += 1
-            log.warning("skipping sample %d: %s", (index + attempt) % n, e)
+            key = (getattr(ds, "name", id(ds)), (index + attempt) % n)
+            if key not in _WARNED:
+                _WARNED.add(key)
+                log.warning("skipping sample %d (replaced by the next one each time it is drawn; "
+                            "warned once): %s", key[1], e)
             last = e
     raise DataError(f"{MAX_BAD_IN_A_ROW} unreadable samples in a row from index {index}: {last}")
 
