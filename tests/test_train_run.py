@@ -420,3 +420,29 @@ def test_trainer_learns_to_overfit_a_handful_of_images():
     assert train[-1]["total_loss"] < 0.5 * train[0]["total_loss"], (train[0], train[-1])
     assert evals[-1]["AP50"] >= 0.8, evals
 
+
+
+def test_resume_on_data_with_other_class_names_is_refused(run_a, tmp_path):
+    """A workdir trained on one class list, resumed on data with the same count but other names:
+    before, it resumed silently (the checkpoint then said the new names); now one error line,
+    exit 2, and the checkpoints stay as they were."""
+    import shutil
+    workdir = tmp_path / "run"
+    shutil.copytree(run_a[0] / "checkpoints", workdir / "checkpoints")
+    data = tmp_path / "coco"
+    shutil.copytree(shared_dir() / "coco", data)
+    for ann in (data / "annotations").glob("*.json"):
+        d = json.loads(ann.read_text())
+        for c in d["categories"]:
+            c["name"] = "other_" + c["name"]
+        ann.write_text(json.dumps(d))
+    before = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+    cmd = train_cmd(workdir)
+    cmd[cmd.index("--data") + 1] = f"coco:{data}"
+    r = subprocess.run(cmd, cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: --workdir {workdir}: its checkpoints were trained on "), last
+    assert "other_" in last
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before

@@ -578,16 +578,36 @@ def setup(cfg, workdir, *, progress: bool = True) -> tuple[Run, dict]:
     return run, state
 
 
+def check_resume_classes(run: Run, steps) -> None:
+    """``ConfigError`` when the workdir's newest complete checkpoint was trained on another class
+    list than this run's data: resuming would silently continue on other data (same count) or fail
+    to restore (another count)."""
+    complete = [s for s in steps if run.ckpts.is_complete(s)]
+    if not complete:
+        return
+    try:
+        meta = run.ckpts.restore_items(max(complete), ("meta",))["meta"]
+    except Exception:  # noqa: BLE001 - an unreadable checkpoint is reported by the restore itself
+        return
+    saved, now = tuple(meta.get("class_names") or ()), tuple(run.cfg.model.class_names)
+    if saved and saved != now:
+        raise ConfigError(
+            f"--workdir {run.workdir}: its checkpoints were trained on {len(saved)} classes {_short(saved)} "
+            f"but this run's data has {len(now)} {_short(now)}; resume with the same data, or train "
+            f"in a new --workdir")
+
+
 def resume_or_start(run: Run, state: dict) -> dict:
     """Latest complete checkpoint of the workdir, else the fine-tuning weights, else ``state``."""
     steps = run.ckpts.steps()
     if not steps:
         return apply_finetune(state, run.cfg, run.tx, run.replicated, run.info) if run.cfg.train.finetune \
             else state
+    check_resume_classes(run, steps)
     restored = run.ckpts.restore_latest(state)
     if restored is None:
-        raise RuntimeError(f"{run.ckpts.directory} holds checkpoints {steps} but none can be restored "
-                           f"into this model/config; use a new --workdir")
+        raise ConfigError(f"--workdir {run.workdir}: {run.ckpts.directory} holds checkpoints {steps} but "
+                          f"none can be restored into this model/config; use a new --workdir")
     state, meta = restored
     if run.teacher is not None:
         distill_lib.check_resumed_teacher(meta.get("distill") or {}, run.distill_meta, run.ckpts.directory)
