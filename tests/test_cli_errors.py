@@ -231,3 +231,121 @@ def test_ctrl_c_is_one_line_and_exit_130(capsys):
     assert err.strip().splitlines() == ["interrupted"], err
     with pytest.raises(KeyboardInterrupt):
         run_cli(body, ["--debug"])
+
+
+# ------------------------------------------------------------- predict / eval / export input audit
+def _expect_error(cli, argv, must_contain, capsys):
+    with pytest.raises(SystemExit) as info:
+        _cli(cli)(argv)
+    assert info.value.code == 2
+    return assert_one_error_line(capsys.readouterr().err, must_contain)
+
+
+@pytest.mark.parametrize("flags,must_contain", [
+    (["--batch-size", "0"], "--batch-size 0"), (["--batch-size", "-1"], "--batch-size -1"),
+    (["--conf", "-1"], "--conf -1.0"), (["--conf", "1.5"], "--conf 1.5"),
+    (["--conf", "nan"], "--conf nan"), (["--conf", "inf"], "--conf inf"),
+    (["--iou", "-0.5"], "--iou -0.5"), (["--iou", "2"], "--iou 2.0"), (["--iou", "nan"], "--iou nan")])
+def test_predict_option_ranges(flags, must_contain, files, capsys):
+    _expect_error("predict", base_args("predict", files) + flags, must_contain, capsys)
+
+
+@pytest.mark.parametrize("flags,must_contain", [
+    (["--max-dets", "0"], "--max-dets 0"), (["--max-dets", "-5"], "--max-dets -5"),
+    (["--batch-size", "0"], "--batch-size 0"), (["--pre-nms-topk", "0"], "--pre-nms-topk 0"),
+    (["--conf", "1.5"], "--conf 1.5"), (["--conf", "nan"], "--conf nan"),
+    (["--iou", "-0.5"], "--iou -0.5"), (["--iou", "nan"], "--iou nan")])
+def test_eval_option_ranges(flags, must_contain, files, capsys):
+    _expect_error("eval", base_args("eval", files) + flags, must_contain, capsys)
+
+
+def test_predict_out_equal_to_or_inside_source_is_refused(files, tmp_path, capsys):
+    src = tmp_path / "images"
+    src.mkdir()
+    Image.fromarray(np.full((32, 32, 3), 9, np.uint8)).save(src / "a.png")
+    before = (src / "a.png").read_bytes()
+    argv = without(without(base_args("predict", files), "--source"), "--out")
+    _expect_error("predict", argv + ["--source", str(src), "--out", str(src)],
+                  "is the --source folder", capsys)
+    _expect_error("predict", argv + ["--source", str(src), "--out", str(src / "preds")],
+                  "inside the --source folder", capsys)
+    _expect_error("predict", argv + ["--source", str(src / "a.png"), "--out", str(src)],
+                  "would replace the input image", capsys)
+    assert (src / "a.png").read_bytes() == before and not (src / "preds").exists()
+
+
+def test_predict_out_is_source_entry_point_subprocess(files, tmp_path):
+    src = tmp_path / "images"
+    src.mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(src / "a.png")
+    r = run([sys.executable, "-m", "damo_jax", "predict", "--config", "demo", "--weights",
+             str(WEIGHTS), "--source", str(src), "--out", str(src) + "/", "--no-progress"])
+    assert r.returncode == 2, r.stderr
+    assert_one_error_line(r.stderr, "--out")
+
+
+def _random_bytes(path, n=5000):
+    path.write_bytes(np.random.default_rng(1).integers(0, 256, n, np.uint8).tobytes())
+    return path
+
+
+@pytest.mark.parametrize("cli", ["predict", "eval"])
+def test_corrupt_onnx_file_is_one_error_line(cli, files, tmp_path, capsys):
+    bad = _random_bytes(tmp_path / "bad.onnx")
+    argv = without(base_args(cli, files), "--weights") + ["--onnx", str(bad)]
+    _expect_error(cli, argv, f"--onnx {bad}: cannot be read as an ONNX model", capsys)
+
+
+def test_corrupt_openvino_files_are_one_error_line(files, tmp_path, capsys):
+    pytest.importorskip("openvino")
+    bad = tmp_path / "bad.xml"
+    bad.write_text("<net")
+    argv = without(base_args("predict", files), "--weights")
+    _expect_error("predict", argv + ["--openvino", str(bad)], "bad.bin is missing", capsys)
+    bad.with_suffix(".bin").write_bytes(b"\0" * 16)
+    _expect_error("predict", argv + ["--openvino", str(bad)],
+                  f"--openvino {bad}: cannot be read as an OpenVINO IR", capsys)
+
+
+@pytest.mark.parametrize("target", ["openvino", "tensorrt"])
+def test_export_from_a_non_onnx_file_is_one_error_line(target, tmp_path, capsys):
+    from damo_jax.cli.export import main
+    jpg = tmp_path / "notamodel.jpg"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(jpg)
+    out = str(tmp_path / ("m.xml" if target == "openvino" else "m.engine"))
+    with pytest.raises(SystemExit) as info:
+        main([target, "--onnx", str(jpg), "--output", out])
+    assert info.value.code == 2
+    assert_one_error_line(capsys.readouterr().err, f"--onnx {jpg}: cannot be read as an ONNX model")
+
+
+def test_export_tensorrt_without_tensorrt_is_one_error_line(tmp_path, capsys, monkeypatch):
+    from test_predict import write_handmade_onnx
+
+    from damo_jax.cli.export import main
+    onnx_file = write_handmade_onnx(tmp_path / "m.onnx")
+    monkeypatch.setitem(sys.modules, "tensorrt", None)          # not importable
+    with pytest.raises(SystemExit) as info:
+        main(["tensorrt", "--onnx", str(onnx_file), "--output", str(tmp_path / "m.engine")])
+    assert info.value.code == 2
+    assert_one_error_line(capsys.readouterr().err, "TensorRT's Python package is not installed")
+
+
+def test_predict_partial_checkpoint_is_one_error_line(files, tmp_path, capsys):
+    import shutil
+
+    import jax.numpy as jnp
+
+    from damo_jax.config import load_config
+    from damo_jax.train import checkpoint
+    params = {"w": jnp.ones(4)}
+    state = {"params": params, "batch_stats": {}, "opt_state": {"count": jnp.zeros((), jnp.int32)},
+             "step": jnp.asarray(1, jnp.int32), "rng": jnp.zeros((2,), jnp.uint32),
+             "ema_params": params, "ema_batch_stats": {}}
+    meta = {"config": checkpoint.config_to_json(load_config("demo")), "class_names": ["x"]}
+    with checkpoint.Checkpoints(tmp_path / "run" / "checkpoints", async_save=False) as ck:
+        ck.save(100, state, meta)
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "100" / "ema")
+    argv = without(without(base_args("predict", files), "--config"), "--weights")
+    _expect_error("predict", argv + ["--checkpoint", str(tmp_path / "run")],
+                  f"--checkpoint {tmp_path / 'run'}: step 100 ", capsys)

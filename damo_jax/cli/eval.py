@@ -94,6 +94,9 @@ def run(args, overrides) -> dict:
     if args.data:
         common.check_data_spec(args.data)
     check_tile_arguments(args)
+    from damo_jax.inference.pipeline import check_detection_options
+    check_detection_options(conf=args.conf, iou=args.iou, max_dets=args.max_dets,
+                            pre_nms_topk=args.pre_nms_topk, batch_size=args.batch_size)
     if args.save_json and not args.out:
         from damo_jax.errors import ConfigError
         raise ConfigError("--save-json writes into the report folder: give --out DIR")

@@ -6,10 +6,12 @@ examples:
   damo-jax predict --config s --onnx s.onnx --source images/ --conf 0.4
   damo-jax predict --config s --openvino s.xml --source images/ --img-size 640
 
-Writes <out>/<name> (the image with boxes and class names drawn; same file name and format) and
-<out>/detections.json: one entry per image with file, width, height, boxes (x1y1x2y2 original
-pixels), scores, labels (0-based) and class_names. Unreadable images in a folder are skipped and
-counted; an empty folder is an error.
+Writes <out>/<name> (the image with boxes and class names drawn; same file name and format;
+<name>.png for a format PIL cannot write, e.g. .dng) and <out>/detections.json: one entry per image
+with file, width, height, boxes (x1y1x2y2 original pixels), scores, labels (0-based) and
+class_names. Unreadable images in a folder are skipped and counted; an empty folder is an error.
+--out may not be the --source folder or lie inside it (drawings would replace the inputs / be
+scanned as inputs next time), and a drawing is never written over an input file.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import logging
 from pathlib import Path
 
 from damo_jax.cli import common
+from damo_jax.errors import ConfigError
 
 log = logging.getLogger("damo_jax.cli.predict")
 PROG = "damo-jax predict"
@@ -65,11 +68,70 @@ def _output_name(path: Path, source: Path) -> Path:
     return path.relative_to(source) if source.is_dir() else Path(path.name)
 
 
-def _save_drawing(target: Path, image, result, detector) -> None:
+def check_out_vs_source(out, source) -> None:
+    """ConfigError when ``--out`` is the ``--source`` folder or inside it (the drawings would
+    replace the input images, and a later recursive scan would pick them up as inputs), or when
+    the drawing of a single ``--source`` image would be written over it."""
+    out_r, src_r = Path(out).resolve(), Path(source).resolve()
+    if src_r.is_dir():
+        if out_r == src_r:
+            raise ConfigError(f"--out {out}: is the --source folder; the drawings would replace "
+                              f"the input images (choose another --out)")
+        if out_r.is_relative_to(src_r):
+            raise ConfigError(f"--out {out}: lies inside the --source folder {source}; the "
+                              f"drawings would be read as input images by the next run (choose "
+                              f"an --out outside it)")
+    elif out_r / src_r.name == src_r:
+        raise ConfigError(f"--out {out}: is the folder of --source {source}; the drawing would "
+                          f"replace the input image (choose another --out, or --no-draw)")
+
+
+def _file_id(path: Path):
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _writable_suffix(suffix: str) -> bool:
+    from PIL import Image
+    Image.init()
+    fmt = Image.registered_extensions().get(suffix.lower())
+    return fmt is not None and fmt in Image.SAVE
+
+
+def _save_drawing(target: Path, image, result, detector, inputs: set) -> Path | None:
+    """Draw and save; returns the file written, or None (warned) when it could not be. Never
+    writes over an input file (``inputs``: (device, inode) of every input); a suffix PIL cannot
+    write (.dng, ...) is saved as ``<name>.png``; a failed save never stops the run."""
     from damo_jax.inference.draw import draw_detections
-    target.parent.mkdir(parents=True, exist_ok=True)
-    draw_detections(image, result["boxes"], result["scores"], result["labels"],
-                    detector.class_names).save(target)
+    if not _writable_suffix(target.suffix):
+        png = target.with_name(target.name + ".png")
+        log.info("%s: PIL cannot write %s files; the drawing is saved as %s", target.name,
+                 target.suffix, png.name)
+        target = png
+    if _file_id(target) in inputs:
+        log.warning("not drawing %s: it is an input image (the drawing would replace it)", target)
+        return None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        canvas = draw_detections(image, result["boxes"], result["scores"], result["labels"],
+                                 detector.class_names)
+        try:
+            canvas.save(target)
+        except (OSError, ValueError, KeyError) as e:       # the format refuses this image
+            png = target.with_name(target.name + ".png")
+            if target.suffix.lower() == ".png" or _file_id(png) in inputs:
+                raise
+            log.warning("could not save the drawing %s (%s); saved as %s", target, e, png.name)
+            target.unlink(missing_ok=True)
+            canvas.save(png)
+            target = png
+    except (OSError, ValueError, KeyError) as e:
+        log.warning("could not save the drawing %s (%s); skipped", target, e)
+        return None
+    return target
 
 
 def run(args, overrides=()) -> dict:
@@ -77,19 +139,24 @@ def run(args, overrides=()) -> dict:
     from damo_jax.inference.detector import read_image
     from damo_jax.inference.images import list_images
 
+    from damo_jax.inference.pipeline import check_detection_options
     from damo_jax.inference.tiling import check_tile_arguments
     check_tile_arguments(args)
+    check_detection_options(conf=args.conf, iou=args.iou, batch_size=args.batch_size)
     files = list_images(args.source, flag="--source")
     source = Path(args.source)
     if source.is_file():  # a single image: an unreadable file is an error (before loading the model)
         read_image(source)
+    if not args.no_draw or source.is_dir():
+        check_out_vs_source(args.out, source)
     out_dir = common.output_dir(args.out, "--out")      # before the model loads
+    inputs = {i for i in map(_file_id, files) if i is not None}
     detector = load_detector(args, overrides)
     progress = None
     if not args.no_progress and len(files) > 1:
         from tqdm import tqdm
         progress = tqdm(total=len(files), desc="predict", unit="img")
-    entries, skipped, pending = [], [], []
+    entries, skipped, pending, not_drawn = [], [], [], []
     for index, path in enumerate(files):
         try:
             pending.append((path, read_image(path)))
@@ -105,22 +172,25 @@ def run(args, overrides=()) -> dict:
                                    pad_to_batch=len(files) > len(pending))
             for (p, image), result in zip(pending, results):
                 entries.append(_entry(p, image, result))
-                if not args.no_draw:
-                    _save_drawing(out_dir / _output_name(p, source), image, result, detector)
+                if not args.no_draw and _save_drawing(out_dir / _output_name(p, source), image,
+                                                      result, detector, inputs) is None:
+                    not_drawn.append(str(p))
             pending = []
         if progress is not None:
             progress.update(1)
     if progress is not None:
         progress.close()
     summary = {"images": entries, "skipped": skipped, "conf": detector.conf, "iou": detector.iou,
-               "image_size": list(detector.image_size)}
+               "image_size": list(detector.image_size), "not_drawn": not_drawn}
     if args.tile:
         summary["tiling"] = {"tile": args.tile, "overlap": args.overlap,
                              "full_image": args.tile_full_image}
     with open(out_dir / "detections.json", "w") as f:
         json.dump(summary, f, indent=1)
     total = sum(len(e["scores"]) for e in entries)
-    print(f"{len(entries)} image(s), {total} detection(s), {len(skipped)} skipped -> {out_dir}")
+    drawn = f", {len(not_drawn)} not drawn (see the log)" if not_drawn else ""
+    print(f"{len(entries)} image(s), {total} detection(s), {len(skipped)} skipped{drawn} "
+          f"-> {out_dir}")
     return summary
 
 

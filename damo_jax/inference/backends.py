@@ -42,6 +42,24 @@ def _check_file(path, suffixes) -> Path:
     return p
 
 
+def _reason(err: BaseException) -> str:
+    """The informative part of a runtime's (multi-line) error message, one short line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    keep = [line for line in lines if not line.startswith(("Exception from src", "Check '"))]
+    text = " ".join(keep or lines) or type(err).__name__
+    text = text.replace("[ONNXRuntimeError] : ", "")
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _onnxruntime_errors() -> tuple[type, ...]:
+    """onnxruntime's load errors (pybind classes, not RuntimeError subclasses)."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+    names = ("Fail", "InvalidProtobuf", "InvalidGraph", "InvalidArgument", "NoSuchFile", "NoModel",
+             "NotImplemented", "RuntimeException", "EPFail")
+    return tuple(getattr(state, n) for n in names if isinstance(getattr(state, n, None), type)) + (
+        RuntimeError,)
+
+
 def _check_outputs(path, names) -> None:
     if sorted(names) != sorted(RAW_OUTPUTS):
         hint = (" — an --end2end export; export without --end2end for damo_jax.inference.predict / Detector"
@@ -92,7 +110,7 @@ class _Backend:
 class OnnxBackend(_Backend):
     """onnxruntime session of a raw-output ONNX export."""
 
-    def __init__(self, path, *, threads: int | None = None, providers=None):
+    def __init__(self, path, *, threads: int | None = None, providers=None, flag: str = "--onnx"):
         import onnxruntime as ort
 
         self.path = _check_file(path, (".onnx",))
@@ -100,8 +118,12 @@ class OnnxBackend(_Backend):
         if threads:
             opts.intra_op_num_threads = int(threads)
             opts.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(self.path), opts,
-                                            providers=providers or ["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(self.path), opts,
+                                                providers=providers or ["CPUExecutionProvider"])
+        except _onnxruntime_errors() as e:     # random bytes, a truncated file, a broken graph
+            raise ExportedModelError(f"{flag} {self.path}: cannot be read as an ONNX model "
+                                     f"({_reason(e)})") from e
         inputs = self.session.get_inputs()
         if len(inputs) != 1:
             raise ExportedModelError(f"{self.path}: expected one input 'images', got "
@@ -126,14 +148,23 @@ class OpenVinoBackend(_Backend):
     """OpenVINO compiled model (CPU by default) of an IR ``.xml`` or ONNX file."""
 
     def __init__(self, path, *, precision: str = "f32", device: str = "CPU",
-                 threads: int | None = None):
+                 threads: int | None = None, flag: str = "--openvino"):
         import openvino as ov
 
         self.path = _check_file(path, (".xml", ".onnx"))
         if precision not in ("f32", "auto"):
             raise ValueError(f"OpenVinoBackend precision must be 'f32' or 'auto', got {precision!r}")
+        weights = self.path.with_suffix(".bin")
+        if self.path.suffix.lower() == ".xml" and not weights.is_file():
+            raise InputPathError(f"{flag} {self.path}: its weights file {weights.name} is missing "
+                                 f"(an OpenVINO IR is the .xml and the .bin next to it)")
+        kind = "an ONNX" if self.path.suffix.lower() == ".onnx" else "an OpenVINO IR"
         core = ov.Core()
-        model = core.read_model(str(self.path))
+        try:
+            model = core.read_model(str(self.path))
+        except RuntimeError as e:              # not XML / not an IR / a truncated .bin
+            raise ExportedModelError(f"{flag} {self.path}: cannot be read as {kind} model "
+                                     f"({_reason(e)})") from e
         names = [o.get_any_name() for o in model.outputs]
         _check_outputs(self.path, names)
         shape = model.inputs[0].get_partial_shape()
@@ -144,7 +175,11 @@ class OpenVinoBackend(_Backend):
             config["INFERENCE_PRECISION_HINT"] = "f32"
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
-        self.compiled = core.compile_model(model, device, config)
+        try:
+            self.compiled = core.compile_model(model, device, config)
+        except RuntimeError as e:              # e.g. a .bin that does not belong to the .xml
+            raise ExportedModelError(f"{flag} {self.path}: cannot be compiled as {kind} model "
+                                     f"({_reason(e)})") from e
         self.request = self.compiled.create_infer_request()
         self._outputs = {name: self.compiled.output(name) for name in names}
         self.metadata = _ov_metadata(model, self.path)

@@ -5,6 +5,12 @@
     det = damo_jax.Detector.load("s", backend="onnx", model_path="s.onnx") # exported model
     result = det("photo.jpg")          # or a PIL image, an (H,W,3) uint8 RGB array, or a list
 
+Image inputs: a path (decoded like the datasets: EXIF orientation applied), a PIL image (EXIF
+orientation applied too), or an RGB array — uint8 as is; other integer arrays are 8-bit values
+when their maximum is <= 255, else 16-bit (``/ 257``); float arrays 0..1 or 0..255.
+``conf`` / ``iou`` must be in [0, 1], ``max_dets`` / ``pre_nms_topk`` / ``batch_size`` >= 1
+(a ``ConfigError``, a ``ValueError``, when the detector is built).
+
 Loading is :func:`damo_jax.inference.loading.load_model`; pre-processing, forward, NMS and the
 mapping back to original pixels are :mod:`damo_jax.inference.pipeline` (the evaluation protocol,
 SPEC §9.4/§10.2: stretch-resize, RGB 0–255 float32, no normalisation; independent x / y factors).
@@ -25,8 +31,8 @@ import jax
 import numpy as np
 
 from damo_jax.errors import ConfigError, InputPathError
-from damo_jax.inference.pipeline import (JaxBackend, NmsParams, detect, pad_batch, preprocess,
-                                         rescale_detections, stretch_resize)
+from damo_jax.inference.pipeline import (JaxBackend, NmsParams, check_detection_options, detect,
+                                         pad_batch, preprocess, rescale_detections, stretch_resize)
 from damo_jax.ops.boxes import check_image_size
 
 log = logging.getLogger("damo_jax.inference.detector")
@@ -47,15 +53,21 @@ def read_image(path) -> np.ndarray:
 
 def to_rgb_array(image) -> np.ndarray:
     """Path / PIL image / array -> (H,W,3) uint8 RGB (arrays and 16-bit / float PIL modes through
-    the one converter :func:`damo_jax.inference.images.to_rgb_uint8`)."""
+    the one converter :func:`damo_jax.inference.images.to_rgb_uint8`).
+
+    A PIL image gets its EXIF orientation applied (like a path). Integer arrays other than uint8
+    are 8-bit values when their maximum is <= 255, else 16-bit (``/ 257``); the 16-bit PIL modes
+    (``I;16``, ``I``) of a decoded file are always 16-bit."""
     from damo_jax.inference.images import to_rgb_uint8
     if isinstance(image, (str, os.PathLike)):
         return read_image(image)
     if hasattr(image, "convert") and hasattr(image, "size"):  # PIL image
+        from PIL import ImageOps
+        image = ImageOps.exif_transpose(image) or image
         if image.mode.startswith("I") or image.mode == "F":
             return to_rgb_uint8(np.asarray(image))
         return np.asarray(image.convert("RGB"), dtype=np.uint8)
-    return to_rgb_uint8(image)
+    return to_rgb_uint8(image, small_ints_are_8bit=True)
 
 
 # ------------------------------------------------------------------------------------- Detector
@@ -66,6 +78,8 @@ class Detector:
     def __init__(self, backend: Callable, *, class_names: Sequence[str], image_size: Sequence[int],
                  conf: float = 0.05, iou: float = 0.7, max_dets: int = 500,
                  pre_nms_topk: int = 1000, batch_size: int = 8):
+        check_detection_options("Detector: ", conf=conf, iou=iou, max_dets=max_dets,
+                                pre_nms_topk=pre_nms_topk, batch_size=batch_size)
         image_size = tuple(int(v) for v in image_size)
         fixed = getattr(backend, "input_hw", None)
         if fixed is not None and tuple(fixed) != image_size:
@@ -111,6 +125,8 @@ class Detector:
         ``backend="onnx"`` / ``"openvino"``).
         """
         from damo_jax.inference.loading import load_model
+        check_detection_options("Detector.load: ", conf=conf, iou=iou, max_dets=max_dets,
+                                batch_size=batch_size)       # before anything is loaded
         if isinstance(path_or_config, (str, os.PathLike)) and Path(path_or_config).suffix in (
                 ".pth", ".pt", ".npz", ".onnx", ".xml"):
             raise ConfigError(f"Detector.load({str(path_or_config)!r}): pass a config and the file "

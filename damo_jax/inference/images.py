@@ -32,10 +32,13 @@ def list_images(source, *, flag: str = "source") -> list[Path]:
     return files
 
 
-def to_rgb_uint8(arr) -> np.ndarray:
+def to_rgb_uint8(arr, *, small_ints_are_8bit: bool = False) -> np.ndarray:
     """(H, W), (H, W, 1|3|4) array -> (H, W, 3) uint8 RGB: gray repeated, alpha dropped;
-    uint8 as is; other integers are 16-bit (``/ 257``); floats are 0..1 (``x 255``) when their
-    maximum is <= 1, else 0..255; NaN -> 0; rounded and clipped to 0..255."""
+    uint8 as is; other integers are 16-bit (``/ 257``) — with ``small_ints_are_8bit`` (arrays
+    from a caller, whose bit depth is unknown: ``Detector``) only when their maximum is > 255,
+    else they are 8-bit values (0..255, as is); floats are 0..1 (``x 255``) when their maximum is
+    <= 1, else 0..255; NaN -> 0; rounded and clipped to 0..255. Decoded image files keep the
+    default: their bit depth is known (a dark 16-bit file stays 16-bit)."""
     arr = np.asarray(arr)
     if arr.ndim == 2:
         arr = arr[..., None]
@@ -49,7 +52,9 @@ def to_rgb_uint8(arr) -> np.ndarray:
     if arr.dtype == bool:
         values = arr.astype(np.float64) * 255.0
     elif np.issubdtype(arr.dtype, np.integer):
-        values = arr.astype(np.float64) / 257.0
+        values = arr.astype(np.float64)
+        if not (small_ints_are_8bit and values.max(initial=0.0) <= 255.0):
+            values = values / 257.0
     else:
         values = arr.astype(np.float64)
         if np.nanmax(values, initial=0.0) <= 1.0:

@@ -123,10 +123,13 @@ def _config(config):
 
 
 def _run_dir_call(fn, path, flag: str = "--checkpoint"):
+    from damo_jax.train.checkpoint import CheckpointCorruptError
     try:
         return fn(path)
     except FileNotFoundError as e:
         raise InputPathError(f"{flag} {path}: {e}") from e
+    except CheckpointCorruptError as e:        # a partial / corrupt step: name the flag too
+        raise CheckpointCorruptError(f"{flag} {path}: {e}") from e
 
 
 def _checkpoint(path, config):
@@ -188,8 +191,8 @@ def _random_variables(cfg, seed: int) -> dict:
 
 def _exported(kind: str, path: Path, cfg, class_names, threads) -> LoadedModel:
     from damo_jax.inference import backends
-    runner = (backends.OnnxBackend(path, threads=threads) if kind == "onnx"
-              else backends.OpenVinoBackend(path, threads=threads))
+    runner = (backends.OnnxBackend(path, threads=threads, flag="--onnx") if kind == "onnx"
+              else backends.OpenVinoBackend(path, threads=threads, flag="--openvino"))
     exported = getattr(runner, "class_names", None)
     if exported and len(exported) != len(class_names):
         raise ConfigError(f"--{kind} {path} predicts {len(exported)} classes but the config has "

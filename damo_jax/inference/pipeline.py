@@ -5,6 +5,8 @@
   stretch-resize (cv2 bilinear, no letterbox) to the network size, RGB 0–255, no normalisation.
 * :func:`pad_batch` — zero-pads a batch to a static size (one compiled shape, fixed-batch files).
 * :class:`NmsParams` / :func:`nms_params` — conf / iou / max_dets / pre_nms_topk from ``cfg.test``.
+* :func:`check_detection_options` — conf / iou in [0, 1], max_dets / pre_nms_topk / batch_size
+  >= 1: a ``ConfigError`` naming the flag (``--conf`` ...) before anything is loaded.
 * :func:`detect` — backend forward + :func:`damo_jax.ops.nms.multiclass_nms`; a :class:`JaxBackend`
   runs both in ONE jit (:func:`detect_batch`), exported backends (ONNX, OpenVINO) run their
   forward and then the same jitted NMS.
@@ -59,6 +61,37 @@ class NmsParams:
     iou: float = 0.7          # suppress IoU strictly above (same class)
     max_dets: int = 500       # kept per image
     pre_nms_topk: int = 1000  # candidates per image before NMS (static shape)
+
+
+OPTION_FLAGS = {"conf": "--conf", "iou": "--iou", "max_dets": "--max-dets",
+                "pre_nms_topk": "--pre-nms-topk", "batch_size": "--batch-size"}
+
+
+def check_detection_options(where: str = "", **options) -> None:
+    """Check the detection options that were given (None = not given): ``conf`` and ``iou``
+    finite numbers in [0, 1]; ``max_dets``, ``pre_nms_topk`` and ``batch_size`` integers >= 1.
+    A :class:`~damo_jax.errors.ConfigError` (a ``ValueError``) naming the flag, prefixed by
+    ``where`` (e.g. ``"Detector.load: "``), for the first bad one."""
+    import math
+    import numbers
+
+    from damo_jax.errors import ConfigError
+    for name, value in options.items():
+        if value is None:
+            continue
+        flag = OPTION_FLAGS.get(name, name)
+        if name in ("conf", "iou"):
+            what = "score threshold" if name == "conf" else "NMS IoU threshold"
+            ok = (isinstance(value, numbers.Real) and not isinstance(value, bool)
+                  and math.isfinite(float(value)) and 0.0 <= float(value) <= 1.0)
+            if not ok:
+                raise ConfigError(f"{where}{flag} {value!r}: the {what} must be a number in "
+                                  f"[0, 1]")
+        else:
+            ok = (isinstance(value, numbers.Integral) and not isinstance(value, bool)
+                  and int(value) >= 1)
+            if not ok:
+                raise ConfigError(f"{where}{flag} {value!r}: must be an integer >= 1")
 
 
 def nms_params(test_cfg=None, **overrides) -> NmsParams:

@@ -285,9 +285,42 @@ def resolve(path, step="best") -> tuple[Path, int]:
     return p, int(chosen)
 
 
+class CheckpointCorruptError(UserError, ValueError):
+    """A checkpoint step that misses items or whose files cannot be read (names step and folder)."""
+
+
+def _missing_items(step_dir: Path, items) -> list[str]:
+    names = ["_CHECKPOINT_METADATA"] if not (step_dir / "_CHECKPOINT_METADATA").is_file() else []
+    return names + [item for item in items if not (step_dir / item).is_dir()]
+
+
+def _restore_for_inference(directory: Path, step: int, items) -> dict:
+    """``restore_items`` with the load errors of a partial / corrupt step (a missing item, an
+    empty step folder, truncated array files) as one :class:`CheckpointCorruptError`."""
+    ck = Checkpoints(directory, read_only=True)
+    others = [s for s in complete_steps(directory) if s != step]
+    hint = (f"; complete steps: {others}, choose one with --checkpoint {directory}/<step>"
+            if others else "")
+    missing = _missing_items(directory / str(step), items)
+    if missing:
+        raise CheckpointCorruptError(f"step {step} in {directory} is incomplete or corrupt "
+                                     f"(missing {', '.join(missing)}){hint}")
+    try:
+        return ck.restore_items(step, items=items)
+    except Exception as e:  # noqa: BLE001 - orbax re-raises tensorstore read errors as bare Exception
+        cause = e
+        while cause.__cause__ is not None:      # the tensorstore / file error, not orbax's wrapper
+            cause = cause.__cause__
+        reason = " ".join(str(cause.args[0] if isinstance(cause, KeyError) and cause.args
+                              else cause).split())
+        reason = reason if len(reason) <= 240 else reason[:237] + "..."
+        raise CheckpointCorruptError(f"step {step} in {directory} is incomplete or corrupt "
+                                     f"({type(cause).__name__}: {reason}){hint}") from e
+
+
 def load_meta(path, step="best") -> dict:
     directory, chosen = resolve(path, step)
-    return Checkpoints(directory, read_only=True).restore_items(chosen, items=("meta",))["meta"]
+    return _restore_for_inference(directory, chosen, ("meta",))["meta"]
 
 
 def load_for_inference(path, *, step="best", which: str = "ema"):
@@ -300,8 +333,7 @@ def load_for_inference(path, *, step="best", which: str = "ema"):
     if which not in ("ema", "model"):
         raise ValueError(f"load_for_inference(which={which!r}): expected 'ema' or 'model'")
     directory, chosen = resolve(path, step)
-    ck = Checkpoints(directory, read_only=True)
-    items = ck.restore_items(chosen, items=("ema" if which == "ema" else "state", "meta"))
+    items = _restore_for_inference(directory, chosen, ("ema" if which == "ema" else "state", "meta"))
     meta = items["meta"]
     config = config_from_json(meta["config"])
     class_names = tuple(meta.get("class_names") or config.model.class_names)

@@ -1,0 +1,231 @@
+"""Bad input to predict / Detector / exported-file backends / checkpoint loading (user audit of
+``damo-jax predict``): a clear error naming the flag and file, or a logged skip — never data loss,
+a traceback or a silently wrong result. Library-level; no model is compiled."""
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from damo_jax.errors import ConfigError, UserError
+
+
+# ----------------------------------------------------------------- 1: --out vs --source, overwrite
+def test_out_equal_to_or_inside_source_is_refused(tmp_path):
+    from damo_jax.cli.predict import check_out_vs_source
+    src = tmp_path / "images"
+    (src / "sub").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(src / "a.png")
+    with pytest.raises(ConfigError, match="--out .*is the --source folder"):
+        check_out_vs_source(src, src)
+    with pytest.raises(ConfigError, match="--out .*is the --source folder"):
+        check_out_vs_source(str(src / "sub" / ".."), src)        # resolved
+    with pytest.raises(ConfigError, match="--out .*inside the --source folder"):
+        check_out_vs_source(src / "preds", src)
+    with pytest.raises(ConfigError, match="would replace the input image"):
+        check_out_vs_source(src, src / "a.png")                  # a single image, out = its folder
+    check_out_vs_source(tmp_path / "preds", src)                 # outside: fine
+    check_out_vs_source(tmp_path / "preds", src / "a.png")
+
+
+def test_a_drawing_is_never_written_over_an_input_file(tmp_path):
+    from damo_jax.cli.predict import _file_id, _save_drawing
+
+    class Det:
+        class_names = ("a",)
+    image = np.full((16, 16, 3), 7, np.uint8)
+    inp = tmp_path / "in.png"
+    Image.fromarray(image).save(inp)
+    before = inp.read_bytes()
+    link = tmp_path / "link.png"
+    link.hardlink_to(inp)                                        # same file under another name
+    result = {"boxes": np.array([[1, 1, 10, 10]], np.float32), "scores": np.array([0.9]),
+              "labels": np.array([0])}
+    inputs = {_file_id(inp)}
+    assert _save_drawing(inp, image, result, Det(), inputs) is None
+    assert _save_drawing(link, image, result, Det(), inputs) is None
+    assert inp.read_bytes() == before
+    assert _save_drawing(tmp_path / "out.png", image, result, Det(), inputs) == tmp_path / "out.png"
+
+
+# ----------------------------------------------------------------- 2/3: option ranges at load time
+@pytest.mark.parametrize("kwargs,flag", [
+    (dict(batch_size=0), "--batch-size"), (dict(batch_size=-1), "--batch-size"),
+    (dict(max_dets=0), "--max-dets"), (dict(max_dets=-5), "--max-dets"),
+    (dict(conf=-1.0), "--conf"), (dict(conf=1.5), "--conf"), (dict(conf=math.nan), "--conf"),
+    (dict(conf=math.inf), "--conf"), (dict(iou=-0.5), "--iou"), (dict(iou=2.0), "--iou"),
+    (dict(iou=math.nan), "--iou")])
+def test_detector_load_checks_options_before_loading(kwargs, flag, tmp_path):
+    from damo_jax.inference.detector import Detector
+    with pytest.raises(ValueError, match=f"Detector.load: {flag} "):   # before the (missing) run
+        Detector.load(str(tmp_path / "no_such_run"), **kwargs)
+
+
+def test_detector_constructor_checks_options():
+    from damo_jax.inference.detector import Detector
+
+    def backend(images):  # never called
+        raise AssertionError
+    Detector(backend, class_names=("a",), image_size=(32, 32), conf=0.0, iou=1.0, max_dets=1,
+             batch_size=1)                                       # the bounds are allowed
+    for kwargs in (dict(batch_size=0), dict(max_dets=0), dict(pre_nms_topk=0), dict(conf=1.01),
+                   dict(iou=float("nan"))):
+        with pytest.raises(ConfigError, match="Detector: --"):
+            Detector(backend, class_names=("a",), image_size=(32, 32), **kwargs)
+
+
+# ----------------------------------------------------------------- 4: corrupt exported files
+def _handmade_onnx(path):
+    from test_predict import write_handmade_onnx
+    return write_handmade_onnx(path)
+
+
+def test_corrupt_onnx_is_a_user_error(tmp_path):
+    from damo_jax.inference.backends import OnnxBackend, OpenVinoBackend
+    good = _handmade_onnx(tmp_path / "good.onnx")
+    rand = tmp_path / "rand.onnx"
+    rand.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, np.uint8).tobytes())
+    trunc = tmp_path / "trunc.onnx"
+    trunc.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    for bad in (rand, trunc):
+        with pytest.raises(UserError, match=f"--onnx {bad}: cannot be read as an ONNX model"):
+            OnnxBackend(bad)
+        with pytest.raises(UserError, match=f"--openvino {bad}: cannot be read as an ONNX model"):
+            OpenVinoBackend(bad)
+
+
+def test_corrupt_or_incomplete_openvino_ir_is_a_user_error(tmp_path):
+    pytest.importorskip("openvino")
+    import openvino as ov
+
+    from damo_jax.inference.backends import OpenVinoBackend
+    xml = tmp_path / "m.xml"
+    ov.save_model(ov.Core().read_model(str(_handmade_onnx(tmp_path / "m.onnx"))), str(xml))
+    OpenVinoBackend(xml)                                          # the good IR loads
+    xml.with_suffix(".bin").unlink()
+    with pytest.raises(UserError, match=r"--openvino .*m.xml: its weights file m.bin is missing"):
+        OpenVinoBackend(xml)
+    bad = tmp_path / "bad.xml"
+    bad.write_text("<oops")
+    bad.with_suffix(".bin").write_bytes(b"")
+    with pytest.raises(UserError, match="--openvino .*bad.xml: cannot be read as an OpenVINO IR"):
+        OpenVinoBackend(bad)
+
+
+def test_export_cli_checks_the_onnx_file_and_tensorrt(tmp_path, monkeypatch):
+    from damo_jax.cli.export import check_onnx_file, check_tensorrt, precheck
+    jpg = tmp_path / "notamodel.jpg"
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(jpg)
+    with pytest.raises(UserError, match=f"--onnx {jpg}: cannot be read as an ONNX model"):
+        check_onnx_file(jpg)
+    for target in ("openvino", "tensorrt", "int8"):
+        with pytest.raises(UserError, match="cannot be read as an ONNX model"):
+            precheck(target, ["--onnx", str(jpg), "--output", str(tmp_path / "x")])
+    check_onnx_file(_handmade_onnx(tmp_path / "m.onnx"))        # a real ONNX file passes
+    monkeypatch.setitem(__import__("sys").modules, "tensorrt", None)   # import fails
+    with pytest.raises(UserError, match="TensorRT's Python package is not installed"):
+        check_tensorrt()
+    precheck("tensorrt", ["--onnx", str(tmp_path / "m.onnx"), "--output", "e", "--print-trtexec"])
+
+
+# ----------------------------------------------------------------- 5: partial / corrupt checkpoints
+@pytest.fixture()
+def tiny_run(tmp_path):
+    import jax.numpy as jnp
+
+    from damo_jax.config import load_config
+    from damo_jax.train import checkpoint
+    cfg = load_config("demo")
+    variables = {"params": {"w": jnp.arange(1000, dtype=jnp.float32)},
+                 "batch_stats": {"m": jnp.ones(3)}}
+    state = {"params": variables["params"], "batch_stats": variables["batch_stats"],
+             "opt_state": {"count": jnp.zeros((), jnp.int32)}, "step": jnp.asarray(1, jnp.int32),
+             "rng": jnp.zeros((2,), jnp.uint32), "ema_params": variables["params"],
+             "ema_batch_stats": variables["batch_stats"]}
+    meta = {"config": checkpoint.config_to_json(cfg), "class_names": list(cfg.model.class_names)}
+    run = tmp_path / "run"
+    with checkpoint.Checkpoints(run / "checkpoints", async_save=False) as ck:
+        ck.save(100, state, meta, metrics={"AP": 0.0})
+    return run
+
+
+def _load(run):
+    from damo_jax.train.checkpoint import load_for_inference
+    from damo_jax.inference.loading import _run_dir_call
+    return _run_dir_call(load_for_inference, run)
+
+
+def test_checkpoint_without_ema_is_one_clear_error(tiny_run):
+    _, variables, _ = _load(tiny_run)                            # the intact run loads
+    assert variables["params"]["w"].shape == (1000,)
+    shutil.rmtree(tiny_run / "checkpoints" / "100" / "ema")
+    with pytest.raises(UserError, match=rf"--checkpoint {tiny_run}: step 100 .*is incomplete or "
+                       r"corrupt \(missing ema\)"):
+        _load(tiny_run)
+
+
+def test_empty_step_folder_is_one_clear_error(tiny_run):
+    step = tiny_run / "checkpoints" / "100"
+    shutil.rmtree(step)
+    step.mkdir()
+    with pytest.raises(UserError, match="step 100 .*is incomplete or corrupt"):
+        _load(tiny_run)
+
+
+def test_truncated_array_files_are_one_clear_error(tiny_run):
+    ema = tiny_run / "checkpoints" / "100" / "ema"
+    data = [p for p in ema.rglob("*") if p.is_file() and p.stat().st_size > 1000]
+    assert data
+    for p in data:
+        p.write_bytes(p.read_bytes()[:100])
+    with pytest.raises(UserError, match="step 100 .*is incomplete or corrupt"):
+        _load(tiny_run)
+
+
+def test_newer_complete_step_is_preferred_over_an_older_broken_one(tiny_run):
+    from damo_jax.train.checkpoint import resolve
+    older = tiny_run / "checkpoints" / "50"
+    shutil.copytree(tiny_run / "checkpoints" / "100", older)
+    shutil.rmtree(older / "ema")
+    assert resolve(tiny_run, "latest")[1] == 100
+    _load(tiny_run)
+
+
+# ----------------------------------------------------------------- 6: suffixes PIL cannot write
+def test_drawing_of_an_unwritable_suffix_is_saved_as_png(tmp_path, caplog):
+    from damo_jax.cli.predict import _save_drawing
+
+    class Det:
+        class_names = ("a",)
+    image = np.zeros((16, 16, 3), np.uint8)
+    result = {"boxes": np.zeros((0, 4)), "scores": np.zeros(0), "labels": np.zeros(0, int)}
+    with caplog.at_level("INFO", logger="damo_jax.cli.predict"):
+        written = _save_drawing(tmp_path / "raw.dng", image, result, Det(), set())
+    assert written == tmp_path / "raw.dng.png" and written.is_file()
+    assert "raw.dng.png" in caplog.text
+    blocked = tmp_path / "file"
+    blocked.write_text("x")
+    assert _save_drawing(blocked / "x.png", image, result, Det(), set()) is None  # no crash
+
+
+# ----------------------------------------------------------------- 7: arrays and PIL input
+def test_small_int_arrays_are_8bit_and_pil_exif_is_applied(tmp_path):
+    from damo_jax.inference.detector import to_rgb_array
+    rgb = np.random.default_rng(0).integers(0, 256, (6, 10, 3), np.uint8)
+    np.testing.assert_array_equal(to_rgb_array(rgb.astype(np.int64)), rgb)
+    np.testing.assert_array_equal(to_rgb_array(rgb.astype(np.uint16)), rgb)
+    wide = (rgb.astype(np.uint16) * 257)                          # real 16-bit values
+    np.testing.assert_array_equal(to_rgb_array(wide), rgb)
+    # EXIF orientation 6 (rotate 90 cw): a PIL image comes out like the path does
+    path = tmp_path / "exif6.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(rgb).save(path, exif=exif, quality=100)
+    from_path = to_rgb_array(path)
+    from_pil = to_rgb_array(Image.open(path))
+    assert from_path.shape == (10, 6, 3)
+    np.testing.assert_array_equal(from_pil, from_path)
