@@ -227,6 +227,8 @@ def run(args, overrides=()) -> dict:
         if not fp32.is_file():
             from damo_jax.errors import InputPathError
             raise InputPathError(f"--onnx {fp32}: file not found")
+        from damo_jax.export import onnx_utils
+        onnx_utils.check_readable(fp32)
     else:
         from damo_jax.export import common, onnx_utils, to_onnx
         dm = common.load_deploy_model(args.config, checkpoint=args.checkpoint,

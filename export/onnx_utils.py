@@ -28,6 +28,22 @@ def load(path) -> onnx.ModelProto:
     return onnx.load(str(path))
 
 
+def check_readable(path, flag: str = "--onnx") -> None:
+    """:class:`~damo_jax.errors.UserError` naming ``flag`` when the existing file ``path`` is not a
+    readable ONNX model (random bytes, a truncated export, an image, an empty graph): one error
+    line instead of the converter's protobuf / OpenVINO traceback."""
+    from google.protobuf.message import DecodeError
+
+    from damo_jax.errors import UserError
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, OSError) as e:
+        raise UserError(f"{flag} {path}: cannot be read as an ONNX model ({e})") from e
+    if not len(model.graph.node) or not len(model.graph.input):
+        raise UserError(f"{flag} {path}: cannot be read as an ONNX model (no graph: "
+                        f"{len(model.graph.node)} nodes, {len(model.graph.input)} inputs)")
+
+
 def save(model: onnx.ModelProto, path) -> Path:
     """Save as one file (external data only when the proto would exceed protobuf's 2 GB)."""
     path = Path(path)

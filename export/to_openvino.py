@@ -25,6 +25,7 @@ from pathlib import Path
 import onnx
 
 from damo_jax.errors import ConfigError, InputPathError
+from damo_jax.export import onnx_utils
 
 log = logging.getLogger("damo_jax.export")
 
@@ -39,6 +40,7 @@ def convert(onnx_path, output, *, fp16: bool = False) -> Path:
         raise InputPathError(f"--onnx {onnx_path}: ONNX file not found")
     if output.suffix != ".xml":
         raise ConfigError(f"--output must end in .xml, got {output}")
+    onnx_utils.check_readable(onnx_path)
     model = ov.convert_model(str(onnx_path))
     proto = onnx.load(str(onnx_path), load_external_data=False)
     for prop in proto.metadata_props:

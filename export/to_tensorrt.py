@@ -26,7 +26,8 @@ import logging
 from pathlib import Path
 
 
-from damo_jax.errors import ConfigError, InputPathError
+from damo_jax.errors import ConfigError, InputPathError, UserError
+from damo_jax.export import onnx_utils
 
 log = logging.getLogger("damo_jax.export")
 
@@ -94,15 +95,21 @@ def trtexec_command(onnx_path, engine_path, shapes=None, *, fp16=False, workspac
     return " ".join(parts)
 
 
+class TensorRTMissing(UserError, ImportError):
+    """TensorRT's Python package cannot be imported (a user error: one line on the CLI)."""
+
+
 def build_engine(onnx_path, engine_path, *, fp16=False, min_batch=None, opt_batch=None,
                  max_batch=None, workspace_gib: float = 2.0, trt=None) -> Path:
     """Parse ``onnx_path`` and write a serialized engine to ``engine_path``."""
     if trt is None:
         try:
             import tensorrt as trt
-        except ImportError as e:
-            raise ImportError("TensorRT's Python package is needed (pip install tensorrt, from "
-                              "NVIDIA's index, on a machine with an NVIDIA GPU)") from e
+        except (ImportError, OSError) as e:
+            raise TensorRTMissing("TensorRT's Python package is not installed (pip install tensorrt, "
+                                  "from NVIDIA's index, on a machine with an NVIDIA GPU); "
+                                  "--print-trtexec prints the equivalent trtexec command without "
+                                  f"it [{e}]") from e
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     shapes = profile_shapes(onnx_input_shape(onnx_path), min_batch, opt_batch, max_batch)
     if fp16 and not has_fp16_flag(trt):
@@ -161,6 +168,7 @@ def run(args):
         raise ConfigError(f"--workspace must be > 0 GiB, got {args.workspace}")
     if not Path(args.onnx).is_file():
         raise InputPathError(f"--onnx {args.onnx}: ONNX file not found")
+    onnx_utils.check_readable(args.onnx)
     shapes = profile_shapes(onnx_input_shape(args.onnx), args.min_batch, args.opt_batch,
                             args.max_batch)
     command = trtexec_command(args.onnx, args.output, shapes, fp16=args.fp16,

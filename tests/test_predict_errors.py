@@ -116,20 +116,28 @@ def test_corrupt_or_incomplete_openvino_ir_is_a_user_error(tmp_path):
         OpenVinoBackend(bad)
 
 
-def test_export_cli_checks_the_onnx_file_and_tensorrt(tmp_path, monkeypatch):
-    from damo_jax.cli.export import check_onnx_file, check_tensorrt, precheck
+def test_export_targets_check_the_onnx_file_and_tensorrt(tmp_path, monkeypatch):
+    """Each converter reads its --onnx through ``onnx_utils.check_readable`` (so the CLI and the
+    scripts under export/ both give one line), and a missing TensorRT is a user error."""
+    from damo_jax.export import int8, onnx_utils, to_openvino, to_tensorrt
     jpg = tmp_path / "notamodel.jpg"
     Image.new("RGB", (32, 32), (200, 10, 10)).save(jpg)
     with pytest.raises(UserError, match=f"--onnx {jpg}: cannot be read as an ONNX model"):
-        check_onnx_file(jpg)
-    for target in ("openvino", "tensorrt", "int8"):
+        onnx_utils.check_readable(jpg)
+    out = tmp_path / "x"
+    for run in (lambda: to_openvino.convert(jpg, out.with_suffix(".xml")),
+                lambda: to_tensorrt.run(to_tensorrt.build_parser().parse_args(
+                    ["--onnx", str(jpg), "--output", str(out), "--print-trtexec"])),
+                lambda: int8.run(int8.build_parser().parse_args(
+                    ["--config", "ns", "--onnx", str(jpg), "--calib-data", "demo",
+                     "--output-dir", str(out)]))):
         with pytest.raises(UserError, match="cannot be read as an ONNX model"):
-            precheck(target, ["--onnx", str(jpg), "--output", str(tmp_path / "x")])
-    check_onnx_file(_handmade_onnx(tmp_path / "m.onnx"))        # a real ONNX file passes
+            run()
+    good = _handmade_onnx(tmp_path / "m.onnx")
+    onnx_utils.check_readable(good)                                  # a real ONNX file passes
     monkeypatch.setitem(__import__("sys").modules, "tensorrt", None)   # import fails
-    with pytest.raises(UserError, match="TensorRT's Python package is not installed"):
-        check_tensorrt()
-    precheck("tensorrt", ["--onnx", str(tmp_path / "m.onnx"), "--output", "e", "--print-trtexec"])
+    with pytest.raises(to_tensorrt.TensorRTMissing, match="TensorRT's Python package is not installed"):
+        to_tensorrt.build_engine(good, tmp_path / "m.engine")
 
 
 # ----------------------------------------------------------------- 5: partial / corrupt checkpoints
