@@ -323,8 +323,9 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) ->
 
 
 def validate_config(cfg: ml_collections.ConfigDict, where: str = "config") -> ml_collections.ConfigDict:
-    """Reject values no run can use, naming the key: batch sizes and epochs >= 1, image sizes
-    positive multiples of 32 (:func:`damo_jax.ops.boxes.check_image_size`)."""
+    """Reject values no run can use, naming the key: batch sizes, epochs, ``test.max_dets`` /
+    ``pre_nms_topk`` >= 1, ``test.conf_thre`` / ``iou_thre`` in [0, 1], image sizes positive
+    multiples of 32 (:func:`damo_jax.ops.boxes.check_image_size`)."""
     from damo_jax.errors import ConfigError
     from damo_jax.ops.boxes import check_image_size
 
@@ -334,9 +335,16 @@ def validate_config(cfg: ml_collections.ConfigDict, where: str = "config") -> ml
             if not isinstance(value, (int, float)) or value < low:
                 raise ConfigError(f"{where}: {section}.{key} = {value!r} must be >= {low}")
 
-    for section, key in (("train", "batch_size"), ("test", "batch_size")):
+    for section, key in (("train", "batch_size"), ("test", "batch_size"), ("test", "max_dets"),
+                         ("test", "pre_nms_topk")):
         at_least(section, key, 1)
     at_least("train", "epochs", 1)
+    if "test" in cfg:                   # the evaluation / predict thresholds: probabilities
+        for key in ("conf_thre", "iou_thre"):
+            value = cfg.test.get(key)
+            if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                          and 0.0 <= value <= 1.0):
+                raise ConfigError(f"{where}: test.{key} = {value!r} must be a number in [0, 1]")
     for section in ("model", "data", "test"):
         if section in cfg and "image_size" in cfg[section]:
             check_image_size(cfg[section]["image_size"], f"{where}: {section}.image_size")

@@ -250,6 +250,19 @@ def test_predict_option_ranges(flags, must_contain, files, capsys):
     _expect_error("predict", base_args("predict", files) + flags, must_contain, capsys)
 
 
+@pytest.mark.parametrize("cli,flags,must_contain", [
+    ("predict", ["--overlap", "0.3"], "--overlap 0.3: needs --tile"),
+    ("eval", ["--overlap", "0.3"], "--overlap 0.3: needs --tile"),
+    ("eval", ["--config.test.conf_thre=5"], "test.conf_thre = 5"),
+    ("eval", ["--config.test.iou_thre=-1"], "test.iou_thre = -1"),
+    ("predict", ["--config.test.max_dets=0"], "test.max_dets = 0")])
+def test_tile_and_threshold_options_without_effect_or_out_of_range(cli, flags, must_contain, files,
+                                                                    capsys):
+    """--overlap without --tile was silently ignored; thresholds set through --config.test.*
+    bypassed the --conf / --iou checks."""
+    _expect_error(cli, base_args(cli, files) + flags, must_contain, capsys)
+
+
 @pytest.mark.parametrize("flags,must_contain", [
     (["--max-dets", "0"], "--max-dets 0"), (["--max-dets", "-5"], "--max-dets -5"),
     (["--batch-size", "0"], "--batch-size 0"), (["--pre-nms-topk", "0"], "--pre-nms-topk 0"),

@@ -174,12 +174,15 @@ def detect_tiled(detector, image, *, tile: int, overlap: float = 0.2, full_image
 
 # ------------------------------------------------------------------------------ CLI / evaluation
 
+DEFAULT_OVERLAP = 0.2   # --overlap with --tile when not given
+
+
 def add_tile_arguments(p) -> None:
     """``--tile SIZE --overlap FRAC [--tile-full-image]`` of ``damo-jax predict`` / ``eval``."""
     p.add_argument("--tile", type=int, metavar="SIZE",
                    help="tiled inference: cut each image into SIZE x SIZE windows (each stretched "
                         "to the network size), merge by class-aware NMS in original pixels")
-    p.add_argument("--overlap", type=float, default=0.2, metavar="FRAC",
+    p.add_argument("--overlap", type=float, default=None, metavar="FRAC",
                    help="--tile: overlap of neighbouring windows, fraction of SIZE (default 0.2; "
                         "at least the largest object's size for whole boxes)")
     p.add_argument("--tile-full-image", action="store_true",
@@ -192,7 +195,12 @@ def check_tile_arguments(args) -> None:
     if args.tile is None:
         if args.tile_full_image:
             raise ConfigError("--tile-full-image needs --tile SIZE")
+        if args.overlap is not None:
+            raise ConfigError(f"--overlap {args.overlap}: needs --tile SIZE (without it the image is "
+                              f"not cut into windows)")
         return
+    if args.overlap is None:
+        args.overlap = DEFAULT_OVERLAP
     if args.tile < 32:
         raise ConfigError(f"--tile {args.tile}: the window must be at least 32 pixels")
     if not 0.0 <= args.overlap < 1.0:
