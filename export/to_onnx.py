@@ -87,20 +87,26 @@ def _version() -> str:
     return damo_jax.__version__
 
 
-def export_onnx(dm: common.DeployModel, *, via: str = "jax2onnx", batch=1, opset: int = 17,
-                end2end_cfg: dict | None = None, optimize: bool = True,
-                tf_dir: Path | None = None) -> onnx.ModelProto:
-    """The whole export; returns the checked model (not yet saved)."""
+def check_route(via: str, batch, opset: int) -> None:
+    """ConfigError for an opset / batch the route cannot export (checked before the model loads)."""
     if opset < MIN_OPSET:
         raise ConfigError(f"--opset must be >= {MIN_OPSET}, got {opset}")
-    if via == "jax2onnx":
-        model = convert_jax2onnx(dm, batch=batch, opset=opset, optimize=optimize)
-    elif via == "tf":
+    if via == "tf":
         if batch == common.DYNAMIC_BATCH:
             raise ConfigError("--via tf supports a static --batch only (the TFLite converter and "
                              "OpenVINO cannot use its dynamic-batch graph); use --via jax2onnx")
         if opset > MAX_TF2ONNX_OPSET:
             raise ConfigError(f"--via tf: tf2onnx 1.17 supports opset <= {MAX_TF2ONNX_OPSET}")
+
+
+def export_onnx(dm: common.DeployModel, *, via: str = "jax2onnx", batch=1, opset: int = 17,
+                end2end_cfg: dict | None = None, optimize: bool = True,
+                tf_dir: Path | None = None) -> onnx.ModelProto:
+    """The whole export; returns the checked model (not yet saved)."""
+    check_route(via, batch, opset)
+    if via == "jax2onnx":
+        model = convert_jax2onnx(dm, batch=batch, opset=opset, optimize=optimize)
+    elif via == "tf":
         from damo_jax.export import tflite_route
         if tf_dir is None:
             raise ConfigError("--via tf needs an output location for the SavedModel / .tflite")
@@ -157,7 +163,11 @@ def run(args, overrides=()) -> Path:
                           "--checkpoint")
     batch = common.parse_batch(args.batch)
     size = img_size(args.img_size)
-    out = output_file(args.output, "--output")         # before the model loads and exports
+    check_route(args.via, batch, args.opset)           # the options first: before the model loads
+    if args.end2end:                                   # the given thresholds (defaults: the config's)
+        end2end.validate_thresholds(args.topk, 0.0 if args.conf is None else args.conf,
+                                    0.5 if args.iou is None else args.iou)
+    out = output_file(args.output, "--output")
     dm = common.load_deploy_model(args.config, checkpoint=args.checkpoint, weights=args.weights,
                                   image_size=size, seed=args.seed, overrides=overrides)
     e2e = None

@@ -2,6 +2,7 @@
 TensorRT profile/flag logic (TensorRT itself is not installable here; see test at the end)."""
 from __future__ import annotations
 
+import re
 import types
 
 import jax
@@ -209,3 +210,24 @@ def test_export_size_defaults_to_the_test_size():
         dm = load_deploy_model("ns", overrides=["--config.test.image_size=(96, 96)"])
         assert dm.cfg.model.image_size == (416, 416) and dm.image_size == (96, 96)
         assert load_deploy_model("ns", image_size=(64, 128)).image_size == (64, 128)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--opset", "12"], "--opset must be >= 17"),
+    (["--end2end", "--topk", "0"], "topk must be a positive integer"),
+    (["--end2end", "--conf", "2"], "conf threshold must be in [0, 1)"),
+    (["--end2end", "--iou", "-1"], "IoU threshold must be in [0, 1]"),
+    (["--via", "tf", "--batch", "dynamic"], "static --batch only")])
+def test_export_options_are_checked_before_the_model_loads(flags, message, monkeypatch, tmp_path):
+    """A bad --opset / --topk / --conf / --iou failed only after the model was built (seconds)."""
+    from damo_jax.errors import ConfigError
+    from damo_jax.export import common, to_onnx
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(common, "load_deploy_model", no_model)
+    args = to_onnx.build_parser().parse_args(["--config", "t", "--output", str(tmp_path / "m.onnx"),
+                                              *flags])
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        to_onnx.run(args)
