@@ -34,6 +34,7 @@ from damo_jax.errors import ConfigError, InputPathError
 
 E2E_OUTPUTS = ("num_dets", "boxes", "scores", "labels")
 _P = "e2e_"  # prefix of every appended tensor / node name
+CONF_INIT = _P + "conf_thre"   # the initializer holding the NMS score threshold
 
 
 class _Builder:

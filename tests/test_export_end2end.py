@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from damo_jax.export import end2end, onnx_utils
 
@@ -182,3 +182,31 @@ def test_end2end_static_shapes_and_errors():
         end2end.append_end2end(passthrough(3), conf_thre=1.5)
     with pytest.raises(ValueError, match="no output .nope_scores."):
         end2end.append_end2end(passthrough(3), scores="nope_scores", boxes="boxes")
+
+
+def test_openvino_convert_refuses_an_ir_that_computes_something_else(tmp_path, monkeypatch):
+    """``to_openvino.convert`` reads the written IR back and compares it with the ONNX file on a
+    probe batch; an IR that computes something else (here: the converter made to save another
+    model, as OpenVINO 2026.4 effectively did for one form of the end2end graph) is an error and
+    is not kept. The genuine conversion of the same file and of its end2end form passes."""
+    import openvino as ov
+
+    from damo_jax.export import to_openvino
+    from test_predict import write_handmade_onnx
+    raw = onnx.load(str(write_handmade_onnx(tmp_path / "m.onnx")))
+    e2e = onnx_utils.save(end2end.append_end2end(raw, topk=3, conf_thre=0.5, iou_thre=0.5),
+                          tmp_path / "e2e.onnx")
+    for path in (tmp_path / "m.onnx", e2e):
+        assert to_openvino.convert(path, tmp_path / f"{path.stem}.xml").is_file()
+    other = onnx.load(str(tmp_path / "m.onnx"))
+    for init in other.graph.initializer:
+        if init.name == "scores_c":
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 0.5, init.name))
+    onnx.save(other, str(tmp_path / "other.onnx"))
+    real_convert = ov.convert_model
+    monkeypatch.setattr(ov, "convert_model", lambda path, *a, **k: real_convert(
+        str(tmp_path / "other.onnx") if str(path).endswith("m.onnx") else path, *a, **k))
+    out = tmp_path / "bad.xml"
+    with pytest.raises(to_openvino.ExportMismatch, match="output 'scores'"):
+        to_openvino.convert(tmp_path / "m.onnx", out)
+    assert not out.exists() and not out.with_suffix(".bin").exists()
