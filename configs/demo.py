@@ -94,6 +94,9 @@ Again from a fresh clone of 840e9c0 (same train path; empty caches, 63 s install
 reports each epoch's evaluation): the same AP50 digits at 1.0 / 1.4 / 1.8 / 2.2 / 2.7 / **3.1** /
 3.5 / 3.9 / 4.3 minutes — **AP50 ≥ 0.5 at 3.1 minutes** (the whole training command 4.4 min;
 ``predictions.png`` boxes most objects, most with the right class, a few class mix-ups and misses).
+From a fresh clone of e551d5a (the same train step; 76 s install, 13:34–13:38 UTC, same procedure):
+the same AP50 digits at 0.9 / 1.3 / 1.7 / 2.0 / 2.4 / **2.8** / 3.2 / 3.6 / 4.0 minutes — **AP50 ≥ 0.5
+at 2.8 minutes** (the whole training command 4.1 min).
 
 The same host with 8dd8428 (1×1 convs as dot, cache-blocked kernel gradients; 15:08–15:19 UTC;
 minutes = the progress bar's elapsed time + 0.45 min, the bar starting 27 s after the command:
