@@ -245,7 +245,8 @@ def _expect_error(cli, argv, must_contain, capsys):
     (["--batch-size", "0"], "--batch-size 0"), (["--batch-size", "-1"], "--batch-size -1"),
     (["--conf", "-1"], "--conf -1.0"), (["--conf", "1.5"], "--conf 1.5"),
     (["--conf", "nan"], "--conf nan"), (["--conf", "inf"], "--conf inf"),
-    (["--iou", "-0.5"], "--iou -0.5"), (["--iou", "2"], "--iou 2.0"), (["--iou", "nan"], "--iou nan")])
+    (["--iou", "-0.5"], "--iou -0.5"), (["--iou", "2"], "--iou 2.0"), (["--iou", "nan"], "--iou nan"),
+    (["--max-dets", "0"], "--max-dets 0")])
 def test_predict_option_ranges(flags, must_contain, files, capsys):
     _expect_error("predict", base_args("predict", files) + flags, must_contain, capsys)
 

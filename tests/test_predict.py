@@ -265,6 +265,9 @@ def test_predict_cli_onnx(tmp_path):
     assert entry["class_names"] == ["red", "green"]  # config names (the file has no metadata)
     assert entry["boxes"] == [[4.0, 2.0, 20.0, 18.0], [30.0, 10.0, 60.0, 30.0]]
     assert (tmp_path / "out" / "x.png").is_file()
+    top = main(["--config", str(config), "--onnx", str(onnx_file), "--source", str(tmp_path / "x.png"),
+                "--out", str(tmp_path / "out1"), "--conf", "0.5", "--max-dets", "1", "--no-progress"])
+    assert top["images"][0]["boxes"] == [[4.0, 2.0, 20.0, 18.0]]    # the highest score only
 
 
 def test_load_model_class_names_override(tmp_path):

@@ -35,6 +35,8 @@ def add_arguments(p) -> None:
     p.add_argument("--out", default="predictions", help="output folder (default ./predictions)")
     p.add_argument("--conf", type=float, default=0.3, help="score threshold (default 0.3)")
     p.add_argument("--iou", type=float, help="NMS IoU threshold (default config test.iou_thre)")
+    p.add_argument("--max-dets", type=int, help="detections kept per image (default config "
+                                                 "test.max_dets, 500)")
     common.add_img_size(p)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--no-draw", action="store_true", help="only write detections.json")
@@ -53,7 +55,7 @@ def load_detector(args, overrides=()):
     size = common.img_size(args.img_size)          # checked before anything is loaded
     loaded = load_model(args.config, overrides=overrides, **common.model_source(args))
     return Detector.from_loaded(loaded, conf=args.conf, iou=args.iou, img_size=size,
-                                batch_size=args.batch_size)
+                                max_dets=args.max_dets, batch_size=args.batch_size)
 
 
 def _entry(path: Path, image, result) -> dict:
@@ -142,7 +144,8 @@ def run(args, overrides=()) -> dict:
     from damo_jax.inference.pipeline import check_detection_options
     from damo_jax.inference.tiling import check_tile_arguments
     check_tile_arguments(args)
-    check_detection_options(conf=args.conf, iou=args.iou, batch_size=args.batch_size)
+    check_detection_options(conf=args.conf, iou=args.iou, max_dets=args.max_dets,
+                            batch_size=args.batch_size)
     files = list_images(args.source, flag="--source")
     source = Path(args.source)
     if source.is_file():  # a single image: an unreadable file is an error (before loading the model)
