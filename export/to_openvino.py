@@ -137,7 +137,11 @@ def verify(onnx_path, xml_path, *, tol: float = 5e-3) -> None:
 
 def build_parser(prog: str = "python export/to_openvino.py"):
     from damo_jax.cli.common import Parser
-    p = Parser(prog=prog, description=__doc__.split("\n\n")[0],
+    p = Parser(prog=prog, usage=f"{prog} (--onnx FILE | EXPORT-ONNX-OPTIONS) [--fp16] --output OUT.xml "
+                                "[--keep-onnx]",
+               description=__doc__.split("\n\n")[0] + " Without --onnx, every option of "
+               "`damo-jax export onnx` (--config, --checkpoint, --weights, --img-size, --batch, "
+               "--end2end, --topk, --conf, --iou, ...) exports the ONNX file first.",
                epilog="examples:\n" + __doc__.split("\n\n", 1)[1])
     p.add_argument("--onnx", help="input ONNX file (from damo-jax export onnx)")
     p.add_argument("--fp16", action="store_true", help="store FP16-compressed weights")
