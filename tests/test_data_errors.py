@@ -240,3 +240,23 @@ def test_unknown_format_prefix(tmp_path, monkeypatch, capsys):
     assert check_data_spec("my:set.json") == "my:set.json"
     line = show_main(["--data", "foo:bar", "--out", str(tmp_path / "s.png")], capsys)
     assert "unknown dataset format 'foo'" in line
+
+
+def test_coco_summary_says_dropped_boxes_stay_in_the_evaluation_ground_truth(tmp_path):
+    """COCO evaluation scores the annotation file as it is (pycocotools, the official code), so a
+    box the reader drops for training still counts as ground truth there: the start-up summary
+    says so (the audit found 'dropped 1' beside 2 scored instances, unexplained). A YOLO split,
+    whose ground truth is built from the kept boxes, does not say it."""
+    ann = make_coco(tmp_path / "coco")
+    data = json.loads(ann.read_text())
+    data["annotations"][1]["bbox"] = [20, 20, -5, 6]                 # inverted: dropped
+    ann.write_text(json.dumps(data))
+    ds = open_dataset(f"coco:{tmp_path / 'coco'}", "train")
+    summary = ds.summary("eval data")
+    assert "dropped 1" in summary and "stay in the COCO evaluation's ground truth" in summary
+    assert len(ds.to_coco_dict()["annotations"]) == 2
+    clean = open_dataset(f"coco:{make_coco(tmp_path / 'clean')}", "train").summary("eval data")
+    assert "ground truth" not in clean
+    two_lines = "0 0.5 0.5 0.4 0.4\n0 2 2 0.1 0.1\n"                  # the second box is outside
+    yolo = open_dataset(f"yolo:{make_yolo(tmp_path / 'y', label_text=two_lines)}", "train")
+    assert "dropped" in yolo.summary() and "ground truth" not in yolo.summary()

@@ -31,7 +31,10 @@ from damo_jax.data_pipelines.records import (DataError, DetectionDataset, DropAu
 
 
 class CocoDataset(DetectionDataset):
-    """Dataset over a COCO instances JSON; ``to_coco_dict`` returns the source annotations."""
+    """Dataset over a COCO instances JSON; ``to_coco_dict`` returns the source annotations (the
+    boxes training drops included: the evaluation scores the file as it is)."""
+
+    scores_source_annotations = True
 
     def __init__(self, records, class_names, category_ids, *, name, stats, coco_gt):
         super().__init__(records, class_names, category_ids, name=name, stats=stats)
