@@ -323,9 +323,11 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) ->
 
 
 def validate_config(cfg: ml_collections.ConfigDict, where: str = "config") -> ml_collections.ConfigDict:
-    """Reject values no run can use, naming the key: batch sizes, epochs, ``test.max_dets`` /
-    ``pre_nms_topk`` >= 1, ``test.conf_thre`` / ``iou_thre`` in [0, 1], image sizes positive
-    multiples of 32 (:func:`damo_jax.ops.boxes.check_image_size`)."""
+    """Reject values no run can use, naming the key: batch sizes, epochs, ``train.log_every_steps``
+    / ``keep_checkpoints``, ``test.max_dets`` / ``pre_nms_topk`` >= 1; ``train.max_steps``,
+    ``warmup_epochs``, ``no_aug_epochs``, ``eval_every_epochs(_tail)``, ``ckpt_every_steps`` >= 0;
+    ``test.conf_thre`` / ``iou_thre`` in [0, 1]; image sizes positive multiples of 32
+    (:func:`damo_jax.ops.boxes.check_image_size`)."""
     from damo_jax.errors import ConfigError
     from damo_jax.ops.boxes import check_image_size
 
@@ -336,9 +338,13 @@ def validate_config(cfg: ml_collections.ConfigDict, where: str = "config") -> ml
                 raise ConfigError(f"{where}: {section}.{key} = {value!r} must be >= {low}")
 
     for section, key in (("train", "batch_size"), ("test", "batch_size"), ("test", "max_dets"),
-                         ("test", "pre_nms_topk")):
+                         ("test", "pre_nms_topk"), ("train", "log_every_steps"),
+                         ("train", "keep_checkpoints")):
         at_least(section, key, 1)
     at_least("train", "epochs", 1)
+    for key in ("max_steps", "warmup_epochs", "no_aug_epochs", "eval_every_epochs",   # 0: off /
+                "eval_every_epochs_tail", "ckpt_every_steps"):                       # per epoch
+        at_least("train", key, 0)
     if "test" in cfg:                   # the evaluation / predict thresholds: probabilities
         for key in ("conf_thre", "iou_thre"):
             value = cfg.test.get(key)

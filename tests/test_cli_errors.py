@@ -363,3 +363,27 @@ def test_predict_partial_checkpoint_is_one_error_line(files, tmp_path, capsys):
     argv = without(without(base_args("predict", files), "--config"), "--weights")
     _expect_error("predict", argv + ["--checkpoint", str(tmp_path / "run")],
                   f"--checkpoint {tmp_path / 'run'}: step 100 ", capsys)
+
+
+@pytest.mark.parametrize("override,must_contain", [
+    ("log_every_steps=0", "train.log_every_steps = 0 must be >= 1"),     # was a ZeroDivisionError
+    ("keep_checkpoints=0", "train.keep_checkpoints = 0 must be >= 1"),   # was silently 1
+    ("max_steps=-1", "train.max_steps = -1 must be >= 0"),               # was the full schedule
+    ("eval_every_epochs=-1", "train.eval_every_epochs = -1 must be >= 0"),
+    ("ckpt_every_steps=-5", "train.ckpt_every_steps = -5 must be >= 0"),
+    ("warmup_epochs=-1", "train.warmup_epochs = -1"),
+    ("no_aug_epochs=-5", "train.no_aug_epochs = -5")])
+def test_train_schedule_values_out_of_range(override, must_contain, files, capsys):
+    _expect_error("train", base_args("train", files) + [f"--config.train.{override}"], must_contain,
+                  capsys)
+    assert not (files["root"] / "out" / "checkpoints").exists()
+
+
+def test_batch_not_divisible_by_the_devices_is_one_error_line(files, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
+    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-m", "damo_jax.train", "--config", "demo", "--workdir",
+                           str(tmp_path / "run"), "--no-progress", "--config.train.batch_size=3"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert_one_error_line(proc.stderr, "train.batch_size=3 is not divisible by the 2 devices")

@@ -552,8 +552,8 @@ def setup(cfg, workdir, *, progress: bool = True) -> tuple[Run, dict]:
     mesh = make_mesh()
     replicated, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     if int(cfg.train.batch_size) % mesh.devices.size:
-        raise ValueError(f"config train.batch_size={cfg.train.batch_size} is not divisible by the "
-                         f"{mesh.devices.size} devices")
+        raise ConfigError(f"config train.batch_size={cfg.train.batch_size} is not divisible by the "
+                          f"{mesh.devices.size} devices (the global batch is split evenly over them)")
     train_ds, val_ds = open_datasets(cfg)
     rl = run_length(cfg, len(train_ds))
     lr_fn, lr_consts = optim.schedule_from_config(cfg.train, steps_per_epoch=rl.steps_per_epoch,
