@@ -268,6 +268,7 @@ def test_kill9_then_kill_during_save_then_resume_is_bitwise_exact(run_a):
     r = run_train(workdir)
     assert r.returncode == 0, r.stderr[-5000:]
     assert "/checkpoints/4" in r.stderr
+    assert "differ from the checkpoint's" not in r.stderr          # the same command: no warning
     assert not list(ckdir.glob("*.orbax-checkpoint-tmp*"))     # cleaned up by the next save
     _assert_bitwise_equal(_full_state(workdir), _full_state(workdir_a))
     # the resumed runs logged the steps they redid; readers keep the last record per step
@@ -446,3 +447,15 @@ def test_resume_on_data_with_other_class_names_is_refused(run_a, tmp_path):
     assert last.startswith(f"error: --workdir {workdir}: its checkpoints were trained on "), last
     assert "other_" in last
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before
+
+
+def test_resume_with_other_settings_names_them():
+    """Resuming with a changed batch size or image size continued silently (the audit: lr, steps per
+    epoch and the schedule changed with no word); now one warning lists the changed keys."""
+    from damo_jax.train.loop import changed_settings
+    saved = {"train": {"batch_size": 8, "max_steps": 2, "lr": 0.01}, "data": {"image_size": [64, 64]}}
+    assert changed_settings(saved, saved) == ""
+    now = {"train": {"batch_size": 4, "max_steps": 4, "lr": 0.01}, "data": {"image_size": [96, 96]}}
+    assert changed_settings(saved, now) == "data.image_size: [64, 64] -> [96, 96]; train.batch_size: 8 -> 4"
+    many = {"train": {f"k{i}": i for i in range(20)}}
+    assert changed_settings({}, many, limit=3).endswith("; ... (17 more)")

@@ -597,6 +597,22 @@ def check_resume_classes(run: Run, steps) -> None:
             f"in a new --workdir")
 
 
+#: keys expected to differ between the invocations of one run (not worth a warning)
+RESUME_QUIET_KEYS = ("train.max_steps", "train.precompile", "model.grad_impl", "model.dense_impl",
+                     "model.depthwise_impl", "model.pointwise_impl", "data.workers")
+
+
+def changed_settings(saved: dict, now: dict, limit: int = 12) -> str:
+    """``"key: old -> new; ..."`` for the config leaves that differ between a checkpoint's config
+    and this run's (the keys of ``RESUME_QUIET_KEYS`` left out); ``""`` when none."""
+    from damo_jax.config import flat_items
+    old, new = dict(flat_items(saved)), dict(flat_items(now))
+    keys = [k for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k) and k not in RESUME_QUIET_KEYS]
+    text = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:limit])
+    return text + (f"; ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
 def resume_or_start(run: Run, state: dict) -> dict:
     """Latest complete checkpoint of the workdir, else the fine-tuning weights, else ``state``."""
     steps = run.ckpts.steps()
@@ -614,6 +630,10 @@ def resume_or_start(run: Run, state: dict) -> dict:
         run.distill_meta = dict(meta.get("distill") or {}, **run.distill_meta)
     run.info(f"resumed from {run.ckpts.directory}/{int(jax.device_get(state['step']))} "
              f"(epoch {meta.get('epoch')})")
+    changed = changed_settings(meta.get("config") or {}, checkpoint.config_to_json(run.cfg))
+    if changed:
+        log.warning("the run continues with settings that differ from the checkpoint's (the schedule "
+                    "and data follow the new values; use a new --workdir to start over): %s", changed)
     for s in steps:
         m = run.ckpts.metrics(s)
         if m and m.get("AP", -1) > run.best["AP"]:
