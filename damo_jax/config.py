@@ -209,9 +209,9 @@ def known_config_names() -> list[str]:
     return sorted(q.stem for q in CONFIG_DIR.glob("*.py") if not q.stem.startswith("_"))
 
 
-def resolve_config_path(name_or_path: str) -> Path:
+def resolve_config_path(name_or_path: str, flag: str = "--config") -> Path:
     """``configs/<name>.py`` for a short name, or an existing ``.py`` path; else
-    :class:`~damo_jax.errors.InputPathError` naming ``--config`` and the known names."""
+    :class:`~damo_jax.errors.InputPathError` naming ``flag`` and the known names."""
     from damo_jax.errors import InputPathError
     p = Path(name_or_path)
     if p.suffix == ".py" and p.is_file():
@@ -220,7 +220,7 @@ def resolve_config_path(name_or_path: str) -> Path:
     if "/" not in name_or_path and cand.is_file():
         return cand
     what = "config file not found" if p.suffix == ".py" else "not a known config name"
-    raise InputPathError(f"--config {name_or_path!r}: {what} (known names: "
+    raise InputPathError(f"{flag} {name_or_path!r}: {what} (known names: "
                          f"{', '.join(known_config_names())}; or give a path to a .py config file)")
 
 

@@ -116,6 +116,9 @@ def mistakes(f):
         table[cli, "no model source"] = (without(base_args(cli, f), "--weights"), "--checkpoint")
     table["train", "missing finetune file"] = (
         base_args("train", f) + ["--config.train.finetune=/no/such.pth"], "train.finetune")
+    table["train", "finetune given a run folder"] = (
+        base_args("train", f) + [f"--config.train.finetune={f['root']}"],
+        "is a folder; finetune takes a weights file")
     table["train", "unknown config section"] = (base_args("train", f) + ["--config.trian.epochs=1"],
                                                 "trian")
     table["train", "bad grad_impl"] = (base_args("train", f) + ["--config.model.grad_impl=fast"],
@@ -138,6 +141,7 @@ def mistakes(f):
 CASES = [("train", "unknown config name"), ("train", "missing --data folder"),
          ("train", "batch_size=abc"), ("train", "batch_size=0"), ("train", "misspelt key"),
          ("train", "--img-size 100"), ("train", "missing finetune file"), ("train", "bad flag"),
+         ("train", "finetune given a run folder"),
          ("train", "unknown config section"), ("train", "coco: folder missing"),
          ("train", "bad grad_impl")]
 CASES += [(cli, m) for cli in CLIS[1:] for m in (

@@ -19,7 +19,7 @@ import pytest
 
 from conftest import golden_path
 from damo_jax.config import load_config
-from damo_jax.errors import ConfigError
+from damo_jax.errors import ConfigError, UserError
 from damo_jax.train import distill
 from distill_setup import random_teacher_npz, tiny_cfg
 from golden_weights import make_state_dict
@@ -141,6 +141,9 @@ def test_teacher_errors_name_both_configs(tmp_path):
     cfg.distill.teacher, cfg.distill.teacher_weights = "ns", str(tmp_path / "missing.pth")
     with pytest.raises(ConfigError, match="missing.pth"):
         distill.load_teacher(cfg)
+    cfg.distill.teacher, cfg.distill.teacher_weights = "zz", str(weights)    # an unknown name:
+    with pytest.raises(UserError, match=r"^--teacher \(config distill.teacher\) 'zz': not a known"):
+        distill.load_teacher(cfg)                          # named as --teacher (was --config)
     other = load_config("ns")
     other.model.head["strides"] = (8, 16)
     with pytest.raises(ConfigError, match=r"student.*'ns'.*teacher.*'ns'.*strides"):

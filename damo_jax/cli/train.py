@@ -124,7 +124,11 @@ def check_inputs(cfg, args) -> None:
         common.check_data_spec(cfg.data.val, flag="config data.val")
     if cfg.train.get("finetune") and not Path(cfg.train.finetune).is_file():
         from damo_jax.errors import InputPathError
-        raise InputPathError(f"--config.train.finetune={cfg.train.finetune}: file not found")
+        folder = Path(cfg.train.finetune).is_dir()
+        raise InputPathError(
+            f"--config.train.finetune={cfg.train.finetune}: "
+            + ("is a folder; finetune takes a weights file (.pth / .npz); to continue a damo_jax run, "
+               "pass its folder as --workdir" if folder else "file not found"))
     common.output_dir(args.workdir, "--workdir")
 
 

@@ -31,7 +31,7 @@ import numpy as np
 from flax import traverse_util
 
 from damo_jax import losses
-from damo_jax.config import load_config
+from damo_jax.config import load_config, resolve_config_path
 from damo_jax.errors import ConfigError
 from damo_jax.train import optim
 
@@ -150,6 +150,8 @@ def load_teacher(cfg) -> Teacher:
     if not d.teacher_weights:
         raise ConfigError(f"config distill.teacher={d.teacher!r} needs distill.teacher_weights "
                           f"(an official .pth/.npz or a damo_jax run directory)")
+    if d.teacher:                 # the name first: before any weights are read
+        resolve_config_path(str(d.teacher), flag="--teacher (config distill.teacher)")
     path = Path(str(d.teacher_weights)).expanduser()
     if not path.exists():
         raise ConfigError(f"config distill.teacher_weights={path}: no such file or directory")
