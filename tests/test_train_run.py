@@ -377,6 +377,8 @@ def test_corrupt_val_image_is_skipped_and_counted():
     assert "train data coco:" in err and "16 images (0 skipped)" in err and "val data coco:" in err
     assert "skipping image (not scored)" in err and "val_000.jpg" in err
     assert f"{n_val - 1} images scored, 1 unreadable skipped" in err
+    assert f"checkpoint (best AP): {workdir}/checkpoints/4" in err          # which one it is
+    assert f"next: damo-jax eval --checkpoint {workdir}" in err             # and what to run next
     evals = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     evals = [e for e in evals if e["kind"] == "eval"]
     assert [(e["step"], e["images_scored"], e["images_skipped"]) for e in evals] == [(4, n_val - 1, 1)]

@@ -790,8 +790,14 @@ def finish(run: Run, state: dict, skipped: int = 0) -> dict:
     if skipped:
         run.info(f"{skipped} training samples had an unreadable image and were replaced by the next "
                  f"readable one (the warnings above name the files)")
-    run.info(f"checkpoint: {summary['checkpoint']}  curves: {summary['curves']}"
+    best_step, last_step = run.ckpts.best_step(), run.ckpts.latest_step()
+    which = ("best AP" if best_step is not None else "last") + (
+        f"; last: {last_step}" if best_step is not None and best_step != last_step else "")
+    run.info(f"checkpoint ({which}): {summary['checkpoint']}  curves: {summary['curves']}"
              + (f"  predictions: {summary['predictions']}" if "predictions" in summary else ""))
+    run.info(f"next: damo-jax eval --checkpoint {run.workdir} | damo-jax predict --checkpoint "
+             f"{run.workdir} --source IMAGES | damo-jax export onnx --checkpoint {run.workdir} "
+             f"--output model.onnx (they load the best-AP checkpoint)")
     return summary
 
 
