@@ -167,8 +167,9 @@ class Checkpoints:
             try:
                 return self.restore(template, step)
             except Exception as err:  # noqa: BLE001 - any read error means "not usable"
-                log.warning("checkpoint %s/%s failed to load (%s); trying an older one",
-                            self.directory, step, err)
+                first = (str(err).strip().splitlines() or [type(err).__name__])[0]   # Orbax's are
+                log.warning("checkpoint %s/%s does not load into this model/config (%s); trying an "
+                            "older one", self.directory, step, first[:200])          # ~40 lines
         return None
 
     def restore_items(self, step: int, items=("ema", "meta")) -> dict:

@@ -578,17 +578,21 @@ def setup(cfg, workdir, *, progress: bool = True) -> tuple[Run, dict]:
     return run, state
 
 
-def check_resume_classes(run: Run, steps) -> None:
-    """``ConfigError`` when the workdir's newest complete checkpoint was trained on another class
-    list than this run's data: resuming would silently continue on other data (same count) or fail
-    to restore (another count)."""
+def latest_meta(run: Run, steps) -> dict:
+    """The ``meta`` item of the workdir's newest complete checkpoint ({} when none can be read)."""
     complete = [s for s in steps if run.ckpts.is_complete(s)]
     if not complete:
-        return
+        return {}
     try:
-        meta = run.ckpts.restore_items(max(complete), ("meta",))["meta"]
+        return run.ckpts.restore_items(max(complete), ("meta",))["meta"]
     except Exception:  # noqa: BLE001 - an unreadable checkpoint is reported by the restore itself
-        return
+        return {}
+
+
+def check_resume_classes(run: Run, meta: dict) -> None:
+    """``ConfigError`` when the workdir's newest complete checkpoint (its ``meta``) was trained on
+    another class list than this run's data: resuming would silently continue on other data (same
+    count) or fail to restore (another count)."""
     saved, now = tuple(meta.get("class_names") or ()), tuple(run.cfg.model.class_names)
     if saved and saved != now:
         raise ConfigError(
@@ -619,11 +623,15 @@ def resume_or_start(run: Run, state: dict) -> dict:
     if not steps:
         return apply_finetune(state, run.cfg, run.tx, run.replicated, run.info) if run.cfg.train.finetune \
             else state
-    check_resume_classes(run, steps)
+    saved_meta = latest_meta(run, steps)
+    check_resume_classes(run, saved_meta)
     restored = run.ckpts.restore_latest(state)
     if restored is None:
+        changed = changed_settings(saved_meta.get("config") or {}, checkpoint.config_to_json(run.cfg))
         raise ConfigError(f"--workdir {run.workdir}: {run.ckpts.directory} holds checkpoints {steps} but "
-                          f"none can be restored into this model/config; use a new --workdir")
+                          f"none can be restored into this model/config"
+                          + (f" (changed since: {changed})" if changed else "")
+                          + "; use a new --workdir, or the settings the run was started with")
     state, meta = restored
     if run.teacher is not None:
         distill_lib.check_resumed_teacher(meta.get("distill") or {}, run.distill_meta, run.ckpts.directory)
