@@ -81,7 +81,7 @@ def test_run_writes_everything_a_user_expects(run_a):
         assert (workdir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     assert Checkpoints(workdir / "checkpoints", read_only=True).steps() == [4, 8]
     assert "batch 4 on 4 device(s)" in r.stderr
-    assert "done: 8 steps; best AP" in r.stderr and "checkpoint:" in r.stderr
+    assert "done: 8 steps; best AP" in r.stderr and "checkpoint (best AP" in r.stderr
     # EMA and raw model are both saved, and they differ
     state = _full_state(workdir)
     assert int(state["state"]["step"]) == 8
