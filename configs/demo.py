@@ -155,11 +155,14 @@ the right class (stars, rings, crosses, squares); a few low-score boxes on text 
 occasional ring/square or circle/square mix-up.
 """
 from damo_jax.config import load_config
+from damo_jax.data_pipelines.demo import CLASS_NAMES
 
 
 def get_config():
     c = load_config("demo_ns")
     c.model = load_config("t").model
+    c.model.head.num_classes = len(CLASS_NAMES)   # training sets it from the data as well
     c.train.epochs = 9
     c.test.image_size = (256, 256)
+    c.model.image_size = (256, 256)     # what `damo-jax info --config demo` reports
     return c

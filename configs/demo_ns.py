@@ -33,6 +33,7 @@ steps on a CPU (same model, same train and eval code path, same dataset and val 
 * conv kernel gradients as matmuls on CPU (``model.grad_impl = "auto"``, the default).
 """
 from damo_jax.config import load_config
+from damo_jax.data_pipelines.demo import CLASS_NAMES
 
 
 def get_config():
@@ -46,6 +47,8 @@ def get_config():
     c.data.flip_prob = 0.5
     c.data.max_boxes = 32
     c.test.image_size = (192, 192)
+    c.model.image_size = (192, 192)     # what `damo-jax info --config demo_ns` reports
+    c.model.head.num_classes = len(CLASS_NAMES)   # training sets it from the data as well
     c.test.batch_size = 16
     c.train.batch_size = 8
     c.train.epochs = 7

@@ -328,7 +328,7 @@ def validate_config(cfg: ml_collections.ConfigDict, where: str = "config") -> ml
     ``warmup_epochs``, ``no_aug_epochs``, ``eval_every_epochs(_tail)``, ``ckpt_every_steps`` >= 0;
     ``test.conf_thre`` / ``iou_thre`` in [0, 1]; image sizes positive multiples of 32
     (:func:`damo_jax.ops.boxes.check_image_size`)."""
-    from damo_jax.errors import ConfigError
+    from damo_jax.errors import ConfigError, is_probability
     from damo_jax.ops.boxes import check_image_size
 
     def at_least(section, key, low):
@@ -348,8 +348,7 @@ def validate_config(cfg: ml_collections.ConfigDict, where: str = "config") -> ml
     if "test" in cfg:                   # the evaluation / predict thresholds: probabilities
         for key in ("conf_thre", "iou_thre"):
             value = cfg.test.get(key)
-            if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
-                                          and 0.0 <= value <= 1.0):
+            if value is not None and not is_probability(value):
                 raise ConfigError(f"{where}: test.{key} = {value!r} must be a number in [0, 1]")
     for section in ("model", "data", "test"):
         if section in cfg and "image_size" in cfg[section]:

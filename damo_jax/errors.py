@@ -34,6 +34,21 @@ class ConfigKeyError(ConfigError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+def is_probability(value) -> bool:
+    """True for a finite real number in [0, 1] (not a bool): the rule for every score / IoU
+    threshold, whether it comes from a config (``test.conf_thre``) or a flag (``--conf``)."""
+    import math
+    import numbers
+    return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+            and math.isfinite(float(value)) and 0.0 <= float(value) <= 1.0)
+
+
+def is_count(value, low: int = 1) -> bool:
+    """True for an integer (not a bool) >= ``low``: batch sizes, detection caps, step counts."""
+    import numbers
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) >= low
+
+
 def one_line(err: BaseException) -> str:
     """The message of ``err`` as one line (newlines folded), for the ``error: ...`` output."""
     text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)

@@ -56,12 +56,16 @@ class _Builder:
 
 
 def validate_thresholds(topk: int, conf_thre: float, iou_thre: float) -> None:
-    if int(topk) != topk or topk < 1:
+    """The rules of ``damo-jax predict`` (:func:`damo_jax.errors.is_probability` /
+    :func:`~damo_jax.errors.is_count`): ``topk`` an integer >= 1, both thresholds in [0, 1]
+    (a score threshold of 1 keeps nothing: scores are sigmoids and the test is strict >)."""
+    from damo_jax.errors import is_count, is_probability
+    if not is_count(topk):
         raise ConfigError(f"end2end topk must be a positive integer, got {topk!r}")
-    if not 0.0 <= conf_thre < 1.0:
-        raise ConfigError(f"end2end conf threshold must be in [0, 1), got {conf_thre!r}")
-    if not 0.0 <= iou_thre <= 1.0:
-        raise ConfigError(f"end2end IoU threshold must be in [0, 1], got {iou_thre!r}")
+    if not is_probability(conf_thre):
+        raise ConfigError(f"end2end conf threshold must be a number in [0, 1], got {conf_thre!r}")
+    if not is_probability(iou_thre):
+        raise ConfigError(f"end2end IoU threshold must be a number in [0, 1], got {iou_thre!r}")
 
 
 def nms_nodes(scores: str, boxes: str, *, topk: int, conf_thre: float, iou_thre: float):

@@ -176,3 +176,15 @@ def _bn_channels(name):
     shapes = jax.eval_shape(net.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
     flat = jax.tree_util.tree_flatten_with_path(shapes["batch_stats"])[0]
     return {jax.tree_util.keystr(p): s.shape[0] for p, s in flat if jax.tree_util.keystr(p).endswith("['mean']")}
+
+
+def test_summary_of_demo_config_is_the_model_it_trains():
+    """``damo-jax info --config demo`` reports the demo's class count and size, not T's 80 / 640."""
+    from damo_jax.data_pipelines.demo import CLASS_NAMES
+    from damo_jax.models.__main__ import summary
+    demo, t = summary("demo"), summary("t")
+    assert demo["num_classes"] == len(CLASS_NAMES) == 6 and t["num_classes"] == 80
+    assert demo["size"] == tuple(load_config("demo").test.image_size) == (256, 256)
+    assert demo["params"]["backbone"] == t["params"]["backbone"]
+    fewer = t["params"]["head"] - demo["params"]["head"]      # 74 classes' worth of cls outputs
+    assert fewer > 0 and fewer % (80 - 6) == 0

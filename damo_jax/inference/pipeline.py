@@ -72,26 +72,18 @@ def check_detection_options(where: str = "", **options) -> None:
     finite numbers in [0, 1]; ``max_dets``, ``pre_nms_topk`` and ``batch_size`` integers >= 1.
     A :class:`~damo_jax.errors.ConfigError` (a ``ValueError``) naming the flag, prefixed by
     ``where`` (e.g. ``"Detector.load: "``), for the first bad one."""
-    import math
-    import numbers
-
-    from damo_jax.errors import ConfigError
+    from damo_jax.errors import ConfigError, is_count, is_probability
     for name, value in options.items():
         if value is None:
             continue
         flag = OPTION_FLAGS.get(name, name)
         if name in ("conf", "iou"):
             what = "score threshold" if name == "conf" else "NMS IoU threshold"
-            ok = (isinstance(value, numbers.Real) and not isinstance(value, bool)
-                  and math.isfinite(float(value)) and 0.0 <= float(value) <= 1.0)
-            if not ok:
+            if not is_probability(value):
                 raise ConfigError(f"{where}{flag} {value!r}: the {what} must be a number in "
                                   f"[0, 1]")
-        else:
-            ok = (isinstance(value, numbers.Integral) and not isinstance(value, bool)
-                  and int(value) >= 1)
-            if not ok:
-                raise ConfigError(f"{where}{flag} {value!r}: must be an integer >= 1")
+        elif not is_count(value):
+            raise ConfigError(f"{where}{flag} {value!r}: must be an integer >= 1")
 
 
 def nms_params(test_cfg=None, **overrides) -> NmsParams:

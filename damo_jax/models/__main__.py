@@ -68,6 +68,7 @@ def summary(config, img_size=None, deploy=False, batch=1) -> dict:
     params = param_counts(model)
     macs = conv_macs(model, (batch, h, w, 3))
     return {"model": cfg.model.name, "size": (h, w), "deploy": deploy, "params": params,
+            "num_classes": int(cfg.model.head.num_classes),
             "gflops": {k: 2 * v / 1e9 for k, v in macs.items()}}
 
 
@@ -96,7 +97,8 @@ def run(args, overrides=()) -> dict:
     s = summary(cfg, common.img_size(args.img_size), deploy, args.batch)
     graph = {False: "train graph", "reparam": "RepConv-folded deploy graph",
              True: "fully folded graph"}[deploy]
-    print(f"DAMO-YOLO-{s['model'].upper()}  {graph}, input {args.batch}x{s['size'][0]}x{s['size'][1]}")
+    print(f"DAMO-YOLO-{s['model'].upper()}  {graph}, input {args.batch}x{s['size'][0]}x{s['size'][1]}"
+          f", {s['num_classes']} classes (training sets the count from its data)")
     print(f"{'part':10s} {'params':>14s} {'GFLOPs':>10s}")
     for part in PARTS:
         print(f"{part:10s} {s['params'].get(part, 0):>14,d} {s['gflops'].get(part, 0.0):>10.3f}")
