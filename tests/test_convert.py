@@ -204,3 +204,42 @@ def test_mismatch_errors_are_user_errors_naming_file_and_key(ns_state_dict, tmp_
     (tmp_path / "dir.pth").mkdir()
     with pytest.raises(InputPathError, match=r"dir\.pth is not a file"):
         load_official_checkpoint(tmp_path / "dir.pth", "ns")
+
+
+def test_mismatch_error_names_the_model_the_file_holds(tmp_path):
+    """A state dict of another bundled model (here T with 3 classes) loaded with the wrong
+    --config: the error says which model the file holds and which --config to use."""
+    sd = random_state_dict("t", seed=3)
+    for level in range(3):                       # another class count: the classifier differs
+        sd[f"head.gfl_cls.{level}.weight"] = sd[f"head.gfl_cls.{level}.weight"][:3]
+        sd[f"head.gfl_cls.{level}.bias"] = sd[f"head.gfl_cls.{level}.bias"][:3]
+    np.savez(tmp_path / "t3.npz", **sd)
+    hint = r"the file holds DAMO-YOLO-T: use --config t"
+    with pytest.raises(CheckpointMismatchError, match=r"t3\.npz: .*" + hint):
+        load_official_checkpoint(tmp_path / "t3.npz", "ns")
+    with pytest.raises(CheckpointMismatchError, match=r"t3\.npz: .*" + hint):
+        load_pretrained(tmp_path / "t3.npz", "s")
+    # the right model: fine-tuning loads it (the classifier skipped); no hint for a real mismatch
+    assert load_pretrained(tmp_path / "t3.npz", "t")[1]["skipped"]
+    sd["neck.merge_3.conv1.conv.weight"] = np.zeros((1, 1, 1, 1), np.float32)
+    np.savez(tmp_path / "broken.npz", **sd)
+    with pytest.raises(CheckpointMismatchError) as info:
+        load_official_checkpoint(tmp_path / "broken.npz", "t")
+    assert "the file holds" not in str(info.value)
+
+
+def test_model_signatures_match_the_traced_models():
+    """convert.MODEL_SIGNATURES (the table behind the "the file holds DAMO-YOLO-X" hint) against
+    the variable templates of every bundled config, train and re-parameterised graphs."""
+    from damo_jax.config import MODEL_NAMES
+    from damo_jax.interop.convert import MODEL_SIGNATURES, identify_model, model_signature
+    want = {}
+    for name in MODEL_NAMES:
+        for deploy in (False, "reparam"):
+            shapes = {k: shape for k, (_, _, shape) in expected_torch_entries(name, deploy).items()}
+            want.setdefault(model_signature(shapes), name + (" (re-parameterised)" if deploy else ""))
+    assert MODEL_SIGNATURES == want
+    sd = random_state_dict("ns", seed=1)
+    assert identify_model(sd) == "ns"
+    assert identify_model({"module." + k: v for k, v in sd.items()}) == "ns"
+    assert identify_model({k: v for k, v in sd.items() if "neck" not in k}) is None

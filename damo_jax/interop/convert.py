@@ -107,6 +107,59 @@ def expected_torch_entries(config, deploy=False) -> dict:
     return entries
 
 
+def model_signature(shapes) -> str:
+    """A short digest of ``{torch key: shape}``: every key but ``module.`` prefixes,
+    ``num_batches_tracked``, ``head.integral.project`` and the classifier ``head.gfl_cls.*``
+    (other class counts), with its shape. Equal signatures = the same architecture."""
+    import hashlib
+    items = sorted((k[len("module."):] if k.startswith("module.") else k, tuple(int(d) for d in v))
+                   for k, v in shapes.items())
+    text = ";".join(f"{k}:{v}" for k, v in items if k != PROJECT_KEY
+                    and not k.endswith(".num_batches_tracked") and not k.startswith("head.gfl_cls."))
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+# model_signature of each bundled config's state dict, train graph and re-parameterised
+# (``rbr_reparam``) graph. tests/test_convert.py recomputes them from the traced variable templates.
+MODEL_SIGNATURES = {
+    "2b5f134f9bb42e5d": "t",
+    "af53810fae0bfdc1": "t (re-parameterised)",
+    "68c24d6c6e8f6417": "s",
+    "756913f3f36f3400": "s (re-parameterised)",
+    "1e016692f789ff00": "m",
+    "3fec1096f5bc6468": "m (re-parameterised)",
+    "a9fbacf2855e35bf": "l",
+    "4797c08a8240d3b5": "l (re-parameterised)",
+    "5028e1b8b81be10e": "ns",
+    "2fa66f817f641288": "nm",
+    "e017de2233198ba8": "nl",
+    "5fbcf9229406700d": "n",
+}   # the nano models have no RepConv: one signature each
+
+
+def identify_model(state_dict) -> str | None:
+    """The bundled model config (``t``, ``s``, ... ``n``; ``"t (re-parameterised)"`` for a
+    deploy state dict) whose keys and shapes the state dict holds, the classifier
+    ``head.gfl_cls.*`` aside (other class counts); None when none fits. Table lookup of
+    :func:`model_signature` in :data:`MODEL_SIGNATURES` (no tracing)."""
+    signature = model_signature({k: np.shape(v) for k, v in state_dict.items()})
+    return MODEL_SIGNATURES.get(signature)
+
+
+def _with_model_hint(err: "CheckpointMismatchError", state_dict, cfg) -> "CheckpointMismatchError":
+    """``err`` with "; the file holds DAMO-YOLO-X (--config x)" appended when another bundled
+    model fits the state dict."""
+    try:
+        found = identify_model(state_dict)
+    except Exception:              # noqa: BLE001 - a hint must never hide the real error
+        found = None
+    if not found or found.split()[0] == cfg.model.name:
+        return err
+    name = found.split()[0]
+    return CheckpointMismatchError(f"{err}; the file holds DAMO-YOLO-{name.upper()}"
+                                   f"{found[len(name):]}: use --config {name}")
+
+
 # ----------------------------------------------------------------------------- conversion
 def _strip_module_prefix(state_dict) -> dict:
     return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state_dict.items()}
@@ -146,7 +199,13 @@ def from_torch_state_dict(state_dict, config, *, deploy=False, source: str = "")
     (train graph by default; ``"reparam"`` for ``rbr_reparam`` state dicts).
     """
     cfg = load_config(config)
-    where = f"{source}: " if source else ""
+    try:
+        return _from_torch_state_dict(state_dict, cfg, deploy, f"{source}: " if source else "")
+    except CheckpointMismatchError as err:
+        raise _with_model_hint(err, state_dict, cfg) from None
+
+
+def _from_torch_state_dict(state_dict, cfg, deploy, where: str) -> dict:
     entries = expected_torch_entries(cfg, deploy)
     try:
         tensors, unexpected = _split_known(_strip_module_prefix(state_dict), cfg, entries)
@@ -215,9 +274,17 @@ def load_pretrained(path, config, *, skip_head_if_mismatch=True):
     "num_loaded": int}``. Any other missing / unexpected / mis-shaped key raises ValueError.
     """
     cfg = load_config(config)
+    state_dict = read_state_dict_file(path)
+    try:
+        return _load_pretrained(path, state_dict, cfg, skip_head_if_mismatch)
+    except CheckpointMismatchError as err:
+        raise _with_model_hint(err, state_dict, cfg) from None
+
+
+def _load_pretrained(path, state_dict, cfg, skip_head_if_mismatch):
     entries = expected_torch_entries(cfg)
     try:
-        tensors, unexpected = _split_known(read_state_dict_file(path), cfg, entries)
+        tensors, unexpected = _split_known(state_dict, cfg, entries)
     except CheckpointMismatchError as exc:
         raise CheckpointMismatchError(f"{path}: {exc}") from None
     if unexpected:
