@@ -21,9 +21,9 @@ The last stdout line is one JSON object.
 Checkout adjustments used for the 2026-12-03 measurements (no network there, so the checkout was
 assembled from stored copies of the repository's files): ``from .apis import *`` in
 ``damo/__init__.py`` commented out (it imports the dataset code and pycocotools, which the model
-path does not need); ``'legacy': False`` in the T config's ZeroHead where an older T config is used
-(the current configs have it, SPEC.md §1.2; the parameter counts then match SPEC §1.7: T 8.876 M /
-8.480 M reparameterised, S 16.936 M / 16.252 M); empty ``__init__.py`` files where a package folder
+path does not need); ``'legacy': False`` in the T and S configs' ZeroHead where older configs are
+stored (the current configs have it, SPEC.md §1.2; the parameter counts then match SPEC §1.7: T
+8.876 M / 8.480 M reparameterised, S 16.936 M / 16.252 M; without it S counts 16.944 M); empty ``__init__.py`` files where a package folder
 had none; for ``--config ns`` (added 2026-12-03) ``configs/damoyolo_tinynasL18_Ns.py`` and
 ``damo/base_models/backbones/nas_backbones/tinynas_nano_small.txt`` as stored (1.41 M parameters,
 SPEC §1.7: 1.406 M), trained with the config's AdamW. torchvision is optional: where it cannot be
