@@ -98,6 +98,18 @@ From a fresh clone of e551d5a (the same train step; 76 s install, 13:34–13:38 
 the same AP50 digits at 0.9 / 1.3 / 1.7 / 2.0 / 2.4 / **2.8** / 3.2 / 3.6 / 4.0 minutes — **AP50 ≥ 0.5
 at 2.8 minutes** (the whole training command 4.1 min).
 
+On a Zen 4 host (AMD EPYC family 25 "model 17", AVX-512), from a fresh clone of cd47681 (the same
+train step; 95 s install, empty caches, 2026-12-05 21:51–21:58 UTC, minutes to each evaluation's
+log line; docs/bench_train.md §0w):
+
+    epoch         1      2      3      4      5      6      7      8      9
+    AP50      0.001  0.087  0.238  0.318  0.425  0.479  0.522  0.545  0.557
+    minutes     1.4    2.1    2.8    3.4    4.1    4.7    5.3    6.0    6.6
+
+**AP50 ≥ 0.5 at 5.3 minutes** (epoch 7; whole command 6.7 min): another trajectory than on Zen 5
+(other oneDNN kernels, other float32 rounding). The same clone with oneDNN and XLA capped to AVX2
+(a stand-in for an AVX2-only CPU): 0.5 at 5.6 minutes (0.533 at epoch 7), whole command 7.0 min.
+
 The same host with 8dd8428 (1×1 convs as dot, cache-blocked kernel gradients; 15:08–15:19 UTC;
 minutes = the progress bar's elapsed time + 0.45 min, the bar starting 27 s after the command:
 the checkpoints of steps 700 / 800 were written at 9.03 / 10.14 min):
