@@ -61,11 +61,11 @@ def validate_thresholds(topk: int, conf_thre: float, iou_thre: float) -> None:
     (a score threshold of 1 keeps nothing: scores are sigmoids and the test is strict >)."""
     from damo_jax.errors import is_count, is_probability
     if not is_count(topk):
-        raise ConfigError(f"end2end topk must be a positive integer, got {topk!r}")
+        raise ConfigError(f"--topk {topk!r}: the end2end detection cap must be an integer >= 1")
     if not is_probability(conf_thre):
-        raise ConfigError(f"end2end conf threshold must be a number in [0, 1], got {conf_thre!r}")
+        raise ConfigError(f"--conf {conf_thre!r}: the end2end score threshold must be a number in [0, 1]")
     if not is_probability(iou_thre):
-        raise ConfigError(f"end2end IoU threshold must be a number in [0, 1], got {iou_thre!r}")
+        raise ConfigError(f"--iou {iou_thre!r}: the end2end IoU threshold must be a number in [0, 1]")
 
 
 def nms_nodes(scores: str, boxes: str, *, topk: int, conf_thre: float, iou_thre: float):

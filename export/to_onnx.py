@@ -37,6 +37,32 @@ MIN_OPSET = 17
 MAX_TF2ONNX_OPSET = 18
 
 
+def max_runtime_opset() -> int:
+    """The newest default-domain opset the installed onnxruntime loads (every export is checked in
+    onnxruntime): probed once with a one-node model, from the installed onnx's newest down."""
+    global _MAX_OPSET
+    if _MAX_OPSET is None:
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+        _MAX_OPSET = MIN_OPSET
+        for opset in range(onnx.defs.onnx_opset_version(), MIN_OPSET, -1):
+            info = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1]) for n in "xy"]
+            graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe",
+                                      info[:1], info[1:])
+            probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+            probe.ir_version = min(probe.ir_version, 10)
+            try:
+                ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+            except Exception:  # noqa: BLE001 - "opset under development" and the like
+                continue
+            _MAX_OPSET = opset
+            break
+    return _MAX_OPSET
+
+
+_MAX_OPSET: int | None = None
+
+
 def convert_jax2onnx(dm: common.DeployModel, *, batch=1, opset: int = 17,
                      optimize: bool = True) -> onnx.ModelProto:
     """Fused deploy model -> raw ONNX (inputs ``images``; outputs ``scores``, ``boxes``)."""
@@ -89,8 +115,9 @@ def _version() -> str:
 
 def check_route(via: str, batch, opset: int) -> None:
     """ConfigError for an opset / batch the route cannot export (checked before the model loads)."""
-    if opset < MIN_OPSET:
-        raise ConfigError(f"--opset must be >= {MIN_OPSET}, got {opset}")
+    if opset < MIN_OPSET or opset > max_runtime_opset():
+        raise ConfigError(f"--opset must be in [{MIN_OPSET}, {max_runtime_opset()}] (the newest "
+                          f"the installed onnxruntime runs), got {opset}")
     if via == "tf":
         if batch == common.DYNAMIC_BATCH:
             raise ConfigError("--via tf supports a static --batch only (the TFLite converter and "
@@ -167,7 +194,14 @@ def run(args, overrides=()) -> Path:
     if args.end2end:                                   # the given thresholds (defaults: the config's)
         end2end.validate_thresholds(args.topk, 0.0 if args.conf is None else args.conf,
                                     0.5 if args.iou is None else args.iou)
-    out = output_file(args.output, "--output")
+    else:
+        given = [flag for flag, value, default in (("--topk", args.topk, 100), ("--conf", args.conf, None),
+                                                   ("--iou", args.iou, None)) if value != default]
+        if given:
+            raise ConfigError(f"{', '.join(given)}: NMS options of --end2end only (the raw export "
+                              f"has no NMS; damo-jax predict / eval take --conf / --iou)")
+    out = output_file(args.output, "--output", suffix=".onnx",
+                      inputs={"--weights": args.weights, "--checkpoint": args.checkpoint})
     dm = common.load_deploy_model(args.config, checkpoint=args.checkpoint, weights=args.weights,
                                   image_size=size, seed=args.seed, overrides=overrides)
     e2e = None

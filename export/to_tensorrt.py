@@ -168,6 +168,8 @@ def run(args):
         raise ConfigError(f"--workspace must be > 0 GiB, got {args.workspace}")
     if not Path(args.onnx).is_file():
         raise InputPathError(f"--onnx {args.onnx}: ONNX file not found")
+    from damo_jax.cli.common import check_not_input, output_file
+    check_not_input(args.output, "--output", {"--onnx": args.onnx})
     onnx_utils.check_readable(args.onnx)
     shapes = profile_shapes(onnx_input_shape(args.onnx), args.min_batch, args.opt_batch,
                             args.max_batch)
@@ -176,7 +178,6 @@ def run(args):
     if args.print_trtexec:
         print(command)
         return command
-    from damo_jax.cli.common import output_file
     output_file(args.output, "--output")
     return build_engine(args.onnx, args.output, fp16=args.fp16, min_batch=args.min_batch,
                         opt_batch=args.opt_batch, max_batch=args.max_batch,

@@ -124,10 +124,11 @@ def mistakes(f):
     table["train", "bad grad_impl"] = (base_args("train", f) + ["--config.model.grad_impl=fast"],
                                        "model.grad_impl")
     under_file = str(f["image"] / "sub")          # a folder can't be made there (not even by root)
-    for cli, flag in (("train", "--workdir"), ("predict", "--out"), ("export onnx", "--output"),
-                      ("to_onnx.py", "--output"), ("show", "--out")):
-        table[cli, "output under a file"] = (without(base_args(cli, f), flag) + [flag, under_file + ".png"],
-                                             f"{flag} {under_file}.png: cannot create")
+    for cli, flag, ext in (("train", "--workdir", ".png"), ("predict", "--out", ".png"),
+                           ("export onnx", "--output", ".onnx"), ("to_onnx.py", "--output", ".onnx"),
+                           ("show", "--out", ".png")):
+        table[cli, "output under a file"] = (without(base_args(cli, f), flag) + [flag, under_file + ext],
+                                             f"{flag} {under_file}{ext}: cannot create")
     for flag in ("--json-out", "--stats-out", "--out"):
         table["eval", f"{flag} under a file"] = (base_args("eval", f) + [flag, under_file + "/x"],
                                                 f"{flag} {under_file}/x: cannot create")

@@ -213,10 +213,14 @@ def test_export_size_defaults_to_the_test_size():
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--opset", "12"], "--opset must be >= 17"),
-    (["--end2end", "--topk", "0"], "topk must be a positive integer"),
-    (["--end2end", "--conf", "2"], "conf threshold must be in [0, 1)"),
-    (["--end2end", "--iou", "-1"], "IoU threshold must be in [0, 1]"),
+    (["--opset", "12"], "--opset must be in [17, "),
+    (["--opset", "99"], "--opset must be in [17, "),
+    (["--end2end", "--topk", "0"], "--topk 0: the end2end detection cap must be an integer >= 1"),
+    (["--end2end", "--conf", "2"], "--conf 2.0: the end2end score threshold must be a number in [0, 1]"),
+    (["--end2end", "--iou", "-1"], "--iou -1.0: the end2end IoU threshold must be a number in [0, 1]"),
+    (["--conf", "0.5"], "--conf: NMS options of --end2end only"),
+    (["--topk", "10", "--iou", "0.5"], "--topk, --iou: NMS options of --end2end only"),
+    (["--output", "m.onnx.bak"], "m.onnx.bak: expected a .onnx file name"),
     (["--via", "tf", "--batch", "dynamic"], "static --batch only")])
 def test_export_options_are_checked_before_the_model_loads(flags, message, monkeypatch, tmp_path):
     """A bad --opset / --topk / --conf / --iou failed only after the model was built (seconds)."""
@@ -231,3 +235,33 @@ def test_export_options_are_checked_before_the_model_loads(flags, message, monke
                                               *flags])
     with pytest.raises(ConfigError, match=re.escape(message)):
         to_onnx.run(args)
+
+
+def test_export_never_overwrites_its_input(tmp_path):
+    """``--output`` naming the ``--weights`` file (same path, or a symlink to it) is refused and
+    the weights stay as they were; the same for TensorRT's ``--onnx``."""
+    import hashlib
+
+    from damo_jax.export import to_onnx, to_tensorrt
+    weights = tmp_path / "w.onnx"                    # any name: only the path matters here
+    weights.write_bytes(b"weights")
+    (tmp_path / "link.onnx").symlink_to(weights)
+    before = hashlib.md5(weights.read_bytes()).hexdigest()
+    for out in (weights, tmp_path / "link.onnx", tmp_path / "sub" / ".." / "w.onnx"):
+        code, err = _cli_error(to_onnx.main, ["--config", "ns", "--weights", str(weights),
+                                              "--output", str(out)])
+        assert code == 2 and "is the --weights file" in err, err
+    code, err = _cli_error(to_tensorrt.main, ["--onnx", str(weights), "--output", str(weights),
+                                              "--print-trtexec"])
+    assert code == 2 and "is the --onnx file" in err, err
+    assert hashlib.md5(weights.read_bytes()).hexdigest() == before
+
+
+def _cli_error(main, argv):
+    """(exit code, stderr text) of a CLI main that must stop with a user error."""
+    import contextlib
+    import io
+    buf = io.StringIO()
+    with contextlib.redirect_stderr(buf), pytest.raises(SystemExit) as info:
+        main(argv)
+    return info.value.code, buf.getvalue()

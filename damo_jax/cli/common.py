@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -228,13 +229,37 @@ def output_dir(path, flag: str) -> Path:
     return out
 
 
-def output_file(path, flag: str) -> Path:
-    """:func:`output_dir` for the folder of the output file ``path``; also rejects a folder."""
+def output_file(path, flag: str, *, suffix: str | None = None, inputs=None) -> Path:
+    """:func:`output_dir` for the folder of the output file ``path``; also rejects a folder, a name
+    without ``suffix`` (e.g. ``".onnx"``) and a path that is one of the command's ``inputs``
+    (``{flag: path or None}``): an export never overwrites what it reads."""
     out = Path(path)
     if out.is_dir():
         raise InputPathError(f"{flag} {path}: is a folder, expected a file name")
+    if suffix and out.suffix.lower() != suffix:
+        raise ConfigError(f"{flag} {path}: expected a {suffix} file name")
+    check_not_input(out, flag, inputs)
     _make_folder(out.parent, f"{flag} {path}", f"its folder {out.parent}")
     return out
+
+
+def check_not_input(path, flag: str, inputs=None) -> None:
+    """ConfigError when the output ``path`` names one of the command's ``inputs`` (``{flag: path
+    or None}``): a command never overwrites what it reads."""
+    for in_flag, in_path in (inputs or {}).items():
+        if in_path and _same_path(Path(path), Path(in_path)):
+            raise ConfigError(f"{flag} {path}: is the {in_flag} file; the output would overwrite "
+                              f"it, choose another name")
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    """``a`` and ``b`` name the same file (symlinks, hard links and ``..`` resolved)."""
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
 
 
 def _is_drive_letter(kind: str) -> bool:
