@@ -173,7 +173,8 @@ from damo_jax.data_pipelines.demo import CLASS_NAMES
 def get_config():
     c = load_config("demo_ns")
     c.model = load_config("t").model
-    c.model.head.num_classes = len(CLASS_NAMES)   # training sets it from the data as well
+    c.model.head.num_classes = len(CLASS_NAMES)   # training sets both from the data as well
+    c.model.class_names = CLASS_NAMES
     c.train.epochs = 9
     c.test.image_size = (256, 256)
     c.model.image_size = (256, 256)     # what `damo-jax info --config demo` reports

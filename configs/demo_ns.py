@@ -48,7 +48,8 @@ def get_config():
     c.data.max_boxes = 32
     c.test.image_size = (192, 192)
     c.model.image_size = (192, 192)     # what `damo-jax info --config demo_ns` reports
-    c.model.head.num_classes = len(CLASS_NAMES)   # training sets it from the data as well
+    c.model.head.num_classes = len(CLASS_NAMES)   # training sets both from the data as well
+    c.model.class_names = CLASS_NAMES
     c.test.batch_size = 16
     c.train.batch_size = 8
     c.train.epochs = 7

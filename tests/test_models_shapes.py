@@ -185,6 +185,7 @@ def test_summary_of_demo_config_is_the_model_it_trains():
     demo, t = summary("demo"), summary("t")
     assert demo["num_classes"] == len(CLASS_NAMES) == 6 and t["num_classes"] == 80
     assert demo["size"] == tuple(load_config("demo").test.image_size) == (256, 256)
+    assert load_config("demo").model.class_names == load_config("demo_ns").model.class_names == CLASS_NAMES
     assert demo["params"]["backbone"] == t["params"]["backbone"]
     fewer = t["params"]["head"] - demo["params"]["head"]      # 74 classes' worth of cls outputs
     assert fewer > 0 and fewer % (80 - 6) == 0

@@ -211,7 +211,7 @@ def test_predict_cli_official_weights_single_image_and_errors(two_class_run, tmp
         main(["--config", "ns", "--onnx", str(tmp_path / "missing.onnx"), "--source", str(tmp_path / "one.png")])
 
 
-def write_handmade_onnx(path: Path, class_names=None) -> Path:
+def write_handmade_onnx(path: Path, class_names=None, metadata=None) -> Path:
     """A raw-output ONNX file (input NCHW (1,3,32,64); outputs scores (1,3,2), boxes (1,3,4)) whose
     outputs are constants plus 0 * mean(images): the exported-model layout, no export needed."""
     import onnx
@@ -232,6 +232,8 @@ def write_handmade_onnx(path: Path, class_names=None) -> Path:
     model.ir_version = 8
     if class_names:
         model.metadata_props.add(key="class_names", value=json.dumps(list(class_names)))
+    for key, value in (metadata or {}).items():
+        model.metadata_props.add(key=key, value=value)
     onnx.save(model, str(path))
     return path
 
@@ -268,6 +270,24 @@ def test_predict_cli_onnx(tmp_path):
     top = main(["--config", str(config), "--onnx", str(onnx_file), "--source", str(tmp_path / "x.png"),
                 "--out", str(tmp_path / "out1"), "--conf", "0.5", "--max-dets", "1", "--no-progress"])
     assert top["images"][0]["boxes"] == [[4.0, 2.0, 20.0, 18.0]]    # the highest score only
+
+
+def test_predict_exported_file_without_config_uses_its_metadata(tmp_path):
+    """An exported file carries model, class names, size and thresholds: predict needs no
+    --config; a file without that metadata asks for one."""
+    from damo_jax.inference.predict import main
+    meta = {"model": "ns", "image_size": "[32, 64]", "conf_thre": "0.75", "iou_thre": "0.5"}
+    onnx_file = write_handmade_onnx(tmp_path / "m.onnx", class_names=("cat", "dog"), metadata=meta)
+    Image.fromarray(np.zeros((32, 64, 3), np.uint8)).save(tmp_path / "x.png")
+    summary = main(["--onnx", str(onnx_file), "--source", str(tmp_path / "x.png"),
+                    "--out", str(tmp_path / "out"), "--no-draw", "--no-progress"])
+    entry = summary["images"][0]
+    assert entry["class_names"] == ["cat", "dog"]      # the file's names, not COCO's
+    assert entry["boxes"] == [[4.0, 2.0, 20.0, 18.0], [30.0, 10.0, 60.0, 30.0]]   # predict's conf 0.3
+    assert summary["iou"] == 0.5                       # the file's (config ns: 0.65)
+    bare = write_handmade_onnx(tmp_path / "bare.onnx", class_names=("cat", "dog"))
+    with pytest.raises(SystemExit, match="no damo_jax export metadata.*give --config"):
+        main(["--onnx", str(bare), "--source", str(tmp_path / "x.png"), "--out", str(tmp_path / "o2")])
 
 
 def test_load_model_class_names_override(tmp_path):

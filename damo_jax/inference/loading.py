@@ -63,8 +63,10 @@ def load_model(config=None, *, checkpoint=None, weights=None, onnx=None, openvin
     """Load one model from exactly one source.
 
     ``config``: name / path / ConfigDict, or a training-run directory (its stored config; lets an
-    exported file be scored with the run's class names and thresholds). Needed with ``weights``,
-    ``onnx``, ``openvino`` and ``random_init``; ignored (logged) with ``checkpoint``.
+    exported file be scored with the run's class names and thresholds). Needed with ``weights``
+    and ``random_init``; ignored (logged) with ``checkpoint``; optional with ``onnx`` /
+    ``openvino``: without it the file's export metadata gives the model, class names, size and
+    thresholds.
     ``overrides``: ``key.sub=value`` strings applied to the config (``--config.KEY=VALUE``).
     ``fuse``: fold RepConvs and BNs (``models.reparam.fuse`` + ``build_model(cfg, deploy=True)``).
     ``export``: trace-friendly config (``model.depthwise_impl = "conv"``) for the exporters.
@@ -81,11 +83,14 @@ def load_model(config=None, *, checkpoint=None, weights=None, onnx=None, openvin
     if kind == "checkpoint":
         cfg, variables, class_names = _checkpoint(checkpoint, config)
     else:
-        if config is None:
+        if config is None and kind in ("onnx", "openvino"):
+            cfg, class_names = _config_from_export(kind, _existing(_flag(kind), path))
+        elif config is None:
             what = f"{_flag(kind)} {path}" if path else "without weights"
             raise ConfigError(f"{what}: --config is needed (the model's config name or file, "
                               f"e.g. --config s)")
-        cfg, class_names = _config(config)
+        else:
+            cfg, class_names = _config(config)
     cfg = _prepare(cfg, overrides, export)
     from damo_jax.config import override_key
     if any(override_key(o) == "model.class_names" for o in overrides):
@@ -120,6 +125,49 @@ def _config(config):
         return cfg, tuple(meta.get("class_names") or cfg.model.class_names)
     cfg = load_config(config)
     return cfg, tuple(cfg.model.class_names)
+
+
+def _config_from_export(kind: str, path: Path):
+    """(cfg, class names) from the metadata ``export/to_onnx.py`` / ``to_openvino.py`` write into
+    the file: the bundled config of its ``model`` with its class names, size and thresholds.
+    ConfigError asking for ``--config`` when the file has no such metadata."""
+    import json
+
+    from damo_jax.config import MODEL_NAMES, load_config
+    from damo_jax.inference import backends
+    if kind == "onnx":
+        from damo_jax.export import onnx_utils
+        onnx_utils.check_readable(path)
+        meta = backends._ov_metadata(None, path)
+    else:
+        try:
+            import openvino as ov
+            meta = backends._ov_metadata(ov.Core().read_model(str(path)), path)
+        except Exception:  # noqa: BLE001 - the backend reports an unreadable IR in its own words
+            meta = {}
+    name = meta.get("model")
+    if name not in MODEL_NAMES or "class_names" not in meta:
+        raise ConfigError(f"{_flag(kind)} {path}: the file holds no damo_jax export metadata "
+                          f"(model, class names); give --config (the model's config name or "
+                          f"file, or the training run directory)")
+    try:
+        names = tuple(json.loads(meta["class_names"]))
+        cfg = load_config(name)
+        with cfg.unlocked():
+            cfg.model.class_names = names
+            cfg.model.head.num_classes = len(names)
+            for key in ("conf_thre", "iou_thre"):
+                if key in meta:
+                    cfg.test[key] = float(meta[key])
+            if "image_size" in meta:
+                cfg.test.image_size = tuple(int(v) for v in json.loads(meta["image_size"]))
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{_flag(kind)} {path}: unreadable export metadata ({e}); give "
+                          f"--config") from e
+    log.info("%s %s: using its metadata (model %r, %d classes, test size %s, conf %s, iou %s)",
+             _flag(kind), path, name, len(names), tuple(cfg.test.image_size), cfg.test.conf_thre,
+             cfg.test.iou_thre)
+    return cfg, names
 
 
 def _run_dir_call(fn, path, flag: str = "--checkpoint"):
