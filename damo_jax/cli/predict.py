@@ -4,6 +4,7 @@ examples:
   damo-jax predict --checkpoint runs/demo --source photo.jpg
   damo-jax predict --config s --weights damoyolo_s.pth --source images/ --out preds
   damo-jax predict --config s --onnx s.onnx --source images/ --conf 0.4
+  damo-jax predict --onnx s.onnx --source images/      # config from the file's export metadata
   damo-jax predict --config s --openvino s.xml --source images/ --img-size 640
 
 Writes <out>/<name> (the image with boxes and class names drawn; same file name and format;
@@ -27,7 +28,9 @@ PROG = "damo-jax predict"
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--config", help="model config name or path (class names, size, thresholds)")
+    p.add_argument("--config", help="model config name or path, or a training run directory (class "
+                   "names, size, thresholds); optional with --onnx / --openvino files that "
+                   "damo-jax exported (their metadata holds them)")
     src = p.add_mutually_exclusive_group()
     for name in common.MODEL_SOURCES:
         src.add_argument(f"--{name}", help=common.MODEL_SOURCES[name])
