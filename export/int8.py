@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -75,9 +76,10 @@ def _input_hw(onnx_path) -> tuple[int, int]:
 
 
 def quantize_onnx(fp32_onnx, output, images: Sequence[np.ndarray], *,
-                  exclude: Sequence[str] = ()) -> Path:
+                  exclude: Sequence[str] = (), quiet: bool = False) -> Path:
     """QDQ INT8 ONNX by onnxruntime static quantisation; ``exclude``: node names kept float.
-    The FP32 file's metadata (class names, size, thresholds) is copied."""
+    The FP32 file's metadata (class names, size, thresholds) is copied. ``quiet``: no "wrote"
+    log line (a scratch file)."""
     import onnx
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
                                           quantize_static)
@@ -103,7 +105,8 @@ def quantize_onnx(fp32_onnx, output, images: Sequence[np.ndarray], *,
     for key, value in meta.items():
         model.metadata_props.add(key=key, value=value)
     onnx.save(model, str(output))
-    log.info("wrote %s (QDQ INT8, %d layers kept float)", output, len(exclude))
+    if not quiet:
+        log.info("wrote %s (QDQ INT8, %d layers kept float)", output, len(exclude))
     return output
 
 
@@ -138,9 +141,6 @@ def export_int8(fp32_onnx, out_dir, images: Sequence[np.ndarray], *,
     ``openvino int8``, ``openvino int8 mixed``. ``candidates``: Conv names measured for ``mixed``
     (default all; tests use a few).
     """
-    from damo_jax.export import to_openvino
-    from damo_jax.export.quant_sensitivity import float_layer_nodes, rank_layers
-
     unknown = set(formats) - set(FORMATS)
     if unknown or not formats:
         from damo_jax.errors import ConfigError
@@ -152,9 +152,24 @@ def export_int8(fp32_onnx, out_dir, images: Sequence[np.ndarray], *,
         shutil.copyfile(fp32_onnx, fp32)
     stem = fp32.stem
     files = {"onnx fp32": fp32}
-    qdq = quantize_onnx(fp32, out / f"{stem}_int8.onnx", images)  # also the sensitivity base
-    if "onnx" in formats:
-        files["onnx int8"] = qdq
+    scratch = None if "onnx" in formats else Path(tempfile.mkdtemp(prefix="damo_jax_int8_"))
+    try:
+        qdq = None            # the all-INT8 QDQ file: a deliverable, and the sensitivity base
+        if "onnx" in formats or mixed > 0:
+            qdq = quantize_onnx(fp32, (scratch or out) / f"{stem}_int8.onnx", images,
+                                quiet=scratch is not None)
+        if "onnx" in formats:
+            files["onnx int8"] = qdq
+        return _quantize_rest(files, fp32, out, stem, qdq, formats, images, mixed, candidates)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _quantize_rest(files, fp32, out, stem, qdq, formats, images, mixed, candidates) -> dict:
+    """The mixed-precision and OpenVINO part of :func:`export_int8`."""
+    from damo_jax.export import to_openvino
+    from damo_jax.export.quant_sensitivity import float_layer_nodes, rank_layers
     sensitivity, float_layers, float_nodes = None, [], []
     if mixed > 0:
         sensitivity = rank_layers(qdq, fp32, images, candidates=candidates)
@@ -172,8 +187,6 @@ def export_int8(fp32_onnx, out_dir, images: Sequence[np.ndarray], *,
         if "onnx" in formats:
             files["onnx int8 mixed"] = quantize_onnx(fp32, out / f"{stem}_int8_mixed.onnx", images,
                                                      exclude=float_nodes)
-    if "onnx" not in formats:
-        qdq.unlink()
     if "openvino" in formats:
         files["openvino fp32"] = to_openvino.convert(fp32, out / f"{stem}.xml")
         files["openvino int8"] = quantize_openvino(files["openvino fp32"],
@@ -218,6 +231,9 @@ def build_parser(prog: str = PROG):
 def run(args, overrides=()) -> dict:
     from damo_jax.cli.common import img_size, output_dir
     from damo_jax.errors import ConfigError
+    if Path(args.output_dir).suffix.lower() in (".xml", ".onnx", ".bin"):
+        raise ConfigError(f"--output-dir {args.output_dir}: INT8 export writes several files "
+                          f"(FP32 and INT8 models, report); give a folder name")
     out = output_dir(args.output_dir, "--output-dir")
     config = args.checkpoint or args.config
     if config is None:

@@ -181,3 +181,26 @@ def test_cli_export_int8_user_mistakes_exit_2(fp32_onnx, tmp_path):
     r = _damo_jax("export", "int8", "--config", "demo_ns", "--onnx", str(fp32_onnx),
                   "--calib-data", "coco:/nope/missing", "--output-dir", str(tmp_path / "o"))
     assert r.returncode == 2 and "/nope/missing" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_openvino_only_writes_no_onnx_int8(fp32_onnx, calib, tmp_path, caplog):
+    """``--format openvino`` writes (and logs) only what it keeps: no QDQ ONNX file appears,
+    not even for a moment in the output folder, and an existing one there is left alone."""
+    out = tmp_path / "ov"
+    out.mkdir()
+    keep = out / f"{fp32_onnx.stem}_int8.onnx"
+    keep.write_bytes(b"the user's own file")
+    with caplog.at_level("INFO", logger="damo_jax.export"):
+        result = int8.export_int8(fp32_onnx, out, calib, formats=("openvino",))
+    assert set(result["files"]) == {"onnx fp32", "openvino fp32", "openvino int8"}
+    assert keep.read_bytes() == b"the user's own file"
+    assert "QDQ INT8" not in caplog.text
+    assert sorted(p.name for p in out.glob("*int8*")) == sorted(
+        [keep.name, f"{fp32_onnx.stem}_int8.xml", f"{fp32_onnx.stem}_int8.bin"])
+
+
+def test_cli_export_int8_output_named_like_a_file(fp32_onnx, tmp_path):
+    r = _damo_jax("export", "openvino", "--int8", "--config", "demo_ns", "--onnx", str(fp32_onnx),
+                  "--calib-data", f"demo:{SIZE}", "--output", str(tmp_path / "q.xml"))
+    assert r.returncode == 2 and "give a folder name" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "q.xml").exists()
