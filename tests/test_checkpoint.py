@@ -1,6 +1,8 @@
 """Orbax checkpoints: round trip, retention (last k + best), incomplete saves, inference loading."""
 from __future__ import annotations
 
+import logging
+
 import shutil
 
 import jax
@@ -88,14 +90,17 @@ def test_restore_latest_none_when_empty(tmp_path):
         assert ck.restore_latest(_state()) is None
 
 
-def test_load_for_inference_ema_and_model(tmp_path):
+def test_load_for_inference_ema_and_model(tmp_path, caplog):
     state = _state()
     cfg = load_config("ns")
     cfg.model.head["num_classes"] = 2
     with checkpoint.Checkpoints(tmp_path / "run" / "checkpoints") as ck:
         ck.save(3, state, _meta(3, cfg), metrics={"AP": 0.4})
         ck.save(4, state, _meta(4, cfg), metrics={"AP": 0.1})
-    cfg2, variables, names = checkpoint.load_for_inference(tmp_path / "run")
+    with caplog.at_level("WARNING"):
+        cfg2, variables, names = checkpoint.load_for_inference(tmp_path / "run")
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not [m for m in warned if "read only" in m or "read_only" in m], warned  # Orbax's notices
     assert names == ("a", "b") and cfg2.model.head.num_classes == 2
     _assert_tree_equal(variables, {"params": state["ema_params"], "batch_stats": state["ema_batch_stats"]})
     assert checkpoint.resolve(tmp_path / "run")[1] == 3                    # best by AP

@@ -36,6 +36,18 @@ from damo_jax.train import state as state_lib
 
 log = logging.getLogger(__name__)
 
+
+class _ReadOnlyNotices(logging.Filter):
+    """Drops Orbax's two warnings for a manager opened ``read_only`` on purpose (loading a run for
+    eval / predict / export): they say what was asked for and read like a problem."""
+    NOTICES = ("CheckpointManagerOptions.read_only=True", "Given directory is read only")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in str(record.msg) for text in self.NOTICES)
+
+
+logging.getLogger("absl").addFilter(_ReadOnlyNotices())
+
 STATE_KEYS = state_lib.CHECKPOINT_KEYS
 ITEMS = ("state", "ema", "meta")
 BEST_METRIC = "AP"
