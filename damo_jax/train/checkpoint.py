@@ -25,6 +25,8 @@ import contextlib
 import json
 import logging
 import os
+import signal
+import threading
 from pathlib import Path
 
 import jax
@@ -115,6 +117,44 @@ def _best_metric(metrics) -> float:
 # --------------------------------------------------------------------------------------------------
 # Manager
 # --------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def deferred_interrupts(signums=(signal.SIGINT, signal.SIGTERM)):
+    """Hold Ctrl-C / SIGTERM until the block ends (a checkpoint being written or finalised): the
+    interrupt then goes to the handler that was installed (KeyboardInterrupt, the train CLI's
+    ``Interrupted``), after the checkpoint is complete, instead of tearing through Orbax's finalise
+    thread (an ERROR line and a traceback). A second identical signal during the block is not held.
+    Outside the main thread nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = {signum: signal.getsignal(signum) for signum in signums}
+
+    def hold(signum, frame):
+        if signum in pending:                          # pressed twice: do not wait any longer
+            _deliver(signum, previous[signum], frame)
+        pending.append(signum)
+
+    for signum in signums:
+        signal.signal(signum, hold)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if pending:
+            _deliver(pending[0], previous[pending[0]], None)
+
+
+def _deliver(signum, handler, frame) -> None:
+    """Run ``handler`` for ``signum`` as the interpreter would have."""
+    if callable(handler):
+        handler(signum, frame)
+    elif handler == signal.SIG_DFL:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+
 class Checkpoints:
     """Orbax ``CheckpointManager`` for train states; last ``keep`` + best-by-AP are kept.
 
@@ -156,9 +196,10 @@ class Checkpoints:
     # ---- save / restore
     def save(self, step: int, state: dict, meta: dict, metrics: dict | None = None) -> None:
         train_item, ema_item = split_state(state)
-        self._mngr.save(int(step), args=ocp.args.Composite(
-            state=ocp.args.StandardSave(train_item), ema=ocp.args.StandardSave(ema_item),
-            meta=ocp.args.JsonSave(meta)), metrics=metrics, force=True)
+        with deferred_interrupts():
+            self._mngr.save(int(step), args=ocp.args.Composite(
+                state=ocp.args.StandardSave(train_item), ema=ocp.args.StandardSave(ema_item),
+                meta=ocp.args.JsonSave(meta)), metrics=metrics, force=True)
         if os.environ.get(EXIT_DURING_SAVE_ENV) == str(int(step)):
             print(f"[test hook] exiting while checkpoint {step} is being written", flush=True)
             os._exit(17)
@@ -198,11 +239,13 @@ class Checkpoints:
         return dict(self._mngr.restore(int(step), args=ocp.args.Composite(**args)))
 
     def wait(self) -> None:
-        self._mngr.wait_until_finished()
+        with deferred_interrupts():
+            self._mngr.wait_until_finished()
 
     def close(self) -> None:
-        self._mngr.wait_until_finished()
-        self._mngr.close()
+        with deferred_interrupts():
+            self._mngr.wait_until_finished()
+            self._mngr.close()
 
     def __enter__(self):
         return self
