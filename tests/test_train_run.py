@@ -461,3 +461,28 @@ def test_resume_with_other_settings_names_them():
     assert changed_settings(saved, now) == "data.image_size: [64, 64] -> [96, 96]; train.batch_size: 8 -> 4"
     many = {"train": {f"k{i}": i for i in range(20)}}
     assert changed_settings({}, many, limit=3).endswith("; ... (17 more)")
+
+
+def test_resume_on_other_validation_data_is_refused():
+    """Same classes, other validation set: the old checkpoints' best AP (what eval / predict /
+    export load) was measured on the other set; the audit saw it kept silently. Now refused;
+    other *training* data still resumes (it only warns, as a changed setting)."""
+    import types
+
+    import ml_collections
+
+    from damo_jax.errors import ConfigError
+    from damo_jax.train.loop import check_resume_val_data
+    saved = {"config": {"data": {"train": "yolo:/d/a.yaml", "val": "", "val_split": "val"}}}
+
+    def run(**data):
+        cfg = ml_collections.ConfigDict({"data": dict(saved["config"]["data"], **data)})
+        return types.SimpleNamespace(workdir="w", cfg=cfg)
+    check_resume_val_data(run(), saved)
+    check_resume_val_data(run(train="yolo:/d/a.yaml", val="yolo:/d/a.yaml"), saved)  # the same set
+    for changed in (dict(train="coco:/d/b"), dict(val="coco:/d/b"), dict(val_split="test")):
+        with pytest.raises(ConfigError, match=r"--workdir w: its checkpoints were evaluated on "
+                                              r"'yolo:/d/a.yaml' \(split 'val'\)"):
+            check_resume_val_data(run(**changed), saved)
+    check_resume_val_data(run(train="coco:/d/b", val="yolo:/d/a.yaml"), saved)   # new train data only
+    check_resume_val_data(run(), {})                                             # old meta: no check

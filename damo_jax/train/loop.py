@@ -601,6 +601,30 @@ def check_resume_classes(run: Run, meta: dict) -> None:
             f"in a new --workdir")
 
 
+def validation_data(data: dict) -> tuple:
+    """(dataset spec, split) a run evaluates on: ``data.val`` (else ``data.train``) and
+    ``data.val_split`` of a config or its JSON form."""
+    return (data.get("val") or data.get("train") or "", data.get("val_split") or "")
+
+
+def check_resume_val_data(run: Run, meta: dict) -> None:
+    """``ConfigError`` when the workdir's checkpoints were evaluated on other validation data than
+    this run's: their best AP, the checkpoint ``eval`` / ``predict`` / ``export`` load, would be
+    compared across two validation sets. (New *training* data only warns, with the other changed
+    settings.)"""
+    saved_data = (meta.get("config") or {}).get("data")
+    if not saved_data:
+        return
+    saved, now = validation_data(saved_data), validation_data(run.cfg.data)
+    if saved != now:
+        raise ConfigError(
+            f"--workdir {run.workdir}: its checkpoints were evaluated on {saved[0]!r} (split "
+            f"{saved[1]!r}) but this run validates on {now[0]!r} (split {now[1]!r}): their best AP "
+            f"would be compared across two validation sets; resume with the same validation data "
+            f"(config data.val / data.val_split), or train in a new --workdir "
+            f"(--config.train.finetune takes weights)")
+
+
 #: keys expected to differ between the invocations of one run (not worth a warning)
 RESUME_QUIET_KEYS = ("train.max_steps", "train.precompile", "model.grad_impl", "model.dense_impl",
                      "model.depthwise_impl", "model.pointwise_impl", "data.workers")
@@ -625,6 +649,7 @@ def resume_or_start(run: Run, state: dict) -> dict:
             else state
     saved_meta = latest_meta(run, steps)
     check_resume_classes(run, saved_meta)
+    check_resume_val_data(run, saved_meta)
     restored = run.ckpts.restore_latest(state)
     if restored is None:
         changed = changed_settings(saved_meta.get("config") or {}, checkpoint.config_to_json(run.cfg))
