@@ -486,3 +486,20 @@ def test_resume_on_other_validation_data_is_refused():
             check_resume_val_data(run(**changed), saved)
     check_resume_val_data(run(train="coco:/d/b", val="yolo:/d/a.yaml"), saved)   # new train data only
     check_resume_val_data(run(), {})                                             # old meta: no check
+
+
+def test_no_progress_prints_the_losses(tmp_path, capsys):
+    """``--no-progress`` (no tqdm bar: logs, schedulers) printed only the evaluation lines; the
+    losses went to metrics.jsonl alone. Now each logged step is a console line too."""
+    from damo_jax.train.log import TrainLog, read_metrics
+    metrics = {"total_loss": 1.25, "loss_cls": 0.5, "loss_bbox": 0.5, "loss_dfl": 0.25, "lr": 1e-3}
+    quiet = TrainLog(tmp_path / "a", total_steps=120, progress=False)
+    quiet.write_train(20, 9, metrics)
+    quiet.close()
+    err = capsys.readouterr().err
+    assert "step 20/120 (epoch 10): loss 1.2500, cls 0.5000, box 0.5000, dfl 0.2500, lr 1.00e-03" in err
+    assert read_metrics(tmp_path / "a" / "metrics.jsonl")["train"][0]["epoch"] == 9
+    bar = TrainLog(tmp_path / "b", total_steps=120, progress=True)
+    bar.write_train(20, 9, metrics)                # the bar shows them: no extra line
+    bar.close()
+    assert "step 20/120" not in capsys.readouterr().err

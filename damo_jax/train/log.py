@@ -31,6 +31,7 @@ class TrainLog:
                  progress: bool = True):
         self.workdir = Path(workdir)
         self.primary = primary
+        self.total_steps = int(total_steps)
         self.jsonl_path = self.workdir / "metrics.jsonl"
         self._tb = None
         self._bar = None
@@ -67,10 +68,20 @@ class TrainLog:
         self._last_time, self._images_since = time.perf_counter(), 0
 
     def write_train(self, step: int, epoch: int, metrics: dict) -> None:
+        """One ``metrics.jsonl`` record (``epoch`` 0-based there) and TensorBoard scalars; without
+        a progress bar (``--no-progress``: logs, schedulers) also one console line with the
+        losses, as the bar's postfix would show them (epoch 1-based, as the eval lines)."""
         record = {k: float(v) for k, v in metrics.items()}
         if math.isfinite(self.images_per_sec):
             record["images_per_sec"] = self.images_per_sec
         self._append({"kind": "train", "step": int(step), "epoch": int(epoch), **record})
+        if self._bar is None and self.primary:
+            parts = [f"{short} {record[key]:.4f}" for short, key in BAR_KEYS if key in record]
+            parts.append(f"lr {record.get('lr', 0.0):.2e}")
+            if "images_per_sec" in record:
+                parts.append(f"{record['images_per_sec']:.1f} img/s")
+            self.info(f"step {int(step)}/{self.total_steps} (epoch {int(epoch) + 1}): "
+                      + ", ".join(parts))
         if self._tb is not None:
             for k, v in record.items():
                 self._tb.add_scalar(f"train/{k}", v, int(step))
