@@ -272,6 +272,23 @@ def test_predict_cli_onnx(tmp_path):
     assert top["images"][0]["boxes"] == [[4.0, 2.0, 20.0, 18.0]]    # the highest score only
 
 
+def test_predict_with_nothing_above_conf_says_the_highest_score(tmp_path, capsys):
+    """0 detections after a decent eval confused the audit (scores ~0.1 under predict's default
+    --conf 0.3): the summary line now gives the highest score and the way out."""
+    from damo_jax.inference.predict import main
+    config = write_two_class_config(tmp_path / "two_class.py")
+    onnx_file = write_handmade_onnx(tmp_path / "m.onnx")       # top score 0.9
+    Image.fromarray(np.zeros((32, 64, 3), np.uint8)).save(tmp_path / "x.png")
+    summary = main(["--config", str(config), "--onnx", str(onnx_file), "--source", str(tmp_path / "x.png"),
+                    "--out", str(tmp_path / "out"), "--conf", "0.95", "--no-draw", "--no-progress"])
+    assert summary["images"][0]["boxes"] == []
+    out = capsys.readouterr().out
+    assert "0 detection(s)" in out and "highest score in the first 1 image(s) is 0.9 < --conf 0.95" in out
+    main(["--config", str(config), "--onnx", str(onnx_file), "--source", str(tmp_path / "x.png"),
+          "--out", str(tmp_path / "out2"), "--conf", "0.5", "--no-draw", "--no-progress"])
+    assert "highest score" not in capsys.readouterr().out      # detections found: no hint
+
+
 def test_predict_exported_file_without_config_uses_its_metadata(tmp_path):
     """An exported file carries model, class names, size and thresholds: predict needs no
     --config; a file without that metadata asks for one."""

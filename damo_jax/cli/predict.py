@@ -195,9 +195,29 @@ def run(args, overrides=()) -> dict:
         json.dump(summary, f, indent=1)
     total = sum(len(e["scores"]) for e in entries)
     drawn = f", {len(not_drawn)} not drawn (see the log)" if not_drawn else ""
+    hint = _nothing_found_hint(detector, files, skipped) if entries and not total and not args.tile \
+        else ""
     print(f"{len(entries)} image(s), {total} detection(s), {len(skipped)} skipped{drawn} "
-          f"-> {out_dir}")
+          f"-> {out_dir}{hint}")
     return summary
+
+
+def _nothing_found_hint(detector, files, skipped, probe: int = 4) -> str:
+    """``"; highest score 0.12 < --conf 0.3: lower --conf"`` from a second look at the first
+    ``probe`` readable images with no score threshold, when nothing passed ``--conf``."""
+    from damo_jax.inference.detector import Detector, read_image
+    images = []
+    for path in files:
+        if str(path) not in skipped:
+            images.append(read_image(path))
+        if len(images) == probe:
+            break
+    loose = Detector(detector.backend, class_names=detector.class_names,
+                     image_size=detector.image_size, conf=0.0, iou=detector.iou, max_dets=1,
+                     batch_size=detector.batch_size)
+    best = max((float(max(r["scores"], default=0.0)) for r in loose(images)), default=0.0)
+    return (f"; the highest score in the first {len(images)} image(s) is {best:.3g} < --conf "
+            f"{detector.conf:g}: lower --conf to see weaker detections")
 
 
 def main(argv=None, prog: str = PROG) -> dict:
