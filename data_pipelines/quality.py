@@ -156,7 +156,7 @@ def format_summary(ds, role: str = "data") -> str:
     parts.append(f"clipped {stats.get('clipped_boxes', 0)}")
     shown = set(DROP_KEYS) | {"clipped_boxes"} | set(IMAGE_SKIP_KEYS)
     rest = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(stats.items()) if v and k not in shown)
-    if dropped(stats) and getattr(ds, "scores_source_annotations", False):
+    if dropped(stats) and getattr(ds, "scores_source_annotations", False) and not role.startswith("train"):
         parts.append("the dropped boxes stay in the COCO evaluation's ground truth (the annotation "
                      "file is scored as it is, as by pycocotools and the official code)")
     return "; ".join(parts) + (f"; {rest}" if rest else "")

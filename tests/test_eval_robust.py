@@ -92,10 +92,28 @@ def test_evaluate_with_no_readable_image_is_one_data_error(tmp_path, oracle):
     fake = ColorBoxDataset(num_images=2)
     root = write_coco_folder(tmp_path / "coco", fake)
     for im in fake.to_coco_dict()["images"]:
-        _break(root / "val" / im["file_name"], "missing")
+        _break(root / "val" / im["file_name"], "garbage")
     ds = open_dataset(f"coco:{root}", "val")
     with pytest.raises(DataError, match=r"none of the 2 images of .* could be read"):
         evaluate(*oracle, ds, oracle_config(), progress=False)
+    for im in fake.to_coco_dict()["images"]:          # none on disk: refused when the data opens
+        _break(root / "val" / im["file_name"], "missing")
+    with pytest.raises(DataError, match=r"none of its 2 images is in .*wrong image folder"):
+        open_dataset(f"coco:{root}", "val")
+
+
+def test_coco_images_missing_on_disk_are_counted_when_the_data_opens(tmp_path, caplog):
+    """The audit: with a listed image deleted the start-up line said "(0 skipped)" and the skip
+    came later, sample by sample. Now the open counts it and warns once."""
+    from damo_jax.data_pipelines.quality import format_summary
+    fake = ColorBoxDataset(num_images=3)
+    root = write_coco_folder(tmp_path / "coco", fake)
+    _break(root / "val" / fake.to_coco_dict()["images"][1]["file_name"], "missing")
+    with caplog.at_level(logging.WARNING):
+        ds = open_dataset(f"coco:{root}", "val")
+    assert ds.stats["image_files_not_found"] == 1
+    assert "1 of 3 listed images not found" in caplog.text
+    assert "image files not found 1" in format_summary(ds, "val data")
 
 
 def test_clean_dataset_reports_all_images_scored(oracle):
@@ -135,4 +153,4 @@ def test_eval_cli_skips_counts_and_reports(tmp_path, capsys, caplog):
     err = capsys.readouterr().err
     assert exc.value.code == 2
     errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert errors == [errors[0]] and "none of the 3 images" in errors[0] and "Traceback" not in err
+    assert errors == [errors[0]] and "none of its 3 images is in" in errors[0] and "Traceback" not in err

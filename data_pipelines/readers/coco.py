@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -28,6 +29,8 @@ from typing import Any
 from damo_jax.data_pipelines.quality import hint_by_reason
 from damo_jax.data_pipelines.records import (DataError, DetectionDataset, DropAudit, Record, check_inside,
                                              clean_boxes, empty_boxes)
+
+log = logging.getLogger(__name__)
 
 
 class CocoDataset(DetectionDataset):
@@ -159,6 +162,22 @@ _guess = hint_by_reason({
     "nonfinite_boxes": "NaN/inf values in 'bbox'"})
 
 
+def _count_missing_files(records, image_dir, file: str, stats) -> None:
+    """``stats["image_files_not_found"]`` and one warning for listed images that are not on disk
+    (training skips them, evaluation counts them as skipped); DataError when none is there (a
+    wrong image folder or renamed files: every sample would fail)."""
+    missing = [r.file for r in records if not os.path.isfile(r.file)]
+    if not missing:
+        return
+    if len(missing) == len(records):
+        raise DataError(f"{file}: none of its {len(records)} images is in {image_dir} (e.g. "
+                        f"{missing[0]} not found): wrong image folder, or renamed files?")
+    stats["image_files_not_found"] += len(missing)
+    log.warning("%s: %d of %d listed images not found in %s (e.g. %s): skipped in training, "
+                "counted as skipped in evaluation", file, len(missing), len(records), image_dir,
+                os.path.basename(missing[0]))
+
+
 def read_coco(ann_file: str | os.PathLike, image_dir: str | os.PathLike, *, name: str | None = None,
               allow_outside_root: bool = False, split: str | None = None) -> CocoDataset:
     """Read a COCO instances JSON into a :class:`CocoDataset` (see module docstring). A file
@@ -218,6 +237,7 @@ def read_coco(ann_file: str | os.PathLike, image_dir: str | os.PathLike, *, name
         records.append(Record(image_id=iid, width=im["width"], height=im["height"], boxes=b, labels=l,
                               file=os.path.join(str(image_dir), im["file_name"]),
                               ignore_boxes=cb, ignore_labels=cl))
+    _count_missing_files(records, image_dir, file, stats)
     gt = {"images": [images[i] for i in sorted(images)], "annotations": gt_annotations,
           "categories": [{"id": c, "name": n} for c, n in zip(cat_ids, class_names)]}
     audit.warn()
