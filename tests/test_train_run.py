@@ -503,3 +503,27 @@ def test_no_progress_prints_the_losses(tmp_path, capsys):
     bar.write_train(20, 9, metrics)                # the bar shows them: no extra line
     bar.close()
     assert "step 20/120" not in capsys.readouterr().err
+
+
+def test_best_ap_ties_name_the_checkpoint_that_is_loaded(tmp_path, monkeypatch):
+    """All evaluations tie (AP 0 early in a run): the summary said "best at step 2" while
+    eval / predict / export loaded the newest tied checkpoint (the manager's best_step()). The
+    summary now names the same, newest, step."""
+    import types
+
+    from damo_jax.train import loop
+    from damo_jax.train.log import TrainLog
+    run = types.SimpleNamespace(model=None, val_ds=None, cfg=None, progress=False, last_eval=None,
+                                best={"AP": -1.0}, info=lambda msg: None,
+                                tlog=TrainLog(tmp_path, total_steps=6, progress=False))
+    monkeypatch.setattr(loop, "evaluate_ema", lambda *a, **k: {"AP": 0.0, "AP50": 0.0})
+    for step in (2, 4, 6):
+        loop.evaluate_or_report(run, state=None, step=step, epoch=step // 2 - 1)
+    run.tlog.close()
+    assert run.best["step"] == 6
+
+
+def test_batch_larger_than_the_data_is_warned():
+    from damo_jax.train.loop import oversized_batch_note
+    assert oversized_batch_note(8, 8) == "" and oversized_batch_note(4, 800) == ""
+    assert oversized_batch_note(16, 8).startswith("train.batch_size 16 > the 8 training images")

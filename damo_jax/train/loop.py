@@ -237,6 +237,14 @@ def check_same_classes(train_ds, val_ds, train_where: str, val_where: str) -> No
                         f"giving wrong per-class results")
 
 
+def oversized_batch_note(batch_size: int, num_images: int) -> str:
+    """The warning for a batch larger than the training split ("" when it is not)."""
+    if batch_size <= num_images:
+        return ""
+    return (f"train.batch_size {batch_size} > the {num_images} training images: every batch "
+            f"repeats images (one step per epoch); a smaller batch gives more steps per epoch")
+
+
 def make_loader(train_ds, cfg, rl: RunLength, start_step: int):
     from damo_jax import data_pipelines
     return data_pipelines.TrainLoader(
@@ -669,7 +677,7 @@ def resume_or_start(run: Run, state: dict) -> dict:
                     "and data follow the new values; use a new --workdir to start over): %s", changed)
     for s in steps:
         m = run.ckpts.metrics(s)
-        if m and m.get("AP", -1) > run.best["AP"]:
+        if m and "AP" in m and m["AP"] >= run.best["AP"]:   # ties: the latest, as best_step()
             run.best = dict(m, step=s)
     return state
 
@@ -704,7 +712,7 @@ def evaluate_or_report(run: Run, state: dict, step: int, epoch: int) -> dict | N
         return None
     run.last_eval = dict(eval_metrics, step=step)
     run.tlog.write_eval(step, epoch, eval_metrics)
-    if eval_metrics.get("AP", -1) > run.best["AP"]:
+    if eval_metrics.get("AP", -1) >= run.best["AP"]:   # ties: the latest, as the manager's best
         run.best = dict(eval_metrics, step=step)
     skipped = int(eval_metrics.get("images_skipped", 0))
     run.info(f"eval step {step} (epoch {epoch + 1}): AP {eval_metrics.get('AP', float('nan')):.4f} "
@@ -755,6 +763,8 @@ def _train_in(cfg, workdir, *, progress: bool = True) -> dict:
     run.tlog = TrainLog(run.workdir, total_steps=run.rl.last_step, start_step=start, primary=run.primary,
                         progress=progress)
     run.info(describe(run, state, start))
+    if oversized_batch_note(int(cfg.train.batch_size), len(run.train_ds)):
+        log.warning(oversized_batch_note(int(cfg.train.batch_size), len(run.train_ds)))
     for ds, role in ((run.train_ds, "train data"), (run.val_ds, "val data")):
         if ds is not None:
             run.info(format_summary(ds, role))      # images, skips, boxes dropped/clipped by reason
