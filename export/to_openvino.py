@@ -141,7 +141,9 @@ def build_parser(prog: str = "python export/to_openvino.py"):
                                 "[--keep-onnx]",
                description=__doc__.split("\n\n")[0] + " Without --onnx, every option of "
                "`damo-jax export onnx` (--config, --checkpoint, --weights, --img-size, --batch, "
-               "--end2end, --topk, --conf, --iou, ...) exports the ONNX file first.",
+               "--end2end, --topk, --conf, --iou, ...) exports the ONNX file first. "
+               "Calibrated INT8: `damo-jax export openvino --int8 ...` (= `damo-jax export int8 "
+               "--format openvino`; see `damo-jax export int8 --help`).",
                epilog="examples:\n" + __doc__.split("\n\n", 1)[1])
     p.add_argument("--onnx", help="input ONNX file (from damo-jax export onnx)")
     p.add_argument("--fp16", action="store_true", help="store FP16-compressed weights")
