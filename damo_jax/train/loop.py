@@ -763,8 +763,9 @@ def _train_in(cfg, workdir, *, progress: bool = True) -> dict:
     run.tlog = TrainLog(run.workdir, total_steps=run.rl.last_step, start_step=start, primary=run.primary,
                         progress=progress)
     run.info(describe(run, state, start))
-    if oversized_batch_note(int(cfg.train.batch_size), len(run.train_ds)):
-        log.warning(oversized_batch_note(int(cfg.train.batch_size), len(run.train_ds)))
+    note = oversized_batch_note(int(cfg.train.batch_size), len(run.train_ds))
+    if note:
+        log.warning(note)
     for ds, role in ((run.train_ds, "train data"), (run.val_ds, "val data")):
         if ds is not None:
             run.info(format_summary(ds, role))      # images, skips, boxes dropped/clipped by reason
