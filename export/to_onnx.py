@@ -45,10 +45,10 @@ def max_runtime_opset() -> int:
         import onnxruntime as ort
         from onnx import TensorProto, helper
         _MAX_OPSET = MIN_OPSET
+        info = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1]) for n in "xy"]
+        graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe",
+                                  info[:1], info[1:])
         for opset in range(onnx.defs.onnx_opset_version(), MIN_OPSET, -1):
-            info = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1]) for n in "xy"]
-            graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe",
-                                      info[:1], info[1:])
             probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
             probe.ir_version = min(probe.ir_version, 10)
             try:
