@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -113,8 +112,7 @@ def load_deploy_model(config=None, *, checkpoint=None, weights=None, image_size=
     if random_init:
         msg = (f"NO WEIGHTS GIVEN: exporting model {loaded.cfg.model.name!r} with RANDOM weights "
                f"(seed {seed}). The file is only good for format / latency tests, not detection.")
-        warnings.warn(msg, stacklevel=2)
-        log.warning("!" * 20 + " " + msg + " " + "!" * 20)
+        log.warning("!" * 20 + " " + msg + " " + "!" * 20)     # one loud line, not also a warning
     if not image_size:      # the size the model is evaluated at (a run trained with --img-size 320 exports at 320)
         from damo_jax.evaluation.evaluator import test_image_size
         image_size = test_image_size(loaded.cfg)

@@ -200,16 +200,19 @@ def test_tensorrt_engine_build(tmp_path):
     assert engine.stat().st_size > 0
 
 
-def test_export_size_defaults_to_the_test_size():
+def test_export_size_defaults_to_the_test_size(caplog):
     """A run trained and evaluated at 96 px (``--img-size 96`` sets data/test sizes, not
-    model.image_size) exports at 96 unless --img-size says otherwise."""
+    model.image_size) exports at 96 unless --img-size says otherwise. Without weights the export
+    says so in ONE loud log line (it also went out as a Python warning: the user read it twice)."""
     import warnings
     from damo_jax.export.common import load_deploy_model
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level("WARNING"):
+        warnings.simplefilter("always")
         dm = load_deploy_model("ns", overrides=["--config.test.image_size=(96, 96)"])
-        assert dm.cfg.model.image_size == (416, 416) and dm.image_size == (96, 96)
-        assert load_deploy_model("ns", image_size=(64, 128)).image_size == (64, 128)
+    assert dm.cfg.model.image_size == (416, 416) and dm.image_size == (96, 96)
+    assert [r.getMessage().count("NO WEIGHTS GIVEN") for r in caplog.records].count(1) == 1
+    assert not [w for w in caught if "NO WEIGHTS" in str(w.message)]
+    assert load_deploy_model("ns", image_size=(64, 128)).image_size == (64, 128)
 
 
 @pytest.mark.parametrize("flags,message", [

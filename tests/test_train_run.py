@@ -498,7 +498,11 @@ def test_no_progress_prints_the_losses(tmp_path, capsys):
     quiet.close()
     err = capsys.readouterr().err
     assert "step 20/120 (epoch 10): loss 1.2500, cls 0.5000, box 0.5000, dfl 0.2500, lr 1.00e-03" in err
-    assert read_metrics(tmp_path / "a" / "metrics.jsonl")["train"][0]["epoch"] == 9
+    assert read_metrics(tmp_path / "a" / "metrics.jsonl")["train"][0]["epoch"] == 10   # as the console
+    quiet = TrainLog(tmp_path / "a", total_steps=120, progress=False)
+    quiet.write_eval(120, 9, {"AP": 0.5})        # the console's "eval step 120 (epoch 10)"
+    quiet.close()
+    assert read_metrics(tmp_path / "a" / "metrics.jsonl")["eval"][0]["epoch"] == 10
     bar = TrainLog(tmp_path / "b", total_steps=120, progress=True)
     bar.write_train(20, 9, metrics)                # the bar shows them: no extra line
     bar.close()

@@ -6,6 +6,7 @@
   components, lr, images/s); ``write_train`` appends one ``metrics.jsonl`` line and TensorBoard
   scalars ``train/<name>``.
 * ``write_eval(step, epoch, metrics)`` — ``eval/<name>`` scalars + a jsonl line with ``"kind": "eval"``.
+  The jsonl records count epochs from 1, as the console lines (the methods take them 0-based).
 * ``info(msg)`` — a line printed above the bar (and to the python logger).
 * ``plot_curves(jsonl, png)`` — loss components and AP/AP50 against step, one PNG (matplotlib Agg).
 
@@ -59,7 +60,8 @@ class TrainLog:
         if self._bar is not None:
             post = {short: f"{float(metrics[key]):.3f}" for short, key in BAR_KEYS if key in metrics}
             post["lr"] = f"{float(metrics.get('lr', 0.0)):.2e}"
-            post["img/s"] = f"{self.images_per_sec:.1f}"
+            post["img/s"] = (f"{self.images_per_sec:.1f}" if math.isfinite(self.images_per_sec)
+                             else "-")             # measured over >= 2 s windows
             self._bar.set_postfix(post, refresh=False)
             self._bar.update(1)
 
@@ -68,13 +70,14 @@ class TrainLog:
         self._last_time, self._images_since = time.perf_counter(), 0
 
     def write_train(self, step: int, epoch: int, metrics: dict) -> None:
-        """One ``metrics.jsonl`` record (``epoch`` 0-based there) and TensorBoard scalars; without
-        a progress bar (``--no-progress``: logs, schedulers) also one console line with the
-        losses, as the bar's postfix would show them (epoch 1-based, as the eval lines)."""
+        """One ``metrics.jsonl`` record and TensorBoard scalars; without a progress bar
+        (``--no-progress``: logs, schedulers) also one console line with the losses, as the bar's
+        postfix would show them. ``epoch`` is 0-based here; the jsonl record and the console count
+        epochs from 1 (the checkpoint's ``epoch`` after that epoch's last step is the same number)."""
         record = {k: float(v) for k, v in metrics.items()}
         if math.isfinite(self.images_per_sec):
             record["images_per_sec"] = self.images_per_sec
-        self._append({"kind": "train", "step": int(step), "epoch": int(epoch), **record})
+        self._append({"kind": "train", "step": int(step), "epoch": int(epoch) + 1, **record})
         if self._bar is None and self.primary:
             parts = [f"{short} {record[key]:.4f}" for short, key in BAR_KEYS if key in record]
             parts.append(f"lr {record.get('lr', 0.0):.2e}")
@@ -87,8 +90,9 @@ class TrainLog:
                 self._tb.add_scalar(f"train/{k}", v, int(step))
 
     def write_eval(self, step: int, epoch: int, metrics: dict) -> None:
+        """``eval/<name>`` scalars and a jsonl record; ``epoch`` 0-based here, from 1 in the record."""
         record = {k: float(v) for k, v in metrics.items()}
-        self._append({"kind": "eval", "step": int(step), "epoch": int(epoch), **record})
+        self._append({"kind": "eval", "step": int(step), "epoch": int(epoch) + 1, **record})
         if self._tb is not None:
             for k, v in record.items():
                 self._tb.add_scalar(f"eval/{k}", v, int(step))
