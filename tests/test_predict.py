@@ -318,3 +318,22 @@ def test_load_model_class_names_override(tmp_path):
     assert loaded.class_names == ("cat", "dog")
     with pytest.raises(ConfigError, match="num_classes"):
         load_model("ns", random_init=True, fuse=False, overrides=[f"--config.model.class_names={names}"])
+
+
+def test_predict_checkpoint_beside_an_exported_file_gives_its_names(two_class_run, tmp_path):
+    """``--checkpoint RUN --onnx F``: the run gives the config and class names of a file without
+    metadata, as in ``eval`` (predict refused the pair: its flags were one exclusive group)."""
+    from damo_jax.inference.predict import main
+    run_dir = two_class_run[0]
+    onnx_file = write_handmade_onnx(tmp_path / "m.onnx")         # no metadata: names must come from the run
+    Image.fromarray(np.zeros((32, 64, 3), np.uint8)).save(tmp_path / "x.png")
+    summary = main(["--checkpoint", str(run_dir), "--onnx", str(onnx_file), "--source", str(tmp_path / "x.png"),
+                    "--out", str(tmp_path / "out"), "--conf", "0.5", "--no-draw", "--no-progress"])
+    entry = summary["images"][0]
+    assert entry["class_names"] == [CLASS_NAMES[0], CLASS_NAMES[1]]
+    assert entry["boxes"] == [[4.0, 2.0, 20.0, 18.0], [30.0, 10.0, 60.0, 30.0]]
+    for extra, message in ((["--config", "ns"], "drop --config"),
+                           (["--weights", str(two_class_run[1])], "--weights: not allowed with argument --onnx")):
+        with pytest.raises(SystemExit, match=message):
+            main(["--checkpoint", str(run_dir), "--onnx", str(onnx_file), *extra,
+                  "--source", str(tmp_path / "x.png"), "--out", str(tmp_path / "o2")])

@@ -165,24 +165,46 @@ def override(key: str, value) -> list[str]:
 MODEL_SOURCES = {
     "checkpoint": "training run directory (its EMA weights, config and class names)",
     "weights": "official .pth or converted .npz (needs --config)",
-    "onnx": "exported raw-output ONNX file (needs --config)",
-    "openvino": "exported OpenVINO IR .xml (needs --config)",
+    "onnx": "exported raw-output ONNX file (config from its export metadata, or --config)",
+    "openvino": "exported OpenVINO IR .xml (config from its export metadata, or --config)",
 }
+EXPORTED_SOURCES = ("onnx", "openvino")
 
 
 def add_model_source(p: argparse.ArgumentParser, sources=tuple(MODEL_SOURCES), *,
-                     config_help: str | None = None) -> None:
-    """``--config`` plus the mutually exclusive model-source flags ``sources``."""
+                     config_help: str | None = None, run_config_for_exports: bool = False) -> None:
+    """``--config`` plus the mutually exclusive model-source flags ``sources``.
+
+    ``run_config_for_exports`` (eval, predict): ``--checkpoint RUN`` may also come beside
+    ``--onnx`` / ``--openvino``; it then gives only the run's config and class names
+    (:func:`load_model_from_args`)."""
     p.add_argument("--config", help=config_help or "model config name (t s m l ns nm nl n demo) or "
                    ".py path; --config.KEY=VALUE overrides any key")
     group = p.add_mutually_exclusive_group()
     for name in sources:
-        group.add_argument(f"--{name}", help=MODEL_SOURCES[name])
+        if name == "checkpoint" and run_config_for_exports:
+            p.add_argument("--checkpoint", help=MODEL_SOURCES["checkpoint"] + "; with --onnx / "
+                           "--openvino: only the config and class names come from it")
+        else:
+            group.add_argument(f"--{name}", help=MODEL_SOURCES[name])
 
 
 def model_source(args) -> dict:
     """The model-source flags that were given, as ``load_model`` keyword arguments."""
     return {k: getattr(args, k) for k in MODEL_SOURCES if getattr(args, k, None) is not None}
+
+
+def load_model_from_args(args, overrides=(), **kwargs):
+    """The ``LoadedModel`` of the model flags of eval / predict: ``--checkpoint RUN`` beside an
+    exported file (``--onnx`` / ``--openvino``) gives only that file's config and class names."""
+    from damo_jax.inference.loading import load_model
+    source, config = model_source(args), args.config
+    if "checkpoint" in source and any(k in source for k in EXPORTED_SOURCES):
+        if config is not None:
+            raise ConfigError("--checkpoint with --onnx/--openvino gives the config: drop --config "
+                              "(or drop --checkpoint and keep --config)")
+        config = source.pop("checkpoint")
+    return load_model(config, overrides=overrides, **source, **kwargs)
 
 
 def add_img_size(p: argparse.ArgumentParser, what: str = "network input size") -> None:

@@ -23,13 +23,11 @@ PROG = "damo-jax eval"
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--config", help="model config name or .py path (needed with --weights/--onnx/"
-                   "--openvino; with --checkpoint and --onnx/--openvino it may be the run directory)")
-    src = p.add_mutually_exclusive_group()
-    for name in ("weights", "onnx", "openvino"):
-        src.add_argument(f"--{name}", help=common.MODEL_SOURCES[name])
-    p.add_argument("--checkpoint", help=common.MODEL_SOURCES["checkpoint"] + "; with --onnx/"
-                   "--openvino: only the config and class names come from it")
+    common.add_model_source(p, ("weights", "onnx", "openvino", "checkpoint"),
+                            run_config_for_exports=True, config_help=(
+                                "model config name or .py path, or a training run directory "
+                                "(needed with --weights; optional with --onnx/--openvino files "
+                                "damo-jax exported: their metadata holds it)"))
     common.add_data(p, help_extra=" (default: the config's data.val / data.train)")
     p.add_argument("--split", default=None, help="dataset split (default: config data.val_split)")
     common.add_img_size(p, "test size (default config test.image_size)")
@@ -72,19 +70,6 @@ def test_overrides(args) -> list[str]:
     return out
 
 
-def load(args, overrides):
-    """The LoadedModel of the eval/predict model flags (``--checkpoint`` may only give the config
-    of an exported file)."""
-    from damo_jax.inference.loading import load_model
-    source = common.model_source(args)
-    config = args.config
-    if args.checkpoint and (args.onnx or args.openvino):
-        source.pop("checkpoint")
-        config = args.checkpoint
-    return load_model(config, overrides=overrides, fuse=not getattr(args, "no_fuse", False),
-                      **source)
-
-
 def run(args, overrides) -> dict:
     from damo_jax.data_pipelines import format_summary, open_dataset
     from damo_jax.evaluation.coco import print_coco_table
@@ -105,7 +90,8 @@ def run(args, overrides) -> dict:
             common.output_file(path, flag)
     if args.out:
         common.output_dir(args.out, "--out")
-    loaded = load(args, overrides + test_overrides(args))
+    loaded = common.load_model_from_args(args, overrides + test_overrides(args),
+                                         fuse=not getattr(args, "no_fuse", False))
     cfg = loaded.cfg
     if loaded.input_hw is not None and args.img_size is None:
         cfg.test.image_size = tuple(loaded.input_hw)   # an exported file has one input size

@@ -5,6 +5,7 @@ examples:
   damo-jax predict --config s --weights damoyolo_s.pth --source images/ --out preds
   damo-jax predict --config s --onnx s.onnx --source images/ --conf 0.4
   damo-jax predict --onnx s.onnx --source images/      # config from the file's export metadata
+  damo-jax predict --checkpoint runs/demo --onnx demo.onnx --source images/   # the run's names
   damo-jax predict --config s --openvino s.xml --source images/ --img-size 640
 
 Writes <out>/<name> (the image with boxes and class names drawn; same file name and format;
@@ -28,12 +29,9 @@ PROG = "damo-jax predict"
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--config", help="model config name or path, or a training run directory (class "
-                   "names, size, thresholds); optional with --onnx / --openvino files that "
-                   "damo-jax exported (their metadata holds them)")
-    src = p.add_mutually_exclusive_group()
-    for name in common.MODEL_SOURCES:
-        src.add_argument(f"--{name}", help=common.MODEL_SOURCES[name])
+    common.add_model_source(p, run_config_for_exports=True, config_help=(
+        "model config name or path, or a training run directory (class names, size, thresholds); "
+        "optional with --onnx / --openvino files that damo-jax exported (their metadata holds them)"))
     p.add_argument("--source", required=True, help="an image file or a folder of images")
     p.add_argument("--out", default="predictions", help="output folder (default ./predictions)")
     p.add_argument("--conf", type=float, default=0.3, help="score threshold (default 0.3)")
@@ -54,9 +52,8 @@ def build_parser(prog: str = PROG):
 
 def load_detector(args, overrides=()):
     from damo_jax.inference.detector import Detector
-    from damo_jax.inference.loading import load_model
     size = common.img_size(args.img_size)          # checked before anything is loaded
-    loaded = load_model(args.config, overrides=overrides, **common.model_source(args))
+    loaded = common.load_model_from_args(args, overrides)
     return Detector.from_loaded(loaded, conf=args.conf, iou=args.iou, img_size=size,
                                 max_dets=args.max_dets, batch_size=args.batch_size)
 
