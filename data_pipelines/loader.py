@@ -28,7 +28,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from damo_jax.data_pipelines.augment.pipeline import AugParams, as_hw, train_sample
+from damo_jax.data_pipelines.augment.pipeline import NOTE_PREFIX, AugParams, as_hw, train_sample
 from damo_jax.data_pipelines.augment.resize import stretch_resize
 from damo_jax.data_pipelines.batching import collate_train
 from damo_jax.data_pipelines.records import DataError, log
@@ -124,6 +124,7 @@ class TrainLoader:
         self._pending: collections.deque = collections.deque()
         self._pool: cf.ProcessPoolExecutor | None = None
         self._warned_truncation = False
+        self._notes: set[str] = set()
 
     # -- iteration ---------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict]:
@@ -165,6 +166,11 @@ class TrainLoader:
                                f"({e}); see the worker's output above") from e
 
     def _account(self, stats: collections.Counter, step: int) -> None:
+        for key in [k for k in stats if isinstance(k, str) and k.startswith(NOTE_PREFIX)]:
+            del stats[key]
+            if key not in self._notes:          # once per run, not once per worker process
+                self._notes.add(key)
+                log.warning("%s", key[len(NOTE_PREFIX):])
         self.stats.update(stats)
         if stats.get("truncated_images") and not self._warned_truncation:
             self._warned_truncation = True

@@ -119,7 +119,10 @@ def test_annotation_image_size_mismatch_is_counted_and_rescaled(tmp_path, caplog
     assert s["image"][25, 35].min() > 200 and s["image"][35, 45].max() < 50  # box stays on the object
 
 
-def test_train_loader_skips_and_counts_unreadable_images(tmp_path, caplog):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_train_loader_skips_and_counts_unreadable_images(tmp_path, caplog, workers):
+    """Each bad file is warned about once per run, in the main process: with worker processes
+    it used to be once per worker (and out of the main process's log)."""
     rng = np.random.default_rng(0)
     scenes = [(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8), np.array([[2, 2, 20, 20]]), np.array([0]))
               for _ in range(4)]
@@ -131,11 +134,13 @@ def test_train_loader_skips_and_counts_unreadable_images(tmp_path, caplog):
         ds[2]
     cfg = {"image_size": (32, 32), "mosaic_size": (32, 32), "max_boxes": 4}
     loader = TrainLoader(ds, cfg, batch_size=4, seed=0, steps_per_epoch=1, total_steps=2,
-                         no_aug_start_step=0, workers=0)
+                         no_aug_start_step=0, workers=workers)
     with caplog.at_level(logging.WARNING):
         batches = list(loader)
+    loader.close()
     assert len(batches) == 2 and batches[0]["images"].shape == (4, 32, 32, 3)
     assert loader.stats["skipped_samples"] >= 2 * 2  # two bad files, met in each step
+    assert not [k for k in loader.stats if str(k).startswith("note:")]   # notes are logged, not kept
     warned = [r.getMessage() for r in caplog.records if "skipping sample" in r.getMessage()]
     assert len(warned) == 2, warned                   # once per bad file, not once per hit
     assert any("000002.png" in w for w in warned) and any("000003.png" in w for w in warned)

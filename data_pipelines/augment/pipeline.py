@@ -8,8 +8,8 @@ mosaic (the sample + 3 uniformly random images) → random affine (to ``mosaic_s
 goes straight to resize → flip → SADA.
 
 Images that fail to decode (:class:`DataError`) are replaced by the next index (deterministic),
-counted in ``stats["skipped_samples"]`` and logged; after ``MAX_BAD_IN_A_ROW`` failures in a row
-the error is raised.
+counted in ``stats["skipped_samples"]`` and noted in ``stats`` for the loader to log once per run
+(:data:`NOTE_PREFIX`); after ``MAX_BAD_IN_A_ROW`` failures in a row the error is raised.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from damo_jax.data_pipelines.augment.mixup import mixup
 from damo_jax.data_pipelines.augment.mosaic import mosaic
 from damo_jax.data_pipelines.augment.resize import drop_small, stretch_resize
 from damo_jax.data_pipelines.augment.sada import sada
-from damo_jax.data_pipelines.records import DataError, log
+from damo_jax.data_pipelines.records import DataError
 
 MAX_BAD_IN_A_ROW = 10
 
@@ -81,24 +81,23 @@ class AugParams:
         )
 
 
-#: (dataset name, index) of the unreadable samples already warned about in this process
-_WARNED: set = set()
+#: ``stats`` keys that start with this carry a one-time message: a loader in another process can
+#: only pass counters back, so the worker notes the message there and the loader logs each distinct
+#: note once per run (``TrainLoader._account``), whichever worker met it and however often.
+NOTE_PREFIX = "note:"
 
 
 def load_sample(ds, index: int, stats: collections.Counter) -> dict:
     """``ds[index]``, replacing undecodable images by the following index (every replacement
-    counted in ``stats["skipped_samples"]``; a warning once per image and process)."""
+    counted in ``stats["skipped_samples"]``, and noted once per image for the loader's log)."""
     n = len(ds)
     for attempt in range(MAX_BAD_IN_A_ROW):
         try:
             return ds[(index + attempt) % n]
         except DataError as e:
             stats["skipped_samples"] += 1
-            key = (getattr(ds, "name", id(ds)), (index + attempt) % n)
-            if key not in _WARNED:
-                _WARNED.add(key)
-                log.warning("skipping sample %d (replaced by the next one each time it is drawn; "
-                            "warned once): %s", key[1], e)
+            stats[f"{NOTE_PREFIX}skipping sample {(index + attempt) % n} (replaced by the next one "
+                  f"each time it is drawn; warned once): {e}"] = 1
             last = e
     raise DataError(f"{MAX_BAD_IN_A_ROW} unreadable samples in a row from index {index}: {last}")
 
