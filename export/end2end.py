@@ -32,6 +32,9 @@ from damo_jax.export import onnx_utils
 
 from damo_jax.errors import ConfigError, InputPathError
 
+#: detections kept per image by the appended NMS when not told otherwise (``--topk``)
+DEFAULT_TOPK = 100
+
 E2E_OUTPUTS = ("num_dets", "boxes", "scores", "labels")
 _P = "e2e_"  # prefix of every appended tensor / node name
 CONF_INIT = _P + "conf_thre"   # the initializer holding the NMS score threshold
@@ -136,7 +139,7 @@ def nms_nodes(scores: str, boxes: str, *, topk: int, conf_thre: float, iou_thre:
     return n.nodes, n.inits, out
 
 
-def append_end2end(model: onnx.ModelProto, *, topk: int = 100, conf_thre: float = 0.05,
+def append_end2end(model: onnx.ModelProto, *, topk: int = DEFAULT_TOPK, conf_thre: float = 0.05,
                    iou_thre: float = 0.7, scores: str = "scores",
                    boxes: str = "boxes") -> onnx.ModelProto:
     """Return a new model whose outputs are ``num_dets, boxes, scores, labels`` (see module doc).

@@ -158,7 +158,8 @@ def add_arguments(p) -> None:
                    help="static batch size, or 'dynamic' (jax2onnx route only) (default 1)")
     p.add_argument("--end2end", action="store_true",
                    help="append the official class-aware NMS (outputs num_dets, boxes, scores, labels)")
-    p.add_argument("--topk", type=int, default=100, help="end2end: max detections per image (K)")
+    p.add_argument("--topk", type=int, default=None,
+                   help=f"end2end: max detections per image (K; default {end2end.DEFAULT_TOPK})")
     p.add_argument("--conf", type=float, default=None,
                    help="end2end: score threshold, strict > (default: config test.conf_thre)")
     p.add_argument("--iou", type=float, default=None,
@@ -192,11 +193,12 @@ def run(args, overrides=()) -> Path:
     size = img_size(args.img_size)
     check_route(args.via, batch, args.opset)           # the options first: before the model loads
     if args.end2end:                                   # the given thresholds (defaults: the config's)
-        end2end.validate_thresholds(args.topk, 0.0 if args.conf is None else args.conf,
+        end2end.validate_thresholds(end2end.DEFAULT_TOPK if args.topk is None else args.topk,
+                                    0.0 if args.conf is None else args.conf,
                                     0.5 if args.iou is None else args.iou)
     else:
-        given = [flag for flag, value, default in (("--topk", args.topk, 100), ("--conf", args.conf, None),
-                                                   ("--iou", args.iou, None)) if value != default]
+        given = [flag for flag, value in (("--topk", args.topk), ("--conf", args.conf),
+                                          ("--iou", args.iou)) if value is not None]
         if given:
             raise ConfigError(f"{', '.join(given)}: NMS options of --end2end only (the raw export "
                               f"has no NMS; damo-jax predict / eval take --conf / --iou)")
@@ -206,7 +208,7 @@ def run(args, overrides=()) -> Path:
                                   image_size=size, seed=args.seed, overrides=overrides)
     e2e = None
     if args.end2end:
-        e2e = dict(topk=args.topk,
+        e2e = dict(topk=end2end.DEFAULT_TOPK if args.topk is None else args.topk,
                    conf_thre=float(dm.cfg.test.conf_thre if args.conf is None else args.conf),
                    iou_thre=float(dm.cfg.test.iou_thre if args.iou is None else args.iou))
         end2end.validate_thresholds(**e2e)
