@@ -62,7 +62,8 @@ def ort_runner(path, threads):
 
 
 def ov_runner(path, threads, precision):
-    import openvino as ov
+    from damo_jax.inference.backends import import_openvino
+    ov = import_openvino()
     config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
     if precision:
         config["INFERENCE_PRECISION_HINT"] = precision

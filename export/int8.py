@@ -114,8 +114,9 @@ def quantize_openvino(fp32_xml, output, images: Sequence[np.ndarray], *,
                       ignore: Sequence[str] = ()) -> Path:
     """INT8 IR by NNCF post-training quantisation of the FP32 IR; ``ignore``: ONNX Conv node names
     kept float (with their OpenVINO ``/WithoutBiases`` convolution)."""
+    from damo_jax.inference.backends import import_openvino
+    ov = import_openvino()                  # first: nncf imports openvino (and its telemetry) itself
     import nncf
-    import openvino as ov
 
     model = ov.Core().read_model(str(fp32_xml))
     names = [n for name in ignore for n in (name, f"{name}/WithoutBiases")]

@@ -38,7 +38,8 @@ def file_runner(path, threads: int) -> Callable:
         sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         name = sess.get_inputs()[0].name
         return lambda x: sess.run(None, {name: x})
-    import openvino as ov
+    from damo_jax.inference.backends import import_openvino
+    ov = import_openvino()
     compiled = ov.Core().compile_model(str(path), "CPU", {
         "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
         "INFERENCE_PRECISION_HINT": "f32"})

@@ -12,8 +12,9 @@ AMX/AVX512-BF16 the CPU plugin computes in **bf16 by default**; for FP32 results
 copied into the IR's rt_info under ``damo_jax``.
 
 OpenVINO's Python package posts usage telemetry from a forked child process on ``import openvino``
-and on every ``convert_model`` (Python warns about ``os.fork()`` when JAX is loaded); opt out
-once per machine with ``opt_in_out --opt_out`` (OpenVINO's tool).
+and on every ``convert_model``; damo_jax imports it through
+``damo_jax.inference.backends.import_openvino``, which leaves ``openvino_telemetry`` out, so
+OpenVINO (and nncf) use their no-op stubs: no network traffic, no ``fork()`` of the JAX process.
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ log = logging.getLogger("damo_jax.export")
 
 def convert(onnx_path, output, *, fp16: bool = False) -> Path:
     """ONNX file -> IR ``output`` (.xml; the .bin is written next to it)."""
-    import openvino as ov
+    from damo_jax.inference.backends import import_openvino
+    ov = import_openvino()
 
     onnx_path, output = Path(onnx_path), Path(output)
     if not onnx_path.is_file():
@@ -95,7 +97,8 @@ def verify(onnx_path, xml_path, *, tol: float = 5e-3) -> None:
     network for one form of the end-to-end graph, only after the IR round trip
     (``export/end2end.py``); this check keeps such a file from being written silently."""
     import onnxruntime as ort
-    import openvino as ov
+    from damo_jax.inference.backends import import_openvino
+    ov = import_openvino()
 
     proto = onnx.load(str(onnx_path))
     dims = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]

@@ -210,3 +210,30 @@ def test_openvino_convert_refuses_an_ir_that_computes_something_else(tmp_path, m
     with pytest.raises(to_openvino.ExportMismatch, match="output 'scores'"):
         to_openvino.convert(tmp_path / "m.onnx", out)
     assert not out.exists() and not out.with_suffix(".bin").exists()
+
+
+def test_openvino_conversion_sends_no_telemetry(tmp_path):
+    """``import openvino`` and ``convert_model`` posted usage telemetry to Google Analytics from a
+    forked child (Python warned that forking JAX's multithreaded process may deadlock). Through
+    ``import_openvino`` neither ``openvino_telemetry`` is loaded nor the process forked."""
+    import json
+    import subprocess
+    import sys
+    from test_predict import write_handmade_onnx
+    onnx_file = write_handmade_onnx(tmp_path / "m.onnx")
+    code = f"""
+import json, os, sys
+forks = []
+real_fork = os.fork
+os.fork = lambda: forks.append(1) or real_fork()
+import jax.numpy as jnp; jnp.ones(2).block_until_ready()      # a multithreaded JAX process
+from damo_jax.export import to_openvino
+to_openvino.convert({str(onnx_file)!r}, {str(tmp_path / 'm.xml')!r})
+import nncf                                                   # the int8 route's import
+print(json.dumps({{"forks": len(forks), "telemetry": sys.modules.get("openvino_telemetry") is not None}}))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={k: v for k, v in __import__("os").environ.items() if k != "CI"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == {"forks": 0, "telemetry": False}
+    assert "os.fork() was called" not in r.stderr

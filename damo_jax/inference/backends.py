@@ -19,6 +19,7 @@ applies its own NMS to the raw outputs.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,18 @@ from damo_jax.errors import InputPathError, UserError
 from damo_jax.inference.pipeline import pad_batch
 
 RAW_OUTPUTS = ("scores", "boxes")
+
+
+def import_openvino():
+    """``import openvino``, without OpenVINO's usage telemetry (every import of the package, and
+    nncf, otherwise post usage statistics to Google Analytics from a process they ``fork()``:
+    network traffic the user did not ask for, and a fork of JAX's multithreaded process, which
+    Python warns may deadlock). OpenVINO and nncf fall back to their built-in no-op stubs when
+    ``openvino_telemetry`` cannot be imported; a process that imported it before keeps it."""
+    if "openvino" not in sys.modules:
+        sys.modules.setdefault("openvino_telemetry", None)      # None: ``import`` raises ImportError
+    import openvino
+    return openvino
 
 
 class ExportedModelError(UserError, ValueError):
@@ -149,8 +162,7 @@ class OpenVinoBackend(_Backend):
 
     def __init__(self, path, *, precision: str = "f32", device: str = "CPU",
                  threads: int | None = None, flag: str = "--openvino"):
-        import openvino as ov
-
+        ov = import_openvino()
         self.path = _check_file(path, (".xml", ".onnx"))
         if precision not in ("f32", "auto"):
             raise ValueError(f"OpenVinoBackend precision must be 'f32' or 'auto', got {precision!r}")

@@ -141,7 +141,7 @@ def _config_from_export(kind: str, path: Path):
         meta = backends._ov_metadata(None, path)
     else:
         try:
-            import openvino as ov
+            ov = backends.import_openvino()
             meta = backends._ov_metadata(ov.Core().read_model(str(path)), path)
         except Exception:  # noqa: BLE001 - the backend reports an unreadable IR in its own words
             meta = {}
