@@ -139,3 +139,25 @@ def test_cli_class_count_mismatch_is_a_clear_error(tmp_path):
               "--img-size", "64", "64", "--no-progress"])
     with pytest.raises(SystemExit, match="config is needed"):
         main(["--weights", str(weights), "--data", f"coco:{coco_dir}"])
+
+
+def test_cli_outputs_never_overwrite_what_eval_reads(tmp_path):
+    """--json-out / --stats-out naming the model file, a file of the dataset, or each other were
+    written over them after the evaluation (the audit lost an ONNX model and a COCO annotation
+    file); bad confusion-matrix thresholds gave an all-background matrix. All refused up front."""
+    coco_dir = write_coco_folder(tmp_path / "coco", ColorBoxDataset(num_images=2))
+    ann = coco_dir / "annotations" / "instances_val.json"
+    weights = write_random_weights(tmp_path / "w.npz", load_config("ns"))
+    before = {p: p.read_bytes() for p in (ann, weights)}
+    base = ["--config", "ns", "--weights", str(weights), "--data", f"coco:{coco_dir}", "--split", "val",
+            "--img-size", "64", "64", "--no-progress"]
+    for extra, message in (
+            (["--json-out", str(weights)], "--json-out .*is the --weights file"),
+            (["--stats-out", str(ann)], "--stats-out .*an existing file of the dataset"),
+            (["--json-out", str(tmp_path / "a.json"), "--stats-out", str(tmp_path / "a.json")],
+             "--json-out and --stats-out both name"),
+            (["--cm-conf", "3"], "--cm-conf 3.0: the confusion matrix's score threshold"),
+            (["--cm-iou", "0"], "--cm-iou 0.0: the confusion matrix's IoU")):
+        with pytest.raises(SystemExit, match=message):
+            main(base + extra)
+    assert all(p.read_bytes() == b for p, b in before.items())

@@ -269,13 +269,14 @@ def check_not_input(path, flag: str, inputs=None) -> None:
     """ConfigError when the output ``path`` names one of the command's ``inputs`` (``{flag: path
     or None}``): a command never overwrites what it reads."""
     for in_flag, in_path in (inputs or {}).items():
-        if in_path and _same_path(Path(path), Path(in_path)):
+        if in_path and same_path(Path(path), Path(in_path)):
             raise ConfigError(f"{flag} {path}: is the {in_flag} file; the output would overwrite "
                               f"it, choose another name")
 
 
-def _same_path(a: Path, b: Path) -> bool:
+def same_path(a, b) -> bool:
     """``a`` and ``b`` name the same file (symlinks, hard links and ``..`` resolved)."""
+    a, b = Path(a), Path(b)
     try:
         if a.exists() and b.exists():
             return os.path.samefile(a, b)
@@ -293,9 +294,51 @@ def check_data_spec(spec: str, flag: str = "--data") -> str:
     """A ``kind:/path[?options]`` (or bare .json/.yaml) spec whose path exists: InputPathError when
     it does not (the ``?key=value`` reader options are checked by the library, which lists the
     known ones), ConfigError for an unknown format prefix."""
+    data_spec_path(spec, flag)
+    return spec
+
+
+def data_spec_path(spec: str, flag: str = "--data") -> Path | None:
+    """The file or folder a dataset spec reads (None for ``demo`` / ``tfds:``), checked as
+    :func:`check_data_spec` says."""
     from damo_jax.data_pipelines import SPEC_KINDS, split_spec_options
     if not spec or spec.startswith(("demo", "tfds:")):
-        return spec
+        return None
+    kind, sep, rest = spec.partition(":")
+    if sep and kind not in SPEC_KINDS and not _is_drive_letter(kind) and not Path(spec).exists():
+        raise ConfigError(f"{flag} {spec}: unknown dataset format {kind!r} (known: {', '.join(SPEC_KINDS)})")
+    if not (sep and kind in SPEC_KINDS):
+        kind, rest = "", spec
+    head = rest.split("?", 1)[0]
+    if not kind and not Path(spec).exists():
+        kind = "coco" if head.endswith(".json") else "yolo" if head.endswith((".yaml", ".yml")) else ""
+    if not kind and not spec.endswith((".json", ".yaml", ".yml")):
+        if Path(spec).exists():
+            raise ConfigError(f"{flag} {spec}: say which format the folder is in, e.g. "
+                              f"{flag} coco:{spec} | yolo:{spec}/data.yaml | voc:{spec}")
+        raise InputPathError(f"{flag} {spec}: no such file or folder (dataset specs: demo, "
+                             f"coco:/dir, yolo:/data.yaml, voc:/dir, tfds:NAME)")
+    path = split_spec_options(kind, rest, spec)[0] if kind else rest
+    if not Path(path).exists():
+        raise InputPathError(f"{flag} {spec}: {path} does not exist")
+    return Path(path)
+
+
+def check_not_in_data(path, flag: str, spec: str | None) -> None:
+    """ConfigError when the output file ``path`` exists inside the dataset's folder (or is its
+    file): a report never replaces annotations, labels or images it was scored against. New files
+    there are fine."""
+    try:
+        data = data_spec_path(spec) if spec else None
+    except (ConfigError, InputPathError):
+        return                                   # the dataset's own error comes when it is opened
+    out = Path(path)
+    if data is None or not out.exists():
+        return
+    root = data if data.is_dir() else data.parent
+    if same_path(out, data) or root.resolve() in out.resolve().parents:
+        raise ConfigError(f"{flag} {path}: an existing file of the dataset {spec}; the output "
+                          f"would overwrite it, choose another name")
     kind, sep, rest = spec.partition(":")
     if sep and kind not in SPEC_KINDS and not _is_drive_letter(kind) and not Path(spec).exists():
         raise ConfigError(f"{flag} {spec}: unknown dataset format {kind!r} (known: {', '.join(SPEC_KINDS)})")

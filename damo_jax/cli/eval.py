@@ -15,8 +15,10 @@ from __future__ import annotations
 import json
 import logging
 import time
+from pathlib import Path
 
 from damo_jax.cli import common
+from damo_jax.errors import ConfigError
 
 log = logging.getLogger("damo_jax.cli.eval")
 PROG = "damo-jax eval"
@@ -83,11 +85,22 @@ def run(args, overrides) -> dict:
     check_detection_options(conf=args.conf, iou=args.iou, max_dets=args.max_dets,
                             pre_nms_topk=args.pre_nms_topk, batch_size=args.batch_size)
     if args.save_json and not args.out:
-        from damo_jax.errors import ConfigError
         raise ConfigError("--save-json writes into the report folder: give --out DIR")
+    inputs = {"--onnx": args.onnx, "--openvino": args.openvino, "--weights": args.weights,
+              "--openvino weights": args.openvino and str(Path(args.openvino).with_suffix(".bin"))}
     for flag, path in (("--json-out", args.json_out), ("--stats-out", args.stats_out)):
         if path:                       # unwritable outputs fail now, not after the evaluation
-            common.output_file(path, flag)
+            common.output_file(path, flag, inputs=inputs)
+            common.check_not_in_data(path, flag, args.data)
+    if args.json_out and args.stats_out and common.same_path(args.json_out, args.stats_out):
+        raise ConfigError(f"--json-out and --stats-out both name {args.json_out}: one would replace "
+                          f"the other, give two file names")
+    from damo_jax.errors import is_probability
+    for flag, value in (("--cm-conf", args.cm_conf), ("--cm-iou", args.cm_iou)):
+        if not is_probability(value) or (flag == "--cm-iou" and value == 0):
+            raise ConfigError(f"{flag} {value}: the confusion matrix's "
+                              + ("score threshold must be a number in [0, 1]" if flag == "--cm-conf"
+                                 else "IoU must be a number in (0, 1]"))
     if args.out:
         common.output_dir(args.out, "--out")
     loaded = common.load_model_from_args(args, overrides + test_overrides(args),
@@ -97,6 +110,9 @@ def run(args, overrides) -> dict:
         cfg.test.image_size = tuple(loaded.input_hw)   # an exported file has one input size
     spec = args.data or cfg.data.val or cfg.data.train
     split = args.split or cfg.data.val_split
+    for flag, path in (("--json-out", args.json_out), ("--stats-out", args.stats_out)):
+        if path and not args.data:       # the config's dataset: known only now
+            common.check_not_in_data(path, flag, spec)
     dataset = open_dataset(spec, split)
     log.info("%s", format_summary(dataset, "eval data"))
     check_num_classes(cfg, dataset, where=PROG)
