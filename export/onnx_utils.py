@@ -10,16 +10,50 @@
                              folding, Conv+Mul/Add fusion and the transpose optimiser that cancels
                              jax2onnx's NHWC<->NCHW pairs. The result is plain ONNX (default domain only).
 * ``optimize_tf2onnx``    — tf2onnx's optimiser (needs TensorFlow, opset <= 18); optional cross-check.
-* ``save`` / ``load``     — single-file save (external data only above 2 GB).
+* ``save`` / ``load``     — single-file save (external data only above 2 GB), written to a
+                             temporary name and renamed: an interrupted export leaves no half file.
+* ``ort_refusals`` / ``check_runs`` — onnxruntime's refusal of a graph (an op without a kernel at
+                             that opset, ...) as one user-facing error line.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import tempfile
 from pathlib import Path
 
 import onnx
+
+from damo_jax.errors import UserError
+
+
+class OnnxRuntimeRefused(UserError, RuntimeError):
+    """onnxruntime cannot load or run a graph (e.g. an op it has no kernel for at that opset)."""
+
+
+@contextlib.contextmanager
+def ort_refusals(what: str, hint: str = ""):
+    """Turn onnxruntime's load errors inside the block into :class:`OnnxRuntimeRefused`
+    ``"<what>: onnxruntime <version> cannot run it (<reason>)<hint>"``."""
+    from damo_jax.inference.backends import onnxruntime_errors, runtime_error_reason
+    try:
+        yield
+    except onnxruntime_errors() as e:
+        if isinstance(e, UserError):
+            raise
+        import onnxruntime as ort
+        raise OnnxRuntimeRefused(f"{what}: onnxruntime {ort.__version__} cannot run it "
+                                 f"({runtime_error_reason(e)}){hint}") from e
+
+
+def check_runs(model: onnx.ModelProto, what: str, hint: str = "") -> None:
+    """:class:`OnnxRuntimeRefused` unless onnxruntime (CPU) builds a session for ``model``."""
+    import onnxruntime as ort
+    if model.ByteSize() > 2_000_000_000:
+        return                                   # not serialisable in one proto; checked on load
+    with ort_refusals(what, hint):
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 def load(path) -> onnx.ModelProto:
     path = Path(path)
@@ -49,8 +83,13 @@ def save(model: onnx.ModelProto, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     large = model.ByteSize() > 2_000_000_000
-    onnx.save_model(model, str(path), save_as_external_data=large,
-                    all_tensors_to_one_file=True, location=path.name + ".data")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        onnx.save_model(model, str(tmp), save_as_external_data=large,
+                        all_tensors_to_one_file=True, location=path.name + ".data")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

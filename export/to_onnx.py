@@ -39,16 +39,20 @@ MAX_TF2ONNX_OPSET = 18
 
 def max_runtime_opset() -> int:
     """The newest default-domain opset the installed onnxruntime loads (every export is checked in
-    onnxruntime): probed once with a one-node model, from the installed onnx's newest down."""
+    onnxruntime): probed once, from the installed onnx's newest down, with a model of the
+    activations an export holds (``Swish`` from opset 24 on: jax2onnx writes SiLU as one ``Swish``
+    there, and onnxruntime 1.31 has no kernel for it)."""
     global _MAX_OPSET
     if _MAX_OPSET is None:
         import onnxruntime as ort
         from onnx import TensorProto, helper
         _MAX_OPSET = MIN_OPSET
-        info = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1]) for n in "xy"]
-        graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe",
-                                  info[:1], info[1:])
+        info = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1]) for n in "xyz"]
         for opset in range(onnx.defs.onnx_opset_version(), MIN_OPSET, -1):
+            swish = opset >= 24 and onnx.defs.has("Swish")
+            nodes = [helper.make_node("Relu", ["x"], ["y" if swish else "z"])]
+            nodes += [helper.make_node("Swish", ["y"], ["z"])] if swish else []
+            graph = helper.make_graph(nodes, "probe", info[:1], info[2:])
             probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
             probe.ir_version = min(probe.ir_version, 10)
             try:
@@ -129,20 +133,26 @@ def check_route(via: str, batch, opset: int) -> None:
 def export_onnx(dm: common.DeployModel, *, via: str = "jax2onnx", batch=1, opset: int = 17,
                 end2end_cfg: dict | None = None, optimize: bool = True,
                 tf_dir: Path | None = None) -> onnx.ModelProto:
-    """The whole export; returns the checked model (not yet saved)."""
+    """The whole export; returns the checked model (not yet saved): it passes the full ONNX checker
+    and loads in onnxruntime (an opset whose graph onnxruntime cannot run, e.g. ``Swish(24)`` in
+    onnxruntime 1.31, is a one-line :class:`onnx_utils.OnnxRuntimeRefused`)."""
     check_route(via, batch, opset)
-    if via == "jax2onnx":
-        model = convert_jax2onnx(dm, batch=batch, opset=opset, optimize=optimize)
-    elif via == "tf":
-        from damo_jax.export import tflite_route
-        if tf_dir is None:
-            raise ConfigError("--via tf needs an output location for the SavedModel / .tflite")
-        model = tflite_route.convert(dm, batch=batch, opset=opset, workdir=tf_dir)
-        if optimize:
-            model = optimize_graph(model)
-    else:
-        raise ConfigError(f"--via must be 'jax2onnx' or 'tf', got {via!r}")
-    return finalize(model, dm, route=via, e2e=end2end_cfg)
+    what, hint = f"--opset {opset}: the exported graph", "; export with a lower --opset (default 17)"
+    with onnx_utils.ort_refusals(what, hint):
+        if via == "jax2onnx":
+            model = convert_jax2onnx(dm, batch=batch, opset=opset, optimize=optimize)
+        elif via == "tf":
+            from damo_jax.export import tflite_route
+            if tf_dir is None:
+                raise ConfigError("--via tf needs an output location for the SavedModel / .tflite")
+            model = tflite_route.convert(dm, batch=batch, opset=opset, workdir=tf_dir)
+            if optimize:
+                model = optimize_graph(model)
+        else:
+            raise ConfigError(f"--via must be 'jax2onnx' or 'tf', got {via!r}")
+    model = finalize(model, dm, route=via, e2e=end2end_cfg)
+    onnx_utils.check_runs(model, what, hint)
+    return model
 
 
 PROG = "damo-jax export onnx"

@@ -19,6 +19,7 @@ OpenVINO (and nncf) use their no-op stubs: no network traffic, no ``fork()`` of 
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from pathlib import Path
 
@@ -49,14 +50,18 @@ def convert(onnx_path, output, *, fp16: bool = False) -> Path:
         model.set_rt_info(prop.value, ["damo_jax", prop.key])
     model.set_rt_info("fp16" if fp16 else "fp32", ["damo_jax", "weights_precision"])
     output.parent.mkdir(parents=True, exist_ok=True)
-    ov.save_model(model, str(output), compress_to_fp16=fp16)
-    if not fp16:                       # FP16 weights differ from the ONNX file by design
-        try:
-            verify(onnx_path, output)
-        except ExportMismatch:
-            output.unlink(missing_ok=True)
-            output.with_suffix(".bin").unlink(missing_ok=True)
-            raise
+    # written and checked under a temporary name, then renamed (.bin first): an interrupted or
+    # refused export leaves no IR that was not checked
+    tmp = output.with_name(f".{output.stem}.{os.getpid()}.tmp.xml")
+    try:
+        ov.save_model(model, str(tmp), compress_to_fp16=fp16)
+        if not fp16:                   # FP16 weights differ from the ONNX file by design
+            verify(onnx_path, tmp, shown_as=output)
+        os.replace(tmp.with_suffix(".bin"), output.with_suffix(".bin"))
+        os.replace(tmp, output)
+    finally:
+        tmp.unlink(missing_ok=True)
+        tmp.with_suffix(".bin").unlink(missing_ok=True)
     log.info("wrote %s (+ .bin), %s weights, inputs %s, outputs %s", output,
              "FP16" if fp16 else "FP32", [str(i.get_partial_shape()) for i in model.inputs],
              [o.get_any_name() for o in model.outputs])
@@ -85,7 +90,7 @@ def _probe_images(n: int, h: int, w: int) -> np.ndarray:
     return out
 
 
-def verify(onnx_path, xml_path, *, tol: float = 5e-3) -> None:
+def verify(onnx_path, xml_path, *, tol: float = 5e-3, shown_as=None) -> None:
     """Run the ONNX file (onnxruntime) and the IR read back from disk (OpenVINO, float32) on one
     fixed synthetic image batch; :class:`ExportMismatch` when a score differs by more than ``tol``
     (measured float32 noise between the runtimes: 5e-7 for a trained demo model, up to 1.8e-3 for
@@ -95,7 +100,8 @@ def verify(onnx_path, xml_path, *, tol: float = 5e-3) -> None:
     detections, so the comparison is never vacuous), on ``num_dets`` and the sorted scores (the
     order of tied rows may differ between the runtimes). Why: OpenVINO 2026.4 computed another
     network for one form of the end-to-end graph, only after the IR round trip
-    (``export/end2end.py``); this check keeps such a file from being written silently."""
+    (``export/end2end.py``); this check keeps such a file from being written silently.
+    ``shown_as``: the IR's name in the error (the final name of an IR checked under a temporary one)."""
     import onnxruntime as ort
     from damo_jax.inference.backends import import_openvino
     ov = import_openvino()
@@ -107,7 +113,8 @@ def verify(onnx_path, xml_path, *, tol: float = 5e-3) -> None:
         return
     x = _probe_images(max(dims[0], 1), dims[2], dims[3])
     end2end = any(p.key == "end2end" for p in proto.metadata_props)
-    shown = f"{xml_path}: the OpenVINO IR does not compute what {onnx_path} computes"
+    shown = f"{shown_as or xml_path}: the OpenVINO IR does not compute what {onnx_path} computes"
+    given = onnx_path
     with tempfile.TemporaryDirectory() as tmp:
         if end2end:                      # the same graph with conf 0, converted the same way
             for init in proto.graph.initializer:
@@ -116,7 +123,9 @@ def verify(onnx_path, xml_path, *, tol: float = 5e-3) -> None:
             onnx_path, xml_path = Path(tmp) / "probe.onnx", Path(tmp) / "probe.xml"
             onnx.save(proto, str(onnx_path))
             ov.save_model(ov.convert_model(str(onnx_path)), str(xml_path), compress_to_fp16=False)
-        sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        with onnx_utils.ort_refusals(f"--onnx {given}", "; the IR is checked against it, so "
+                                     "it must run in onnxruntime (re-export it with a lower --opset)"):
+            sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
         names = [o.name for o in sess.get_outputs()]
         want = dict(zip(names, sess.run(None, {sess.get_inputs()[0].name: x})))
         compiled = ov.Core().compile_model(str(xml_path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})

@@ -207,9 +207,24 @@ def test_openvino_convert_refuses_an_ir_that_computes_something_else(tmp_path, m
     monkeypatch.setattr(ov, "convert_model", lambda path, *a, **k: real_convert(
         str(tmp_path / "other.onnx") if str(path).endswith("m.onnx") else path, *a, **k))
     out = tmp_path / "bad.xml"
-    with pytest.raises(to_openvino.ExportMismatch, match="output 'scores'"):
+    with pytest.raises(to_openvino.ExportMismatch, match=r"bad\.xml: the OpenVINO IR .*output 'scores'"):
         to_openvino.convert(tmp_path / "m.onnx", out)
     assert not out.exists() and not out.with_suffix(".bin").exists()
+    assert not [p.name for p in tmp_path.iterdir() if ".tmp" in p.name]     # checked under a temp name
+    # an ONNX file onnxruntime cannot run (Swish at opset 24 in onnxruntime 1.31): one error line,
+    # no IR (it died in a traceback after writing an unchecked IR)
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+    import onnxruntime as ort
+
+    def no_kernel(*args, **kwargs):
+        raise ort_state.NotImplemented("[ONNXRuntimeError] : 9 : NOT_IMPLEMENTED : Could not find "
+                                       "an implementation for Swish(24) node")
+    monkeypatch.setattr(ort, "InferenceSession", no_kernel)
+    with pytest.raises(onnx_utils.OnnxRuntimeRefused, match=r"--onnx .*e2e\.onnx: onnxruntime .* "
+                       r"cannot run it \(9 : NOT_IMPLEMENTED .*Swish\(24\).*lower --opset"):
+        to_openvino.convert(e2e, tmp_path / "refused.xml")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".xml", ".bin")) == [
+        "e2e.bin", "e2e.xml", "m.bin", "m.xml"]
 
 
 def test_openvino_conversion_sends_no_telemetry(tmp_path):

@@ -268,3 +268,46 @@ def _cli_error(main, argv):
     with contextlib.redirect_stderr(buf), pytest.raises(SystemExit) as info:
         main(argv)
     return info.value.code, buf.getvalue()
+
+
+def test_every_accepted_opset_gives_a_file_onnxruntime_runs(tmp_path):
+    """``--opset`` accepted up to the newest opset a one-Relu probe loaded (26 with onnxruntime
+    1.31), but from 24 on jax2onnx writes SiLU as ``Swish``, which that onnxruntime cannot run:
+    opsets 25/26 died in a traceback, or (``--no-optimize``) wrote a file nothing could load. The
+    probe now holds the activations an export uses, and the highest accepted opset exports."""
+    from damo_jax.export.common import load_deploy_model
+    top = to_onnx.max_runtime_opset()
+    dm = load_deploy_model("ns", image_size=(64, 64))
+    model = to_onnx.export_onnx(dm, opset=top, optimize=False)      # checks it loads in onnxruntime
+    path = onnx_utils.save(model, tmp_path / "top.onnx")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    scores = sess.run(["scores"], {"images": np.zeros((1, 3, 64, 64), np.float32)})[0]
+    assert scores.shape == (1, 84, 80) and np.isfinite(scores).all()
+
+
+def test_onnxruntime_refusals_are_one_line_errors_and_saves_are_atomic(tmp_path, monkeypatch):
+    bad = helper.make_model(helper.make_graph(
+        [helper.make_node("NoSuchOp", ["x"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])]),
+        opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    with pytest.raises(onnx_utils.OnnxRuntimeRefused, match=r"^--opset 17: the graph: onnxruntime "
+                       r"\S+ cannot run it \(.*NoSuchOp.*\); lower$"):
+        onnx_utils.check_runs(bad, "--opset 17: the graph", "; lower")
+    good = helper.make_model(helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])]),
+        opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx_utils.check_runs(good, "unused")
+    path = onnx_utils.save(good, tmp_path / "m.onnx")
+    before = path.read_bytes()
+
+    def interrupted(model, name, **kwargs):          # a save that dies half-way
+        with open(name, "wb") as f:
+            f.write(before[:10])
+        raise KeyboardInterrupt
+    monkeypatch.setattr(onnx, "save_model", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        onnx_utils.save(bad, path)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]

@@ -55,7 +55,7 @@ def _check_file(path, suffixes) -> Path:
     return p
 
 
-def _reason(err: BaseException) -> str:
+def runtime_error_reason(err: BaseException) -> str:
     """The informative part of a runtime's (multi-line) error message, one short line."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     keep = [line for line in lines if not line.startswith(("Exception from src", "Check '"))]
@@ -64,7 +64,7 @@ def _reason(err: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def _onnxruntime_errors() -> tuple[type, ...]:
+def onnxruntime_errors() -> tuple[type, ...]:
     """onnxruntime's load errors (pybind classes, not RuntimeError subclasses)."""
     from onnxruntime.capi import onnxruntime_pybind11_state as state
     names = ("Fail", "InvalidProtobuf", "InvalidGraph", "InvalidArgument", "NoSuchFile", "NoModel",
@@ -134,9 +134,9 @@ class OnnxBackend(_Backend):
         try:
             self.session = ort.InferenceSession(str(self.path), opts,
                                                 providers=providers or ["CPUExecutionProvider"])
-        except _onnxruntime_errors() as e:     # random bytes, a truncated file, a broken graph
+        except onnxruntime_errors() as e:     # random bytes, a truncated file, a broken graph
             raise ExportedModelError(f"{flag} {self.path}: cannot be read as an ONNX model "
-                                     f"({_reason(e)})") from e
+                                     f"({runtime_error_reason(e)})") from e
         inputs = self.session.get_inputs()
         if len(inputs) != 1:
             raise ExportedModelError(f"{self.path}: expected one input 'images', got "
@@ -176,7 +176,7 @@ class OpenVinoBackend(_Backend):
             model = core.read_model(str(self.path))
         except RuntimeError as e:              # not XML / not an IR / a truncated .bin
             raise ExportedModelError(f"{flag} {self.path}: cannot be read as {kind} model "
-                                     f"({_reason(e)})") from e
+                                     f"({runtime_error_reason(e)})") from e
         names = [o.get_any_name() for o in model.outputs]
         _check_outputs(self.path, names)
         shape = model.inputs[0].get_partial_shape()
@@ -191,7 +191,7 @@ class OpenVinoBackend(_Backend):
             self.compiled = core.compile_model(model, device, config)
         except RuntimeError as e:              # e.g. a .bin that does not belong to the .xml
             raise ExportedModelError(f"{flag} {self.path}: cannot be compiled as {kind} model "
-                                     f"({_reason(e)})") from e
+                                     f"({runtime_error_reason(e)})") from e
         self.request = self.compiled.create_infer_request()
         self._outputs = {name: self.compiled.output(name) for name in names}
         self.metadata = _ov_metadata(model, self.path)
