@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from damo_jax.data_pipelines.loader import TrainLoader, build_batch, eval_batches, global_indices
 from damo_jax.data_pipelines.quality import format_summary
-from damo_jax.data_pipelines.records import DataError, DetectionDataset, Record
+from damo_jax.data_pipelines.records import DataError, DetectionDataset, MissingSplitError, Record
 
 SPEC_KINDS = ("demo", "coco", "yolo", "voc", "tfds")
 #: reader options a spec may carry after ``?`` (``coco:/data/x.json?allow_outside_root=1``)
@@ -109,4 +109,4 @@ def open_dataset(spec: str, split: str | None = None, **kwargs) -> DetectionData
 
 
 __all__ = ["open_dataset", "TrainLoader", "eval_batches", "build_batch", "global_indices",
-           "DataError", "DetectionDataset", "Record", "format_summary"]
+           "DataError", "MissingSplitError", "DetectionDataset", "Record", "format_summary"]

@@ -306,8 +306,8 @@ def _is_fresh(folder: Path, fp: str) -> bool:
 def open_demo(split: str = "train", size: int | None = None):
     from damo_jax.data_pipelines.readers.coco import read_coco
     if split not in _SPLIT_CODE:
-        from damo_jax.data_pipelines.records import DataError
-        raise DataError(f"demo: unknown split {split!r} (train, val)")
+        from damo_jax.data_pipelines.records import MissingSplitError
+        raise MissingSplitError(f"demo: unknown split {split!r} (train, val)")
     root = ensure_demo(size)
     return read_coco(root / "annotations" / f"instances_{split}2017.json", root / f"{split}2017",
                      name=f"demo:{size or IMAGE_SIZE}:{split}")

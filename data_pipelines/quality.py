@@ -149,12 +149,14 @@ def format_summary(ds, role: str = "data") -> str:
     records = getattr(ds, "records", [])
     kept = sum(len(r.labels) for r in records)
     skipped = sum(stats.get(k, 0) for k in IMAGE_SKIP_KEYS)
-    parts = [f"{role} {getattr(ds, 'name', ds)}: {len(ds)} images ({skipped} skipped), "
-             f"{getattr(ds, 'num_classes', '?')} classes, {kept} boxes used"]
+    missing = stats.get("image_files_not_found", 0)   # counted at open, skipped when read
+    parts = [f"{role} {getattr(ds, 'name', ds)}: {len(ds)} images ({skipped} skipped"
+             + (f"; {missing} listed with no image file, skipped when read" if missing else "")
+             + f"), {getattr(ds, 'num_classes', '?')} classes, {kept} boxes used"]
     drops = ", ".join(f"{DROP_WORDS[k]} {stats[k]}" for k in DROP_KEYS if stats.get(k))
     parts.append(f"dropped {dropped(stats)}" + (f" ({drops})" if drops else ""))
     parts.append(f"clipped {stats.get('clipped_boxes', 0)}")
-    shown = set(DROP_KEYS) | {"clipped_boxes"} | set(IMAGE_SKIP_KEYS)
+    shown = set(DROP_KEYS) | {"clipped_boxes", "image_files_not_found"} | set(IMAGE_SKIP_KEYS)
     rest = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(stats.items()) if v and k not in shown)
     if dropped(stats) and getattr(ds, "scores_source_annotations", False) and not role.startswith("train"):
         parts.append("the dropped boxes stay in the COCO evaluation's ground truth (the annotation "

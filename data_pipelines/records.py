@@ -32,6 +32,11 @@ class DataError(ValueError):
     """Bad input data; the message names the file (or record) and the field."""
 
 
+class MissingSplitError(DataError):
+    """The dataset has no such split (no annotation file / split list / yaml entry for it): a
+    training run then trains without evaluation, where bad data of a split that is there stops it."""
+
+
 @dataclasses.dataclass
 class Record:
     """One image of a dataset with its cleaned annotations.

@@ -201,6 +201,30 @@ def test_val_with_other_class_names_is_refused(tmp_path):
     assert val_ds is not None and cfg.model.class_names == ("a", "b")
 
 
+def test_bad_validation_data_stops_training_a_missing_split_does_not(tmp_path, caplog):
+    """A val annotation file that is there but bad (an unknown category, a missing field) turned
+    evaluation off with one warning, and the run went on without it: now an error, as for the
+    training data. A dataset without a val split still trains, without evaluation, with a warning."""
+    import logging
+    from damo_jax.train.loop import open_datasets
+    make_coco(tmp_path / "c")
+    cfg = train_cfg(f"coco:{tmp_path / 'c'}")
+    with caplog.at_level(logging.WARNING):
+        train_ds, val_ds = open_datasets(cfg)
+    assert val_ds is None and "no annotation file for split 'val'" in caplog.text
+    ann = make_coco(tmp_path / "c", split="val")
+    data = json.loads(ann.read_text())
+    data["annotations"][0]["category_id"] = 99
+    ann.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"instances_val2017\.json.*99"):
+        open_datasets(train_cfg(f"coco:{tmp_path / 'c'}"))
+    del data["annotations"][0]["bbox"]
+    data["annotations"][0]["category_id"] = 1
+    ann.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"missing field 'bbox'"):
+        open_datasets(train_cfg(f"coco:{tmp_path / 'c'}"))
+
+
 # --------------------------------------------------------------------------------------------------
 # 6. UTF-8 BOM in label files; duplicate class names
 # --------------------------------------------------------------------------------------------------

@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from damo_jax.data_pipelines.quality import hint_by_reason
-from damo_jax.data_pipelines.records import (DataError, DetectionDataset, DropAudit, Record, check_inside,
-                                             clean_boxes, empty_boxes)
+from damo_jax.data_pipelines.records import (DataError, DetectionDataset, DropAudit,
+                                             MissingSplitError, Record, check_inside, clean_boxes,
+                                             empty_boxes)
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def resolve_coco_paths(path: str | os.PathLike, split: str) -> tuple[Path, Path]
                     return ann, p / d
             raise DataError(f"coco:{path}: found {ann} but none of the image folders "
                             f"{', '.join(str(p / d) for d in img_dirs)}")
-    raise DataError(f"coco:{path}: no annotation file for split {split!r} (tried {', '.join(tried)})")
+    raise MissingSplitError(f"coco:{path}: no annotation file for split {split!r} (tried {', '.join(tried)})")
 
 
 def _require(obj: Any, key: str, kind, where: str):
@@ -225,6 +226,15 @@ def read_coco(ann_file: str | os.PathLike, image_dir: str | os.PathLike, *, name
         gt_annotations.append({"id": ann_id if isinstance(ann_id, int) else i + 1,
                                "image_id": iid, "category_id": cid, "bbox": [x, y, w, h],
                                "area": area, "iscrowd": int(crowd)})
+    ids = [a["id"] for a in gt_annotations]
+    if len(set(ids)) != len(ids):      # COCOeval keys the ground truth by id: a repeat drops boxes
+        repeats = len(ids) - len(set(ids))
+        log.warning("%s: %d annotation id(s) repeat (or collide with the index numbers given to "
+                    "annotations without an id); the evaluation ground truth numbers all %d "
+                    "annotations 1..%d instead", file, repeats, len(ids), len(ids))
+        stats["renumbered_annotation_ids"] += len(ids)
+        for k, a in enumerate(gt_annotations):
+            a["id"] = k + 1
     records = []
     audit = DropAudit(name or file)
     for iid in sorted(images):

@@ -35,8 +35,9 @@ from typing import Sequence
 
 from damo_jax.data_pipelines.imageio import displayed_size
 from damo_jax.data_pipelines.quality import dropped, hint_by_reason
-from damo_jax.data_pipelines.records import (DataError, DetectionDataset, DropAudit, Record, check_inside,
-                                             clean_boxes, empty_boxes, log)
+from damo_jax.data_pipelines.records import (DataError, DetectionDataset, DropAudit,
+                                             MissingSplitError, Record, check_inside, clean_boxes,
+                                             empty_boxes, log)
 
 DIFFICULT_MODES = ("ignore", "keep", "drop")
 
@@ -113,7 +114,7 @@ def _pairs(root: Path, split: str) -> list[tuple[Path, Path | None]]:
             split_file = sets / f"{split}.txt"
             if not split_file.is_file():
                 have = sorted(p.stem for p in sets.glob("*.txt") if "_" not in p.stem)
-                raise DataError(f"voc:{root}: no split file {split_file} (available: {have})")
+                raise MissingSplitError(f"voc:{root}: no split file {split_file} (available: {have})")
             stems = [ln.split()[0] for ln in split_file.read_text().splitlines() if ln.strip()]
             xmls = [ann_dir / f"{s}.xml" for s in stems]
         else:

@@ -26,8 +26,9 @@ import numpy as np
 
 from damo_jax.data_pipelines.imageio import displayed_size
 from damo_jax.data_pipelines.quality import dominant_reason, hint_by_reason
-from damo_jax.data_pipelines.records import (DataError, DetectionDataset, DropAudit, Record, clean_boxes,
-                                             empty_boxes, log)
+from damo_jax.data_pipelines.records import (DataError, DetectionDataset, DropAudit,
+                                             MissingSplitError, Record, clean_boxes, empty_boxes,
+                                             log)
 
 from damo_jax.inference.images import IMAGE_SUFFIXES  # noqa: E402 - the one suffix set
 
@@ -179,7 +180,7 @@ def read_yolo(yaml_path: str | os.PathLike, split: str) -> DetectionDataset:
     root = root if root.is_absolute() else (file.parent / root)
     split_key = {"validation": "val"}.get(split, split)
     if split_key not in data or data[split_key] in (None, ""):
-        raise DataError(f"{file}: no entry for split {split!r} (keys: {sorted(map(str, data))})")
+        raise MissingSplitError(f"{file}: no entry for split {split!r} (keys: {sorted(map(str, data))})")
     cat_ids, names = _parse_names(data, file)
     class_index = {cid: i for i, cid in enumerate(cat_ids)}
     images = _image_files(data[split_key], root, file)
