@@ -327,7 +327,8 @@ def validate_config(cfg: ml_collections.ConfigDict, where: str = "config") -> ml
     / ``keep_checkpoints``, ``test.max_dets`` / ``pre_nms_topk`` >= 1; ``train.max_steps``,
     ``warmup_epochs``, ``no_aug_epochs``, ``eval_every_epochs(_tail)``, ``ckpt_every_steps`` >= 0;
     ``test.conf_thre`` / ``iou_thre`` in [0, 1]; image sizes positive multiples of 32
-    (:func:`damo_jax.ops.boxes.check_image_size`)."""
+    (:func:`damo_jax.ops.boxes.check_image_size`). A training run also checks
+    :func:`validate_recipe`."""
     from damo_jax.errors import ConfigError, is_probability
     from damo_jax.ops.boxes import check_image_size
 
@@ -353,6 +354,54 @@ def validate_config(cfg: ml_collections.ConfigDict, where: str = "config") -> ml
     for section in ("model", "data", "test"):
         if section in cfg and "image_size" in cfg[section]:
             check_image_size(cfg[section]["image_size"], f"{where}: {section}.image_size")
+    return cfg
+
+
+#: config keys with a fixed set of values (lower-case), checked by :func:`validate_recipe`
+CHOICES = {("train", "optimizer"): ("sgd", "adamw"), ("data", "loader"): ("process", "grain"),
+           ("model", "dtype"): ("float32", "bfloat16", "float16")}
+
+
+def validate_recipe(cfg, where: str = "config") -> ml_collections.ConfigDict:
+    """The training recipe's choices and ranges (they failed deep inside a run with a traceback,
+    or trained silently with a nonsense value), and a schedule whose warm-up and no-augmentation
+    tail fit in the run (``epochs <= no_aug_epochs`` trained at the minimum lr, without
+    augmentation, from the first step). Training only: a stored run's config is loaded for
+    eval / predict / export whatever its schedule was."""
+    from damo_jax.errors import ConfigError, is_probability
+
+    def get(section, key):
+        return cfg[section].get(key) if section in cfg and hasattr(cfg[section], "get") else None
+
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+    for (section, key), allowed in CHOICES.items():
+        value = get(section, key)
+        if value is not None and str(value).lower() not in allowed:
+            raise ConfigError(f"{where}: {section}.{key} = {value!r} must be one of {', '.join(allowed)}")
+    checks = ((("data", "max_boxes"), lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+              (("train", "base_lr_per_img"), lambda v: number(v) and v > 0, "a number > 0"),
+              (("train", "weight_decay"), lambda v: number(v) and v >= 0, "a number >= 0"),
+              (("train", "momentum"), lambda v: number(v) and 0 <= v < 1, "a number in [0, 1)"),
+              (("train", "ema_decay"), lambda v: number(v) and 0 <= v < 1, "a number in [0, 1)"),
+              (("train", "ema_tau"), lambda v: number(v) and v > 0, "a number > 0"))
+    for (section, key), ok, what in checks:
+        value = get(section, key)
+        if value is not None and not ok(value):
+            raise ConfigError(f"{where}: {section}.{key} = {value!r} must be {what}")
+    for key in ("mosaic_prob", "mixup_prob", "flip_prob"):
+        value = get("data", key)
+        if value is not None and not is_probability(value):
+            raise ConfigError(f"{where}: data.{key} = {value!r} must be a number in [0, 1]")
+    epochs, warmup, no_aug = (get("train", k) for k in ("epochs", "warmup_epochs", "no_aug_epochs"))
+    if number(epochs) and number(no_aug) and number(warmup) and warmup + no_aug > epochs:
+        raise ConfigError(
+            f"{where}: train.warmup_epochs ({warmup}) + train.no_aug_epochs ({no_aug}) > "
+            f"train.epochs ({epochs}): the no-augmentation tail, at the minimum lr, would start "
+            f"before the warm-up ends (the official recipe: 300 epochs, 5 warm-up, the last 16 "
+            f"without augmentation); lower them, e.g. --config.train.no_aug_epochs="
+            f"{max(0, int(epochs - warmup) // 5)}")
     return cfg
 
 

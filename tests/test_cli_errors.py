@@ -384,6 +384,26 @@ def test_train_schedule_values_out_of_range(override, must_contain, files, capsy
     assert not (files["root"] / "out" / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("override,must_contain", [
+    # each crashed deep in the run with a traceback, or trained silently with the value
+    ("train.optimizer=adam", "train.optimizer = 'adam' must be one of sgd, adamw"),
+    ("data.loader=foo", "data.loader = 'foo' must be one of process, grain"),
+    ("data.max_boxes=0", "data.max_boxes = 0 must be an integer >= 1"),
+    ("model.dtype=float64", "model.dtype = 'float64' must be one of float32, bfloat16, float16"),
+    ("train.base_lr_per_img=-1.0", "train.base_lr_per_img = -1.0 must be a number > 0"),
+    ("train.weight_decay=-1.0", "train.weight_decay = -1.0 must be a number >= 0"),
+    ("train.ema_decay=2.0", "train.ema_decay = 2.0 must be a number in [0, 1)"),
+    ("data.mosaic_prob=3.0", "data.mosaic_prob = 3.0 must be a number in [0, 1]"),
+    # a schedule that is all warm-up and no-augmentation tail (min lr from the first step)
+    ("train.epochs=1", "train.warmup_epochs (0.3) + train.no_aug_epochs (1) > train.epochs (1)"),
+    # replaced by the training data's without a word
+    ("model.class_names=('a', 'b')", "--config.model.class_names: a training run takes the class"),
+    ("model.head.num_classes=5", "--config.model.head.num_classes: a training run takes the class")])
+def test_train_recipe_values_out_of_range(override, must_contain, files, capsys):
+    _expect_error("train", base_args("train", files) + [f"--config.{override}"], must_contain, capsys)
+    assert not (files["root"] / "out" / "checkpoints").exists()
+
+
 def test_batch_not_divisible_by_the_devices_is_one_error_line(files, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
     env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
@@ -392,3 +412,22 @@ def test_batch_not_divisible_by_the_devices_is_one_error_line(files, tmp_path):
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert_one_error_line(proc.stderr, "train.batch_size=3 is not divisible by the 2 devices")
+
+
+def test_failed_commands_leave_no_empty_output_folder_and_name_the_real_cause(files, tmp_path, capsys):
+    """A predict that failed on its model left the --out folder it had created (empty); --weights
+    given a training run folder said "file not found"; an IR without its .bin said it held no
+    export metadata."""
+    out = tmp_path / "new" / "preds"
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    argv = without(without(base_args("predict", files), "--out"), "--weights")
+    _expect_error("predict", argv + ["--out", str(out), "--weights", str(run)],
+                  f"--weights {run}: is a folder, expected a file; a training run directory goes to "
+                  f"--checkpoint", capsys)
+    assert not (tmp_path / "new").exists()
+    xml = tmp_path / "m.xml"
+    xml.write_text("<net/>")
+    _expect_error("predict", without(argv, "--config") + ["--out", str(out), "--openvino", str(xml)],
+                  f"--openvino {xml}: its weights file m.bin is missing", capsys)
+    assert not (tmp_path / "new").exists()

@@ -308,6 +308,23 @@ def test_ctrl_c_or_sigterm_stops_cleanly_and_says_how_to_resume(sig, hang_at, ex
     assert Checkpoints(ckdir, read_only=True).steps() == ([4] if hang_at == "6" else [])
 
 
+def test_an_interrupt_python_swallowed_still_stops_the_run():
+    """Ctrl-C during tracing / compiling was raised inside JAX's garbage-collection callback, where
+    Python prints "Exception ignored" and drops it: the run went on to the end, exit 0. The train
+    CLI notes every interrupt it raises, and the loop raises a lost one after the step."""
+    workdir = shared_dir() / "run_lost_sigint"
+    r = subprocess.run(train_cmd(workdir), cwd=ROOT, capture_output=True, text=True, timeout=900,
+                       env=train_env(DAMO_JAX_TEST_LOST_SIGINT_AT_STEP="2"))
+    out = r.stdout + r.stderr
+    assert "[test hook] SIGINT from a finalizer before step 2" in out, out[-3000:]
+    assert r.returncode == 130, out[-3000:]
+    assert "Traceback" not in out and "Exception ignored" not in out, out[-3000:]
+    assert [line for line in out.splitlines() if line.startswith("interrupted (SIGINT)")], out[-3000:]
+    from damo_jax.train.log import read_metrics
+    steps = [x["step"] for x in read_metrics(workdir / "metrics.jsonl")["train"]]
+    assert steps and max(steps) <= 3, steps          # stopped after the step, not at the end (8)
+
+
 def _three_class_npz(run_a_dir, path):
     """An official-layout state dict (npz) with 3 classes, made from run A's weights."""
     from damo_jax.train.checkpoint import load_for_inference

@@ -67,9 +67,21 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 
 def run_cli(fn: Callable, argv: Sequence[str] | None = None):
-    """Run ``fn(argv)`` under the error policy (see the module docstring); returns its result."""
+    """Run ``fn(argv)`` under the error policy (see the module docstring); returns its result.
+    A command that fails removes the output folders it created that are still empty."""
     argv = list(sys.argv[1:] if argv is None else argv)
     setup_logging()
+    del _CREATED_FOLDERS[:]
+    try:
+        return _with_error_policy(fn, argv)
+    except BaseException:
+        _remove_empty_created_folders()
+        raise
+    finally:
+        del _CREATED_FOLDERS[:]
+
+
+def _with_error_policy(fn: Callable, argv: list[str]):
     try:
         return fn(argv)
     except user_error_types() as err:
@@ -82,6 +94,18 @@ def run_cli(fn: Callable, argv: Sequence[str] | None = None):
         print("interrupted", file=sys.stderr, flush=True)
         finish_running_computations()
         raise SystemExit(EXIT_INTERRUPTED) from None
+
+
+#: folders :func:`_make_folder` created during the current command (parents first)
+_CREATED_FOLDERS: list[Path] = []
+
+
+def _remove_empty_created_folders() -> None:
+    for folder in reversed(_CREATED_FOLDERS):
+        try:
+            folder.rmdir()                  # only if empty
+        except OSError:
+            pass
 
 
 def finish_running_computations() -> None:
@@ -233,8 +257,10 @@ def _make_folder(folder: Path, where: str, name: str) -> None:
     """Create ``folder`` (parents too) and check it is writable, else an InputPathError
     ``"<where>: cannot create <name> (<why>)"``."""
     import os
+    missing = [p for p in (folder, *folder.parents) if not p.exists()][::-1]
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        _CREATED_FOLDERS.extend(p for p in missing if p.is_dir())
     except FileExistsError:
         raise InputPathError(f"{where}: cannot create {name} (a file of that name exists)") from None
     except OSError as e:

@@ -60,7 +60,8 @@ def build_parser(prog: str = PROG, add_help: bool = True):
 
 def parse_args(argv=None, prog: str = PROG):
     """(config, args): ``--config`` loaded, ``--runlocal`` then the overrides applied, validated."""
-    from damo_jax.config import apply_overrides, flat_items, load_config, runlocal, validate_config
+    from damo_jax.config import (apply_overrides, flat_items, load_config, runlocal,
+                                 validate_config, validate_recipe)
     argv = list(sys.argv[1:] if argv is None else argv)
     rest, overrides = common.split_overrides(argv)
     pre, _ = build_parser(prog, add_help=False).parse_known_args(rest)
@@ -72,6 +73,14 @@ def parse_args(argv=None, prog: str = PROG):
     if args.runlocal:
         runlocal(cfg)
     apply_overrides(cfg, overrides)
+    from damo_jax.config import override_key
+    from damo_jax.errors import ConfigError
+    from_data = [f"--config.{override_key(o)}" for o in overrides
+                 if override_key(o) in ("model.class_names", "model.head.num_classes")]
+    if from_data:                       # they were replaced by the data's without a word
+        raise ConfigError(f"{', '.join(from_data)}: a training run takes the class count and names "
+                          f"from its training data (the category list of the annotations / "
+                          f"data.yaml names); change them there")
     size = common.img_size(args.img_size)
     if size:
         apply_overrides(cfg, common.override("data.image_size", size)
@@ -82,7 +91,8 @@ def parse_args(argv=None, prog: str = PROG):
         cfg.distill.teacher = args.teacher
     if args.teacher_weights is not None:
         cfg.distill.teacher_weights = args.teacher_weights
-    validate_config(cfg, where=f"--config {args.config}")
+    where = f"--config {args.config}"
+    validate_recipe(validate_config(cfg, where=where), where=where)
     check_process_flags(args)
     if args.workdir is None:
         args.workdir = str(Path("runs") / Path(str(args.config)).stem)
@@ -140,10 +150,14 @@ def run(cfg, args) -> int:
     process_env(args, os.environ)
     loop.maybe_init_distributed(args.multihost)
     loop.enable_compile_cache()
-    try:                                # a scheduler's stop (SIGTERM) ends the run as Ctrl-C does
-        previous = signal.signal(signal.SIGTERM, _raise_interrupted)
-    except ValueError:                  # not the main thread (an embedding application): untouched
-        previous = None
+    previous = {}
+    loop.INTERRUPT["signum"] = None
+    previous_hook, sys.unraisablehook = sys.unraisablehook, _quiet_lost_interrupts(sys.unraisablehook)
+    for signum in (signal.SIGINT, signal.SIGTERM):     # SIGTERM (a scheduler's stop) as Ctrl-C
+        try:
+            previous[signum] = signal.signal(signum, _raise_interrupted)
+        except ValueError:              # not the main thread (an embedding application): untouched
+            break
     try:
         loop.train(cfg, args.workdir, progress=not args.no_progress)
     except loop.NonFiniteError as err:
@@ -156,21 +170,29 @@ def run(cfg, args) -> int:
               file=sys.stderr, flush=True)
         return 128 + signum
     finally:
-        if previous is not None:        # None also when a non-Python handler was there: keep ours
-            signal.signal(signal.SIGTERM, previous)
+        sys.unraisablehook = previous_hook
+        for signum, handler in previous.items():
+            if handler is not None:     # None: a non-Python handler was there; keep ours
+                signal.signal(signum, handler)
     return 0
 
 
-class Interrupted(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
+def _quiet_lost_interrupts(default):
+    """An ``sys.unraisablehook`` that leaves out the "Exception ignored ... KeyboardInterrupt"
+    traceback of an interrupt raised inside a callback (the loop raises it again after the step)."""
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            return
+        default(unraisable)
+    return hook
 
 
 def _raise_interrupted(signum, _frame):
-    raise Interrupted(signum)
+    """Raise the interrupt, and note it: raised inside a garbage-collection callback it is lost
+    (the run went on to the end); the loop raises a noted one again after the step."""
+    from damo_jax.train import loop
+    loop.INTERRUPT["signum"] = signum
+    raise loop.Interrupted(signum)
 
 
 def resume_note(workdir) -> str:

@@ -47,6 +47,10 @@ def _existing(flag: str, path, *, directory: bool = False) -> Path:
     p = Path(path)
     ok = p.is_dir() if directory else p.is_file()
     if not ok:
+        if not directory and p.is_dir():
+            raise InputPathError(f"{flag} {path}: is a folder, expected a file"
+                                 + ("; a training run directory goes to --checkpoint"
+                                    if (p / "checkpoints").is_dir() else ""))
         kind = "directory" if directory else "file"
         hint = " (a training run directory, e.g. runs/demo)" if directory else ""
         raise InputPathError(f"{flag} {path}: {kind} not found{hint}")
@@ -140,6 +144,9 @@ def _config_from_export(kind: str, path: Path):
         onnx_utils.check_readable(path)
         meta = backends._ov_metadata(None, path)
     else:
+        if path.suffix.lower() == ".xml" and not path.with_suffix(".bin").is_file():
+            raise InputPathError(f"{_flag(kind)} {path}: its weights file {path.with_suffix('.bin').name} "
+                                 f"is missing (an OpenVINO IR is the .xml and the .bin next to it)")
         try:
             ov = backends.import_openvino()
             meta = backends._ov_metadata(ov.Core().read_model(str(path)), path)
@@ -164,7 +171,8 @@ def _config_from_export(kind: str, path: Path):
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{_flag(kind)} {path}: unreadable export metadata ({e}); give "
                           f"--config") from e
-    log.info("%s %s: using its metadata (model %r, %d classes, test size %s, conf %s, iou %s)",
+    log.info("%s %s: using its metadata (model %r, %d classes, test size %s, test.conf_thre %s, "
+             "test.iou_thre %s; flags such as predict's --conf take precedence)",
              _flag(kind), path, name, len(names), tuple(cfg.test.image_size), cfg.test.conf_thre,
              cfg.test.iou_thre)
     return cfg, names
@@ -187,7 +195,7 @@ def _checkpoint(path, config):
                              f"e.g. runs/demo)")
     cfg, variables, class_names = _run_dir_call(load_for_inference, path)
     if config is not None:
-        log.info("using the config stored in checkpoint %s (ignoring config %r)", path, config)
+        log.warning("using the config stored in checkpoint %s (ignoring --config %r)", path, config)
     return cfg, variables, class_names
 
 

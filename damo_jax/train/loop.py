@@ -55,6 +55,9 @@ EXIT_NONFINITE = 3
 #      sleeps, so a test can ``kill -9`` it at a known point.
 NAN_STEP_ENV = "DAMO_JAX_TEST_NAN_STEP"
 HANG_STEP_ENV = "DAMO_JAX_TEST_HANG_AT_STEP"
+# ... and one that sends this process SIGINT from inside a weakref finalizer before step N, where
+#     Python swallows the KeyboardInterrupt (as in JAX's garbage-collection callback).
+LOST_SIGINT_STEP_ENV = "DAMO_JAX_TEST_LOST_SIGINT_AT_STEP"
 
 
 def _test_hooks(state: dict, step: int) -> dict:
@@ -62,6 +65,15 @@ def _test_hooks(state: dict, step: int) -> dict:
         print(f"[test hook] hanging before step {step}", flush=True)
         while True:
             time.sleep(1.0)
+    if os.environ.get(LOST_SIGINT_STEP_ENV) == str(step):
+        import gc
+        import signal
+        import weakref
+        print(f"[test hook] SIGINT from a finalizer before step {step}", flush=True)
+        victim = type("Victim", (), {})()
+        weakref.finalize(victim, lambda: (os.kill(os.getpid(), signal.SIGINT), sum(range(10))))
+        del victim
+        gc.collect()
     if os.environ.get(NAN_STEP_ENV) == str(step):
         print(f"[test hook] injecting NaN parameters before step {step}", flush=True)
         state = dict(state, params=jax.jit(lambda p: jax.tree.map(lambda x: x * jnp.nan, p))(state["params"]))
@@ -70,6 +82,29 @@ def _test_hooks(state: dict, step: int) -> dict:
 
 class NonFiniteError(RuntimeError):
     """The loss or the gradients of a step were NaN/Inf; the state of that step was discarded."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) or a scheduler's stop (SIGTERM), raised in the main thread."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+#: the signal of an interrupt the train CLI's handler received and raised (``None``: none). A
+#: KeyboardInterrupt raised while Python runs a garbage-collection or weakref callback (JAX's
+#: ``_xla_gc_callback`` during tracing/compiling) is printed as "Exception ignored" and lost: the
+#: loop then raises it again after the step (:func:`check_interrupted`).
+INTERRUPT: dict = {"signum": None}
+
+
+def check_interrupted() -> None:
+    """Raise :class:`Interrupted` for an interrupt that was received but swallowed."""
+    signum = INTERRUPT["signum"]
+    if signum is not None:
+        INTERRUPT["signum"] = None
+        raise Interrupted(signum)
 
 
 # ==================================================================================================
@@ -177,8 +212,10 @@ def open_datasets(cfg):
     """(train dataset, val dataset or None); also sets num_classes / class names from the data.
 
     Refuses (``DataError``, one ``error:`` line on the CLI) a training split without images or
-    without a single usable box, and validation data whose class list differs from the training
-    data's (count, names or order)."""
+    without a single usable box, validation data that is there but unreadable (a bad annotation
+    file, an unknown category: it turned evaluation off with one warning), and validation data
+    whose class list differs from the training data's (count, names or order). A dataset without
+    a validation split (``MissingSplitError``) trains without evaluation, with a warning."""
     from damo_jax import data_pipelines
     train_ds = data_pipelines.open_dataset(cfg.data.train, cfg.data.train_split)
     train_where = f"training data {cfg.data.train!r} (split {cfg.data.train_split!r})"
@@ -190,7 +227,7 @@ def open_datasets(cfg):
     if val_spec and cfg.data.val_split:
         try:
             val_ds = data_pipelines.open_dataset(val_spec, cfg.data.val_split)
-        except (FileNotFoundError, KeyError, ValueError) as err:
+        except data_pipelines.MissingSplitError as err:  # bad data of a split that IS there: error
             log.warning("no validation data (%s split %s): %s — evaluation skipped",
                         val_spec, cfg.data.val_split, err)
     if val_ds is not None:
@@ -557,6 +594,8 @@ def setup(cfg, workdir, *, progress: bool = True) -> tuple[Run, dict]:
     """Mesh, data, model, optimizer, checkpoint manager and a fresh state (on the devices)."""
     from damo_jax.models import build_model
 
+    from damo_jax.config import validate_recipe
+    validate_recipe(cfg)                  # the CLI checked it already; library callers too
     mesh = make_mesh()
     replicated, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     if int(cfg.train.batch_size) % mesh.devices.size:
@@ -775,6 +814,7 @@ def _train_in(cfg, workdir, *, progress: bool = True) -> dict:
     loader = make_loader(run.train_ds, cfg, run.rl, start) if start < run.rl.last_step else None
     try:
         t0 = time.perf_counter()
+        check_interrupted()                      # one swallowed while the run was set up
         for step in range(start, run.rl.last_step):
             batch = next(loader)
             if step == start and jax.process_count() > 1:
@@ -790,6 +830,7 @@ def _train_in(cfg, workdir, *, progress: bool = True) -> dict:
                 run.info(f"first step (compile + run) {time.perf_counter() - t0:.1f}s")
                 run.tlog.reset_timer()
             after_step(run, state, step + 1, metrics)
+            check_interrupted()                  # an interrupt swallowed during the step
     finally:
         if loader is not None:
             loader.close()
