@@ -235,6 +235,14 @@ def run(args, overrides=()) -> dict:
     if Path(args.output_dir).suffix.lower() in (".xml", ".onnx", ".bin"):
         raise ConfigError(f"--output-dir {args.output_dir}: INT8 export writes several files "
                           f"(FP32 and INT8 models, report); give a folder name")
+    if args.mixed < 0:
+        raise ConfigError(f"--mixed {args.mixed}: the number of Convs kept in float must be >= 0 "
+                          f"(0: no mixed-precision model)")
+    if args.calib_data:
+        from damo_jax.cli.common import check_data_spec
+        check_data_spec(args.calib_data, "--calib-data")
+        if args.report_data:
+            check_data_spec(args.report_data, "--report-data")
     out = output_dir(args.output_dir, "--output-dir")
     config = args.checkpoint or args.config
     if config is None:

@@ -181,7 +181,8 @@ def add_arguments(p) -> None:
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17; <= 18 with --via tf)")
     p.add_argument("--no-optimize", action="store_true",
                    help="keep the converter's literal graph (no ORT-basic / upsample clean-up)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random init without weights")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the random init without weights (default 0)")
     p.add_argument("--output", required=True, help="output .onnx path")
 
 
@@ -199,6 +200,9 @@ def run(args, overrides=()) -> Path:
     if args.checkpoint is None and args.config is None:
         raise ConfigError("give --config (with --weights, or alone for random weights) or "
                           "--checkpoint")
+    if args.seed is not None and (args.checkpoint or args.weights):
+        raise ConfigError("--seed: the seed of a random-weight export; with --checkpoint / "
+                          "--weights there is nothing random")
     batch = common.parse_batch(args.batch)
     size = img_size(args.img_size)
     check_route(args.via, batch, args.opset)           # the options first: before the model loads
@@ -215,7 +219,7 @@ def run(args, overrides=()) -> Path:
     out = output_file(args.output, "--output", suffix=".onnx",
                       inputs={"--weights": args.weights, "--checkpoint": args.checkpoint})
     dm = common.load_deploy_model(args.config, checkpoint=args.checkpoint, weights=args.weights,
-                                  image_size=size, seed=args.seed, overrides=overrides)
+                                  image_size=size, seed=args.seed or 0, overrides=overrides)
     e2e = None
     if args.end2end:
         e2e = dict(topk=end2end.DEFAULT_TOPK if args.topk is None else args.topk,

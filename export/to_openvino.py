@@ -177,6 +177,9 @@ def run(argv, prog: str) -> Path:
     if args.onnx:
         if rest:
             parser.error(f"unexpected arguments with --onnx: {rest}")
+        if args.keep_onnx:
+            parser.error("--keep-onnx keeps the ONNX file this command exports first; with --onnx "
+                         "there is none to keep")
         return convert(args.onnx, out, fp16=args.fp16)
     if not rest:
         parser.error("give --onnx FILE, or export options (--config/--weights/--checkpoint, "

@@ -431,3 +431,28 @@ def test_failed_commands_leave_no_empty_output_folder_and_name_the_real_cause(fi
     _expect_error("predict", without(argv, "--config") + ["--out", str(out), "--openvino", str(xml)],
                   f"--openvino {xml}: its weights file m.bin is missing", capsys)
     assert not (tmp_path / "new").exists()
+    weights_file = tmp_path / "m.bin"             # the IR's other half given by mistake
+    weights_file.write_bytes(b"\0" * 64)
+    _expect_error("predict", without(argv, "--config") + ["--out", str(out), "--openvino", str(weights_file)],
+                  f"--openvino {weights_file}: expected a .xml/.onnx file (the .xml of an OpenVINO IR", capsys)
+
+
+def test_flags_that_would_be_ignored_are_refused(files, tmp_path, capsys):
+    """Flags that did nothing in the combination given, silently: eval --no-fuse with an exported
+    file, openvino --keep-onnx with --onnx, int8 --mixed below 0."""
+    from damo_jax.cli.export import main as export_main
+    onnx_file = tmp_path / "m.onnx"
+    onnx_file.write_bytes(b"not used")
+    argv = without(base_args("eval", files), "--weights")
+    _expect_error("eval", argv + ["--onnx", str(onnx_file), "--no-fuse"],
+                  "--no-fuse: evaluates the JAX train graph", capsys)
+    with pytest.raises(SystemExit) as info:
+        export_main(["openvino", "--onnx", str(onnx_file), "--keep-onnx", "--output", str(tmp_path / "m.xml")])
+    assert info.value.code == 2
+    assert_one_error_line(capsys.readouterr().err, "--keep-onnx keeps the ONNX file this command exports")
+    with pytest.raises(SystemExit) as info:
+        export_main(["int8", "--config", "demo", "--onnx", str(onnx_file), "--calib-data", "demo",
+                     "--mixed", "-1", "--output-dir", str(tmp_path / "q")])
+    assert info.value.code == 2
+    assert_one_error_line(capsys.readouterr().err, "--mixed -1: the number of Convs kept in float")
+    assert not (tmp_path / "q").exists()          # the failed command leaves no empty folder

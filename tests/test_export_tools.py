@@ -224,7 +224,8 @@ def test_export_size_defaults_to_the_test_size(caplog):
     (["--conf", "0.5"], "--conf: NMS options of --end2end only"),
     (["--topk", "10", "--iou", "0.5"], "--topk, --iou: NMS options of --end2end only"),
     (["--output", "m.onnx.bak"], "m.onnx.bak: expected a .onnx file name"),
-    (["--via", "tf", "--batch", "dynamic"], "static --batch only")])
+    (["--via", "tf", "--batch", "dynamic"], "static --batch only"),
+    (["--weights", "w.pth", "--seed", "3"], "--seed: the seed of a random-weight export")])
 def test_export_options_are_checked_before_the_model_loads(flags, message, monkeypatch, tmp_path):
     """A bad --opset / --topk / --conf / --iou failed only after the model was built (seconds)."""
     from damo_jax.errors import ConfigError

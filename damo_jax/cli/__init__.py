@@ -21,7 +21,7 @@ COMMANDS = {
     "train": ("damo_jax.cli.train", "train a model (official recipe; resumable; --config.KEY=VALUE)"),
     "eval": ("damo_jax.cli.eval", "COCO mAP of a checkpoint, official weights, or ONNX/OpenVINO file"),
     "predict": ("damo_jax.cli.predict", "detect objects in images, draw them, write detections.json"),
-    "export": ("damo_jax.cli.export", "export to onnx | openvino | tensorrt"),
+    "export": ("damo_jax.cli.export", "export to onnx | openvino | tensorrt | int8"),
     "show": ("damo_jax.data_pipelines.show", "draw augmented training samples with their boxes"),
     "info": ("damo_jax.models.__main__", "model summary: parameters and GFLOPs"),
 }

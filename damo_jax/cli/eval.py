@@ -84,6 +84,9 @@ def run(args, overrides) -> dict:
     from damo_jax.inference.pipeline import check_detection_options
     check_detection_options(conf=args.conf, iou=args.iou, max_dets=args.max_dets,
                             pre_nms_topk=args.pre_nms_topk, batch_size=args.batch_size)
+    if args.no_fuse and (args.onnx or args.openvino):
+        raise ConfigError("--no-fuse: evaluates the JAX train graph (--checkpoint / --weights); an "
+                          "exported file is already fused")
     if args.save_json and not args.out:
         raise ConfigError("--save-json writes into the report folder: give --out DIR")
     inputs = {"--onnx": args.onnx, "--openvino": args.openvino, "--weights": args.weights,

@@ -46,12 +46,20 @@ class ExportedModelError(UserError, ValueError):
     """An exported file that is not a raw-output damo_jax model (wrong suffix, outputs, input)."""
 
 
-def _check_file(path, suffixes) -> Path:
+#: the file suffixes each exported-model backend reads
+SUFFIXES = {"onnx": (".onnx",), "openvino": (".xml", ".onnx")}
+
+
+def check_file(path, suffixes, flag: str = "exported model") -> Path:
+    """``path`` as a Path: InputPathError when it is missing, ExportedModelError for a suffix not
+    in ``suffixes``."""
     p = Path(path)
     if not p.is_file():
-        raise InputPathError(f"exported model {p} not found")
+        raise InputPathError(f"{flag} {p} not found")
     if p.suffix.lower() not in suffixes:
-        raise ExportedModelError(f"exported model {p}: expected a {'/'.join(suffixes)} file")
+        raise ExportedModelError(f"{flag} {p}: expected a {'/'.join(suffixes)} file"
+                                 + (" (the .xml of an OpenVINO IR; its .bin sits next to it)"
+                                    if p.suffix.lower() == ".bin" else ""))
     return p
 
 
@@ -126,7 +134,7 @@ class OnnxBackend(_Backend):
     def __init__(self, path, *, threads: int | None = None, providers=None, flag: str = "--onnx"):
         import onnxruntime as ort
 
-        self.path = _check_file(path, (".onnx",))
+        self.path = check_file(path, SUFFIXES["onnx"], flag)
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = int(threads)
@@ -163,7 +171,7 @@ class OpenVinoBackend(_Backend):
     def __init__(self, path, *, precision: str = "f32", device: str = "CPU",
                  threads: int | None = None, flag: str = "--openvino"):
         ov = import_openvino()
-        self.path = _check_file(path, (".xml", ".onnx"))
+        self.path = check_file(path, SUFFIXES["openvino"], flag)
         if precision not in ("f32", "auto"):
             raise ValueError(f"OpenVinoBackend precision must be 'f32' or 'auto', got {precision!r}")
         weights = self.path.with_suffix(".bin")

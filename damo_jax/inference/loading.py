@@ -139,6 +139,7 @@ def _config_from_export(kind: str, path: Path):
 
     from damo_jax.config import MODEL_NAMES, load_config
     from damo_jax.inference import backends
+    backends.check_file(path, backends.SUFFIXES[kind], _flag(kind))
     if kind == "onnx":
         from damo_jax.export import onnx_utils
         onnx_utils.check_readable(path)
