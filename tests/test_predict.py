@@ -143,6 +143,7 @@ def make_image_folder(root: Path, dataset) -> Path:
     Image.fromarray(dataset[2]["image"]).save(root / "sub" / "c.png")
     (root / "bad.jpg").write_bytes(b"not an image at all")
     (root / "notes.txt").write_text("ignored")
+    (root / "sub" / "gone.png").symlink_to(root / "deleted.png")     # a broken link: skipped, listed
     return root
 
 
@@ -159,7 +160,7 @@ def test_predict_cli_folder_checkpoint_matches_eval_and_detector(two_class_run, 
     saved = json.loads((out / "detections.json").read_text())
     assert saved == json.loads(json.dumps(summary))
     assert [Path(e["file"]).name for e in saved["images"]] == ["a.png", "b.jpg", "c.png"]
-    assert [Path(s).name for s in saved["skipped"]] == ["bad.jpg"]
+    assert [Path(s).name for s in saved["skipped"]] == ["bad.jpg", "gone.png"]
     assert saved["image_size"] == [64, 64] and saved["conf"] == 0.001
     for entry, record in zip(saved["images"], dataset.records):
         assert (entry["height"], entry["width"]) == record["orig_size"]

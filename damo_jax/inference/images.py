@@ -17,7 +17,8 @@ def is_image_file(path) -> bool:
 
 
 def list_images(source, *, flag: str = "source") -> list[Path]:
-    """The image files of ``source`` (a file, or a folder searched recursively), sorted;
+    """The image files of ``source`` (a file, or a folder searched recursively, broken links
+    included), sorted;
     :class:`~damo_jax.errors.InputPathError` naming ``flag`` when there is none."""
     from damo_jax.errors import InputPathError
     source = Path(source)
@@ -25,7 +26,10 @@ def list_images(source, *, flag: str = "source") -> list[Path]:
         return [source]
     if not source.is_dir():
         raise InputPathError(f"{flag} {source}: no such file or folder")
-    files = sorted(p for p in source.rglob("*") if p.is_file() and is_image_file(p))
+    # a broken link named like an image is listed too: reading it fails, and the caller skips and
+    # counts it (leaving it out made it vanish from the report)
+    files = sorted(p for p in source.rglob("*")
+                   if (p.is_file() or (p.is_symlink() and not p.exists())) and is_image_file(p))
     if not files:
         raise InputPathError(f"{flag} {source}: the folder has no images "
                              f"({', '.join(IMAGE_SUFFIXES)})")
