@@ -104,8 +104,15 @@ def _fast_path_ok(img: Image.Image, data: bytes) -> bool:
 
 
 def _cv2_decode(data: bytes, w: int, h: int) -> np.ndarray | None:
+    """OpenCV's fast decode, or None (the caller then decodes with PIL, which names the defect of a
+    broken file in the warning we log: OpenCV's own "[ WARN...] PNG input buffer is incomplete"
+    line is held back, it only doubled that warning)."""
     import cv2
-    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    level = cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    try:
+        arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    finally:
+        cv2.utils.logging.setLogLevel(level)
     if arr is None or arr.shape[:2] != (h, w) or arr.dtype != np.uint8:
         return None
     return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)

@@ -145,3 +145,15 @@ def test_train_loader_skips_and_counts_unreadable_images(tmp_path, caplog, worke
     assert len(warned) == 2, warned                   # once per bad file, not once per hit
     assert any("000002.png" in w for w in warned) and any("000003.png" in w for w in warned)
     assert set(batches[0]["image_ids"].tolist()) <= {1, 4}
+
+
+def test_a_truncated_image_is_reported_once_not_also_by_opencv(tmp_path, capfd):
+    """OpenCV's fast path printed its own "[ WARN:0@…] … PNG input buffer is incomplete" line to
+    stderr before our one-line warning named the file: the user read the defect twice."""
+    from damo_jax.data_pipelines.imageio import decode_image
+    path = tmp_path / "t.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path)
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 3])
+    with pytest.raises(DataError, match="t.png"):
+        decode_image(path)
+    assert "PNG input buffer" not in capfd.readouterr().err
