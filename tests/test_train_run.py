@@ -417,7 +417,11 @@ def test_failed_evaluation_still_writes_the_checkpoint():
     assert "Traceback" not in r.stderr
     ck = Checkpoints(workdir / "checkpoints", read_only=True)
     assert ck.steps() == [4] and not ck.metrics(4) and ck.best_step() is None
-    assert "done: 4 steps (no evaluation)" in r.stderr
+    assert "done: 4 steps (no evaluation succeeded: see the failed one above)" in r.stderr
+    assert "(they load the latest checkpoint)" in r.stderr          # there is no best-AP one
+    from damo_jax.train.log import read_metrics
+    assert [(e["step"], e["error"][:20]) for e in read_metrics(workdir / "metrics.jsonl")["eval_failed"]] == [
+        (4, "DataError: evaluate:")]
 
 
 def test_trainer_learns_to_overfit_a_handful_of_images():
@@ -520,6 +524,11 @@ def test_no_progress_prints_the_losses(tmp_path, capsys):
     quiet.write_eval(120, 9, {"AP": 0.5})        # the console's "eval step 120 (epoch 10)"
     quiet.close()
     assert read_metrics(tmp_path / "a" / "metrics.jsonl")["eval"][0]["epoch"] == 10
+    quiet = TrainLog(tmp_path / "a", total_steps=120, progress=False)
+    quiet.write_eval_failure(120, 9, "DataError: no readable image")   # a failed one is kept too
+    quiet.close()
+    failed = read_metrics(tmp_path / "a" / "metrics.jsonl")["eval_failed"]
+    assert failed == [{"kind": "eval_failed", "step": 120, "epoch": 10, "error": "DataError: no readable image"}]
     bar = TrainLog(tmp_path / "b", total_steps=120, progress=True)
     bar.write_train(20, 9, metrics)                # the bar shows them: no extra line
     bar.close()

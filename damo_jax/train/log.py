@@ -7,6 +7,7 @@
   scalars ``train/<name>``.
 * ``write_eval(step, epoch, metrics)`` — ``eval/<name>`` scalars + a jsonl line with ``"kind": "eval"``.
   The jsonl records count epochs from 1, as the console lines (the methods take them 0-based).
+* ``write_eval_failure(step, epoch, error)`` — a ``"kind": "eval_failed"`` jsonl line.
 * ``info(msg)`` — a line printed above the bar (and to the python logger).
 * ``plot_curves(jsonl, png)`` — loss components and AP/AP50 against step, one PNG (matplotlib Agg).
 
@@ -97,6 +98,12 @@ class TrainLog:
             for k, v in record.items():
                 self._tb.add_scalar(f"eval/{k}", v, int(step))
             self._tb.flush()
+
+    def write_eval_failure(self, step: int, epoch: int, error: str) -> None:
+        """A jsonl record ``{"kind": "eval_failed", "step", "epoch" (from 1), "error"}`` for an
+        evaluation that failed (the console line says so too; ``"eval"`` records stay metrics)."""
+        self._append({"kind": "eval_failed", "step": int(step), "epoch": int(epoch) + 1,
+                      "error": str(error)})
 
     def info(self, msg: str) -> None:
         """Print a line (primary process only) above the progress bar."""

@@ -746,6 +746,7 @@ def evaluate_or_report(run: Run, state: dict, step: int, epoch: int) -> dict | N
     except Exception as err:  # noqa: BLE001 - evaluation must never cost the checkpoint
         reason = " ".join(str(err).split())[:400]
         run.last_eval = {"step": step, "error": f"{type(err).__name__}: {reason}"}
+        run.tlog.write_eval_failure(step, epoch, run.last_eval["error"])
         run.info(f"eval step {step} (epoch {epoch + 1}) FAILED, checkpoint saved without metrics: "
                  f"{type(err).__name__}: {reason}")
         return None
@@ -869,9 +870,11 @@ def finish(run: Run, state: dict, skipped: int = 0) -> dict:
                 run.model, _host_variables(state), run.val_ds, run.cfg, run.workdir / "predictions.png"))
         except Exception as err:  # noqa: BLE001 - the picture must never fail the run
             run.info(f"predictions.png not written: {err}")
+    failed = bool(run.last_eval and "error" in run.last_eval)
     run.info(f"done: {summary['step']} steps; best AP {best['AP']:.4f} / AP50 "
              f"{best.get('AP50', float('nan')):.4f} at step {best['step']}" if best
-             else f"done: {summary['step']} steps (no evaluation)")
+             else f"done: {summary['step']} steps (no evaluation"
+             + (" succeeded: see the failed one above)" if failed else ")"))
     if skipped:
         run.info(f"{skipped} training samples had an unreadable image and were replaced by the next "
                  f"readable one (the warnings above name the files)")
@@ -882,7 +885,8 @@ def finish(run: Run, state: dict, skipped: int = 0) -> dict:
              + (f"  predictions: {summary['predictions']}" if "predictions" in summary else ""))
     run.info(f"next: damo-jax eval --checkpoint {run.workdir} | damo-jax predict --checkpoint "
              f"{run.workdir} --source IMAGES | damo-jax export onnx --checkpoint {run.workdir} "
-             f"--output model.onnx (they load the best-AP checkpoint)")
+             f"--output model.onnx (they load the "
+             + ("best-AP" if best_step is not None else "latest") + " checkpoint)")
     return summary
 
 
