@@ -161,13 +161,14 @@ def test_eval_cli_tiled_reports(tmp_path, monkeypatch):
                np.array([o[4] for o in objs], np.int32)) for objs in objects]
     write_coco(tmp_path / "coco", scenes, split="val")
 
-    def fake_load(args, overrides):
+    def fake_load(args, overrides, **kwargs):
         names = "(" + ", ".join(f"'c{k}'" for k in range(6)) + ")"
         cfg = load_cli_config("demo_ns", list(overrides) + ["model.head.num_classes=6",
                                                          f"model.class_names={names}"])
         return LoadedModel(cfg=cfg, class_names=tuple(cfg.model.class_names),
                            backend=BlobBackend(), kind="stub", source="blob stub")
-    monkeypatch.setattr(eval_cli, "load", fake_load)
+    from damo_jax.cli import common as cli_common
+    monkeypatch.setattr(cli_common, "load_model_from_args", fake_load)
     common = ["--config", "demo_ns", "--data", f"coco:{tmp_path / 'coco'}", "--split", "val",
               "--img-size", "128", "--conf", "0.3", "--no-progress"]
     out = tmp_path / "report"
