@@ -161,3 +161,8 @@ def test_cli_outputs_never_overwrite_what_eval_reads(tmp_path):
         with pytest.raises(SystemExit, match=message):
             main(base + extra)
     assert all(p.read_bytes() == b for p, b in before.items())
+    from damo_jax.cli import common
+    old_report = tmp_path / "stats_from_last_time.json"     # an existing file elsewhere: replaced, fine
+    old_report.write_text("{}")
+    common.check_not_in_data(old_report, "--stats-out", f"coco:{coco_dir}")
+    common.check_not_in_data(coco_dir / "new.json", "--stats-out", f"coco:{coco_dir}")   # a new file

@@ -365,21 +365,3 @@ def check_not_in_data(path, flag: str, spec: str | None) -> None:
     if same_path(out, data) or root.resolve() in out.resolve().parents:
         raise ConfigError(f"{flag} {path}: an existing file of the dataset {spec}; the output "
                           f"would overwrite it, choose another name")
-    kind, sep, rest = spec.partition(":")
-    if sep and kind not in SPEC_KINDS and not _is_drive_letter(kind) and not Path(spec).exists():
-        raise ConfigError(f"{flag} {spec}: unknown dataset format {kind!r} (known: {', '.join(SPEC_KINDS)})")
-    if not (sep and kind in SPEC_KINDS):
-        kind, rest = "", spec
-    head = rest.split("?", 1)[0]
-    if not kind and not Path(spec).exists():
-        kind = "coco" if head.endswith(".json") else "yolo" if head.endswith((".yaml", ".yml")) else ""
-    if not kind and not spec.endswith((".json", ".yaml", ".yml")):
-        if Path(spec).exists():
-            raise ConfigError(f"{flag} {spec}: say which format the folder is in, e.g. "
-                              f"{flag} coco:{spec} | yolo:{spec}/data.yaml | voc:{spec}")
-        raise InputPathError(f"{flag} {spec}: no such file or folder (dataset specs: demo, "
-                             f"coco:/dir, yolo:/data.yaml, voc:/dir, tfds:NAME)")
-    path = split_spec_options(kind, rest, spec)[0] if kind else rest
-    if not Path(path).exists():
-        raise InputPathError(f"{flag} {spec}: {path} does not exist")
-    return spec
