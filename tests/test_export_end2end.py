@@ -244,7 +244,6 @@ os.fork = lambda: forks.append(1) or real_fork()
 import jax.numpy as jnp; jnp.ones(2).block_until_ready()      # a multithreaded JAX process
 from damo_jax.export import to_openvino
 to_openvino.convert({str(onnx_file)!r}, {str(tmp_path / 'm.xml')!r})
-import nncf                                                   # the int8 route's import
 print(json.dumps({{"forks": len(forks), "telemetry": sys.modules.get("openvino_telemetry") is not None}}))
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
