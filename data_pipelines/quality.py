@@ -27,6 +27,8 @@ from typing import Callable
 
 import numpy as np
 
+from damo_jax.ops.boxes import clip_boxes
+
 log = logging.getLogger("data_pipelines")
 
 #: stats key of each drop reason, in the order a box is classified (the first that applies)
@@ -48,9 +50,7 @@ def classify_boxes(boxes, width: float, height: float) -> tuple[np.ndarray, np.n
         tests = (~np.isfinite(boxes).all(axis=1),
                  (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1]),
                  (boxes[:, 2] == boxes[:, 0]) | (boxes[:, 3] == boxes[:, 1]))
-        clipped = boxes.copy()
-        clipped[:, 0::2] = np.clip(clipped[:, 0::2], 0, width)
-        clipped[:, 1::2] = np.clip(clipped[:, 1::2], 0, height)
+        clipped = clip_boxes(boxes, (height, width))
         outside = ~((clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1]))
     for k, hit in enumerate(tests + (outside,)):
         reason[(reason < 0) & hit] = k

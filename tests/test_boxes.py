@@ -74,3 +74,16 @@ def test_check_image_size_accepts_multiples_of_32(size, expected):
 def test_check_image_size_names_the_value(size):
     with pytest.raises(ConfigError, match="--img-size"):
         boxes.check_image_size(size, "--img-size")
+
+
+def test_clip_boxes_against_a_loop():
+    rng = np.random.default_rng(3)
+    raw = rng.uniform(-40, 120, (50, 4)).astype(np.float32)
+    out = boxes.clip_boxes(raw, (60, 90))          # (H, W)
+    for got, box in zip(out, raw):
+        x1, y1, x2, y2 = (float(v) for v in box)
+        assert list(got) == [min(max(x1, 0), 90), min(max(y1, 0), 60),
+                             min(max(x2, 0), 90), min(max(y2, 0), 60)]
+    assert out.dtype == np.float32 and raw.min() < 0      # a new array, the input untouched
+    assert boxes.clip_boxes([[1, 2, 3, 4]], (2, 2)).dtype == np.float64
+    assert boxes.clip_boxes(np.zeros((0, 4)), (5, 5)).shape == (0, 4)

@@ -456,3 +456,26 @@ def test_flags_that_would_be_ignored_are_refused(files, tmp_path, capsys):
     assert info.value.code == 2
     assert_one_error_line(capsys.readouterr().err, "--mixed -1: the number of Convs kept in float")
     assert not (tmp_path / "q").exists()          # the failed command leaves no empty folder
+
+
+def test_a_flag_and_a_config_override_of_one_setting_are_refused(files, capsys):
+    """--img-size beside --config.data.image_size (train), --iou beside --config.test.iou_thre
+    (eval), --conf beside --config.test.conf_thre (predict): one of the two used to win silently."""
+    _expect_error("train", base_args("train", files) + ["--img-size", "64",
+                                                        "--config.data.image_size=(96, 96)"],
+                  "--img-size and --config.data.image_size both set data.image_size", capsys)
+    _expect_error("train", base_args("train", files) + ["--data", "demo", "--config.data.train=demo"],
+                  "--data and --config.data.train both set", capsys)
+    _expect_error("eval", base_args("eval", files) + ["--iou", "0.5", "--config.test.iou_thre=0.6"],
+                  "--iou and --config.test.iou_thre both set", capsys)
+    _expect_error("predict", base_args("predict", files) + ["--conf", "0.5",
+                                                            "--config.test.conf_thre=0.1"],
+                  "--conf and --config.test.conf_thre both set", capsys)
+
+
+def test_predict_takes_the_score_threshold_from_flag_override_or_its_default():
+    from argparse import Namespace
+    from damo_jax.cli.predict import PREDICT_CONF, predict_conf
+    assert predict_conf(Namespace(conf=None), []) == PREDICT_CONF == 0.3
+    assert predict_conf(Namespace(conf=0.6), []) == 0.6
+    assert predict_conf(Namespace(conf=None), ["--config.test.conf_thre=0.1"]) is None  # the config's

@@ -180,3 +180,25 @@ def test_repeated_annotation_ids_do_not_drop_ground_truth_boxes(tmp_path, caplog
                 "score": 0.9} for a in data["annotations"]]
     stats = coco_evaluate(gt, perfect)
     assert stats["AP50"] == pytest.approx(1.0) and stats["AP"] == pytest.approx(1.0)
+
+
+def test_images_the_yolo_reader_skips_at_open_count_as_skipped(tmp_path, oracle):
+    """A YOLO val image whose header cannot be read is left out when the data opens; the result's
+    images_skipped used to count only the images skipped later, when read."""
+    from PIL import Image
+    fake = ColorBoxDataset(num_images=4)
+    for sub in ("images/val", "labels/val"):
+        (tmp_path / sub).mkdir(parents=True)
+    for i, rec in enumerate(fake.records):
+        Image.fromarray(rec["image"]).save(tmp_path / "images" / "val" / f"{i}.png")
+        h, w = rec["orig_size"]
+        with open(tmp_path / "labels" / "val" / f"{i}.txt", "w") as f:
+            for (x1, y1, x2, y2), c in zip(rec["boxes"], rec["labels"]):
+                f.write(f"{c} {(x1 + x2) / 2 / w} {(y1 + y2) / 2 / h} {(x2 - x1) / w} {(y2 - y1) / h}\n")
+    (tmp_path / "data.yaml").write_text(f"path: {tmp_path}\nval: images/val\nnames: [red, green]\n")
+    _break(tmp_path / "images" / "val" / "3.png", "garbage")
+    ds = open_dataset(str(tmp_path / "data.yaml"), "val")
+    assert len(ds) == 3 and ds.stats["skipped_images"] == 1
+    stats = evaluate(*oracle, ds, oracle_config(), progress=False)
+    assert stats["images_scored"] == 3 and stats["images_skipped"] == 1
+    assert stats["AP50"] == pytest.approx(1.0)

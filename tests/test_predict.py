@@ -182,8 +182,12 @@ def test_predict_cli_folder_checkpoint_matches_eval_and_detector(two_class_run, 
     assert len(first) == len(a_png["scores"])
     np.testing.assert_allclose(sorted(d["score"] for d in first)[::-1], a_png["scores"], atol=2e-5)
     predicted = np.asarray(a_png["boxes"])
-    for x, y, w, h in (d["bbox"] for d in first):
-        assert np.abs(predicted - [x, y, x + w, y + h]).max(axis=1).min() < 0.02
+    h_img, w_img = a_png["height"], a_png["width"]       # detections.json: clipped to the image
+    assert (predicted >= 0).all() and (predicted[:, 0::2] <= w_img).all() and (predicted[:, 1::2] <= h_img).all()
+    for x, y, w, h in (d["bbox"] for d in first):       # eval: the official unclipped decode
+        expected = [min(max(x, 0), w_img), min(max(y, 0), h_img),
+                    min(max(x + w, 0), w_img), min(max(y + h, 0), h_img)]
+        assert np.abs(predicted - expected).max(axis=1).min() < 0.02
 
     # the package-level API on the same checkpoint
     detector = damo_jax.Detector.load(run_dir, conf=0.001, batch_size=2)

@@ -362,3 +362,17 @@ def test_save_pth_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save_pth({"model": {"w": np.zeros(5, np.float32)}}, path)
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pth"]
+
+
+def test_save_pth_files_get_the_umask_permissions(tmp_path):
+    """A saved .pth is readable as any other output file (mkstemp's 0600 used to leak through)."""
+    import os
+    old = os.umask(0o022)
+    try:
+        save_pth({"w": np.ones(2, np.float32)}, tmp_path / "a.pth")
+        os.umask(0o077)
+        save_pth({"w": np.ones(2, np.float32)}, tmp_path / "b.pth")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.pth").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "b.pth").stat().st_mode & 0o777 == 0o600

@@ -185,6 +185,20 @@ def override(key: str, value) -> list[str]:
     return [f"{key}={text}"]
 
 
+def refuse_flag_and_override(overrides: Sequence[str], *pairs) -> None:
+    """ConfigError when a flag and a ``--config.KEY=V`` override both set one setting.
+
+    ``pairs``: ``(flag, value, keys)`` with ``value`` None when the flag was not given and ``keys``
+    the config keys the flag sets. Without this one of the two would win without a word.
+    """
+    from damo_jax.config import override_key
+    given = {override_key(o) for o in overrides}
+    for flag, value, keys in pairs:
+        both = [k for k in keys if k in given] if value is not None else []
+        if both:
+            raise ConfigError(f"{flag} and --config.{both[0]} both set {both[0]}: give one of them")
+
+
 # ------------------------------------------------------------------------- shared flags
 MODEL_SOURCES = {
     "checkpoint": "training run directory (its EMA weights, config and class names)",

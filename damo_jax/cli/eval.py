@@ -62,12 +62,20 @@ def build_parser(prog: str = PROG):
     return common.command_parser(prog, __doc__, add_arguments)
 
 
-def test_overrides(args) -> list[str]:
-    """eval/predict flags as ``test.*`` overrides (one mechanism with ``--config.test.KEY=V``)."""
+TEST_FLAGS = (("batch_size", "batch_size"), ("conf", "conf_thre"), ("iou", "iou_thre"),
+              ("max_dets", "max_dets"), ("pre_nms_topk", "pre_nms_topk"))
+
+
+def test_overrides(args, overrides=()) -> list[str]:
+    """eval flags as ``test.*`` overrides (one mechanism with ``--config.test.KEY=V``); a flag
+    and an override of the same key is a ConfigError."""
+    common.refuse_flag_and_override(
+        overrides, ("--img-size", args.img_size, ("test.image_size",)),
+        *((f"--{flag.replace('_', '-')}", getattr(args, flag, None), (f"test.{key}",))
+          for flag, key in TEST_FLAGS))
     size = common.img_size(args.img_size)
     out = common.override("test.image_size", size)
-    for flag, key in (("batch_size", "batch_size"), ("conf", "conf_thre"), ("iou", "iou_thre"),
-                      ("max_dets", "max_dets"), ("pre_nms_topk", "pre_nms_topk")):
+    for flag, key in TEST_FLAGS:
         out += common.override(f"test.{key}", getattr(args, flag, None))
     return out
 
@@ -106,7 +114,7 @@ def run(args, overrides) -> dict:
                                  else "IoU must be a number in (0, 1]"))
     if args.out:
         common.output_dir(args.out, "--out")
-    loaded = common.load_model_from_args(args, overrides + test_overrides(args),
+    loaded = common.load_model_from_args(args, overrides + test_overrides(args, overrides),
                                          fuse=not getattr(args, "no_fuse", False))
     cfg = loaded.cfg
     if loaded.input_hw is not None and args.img_size is None:

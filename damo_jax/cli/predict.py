@@ -10,7 +10,8 @@ examples:
 
 Writes <out>/<name> (the image with boxes and class names drawn; same file name and format;
 <name>.png for a format PIL cannot write, e.g. .dng) and <out>/detections.json: one entry per image
-with file, width, height, boxes (x1y1x2y2 original pixels), scores, labels (0-based) and
+with file, width, height, boxes (x1y1x2y2 original pixels, clipped to the image; the Python
+``Detector`` and ``eval`` keep the official unclipped decode), scores, labels (0-based) and
 class_names. Unreadable images in a folder are skipped and counted; an empty folder is an error.
 --out may not be the --source folder or lie inside it (drawings would replace the inputs / be
 scanned as inputs next time), and a drawing is never written over an input file.
@@ -26,6 +27,7 @@ from damo_jax.errors import ConfigError
 
 log = logging.getLogger("damo_jax.cli.predict")
 PROG = "damo-jax predict"
+PREDICT_CONF = 0.3
 
 
 def add_arguments(p) -> None:
@@ -34,7 +36,8 @@ def add_arguments(p) -> None:
         "optional with --onnx / --openvino files that damo-jax exported (their metadata holds them)"))
     p.add_argument("--source", required=True, help="an image file or a folder of images")
     p.add_argument("--out", default="predictions", help="output folder (default ./predictions)")
-    p.add_argument("--conf", type=float, default=0.3, help="score threshold (default 0.3)")
+    p.add_argument("--conf", type=float, help=f"score threshold (default {PREDICT_CONF}, or "
+                                               "--config.test.conf_thre when given)")
     p.add_argument("--iou", type=float, help="NMS IoU threshold (default config test.iou_thre)")
     p.add_argument("--max-dets", type=int, help="detections kept per image (default config "
                                                  "test.max_dets, 500)")
@@ -50,11 +53,30 @@ def build_parser(prog: str = PROG):
     return common.command_parser(prog, __doc__, add_arguments)
 
 
+def check_flags_vs_overrides(args, overrides) -> None:
+    """ConfigError when a flag and ``--config.test.KEY`` both set one threshold or the size."""
+    common.refuse_flag_and_override(
+        overrides, ("--conf", args.conf, ("test.conf_thre",)), ("--iou", args.iou, ("test.iou_thre",)),
+        ("--max-dets", args.max_dets, ("test.max_dets",)),
+        ("--img-size", args.img_size, ("test.image_size",)))
+
+
+def predict_conf(args, overrides=()) -> float | None:
+    """--conf; else --config.test.conf_thre (None: the config's); else PREDICT_CONF, above the
+    evaluation threshold because the drawings are for people."""
+    from damo_jax.config import override_key
+    if args.conf is not None or any(override_key(o) == "test.conf_thre" for o in overrides):
+        return args.conf
+    return PREDICT_CONF
+
+
 def load_detector(args, overrides=()):
     from damo_jax.inference.detector import Detector
-    size = common.img_size(args.img_size)          # checked before anything is loaded
+    check_flags_vs_overrides(args, overrides)
+    size = common.img_size(args.img_size)
+    conf = predict_conf(args, overrides)
     loaded = common.load_model_from_args(args, overrides)
-    return Detector.from_loaded(loaded, conf=args.conf, iou=args.iou, img_size=size,
+    return Detector.from_loaded(loaded, conf=conf, iou=args.iou, img_size=size,
                                 max_dets=args.max_dets, batch_size=args.batch_size)
 
 
@@ -140,10 +162,12 @@ def run(args, overrides=()) -> dict:
     from damo_jax.data_pipelines.records import DataError
     from damo_jax.inference.detector import read_image
     from damo_jax.inference.images import list_images
+    from damo_jax.ops.boxes import clip_boxes
 
     from damo_jax.inference.pipeline import check_detection_options
     from damo_jax.inference.tiling import check_tile_arguments
     check_tile_arguments(args)
+    check_flags_vs_overrides(args, overrides)
     check_detection_options(conf=args.conf, iou=args.iou, max_dets=args.max_dets,
                             batch_size=args.batch_size)
     files = list_images(args.source, flag="--source")
@@ -174,6 +198,7 @@ def run(args, overrides=()) -> dict:
                 results = detector([image for _, image in pending],
                                    pad_to_batch=len(files) > len(pending))
             for (p, image), result in zip(pending, results):
+                result = dict(result, boxes=clip_boxes(result["boxes"], image.shape[:2]))
                 entries.append(_entry(p, image, result))
                 if not args.no_draw and _save_drawing(out_dir / _output_name(p, source), image,
                                                       result, detector, inputs) is None:

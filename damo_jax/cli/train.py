@@ -81,6 +81,10 @@ def parse_args(argv=None, prog: str = PROG):
         raise ConfigError(f"{', '.join(from_data)}: a training run takes the class count and names "
                           f"from its training data (the category list of the annotations / "
                           f"data.yaml names); change them there")
+    common.refuse_flag_and_override(
+        overrides, ("--img-size", args.img_size, ("data.image_size", "test.image_size")),
+        ("--data", args.data, ("data.train",)), ("--teacher", args.teacher, ("distill.teacher",)),
+        ("--teacher-weights", args.teacher_weights, ("distill.teacher_weights",)))
     size = common.img_size(args.img_size)
     if size:
         apply_overrides(cfg, common.override("data.image_size", size)

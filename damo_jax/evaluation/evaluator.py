@@ -133,7 +133,9 @@ def evaluate_backend(backend, dataset, cfg, *, batch_size=None, progress=True,
 def score_detections(dataset, detections, scored_ids, *, use_fast=True) -> dict:
     """COCO stats over the images that were actually run, plus ``detections`` (their count),
     ``images_scored`` and ``images_skipped`` (unreadable images are left out of the ground truth rather than counted as
-    images without detections). Raises ``DataError`` when no image could be read."""
+    images without detections). ``images_skipped`` counts the images skipped when read and those
+    the reader left out when the data opened (``dataset.stats["skipped_images"]``: YOLO / VOC
+    images whose header cannot be read). Raises ``DataError`` when no image could be read."""
     from damo_jax.data_pipelines import DataError
     total = len(dataset)
     if not scored_ids and total:
@@ -141,8 +143,9 @@ def score_detections(dataset, detections, scored_ids, *, use_fast=True) -> dict:
                         f"could be read (see the 'skipping image' warnings)")
     stats = coco_evaluate(dataset.to_coco_dict(), detections, use_fast=use_fast,
                           image_ids=scored_ids if len(scored_ids) < total else None)
+    at_open = int(getattr(dataset, "stats", {}).get("skipped_images", 0))
     return dict(stats, detections=len(detections), images_scored=len(scored_ids),
-                images_skipped=total - len(scored_ids))
+                images_skipped=total - len(scored_ids) + at_open)
 
 
 def evaluate(model, variables, dataset, cfg, *, batch_size=None, progress=True, use_fast=True) -> dict:

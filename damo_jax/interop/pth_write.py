@@ -12,7 +12,6 @@ import collections
 import os
 import pickle
 import struct
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -153,9 +152,11 @@ def save_pth(obj, path, *, archive_name: str = "archive") -> None:
     records += [(f"data/{i}", data) for i, data in enumerate(writer.storages)]
     records += [("version", b"3\n")]
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:  # atomic: a crash leaves the old file (or none), never a partial one
-        with os.fdopen(fd, "wb") as fh:
+    # atomic: a crash leaves the old file (or none), never a partial one; open() (not mkstemp,
+    # whose files are 0600) so the file gets the umask's permissions like any other output
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
             with zipfile.ZipFile(fh, "w", zipfile.ZIP_STORED) as archive:
                 for name, data in records:
                     info = _aligned_info(f"{archive_name}/{name}", fh.tell())

@@ -67,6 +67,16 @@ def scale_boxes(boxes, from_hw: Sequence[float], to_hw: Sequence[float]):
     return np.asarray(boxes, np.float64) * np.array([fx, fy, fx, fy])
 
 
+def clip_boxes(boxes, hw: Sequence[float]):
+    """(N, 4) xyxy pixel boxes clipped to an image of size ``hw`` = (H, W): x to [0, W], y to [0, H].
+    numpy; returns a new array of the input's float dtype (float64 for other inputs)."""
+    boxes = np.asarray(boxes)
+    out = np.array(boxes, boxes.dtype if boxes.dtype.kind == "f" else np.float64).reshape(-1, 4)
+    out[:, 0::2] = np.clip(out[:, 0::2], 0, hw[1])
+    out[:, 1::2] = np.clip(out[:, 1::2], 0, hw[0])
+    return out
+
+
 def _xp(x):
     return np if isinstance(x, np.ndarray) else __import__("jax.numpy", fromlist=["numpy"])
 

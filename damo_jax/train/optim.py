@@ -131,7 +131,9 @@ def make_optimizer(train_cfg, lr_schedule, mask: PyTree) -> optax.GradientTransf
         core = optax.adamw(lr_schedule, b1=b1, b2=b2, eps=float(train_cfg.adam_eps),
                            weight_decay=wd, mask=mask)
     else:
-        raise ValueError(f"config train.optimizer={train_cfg.optimizer!r}: expected 'sgd' or 'adamw'")
+        from damo_jax.config import CHOICES       # the one list validate_recipe checks too
+        raise ValueError(f"config train.optimizer={train_cfg.optimizer!r}: expected one of "
+                         f"{', '.join(CHOICES['train', 'optimizer'])}")
     clip = float(getattr(train_cfg, "grad_clip", 0.0) or 0.0)
     if clip > 0:
         return optax.chain(optax.clip_by_global_norm(clip), core)

@@ -14,6 +14,8 @@ import math
 import cv2
 import numpy as np
 
+from damo_jax.ops.boxes import clip_boxes
+
 FILL = 114
 
 
@@ -42,10 +44,7 @@ def transform_boxes(boxes: np.ndarray, M: np.ndarray, out_hw) -> np.ndarray:
     if M.shape[0] == 3 and not np.allclose(M[2], [0, 0, 1]):
         pts = pts / (corners @ M[2, :2] + M[2, 2])[:, None]
     pts = pts.reshape(-1, 4, 2)
-    out = np.concatenate([pts.min(1), pts.max(1)], 1)
-    out[:, 0::2] = out[:, 0::2].clip(0, out_hw[1])
-    out[:, 1::2] = out[:, 1::2].clip(0, out_hw[0])
-    return out.astype(np.float32)
+    return clip_boxes(np.concatenate([pts.min(1), pts.max(1)], 1), out_hw).astype(np.float32)
 
 
 def box_candidates(old: np.ndarray, new: np.ndarray, s: float, *, wh_thr=2.0, ar_thr=20.0,

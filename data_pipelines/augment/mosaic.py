@@ -13,6 +13,8 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from damo_jax.ops.boxes import clip_boxes
+
 FILL = 114
 
 
@@ -56,7 +58,5 @@ def mosaic(samples: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], mosaic_
         b[:, 1::2] = b[:, 1::2] * (mh / h0) + padh
         all_boxes.append(b)
         all_labels.append(np.asarray(labels, np.int32).reshape(-1))
-    boxes = np.concatenate(all_boxes)
-    boxes[:, 0::2] = np.clip(boxes[:, 0::2], 0, cw)
-    boxes[:, 1::2] = np.clip(boxes[:, 1::2], 0, ch)
+    boxes = clip_boxes(np.concatenate(all_boxes), (ch, cw))
     return canvas, boxes, np.concatenate(all_labels)
