@@ -23,6 +23,12 @@ os.environ.setdefault("DAMO_JAX_PRECOMPILE", "off")
 # mantissa), which is a speed setting, not the model's math: the suite pins full float32 precision
 # (here and in the CLI processes it starts). On CPU float32 ops are full precision either way.
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+# OpenVINO's and nncf's usage telemetry posts to Google Analytics from a process it fork()s on
+# import and on conversions: in a pytest-xdist worker that is a fork of JAX's multithreaded process
+# holding the worker's channel to the controller (a suspect of a lost worker and a hung run). The
+# product blocks it (damo_jax.inference.backends.import_openvino); the suite's own processes
+# block it here, before any test can import openvino another way.
+sys.modules.setdefault("openvino_telemetry", None)
 if "jax" in sys.modules:    # imported before this file (a plugin): the variable came too late
     sys.modules["jax"].config.update("jax_default_matmul_precision",
                                      os.environ["JAX_DEFAULT_MATMUL_PRECISION"])

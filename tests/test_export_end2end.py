@@ -87,7 +87,8 @@ def run_ort(model, scores, boxes):
 
 
 def run_openvino(model, scores, boxes, tmp_path):
-    import openvino as ov
+    from damo_jax.inference.backends import import_openvino
+    ov = import_openvino()
     path = onnx_utils.save(model, tmp_path / "e2e.onnx")
     compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     res = compiled({"s_in": scores, "b_in": boxes})
@@ -189,7 +190,8 @@ def test_openvino_convert_refuses_an_ir_that_computes_something_else(tmp_path, m
     probe batch; an IR that computes something else (here: the converter made to save another
     model, as OpenVINO 2026.4 effectively did for one form of the end2end graph) is an error and
     is not kept. The genuine conversion of the same file and of its end2end form passes."""
-    import openvino as ov
+    from damo_jax.inference.backends import import_openvino
+    ov = import_openvino()
 
     from damo_jax.export import to_openvino
     from test_predict import write_handmade_onnx

@@ -158,7 +158,8 @@ def test_end2end_openvino_ir_matches_jax_nms(name, tmp_path):
     == damo_jax.ops.nms. OpenVINO 2026.4 computed another network when the appended graph picked
     the NMS index columns with a Gather (scores off by 0.06, boxes by 200+ px) — only after the IR
     round trip: the ONNX file and the in-memory model were right, so every other test missed it."""
-    import openvino as ov
+    from damo_jax.inference.backends import import_openvino
+    ov = import_openvino()
     dm, raw, _, _ = exported(name)
     e2e_cfg = dict(topk=20, conf_thre=0.05, iou_thre=0.7)
     path = onnx_utils.save(to_onnx.finalize(raw, dm, route="jax2onnx", e2e=e2e_cfg), tmp_path / "e2e.onnx")

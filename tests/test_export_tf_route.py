@@ -45,7 +45,8 @@ def test_tflite_route_golden_loop_and_artifacts(tmp_path):
     assert_boxes_close(boxes, ref[1], 5e-3)
 
     # OpenVINO reads the .tflite itself too (f32 hint)
-    import openvino as ov
+    from damo_jax.inference.backends import import_openvino
+    ov = import_openvino()
     compiled = ov.Core().compile_model(str(tflite), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     res = compiled({0: x})
     by_shape = {tuple(res[o].shape): np.asarray(res[o]) for o in compiled.outputs}

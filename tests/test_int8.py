@@ -87,7 +87,8 @@ def test_int8_files_are_quantised_and_follow_fp32(exported, fp32_onnx, held_out,
     assert 0 < err < 1e-2  # quantised (not bit-equal), yet close to FP32 on held-out images
     # (a random-init model's outputs hardly depend on the input, so the benefit of calibrating on
     # real images over blank ones cannot be shown here; it needs a trained model)
-    import openvino as ov
+    from damo_jax.inference.backends import import_openvino
+    ov = import_openvino()
     ops = [op.get_type_name() for op in ov.Core().read_model(str(files["openvino int8"])).get_ops()]
     assert ops.count("FakeQuantize") > 20
 
@@ -117,7 +118,8 @@ def test_mixed_keeps_the_most_sensitive_layers_float(exported):
     float_convs = {n.name for n in mixed.graph.node if n.op_type == "Conv"
                    and not n.input[1].endswith("DequantizeLinear_Output")}
     assert float_convs == set(ranked[:2])
-    import openvino as ov
+    from damo_jax.inference.backends import import_openvino
+    ov = import_openvino()
 
     def activation_quantised(key):  # {conv: its input activation comes through a FakeQuantize}
         ops = {op.get_friendly_name(): op for op in
