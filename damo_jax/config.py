@@ -298,8 +298,10 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) ->
     """
     import difflib
     from damo_jax.errors import ConfigError, ConfigKeyError
+    if isinstance(overrides, str):      # one override, not a sequence of its characters
+        overrides = [overrides]
     for item in overrides:
-        if "=" not in item:
+        if not isinstance(item, str) or "=" not in item:
             raise ConfigError(f"override {item!r} must look like --config.key.sub=value")
         key, text = override_key(item), item.split("=", 1)[1]
         parts = key.split(".")
@@ -332,17 +334,18 @@ def validate_config(cfg: ml_collections.ConfigDict, where: str = "config") -> ml
     from damo_jax.errors import ConfigError, is_probability
     from damo_jax.ops.boxes import check_image_size
 
-    def at_least(section, key, low):
+    def at_least(section, key, low, integer=False):
         if section in cfg and key in cfg[section]:
             value = cfg[section][key]
-            if not isinstance(value, (int, float)) or value < low:
-                raise ConfigError(f"{where}: {section}.{key} = {value!r} must be >= {low}")
+            kinds = int if integer else (int, float)
+            if not isinstance(value, kinds) or isinstance(value, bool) or not value >= low:
+                raise ConfigError(f"{where}: {section}.{key} = {value!r} must be "
+                                  f"{'an integer ' if integer else ''}>= {low}")
 
     for section, key in (("train", "batch_size"), ("test", "batch_size"), ("test", "max_dets"),
                          ("test", "pre_nms_topk"), ("train", "log_every_steps"),
-                         ("train", "keep_checkpoints")):
-        at_least(section, key, 1)
-    at_least("train", "epochs", 1)
+                         ("train", "keep_checkpoints"), ("train", "epochs")):
+        at_least(section, key, 1, integer=True)
     for key in ("max_steps", "warmup_epochs", "no_aug_epochs", "eval_every_epochs",   # 0: off /
                 "eval_every_epochs_tail", "ckpt_every_steps"):                       # per epoch
         at_least("train", key, 0)

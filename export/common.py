@@ -71,8 +71,10 @@ def parse_img_size(values, default) -> tuple[int, int]:
 def parse_batch(text) -> int | str:
     """``--batch``: a positive integer (static) or ``dynamic``."""
     from damo_jax.errors import ConfigError
-    if str(text).lower() in ("dynamic", "dyn", "-1"):
+    if text == DYNAMIC_BATCH or str(text).lower() in ("dynamic", "dyn", "-1"):
         return DYNAMIC_BATCH
+    if isinstance(text, bool) or isinstance(text, float):
+        raise ConfigError(f"--batch must be a positive integer or 'dynamic', got {text!r}")
     try:
         b = int(text)
     except ValueError:

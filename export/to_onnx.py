@@ -135,7 +135,10 @@ def export_onnx(dm: common.DeployModel, *, via: str = "jax2onnx", batch=1, opset
                 tf_dir: Path | None = None) -> onnx.ModelProto:
     """The whole export; returns the checked model (not yet saved): it passes the full ONNX checker
     and loads in onnxruntime (an opset whose graph onnxruntime cannot run, e.g. ``Swish(24)`` in
-    onnxruntime 1.31, is a one-line :class:`onnx_utils.OnnxRuntimeRefused`)."""
+    onnxruntime 1.31, is a one-line :class:`onnx_utils.OnnxRuntimeRefused`).
+
+    ``batch``: an integer >= 1 or ``"dynamic"`` (:func:`common.parse_batch`; ConfigError else)."""
+    batch = common.parse_batch(batch)
     check_route(via, batch, opset)
     what, hint = f"--opset {opset}: the exported graph", "; export with a lower --opset (default 17)"
     with onnx_utils.ort_refusals(what, hint):

@@ -43,6 +43,28 @@ def test_image_size(cfg) -> tuple[int, int]:
     return check_image_size(size, "evaluate: test.image_size")
 
 
+def resolve_inputs(cfg, dataset, batch_size=None):
+    """(cfg, dataset) of the evaluation functions: ``cfg`` may be a ConfigDict or a config name /
+    path, ``dataset`` an opened dataset or a data spec (opened at ``cfg.data.val_split``). The
+    config is checked (:func:`damo_jax.config.validate_config`: thresholds, sizes) and
+    ``batch_size`` must be None or an integer >= 1 (ConfigError naming the value)."""
+    import os
+
+    from damo_jax.config import config_value, load_config, validate_config
+    from damo_jax.errors import ConfigError
+    if isinstance(cfg, (str, os.PathLike)):
+        cfg = load_config(cfg)
+    validate_config(cfg, where="evaluate: config")
+    if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool)
+                                   or batch_size < 1):
+        raise ConfigError(f"evaluate: batch_size={batch_size!r} must be an integer >= 1 "
+                          f"(or None: the config's test.batch_size)")
+    if isinstance(dataset, (str, os.PathLike)):
+        from damo_jax.data_pipelines import open_dataset
+        dataset = open_dataset(str(dataset), config_value(cfg.get("data"), "val_split", "val"))
+    return cfg, dataset
+
+
 def _mesh_shardings(batch_size: int):
     """(data sharding, replicated sharding) over this process's devices, or (None, None) when
     there is one device or ``batch_size`` does not split evenly. (Multi-host runs go through
@@ -68,6 +90,7 @@ def run_detections(backend, dataset, cfg, *, batch_size=None, progress=True,
     from damo_jax.config import config_value
     from damo_jax.data_pipelines import eval_batches
 
+    cfg, dataset = resolve_inputs(cfg, dataset, batch_size)
     check_num_classes(cfg, dataset)
     image_hw = test_image_size(cfg)
     fixed = getattr(backend, "input_hw", None)
@@ -124,6 +147,7 @@ def evaluate_backend(backend, dataset, cfg, *, batch_size=None, progress=True,
                      use_fast=True) -> dict:
     """COCO bbox stats (AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl) of any
     backend (Flax model, ONNX, OpenVINO) on ``dataset``."""
+    cfg, dataset = resolve_inputs(cfg, dataset, batch_size)
     scored: set = set()
     detections = run_detections(backend, dataset, cfg, batch_size=batch_size, progress=progress,
                                 scored_ids=scored)
@@ -152,7 +176,8 @@ def evaluate(model, variables, dataset, cfg, *, batch_size=None, progress=True, 
     """COCO bbox stats of a model.
 
     ``model``/``variables``: a ``build_model`` module (train or deploy graph) and its variables;
-    ``dataset``: a ``data_pipelines.open_dataset`` dataset; ``cfg``: the config (``test`` section).
+    ``dataset``: a ``data_pipelines.open_dataset`` dataset or a data spec; ``cfg``: the config
+    (``test`` section) or a config name (:func:`resolve_inputs`).
     """
     return evaluate_backend(JaxBackend(model, variables), dataset, cfg, batch_size=batch_size,
                             progress=progress, use_fast=use_fast)

@@ -46,6 +46,9 @@ def read_image(path) -> np.ndarray:
     """(H,W,3) uint8 RGB of an image file, decoded like the datasets do (``data_pipelines.imageio``:
     EXIF orientation applied, alpha dropped, 16-bit / float images scaled)."""
     from damo_jax.data_pipelines.imageio import decode_image
+    if Path(path).is_dir():
+        raise InputPathError(f"image {path} is a folder: give its image files (damo-jax predict "
+                             f"--source takes folders)")
     if not Path(path).is_file():
         raise InputPathError(f"image {path} not found")
     return decode_image(str(path))
@@ -67,7 +70,21 @@ def to_rgb_array(image) -> np.ndarray:
         if image.mode.startswith("I") or image.mode == "F":
             return to_rgb_uint8(np.asarray(image))
         return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    if not hasattr(image, "__array__") or isinstance(image, (bytes, str)):
+        raise TypeError(f"image: expected a file path, a PIL image or an (H, W, 3) array, got "
+                        f"{type(image).__name__}")
     return to_rgb_uint8(image, small_ints_are_8bit=True)
+
+
+def _batch_to_rgb(batch: np.ndarray) -> list[np.ndarray]:
+    """(B, H, W, C) array -> B (H, W, 3) uint8 images, with ONE value-range decision for the whole
+    batch (:func:`to_rgb_array`'s rules applied to the batch as one image: a dark float image in a
+    0..255 batch is not rescaled as if it were 0..1)."""
+    b, h, w = batch.shape[:3]
+    if b == 0:
+        return []
+    tall = to_rgb_array(batch.reshape((b * h,) + batch.shape[2:]))
+    return list(tall.reshape(b, h, w, 3))
 
 
 # ------------------------------------------------------------------------------------- Detector
@@ -109,6 +126,8 @@ class Detector:
         from damo_jax.inference.pipeline import nms_params
         test = loaded.cfg.test
         params = nms_params(test, conf=conf, iou=iou, max_dets=max_dets)
+        if img_size is not None:
+            img_size = check_image_size(img_size, "Detector: img_size")
         size = img_size or loaded.input_hw or test.image_size
         size = (size, size) if isinstance(size, int) else size
         return cls(loaded.backend, class_names=loaded.class_names, image_size=size,
@@ -131,7 +150,22 @@ class Detector:
                 ".pth", ".pt", ".npz", ".onnx", ".xml"):
             raise ConfigError(f"Detector.load({str(path_or_config)!r}): pass a config and the file "
                               "as weights= (.pth/.npz) or model_path= (.onnx/.xml)")
-        is_run = isinstance(path_or_config, (str, os.PathLike)) and Path(path_or_config).is_dir()
+        is_path = isinstance(path_or_config, (str, os.PathLike))
+        is_run = is_path and Path(path_or_config).is_dir()
+        if is_path and not is_run:
+            from damo_jax.config import MODEL_NAMES, load_config
+            text = str(path_or_config)
+            if (os.sep in text or text.endswith(".py")) and not Path(text).exists():
+                raise InputPathError(f"Detector.load({text!r}): no such run directory or config file")
+            if text not in MODEL_NAMES:
+                load_config(text)          # an unknown name: an error listing the known ones
+        if backend == "jax" and model_path is not None:
+            raise ConfigError("Detector.load: model_path= is read by backend='onnx' or 'openvino'")
+        if backend != "jax" and weights is not None:
+            raise ConfigError(f"Detector.load: weights= is read by backend='jax', not {backend!r}")
+        if is_run and weights is not None:
+            raise ConfigError(f"Detector.load({str(path_or_config)!r}): a run directory brings its "
+                              f"own weights; weights= goes with a config name")
         if backend == "jax":
             if not is_run and weights is None:
                 raise ConfigError(f"Detector.load({path_or_config!r}): not a checkpoint directory; "
@@ -175,10 +209,12 @@ class Detector:
         ``pad_to_batch``: zero-pad short chunks to ``batch_size`` (one compiled shape); default
         only when more than one chunk is needed (always for fixed-batch exported models).
         """
-        if isinstance(images, np.ndarray) and images.ndim == 4:
-            images = list(images)
-        single = not isinstance(images, (list, tuple))
-        arrays = [to_rgb_array(im) for im in ([images] if single else images)]
+        if hasattr(images, "__array__") and getattr(images, "ndim", None) == 4:   # numpy, JAX, ...
+            arrays = _batch_to_rgb(np.asarray(images))
+            single = False
+        else:
+            single = not isinstance(images, (list, tuple))
+            arrays = [to_rgb_array(im) for im in ([images] if single else images)]
         results = []
         pad = len(arrays) > self.batch_size if pad_to_batch is None else pad_to_batch
         pad = pad or self._fixed_batch

@@ -67,7 +67,8 @@ def load_model(config=None, *, checkpoint=None, weights=None, onnx=None, openvin
     """Load one model from exactly one source.
 
     ``config``: name / path / ConfigDict, or a training-run directory (its stored config; lets an
-    exported file be scored with the run's class names and thresholds). Needed with ``weights``
+    exported file be scored with the run's class names and thresholds; alone, a run directory
+    loads its checkpoint, as ``checkpoint=``). Needed with ``weights``
     and ``random_init``; ignored (logged) with ``checkpoint``; optional with ``onnx`` /
     ``openvino``: without it the file's export metadata gives the model, class names, size and
     thresholds.
@@ -80,9 +81,13 @@ def load_model(config=None, *, checkpoint=None, weights=None, onnx=None, openvin
                                    openvino=openvino).items() if v is not None}
     if len(given) > 1:
         raise ConfigError(f"give only one model source, got {', '.join(map(_flag, given))}")
+    if not given and not random_init and isinstance(config, (str, os.PathLike)) and Path(config).is_dir():
+        return load_model(checkpoint=config, overrides=overrides, fuse=fuse, export=export,
+                          threads=threads)             # load_model(RUN_DIR): its checkpoint
     if not given and not random_init:
-        raise ConfigError("no model given: use --checkpoint RUN_DIR, or --config NAME with "
-                          "--weights FILE.pth|.npz, --onnx FILE.onnx or --openvino FILE.xml")
+        raise ConfigError("no model given: use --checkpoint RUN_DIR (checkpoint=), or --config NAME "
+                          "with --weights FILE.pth|.npz (weights=), --onnx FILE.onnx (onnx=) or "
+                          "--openvino FILE.xml (openvino=)")
     kind, path = next(iter(given.items())) if given else ("random", None)
     if kind == "checkpoint":
         cfg, variables, class_names = _checkpoint(checkpoint, config)
@@ -234,8 +239,16 @@ def _check_weight_classes(state_dict, cfg, weights) -> None:
     found, expected = int(np.shape(state_dict[key])[0]), int(cfg.model.head.num_classes)
     legacy = bool(cfg.model.head.get("legacy", False))  # legacy heads have one extra channel
     if found != expected + legacy:
+        from damo_jax.interop.convert import identify_model
+        try:
+            model = identify_model(state_dict)
+        except Exception:          # noqa: BLE001 - a hint must never hide the real error
+            model = None
+        other = model.split()[0] if model and model.split()[0] != cfg.model.name else None
+        hint = (f"; the file holds DAMO-YOLO-{other.upper()}{model[len(other):]}: use --config "
+                f"{other}" if other else "")
         raise ConfigError(f"weights {weights} predict {found} classes but config "
-                          f"{cfg.model.name!r} has model.head.num_classes = {expected}")
+                          f"{cfg.model.name!r} has model.head.num_classes = {expected}{hint}")
 
 
 def _random_variables(cfg, seed: int) -> dict:

@@ -116,6 +116,9 @@ def fuse(variables, config, fuse_bn: bool = False) -> dict:
     plain = _to_plain(variables)
     if "params" not in plain:
         raise ValueError("fuse: variables need a 'params' collection")
+    if "batch_stats" not in plain:       # every model has BatchNorms: their statistics are folded
+        raise ValueError("fuse: variables need the 'batch_stats' collection too (the BatchNorm "
+                         "running statistics are folded into the convs)")
     params, stats = _fuse_node(plain["params"], plain.get("batch_stats", {}), eps, fuse_bn, "params")
     out = {"params": _as_f32(params)}
     if stats:

@@ -33,7 +33,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from damo_jax.errors import UserError
+from damo_jax.errors import ConfigError, InputPathError, UserError
 from damo_jax.train import state as state_lib
 
 log = logging.getLogger(__name__)
@@ -320,7 +320,7 @@ def resolve(path, step="best") -> tuple[Path, int]:
     """
     p = Path(path).absolute()
     if not p.exists():
-        raise FileNotFoundError(f"checkpoint path {p} does not exist")
+        raise InputPathError(f"checkpoint path {p} does not exist")
     if (p / "_CHECKPOINT_METADATA").is_file() and p.name.isdigit():
         return p.parent, int(p.name)
     if (p / CKPT_SUBDIR).is_dir():
@@ -328,16 +328,20 @@ def resolve(path, step="best") -> tuple[Path, int]:
     ck = Checkpoints(p, read_only=True)
     steps = ck.steps()
     if not steps:
-        raise FileNotFoundError(f"no complete checkpoint in {p} (expected <step>/ folders written by "
+        raise InputPathError(f"no complete checkpoint in {p} (expected <step>/ folders written by "
                                 f"damo_jax.train.loop)")
     if step == "latest":
         chosen = ck.latest_step()
     elif step == "best":
         chosen = ck.best_step() or ck.latest_step()
     else:
-        chosen = int(step)
+        try:
+            chosen = int(step)
+        except (TypeError, ValueError):
+            raise ConfigError(f"checkpoint step {step!r}: expected 'best', 'latest' or a step "
+                              f"number") from None
         if chosen not in steps:
-            raise FileNotFoundError(f"checkpoint step {chosen} not in {p} (have {steps})")
+            raise InputPathError(f"checkpoint step {chosen} not in {p} (have {steps})")
     return p, int(chosen)
 
 

@@ -785,7 +785,15 @@ def after_step(run: Run, state: dict, step: int, metrics: dict) -> None:
 
 def train(cfg, workdir, *, progress: bool = True) -> dict:
     """Run (or resume) training in ``workdir``; returns a summary dict. Multi-process: an error in
-    one process ends it at once (``distributed.exit_on_error``) so the others stop too."""
+    one process ends it at once (``distributed.exit_on_error``) so the others stop too.
+
+    ``cfg``: a ConfigDict, or a config name / path (:func:`damo_jax.config.load_config`). It is
+    checked (:func:`~damo_jax.config.validate_config`, :func:`~damo_jax.config.validate_recipe`:
+    a ``ConfigError`` naming the key) before anything is written to ``workdir``."""
+    from damo_jax.config import load_config, validate_config, validate_recipe
+    if isinstance(cfg, (str, os.PathLike)):
+        cfg = load_config(cfg)
+    validate_recipe(validate_config(cfg))
     return distributed.exit_on_error(_train, cfg, workdir, progress=progress, passthrough=(NonFiniteError,))
 
 

@@ -1,0 +1,170 @@
+"""The Python API's answers to a notebook user's mistakes (a user audit, session 28): a clear
+exception naming the argument or key, raised before anything runs or is written — never a deep
+JAX / numpy traceback, never a silent wrong result — and the documented conveniences that failed
+(a run directory given to ``load_model`` positionally, a JAX batch array to ``Detector``)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from damo_jax.config import apply_overrides, load_config, validate_config
+from damo_jax.errors import ConfigError, InputPathError
+from damo_jax.inference.detector import Detector, JaxBackend
+from eval_fakes import (CLASS_NAMES, ColorBoxDataset, ColorBoxOracle, write_checkpoint,
+                        write_random_weights, write_two_class_config)
+from test_eval_cli import oracle_config
+
+INPUT_HW = (64, 96)
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    model = ColorBoxOracle()
+    return model, model.init(jax.random.key(0), jnp.zeros((1,) + INPUT_HW + (3,)))
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """ns with 2 classes and random official-recipe weights, saved as a training run."""
+    from damo_jax.interop.convert import from_torch_state_dict, read_state_dict_file
+    root = tmp_path_factory.mktemp("api_run")
+    cfg = load_config(str(write_two_class_config(root / "two_class.py")))
+    cfg.test.image_size = (64, 64)
+    weights = write_random_weights(root / "w.npz", cfg)
+    variables = from_torch_state_dict(read_state_dict_file(weights), cfg)
+    return write_checkpoint(root / "run", cfg, variables, CLASS_NAMES)
+
+
+def test_validate_config_wants_integer_counts_not_bools():
+    for key, value in (("train.batch_size", True), ("test.batch_size", True), ("train.epochs", True),
+                       ("test.max_dets", False)):    # a typed ConfigDict lets bools into int fields
+        cfg = load_config("demo")
+        section, name = key.split(".")
+        cfg[section][name] = value
+        with pytest.raises(ConfigError, match=f"{key} = {value!r} must be an integer >= 1"):
+            validate_config(cfg)
+    for name in ("t", "s", "m", "l", "ns", "nm", "nl", "demo", "demo_ns"):
+        validate_config(load_config(name))          # every bundled config passes
+
+
+def test_apply_overrides_takes_one_string_too():
+    cfg = apply_overrides(load_config("demo"), "train.epochs=3")
+    assert cfg.train.epochs == 3
+    with pytest.raises(ConfigError, match="must look like"):
+        apply_overrides(load_config("demo"), [3])
+
+
+def test_evaluate_checks_its_config_and_batch_size(oracle):
+    from damo_jax.evaluation.evaluator import evaluate
+    data = ColorBoxDataset(num_images=2)
+    cfg = oracle_config(INPUT_HW)
+    cfg.test.conf_thre = 2.0               # used to give 0 detections and AP 0 without a word
+    with pytest.raises(ConfigError, match="test.conf_thre = 2.0 must be a number in"):
+        evaluate(*oracle, data, cfg, progress=False)
+    for bad in (0, -1, 2.0, True):         # 0 was replaced by the config's, -1 said "unreadable"
+        with pytest.raises(ConfigError, match=r"batch_size=.* must be an integer >= 1"):
+            evaluate(*oracle, data, oracle_config(INPUT_HW), batch_size=bad, progress=False)
+    stats = evaluate(*oracle, data, oracle_config(INPUT_HW), batch_size=1, progress=False)
+    assert stats["images_scored"] == 2 and stats["AP50"] == pytest.approx(1.0)
+
+
+def test_train_checks_the_config_before_writing_anything(tmp_path):
+    from damo_jax.train.loop import train
+    cfg = apply_overrides(load_config("demo"), ["test.conf_thre=2.0"])
+    with pytest.raises(ConfigError, match="test.conf_thre"):
+        train(cfg, tmp_path / "run")
+    with pytest.raises(ConfigError, match="data.image_size 100x100"):
+        train(apply_overrides(load_config("demo"), ["data.image_size=(100, 100)"]), tmp_path / "run")
+    with pytest.raises(InputPathError, match="'demo_nss': not a known config name"):
+        train("demo_nss", tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_detector_takes_a_jax_batch_and_decides_the_value_range_per_batch(oracle):
+    model, variables = oracle
+    det = Detector(JaxBackend(model, variables), class_names=CLASS_NAMES, image_size=INPUT_HW,
+                   conf=0.3, iou=0.7, max_dets=10, batch_size=2)
+    data = ColorBoxDataset(num_images=2)
+    images = np.stack([data[0]["image"], data[0]["image"]]).astype(np.float32)   # 0..255 floats
+    dark = images.copy()
+    dark[1] = dark[1] / 255.0 * 0.9        # a dark image inside a 0..255 batch: max 0.9
+    as_jax = det(jnp.asarray(images))
+    assert len(as_jax) == 2
+    np.testing.assert_allclose(as_jax[0]["boxes"], det(images[0].astype(np.uint8))["boxes"])
+    out = det(dark)
+    reference = det(np.round(dark[1]).clip(0, 255).astype(np.uint8))      # read as 0..255: near black
+    assert len(out[1]["scores"]) == len(reference["scores"])
+    assert len(out[1]["scores"]) < len(as_jax[1]["scores"])    # rescaled ×255 it would find boxes
+
+
+def test_detector_names_what_it_cannot_read(oracle, tmp_path):
+    model, variables = oracle
+    det = Detector(JaxBackend(model, variables), class_names=CLASS_NAMES, image_size=INPUT_HW)
+    for bad, name in ((None, "NoneType"), (5, "int"), (b"\x89PNG", "bytes")):
+        with pytest.raises(TypeError, match=f"got {name}"):
+            det(bad)
+    with pytest.raises(InputPathError, match="is a folder"):
+        det(str(tmp_path))
+
+
+def test_detector_load_names_the_mistake(run_dir, tmp_path):
+    with pytest.raises(InputPathError, match="'nss': not a known config name"):
+        Detector.load("nss")
+    with pytest.raises(InputPathError, match="no such run directory or config file"):
+        Detector.load(str(tmp_path / "nope" / "run"))
+    with pytest.raises(ConfigError, match="a run directory brings its own weights"):
+        Detector.load(run_dir, weights=str(tmp_path / "w.pth"))
+    with pytest.raises(ConfigError, match="model_path= is read by backend='onnx' or 'openvino'"):
+        Detector.load(run_dir, model_path=str(tmp_path / "m.onnx"))
+    for bad in (0, "64", 100):
+        with pytest.raises(ConfigError, match="img_size"):
+            Detector.load(run_dir, img_size=bad)
+    assert Detector.load(run_dir, img_size=(32, 64)).image_size == (32, 64)
+
+
+def test_load_model_takes_a_run_directory_positionally(run_dir):
+    from damo_jax.inference.loading import load_model
+    by_position, by_keyword = load_model(run_dir), load_model(checkpoint=run_dir)
+    assert by_position.class_names == by_keyword.class_names == tuple(CLASS_NAMES)
+    for a, b in zip(jax.tree_util.tree_leaves(by_position.variables),
+                    jax.tree_util.tree_leaves(by_keyword.variables)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_checkpoint_resolve_errors_are_user_errors(run_dir, tmp_path):
+    from damo_jax.train.checkpoint import load_for_inference, resolve
+    with pytest.raises(ConfigError, match="checkpoint step 'x'"):
+        resolve(run_dir, step="x")
+    with pytest.raises(InputPathError, match="does not exist"):
+        load_for_inference(tmp_path / "missing")
+    with pytest.raises(InputPathError, match=r"checkpoint step 7 not in .*have \[1\]"):
+        resolve(run_dir, step=7)
+
+
+def test_export_onnx_checks_the_batch_before_tracing():
+    from damo_jax.export.to_onnx import export_onnx
+    for bad in (0, -2, "foo", 1.5, True):
+        with pytest.raises(ConfigError, match="--batch"):
+            export_onnx(None, batch=bad)
+
+
+def test_fuse_without_batch_stats_says_so():
+    from damo_jax.models import build_model, init_variables
+    from damo_jax.models.reparam import fuse
+    variables = init_variables(build_model("ns"), jax.random.PRNGKey(0), (1, 64, 64, 3))
+    with pytest.raises(ValueError, match="'batch_stats' collection"):
+        fuse({"params": variables["params"]}, "ns")
+
+
+def test_weights_of_another_model_with_other_classes_name_that_model(tmp_path):
+    """An Ns state dict with 6 classes given with config s (80): the class count used to be the
+    only diagnosis; the model the file holds is named too."""
+    from damo_jax.inference.loading import load_model
+    cfg = load_config("ns")
+    cfg.model.head.num_classes = 6
+    weights = write_random_weights(tmp_path / "ns6.npz", cfg)
+    with pytest.raises(ConfigError, match=r"predict 6 classes but config 's'.*holds DAMO-YOLO-NS"
+                                          r".*use --config ns"):
+        load_model("s", weights=str(weights))
