@@ -139,3 +139,15 @@ def write_checkpoint(run_dir: Path, cfg, variables, class_names) -> Path:
     with checkpoint.Checkpoints(Path(run_dir) / "checkpoints") as ck:
         ck.save(1, state, meta, metrics={"AP": 0.0})
     return Path(run_dir)
+
+
+def write_two_class_run(root: Path) -> tuple[Path, Path, Path]:
+    """ns with 2 classes, golden-recipe random weights, test size 64x64, saved as a training run
+    in ``root/run``: (run dir, weights .npz, config .py)."""
+    from damo_jax.config import load_config
+    from damo_jax.interop.convert import from_torch_state_dict, read_state_dict_file
+    cfg = load_config(str(write_two_class_config(root / "two_class.py")))
+    cfg.test.image_size = (64, 64)
+    weights = write_random_weights(root / "w.npz", cfg)
+    variables = from_torch_state_dict(read_state_dict_file(weights), cfg)
+    return write_checkpoint(root / "run", cfg, variables, CLASS_NAMES), weights, root / "two_class.py"

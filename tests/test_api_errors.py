@@ -12,8 +12,8 @@ import pytest
 from damo_jax.config import apply_overrides, load_config, validate_config
 from damo_jax.errors import ConfigError, InputPathError
 from damo_jax.inference.detector import Detector, JaxBackend
-from eval_fakes import (CLASS_NAMES, ColorBoxDataset, ColorBoxOracle, write_checkpoint,
-                        write_random_weights, write_two_class_config)
+from eval_fakes import (CLASS_NAMES, ColorBoxDataset, ColorBoxOracle, write_random_weights,
+                        write_two_class_run)
 from test_eval_cli import oracle_config
 
 INPUT_HW = (64, 96)
@@ -28,13 +28,7 @@ def oracle():
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """ns with 2 classes and random official-recipe weights, saved as a training run."""
-    from damo_jax.interop.convert import from_torch_state_dict, read_state_dict_file
-    root = tmp_path_factory.mktemp("api_run")
-    cfg = load_config(str(write_two_class_config(root / "two_class.py")))
-    cfg.test.image_size = (64, 64)
-    weights = write_random_weights(root / "w.npz", cfg)
-    variables = from_torch_state_dict(read_state_dict_file(weights), cfg)
-    return write_checkpoint(root / "run", cfg, variables, CLASS_NAMES)
+    return write_two_class_run(tmp_path_factory.mktemp("api_run"))[0]
 
 
 def test_validate_config_wants_integer_counts_not_bools():

@@ -15,7 +15,8 @@ from damo_jax.inference.detector import Detector, JaxBackend, stretch_resize, to
 from damo_jax.inference.draw import class_color, draw_detections
 
 from eval_fakes import (CLASS_NAMES, ColorBoxDataset, ColorBoxOracle, box_iou_numpy, draw_boxes,
-                        write_checkpoint, write_random_weights, write_two_class_config)
+                        write_two_class_config,
+                        write_two_class_run)
 
 INPUT_HW = (64, 96)
 
@@ -126,14 +127,7 @@ def test_draw_detections_marks_box_pixels():
 @pytest.fixture(scope="module")
 def two_class_run(tmp_path_factory):
     """ns with 2 classes, golden-recipe random weights, test size 64x64, saved as a training run."""
-    from damo_jax.config import load_config
-    from damo_jax.interop.convert import from_torch_state_dict, read_state_dict_file
-    root = tmp_path_factory.mktemp("run")
-    cfg = load_config(str(write_two_class_config(root / "two_class.py")))
-    cfg.test.image_size = (64, 64)
-    weights = write_random_weights(root / "w.npz", cfg)
-    variables = from_torch_state_dict(read_state_dict_file(weights), cfg)
-    return write_checkpoint(root / "run", cfg, variables, CLASS_NAMES), weights, root / "two_class.py"
+    return write_two_class_run(tmp_path_factory.mktemp("run"))
 
 
 def make_image_folder(root: Path, dataset) -> Path:
