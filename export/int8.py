@@ -106,7 +106,7 @@ def quantize_onnx(fp32_onnx, output, images: Sequence[np.ndarray], *,
         model.metadata_props.add(key=key, value=value)
     onnx.save(model, str(output))
     if not quiet:
-        log.info("wrote %s (QDQ INT8, %d layers kept float)", output, len(exclude))
+        log.info("wrote %s (QDQ INT8, %d nodes kept float)", output, len(exclude))
     return output
 
 
@@ -128,7 +128,7 @@ def quantize_openvino(fp32_xml, output, images: Sequence[np.ndarray], *,
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     ov.save_model(quantized, str(output), compress_to_fp16=False)
-    log.info("wrote %s (+ .bin, NNCF INT8, %d layers kept float)", output, len(ignore))
+    log.info("wrote %s (+ .bin, NNCF INT8, %d nodes kept float)", output, len(ignore))
     return output
 
 

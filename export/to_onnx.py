@@ -163,8 +163,8 @@ PROG = "damo-jax export onnx"
 
 def add_arguments(p) -> None:
     from damo_jax.cli import common
-    common.add_model_source(p, ("checkpoint", "weights"), config_help="model name (t, s, m, l, "
-                            "ns, nm, nl) or config file path; --config.KEY=VALUE overrides any key")
+    common.add_model_source(p, ("checkpoint", "weights"), config_help=f"model config name "
+                            f"({common.config_names()}) or .py path; --config.KEY=VALUE overrides any key")
     common.add_img_size(p, "export size (default: the config's test.image_size, 640 or 416 for "
                         "nano)")
     p.add_argument("--batch", default="1",

@@ -29,7 +29,7 @@ def test_parse_args_overrides_data_and_runlocal():
                                   "--config.train.optimizer=adamw", "--config.train.ema=false"])
     assert cfg.data.train == "coco:/x"
     assert cfg.train.epochs == 7                 # override applied after --runlocal
-    assert cfg.train.batch_size == 8             # from --runlocal
+    assert cfg.train.batch_size == 8 and cfg.train.max_steps == 30   # from --runlocal
     assert cfg.data.image_size == (320, 320)
     assert cfg.train.optimizer == "adamw" and cfg.train.ema is False
     assert args.workdir.endswith("s") and not args.multihost

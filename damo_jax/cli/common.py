@@ -209,6 +209,12 @@ MODEL_SOURCES = {
 EXPORTED_SOURCES = ("onnx", "openvino")
 
 
+def config_names() -> str:
+    """The bundled config names for a --help text: "demo demo_ns ... t"."""
+    from damo_jax.config import known_config_names
+    return " ".join(known_config_names())
+
+
 def add_model_source(p: argparse.ArgumentParser, sources=tuple(MODEL_SOURCES), *,
                      config_help: str | None = None, run_config_for_exports: bool = False) -> None:
     """``--config`` plus the mutually exclusive model-source flags ``sources``.
@@ -216,7 +222,7 @@ def add_model_source(p: argparse.ArgumentParser, sources=tuple(MODEL_SOURCES), *
     ``run_config_for_exports`` (eval, predict): ``--checkpoint RUN`` may also come beside
     ``--onnx`` / ``--openvino``; it then gives only the run's config and class names
     (:func:`load_model_from_args`)."""
-    p.add_argument("--config", help=config_help or "model config name (t s m l ns nm nl n demo) or "
+    p.add_argument("--config", help=config_help or f"model config name ({config_names()}) or "
                    ".py path; --config.KEY=VALUE overrides any key")
     group = p.add_mutually_exclusive_group()
     for name in sources:

@@ -29,7 +29,7 @@ PROG = "damo-jax train"
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--config", default="s", help="config name (t s m l ns nm nl n demo) or .py path")
+    p.add_argument("--config", default="s", help=f"config name ({common.config_names()}) or .py path")
     common.add_data(p, help_extra=" (sets config.data.train)")
     p.add_argument("--workdir", default=None, help="run folder (checkpoints, logs); default runs/<config>")
     common.add_img_size(p, "training and test size (sets data.image_size, test.image_size)")
@@ -38,7 +38,8 @@ def add_arguments(p) -> None:
     p.add_argument("--teacher-weights", default=None,
                    help="teacher weights: official .pth, .npz, or a damo_jax run dir / checkpoint "
                         "(sets config.distill.teacher_weights)")
-    p.add_argument("--runlocal", action="store_true", help="shrink the run for a quick CPU check")
+    p.add_argument("--runlocal", action="store_true", help="a quick CPU check: batch 8, 30 steps, then one evaluation and "
+                                                        "one checkpoint (train.max_steps)")
     p.add_argument("--multihost", action="store_true",
                    help="call jax.distributed.initialize() (also automatic when JAX_COORDINATOR_ADDRESS is set)")
     p.add_argument("--coordinator", default=None, metavar="HOST:PORT",

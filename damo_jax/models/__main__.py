@@ -79,7 +79,7 @@ def build_parser(prog: str = PROG):
     from damo_jax.cli import common
     ap = common.Parser(prog=prog, description=__doc__.split("\n")[0],
                        epilog=__doc__.split("\n", 2)[2])
-    ap.add_argument("--config", default="s", help="config name (t, s, m, l, ns, nm, nl, n) or path; "
+    ap.add_argument("--config", default="s", help=f"config name ({common.config_names()}) or path; "
                     "--config.KEY=VALUE overrides any key")
     common.add_img_size(ap, "input size (default: the config's model.image_size)")
     ap.add_argument("--deploy", nargs="?", const="reparam", default=None, choices=("reparam", "full"))

@@ -12,7 +12,10 @@
 * ``plot_curves(jsonl, png)`` — loss components and AP/AP50 against step, one PNG (matplotlib Agg).
 
 Only the primary process (``jax.process_index() == 0``) writes files; the others are silent.
-The jsonl is append-only across resumes; readers keep the LAST record of each (kind, step).
+A resumed run (``start_step`` > 0) first drops the records of steps after ``start_step`` from the
+jsonl (steps the resumed run does again, exactly: the same values) and purges them from TensorBoard
+(``purge_step``), so neither shows a step twice; :func:`read_metrics` still keeps the LAST record of
+each (kind, step) for files written before.
 """
 from __future__ import annotations
 
@@ -43,8 +46,11 @@ class TrainLog:
         if not primary:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if start_step > 0:
+            drop_records_after(self.jsonl_path, int(start_step))
         from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(logdir=str(self.workdir / "tensorboard"))
+        self._tb = SummaryWriter(logdir=str(self.workdir / "tensorboard"),
+                                 purge_step=int(start_step) + 1 if start_step > 0 else None)
         if progress:
             from tqdm import tqdm
             self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
@@ -130,15 +136,45 @@ class TrainLog:
 
 
 # --------------------------------------------------------------------------------------------------
+def drop_records_after(jsonl_path, step: int) -> int:
+    """Rewrite a ``metrics.jsonl`` without its records of steps > ``step`` (atomic: temporary file,
+    then rename); lines that are not such records are kept, and a last line cut short by a killed
+    process gets its newline (the next record must not run into it). Returns the number dropped."""
+    import os
+    path = Path(jsonl_path)
+    if not path.is_file():
+        return 0
+    text = path.read_text(encoding="utf-8", errors="replace")
+    kept, dropped = [], 0
+    for line in text.splitlines(keepends=True):
+        try:
+            later = int(json.loads(line)["step"]) > step
+        except (ValueError, KeyError, TypeError):
+            later = False
+        if later:
+            dropped += 1
+        else:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if dropped or (text and not text.endswith("\n")):
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+    return dropped
+
+
 def read_metrics(jsonl_path) -> dict[str, list[dict]]:
-    """Records of a ``metrics.jsonl`` by kind, sorted by step, last record per (kind, step) wins."""
+    """Records of a ``metrics.jsonl`` by kind, sorted by step, last record per (kind, step) wins.
+    Lines that are not records (a line cut short by a killed process, a foreign line) are
+    skipped."""
     latest: dict[tuple[str, int], dict] = {}
     path = Path(jsonl_path)
     if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
                 r = json.loads(line)
                 latest[(r.get("kind", "train"), int(r["step"]))] = r
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue
     out: dict[str, list[dict]] = {"train": [], "eval": []}
     for (kind, _), r in sorted(latest.items(), key=lambda kv: kv[0][1]):
         out.setdefault(kind, []).append(r)

@@ -708,8 +708,9 @@ def resume_or_start(run: Run, state: dict) -> dict:
     if run.teacher is not None:
         distill_lib.check_resumed_teacher(meta.get("distill") or {}, run.distill_meta, run.ckpts.directory)
         run.distill_meta = dict(meta.get("distill") or {}, **run.distill_meta)
-    run.info(f"resumed from {run.ckpts.directory}/{int(jax.device_get(state['step']))} "
-             f"(epoch {meta.get('epoch')})")
+    step = int(jax.device_get(state["step"]))
+    run.info(f"resumed from {run.ckpts.directory}/{step} (step {step} of {run.rl.total_steps}, "
+             f"epoch {max(0, step - 1) // run.rl.steps_per_epoch + 1})")   # epochs from 1, as the log
     changed = changed_settings(meta.get("config") or {}, checkpoint.config_to_json(run.cfg))
     if changed:
         log.warning("the run continues with settings that differ from the checkpoint's (the schedule "
