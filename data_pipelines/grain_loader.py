@@ -40,7 +40,28 @@ def grain_batches(ds, spec: dict, start_step: int, workers: int, buffer: int = 2
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()              # grain reads absl flags; we use their defaults
     steps = grain.MapDataset.range(int(start_step), int(spec["total_steps"]))
-    it = steps.map(_Step(ds, spec)).to_iter_dataset().mp_prefetch(
-        grain.MultiprocessingOptions(num_workers=int(workers), per_worker_buffer_size=max(1, int(buffer))))
-    for batch, stats in it:
-        yield batch, collections.Counter(stats)
+    it = iter(steps.map(_Step(ds, spec)).to_iter_dataset().mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=int(workers), per_worker_buffer_size=max(1, int(buffer)))))
+    try:
+        for batch, stats in it:
+            yield batch, collections.Counter(stats)
+    finally:        # a run that stops early (max_steps, Ctrl-C): stop the workers, and free the
+        it.close()  # shared memory of the batches they had ready
+        _finish_async_unlinks()
+
+
+def _finish_async_unlinks() -> None:
+    """grain unlinks a received batch's shared memory from a background thread when the batch is
+    garbage-collected; requests still queued when Python exits were never run ("resource_tracker:
+    There appear to be N leaked shared_memory objects" at the end of a run). Run the queued ones
+    now and unlink the batches dropped from here on synchronously. (grain 0.2's
+    ``SharedMemoryArray._del_thread_pool``; nothing happens where it does not exist.)"""
+    try:
+        from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
+        with SharedMemoryArray._lock:
+            pool, SharedMemoryArray._del_thread_pool = SharedMemoryArray._del_thread_pool, None
+    except (ImportError, AttributeError):
+        return
+    if pool is not None:
+        pool.close()
+        pool.join()
