@@ -162,3 +162,19 @@ def test_weights_of_another_model_with_other_classes_name_that_model(tmp_path):
     with pytest.raises(ConfigError, match=r"predict 6 classes but config 's'.*holds DAMO-YOLO-NS"
                                           r".*use --config ns"):
         load_model("s", weights=str(weights))
+
+
+def test_a_detector_with_too_few_class_names_says_so_once(oracle, caplog):
+    import logging
+    model, variables = oracle
+    det = Detector(JaxBackend(model, variables), class_names=CLASS_NAMES[:1], image_size=INPUT_HW,
+                   conf=0.3)
+    data = ColorBoxDataset(num_images=2)
+    with caplog.at_level(logging.WARNING, logger="damo_jax.inference.detector"):
+        results = det([data[0]["image"], data[1]["image"]])
+    labels = [int(c) for r in results for c in r["labels"]]
+    assert 1 in labels and 0 in labels                     # both classes found
+    names = [n for r in results for n in r["class_names"]]
+    assert set(names) == {CLASS_NAMES[0], "1"}
+    warnings = [r for r in caplog.records if "has no class name" in r.getMessage()]
+    assert len(warnings) == 1 and "label 1" in warnings[0].getMessage()

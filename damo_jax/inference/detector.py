@@ -200,7 +200,13 @@ class Detector:
         return results
 
     def _name(self, label: int) -> str:
-        return self.class_names[label] if 0 <= label < len(self.class_names) else str(label)
+        if 0 <= label < len(self.class_names):
+            return self.class_names[label]
+        if not getattr(self, "_warned_unnamed", False):      # a hand-built Detector's short list
+            log.warning("Detector: label %d has no class name (class_names has %d); such labels "
+                        "are named by their number", label, len(self.class_names))
+            self._warned_unnamed = True
+        return str(label)
 
     def __call__(self, images, *, pad_to_batch: bool | None = None):
         """One image (path / PIL / (H,W,3) array) -> result dict; a list / tuple of images or a
