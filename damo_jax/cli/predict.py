@@ -71,8 +71,8 @@ def predict_conf(args, overrides=()) -> float | None:
 
 
 def load_detector(args, overrides=()):
+    """The Detector of the command's flags (``run`` checked them, check_flags_vs_overrides first)."""
     from damo_jax.inference.detector import Detector
-    check_flags_vs_overrides(args, overrides)
     size = common.img_size(args.img_size)
     conf = predict_conf(args, overrides)
     loaded = common.load_model_from_args(args, overrides)

@@ -38,8 +38,8 @@ def add_arguments(p) -> None:
     p.add_argument("--teacher-weights", default=None,
                    help="teacher weights: official .pth, .npz, or a damo_jax run dir / checkpoint "
                         "(sets config.distill.teacher_weights)")
-    p.add_argument("--runlocal", action="store_true", help="a quick CPU check: batch 8, 30 steps, then one evaluation and "
-                                                        "one checkpoint (train.max_steps)")
+    p.add_argument("--runlocal", action="store_true", help="a quick CPU check: batch 8, 30 steps, "
+                   "then one evaluation and one checkpoint (train.max_steps)")
     p.add_argument("--multihost", action="store_true",
                    help="call jax.distributed.initialize() (also automatic when JAX_COORDINATOR_ADDRESS is set)")
     p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
