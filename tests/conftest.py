@@ -47,3 +47,12 @@ def golden_path(*parts: str) -> Path:
 @pytest.fixture
 def golden_dir() -> Path:
     return golden_path()
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadfile`` with crash recovery that neither hangs nor re-runs the crash
+    (tests/xdist_crash.py); other modes keep pytest-xdist's own scheduler."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist_crash import CrashSafeLoadFileScheduling
+    return CrashSafeLoadFileScheduling(config, log)

@@ -1,0 +1,121 @@
+"""End to end: a suite whose workers crash still ends, under the suite's own ``-n 2 --dist loadfile``.
+
+Each case writes a small suite into ``tmp_path`` whose tests kill their pytest-xdist worker
+(``os._exit``, or a real SIGSEGV through ``ctypes``), runs it in a child ``pytest`` with the
+scheduler that ``tests/conftest.py`` installs (tests/xdist_crash.py), and checks what a CI log must
+show: the run ends (stock pytest-xdist 3.8.0 hangs in these cases until it is killed), each crash is
+reported once as the failure of the test that crashed, and every other test runs once.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("xdist")
+
+TESTS = Path(__file__).resolve().parent
+
+CONFTEST = f"""
+import sys
+sys.path.insert(0, {str(TESTS)!r})
+
+def pytest_xdist_make_scheduler(config, log):
+    from xdist_crash import CrashSafeLoadFileScheduling
+    return CrashSafeLoadFileScheduling(config, log)
+"""
+
+
+def _run_suite(tmp_path: Path, files: dict[str, str], timeout: float = 120.0) -> tuple[int, str]:
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    (tmp_path / "conftest.py").write_text(CONFTEST)
+    for name, body in files.items():
+        (tmp_path / name).write_text(textwrap.dedent(body))
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PYTEST_", "COV_CORE"))}
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider",
+             "-n", "2", "--dist", "loadfile"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        pytest.fail(f"the crashing suite hung (killed after {timeout:.0f} s); output:\n{out[-3000:]}")
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def _outcomes(out: str) -> dict[str, list[str]]:
+    """test id -> the outcomes -rA reports for it, in order."""
+    seen: dict[str, list[str]] = {}
+    for m in re.finditer(r"^(PASSED|FAILED|ERROR) (\S+\.py::\w+)", out, re.M):
+        seen.setdefault(m.group(2), []).append(m.group(1))
+    return seen
+
+
+QUICK = """
+    def test_1(): pass
+    def test_2(): pass
+    def test_3(): pass
+"""
+
+
+def test_a_crash_mid_file_is_reported_once_and_the_rest_runs(tmp_path):
+    rc, out = _run_suite(tmp_path, {
+        "test_a.py": QUICK,
+        "test_b.py": """
+            import os, time
+            def test_before(): time.sleep(0.3)
+            def test_crash(): os._exit(3)
+            def test_after_1(): pass
+            def test_after_2(): pass
+        """,
+        "test_c.py": QUICK,
+        "test_d.py": "def test_only(): pass\n",
+    })
+    seen = _outcomes(out)
+    assert rc == 1, out[-3000:]
+    assert seen.pop("test_b.py::test_crash") == ["FAILED"], out[-3000:]
+    assert "crashed while running 'test_b.py::test_crash'" in out
+    expected = {f"test_{f}.py::test_{i}" for f in "ac" for i in (1, 2, 3)}
+    expected |= {"test_b.py::test_before", "test_b.py::test_after_1", "test_b.py::test_after_2",
+                 "test_d.py::test_only"}
+    assert seen == {t: ["PASSED"] for t in expected}, out[-3000:]
+
+
+def test_a_segfault_in_the_last_test_of_a_file_and_one_in_the_second_last(tmp_path):
+    rc, out = _run_suite(tmp_path, {
+        "test_a.py": """
+            import ctypes, time
+            def test_1(): time.sleep(0.2)
+            def test_segv(): ctypes.string_at(0)
+        """,
+        "test_b.py": """
+            import os
+            def test_1(): pass
+            def test_exit(): os._exit(1)
+            def test_last(): pass
+        """,
+        "test_c.py": QUICK,
+        "test_d.py": QUICK,
+        "test_e.py": "def test_only(): pass\n",
+    })
+    seen = _outcomes(out)
+    assert rc == 1, out[-3000:]
+    assert seen.pop("test_a.py::test_segv") == ["FAILED"], out[-3000:]
+    assert seen.pop("test_b.py::test_exit") == ["FAILED"], out[-3000:]
+    expected = {f"test_{f}.py::test_{i}" for f in "cd" for i in (1, 2, 3)}
+    expected |= {"test_a.py::test_1", "test_b.py::test_1", "test_b.py::test_last",
+                 "test_e.py::test_only"}
+    assert seen == {t: ["PASSED"] for t in expected}, out[-3000:]
+
+
+def test_without_a_crash_every_test_runs_once(tmp_path):
+    rc, out = _run_suite(tmp_path, {f"test_{f}.py": QUICK for f in "abcde"})
+    assert rc == 0, out[-3000:]
+    assert _outcomes(out) == {f"test_{f}.py::test_{i}": ["PASSED"]
+                              for f in "abcde" for i in (1, 2, 3)}

@@ -1,0 +1,74 @@
+"""A ``--dist loadfile`` scheduler that survives a crashed pytest-xdist worker.
+
+The suite runs under ``-n 2 --dist loadfile`` (pyproject.toml). In pytest-xdist 3.8.0, when a
+worker dies (a segfault, ``os._exit``, the OOM killer), ``LoadScopeScheduling`` mishandles what the
+dead worker held, and the run hangs until CI's time limit instead of ending red with the test named:
+
+* ``remove_node`` puts the dead worker's *whole* workload back on the queue, the files it had
+  finished included; a finished file later goes out as an empty batch (``send_runtest_some([])``),
+  for which no completion ever comes, so the scheduler never hands that worker work again
+  (pytest-xdist issues #1323 and #1378, PRs #1324 / #1363);
+* the test the worker died in stays pending and is run again in the replacement worker, which it
+  may take down too (PR #1371); the crash is already reported as that test's failure;
+* a replacement worker is given one file; when that file has one test left, the worker waits for
+  a second test (it runs each test once it knows the next one) that never comes (issue #1327).
+
+Seen in this project's own CI: a worker died of SIGSEGV and the run then sat idle, with the
+controller in ``dsession.loop_once`` and both live workers in ``remote.get`` (docs/bench_train.md
+and README's CI paragraph). ``tests/conftest.py`` installs this scheduler for ``--dist loadfile``;
+``tests/test_xdist_crash.py`` runs a crashing suite through it. Nothing here changes what a run
+without a crash does.
+"""
+from __future__ import annotations
+
+from xdist.scheduler import LoadFileScheduling
+
+
+class CrashSafeLoadFileScheduling(LoadFileScheduling):
+    """``LoadFileScheduling`` whose crash recovery neither hangs nor repeats the crash."""
+
+    def remove_node(self, node):
+        """Forget ``node``; if it crashed, requeue its unfinished tests and return the crashed one.
+
+        The crashed test (the first unfinished test of the node's workload, as upstream) is marked
+        done: DSession reports it as failed ("worker 'gwN' crashed while running ..."). Files whose
+        tests all ran stay done."""
+        workload = self.assigned_work.pop(node)
+        crashitem = None
+        for unit in workload.values():
+            for nodeid, completed in unit.items():
+                if not completed:
+                    crashitem = nodeid
+                    break
+            if crashitem is not None:
+                unit[crashitem] = True
+                break
+        if crashitem is None:
+            return None
+        # The dead worker's unfinished files go to the front of the queue, in their order.
+        unfinished = [(scope, unit) for scope, unit in workload.items() if not all(unit.values())]
+        for scope, unit in reversed(unfinished):
+            self.workqueue[scope] = unit
+            self.workqueue.move_to_end(scope, last=False)
+        for other in self.assigned_work:
+            self._reschedule(other)
+        return crashitem
+
+    def _assign_work_unit(self, node) -> None:
+        """As upstream, but a file with nothing left to run is dropped, never sent empty."""
+        while self.workqueue:
+            scope, unit = next(iter(self.workqueue.items()))
+            if any(not done for done in unit.values()):
+                super()._assign_work_unit(node)
+                return
+            self.workqueue.popitem(last=False)
+
+    def _reschedule(self, node) -> None:
+        """Top ``node`` up to more than two pending tests while files are queued, then shut it down
+        once the queue is empty (a worker holding one test waits for a next one or a shutdown)."""
+        if node.shutting_down:
+            return
+        while self.workqueue and self._pending_of(self.assigned_work[node]) <= 2:
+            self._assign_work_unit(node)
+        if not self.workqueue:
+            node.shutdown()
