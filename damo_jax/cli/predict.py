@@ -1,4 +1,4 @@
-"""``damo-jax predict``: detect objects in an image or a folder, draw and save them.
+"""``damo-jax predict``: detect objects in an image, a folder of images or a video, draw and save them.
 
 examples:
   damo-jax predict --checkpoint runs/demo --source photo.jpg
@@ -7,12 +7,16 @@ examples:
   damo-jax predict --onnx s.onnx --source images/      # config from the file's export metadata
   damo-jax predict --checkpoint runs/demo --onnx demo.onnx --source images/   # the run's names
   damo-jax predict --config s --openvino s.xml --source images/ --img-size 640
+  damo-jax predict --checkpoint runs/demo --source clip.mp4      # video: <out>/clip.mp4 drawn
 
 Writes <out>/<name> (the image with boxes and class names drawn; same file name and format;
 <name>.png for a format PIL cannot write, e.g. .dng) and <out>/detections.json: one entry per image
 with file, width, height, boxes (x1y1x2y2 original pixels, clipped to the image; the Python
 ``Detector`` and ``eval`` keep the official unclipped decode), scores, labels (0-based) and
 class_names. Unreadable images in a folder are skipped and counted; an empty folder is an error.
+A video --source (.mp4, .avi, .mov, .mkv, ...: OpenCV decodes it) gives <out>/<stem>.mp4 (mp4v, the
+source's size and frame rate) and a detections.json with "video" (file, size, fps, frames) and
+"frames": one entry per frame with frame, time_s, boxes, scores, labels, class_names.
 --out may not be the --source folder or lie inside it (drawings would replace the inputs / be
 scanned as inputs next time), and a drawing is never written over an input file.
 """
@@ -34,7 +38,8 @@ def add_arguments(p) -> None:
     common.add_model_source(p, run_config_for_exports=True, config_help=(
         "model config name or path, or a training run directory (class names, size, thresholds); "
         "optional with --onnx / --openvino files that damo-jax exported (their metadata holds them)"))
-    p.add_argument("--source", required=True, help="an image file or a folder of images")
+    p.add_argument("--source", required=True, help="an image file, a folder of images, or a "
+                   "video file (.mp4, .avi, .mov, .mkv, ...)")
     p.add_argument("--out", default="predictions", help="output folder (default ./predictions)")
     p.add_argument("--conf", type=float, help=f"score threshold (default {PREDICT_CONF}, or "
                                                "--config.test.conf_thre when given)")
@@ -162,6 +167,7 @@ def run(args, overrides=()) -> dict:
     from damo_jax.data_pipelines.records import DataError
     from damo_jax.inference.detector import read_image
     from damo_jax.inference.images import list_images
+    from damo_jax.inference.video import is_video_file
     from damo_jax.ops.boxes import clip_boxes
 
     from damo_jax.inference.pipeline import check_detection_options
@@ -170,8 +176,10 @@ def run(args, overrides=()) -> dict:
     check_flags_vs_overrides(args, overrides)
     check_detection_options(conf=args.conf, iou=args.iou, max_dets=args.max_dets,
                             batch_size=args.batch_size)
-    files = list_images(args.source, flag="--source")
     source = Path(args.source)
+    if source.is_file() and is_video_file(source):
+        return _run_video(args, overrides, source)
+    files = list_images(args.source, flag="--source")
     if source.is_file():  # a single image: an unreadable file is an error (before loading the model)
         read_image(source)
     if not args.no_draw or source.is_dir():
@@ -221,6 +229,35 @@ def run(args, overrides=()) -> dict:
         else ""
     print(f"{len(entries)} image(s), {total} detection(s), {len(skipped)} skipped{drawn} "
           f"-> {out_dir}{hint}")
+    return summary
+
+
+def _run_video(args, overrides, source: Path) -> dict:
+    """``--source`` is a video file: every frame detected, ``<out>/<stem>.mp4`` drawn (unless
+    --no-draw), ``<out>/detections.json`` with one entry per frame."""
+    from damo_jax.inference.video import VideoReader, predict_video
+    reader = VideoReader(source)          # an unreadable video is an error before the model loads
+    try:
+        out_dir = common.output_dir(args.out, "--out")
+        detector = load_detector(args, overrides)
+    except BaseException:
+        reader.close()
+        raise
+    tile = ({"tile": args.tile, "overlap": args.overlap, "full_image": args.tile_full_image}
+            if args.tile else None)
+    summary = predict_video(detector, reader, out_dir, draw=not args.no_draw, tile=tile,
+                            progress=not args.no_progress)
+    summary.update(conf=detector.conf, iou=detector.iou, image_size=list(detector.image_size))
+    if tile:
+        summary["tiling"] = tile
+    with open(out_dir / "detections.json", "w") as f:
+        json.dump(summary, f, indent=1)
+    video = summary["video"]
+    total = sum(len(e["scores"]) for e in summary["frames"])
+    drawn = f", drawn to {video['drawing']}" if video["drawing"] else (
+        "" if args.no_draw else ", not drawn (see the log)")
+    print(f"video {source.name}: {video['frames']} frame(s) at {video['fps']:g} fps, {total} "
+          f"detection(s){drawn} -> {out_dir}")
     return summary
 
 

@@ -31,8 +31,12 @@ def list_images(source, *, flag: str = "source") -> list[Path]:
     files = sorted(p for p in source.rglob("*")
                    if (p.is_file() or (p.is_symlink() and not p.exists())) and is_image_file(p))
     if not files:
+        from damo_jax.inference.video import is_video_file
+        videos = sorted(p for p in source.rglob("*") if p.is_file() and is_video_file(p))
+        hint = (f"; it holds {len(videos)} video file(s): give one as {flag} (e.g. {flag} "
+                f"{videos[0]})" if videos else "")
         raise InputPathError(f"{flag} {source}: the folder has no images "
-                             f"({', '.join(IMAGE_SUFFIXES)})")
+                             f"({', '.join(IMAGE_SUFFIXES)}){hint}")
     return files
 
 
