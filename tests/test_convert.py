@@ -243,3 +243,41 @@ def test_model_signatures_match_the_traced_models():
     assert identify_model(sd) == "ns"
     assert identify_model({"module." + k: v for k, v in sd.items()}) == "ns"
     assert identify_model({k: v for k, v in sd.items() if "neck" not in k}) is None
+
+
+def _entries_state_dict(name: str, num_classes: int, deploy) -> dict:
+    cfg = load_config(name)
+    cfg.model.head.num_classes = num_classes
+    return make_state_dict({k: v[2] for k, v in expected_torch_entries(cfg, deploy=deploy).items()},
+                           gain=0.5)
+
+
+def test_info_names_the_model_a_weights_file_holds(tmp_path, capsys):
+    """``damo-jax info --weights``: an official-layout .pth (nested under "model", DDP "module."
+    prefix) of T with 3 classes, and a deploy .npz of S, are named with their class counts; the
+    summary then counts that model (the classifier sized to the file)."""
+    from damo_jax.interop.pth_write import save_pth
+    from damo_jax.models.__main__ import main
+    t = {"module." + k: v for k, v in _entries_state_dict("t", 3, deploy=False).items()}
+    save_pth({"model": t, "epoch": 3}, tmp_path / "t.pth")
+    s = main(["--weights", str(tmp_path / "t.pth")])
+    out = capsys.readouterr().out
+    assert "t.pth: DAMO-YOLO-T (--config t), 3 classes, train graph" in out
+    assert s["model"] == "t" and s["num_classes"] == 3 and s["deploy"] is False
+    # the classifier follows the file: per class, each level's gfl_cls holds C_in x kh x kw + 1
+    s80 = main(["--config", "t"])
+    capsys.readouterr()
+    per_class = sum(int(np.prod(v.shape[1:])) + 1 for k, v in t.items()
+                    if ".gfl_cls." in k and k.endswith(".weight"))
+    assert s80["params"]["head"] - s["params"]["head"] == (80 - 3) * per_class
+
+    np.savez(tmp_path / "s_deploy.npz", **_entries_state_dict("s", 80, deploy="reparam"))
+    s = main(["--weights", str(tmp_path / "s_deploy.npz")])
+    assert "DAMO-YOLO-S (--config s), 80 classes, RepConv branches folded" in capsys.readouterr().out
+    assert s["model"] == "s" and s["deploy"] == "reparam"
+
+    with pytest.raises(SystemExit, match="holds DAMO-YOLO-S, not --config m"):
+        main(["--weights", str(tmp_path / "s_deploy.npz"), "--config", "m"])
+    np.savez(tmp_path / "other.npz", w=np.zeros((3, 3), np.float32))
+    with pytest.raises(SystemExit, match="other.npz: its keys and shapes match none"):
+        main(["--weights", str(tmp_path / "other.npz")])

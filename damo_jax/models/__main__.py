@@ -4,6 +4,7 @@ examples:
   damo-jax info --config s
   damo-jax info --config ns --img-size 416 --deploy
   damo-jax info --config t --img-size 320 480 --deploy full --batch 4
+  damo-jax info --weights damoyolo_tinynasL25_S.pth     # which model a .pth / .npz holds
 
 Alias: python -m damo_jax.models.
 
@@ -79,8 +80,10 @@ def build_parser(prog: str = PROG):
     from damo_jax.cli import common
     ap = common.Parser(prog=prog, description=__doc__.split("\n")[0],
                        epilog=__doc__.split("\n", 2)[2])
-    ap.add_argument("--config", default="s", help=f"config name ({common.config_names()}) or path; "
-                    "--config.KEY=VALUE overrides any key")
+    ap.add_argument("--config", help=f"config name ({common.config_names()}) or path (default: "
+                    "the model --weights holds, else s); --config.KEY=VALUE overrides any key")
+    ap.add_argument("--weights", help="an official .pth or converted .npz state dict: names the "
+                    "bundled model and class count it holds, then summarises that model")
     common.add_img_size(ap, "input size (default: the config's model.image_size)")
     ap.add_argument("--deploy", nargs="?", const="reparam", default=None, choices=("reparam", "full"))
     ap.add_argument("--batch", type=int, default=1)
@@ -92,8 +95,15 @@ def run(args, overrides=()) -> dict:
     from damo_jax.errors import ConfigError
     if args.batch < 1:
         raise ConfigError(f"--batch must be >= 1, got {args.batch}")
-    cfg = common.load_cli_config(args.config, overrides)
-    deploy = {None: False, "reparam": "reparam", "full": True}[args.deploy]
+    deploy_flag = args.deploy
+    if args.weights:
+        config, num_classes, folded = identify_weights(args.weights, args.config)
+        overrides = (*overrides, f"--config.model.head.num_classes={num_classes}")
+        deploy_flag = deploy_flag or ("reparam" if folded else None)
+    else:
+        config = args.config or "s"
+    cfg = common.load_cli_config(config, overrides)
+    deploy = {None: False, "reparam": "reparam", "full": True}[deploy_flag]
     s = summary(cfg, common.img_size(args.img_size), deploy, args.batch)
     graph = {False: "train graph", "reparam": "RepConv-folded deploy graph",
              True: "fully folded graph"}[deploy]
@@ -105,6 +115,32 @@ def run(args, overrides=()) -> dict:
     print(f"{'total':10s} {sum(s['params'].values()):>14,d} {sum(s['gflops'].values()):>10.3f}")
     print("GFLOPs = 2 x conv multiply-accumulates (from shapes); params = trainable parameters")
     return s
+
+
+def identify_weights(path, config=None) -> tuple[str, int, bool]:
+    """``(config name, class count, re-parameterised)`` of the state dict file ``path``, printed as
+    one line; :class:`ConfigError` when no bundled model fits it, or when ``config`` (a bundled
+    name or a config file's ``model.name``) names another model."""
+    from damo_jax.config import load_config
+    from damo_jax.errors import ConfigError
+    from damo_jax.interop.convert import identify_model, read_state_dict_file
+    state_dict = read_state_dict_file(path)
+    found = identify_model(state_dict)
+    if not found:
+        from damo_jax.cli import common
+        raise ConfigError(f"--weights {path}: its keys and shapes match none of the bundled models "
+                          f"({common.config_names()}); not a DAMO-YOLO state dict, or an "
+                          f"architecture without a config here")
+    name, folded = found.split()[0], "re-parameterised" in found
+    if config is not None and load_config(config).model.name != name:
+        raise ConfigError(f"--weights {path}: holds DAMO-YOLO-{name.upper()}, not --config {config} "
+                          f"(leave --config out, or use --config {name})")
+    cls = [v for k, v in state_dict.items() if k.split("module.", 1)[-1].startswith("head.gfl_cls.")
+           and k.endswith(".weight")]
+    num_classes = int(np.shape(cls[0])[0])
+    print(f"{path}: DAMO-YOLO-{name.upper()} (--config {name}), {num_classes} classes, "
+          f"{'RepConv branches folded (a deploy state dict)' if folded else 'train graph'}")
+    return name, num_classes, folded
 
 
 def main(argv=None, prog: str = "python -m damo_jax.models"):
