@@ -52,7 +52,11 @@ def golden_dir() -> Path:
 def pytest_xdist_make_scheduler(config, log):
     """``--dist loadfile`` with crash recovery that neither hangs nor re-runs the crash
     (tests/xdist_crash.py); other modes keep pytest-xdist's own scheduler."""
-    if config.getvalue("dist") != "loadfile":
-        return None
-    from xdist_crash import CrashSafeLoadFileScheduling
-    return CrashSafeLoadFileScheduling(config, log)
+    from xdist_crash import make_scheduler
+    return make_scheduler(config, log)
+
+
+def pytest_testnodedown(node, error):
+    """A crashed worker: say how its process ended (a signal or an exit status) in the log."""
+    from xdist_crash import report_node_down
+    report_node_down(node, error)

@@ -24,10 +24,13 @@ TESTS = Path(__file__).resolve().parent
 CONFTEST = f"""
 import sys
 sys.path.insert(0, {str(TESTS)!r})
+from xdist_crash import make_scheduler, report_node_down
 
 def pytest_xdist_make_scheduler(config, log):
-    from xdist_crash import CrashSafeLoadFileScheduling
-    return CrashSafeLoadFileScheduling(config, log)
+    return make_scheduler(config, log)
+
+def pytest_testnodedown(node, error):
+    report_node_down(node, error)
 """
 
 
@@ -81,6 +84,7 @@ def test_a_crash_mid_file_is_reported_once_and_the_rest_runs(tmp_path):
     assert rc == 1, out[-3000:]
     assert seen.pop("test_b.py::test_crash") == ["FAILED"], out[-3000:]
     assert "crashed while running 'test_b.py::test_crash'" in out
+    assert "worker process exit status 3" in out
     expected = {f"test_{f}.py::test_{i}" for f in "ac" for i in (1, 2, 3)}
     expected |= {"test_b.py::test_before", "test_b.py::test_after_1", "test_b.py::test_after_2",
                  "test_d.py::test_only"}
@@ -108,6 +112,7 @@ def test_a_segfault_in_the_last_test_of_a_file_and_one_in_the_second_last(tmp_pa
     assert rc == 1, out[-3000:]
     assert seen.pop("test_a.py::test_segv") == ["FAILED"], out[-3000:]
     assert seen.pop("test_b.py::test_exit") == ["FAILED"], out[-3000:]
+    assert "worker process killed by SIGSEGV" in out and "worker process exit status 1" in out
     expected = {f"test_{f}.py::test_{i}" for f in "cd" for i in (1, 2, 3)}
     expected |= {"test_a.py::test_1", "test_b.py::test_1", "test_b.py::test_last",
                  "test_e.py::test_only"}

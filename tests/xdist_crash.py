@@ -72,3 +72,42 @@ class CrashSafeLoadFileScheduling(LoadFileScheduling):
             self._assign_work_unit(node)
         if not self.workqueue:
             node.shutdown()
+
+
+def worker_exit_status(node, timeout: float = 10.0) -> str:
+    """How a crashed worker's process ended, e.g. ``"killed by SIGSEGV"`` or ``"exit status 3"``
+    (pytest-xdist itself says only "Not properly terminated"); ``"unknown"`` when the process is
+    not a local child or has not ended within ``timeout`` seconds."""
+    import signal
+    import subprocess
+    popen = getattr(getattr(node.gateway, "_io", None), "popen", None)
+    if popen is None:
+        return "unknown"
+    try:
+        code = popen.wait(timeout=timeout)
+    except (subprocess.TimeoutExpired, OSError):
+        return "unknown"
+    if code is None:
+        return "unknown"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
+
+
+def make_scheduler(config, log):
+    """``pytest_xdist_make_scheduler``: this scheduler for ``--dist loadfile``, else xdist's own."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    return CrashSafeLoadFileScheduling(config, log)
+
+
+def report_node_down(node, error) -> None:
+    """``pytest_testnodedown``: for a crashed worker, one log line saying how its process ended."""
+    if error is None:
+        return
+    reporter = node.config.pluginmanager.getplugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"[{node.gateway.id}] worker process {worker_exit_status(node)}")
