@@ -15,9 +15,11 @@ dead worker held, and the run hangs until CI's time limit instead of ending red 
 
 Seen in this project's own CI: a worker died of SIGSEGV and the run then sat idle, with the
 controller in ``dsession.loop_once`` and both live workers in ``remote.get`` (docs/bench_train.md
-and README's CI paragraph). ``tests/conftest.py`` installs this scheduler for ``--dist loadfile``;
-``tests/test_xdist_crash.py`` runs a crashing suite through it. Nothing here changes what a run
-without a crash does.
+and README's CI paragraph). ``tests/conftest.py`` installs this scheduler for ``--dist loadfile``
+(:func:`make_scheduler`) and, for a crashed worker, a log line saying how its process ended
+(:func:`report_node_down`: "killed by SIGSEGV", "exit status 3"; xdist says only "Not properly
+terminated"). ``tests/test_xdist_crash.py`` runs crashing suites through both. Nothing here
+changes what a run without a crash does.
 """
 from __future__ import annotations
 
