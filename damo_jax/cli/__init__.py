@@ -6,6 +6,7 @@
     damo-jax export   onnx|openvino|tensorrt ...
     damo-jax show     --data demo --out samples.png                  (augmented training samples)
     damo-jax info     --config s                                     (params, GFLOPs)
+    damo-jax info     --weights damoyolo_S.pth                       (which model it holds)
 
 ``python -m damo_jax ...`` is the same command. Each subcommand lives in one module with
 ``build_parser(prog)`` / ``run(args, ...)`` / ``main(argv, prog)``; shared flags, logging and the
@@ -20,10 +21,10 @@ import sys
 COMMANDS = {
     "train": ("damo_jax.cli.train", "train a model (official recipe; resumable; --config.KEY=VALUE)"),
     "eval": ("damo_jax.cli.eval", "COCO mAP of a checkpoint, official weights, or ONNX/OpenVINO file"),
-    "predict": ("damo_jax.cli.predict", "detect objects in images, draw them, write detections.json"),
+    "predict": ("damo_jax.cli.predict", "detect objects in images or a video, draw them, write detections.json"),
     "export": ("damo_jax.cli.export", "export to onnx | openvino | tensorrt | int8"),
     "show": ("damo_jax.data_pipelines.show", "draw augmented training samples with their boxes"),
-    "info": ("damo_jax.models.__main__", "model summary: parameters and GFLOPs"),
+    "info": ("damo_jax.models.__main__", "model summary: parameters and GFLOPs; which model a .pth holds"),
 }
 
 
