@@ -156,3 +156,36 @@ def test_video_errors_are_one_line_and_name_the_file(tmp_path):
     write_video(folder / "a.avi", frames_rgb(2))
     with pytest.raises(SystemExit, match=r"video file\(s\): give one as --source"):
         main(["--config", "ns", "--source", str(folder), "--out", str(tmp_path / "o2")])
+
+
+def test_a_stream_that_changes_size_is_named_with_its_frame(tmp_path, monkeypatch):
+    """A container can carry frames of another size mid-stream (a spliced recording): one error
+    naming the file and the frame, not a drawn video of mixed sizes."""
+    sizes = [(H, W), (H, W), (H + 2, W)]
+
+    class FakeCapture:
+        def __init__(self, path):
+            self.k = 0
+
+        def isOpened(self):
+            return True
+
+        def read(self):
+            if self.k == len(sizes):
+                return False, None
+            self.k += 1
+            return True, np.zeros(sizes[self.k - 1] + (3,), np.uint8)
+
+        def get(self, prop):
+            return {cv2.CAP_PROP_FPS: FPS, cv2.CAP_PROP_FRAME_COUNT: 3}.get(prop, 0.0)
+
+        def release(self):
+            pass
+
+    from damo_jax.data_pipelines.records import DataError
+    clip = tmp_path / "spliced.mp4"
+    clip.write_bytes(b"stand-in")
+    monkeypatch.setattr(cv2, "VideoCapture", FakeCapture)
+    with VideoReader(clip) as reader:
+        with pytest.raises(DataError, match=r"spliced.mp4: frame 2 is 160x92, the first frame 160x90"):
+            list(reader)

@@ -63,8 +63,14 @@ class VideoReader:
 
     def __iter__(self):
         import cv2
+        from damo_jax.data_pipelines.records import DataError
         frame, self._first = self._first, None
         while frame is not None:
+            if frame.shape[:2] != (self.height, self.width):
+                raise DataError(f"video {self.path}: frame {self.frames_read} is "
+                                f"{frame.shape[1]}x{frame.shape[0]}, the first frame "
+                                f"{self.width}x{self.height} (a stream that changes size is not "
+                                f"supported)")
             if frame.ndim == 2:
                 frame = cv2.cvtColor(frame, cv2.COLOR_GRAY2RGB)
             elif frame.shape[-1] == 4:
