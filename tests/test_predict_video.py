@@ -97,6 +97,13 @@ def test_every_frame_is_detected_and_drawn(oracle, tmp_path):
             assert name == CLASS_NAMES[label]
             # the oracle works at 96x160 on the stretched frame: boxes come back within a pixel
             np.testing.assert_allclose(box, expected[label], atol=1.0)
+    # the Python API: Detector.video yields the frames (RGB) with the same detections
+    via_api = list(oracle.video(source))
+    assert len(via_api) == n
+    for k, ((frame, result), entry) in enumerate(zip(via_api, summary["frames"])):
+        np.testing.assert_array_equal(frame, frames[k])
+        assert result["labels"].tolist() == entry["labels"]
+        np.testing.assert_allclose(result["boxes"], entry["boxes"], atol=0.01)
     drawn = read_all(Path(video["drawing"]))
     assert Path(video["drawing"]) == out / "clip.mp4"
     assert len(drawn) == n and drawn[0].shape == (H, W, 3)

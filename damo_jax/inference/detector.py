@@ -234,3 +234,16 @@ class Detector:
         whole-image pass): :func:`damo_jax.inference.tiling.detect_tiled`. Same result dict."""
         from damo_jax.inference.tiling import detect_tiled
         return detect_tiled(self, image, tile=tile, overlap=overlap, full_image=full_image)
+
+    def video(self, path, *, tile: int | None = None, overlap: float = 0.2,
+              full_image: bool = False):
+        """Every frame of the video file ``path`` (what OpenCV decodes), in order: yields
+        ``(frame, result)`` with the (H, W, 3) uint8 RGB frame and its result dict (boxes in
+        frame pixels, unclipped like ``__call__``). Frames go through in batches of
+        ``batch_size``, padded to it (one compiled shape); ``tile``: tiled inference per frame.
+        :func:`damo_jax.inference.video.iter_detections`; ``damo-jax predict --source clip.mp4``
+        draws them into a video."""
+        from damo_jax.inference.video import VideoReader, iter_detections
+        tiling = {"tile": tile, "overlap": overlap, "full_image": full_image} if tile else None
+        with VideoReader(path) as reader:
+            yield from iter_detections(self, reader, tile=tiling)

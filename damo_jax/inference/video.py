@@ -127,6 +127,31 @@ class VideoWriter:
         self._tmp.unlink(missing_ok=True)
 
 
+def iter_detections(detector, frames, *, tile: dict | None = None):
+    """``(frame, result)`` for every RGB frame of the iterable ``frames``, in order, detected in
+    batches of ``detector.batch_size`` padded to it (one compiled shape for the whole video);
+    ``tile``: ``{"tile", "overlap", "full_image"}`` for :meth:`Detector.tiled` per frame.
+    Boxes unclipped, in frame pixels (as ``Detector.__call__``)."""
+    pending = []
+
+    def flush():
+        if tile:
+            results = [detector.tiled(f, tile=tile["tile"], overlap=tile["overlap"],
+                                      full_image=tile["full_image"]) for f in pending]
+        else:
+            results = detector(pending, pad_to_batch=True)
+        done = list(zip(pending, results))
+        pending.clear()
+        return done
+
+    for frame in frames:
+        pending.append(frame)
+        if len(pending) == detector.batch_size:
+            yield from flush()
+    if pending:
+        yield from flush()
+
+
 def _frame_entry(index: int, fps: float, result) -> dict:
     return {"frame": index, "time_s": round(index / fps, 4),
             "boxes": [[round(float(v), 2) for v in box] for box in result["boxes"]],
@@ -164,31 +189,15 @@ def predict_video(detector, source, out_dir, *, draw: bool = True, tile: dict | 
             from tqdm import tqdm
             bar = tqdm(total=reader.frame_count or None, desc="predict", unit="frame")
         try:
-            pending = []
-
-            def flush():
-                if tile:
-                    results = [detector.tiled(f, tile=tile["tile"], overlap=tile["overlap"],
-                                              full_image=tile["full_image"]) for f in pending]
-                else:
-                    results = detector(pending, pad_to_batch=True)
-                for frame, result in zip(pending, results):
-                    result = dict(result, boxes=clip_boxes(result["boxes"], frame.shape[:2]))
-                    frames_out.append(_frame_entry(len(frames_out), reader.fps, result))
-                    if writer is not None:
-                        writer.write(np.asarray(draw_detections(
-                            frame, result["boxes"], result["scores"], result["labels"],
-                            detector.class_names)))
+            for frame, result in iter_detections(detector, reader, tile=tile):
+                result = dict(result, boxes=clip_boxes(result["boxes"], frame.shape[:2]))
+                frames_out.append(_frame_entry(len(frames_out), reader.fps, result))
+                if writer is not None:
+                    writer.write(np.asarray(draw_detections(
+                        frame, result["boxes"], result["scores"], result["labels"],
+                        detector.class_names)))
                 if bar is not None:
-                    bar.update(len(pending))
-                pending.clear()
-
-            for frame in reader:
-                pending.append(frame)
-                if len(pending) == detector.batch_size:
-                    flush()
-            if pending:
-                flush()
+                    bar.update(1)
         except BaseException:
             if writer is not None:
                 writer.abort()
