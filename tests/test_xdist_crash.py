@@ -34,7 +34,8 @@ def pytest_testnodedown(node, error):
 """
 
 
-def _run_suite(tmp_path: Path, files: dict[str, str], timeout: float = 120.0) -> tuple[int, str]:
+def _run_suite(tmp_path: Path, files: dict[str, str], timeout: float = 120.0,
+               options: tuple[str, ...] = ()) -> tuple[int, str]:
     (tmp_path / "pytest.ini").write_text("[pytest]\n")
     (tmp_path / "conftest.py").write_text(CONFTEST)
     for name, body in files.items():
@@ -44,7 +45,7 @@ def _run_suite(tmp_path: Path, files: dict[str, str], timeout: float = 120.0) ->
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider",
-             "-n", "2", "--dist", "loadfile"],
+             "-n", "2", "--dist", "loadfile", *options],
             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as e:
         out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
@@ -124,3 +125,25 @@ def test_without_a_crash_every_test_runs_once(tmp_path):
     assert rc == 0, out[-3000:]
     assert _outcomes(out) == {f"test_{f}.py::test_{i}": ["PASSED"]
                               for f in "abcde" for i in (1, 2, 3)}
+
+
+def test_a_hung_test_is_stopped_by_the_suite_timeout_and_the_rest_runs(tmp_path):
+    """pyproject.toml's ``faulthandler_timeout`` / ``faulthandler_exit_on_timeout``: a test that
+    never returns ends its worker with every thread's stack in the log; the run goes on, ends red."""
+    rc, out = _run_suite(tmp_path, {
+        "test_a.py": QUICK,
+        "test_b.py": """
+            import threading
+            def test_1(): pass
+            def test_hangs(): threading.Event().wait()
+            def test_after(): pass
+        """,
+        "test_c.py": QUICK,
+    }, options=("-o", "faulthandler_timeout=3", "-o", "faulthandler_exit_on_timeout=true"))
+    seen = _outcomes(out)
+    assert rc == 1, out[-3000:]
+    assert seen.pop("test_b.py::test_hangs") == ["FAILED"], out[-3000:]
+    assert "Timeout (0:00:03)!" in out and 'in test_hangs' in out    # faulthandler's stack dump
+    expected = {f"test_{f}.py::test_{i}" for f in "ac" for i in (1, 2, 3)}
+    expected |= {"test_b.py::test_1", "test_b.py::test_after"}
+    assert seen == {t: ["PASSED"] for t in expected}, out[-3000:]
