@@ -281,3 +281,18 @@ def test_info_names_the_model_a_weights_file_holds(tmp_path, capsys):
     np.savez(tmp_path / "other.npz", w=np.zeros((3, 3), np.float32))
     with pytest.raises(SystemExit, match="other.npz: its keys and shapes match none"):
         main(["--weights", str(tmp_path / "other.npz")])
+    # the class count comes from the file: an override of it is refused, not silently ignored
+    with pytest.raises(SystemExit, match="--weights and --config.model.head.num_classes both"):
+        main(["--weights", str(tmp_path / "t.pth"), "--config.model.head.num_classes=5"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match="multiples of 32"):     # checked before the file is read
+        main(["--weights", str(tmp_path / "t.pth"), "--img-size", "33"])
+    assert "DAMO-YOLO-T" not in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"--weights .*: is a folder, expected a file"):
+        main(["--weights", str(tmp_path)])
+    (tmp_path / "junk.pth").write_bytes(b"PK not a zip at all" * 10)
+    with pytest.raises(SystemExit, match=r"--weights .*junk\.pth: "):
+        main(["--weights", str(tmp_path / "junk.pth")])
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(SystemExit, match=r"empty\.pth: the file is empty"):
+        main(["--weights", str(tmp_path / "empty.pth")])

@@ -6,6 +6,7 @@ frames written, and the expected boxes are known per frame.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import cv2
@@ -196,3 +197,79 @@ def test_a_stream_that_changes_size_is_named_with_its_frame(tmp_path, monkeypatc
     with VideoReader(clip) as reader:
         with pytest.raises(DataError, match=r"spliced.mp4: frame 2 is 160x92, the first frame 160x90"):
             list(reader)
+
+
+def test_the_drawing_never_replaces_a_user_file(oracle, tmp_path):
+    """--out as the video's own folder is refused (another clip.mp4 there would be replaced); a
+    file named like the temporary one is left alone; a folder where the drawing goes is refused;
+    nothing temporary is left behind."""
+    from damo_jax.cli.predict import main
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    source = write_video(folder / "clip.avi", frames_rgb(3))
+    theirs = write_video(folder / "clip.mp4", frames_rgb(2), fourcc="mp4v")
+    before = theirs.read_bytes()
+    with pytest.raises(SystemExit, match="is the folder of --source"):
+        main(["--config", "ns", "--source", str(source), "--out", str(folder)])
+    assert theirs.read_bytes() == before
+
+    out = tmp_path / "out"
+    out.mkdir()
+    decoy = out / "clip.partial.mp4"
+    decoy.write_bytes(b"a user's file")
+    summary = predict_video(oracle, source, out)
+    assert decoy.read_bytes() == b"a user's file"
+    assert summary["video"]["drawing"] == str(out / "clip.mp4")
+    assert sorted(p.name for p in out.iterdir()) == ["clip.mp4", "clip.partial.mp4"]
+
+    (tmp_path / "o2" / "clip.mp4").mkdir(parents=True)
+    from damo_jax.errors import ConfigError
+    with pytest.raises(ConfigError, match="is a folder"):
+        predict_video(oracle, source, tmp_path / "o2")
+    assert [p.name for p in (tmp_path / "o2").iterdir()] == ["clip.mp4"]
+
+
+def test_odd_sizes_are_padded_not_cropped(tmp_path):
+    """MPEG-4 needs even sizes (OpenCV's mp4v writer silently drops the last column / row of an
+    odd-sized frame): the drawing is padded by one black column / row instead."""
+    from damo_jax.inference.video import VideoWriter
+    frame = np.full((91, 161, 3), 180, np.uint8)
+    writer = VideoWriter(tmp_path / "odd.mp4", 10.0, 161, 91)
+    for _ in range(3):
+        writer.write(frame)
+    back = read_all(writer.finish())[0].astype(int)
+    assert back.shape == (92, 162, 3)
+    assert abs(back[:91, :161].mean() - 180) < 4                    # mp4v is lossy
+    assert back[:91, 160].mean() > 150 and back[90, :161].mean() > 150  # the last column / row kept
+    assert back[:, 161].mean() < 60 and back[91, :].mean() < 60         # the black padding
+
+
+def test_video_hints_and_api_errors(tmp_path, capsys, caplog, oracle):
+    """Nothing above --conf: the highest score of the first frames is named, as for images; videos
+    in a folder of images are named, not silently passed over; an unknown suffix lists the
+    suffixes read; Detector.video names a folder and checks tile like Detector.tiled."""
+    from damo_jax.cli.predict import main
+    run_dir, _, _ = write_two_class_run(tmp_path)
+    source = write_video(tmp_path / "clip.avi", frames_rgb(3))
+    main(["--checkpoint", str(run_dir), "--source", str(source), "--out", str(tmp_path / "o"),
+          "--conf", "0.999", "--no-progress", "--no-draw"])
+    printed = capsys.readouterr().out
+    assert "3 frame(s) at 12.5 fps, 0 detection(s)" in printed
+    assert re.search(r"the highest score in the first 3 frame\(s\) is 0\.\d+ < --conf 0\.999",
+                     printed), printed
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    Image.fromarray(frames_rgb(1)[0]).save(mixed / "f0.png")
+    write_video(mixed / "v.avi", frames_rgb(2))
+    summary = main(["--checkpoint", str(run_dir), "--source", str(mixed), "--out",
+                    str(tmp_path / "o2"), "--no-progress", "--no-draw"])
+    assert summary["videos_not_read"] == [str(mixed / "v.avi")]
+    assert "1 video file(s)" in caplog.text and "--source" in caplog.text
+    odd = tmp_path / "clip.divx"
+    odd.write_bytes(b"\x00" * 100)
+    with pytest.raises(SystemExit, match=r"videos: \.mp4"):
+        main(["--checkpoint", str(run_dir), "--source", str(odd), "--out", str(tmp_path / "o3")])
+    with pytest.raises(FileNotFoundError, match="is a folder"):
+        next(oracle.video(mixed))
+    with pytest.raises(ValueError, match="tile size 0"):
+        next(oracle.video(source, tile=0))

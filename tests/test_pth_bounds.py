@@ -205,4 +205,4 @@ def test_cli_prints_one_line_for_a_deeply_nested_checkpoint(tmp_path):
                            str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
     lines = (proc.stdout + proc.stderr).strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stdout + proc.stderr
-    assert lines[0] == f"error: {weights}: containers nested deeper than 100 levels"
+    assert lines[0] == f"error: --weights {weights}: containers nested deeper than 100 levels"

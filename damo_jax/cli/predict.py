@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+from itertools import islice
 from pathlib import Path
 
 from damo_jax.cli import common
@@ -181,7 +182,12 @@ def run(args, overrides=()) -> dict:
         return _run_video(args, overrides, source)
     files = list_images(args.source, flag="--source")
     if source.is_file():  # a single image: an unreadable file is an error (before loading the model)
-        read_image(source)
+        _read_single_image(source)
+    videos = sorted(p for p in source.rglob("*") if p.is_file() and is_video_file(p)) \
+        if source.is_dir() else []
+    if videos:
+        log.warning("%d video file(s) in %s are not read (a folder gives its images; give a video "
+                    "as --source, e.g. --source %s)", len(videos), source, videos[0])
     if not args.no_draw or source.is_dir():
         check_out_vs_source(args.out, source)
     out_dir = common.output_dir(args.out, "--out")      # before the model loads
@@ -217,7 +223,8 @@ def run(args, overrides=()) -> dict:
     if progress is not None:
         progress.close()
     summary = {"images": entries, "skipped": skipped, "conf": detector.conf, "iou": detector.iou,
-               "image_size": list(detector.image_size), "not_drawn": not_drawn}
+               "image_size": list(detector.image_size), "not_drawn": not_drawn,
+               "videos_not_read": [str(p) for p in videos]}
     if args.tile:
         summary["tiling"] = {"tile": args.tile, "overlap": args.overlap,
                              "full_image": args.tile_full_image}
@@ -225,17 +232,38 @@ def run(args, overrides=()) -> dict:
         json.dump(summary, f, indent=1)
     total = sum(len(e["scores"]) for e in entries)
     drawn = f", {len(not_drawn)} not drawn (see the log)" if not_drawn else ""
-    hint = _nothing_found_hint(detector, files, skipped) if entries and not total and not args.tile \
-        else ""
+    hint = ""
+    if entries and not total and not args.tile:
+        readable = (p for p in files if str(p) not in skipped)
+        hint = _nothing_found_hint(detector, [read_image(p) for p in islice(readable, 4)],
+                                   "image(s)")
     print(f"{len(entries)} image(s), {total} detection(s), {len(skipped)} skipped{drawn} "
           f"-> {out_dir}{hint}")
     return summary
+
+
+def _read_single_image(path: Path):
+    """A single --source file that is not a video: read it (errors before the model loads); a file
+    that is neither a known image nor a known video suffix says which suffixes are read."""
+    from damo_jax.data_pipelines.records import DataError
+    from damo_jax.inference.detector import read_image
+    from damo_jax.inference.images import IMAGE_SUFFIXES
+    from damo_jax.inference.video import VIDEO_SUFFIXES
+    try:
+        return read_image(path)
+    except DataError as e:
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            raise
+        raise DataError(f"{e.args[0] if e.args else e} (--source reads images: "
+                        f"{' '.join(IMAGE_SUFFIXES)}; videos: {' '.join(VIDEO_SUFFIXES)})") from e
 
 
 def _run_video(args, overrides, source: Path) -> dict:
     """``--source`` is a video file: every frame detected, ``<out>/<stem>.mp4`` drawn (unless
     --no-draw), ``<out>/detections.json`` with one entry per frame."""
     from damo_jax.inference.video import VideoReader, predict_video
+    if not args.no_draw:
+        check_out_vs_source(args.out, source)
     reader = VideoReader(source)          # an unreadable video is an error before the model loads
     try:
         out_dir = common.output_dir(args.out, "--out")
@@ -256,26 +284,25 @@ def _run_video(args, overrides, source: Path) -> dict:
     total = sum(len(e["scores"]) for e in summary["frames"])
     drawn = f", drawn to {video['drawing']}" if video["drawing"] else (
         "" if args.no_draw else ", not drawn (see the log)")
+    hint = ""
+    if not total and video["frames"] and not tile:
+        from itertools import islice
+        with VideoReader(source) as again:
+            hint = _nothing_found_hint(detector, list(islice(again, 4)), "frame(s)")
     print(f"video {source.name}: {video['frames']} frame(s) at {video['fps']:g} fps, {total} "
-          f"detection(s){drawn} -> {out_dir}")
+          f"detection(s){drawn} -> {out_dir}{hint}")
     return summary
 
 
-def _nothing_found_hint(detector, files, skipped, probe: int = 4) -> str:
-    """``"; highest score 0.12 < --conf 0.3: lower --conf"`` from a second look at the first
-    ``probe`` readable images with no score threshold, when nothing passed ``--conf``."""
-    from damo_jax.inference.detector import Detector, read_image
-    images = []
-    for path in files:
-        if str(path) not in skipped:
-            images.append(read_image(path))
-        if len(images) == probe:
-            break
+def _nothing_found_hint(detector, images, what: str) -> str:
+    """``"; the highest score in the first 4 image(s) is 0.12 < --conf 0.3: lower --conf ..."``:
+    a second look at ``images`` (RGB arrays) with no score threshold, when nothing passed --conf."""
+    from damo_jax.inference.detector import Detector
     loose = Detector(detector.backend, class_names=detector.class_names,
                      image_size=detector.image_size, conf=0.0, iou=detector.iou, max_dets=1,
                      batch_size=detector.batch_size)
     best = max((float(max(r["scores"], default=0.0)) for r in loose(images)), default=0.0)
-    return (f"; the highest score in the first {len(images)} image(s) is {best:.3g} < --conf "
+    return (f"; the highest score in the first {len(images)} {what} is {best:.3g} < --conf "
             f"{detector.conf:g}: lower --conf to see weaker detections")
 
 

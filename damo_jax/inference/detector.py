@@ -244,6 +244,7 @@ class Detector:
         :func:`damo_jax.inference.video.iter_detections`; ``damo-jax predict --source clip.mp4``
         draws them into a video."""
         from damo_jax.inference.video import VideoReader, iter_detections
-        tiling = {"tile": tile, "overlap": overlap, "full_image": full_image} if tile else None
+        tiling = (None if tile is None else
+                  {"tile": tile, "overlap": overlap, "full_image": full_image})
         with VideoReader(path) as reader:
             yield from iter_detections(self, reader, tile=tiling)

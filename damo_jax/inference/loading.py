@@ -107,7 +107,7 @@ def load_model(config=None, *, checkpoint=None, weights=None, onnx=None, openvin
     if kind in ("onnx", "openvino"):
         return _exported(kind, _existing(_flag(kind), path), cfg, class_names, threads)
     if kind == "weights":
-        variables = _weights(_existing("--weights", path), cfg)
+        variables = _weights(Path(path), cfg)
     elif kind == "random":
         variables = _random_variables(cfg, seed)
     if len(class_names) != int(cfg.model.head.num_classes):
@@ -217,12 +217,30 @@ def _prepare(cfg, overrides, export: bool):
     return validate_config(cfg, where=f"config {cfg.model.get('name', '?')!r}")
 
 
+def read_weights_file(path, flag: str = "--weights") -> dict:
+    """The state dict of an official ``.pth`` / ``.pt`` or converted ``.npz`` file; user errors
+    naming ``flag`` and the file (missing, a folder, another suffix, not a state dict file)."""
+    from damo_jax.interop.convert import read_state_dict_file
+    from damo_jax.interop.pth_bounds import PthFormatError
+    path = _existing(flag, path)
+    if path.suffix.lower() not in (".pth", ".pt", ".npz"):
+        raise InputPathError(f"{flag} {path}: expected an official .pth/.pt or a converted .npz")
+    if path.stat().st_size == 0:
+        raise InputPathError(f"{flag} {path}: the file is empty")
+    try:
+        return read_state_dict_file(path)
+    except PthFormatError as e:
+        message = str(e.args[0] if e.args else e)
+        if message.startswith(flag):
+            raise
+        raise PthFormatError(f"{flag} {message}" if message.startswith(str(path)) else
+                             f"{flag} {path}: {message}") from e
+
+
 def _weights(path: Path, cfg) -> dict:
     """Official ``.pth`` / converted ``.npz`` -> train-graph variables for ``cfg``."""
-    from damo_jax.interop.convert import from_torch_state_dict, read_state_dict_file
-    if path.suffix.lower() not in (".pth", ".pt", ".npz"):
-        raise InputPathError(f"--weights {path}: expected an official .pth/.pt or a converted .npz")
-    state_dict = read_state_dict_file(path)
+    from damo_jax.interop.convert import from_torch_state_dict
+    state_dict = read_weights_file(path)
     _check_weight_classes(state_dict, cfg, path)
     try:
         return from_torch_state_dict(state_dict, cfg)

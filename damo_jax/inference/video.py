@@ -5,7 +5,8 @@ MP4 and listed per frame in ``detections.json``.
 Frames go to the detector as RGB, like every image path. (The official demo feeds OpenCV's BGR
 frames to the model directly, SPEC §10.2: an upstream inconsistency this does not copy.)
 The drawn video is MPEG-4 Part 2 (``mp4v``, what the OpenCV wheels can encode everywhere; VLC,
-ffmpeg and most players read it, most browsers do not), at the source's frame rate and size.
+ffmpeg and most players read it, most browsers do not), at the source's frame rate and size (an odd
+width / height padded by one black column / row: MPEG-4 needs even sizes).
 """
 from __future__ import annotations
 
@@ -42,8 +43,13 @@ class VideoReader:
         from damo_jax.data_pipelines.records import DataError
         from damo_jax.errors import InputPathError
         self.path = Path(path)
+        if self.path.is_dir():
+            raise InputPathError(f"video {path}: is a folder, expected a video file")
         if not self.path.is_file():
             raise InputPathError(f"video {path}: no such file")
+        if self.path.stat().st_size == 0:
+            raise DataError(f"video {path}: the file is empty")
+        os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")   # FFmpeg's own lines: quiet
         self._cap = cv2.VideoCapture(str(self.path))
         if not self._cap.isOpened():
             raise DataError(f"video {path}: OpenCV cannot open it (not a video, or a codec this "
@@ -94,20 +100,26 @@ class VideoReader:
 
 
 class VideoWriter:
-    """An MP4 (``mp4v``) written from RGB frames to ``<target>.partial.mp4`` and moved onto
-    ``target`` by :meth:`finish` (an interrupted run leaves no file that looks complete).
+    """An MP4 (``mp4v``) written from RGB frames to a temporary file beside ``target`` (a unique
+    hidden name) and moved onto ``target`` by :meth:`finish`: an interrupted run leaves no file
+    that looks complete, and no other file is touched. MPEG-4 needs even sizes: an odd width or
+    height is padded by one black column / row (right / bottom), so no source pixel is lost.
     ``OSError`` when OpenCV cannot open the encoder."""
 
     def __init__(self, target, fps: float, width: int, height: int):
+        import secrets
+
         import cv2
         self.target = Path(target)
-        self._tmp = self.target.with_name(self.target.stem + ".partial.mp4")
+        self.size = (int(width), int(height))
+        self.padded = (self.size[0] + self.size[0] % 2, self.size[1] + self.size[1] % 2)
+        self._tmp = self.target.with_name(
+            f".{self.target.stem}.{os.getpid()}.{secrets.token_hex(4)}.partial.mp4")
         self._writer = cv2.VideoWriter(str(self._tmp), cv2.VideoWriter_fourcc(*"mp4v"),
-                                       float(fps), (int(width), int(height)))
+                                       float(fps), self.padded)
         if not self._writer.isOpened():
             self._tmp.unlink(missing_ok=True)
             raise OSError(f"OpenCV could not open an mp4v encoder for {self._tmp}")
-        self.size = (int(width), int(height))
 
     def write(self, rgb) -> None:
         import cv2
@@ -115,11 +127,20 @@ class VideoWriter:
         if (rgb.shape[1], rgb.shape[0]) != self.size:
             raise ValueError(f"frame of {rgb.shape[1]}x{rgb.shape[0]} in a "
                              f"{self.size[0]}x{self.size[1]} video")
+        if self.padded != self.size:
+            rgb = np.pad(rgb, ((0, self.padded[1] - self.size[1]),
+                               (0, self.padded[0] - self.size[0]), (0, 0)))
         self._writer.write(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
 
     def finish(self) -> Path:
+        """Close the file and move it onto ``target``; on ``OSError`` the temporary file is removed
+        and the error raised."""
         self._writer.release()
-        os.replace(self._tmp, self.target)
+        try:
+            os.replace(self._tmp, self.target)
+        except OSError:
+            self._tmp.unlink(missing_ok=True)
+            raise
         return self.target
 
     def abort(self) -> None:
@@ -135,7 +156,7 @@ def iter_detections(detector, frames, *, tile: dict | None = None):
     pending = []
 
     def flush():
-        if tile:
+        if tile is not None:
             results = [detector.tiled(f, tile=tile["tile"], overlap=tile["overlap"],
                                       full_image=tile["full_image"]) for f in pending]
         else:
@@ -167,9 +188,10 @@ def predict_video(detector, source, out_dir, *, draw: bool = True, tile: dict | 
 
     ``detector``: a :class:`~damo_jax.inference.detector.Detector` (frames go in batches of its
     ``batch_size``, padded to it, so one compiled shape serves the whole video). ``draw``: write
-    ``<out_dir>/<stem>.mp4`` with the boxes drawn (never over the source: then
-    ``<stem>.pred.mp4``). ``tile``: ``{"tile", "overlap", "full_image"}`` for tiled inference per
+    ``<out_dir>/<stem>.mp4`` with the boxes drawn (a ConfigError when that is the source itself
+    or a folder; a failed save is warned and the detections kept). ``tile``: ``{"tile", "overlap", "full_image"}`` for tiled inference per
     frame. Boxes are x1y1x2y2 frame pixels, clipped to the frame."""
+    from damo_jax.errors import ConfigError
     from damo_jax.inference.draw import draw_detections
     from damo_jax.ops.boxes import clip_boxes
     reader = source if isinstance(source, VideoReader) else VideoReader(source)
@@ -178,8 +200,11 @@ def predict_video(detector, source, out_dir, *, draw: bool = True, tile: dict | 
     with reader:
         if draw:
             target = out_dir / (source.stem + ".mp4")
-            if target.resolve() == source.resolve():
-                target = out_dir / (source.stem + ".pred.mp4")
+            if target.exists() and target.resolve() == source.resolve():
+                raise ConfigError(f"the drawing {target} would replace the --source video "
+                                  f"(choose another --out)")
+            if target.is_dir():
+                raise ConfigError(f"the drawing {target}: is a folder (choose another --out)")
             try:
                 writer = VideoWriter(target, reader.fps, reader.width, reader.height)
             except OSError as e:
@@ -206,7 +231,11 @@ def predict_video(detector, source, out_dir, *, draw: bool = True, tile: dict | 
             if bar is not None:
                 bar.close()
         if writer is not None:
-            drawing = str(writer.finish())
+            try:
+                drawing = str(writer.finish())
+            except OSError as e:
+                log.warning("could not save the drawn video %s (%s); the detections are kept",
+                            writer.target, e)
         if reader.frame_count and reader.frames_read < reader.frame_count:
             log.warning("video %s: decoded %d of the %d frames its header announces (the rest "
                         "did not decode)", source, reader.frames_read, reader.frame_count)

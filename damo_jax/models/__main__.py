@@ -95,6 +95,9 @@ def run(args, overrides=()) -> dict:
     from damo_jax.errors import ConfigError
     if args.batch < 1:
         raise ConfigError(f"--batch must be >= 1, got {args.batch}")
+    size = common.img_size(args.img_size)
+    common.refuse_flag_and_override(overrides, ("--weights", args.weights,
+                                                ("model.head.num_classes",)))
     deploy_flag = args.deploy
     if args.weights:
         config, num_classes, folded = identify_weights(args.weights, args.config)
@@ -104,7 +107,7 @@ def run(args, overrides=()) -> dict:
         config = args.config or "s"
     cfg = common.load_cli_config(config, overrides)
     deploy = {None: False, "reparam": "reparam", "full": True}[deploy_flag]
-    s = summary(cfg, common.img_size(args.img_size), deploy, args.batch)
+    s = summary(cfg, size, deploy, args.batch)
     graph = {False: "train graph", "reparam": "RepConv-folded deploy graph",
              True: "fully folded graph"}[deploy]
     print(f"DAMO-YOLO-{s['model'].upper()}  {graph}, input {args.batch}x{s['size'][0]}x{s['size'][1]}"
@@ -123,14 +126,16 @@ def identify_weights(path, config=None) -> tuple[str, int, bool]:
     name or a config file's ``model.name``) names another model."""
     from damo_jax.config import load_config
     from damo_jax.errors import ConfigError
-    from damo_jax.interop.convert import identify_model, read_state_dict_file
-    state_dict = read_state_dict_file(path)
+    from damo_jax.inference.loading import read_weights_file
+    from damo_jax.interop.convert import identify_model
+    state_dict = read_weights_file(path)
     found = identify_model(state_dict)
     if not found:
         from damo_jax.cli import common
         raise ConfigError(f"--weights {path}: its keys and shapes match none of the bundled models "
-                          f"({common.config_names()}); not a DAMO-YOLO state dict, or an "
-                          f"architecture without a config here")
+                          f"({common.config_names()}); not a DAMO-YOLO state dict, a fully "
+                          f"folded one (BN folded too: the official deploy files fold only the "
+                          f"RepConvs), or an architecture without a config here")
     name, folded = found.split()[0], "re-parameterised" in found
     if config is not None and load_config(config).model.name != name:
         raise ConfigError(f"--weights {path}: holds DAMO-YOLO-{name.upper()}, not --config {config} "
