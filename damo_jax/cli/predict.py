@@ -167,7 +167,7 @@ def _save_drawing(target: Path, image, result, detector, inputs: set) -> Path | 
 def run(args, overrides=()) -> dict:
     from damo_jax.data_pipelines.records import DataError
     from damo_jax.inference.detector import read_image
-    from damo_jax.inference.images import list_images
+    from damo_jax.inference.images import list_images_and_videos
     from damo_jax.inference.video import is_video_file
     from damo_jax.ops.boxes import clip_boxes
 
@@ -180,11 +180,9 @@ def run(args, overrides=()) -> dict:
     source = Path(args.source)
     if source.is_file() and is_video_file(source):
         return _run_video(args, overrides, source)
-    files = list_images(args.source, flag="--source")
+    files, videos = list_images_and_videos(args.source, flag="--source")
     if source.is_file():  # a single image: an unreadable file is an error (before loading the model)
         _read_single_image(source)
-    videos = sorted(p for p in source.rglob("*") if p.is_file() and is_video_file(p)) \
-        if source.is_dir() else []
     if videos:
         log.warning("%d video file(s) in %s are not read (a folder gives its images; give a video "
                     "as --source, e.g. --source %s)", len(videos), source, videos[0])
@@ -286,7 +284,6 @@ def _run_video(args, overrides, source: Path) -> dict:
         "" if args.no_draw else ", not drawn (see the log)")
     hint = ""
     if not total and video["frames"] and not tile:
-        from itertools import islice
         with VideoReader(source) as again:
             hint = _nothing_found_hint(detector, list(islice(again, 4)), "frame(s)")
     print(f"video {source.name}: {video['frames']} frame(s) at {video['fps']:g} fps, {total} "

@@ -20,24 +20,33 @@ def list_images(source, *, flag: str = "source") -> list[Path]:
     """The image files of ``source`` (a file, or a folder searched recursively, broken links
     included), sorted;
     :class:`~damo_jax.errors.InputPathError` naming ``flag`` when there is none."""
+    return list_images_and_videos(source, flag=flag)[0]
+
+
+def list_images_and_videos(source, *, flag: str = "source") -> tuple[list[Path], list[Path]]:
+    """:func:`list_images`, and the video files the same walk of a folder found (sorted; ``[]``
+    for a file): a folder gives its images, the caller names the videos it passes over."""
     from damo_jax.errors import InputPathError
+    from damo_jax.inference.video import is_video_file
     source = Path(source)
     if source.is_file():
-        return [source]
+        return [source], []
     if not source.is_dir():
         raise InputPathError(f"{flag} {source}: no such file or folder")
     # a broken link named like an image is listed too: reading it fails, and the caller skips and
     # counts it (leaving it out made it vanish from the report)
-    files = sorted(p for p in source.rglob("*")
-                   if (p.is_file() or (p.is_symlink() and not p.exists())) and is_image_file(p))
+    files, videos = [], []
+    for p in source.rglob("*"):
+        if is_image_file(p) and (p.is_file() or (p.is_symlink() and not p.exists())):
+            files.append(p)
+        elif is_video_file(p) and p.is_file():
+            videos.append(p)
     if not files:
-        from damo_jax.inference.video import is_video_file
-        videos = sorted(p for p in source.rglob("*") if p.is_file() and is_video_file(p))
         hint = (f"; it holds {len(videos)} video file(s): give one as {flag} (e.g. {flag} "
-                f"{videos[0]})" if videos else "")
+                f"{min(videos)})" if videos else "")
         raise InputPathError(f"{flag} {source}: the folder has no images "
                              f"({', '.join(IMAGE_SUFFIXES)}){hint}")
-    return files
+    return sorted(files), sorted(videos)
 
 
 def to_rgb_uint8(arr, *, small_ints_are_8bit: bool = False) -> np.ndarray:
