@@ -101,7 +101,9 @@ def _output_name(path: Path, source: Path) -> Path:
 def check_out_vs_source(out, source) -> None:
     """ConfigError when ``--out`` is the ``--source`` folder or inside it (the drawings would
     replace the input images, and a later recursive scan would pick them up as inputs), or when
-    the drawing of a single ``--source`` image would be written over it."""
+    it is the folder of a single ``--source`` image (its drawing would be written over it) or
+    video (its drawing ``<stem>.mp4`` could replace another file there)."""
+    from damo_jax.inference.video import is_video_file
     out_r, src_r = Path(out).resolve(), Path(source).resolve()
     if src_r.is_dir():
         if out_r == src_r:
@@ -112,8 +114,10 @@ def check_out_vs_source(out, source) -> None:
                               f"drawings would be read as input images by the next run (choose "
                               f"an --out outside it)")
     elif out_r / src_r.name == src_r:
-        raise ConfigError(f"--out {out}: is the folder of --source {source}; the drawing would "
-                          f"replace the input image (choose another --out, or --no-draw)")
+        what = ("the drawn video (<stem>.mp4) would land among the input files and could replace "
+                "one" if is_video_file(src_r) else "the drawing would replace the input image")
+        raise ConfigError(f"--out {out}: is the folder of --source {source}; {what} (choose "
+                          f"another --out, or --no-draw)")
 
 
 def _file_id(path: Path):
