@@ -18,8 +18,6 @@ import os
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
-
 from damo_jax.errors import ConfigError, InputPathError
 
 log = logging.getLogger("damo_jax.inference.loading")
@@ -251,10 +249,11 @@ def _weights(path: Path, cfg) -> dict:
 
 def _check_weight_classes(state_dict, cfg, weights) -> None:
     """Clear error when the weights' head predicts another number of classes than the config."""
-    key = next((k for k in state_dict if k.removeprefix("module.") == "head.gfl_cls.0.bias"), None)
-    if key is None:
+    from damo_jax.interop.convert import classifier_outputs
+    found = classifier_outputs(state_dict)
+    if found is None:
         return  # the strict conversion reports the missing head keys
-    found, expected = int(np.shape(state_dict[key])[0]), int(cfg.model.head.num_classes)
+    expected = int(cfg.model.head.num_classes)
     legacy = bool(cfg.model.head.get("legacy", False))  # legacy heads have one extra channel
     if found != expected + legacy:
         from damo_jax.interop.convert import identify_model

@@ -146,6 +146,13 @@ def identify_model(state_dict) -> str | None:
     return MODEL_SIGNATURES.get(signature)
 
 
+def classifier_outputs(state_dict) -> int | None:
+    """The number of outputs of the classifier ``head.gfl_cls.0`` of an official state dict
+    (``module.`` prefix or not): the class count (+1 for legacy heads); None without that key."""
+    key = next((k for k in state_dict if k.removeprefix("module.") == "head.gfl_cls.0.bias"), None)
+    return None if key is None else int(np.shape(state_dict[key])[0])
+
+
 def _with_model_hint(err: "CheckpointMismatchError", state_dict, cfg) -> "CheckpointMismatchError":
     """``err`` with "; the file holds DAMO-YOLO-X (--config x)" appended when another bundled
     model fits the state dict."""

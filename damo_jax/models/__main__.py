@@ -127,7 +127,7 @@ def identify_weights(path, config=None) -> tuple[str, int, bool]:
     from damo_jax.config import load_config
     from damo_jax.errors import ConfigError
     from damo_jax.inference.loading import read_weights_file
-    from damo_jax.interop.convert import identify_model
+    from damo_jax.interop.convert import classifier_outputs, identify_model
     state_dict = read_weights_file(path)
     found = identify_model(state_dict)
     if not found:
@@ -140,9 +140,8 @@ def identify_weights(path, config=None) -> tuple[str, int, bool]:
     if config is not None and load_config(config).model.name != name:
         raise ConfigError(f"--weights {path}: holds DAMO-YOLO-{name.upper()}, not --config {config} "
                           f"(leave --config out, or use --config {name})")
-    cls = [v for k, v in state_dict.items() if k.split("module.", 1)[-1].startswith("head.gfl_cls.")
-           and k.endswith(".weight")]
-    num_classes = int(np.shape(cls[0])[0])
+    legacy = bool(load_config(name).model.head.get("legacy", False))   # one extra channel
+    num_classes = classifier_outputs(state_dict) - legacy
     print(f"{path}: DAMO-YOLO-{name.upper()} (--config {name}), {num_classes} classes, "
           f"{'RepConv branches folded (a deploy state dict)' if folded else 'train graph'}")
     return name, num_classes, folded
