@@ -202,19 +202,24 @@ class _Reorder:
         _check(lib.dnnl_primitive_create(byref(self.prim), pd), "reorder")
 
 
-def _conv_pds(lib, engine, x_shape, w_shape, strides, padding):
+def _conv_pds(lib, engine, x_shape, w_shape, strides, padding, activations="nhwc"):
     """Primitive descriptors of one conv: ``({"fwd", "bwd_data", "bwd_weights"} -> pd, y_shape)``.
 
     ``x_shape`` NHWC, ``w_shape`` HWIO, ``padding`` ((top, bottom), (left, right)), no dilation;
     activations NHWC float32, kernel in oneDNN's preferred layout (``format_tag_any``); the
     backward descriptors are hinted by the forward-training one. ``y_shape`` is NHWC. Each pd
     holds oneDNN's first-choice implementation (``benchmarks/onednn_impls.py`` walks the others).
+    ``activations="any"`` lets oneDNN choose the activations' layout too (its blocked ones, as a
+    network kept in that layout would run; only ``benchmarks/onednn_impls.py --layouts`` asks).
     """
     n, h, w, c = x_shape
     kh, kw, _, d = w_shape
     (pt, pb), (pl, pr) = padding
     ho, wo = _out_hw((h, w), (kh, kw), strides, padding)
-    src, dst = _md_nhwc(lib, n, c, h, w), _md_nhwc(lib, n, d, ho, wo)
+    if activations == "any":
+        src, dst = _md_any(lib, (n, c, h, w)), _md_any(lib, (n, d, ho, wo))
+    else:
+        src, dst = _md_nhwc(lib, n, c, h, w), _md_nhwc(lib, n, d, ho, wo)
     w_any = _md_any(lib, _weight_dims(x_shape, w_shape))
     st, dl = _Dims(*strides), _Dims(0, 0)
     lo, hi = _Dims(pt, pl), _Dims(pb, pr)
