@@ -109,6 +109,10 @@ log line; docs/bench_train.md §0w):
 **AP50 ≥ 0.5 at 5.3 minutes** (epoch 7; whole command 6.7 min): another trajectory than on Zen 5
 (other oneDNN kernels, other float32 rounding). The same clone with oneDNN and XLA capped to AVX2
 (a stand-in for an AVX2-only CPU): 0.5 at 5.6 minutes (0.533 at epoch 7), whole command 7.0 min.
+The same digits again on this host kind from fresh clones of d348740 (2026-12-06 06:41–06:49 UTC,
+105 s install; minutes to each evaluation's TensorBoard event, §0z) and 937ca8c (09:08–09:15 UTC,
+83 s install, §0za): ≥ 0.5 at epoch 7 after 6.0 and **5.2** minutes (1.4 / 2.1 / 2.7 / 3.3 / 3.9 /
+4.5 / **5.2** / 5.8 / 6.5 in the later run; whole training command 7.6 and 6.6 min).
 
 The same host with 8dd8428 (1×1 convs as dot, cache-blocked kernel gradients; 15:08–15:19 UTC;
 minutes = the progress bar's elapsed time + 0.45 min, the bar starting 27 s after the command:
