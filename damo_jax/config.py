@@ -220,6 +220,10 @@ def resolve_config_path(name_or_path: str, flag: str = "--config") -> Path:
     if "/" not in name_or_path and cand.is_file():
         return cand
     what = "config file not found" if p.suffix == ".py" else "not a known config name"
+    if p.suffix != ".py" and "/" not in name_or_path:
+        import difflib
+        close = difflib.get_close_matches(name_or_path.lower(), known_config_names(), n=1, cutoff=0.6)
+        what += f"; did you mean {close[0]!r}?" if close else ""
     raise InputPathError(f"{flag} {name_or_path!r}: {what} (known names: "
                          f"{', '.join(known_config_names())}; or give a path to a .py config file)")
 
@@ -239,9 +243,37 @@ def load_config(name_or_path) -> ml_collections.ConfigDict:
         spec.loader.exec_module(module)
     except SyntaxError as e:
         raise ConfigError(f"config file {path}: syntax error line {e.lineno}: {e.msg}") from e
-    if not hasattr(module, "get_config"):
+    except Exception as e:   # noqa: BLE001 (a user's file: any error is a config mistake)
+        raise _config_file_error(path, "importing it", e) from e
+    if not callable(getattr(module, "get_config", None)):
         raise ConfigError(f"config file {path}: config files must define get_config()")
-    return module.get_config()
+    try:
+        cfg = module.get_config()
+    except Exception as e:   # noqa: BLE001
+        raise _config_file_error(path, "get_config()", e) from e
+    if not isinstance(cfg, ml_collections.ConfigDict):
+        raise ConfigError(f"config file {path}: get_config() returned a {type(cfg).__name__}, expected "
+                          f"an ml_collections.ConfigDict (start from load_config('<model>') and "
+                          f"change it, as configs/demo_ns.py does)")
+    return cfg
+
+
+def _config_file_error(path: Path, what: str, e: Exception):
+    """A ConfigError for an exception raised while a config file ran: ``config file PATH: WHAT
+    raised TYPE: MESSAGE (line N)``, the line being the file's own last frame in the traceback."""
+    from damo_jax.errors import ConfigError, UserError
+    line, own = None, path.resolve()
+    tb = e.__traceback__
+    while tb is not None:
+        if Path(tb.tb_frame.f_code.co_filename).resolve() == own:
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    where = f" (line {line})" if line else ""
+    message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if isinstance(e, UserError):       # e.g. load_config('<unknown name>') inside get_config()
+        return ConfigError(f"config file {path}: {message}{where}")
+    return ConfigError(f"config file {path}: {what} raised {type(e).__name__}"
+                       f"{': ' + message if message else ''}{where}")
 
 
 def _parse_value(text: str, current, key: str):

@@ -81,12 +81,36 @@ def without(args, flag):
 CLIS = ("train", "eval", "predict", "export onnx", "to_onnx.py", "show", "info")
 
 
+# a config .py that fails when it runs (a user's file): (text, what the error line says)
+CONFIG_FILE_MISTAKES = {
+    "config file import fails": ("import no_such_module_xyz\n",
+                                 "importing it raised ModuleNotFoundError: No module named "
+                                 "'no_such_module_xyz' (line 1)"),
+    "get_config raises": ("def get_config():\n    raise ValueError('boom')\n",
+                          "get_config() raised ValueError: boom (line 2)"),
+    "get_config takes an argument": ("def get_config(x):\n    return x\n",
+                                     "get_config() raised TypeError"),
+    "get_config returns a dict": ("def get_config():\n    return {'train': {}}\n",
+                                  "get_config() returned a dict, expected an ml_collections.ConfigDict"),
+    "config value of the wrong type": (
+        "from damo_jax.config import load_config\n\ndef get_config():\n    c = load_config('demo')\n"
+        "    c.train.batch_size = 'eight'\n    return c\n",
+        "get_config() raised TypeError: Could not override field 'batch_size'"),
+}
+
+
 def mistakes(f):
     """(cli, mistake) -> (argv, text the error line must contain)."""
     table = {}
     for cli in CLIS:
         base = base_args(cli, f)
         table[cli, "unknown config name"] = (base_args(cli, f, config="nosuchmodel"), "nosuchmodel")
+        table[cli, "config name typo"] = (base_args(cli, f, config="dmeo"), "did you mean 'demo'?")
+        for mistake, (text, must) in CONFIG_FILE_MISTAKES.items():
+            path = f["root"] / "cfgs" / f"{mistake.replace(' ', '_')}.py"
+            path.parent.mkdir(exist_ok=True)
+            path.write_text(text)
+            table[cli, mistake] = (base_args(cli, f, config=str(path)), f"config file {path}: {must}")
         table[cli, "batch_size=abc"] = (base + ["--config.train.batch_size=abc"], "train.batch_size")
         table[cli, "batch_size=0"] = (base + ["--config.train.batch_size=0"], "train.batch_size")
         table[cli, "misspelt key"] = (base + ["--config.train.bach_size=3"], "bach_size")
@@ -145,6 +169,7 @@ CASES = [("train", "unknown config name"), ("train", "missing --data folder"),
          ("train", "finetune given a run folder"),
          ("train", "unknown config section"), ("train", "coco: folder missing"),
          ("train", "bad grad_impl")]
+CASES += [(cli, m) for cli in CLIS for m in ("config name typo", *CONFIG_FILE_MISTAKES)]
 CASES += [(cli, m) for cli in CLIS[1:] for m in (
     "unknown config name", "batch_size=abc", "batch_size=0", "misspelt key", "--img-size 100",
     "bad flag")]
