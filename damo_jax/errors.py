@@ -34,6 +34,17 @@ class ConfigKeyError(ConfigError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+def refuse_url(path, flag: str) -> None:
+    """A :class:`ConfigError` for an output named by a URL (``gs://bucket/run``, ``s3://…``):
+    outputs go through the local file system, where ``gs://b/run`` would silently become a local
+    folder ``gs:/b/run``. ``flag`` names the option (``--workdir``) or the argument."""
+    import re
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", str(path)):
+        raise ConfigError(f"{flag} {path}: a URL; outputs are written to local paths only (mount "
+                          f"the bucket with Cloud Storage FUSE, or use a Drive folder on Colab: "
+                          f"docs/SCALING.md)")
+
+
 def is_probability(value) -> bool:
     """True for a finite real number in [0, 1] (not a bool): the rule for every score / IoU
     threshold, whether it comes from a config (``test.conf_thre``) or a flag (``--conf``)."""

@@ -4,6 +4,8 @@ JAX / numpy traceback, never a silent wrong result — and the documented conven
 (a run directory given to ``load_model`` positionally, a JAX batch array to ``Detector``)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,6 +76,9 @@ def test_train_checks_the_config_before_writing_anything(tmp_path):
     with pytest.raises(InputPathError, match="'demo_nss': not a known config name"):
         train("demo_nss", tmp_path / "run")
     assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match="workdir gs://bucket/run: a URL"):
+        train("demo", "gs://bucket/run")          # not a local folder named 'gs:'
+    assert not Path("gs:").exists()
 
 
 def test_detector_takes_a_jax_batch_and_decides_the_value_range_per_batch(oracle):

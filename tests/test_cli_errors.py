@@ -153,7 +153,12 @@ def mistakes(f):
                            ("show", "--out", ".png")):
         table[cli, "output under a file"] = (without(base_args(cli, f), flag) + [flag, under_file + ext],
                                              f"{flag} {under_file}{ext}: cannot create")
+        url = f"gs://bucket/run/x{ext}"          # Path() would make it a local folder 'gs:'
+        table[cli, "output is a URL"] = (without(base_args(cli, f), flag) + [flag, url],
+                                         f"{flag} {url}: a URL; outputs are written to local paths")
     for flag in ("--json-out", "--stats-out", "--out"):
+        table["eval", f"{flag} a URL"] = (base_args("eval", f) + [flag, "s3://b/x.json"],
+                                         f"{flag} s3://b/x.json: a URL")
         table["eval", f"{flag} under a file"] = (base_args("eval", f) + [flag, under_file + "/x"],
                                                 f"{flag} {under_file}/x: cannot create")
     table["show", "--out not an image"] = (without(base_args("show", f), "--out") + ["--out", "grid.txt"],
@@ -177,6 +182,8 @@ CASES += [(cli, m) for cli in ("eval", "show") for m in ("missing --data folder"
 CASES += [(cli, m) for cli in ("eval", "predict", "export onnx", "to_onnx.py") for m in (
     "--checkpoint missing dir", "--weights missing file", "malicious .pth", "--weights without --config")]
 CASES += [(cli, "output under a file") for cli in ("train", "predict", "export onnx", "to_onnx.py", "show")]
+CASES += [(cli, "output is a URL") for cli in ("train", "predict", "export onnx", "to_onnx.py", "show")]
+CASES += [("eval", f"{flag} a URL") for flag in ("--json-out", "--stats-out", "--out")]
 CASES += [("show", "--out not an image")]
 CASES += [("eval", f"{flag} under a file") for flag in ("--json-out", "--stats-out", "--out")]
 CASES += [("eval", "no model source"), ("predict", "no model source"), ("predict", "missing --source"),

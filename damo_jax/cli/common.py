@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from damo_jax.errors import (EXIT_USER_ERROR, ConfigError, InputPathError, debug_enabled, one_line,
-                             user_error_types)
+                             refuse_url, user_error_types)
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 EXIT_INTERRUPTED = 128 + 2        # SIGINT, as a shell reports it
@@ -291,7 +291,9 @@ def _make_folder(folder: Path, where: str, name: str) -> None:
 
 def output_dir(path, flag: str) -> Path:
     """Create the output folder ``path`` (parents too) and check that it is writable, before any
-    work is done; an :class:`InputPathError` naming ``flag`` when it cannot be."""
+    work is done; an :class:`InputPathError` naming ``flag`` when it cannot be, a ConfigError for
+    a URL."""
+    refuse_url(path, flag)
     out = Path(path)
     _make_folder(out, f"{flag} {path}", "this folder")
     return out
@@ -301,6 +303,7 @@ def output_file(path, flag: str, *, suffix: str | None = None, inputs=None) -> P
     """:func:`output_dir` for the folder of the output file ``path``; also rejects a folder, a name
     without ``suffix`` (e.g. ``".onnx"``) and a path that is one of the command's ``inputs``
     (``{flag: path or None}``): an export never overwrites what it reads."""
+    refuse_url(path, flag)
     out = Path(path)
     if out.is_dir():
         raise InputPathError(f"{flag} {path}: is a folder, expected a file name")

@@ -792,6 +792,8 @@ def train(cfg, workdir, *, progress: bool = True) -> dict:
     checked (:func:`~damo_jax.config.validate_config`, :func:`~damo_jax.config.validate_recipe`:
     a ``ConfigError`` naming the key) before anything is written to ``workdir``."""
     from damo_jax.config import load_config, validate_config, validate_recipe
+    from damo_jax.errors import refuse_url
+    refuse_url(workdir, "workdir")
     if isinstance(cfg, (str, os.PathLike)):
         cfg = load_config(cfg)
     validate_recipe(validate_config(cfg))
