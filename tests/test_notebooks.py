@@ -3,8 +3,8 @@ with tiny settings: ``colab/train_tpu.ipynb`` trains the demo recipe (``demo_ns`
 Ns-shaped test network of ``train_setup.py`` (a config file given as ``CONFIG``, as a user passes
 their own) for 2 steps at 64×64 on ``demo:64``, shows curves and predictions, resumes for 1 more step, then trains on
 "own data" (the demo folder read as COCO); ``colab/eval_export.ipynb`` evaluates that run, exports
-it to ONNX and OpenVINO, checks both against JAX inside the notebook (it raises on a mismatch) and
-predicts with the exported model. A cell that raises fails the test (papermill
+it to ONNX and OpenVINO (an FP16 IR), checks both against JAX inside the notebook (it raises on a
+mismatch) and predicts with the exported model. A cell that raises fails the test (papermill
 ``PapermillExecutionError``). The repository copies must carry no outputs.
 """
 from __future__ import annotations
@@ -47,6 +47,26 @@ def test_notebooks_are_stripped_and_parameterised():
         tagged = [c for c in code if "parameters" in c.metadata.get("tags", [])]
         assert len(tagged) == 1 and "INSTALL = True" in tagged[0].source, name
         assert "YOUR_ORG" not in json.dumps(nb)
+
+
+def test_kernel_never_takes_the_accelerator_and_commands_get_the_runtime_env():
+    """A TPU admits one process: the notebook kernel must not initialise JAX on it, or the
+    ``damo-jax`` subprocesses (which train and evaluate) would find it taken and fall back to the
+    CPU. So the kernel pins its own JAX to the CPU before any JAX / damo_jax import, keeps the
+    runtime's environment for the commands, asks for the devices in a subprocess, and every
+    command gets that environment."""
+    for name in NOTEBOOKS:
+        nb = nbformat.read(ROOT / "colab" / name, as_version=4)
+        code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+        pin = code.index('os.environ["JAX_PLATFORMS"] = "cpu"')
+        assert code.index("CLI_ENV = dict(os.environ)") < pin, name
+        for first_use in ("import jax", "from damo_jax", "import damo_jax"):
+            at = code.find(first_use)
+            assert at == -1 or at > pin, (name, first_use)
+        assert "jax.devices()" not in code.replace('"count=jax.device_count(), devices=[str(d) for d in jax.devices()]', ""), name
+        assert "jax.device_count()" not in code.replace("count=jax.device_count()", ""), name
+        assert code.count("env=CLI_ENV") == 2, name        # the device query and damo()
+        assert "read1(" in code, name                      # progress bars: '\r' reaches the output
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +118,7 @@ def test_notebooks_execute_on_cpu(kernel_env):
     assert (work / "runs" / "nb_own" / "curves.png").is_file()
     t_eval = _execute("eval_export.ipynb", work, dict(
         INSTALL=False, CHECKPOINT="runs/nb_demo", DATA="demo:64", IMG_SIZE=64, OUT_DIR="exported",
-        NUM_IMAGES=2))
+        NUM_IMAGES=2, FP16=True))     # the ONNX file is checked at the float32 tolerances, the IR at FP16's
     for f in ("model.onnx", "model.xml", "stats_jax.json", "stats_openvino.json"):
         assert (work / "exported" / f).is_file(), f
     print(f"notebook run time: train_tpu {t_train:.0f} s, eval_export {t_eval:.0f} s")
