@@ -182,6 +182,31 @@ def test_repeated_annotation_ids_do_not_drop_ground_truth_boxes(tmp_path, caplog
     assert stats["AP50"] == pytest.approx(1.0) and stats["AP"] == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("bad_id", [0, -4])
+def test_annotation_ids_below_one_are_renumbered(tmp_path, caplog, bad_id):
+    """pycocotools' COCOeval stores the matched ground truth's id per detection, 0 meaning
+    'unmatched': a ground-truth box with id 0 turned its true positive into a false positive
+    (the audit: AP 0.4155 instead of 0.4199, one raw UserWarning). Ids < 1 are now renumbered
+    like repeats (warned, counted) and perfect detections score 1.0."""
+    import json
+    fake = ColorBoxDataset(num_images=3)
+    root = write_coco_folder(tmp_path / "coco", fake)
+    ann_file = root / "annotations" / "instances_val.json"
+    data = json.loads(ann_file.read_text())
+    data["annotations"][0]["id"] = bad_id
+    ann_file.write_text(json.dumps(data))
+    perfect = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"],
+                "score": 0.9} for a in data["annotations"]]
+    assert coco_evaluate(data, perfect)["AP50"] < 1.0 or bad_id != 0   # what the raw ids do
+    with caplog.at_level(logging.WARNING):
+        ds = open_dataset(f"coco:{root}", "val")
+    gt = ds.to_coco_dict()
+    assert min(a["id"] for a in gt["annotations"]) >= 1
+    assert "are 0 or negative" in caplog.text and ds.stats["renumbered_annotation_ids"] == len(gt["annotations"])
+    stats = coco_evaluate(gt, perfect)
+    assert stats["AP50"] == pytest.approx(1.0) and stats["AP"] == pytest.approx(1.0)
+
+
 def test_images_the_yolo_reader_skips_at_open_count_as_skipped(tmp_path, oracle):
     """A YOLO val image whose header cannot be read is left out when the data opens; the result's
     images_skipped used to count only the images skipped later, when read."""

@@ -227,11 +227,18 @@ def read_coco(ann_file: str | os.PathLike, image_dir: str | os.PathLike, *, name
                                "image_id": iid, "category_id": cid, "bbox": [x, y, w, h],
                                "area": area, "iscrowd": int(crowd)})
     ids = [a["id"] for a in gt_annotations]
-    if len(set(ids)) != len(ids):      # COCOeval keys the ground truth by id: a repeat drops boxes
+    # COCOeval keys the ground truth by id (a repeat drops boxes) and stores the matched ground
+    # truth's id per detection with 0 meaning "unmatched" (an id 0 turns its true positives into
+    # false positives): the ids must be unique and >= 1
+    not_positive = sum(1 for i in ids if i < 1)
+    if len(set(ids)) != len(ids) or not_positive:
         repeats = len(ids) - len(set(ids))
-        log.warning("%s: %d annotation id(s) repeat (or collide with the index numbers given to "
-                    "annotations without an id); the evaluation ground truth numbers all %d "
-                    "annotations 1..%d instead", file, repeats, len(ids), len(ids))
+        why = ([f"{repeats} annotation id(s) repeat (or collide with the index numbers given to "
+                f"annotations without an id)"] if repeats else []) + (
+            [f"{not_positive} annotation id(s) are 0 or negative (COCOeval reads id 0 as "
+             f"'unmatched')"] if not_positive else [])
+        log.warning("%s: %s; the evaluation ground truth numbers all %d annotations 1..%d instead",
+                    file, "; ".join(why), len(ids), len(ids))
         stats["renumbered_annotation_ids"] += len(ids)
         for k, a in enumerate(gt_annotations):
             a["id"] = k + 1
