@@ -166,3 +166,31 @@ def test_cli_outputs_never_overwrite_what_eval_reads(tmp_path):
     old_report.write_text("{}")
     common.check_not_in_data(old_report, "--stats-out", f"coco:{coco_dir}")
     common.check_not_in_data(coco_dir / "new.json", "--stats-out", f"coco:{coco_dir}")   # a new file
+
+
+def test_cli_output_that_fails_to_write_after_the_evaluation_is_one_error_line(tmp_path, capsys, monkeypatch):
+    """--json-out / --stats-out are checked before the evaluation, but a disk can still fill up
+    when they are written: that was a traceback after the whole run. Now the stats stay printed,
+    the other output is still written, and one error line names the flag and the reason (exit 2)."""
+    import builtins
+    coco_dir = write_coco_folder(tmp_path / "coco", ColorBoxDataset(num_images=2))
+    config_file = write_two_class_config(tmp_path / "two_class.py")
+    weights = write_random_weights(tmp_path / "w.npz", load_config(str(config_file)))
+    full, ok = tmp_path / "dets.json", tmp_path / "stats.json"
+    real_open = builtins.open
+
+    def disk_full(path, *args, **kwargs):
+        if str(path) == str(full) and args[:1] == ("w",):
+            raise OSError(28, "No space left on device", str(path))
+        return real_open(path, *args, **kwargs)
+    monkeypatch.setattr(builtins, "open", disk_full)
+    with pytest.raises(SystemExit) as exc:
+        main(["--config", str(config_file), "--weights", str(weights), "--data", f"coco:{coco_dir}",
+              "--split", "val", "--img-size", "64", "64", "--no-progress", "--json-out", str(full),
+              "--stats-out", str(ok)])
+    captured = capsys.readouterr()
+    assert exc.value.code == 2
+    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: --json-out {full}: cannot write (No space left on device) "
+                      f"(the stats are printed above)"], captured.err
+    assert '"AP50"' in captured.out and json.loads(ok.read_text())["images_scored"] == 2

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from damo_jax.cli import common
-from damo_jax.errors import ConfigError
+from damo_jax.errors import ConfigError, InputPathError
 
 log = logging.getLogger("damo_jax.cli.eval")
 PROG = "damo-jax eval"
@@ -149,12 +149,15 @@ def run(args, overrides) -> dict:
              stats["images_skipped"])
     print_coco_table(stats)
     print(json.dumps({k: round(v, 5) for k, v in stats.items()}))
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(detections, f)
-    if args.stats_out:
-        with open(args.stats_out, "w") as f:
-            json.dump(stats, f, indent=1)
+    unwritten = []                     # checked before the evaluation, but a disk can fill up
+    for flag, path, payload, kw in (("--json-out", args.json_out, detections, {}),
+                                    ("--stats-out", args.stats_out, stats, {"indent": 1})):
+        if path:
+            try:
+                with open(path, "w") as f:
+                    json.dump(payload, f, **kw)
+            except OSError as e:
+                unwritten.append(f"{flag} {path}: cannot write ({e.strerror or e})")
     if args.out:
         from damo_jax.evaluation.coco import restrict_to_images
         from damo_jax.evaluation.reports import write_eval_reports
@@ -163,6 +166,8 @@ def run(args, overrides) -> dict:
                                     conf=args.cm_conf, iou=args.cm_iou, use_fast=args.use_fast,
                                     save_json=args.save_json)
         log.info("reports in %s: %s", args.out, ", ".join(sorted(report["files"])))
+    if unwritten:
+        raise InputPathError("; ".join(unwritten) + " (the stats are printed above)")
     return stats
 
 
