@@ -322,6 +322,21 @@ def override_key(item: str) -> str:
     return item.split("=", 1)[0].removeprefix("--").removeprefix("config.")
 
 
+#: names other frameworks use for a setting -> (our key's last part, a note); only for the
+#: "did you mean" hint of an unknown override key
+_KEY_ALIASES = {
+    **dict.fromkeys(("lr", "learning_rate", "base_lr", "lr0"),
+                    ("base_lr_per_img", "the learning rate per image: lr = base_lr_per_img x batch size")),
+    **dict.fromkeys(("nms_iou", "nms_thre", "nms_threshold", "iou", "iou_threshold", "nms"),
+                    ("iou_thre", "the NMS IoU threshold")),
+    **dict.fromkeys(("conf", "conf_threshold", "score_thresh", "score_threshold", "nms_conf"),
+                    ("conf_thre", "the score threshold")),
+    **dict.fromkeys(("imgsz", "img_size", "input_size", "size"), ("image_size", "")),
+    **dict.fromkeys(("total_epochs", "max_epoch", "max_epochs", "num_epochs"), ("epochs", "")),
+    **dict.fromkeys(("num_workers",), ("workers", "")),
+}
+
+
 def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
     """Apply ``key.sub=value`` overrides (the ``--config.key.sub=value`` CLI form, prefix optional).
 
@@ -341,8 +356,12 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) ->
         for depth, p in enumerate(parts):
             if not isinstance(node, (ml_collections.ConfigDict, dict)) or p not in node:
                 known = [k for k, _ in flat_items(cfg)]
-                close = difflib.get_close_matches(key, known, n=1)
-                hint = f"; did you mean --config.{close[0]}?" if close else ""
+                alias = _KEY_ALIASES.get(parts[-1].lower())
+                close = sorted((k for k in known if alias and k.endswith("." + alias[0])),
+                               key=lambda k: not k.startswith(parts[0] + "."))[:1] \
+                    or difflib.get_close_matches(key, known, n=1)    # the same section first
+                hint = (f"; did you mean --config.{close[0]}?" if close else "") + (
+                    f" ({alias[1]})" if alias and alias[1] and close else "")
                 what = "config key" if depth == len(parts) - 1 else "config section"
                 raise ConfigKeyError(f"--config.{key}: unknown {what} {p!r}{hint}")
             if depth < len(parts) - 1:

@@ -183,3 +183,22 @@ def test_a_detector_with_too_few_class_names_says_so_once(oracle, caplog):
     assert set(names) == {CLASS_NAMES[0], "1"}
     warnings = [r for r in caplog.records if "has no class name" in r.getMessage()]
     assert len(warnings) == 1 and "label 1" in warnings[0].getMessage()
+
+
+@pytest.mark.parametrize("key, hint", [
+    ("train.lr", "did you mean --config.train.base_lr_per_img? (the learning rate per image"),
+    ("train.learning_rate", "did you mean --config.train.base_lr_per_img?"),
+    ("test.nms_iou", "did you mean --config.test.iou_thre? (the NMS IoU threshold)"),
+    ("test.score_thresh", "did you mean --config.test.conf_thre?"),
+    ("test.imgsz", "did you mean --config.test.image_size?"),       # the same section's key first
+    ("data.imgsz", "did you mean --config.data.image_size?"),
+    ("data.num_workers", "did you mean --config.data.workers?"),
+    ("train.bach_size", "did you mean --config.train.batch_size?"),    # no alias: the closest key
+])
+def test_unknown_override_key_hints_at_the_setting_meant(key, hint):
+    """The audit: --config.train.lr=0.1 suggested train.ema, --config.test.nms_iou suggested
+    pre_nms_topk. Names other frameworks use now point at our key."""
+    from damo_jax.errors import ConfigKeyError
+    with pytest.raises(ConfigKeyError) as info:
+        apply_overrides(load_config("demo"), [f"{key}=1"])
+    assert hint in str(info.value), str(info.value)
