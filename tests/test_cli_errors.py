@@ -252,6 +252,12 @@ def test_help_of_every_command_has_examples():
         r = run([sys.executable, "-m", "damo_jax", name, "--help"])
         assert r.returncode == 0, (name, r.stderr)
         assert "example" in r.stdout and "damo-jax" in r.stdout, name
+        # the commands take --config.KEY=VALUE overrides and say so (train lists every key;
+        # export's targets below)
+        assert name == "export" or "--config.KEY=VALUE" in r.stdout, name
+    for sub in ("onnx", "int8"):
+        r = run([sys.executable, "-m", "damo_jax", "export", sub, "--help"])
+        assert r.returncode == 0 and "Config overrides: --config.KEY=VALUE" in r.stdout, (sub, r.stderr)
 
 
 def test_ctrl_c_is_one_line_and_exit_130(capsys):

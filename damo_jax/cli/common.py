@@ -130,12 +130,19 @@ def command_parser(prog: str, doc: str, add_arguments: Callable) -> Parser:
     return p
 
 
+OVERRIDES_HELP = ("Config overrides: --config.KEY=VALUE sets any key of the model's config, e.g. "
+                  "--config.test.conf_thre=0.05 (a flag and an override of the same setting are "
+                  "refused); `damo-jax train --help` lists every key with its default.")
+
+
 def run_command(build_parser: Callable, run: Callable, argv, prog: str):
     """``run(build_parser(prog).parse_args(rest), overrides)`` under the error policy, with the
     ``--config.KEY=VALUE`` overrides split off ``argv``."""
     def go(argv):
         rest, overrides = split_overrides(argv)
-        return run(build_parser(prog).parse_args(rest), overrides)
+        parser = build_parser(prog)
+        parser.epilog = "\n\n".join(filter(None, ((parser.epilog or "").rstrip("\n"), OVERRIDES_HELP)))
+        return run(parser.parse_args(rest), overrides)
     return run_cli(go, argv)
 
 
