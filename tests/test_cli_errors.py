@@ -161,6 +161,12 @@ def mistakes(f):
                                          f"{flag} s3://b/x.json: a URL")
         table["eval", f"{flag} under a file"] = (base_args("eval", f) + [flag, under_file + "/x"],
                                                 f"{flag} {under_file}/x: cannot create")
+    not_a_run = f["root"] / "not_a_run"
+    not_a_run.mkdir(exist_ok=True)
+    for cli in ("eval", "predict"):
+        table[cli, "--config a folder that is not a run"] = (
+            without(without(base_args(cli, f), "--config"), "--weights") + ["--config", str(not_a_run)],
+            f"--config {not_a_run}: no complete checkpoint")      # the flag the user gave
     table["show", "--out not an image"] = (without(base_args("show", f), "--out") + ["--out", "grid.txt"],
                                            "--out grid.txt: not an image")
     table["info", "--img-size three values"] = (["--config", "demo", "--img-size", "64", "64", "64"],
@@ -185,6 +191,7 @@ CASES += [(cli, "output under a file") for cli in ("train", "predict", "export o
 CASES += [(cli, "output is a URL") for cli in ("train", "predict", "export onnx", "to_onnx.py", "show")]
 CASES += [("eval", f"{flag} a URL") for flag in ("--json-out", "--stats-out", "--out")]
 CASES += [("show", "--out not an image")]
+CASES += [(cli, "--config a folder that is not a run") for cli in ("eval", "predict")]
 CASES += [("eval", f"{flag} under a file") for flag in ("--json-out", "--stats-out", "--out")]
 CASES += [("eval", "no model source"), ("predict", "no model source"), ("predict", "missing --source"),
           ("info", "--img-size three values")]

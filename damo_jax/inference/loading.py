@@ -80,15 +80,17 @@ def load_model(config=None, *, checkpoint=None, weights=None, onnx=None, openvin
     if len(given) > 1:
         raise ConfigError(f"give only one model source, got {', '.join(map(_flag, given))}")
     if not given and not random_init and isinstance(config, (str, os.PathLike)) and Path(config).is_dir():
-        return load_model(checkpoint=config, overrides=overrides, fuse=fuse, export=export,
-                          threads=threads)             # load_model(RUN_DIR): its checkpoint
+        given, checkpoint, config = {"checkpoint": config}, config, None   # load_model(RUN_DIR)
+        flag = "--config"                              # what the user gave: errors name it
+    else:
+        flag = "--checkpoint"
     if not given and not random_init:
         raise ConfigError("no model given: use --checkpoint RUN_DIR (checkpoint=), or --config NAME "
                           "with --weights FILE.pth|.npz (weights=), --onnx FILE.onnx (onnx=) or "
                           "--openvino FILE.xml (openvino=)")
     kind, path = next(iter(given.items())) if given else ("random", None)
     if kind == "checkpoint":
-        cfg, variables, class_names = _checkpoint(checkpoint, config)
+        cfg, variables, class_names = _checkpoint(checkpoint, config, flag)
     else:
         if config is None and kind in ("onnx", "openvino"):
             cfg, class_names = _config_from_export(kind, _existing(_flag(kind), path))
@@ -192,12 +194,12 @@ def _run_dir_call(fn, path, flag: str = "--checkpoint"):
         raise CheckpointCorruptError(f"{flag} {path}: {e}") from e
 
 
-def _checkpoint(path, config):
+def _checkpoint(path, config, flag: str = "--checkpoint"):
     from damo_jax.train.checkpoint import load_for_inference
     if not Path(path).exists():
-        raise InputPathError(f"--checkpoint {path}: no such directory (a training run directory, "
+        raise InputPathError(f"{flag} {path}: no such directory (a training run directory, "
                              f"e.g. runs/demo)")
-    cfg, variables, class_names = _run_dir_call(load_for_inference, path)
+    cfg, variables, class_names = _run_dir_call(load_for_inference, path, flag)
     if config is not None:
         log.warning("using the config stored in checkpoint %s (ignoring --config %r)", path, config)
     return cfg, variables, class_names
