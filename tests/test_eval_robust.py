@@ -207,6 +207,27 @@ def test_annotation_ids_below_one_are_renumbered(tmp_path, caplog, bad_id):
     assert stats["AP50"] == pytest.approx(1.0) and stats["AP"] == pytest.approx(1.0)
 
 
+def test_ground_truth_without_boxes_says_why_the_stats_are_minus_one(tmp_path, oracle, caplog):
+    """Every stat is -1 when the scored images hold no boxes (COCO leaves AP undefined); the audit
+    found that reported with no word of why. Now a warning says so."""
+    import json
+    root = write_coco_folder(tmp_path / "coco", ColorBoxDataset(num_images=2))
+    ann_file = root / "annotations" / "instances_val.json"
+    data = json.loads(ann_file.read_text())
+    data["annotations"] = []
+    ann_file.write_text(json.dumps(data))
+    ds = open_dataset(f"coco:{root}", "val")
+    with caplog.at_level(logging.WARNING):
+        stats = evaluate(*oracle, ds, oracle_config(), progress=False)
+    assert stats["AP"] == -1 and stats["AP50"] == -1 and stats["images_scored"] == 2
+    assert "have no ground-truth boxes: COCO AP and AR are undefined and reported as -1" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):                       # with boxes: no such warning
+        evaluate(*oracle, open_dataset(f"coco:{write_coco_folder(tmp_path / 'c2', ColorBoxDataset(num_images=2))}",
+                                       "val"), oracle_config(), progress=False)
+    assert "no ground-truth boxes" not in caplog.text
+
+
 def test_images_the_yolo_reader_skips_at_open_count_as_skipped(tmp_path, oracle):
     """A YOLO val image whose header cannot be read is left out when the data opens; the result's
     images_skipped used to count only the images skipped later, when read."""

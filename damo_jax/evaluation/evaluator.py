@@ -165,7 +165,11 @@ def score_detections(dataset, detections, scored_ids, *, use_fast=True) -> dict:
     if not scored_ids and total:
         raise DataError(f"evaluate: none of the {total} images of {getattr(dataset, 'name', 'the dataset')} "
                         f"could be read (see the 'skipping image' warnings)")
-    stats = coco_evaluate(dataset.to_coco_dict(), detections, use_fast=use_fast,
+    gt = dataset.to_coco_dict()
+    if not any(not a.get("iscrowd") and int(a["image_id"]) in scored_ids for a in gt["annotations"]):
+        log.warning("the %d scored images of %s have no ground-truth boxes: COCO AP and AR are "
+                    "undefined and reported as -1", len(scored_ids), getattr(dataset, "name", "the dataset"))
+    stats = coco_evaluate(gt, detections, use_fast=use_fast,
                           image_ids=scored_ids if len(scored_ids) < total else None)
     at_open = int(getattr(dataset, "stats", {}).get("skipped_images", 0))
     return dict(stats, detections=len(detections), images_scored=len(scored_ids),
