@@ -39,6 +39,8 @@ import traceback
 
 import numpy as np
 
+from damo_jax.errors import ConfigError
+
 HEARTBEAT_ENV = "DAMO_JAX_HEARTBEAT_TIMEOUT_S"
 INIT_TIMEOUT_ENV = "DAMO_JAX_INIT_TIMEOUT_S"
 BARRIER_TIMEOUT_ENV = "DAMO_JAX_BARRIER_TIMEOUT_S"
@@ -148,6 +150,42 @@ def check_process_slices(rows, values, expected) -> None:
     if not np.array_equal(all_values, expected[all_rows]):
         raise RuntimeError(f"the processes read {got['values'].tolist()} for their rows "
                            f"{got['rows'].tolist()} of the global batch, expected {expected.tolist()}")
+
+
+class SettingsMismatchError(ConfigError):
+    """The processes of one run were started with different settings (raised in every process)."""
+
+
+def check_same_settings(settings: dict) -> None:
+    """Raise :class:`SettingsMismatchError` in EVERY process unless all processes hold the same
+    ``settings`` (flat ``{key: value}``, e.g. the run's config): a process started with another
+    learning rate or seed would train its own model copy silently, another batch size would
+    crash in a collective. Every process gets the same verdict (the digests are all-gathered),
+    and the message names the keys that differ from process 0's, process by process."""
+    import json
+
+    import jax
+    if jax.process_count() == 1:
+        return
+    text = json.dumps(settings, sort_keys=True, default=repr).encode()
+    digest = np.frombuffer(hashlib.sha256(text).digest()[:16], np.int32)
+    digests = allgather_rows({"d": digest[None]})["d"]
+    differ = [i for i in range(len(digests)) if not np.array_equal(digests[i], digests[0])]
+    if not differ:
+        return
+    lengths = allgather_rows({"n": np.array([[len(text)]], np.int32)})["n"].reshape(-1)
+    padded = np.zeros((1, int(lengths.max())), np.int32)
+    padded[0, :len(text)] = np.frombuffer(text, np.uint8)
+    texts = allgather_rows({"t": padded})["t"]
+    each = [json.loads(bytes(texts[i, :lengths[i]].astype(np.uint8)).decode()) for i in range(len(texts))]
+    parts = []
+    for i in differ:
+        keys = sorted(k for k in set(each[0]) | set(each[i]) if each[0].get(k) != each[i].get(k))
+        shown = ", ".join(f"{k} = {each[i].get(k)!r} (process 0: {each[0].get(k)!r})" for k in keys[:4])
+        parts.append(f"process {i}: {shown}" + (f" and {len(keys) - 4} more" if len(keys) > 4 else ""))
+    raise SettingsMismatchError(f"the {len(each)} processes were started with different settings — "
+                                f"{'; '.join(parts)}; start every process with the same command and "
+                                f"--config overrides")
 
 
 OWN_CACHE_SUBDIR = "damo_jax_process_executables"

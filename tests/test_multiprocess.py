@@ -127,9 +127,10 @@ class Job:
     """The processes of one run; logs in <workdir>.logs/p<i>.{out,err}."""
 
     def __init__(self, shared: Path, workdir: Path, processes: int, env_per_process=None, flags=False,
-                 logs: str = "logs"):
+                 logs: str = "logs", args_per_process=None):
         """``flags``: coordinator / process count / id as CLI flags (--coordinator, --num-processes,
-        --process-id) instead of JAX_* environment variables; logs go to ``<workdir>.<logs>``."""
+        --process-id) instead of JAX_* environment variables; logs go to ``<workdir>.<logs>``;
+        ``args_per_process``: {i: [more command-line arguments of process i]}."""
         self.workdir, self.logs = workdir, Path(f"{workdir}.{logs}")
         self.logs.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "damo_jax.train", "--config", str(shared / "mp_tiny.py"),
@@ -147,6 +148,7 @@ class Job:
                              JAX_PROCESS_ID=str(i))
             else:
                 cmd_i = cmd
+            cmd_i = cmd_i + list((args_per_process or {}).get(i, []))
             env = _env(shared, 4 // processes, **extra)
             with open(self.logs / f"p{i}.out", "w") as out, open(self.logs / f"p{i}.err", "w") as err:
                 self.procs.append(subprocess.Popen(cmd_i, cwd=ROOT, env=env, stdout=out, stderr=err))
@@ -319,3 +321,22 @@ def test_resume_after_killing_both_processes_is_exact(shared, two_processes, kil
     a, b = _state(two_processes.workdir), _state(resumed.workdir)
     for (path, x), (_, y) in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)):
         np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+
+
+def test_processes_started_with_other_settings_are_refused_in_each(shared):
+    """A process started with another learning rate trained its own model copy silently (the
+    audit: exit 0, a wrong checkpoint); another batch size crashed both in gloo (C++ abort), another
+    seed ended in a traceback. Now every process compares the run's config before any work and
+    each prints one error line naming the keys that differ, exit 2, nothing written."""
+    workdir = shared / "mismatch"
+    job = Job(shared, workdir, 2, args_per_process={
+        1: ["--config.train.base_lr_per_img=0.001", "--config.train.batch_size=8"]})
+    codes = job.wait(timeout=300)
+    assert codes == [2, 2], f"exit codes {codes}\n{job.dump()}"
+    for i in (0, 1):
+        err = job.text(i)
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "Traceback" not in err, job.dump()
+        assert ("process 1: train.base_lr_per_img = 0.001 (process 0: 0.000625), "
+                "train.batch_size = 8 (process 0: 4)") in errors[0], errors[0]
+    assert not (workdir / "checkpoints").exists() and not (workdir / "metrics.jsonl").exists()

@@ -797,11 +797,15 @@ def train(cfg, workdir, *, progress: bool = True) -> dict:
     if isinstance(cfg, (str, os.PathLike)):
         cfg = load_config(cfg)
     validate_recipe(validate_config(cfg))
-    return distributed.exit_on_error(_train, cfg, workdir, progress=progress, passthrough=(NonFiniteError,))
+    return distributed.exit_on_error(_train, cfg, workdir, progress=progress,
+                                     passthrough=(NonFiniteError, distributed.SettingsMismatchError))
 
 
 def _train(cfg, workdir, *, progress: bool = True) -> dict:
-    """One writer per workdir: process 0 holds ``checkpoint.workdir_lock`` for the whole run."""
+    """One writer per workdir: process 0 holds ``checkpoint.workdir_lock`` for the whole run.
+    Multi-process: first, every process must have the same config (one error line in each if not)."""
+    from damo_jax.config import flat_items
+    distributed.check_same_settings(dict(flat_items(cfg)))
     lock = checkpoint.workdir_lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
     with lock:
         return _train_in(cfg, workdir, progress=progress)
