@@ -39,3 +39,47 @@ def test_drop_records_after_leaves_a_file_without_later_steps_untouched(tmp_path
     assert drop_records_after(path, 1) == 1
     assert path.read_text() == '{"kind": "train", "step": 1}\n{"kind": "train", "st\n'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+
+
+def test_a_run_that_starts_again_from_step_0_logs_each_step_once(tmp_path, caplog):
+    """A run stopped before its first checkpoint starts again from step 0 in the same workdir;
+    its old records stayed (the audit: metrics.jsonl with steps 1-8 and evals twice, two
+    TensorBoard files over the same steps). Now they are dropped (warned) and TensorBoard's older
+    events of the redone steps are purged."""
+    import logging
+    import time
+
+    first = TrainLog(tmp_path, total_steps=6, progress=False)
+    for step in (1, 2, 3):
+        first.write_train(step, 0, {"total_loss": float(step)})
+    first.close()
+    time.sleep(1.1)                          # event file names carry the second they were made
+    with caplog.at_level(logging.WARNING):
+        again = TrainLog(tmp_path, total_steps=6, progress=False)     # no checkpoint: step 0
+    assert "dropped 3 records of an earlier run that wrote no checkpoint" in caplog.text
+    for step in (1, 2):
+        again.write_train(step, 0, {"total_loss": 10.0 * step})
+    again.close()
+    records = read_metrics(tmp_path / "metrics.jsonl")["train"]
+    assert [(r["step"], r["total_loss"]) for r in records] == [(1, 10.0), (2, 20.0)]
+    # TensorBoard hides an earlier file's events from a step on when a later file starts with a
+    # SessionLog START at that step (its "purge"): the new file must open with one at step 1
+    files = sorted((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(files) == 2
+    events = _events(files[1])
+    start = [e for e in events if e.HasField("session_log")]
+    assert start and start[0].step == 1 and start[0].session_log.status == start[0].session_log.START
+    assert events.index(start[0]) < min(i for i, e in enumerate(events) if e.HasField("summary"))
+
+
+def _events(path):
+    """The Event protos of a TensorBoard event file (TFRecord framing: length, crc, data, crc)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+    data, out, i = path.read_bytes(), [], 0
+    while i < len(data):
+        (n,) = struct.unpack("<Q", data[i:i + 8])
+        out.append(Event.FromString(data[i + 12:i + 12 + n]))
+        i += 12 + n + 4
+    return out

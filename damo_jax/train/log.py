@@ -20,10 +20,13 @@ each (kind, step) for files written before.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 import time
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 TRAIN_KEYS = ("total_loss", "loss_cls", "loss_bbox", "loss_dfl", "loss_distill")
@@ -46,11 +49,15 @@ class TrainLog:
         if not primary:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
-        if start_step > 0:
-            drop_records_after(self.jsonl_path, int(start_step))
+        # the records of steps after the start are from a run that stopped before its next
+        # checkpoint (or before its first: start_step 0): they are redone, each step logged once
+        dropped = drop_records_after(self.jsonl_path, int(start_step))
+        if dropped and start_step == 0:
+            log.warning("%s: dropped %d records of an earlier run that wrote no checkpoint (this run "
+                        "starts from step 0 again)", self.jsonl_path, dropped)
         from tensorboardX import SummaryWriter
         self._tb = SummaryWriter(logdir=str(self.workdir / "tensorboard"),
-                                 purge_step=int(start_step) + 1 if start_step > 0 else None)
+                                 purge_step=int(start_step) + 1)   # older event files' later steps hidden
         if progress:
             from tqdm import tqdm
             self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
