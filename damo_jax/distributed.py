@@ -35,6 +35,7 @@ import hashlib
 import itertools
 import os
 import sys
+import threading
 import traceback
 
 import numpy as np
@@ -67,14 +68,33 @@ def initialize(multihost: bool, env=os.environ) -> bool:
     import jax
     if str(jax.config.jax_cpu_collectives_implementation or "none") == "none":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")   # CPU processes talk over gloo
-    jax.distributed.initialize(
-        coordinator_address=env.get("JAX_COORDINATOR_ADDRESS") or None,
-        num_processes=int(env["JAX_NUM_PROCESSES"]) if env.get("JAX_NUM_PROCESSES") else None,
-        process_id=int(env["JAX_PROCESS_ID"]) if env.get("JAX_PROCESS_ID") else None,
-        initialization_timeout=int(env.get(INIT_TIMEOUT_ENV, 300)),
-        heartbeat_timeout_seconds=int(env.get(HEARTBEAT_ENV, 100)))
+    timeout = int(env.get(INIT_TIMEOUT_ENV, 300))
+    # JAX's coordination service aborts the process (C++ fatal error, "another task died") when
+    # not every process joins in time: say what happened first, as one error line (exit 2)
+    watchdog = threading.Timer(max(1.0, timeout - 1.0), _join_timed_out, args=(env, timeout))
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        jax.distributed.initialize(
+            coordinator_address=env.get("JAX_COORDINATOR_ADDRESS") or None,
+            num_processes=int(env["JAX_NUM_PROCESSES"]) if env.get("JAX_NUM_PROCESSES") else None,
+            process_id=int(env["JAX_PROCESS_ID"]) if env.get("JAX_PROCESS_ID") else None,
+            initialization_timeout=timeout,
+            heartbeat_timeout_seconds=int(env.get(HEARTBEAT_ENV, 100)))
+    finally:
+        watchdog.cancel()
     _orbax_coordination_barriers()
     return True
+
+
+def _join_timed_out(env, timeout: int) -> None:
+    where = env.get("JAX_COORDINATOR_ADDRESS") or "the coordinator"
+    who = (f"process {env.get('JAX_PROCESS_ID')}/{env.get('JAX_NUM_PROCESSES')}"
+           if env.get("JAX_PROCESS_ID") else "this process")
+    print(f"error: {who}: not every process joined {where} within {timeout} s ({INIT_TIMEOUT_ENV}); "
+          f"start all of them with the same --coordinator and --num-processes and distinct "
+          f"--process-id values", file=sys.stderr, flush=True)
+    os._exit(2)
 
 
 def _orbax_coordination_barriers() -> None:
@@ -247,7 +267,8 @@ def compile_cached(lowered, log=None):
 
 def exit_on_error(fn, *args, passthrough: tuple = (), **kwargs):
     """``fn(*args, **kwargs)``; in a multi-process run an exception prints ``error: process i/n:``
-    with its traceback and ends THIS process at once (``os._exit(1)``): the other processes are then
+    with its traceback and ends THIS process at once (``os._exit(1)``; an interrupt: one
+    ``interrupted (SIGINT|SIGTERM)`` line and ``os._exit(128 + signal)``, as the train CLI exits): the other processes are then
     stopped by the distributed heartbeat instead of hanging in a collective. Exceptions of the
     ``passthrough`` types (raised alike by every process, e.g. a non-finite loss, which all
     processes see) propagate normally."""
@@ -261,6 +282,14 @@ def exit_on_error(fn, *args, passthrough: tuple = (), **kwargs):
     except BaseException as err:  # noqa: BLE001 - any failure must end the whole job
         if isinstance(err, SystemExit) and not err.code:
             raise
+        if isinstance(err, KeyboardInterrupt):      # Ctrl-C / SIGTERM: the documented line, no traceback
+            import signal
+            signum = int(getattr(err, "signum", signal.SIGINT))
+            print(f"interrupted ({signal.Signals(signum).name}) in process {jax.process_index()}/"
+                  f"{jax.process_count()}: exiting so the other processes stop; the same command on "
+                  f"every process resumes from the latest complete checkpoint", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(128 + signum)
         traceback.print_exc()
         print(f"error: process {jax.process_index()}/{jax.process_count()}: {type(err).__name__}: {err}; "
               f"exiting so the other processes stop (distributed heartbeat)", file=sys.stderr, flush=True)

@@ -340,3 +340,43 @@ def test_processes_started_with_other_settings_are_refused_in_each(shared):
         assert ("process 1: train.base_lr_per_img = 0.001 (process 0: 0.000625), "
                 "train.batch_size = 8 (process 0: 4)") in errors[0], errors[0]
     assert not (workdir / "checkpoints").exists() and not (workdir / "metrics.jsonl").exists()
+
+
+def test_ctrl_c_on_every_process_is_one_line_and_exit_130(shared, two_processes):
+    """Ctrl-C in a terminal reaches every process of a localhost run: each printed a traceback
+    and 'error: process i/2: Interrupted: 2', exit 1 (the audit). Now each prints the one
+    documented line and exits 130, and the same command resumes."""
+    from damo_jax.train.checkpoint import Checkpoints
+    job = Job(shared, shared / "ctrl_c", 2, logs="ctrl_c.logs",
+              env_per_process={i: {"DAMO_JAX_TEST_HANG_AT_STEP": "3"} for i in (0, 1)})
+    for i in (0, 1):
+        job.wait_for(i, "[test hook] hanging before step 3")
+    ckpts = Checkpoints(job.workdir / "checkpoints", read_only=True)
+    deadline = time.monotonic() + 120
+    while not ckpts.is_complete(2) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for p in job.procs:
+        p.send_signal(signal.SIGINT)
+    codes = job.wait(timeout=120)
+    assert codes == [130, 130], f"exit codes {codes}\n{job.dump()}"
+    for i in (0, 1):
+        err = job.text(i)
+        assert "Traceback" not in err and "error:" not in err, job.dump()
+        assert f"interrupted (SIGINT) in process {i}/2: exiting so the other processes stop; the same " \
+               f"command on every process resumes from the latest complete checkpoint" in err, job.dump()
+
+
+def test_a_process_whose_peers_never_join_is_one_error_line(shared):
+    """Only process 0 of 2 is started: it ended after DAMO_JAX_INIT_TIMEOUT_S in a C++ abort that
+    blamed 'another task died' (exit 134, the audit). Now one error line says who did not join
+    where, exit 2."""
+    job = Job(shared, shared / "alone", 1, logs="alone.logs",
+              env_per_process={0: {"DAMO_JAX_INIT_TIMEOUT_S": "6"}},
+              args_per_process={0: ["--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2",
+                                    "--process-id", "0"]})
+    codes = job.wait(timeout=120)
+    err = job.text(0)
+    assert codes == [2], f"exit codes {codes}\n{job.dump()}"
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert "process 0/2: not every process joined 127.0.0.1:" in errors[0] and "within 6 s" in errors[0]
