@@ -559,3 +559,18 @@ def test_batch_larger_than_the_data_is_warned():
     from damo_jax.train.loop import oversized_batch_note
     assert oversized_batch_note(8, 8) == "" and oversized_batch_note(4, 800) == ""
     assert oversized_batch_note(16, 8).startswith("train.batch_size 16 > the 8 training images")
+
+
+def test_resume_past_the_end_of_a_shorter_schedule_says_nothing_is_trained(run_a, tmp_path):
+    """A finished 8-step run resumed with a 4-step schedule printed 'step 8 of 4', 'running steps
+    8..4' and 'done', rewriting the pictures with no word that nothing was trained (the audit).
+    Now the log says so."""
+    import shutil
+    workdir = tmp_path / "run"
+    shutil.copytree(run_a[0], workdir)
+    r = run_train(workdir, "--config.train.max_steps=4")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    text = r.stdout + r.stderr
+    assert "no steps to run (checkpoint 8 >= the schedule's last step 4)" in text, text[-3000:]
+    assert "checkpoint 8 is at or past the end of this schedule (step 4" in text, text[-3000:]
+    assert "running steps 8..4" not in text

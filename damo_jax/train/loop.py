@@ -715,6 +715,11 @@ def resume_or_start(run: Run, state: dict) -> dict:
     if changed:
         log.warning("the run continues with settings that differ from the checkpoint's (the schedule "
                     "and data follow the new values; use a new --workdir to start over): %s", changed)
+    if step >= run.rl.last_step:
+        log.warning("checkpoint %d is at or past the end of this schedule (step %d%s): nothing to "
+                    "train; the run's pictures and summary are written again. More epochs "
+                    "(--config.train.epochs) continue it; a new --workdir starts over",
+                    step, run.rl.last_step, f", changed: {changed}" if changed else "")
     for s in steps:
         m = run.ckpts.metrics(s)
         if m and "AP" in m and m["AP"] >= run.best["AP"]:   # ties: the latest, as best_step()
@@ -731,8 +736,10 @@ def describe(run: Run, state: dict, start: int) -> str:
             f"{run.base_lr:.4g}; {len(run.train_ds)} train images, batch "
             f"{cfg.train.batch_size} on {run.replicated.mesh.devices.size} device(s); {rl.steps_per_epoch} "
             f"steps/epoch, {rl.total_steps} total, warmup {rl.warmup_steps}, no-aug from "
-            f"{rl.no_aug_start_step}; running steps {start}..{rl.last_step}; "
-            f"{conv_grad.describe_grad_impl(cfg.model.grad_impl, str(cfg.model.dtype))}"
+            f"{rl.no_aug_start_step}; "
+            + (f"running steps {start}..{rl.last_step}; " if start < rl.last_step else
+               f"no steps to run (checkpoint {start} >= the schedule's last step {rl.last_step}); ")
+            + f"{conv_grad.describe_grad_impl(cfg.model.grad_impl, str(cfg.model.dtype))}"
             + (f"; distilling from {cfg.distill.teacher or 'teacher'} ({run.teacher.source}), "
                f"{cfg.distill.method}, weight {cfg.distill.weight}->{cfg.distill.weight_end}, "
                f"grad clip {cfg.train.grad_clip}" if run.teacher is not None else ""))
