@@ -164,6 +164,9 @@ def mistakes(f):
     not_a_run = f["root"] / "not_a_run"
     not_a_run.mkdir(exist_ok=True)
     for cli in ("eval", "predict"):
+        table[cli, "--checkpoint a file"] = (
+            without(without(base_args(cli, f), "--config"), "--weights") + ["--checkpoint", str(f["image"])],
+            "is a file; expected a training run folder")
         table[cli, "--config a folder that is not a run"] = (
             without(without(base_args(cli, f), "--config"), "--weights") + ["--config", str(not_a_run)],
             f"--config {not_a_run}: no complete checkpoint")      # the flag the user gave
@@ -191,7 +194,8 @@ CASES += [(cli, "output under a file") for cli in ("train", "predict", "export o
 CASES += [(cli, "output is a URL") for cli in ("train", "predict", "export onnx", "to_onnx.py", "show")]
 CASES += [("eval", f"{flag} a URL") for flag in ("--json-out", "--stats-out", "--out")]
 CASES += [("show", "--out not an image")]
-CASES += [(cli, "--config a folder that is not a run") for cli in ("eval", "predict")]
+CASES += [(cli, m) for cli in ("eval", "predict") for m in ("--config a folder that is not a run",
+                                                             "--checkpoint a file")]
 CASES += [("eval", f"{flag} under a file") for flag in ("--json-out", "--stats-out", "--out")]
 CASES += [("eval", "no model source"), ("predict", "no model source"), ("predict", "missing --source"),
           ("info", "--img-size three values")]

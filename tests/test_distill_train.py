@@ -141,6 +141,14 @@ def test_teacher_errors_name_both_configs(tmp_path):
     cfg.distill.teacher, cfg.distill.teacher_weights = "ns", str(tmp_path / "missing.pth")
     with pytest.raises(ConfigError, match="missing.pth"):
         distill.load_teacher(cfg)
+    log_file = tmp_path / "run" / "metrics.jsonl"          # a run's file, not the run (the audit:
+    log_file.parent.mkdir()                                # "no complete checkpoint in .../metrics.jsonl")
+    log_file.write_text("{}\n")
+    cfg.distill.teacher, cfg.distill.teacher_weights = "", str(log_file)
+    with pytest.raises(ConfigError, match=r"metrics.jsonl \(--teacher-weights\): a training run folder or "
+                                          r"an official .pth / .pt / .npz state dict was expected, not a "
+                                          r"\.jsonl file"):
+        distill.load_teacher(cfg)
     cfg.distill.teacher, cfg.distill.teacher_weights = "zz", str(weights)    # an unknown name:
     with pytest.raises(UserError, match=r"^--teacher \(config distill.teacher\) 'zz': not a known"):
         distill.load_teacher(cfg)                          # named as --teacher (was --config)

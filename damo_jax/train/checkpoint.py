@@ -321,6 +321,9 @@ def resolve(path, step="best") -> tuple[Path, int]:
     p = Path(path).absolute()
     if not p.exists():
         raise InputPathError(f"checkpoint path {p} does not exist")
+    if not p.is_dir():
+        raise InputPathError(f"{p} is a file; expected a training run folder (its checkpoints/ "
+                             f"holds <step>/ folders written by damo_jax.train.loop)")
     if (p / "_CHECKPOINT_METADATA").is_file() and p.name.isdigit():
         return p.parent, int(p.name)
     if (p / CKPT_SUBDIR).is_dir():

@@ -155,13 +155,18 @@ def load_teacher(cfg) -> Teacher:
     path = Path(str(d.teacher_weights)).expanduser()
     if not path.exists():
         raise ConfigError(f"config distill.teacher_weights={path}: no such file or directory")
-    if path.is_dir() or path.suffix not in (".pth", ".pt", ".ckpt", ".npz"):
+    if not path.is_dir() and path.suffix not in (".pth", ".pt", ".ckpt", ".npz"):
+        raise ConfigError(f"config distill.teacher_weights={path} (--teacher-weights): a training run "
+                          f"folder or an official .pth / .pt / .npz state dict was expected, not a "
+                          f"{path.suffix or 'suffix-less'} file")
+    if path.is_dir():
         from damo_jax.train import checkpoint
         stored_cfg, variables, names = checkpoint.load_for_inference(path, which="ema")
         base = load_config(d.teacher).model if d.teacher else stored_cfg.model
         tcfg = _teacher_cfg(cfg, base)
         has_head = tuple(names) == tuple(cfg.model.class_names)
-        note = "" if has_head else f"the teacher's classes {list(names)[:5]} differ from the data's"
+        more = " ..." if len(names) > 5 else ""
+        note = "" if has_head else f"the teacher's classes {list(names)[:5]}{more} differ from the data's"
         variables = {c: {k: v for k, v in variables[c].items() if has_head or k in TEACHER_PARTS}
                      for c in ("params", "batch_stats")}
         source = f"damo_jax checkpoint {path} (EMA)"
