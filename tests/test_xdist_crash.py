@@ -147,3 +147,54 @@ def test_a_hung_test_is_stopped_by_the_suite_timeout_and_the_rest_runs(tmp_path)
     expected = {f"test_{f}.py::test_{i}" for f in "ac" for i in (1, 2, 3)}
     expected |= {"test_b.py::test_1", "test_b.py::test_after"}
     assert seen == {t: ["PASSED"] for t in expected}, out[-3000:]
+
+
+def test_work_sent_to_a_worker_whose_channel_just_closed_is_requeued_not_an_internal_error():
+    """The race a CI run hit: a worker reports a test and dies at once; DSession handles the
+    report first, the scheduler tops the worker up, and execnet raises "cannot send (already
+    closed?)" into DSession's loop (INTERNALERROR, the run ended red for nothing). Now the file
+    stays recorded for that worker and, when its node-down event comes, is requeued whole (its
+    tests never ran there, so none is blamed for the crash)."""
+    from xdist_crash import CrashSafeLoadFileScheduling
+
+    class Config:
+        option = type("Option", (), {"loadscopereorder": False})()
+
+        def getvalue(self, name):
+            return {"tx": ["2*popen"], "dist": "loadfile"}.get(name)
+
+    class Node:
+        def __init__(self, name):
+            self.closed, self.shutting_down, self.sent = False, False, []
+            self.gateway = type("Gateway", (), {"id": name})()
+
+        def send_runtest_some(self, indexes):
+            if self.closed:
+                raise OSError("cannot send (already closed?)")
+            self.sent.append(indexes)
+
+        def shutdown(self):
+            if self.closed:
+                raise OSError("cannot send (already closed?)")
+            self.shutting_down = True
+
+    ids = [f"test_{f}.py::test_{i}" for f in "abcdef" for i in (1, 2)]
+    sched = CrashSafeLoadFileScheduling(Config())
+    dying, alive = Node("gw0"), Node("gw1")
+    for node in (dying, alive):
+        sched.add_node(node)
+        sched.add_node_collection(node, ids)
+    sched.schedule()                                   # two files (4 tests) each, two queued
+    first, second = list(sched.assigned_work[dying])
+    assert len(sched.workqueue) == 2
+    sched.mark_test_complete(dying, ids.index(f"{first}::test_1"))
+    dying.closed = True                                # it reports its next test, then is gone
+    sched.mark_test_complete(dying, ids.index(f"{first}::test_2"))    # top-up: the send fails
+    for t in (1, 2):
+        sched.mark_test_complete(dying, ids.index(f"{second}::test_{t}"))
+    crashed = sched.remove_node(dying)                 # the node-down event
+    assert crashed is None                             # all it received ran; the unsent file is no crash
+    done = {f"{f}::test_{t}" for f in (first, second) for t in (1, 2)}
+    queued = [t for unit in sched.assigned_work[alive].values() for t, ok in unit.items() if not ok] + \
+        [t for unit in sched.workqueue.values() for t in unit]
+    assert sorted(queued) == sorted(set(ids) - done)   # every test not run yet runs once, on gw1

@@ -29,6 +29,11 @@ from xdist.scheduler import LoadFileScheduling
 class CrashSafeLoadFileScheduling(LoadFileScheduling):
     """``LoadFileScheduling`` whose crash recovery neither hangs nor repeats the crash."""
 
+    def __init__(self, config, log=None):
+        super().__init__(config, log)
+        self._closed: set = set()        # nodes whose channel closed when work was sent (dead, not yet removed)
+        self._unsent: dict = {}          # {node: files recorded as assigned to it whose sending failed}
+
     def remove_node(self, node):
         """Forget ``node``; if it crashed, requeue its unfinished tests and return the crashed one.
 
@@ -36,8 +41,11 @@ class CrashSafeLoadFileScheduling(LoadFileScheduling):
         done: DSession reports it as failed ("worker 'gwN' crashed while running ..."). Files whose
         tests all ran stay done."""
         workload = self.assigned_work.pop(node)
+        unsent = self._unsent.pop(node, set())         # files it never received: no crash there
         crashitem = None
-        for unit in workload.values():
+        for scope, unit in workload.items():
+            if scope in unsent:
+                continue
             for nodeid, completed in unit.items():
                 if not completed:
                     crashitem = nodeid
@@ -45,7 +53,7 @@ class CrashSafeLoadFileScheduling(LoadFileScheduling):
             if crashitem is not None:
                 unit[crashitem] = True
                 break
-        if crashitem is None:
+        if crashitem is None and not unsent:
             return None
         # The dead worker's unfinished files go to the front of the queue, in their order.
         unfinished = [(scope, unit) for scope, unit in workload.items() if not all(unit.values())]
@@ -57,23 +65,36 @@ class CrashSafeLoadFileScheduling(LoadFileScheduling):
         return crashitem
 
     def _assign_work_unit(self, node) -> None:
-        """As upstream, but a file with nothing left to run is dropped, never sent empty."""
+        """As upstream, but a file with nothing left to run is dropped, never sent empty; and a
+        worker whose channel has closed (it died after reporting its last test, before DSession
+        saw it go down) keeps the file as assigned instead of raising into DSession's loop
+        (an INTERNALERROR that ended a CI run): ``remove_node`` requeues it when the node-down
+        event arrives."""
         while self.workqueue:
             scope, unit = next(iter(self.workqueue.items()))
             if any(not done for done in unit.values()):
-                super()._assign_work_unit(node)
+                try:
+                    super()._assign_work_unit(node)
+                except OSError:                     # execnet: "cannot send (already closed?)"
+                    self._closed.add(node)
+                    self._unsent.setdefault(node, set()).add(scope)
                 return
             self.workqueue.popitem(last=False)
 
     def _reschedule(self, node) -> None:
         """Top ``node`` up to more than two pending tests while files are queued, then shut it down
         once the queue is empty (a worker holding one test waits for a next one or a shutdown)."""
-        if node.shutting_down:
+        if node.shutting_down or node in self._closed:
             return
         while self.workqueue and self._pending_of(self.assigned_work[node]) <= 2:
             self._assign_work_unit(node)
+            if node in self._closed:
+                return
         if not self.workqueue:
-            node.shutdown()
+            try:
+                node.shutdown()
+            except OSError:
+                self._closed.add(node)
 
 
 def worker_exit_status(node, timeout: float = 10.0) -> str:
