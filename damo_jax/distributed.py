@@ -268,8 +268,9 @@ def compile_cached(lowered, log=None):
 def exit_on_error(fn, *args, passthrough: tuple = (), **kwargs):
     """``fn(*args, **kwargs)``; in a multi-process run an exception prints ``error: process i/n:``
     with its traceback and ends THIS process at once (``os._exit(1)``; an interrupt: one
-    ``interrupted (SIGINT|SIGTERM)`` line and ``os._exit(128 + signal)``, as the train CLI exits): the other processes are then
-    stopped by the distributed heartbeat instead of hanging in a collective. Exceptions of the
+    ``interrupted (SIGINT|SIGTERM)`` line and ``os._exit(128 + signal)``, as the train CLI exits):
+    the other processes are then stopped by the distributed heartbeat instead of hanging in a
+    collective. Exceptions of the
     ``passthrough`` types (raised alike by every process, e.g. a non-finite loss, which all
     processes see) propagate normally."""
     import jax
