@@ -53,6 +53,13 @@ def _run_suite(tmp_path: Path, files: dict[str, str], timeout: float = 120.0,
     return proc.returncode, proc.stdout + proc.stderr
 
 
+def _why(out: str) -> str:
+    """What to show when a crashing suite ended otherwise than expected: pytest's own internal
+    errors first (a worker's faulthandler dump at the end of stderr would hide them), then the tail."""
+    internal = [line for line in out.splitlines() if "INTERNALERROR" in line]
+    return "\n".join(internal[-40:]) + "\n...\n" + out[-2000:]
+
+
 def _outcomes(out: str) -> dict[str, list[str]]:
     """test id -> the outcomes -rA reports for it, in order."""
     seen: dict[str, list[str]] = {}
@@ -82,7 +89,7 @@ def test_a_crash_mid_file_is_reported_once_and_the_rest_runs(tmp_path):
         "test_d.py": "def test_only(): pass\n",
     })
     seen = _outcomes(out)
-    assert rc == 1, out[-3000:]
+    assert rc == 1, _why(out)
     assert seen.pop("test_b.py::test_crash") == ["FAILED"], out[-3000:]
     assert "crashed while running 'test_b.py::test_crash'" in out
     assert "worker process exit status 3" in out
@@ -110,7 +117,7 @@ def test_a_segfault_in_the_last_test_of_a_file_and_one_in_the_second_last(tmp_pa
         "test_e.py": "def test_only(): pass\n",
     })
     seen = _outcomes(out)
-    assert rc == 1, out[-3000:]
+    assert rc == 1, _why(out)
     assert seen.pop("test_a.py::test_segv") == ["FAILED"], out[-3000:]
     assert seen.pop("test_b.py::test_exit") == ["FAILED"], out[-3000:]
     assert "worker process killed by SIGSEGV" in out and "worker process exit status 1" in out
@@ -141,7 +148,7 @@ def test_a_hung_test_is_stopped_by_the_suite_timeout_and_the_rest_runs(tmp_path)
         "test_c.py": QUICK,
     }, options=("-o", "faulthandler_timeout=3", "-o", "faulthandler_exit_on_timeout=true"))
     seen = _outcomes(out)
-    assert rc == 1, out[-3000:]
+    assert rc == 1, _why(out)
     assert seen.pop("test_b.py::test_hangs") == ["FAILED"], out[-3000:]
     assert "Timeout (0:00:03)!" in out and 'in test_hangs' in out    # faulthandler's stack dump
     expected = {f"test_{f}.py::test_{i}" for f in "ac" for i in (1, 2, 3)}

@@ -64,6 +64,12 @@ class CrashSafeLoadFileScheduling(LoadFileScheduling):
             self._reschedule(other)
         return crashitem
 
+    def mark_test_complete(self, node, item_index, duration=0):
+        """As upstream; a late report of a node already removed (gone down) changes nothing."""
+        if node not in self.assigned_work:
+            return
+        super().mark_test_complete(node, item_index, duration)
+
     def _assign_work_unit(self, node) -> None:
         """As upstream, but a file with nothing left to run is dropped, never sent empty; and a
         worker whose channel has closed (it died after reporting its last test, before DSession
@@ -91,10 +97,7 @@ class CrashSafeLoadFileScheduling(LoadFileScheduling):
             if node in self._closed:
                 return
         if not self.workqueue:
-            try:
-                node.shutdown()
-            except OSError:
-                self._closed.add(node)
+            node.shutdown()                         # xdist ignores a closed channel here itself
 
 
 def worker_exit_status(node, timeout: float = 10.0) -> str:
