@@ -156,52 +156,82 @@ def test_a_hung_test_is_stopped_by_the_suite_timeout_and_the_rest_runs(tmp_path)
     assert seen == {t: ["PASSED"] for t in expected}, out[-3000:]
 
 
+class _Config:
+    """What the scheduler reads of pytest's config: two workers, files in collection order."""
+    option = type("Option", (), {"loadscopereorder": False})()
+
+    def getvalue(self, name):
+        return {"tx": ["2*popen"], "dist": "loadfile"}.get(name)
+
+
+class _Node:
+    """A worker as the scheduler sees it; ``closed``: its channel is gone (sending raises, as
+    execnet does)."""
+
+    def __init__(self, name):
+        self.closed, self.shutting_down, self.sent = False, False, []
+        self.gateway = type("Gateway", (), {"id": name})()
+
+    def send_runtest_some(self, indexes):
+        if self.closed:
+            raise OSError("cannot send (already closed?)")
+        self.sent.append(indexes)
+
+    def shutdown(self):
+        self.shutting_down = True
+
+
+IDS = [f"test_{f}.py::test_{i}" for f in "abcdef" for i in (1, 2)]
+
+
+def _scheduled():
+    """(scheduler, [gw0, gw1]) after the initial distribution of 6 files of 2 tests (``IDS``)."""
+    from xdist_crash import CrashSafeLoadFileScheduling
+    sched = CrashSafeLoadFileScheduling(_Config())
+    nodes = [_Node("gw0"), _Node("gw1")]
+    for node in nodes:
+        sched.add_node(node)
+        sched.add_node_collection(node, IDS)
+    sched.schedule()
+    return sched, nodes
+
+
 def test_work_sent_to_a_worker_whose_channel_just_closed_is_requeued_not_an_internal_error():
     """The race a CI run hit: a worker reports a test and dies at once; DSession handles the
     report first, the scheduler tops the worker up, and execnet raises "cannot send (already
     closed?)" into DSession's loop (INTERNALERROR, the run ended red for nothing). Now the file
     stays recorded for that worker and, when its node-down event comes, is requeued whole (its
     tests never ran there, so none is blamed for the crash)."""
-    from xdist_crash import CrashSafeLoadFileScheduling
-
-    class Config:
-        option = type("Option", (), {"loadscopereorder": False})()
-
-        def getvalue(self, name):
-            return {"tx": ["2*popen"], "dist": "loadfile"}.get(name)
-
-    class Node:
-        def __init__(self, name):
-            self.closed, self.shutting_down, self.sent = False, False, []
-            self.gateway = type("Gateway", (), {"id": name})()
-
-        def send_runtest_some(self, indexes):
-            if self.closed:
-                raise OSError("cannot send (already closed?)")
-            self.sent.append(indexes)
-
-        def shutdown(self):
-            if self.closed:
-                raise OSError("cannot send (already closed?)")
-            self.shutting_down = True
-
-    ids = [f"test_{f}.py::test_{i}" for f in "abcdef" for i in (1, 2)]
-    sched = CrashSafeLoadFileScheduling(Config())
-    dying, alive = Node("gw0"), Node("gw1")
-    for node in (dying, alive):
-        sched.add_node(node)
-        sched.add_node_collection(node, ids)
-    sched.schedule()                                   # two files (4 tests) each, two queued
+    sched, (dying, alive) = _scheduled()               # two files (4 tests) each, two queued
     first, second = list(sched.assigned_work[dying])
     assert len(sched.workqueue) == 2
-    sched.mark_test_complete(dying, ids.index(f"{first}::test_1"))
+    sched.mark_test_complete(dying, IDS.index(f"{first}::test_1"))
     dying.closed = True                                # it reports its next test, then is gone
-    sched.mark_test_complete(dying, ids.index(f"{first}::test_2"))    # top-up: the send fails
+    sched.mark_test_complete(dying, IDS.index(f"{first}::test_2"))    # top-up: the send fails
     for t in (1, 2):
-        sched.mark_test_complete(dying, ids.index(f"{second}::test_{t}"))
+        sched.mark_test_complete(dying, IDS.index(f"{second}::test_{t}"))
     crashed = sched.remove_node(dying)                 # the node-down event
     assert crashed is None                             # all it received ran; the unsent file is no crash
     done = {f"{f}::test_{t}" for f in (first, second) for t in (1, 2)}
     queued = [t for unit in sched.assigned_work[alive].values() for t, ok in unit.items() if not ok] + \
         [t for unit in sched.workqueue.values() for t in unit]
-    assert sorted(queued) == sorted(set(ids) - done)   # every test not run yet runs once, on gw1
+    assert sorted(queued) == sorted(set(IDS) - done)   # every test not run yet runs once, on gw1
+
+
+def test_a_replacement_worker_still_collecting_is_not_given_work():
+    """Both workers of a run crash; two replacements start. The first to finish collecting calls
+    schedule(), which topped up every node, the other replacement too, whose collection was not
+    registered yet: KeyError into DSession (INTERNALERROR, reproduced once in 20 crash suites
+    under load). A node is now given work only once its collection is known."""
+    sched, (gw0, gw1) = _scheduled()
+    for node in (gw0, gw1):                        # both die in their first test
+        sched.remove_node(node)
+    gw2, gw3 = _Node("gw2"), _Node("gw3")
+    sched.add_node(gw2)
+    sched.add_node(gw3)
+    sched.add_node_collection(gw3, IDS)            # gw3 has collected, gw2 not yet
+    sched.schedule()                               # DSession.worker_collectionfinish(gw3)
+    assert gw3.sent and not gw2.sent
+    sched.add_node_collection(gw2, IDS)
+    sched.schedule()                               # DSession.worker_collectionfinish(gw2)
+    assert gw2.sent or not sched.workqueue

@@ -90,8 +90,8 @@ class CrashSafeLoadFileScheduling(LoadFileScheduling):
     def _reschedule(self, node) -> None:
         """Top ``node`` up to more than two pending tests while files are queued, then shut it down
         once the queue is empty (a worker holding one test waits for a next one or a shutdown)."""
-        if node.shutting_down or node in self._closed:
-            return
+        if node.shutting_down or node in self._closed or node not in self.registered_collections:
+            return          # a replacement worker still collecting: its own collectionfinish schedules it
         while self.workqueue and self._pending_of(self.assigned_work[node]) <= 2:
             self._assign_work_unit(node)
             if node in self._closed:
