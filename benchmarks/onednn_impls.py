@@ -104,7 +104,8 @@ def _pd(lib, engine, problem, activations="nhwc"):
 
 
 def implementations(lib, engine, problem, rng, activations="nhwc", first_only=False):
-    """[(name, primitive, exec args)] for every non-reference implementation of ``problem``
+    """[(name, primitive, exec args, the buffers behind the args)] for every non-reference
+    implementation of ``problem``
     (``first_only``: oneDNN's pick alone), activations in ``activations`` (``"nhwc"`` or ``"any"``,
     :func:`damo_jax.models.onednn._conv_pds`); every argument gets a buffer of its descriptor's size
     filled with uniform [0, 1) floats (no denormals, zeros in a blocked layout's padding aside)."""
