@@ -159,6 +159,96 @@ def model_config(
     return c
 
 
+#: One line per config key, for ``--help`` (:func:`key_help`); a key ending in "." explains every
+#: key under it. A key that a config adds without an entry here fails ``tests/test_config.py``.
+KEY_HELP = {
+    # model: architecture (official names; changing these keys makes official weights unloadable)
+    "model.name": "model size: t, s, m, l (TinyNAS-res/-csp) or ns, nm, nl, n (nano); names the run",
+    "model.backbone.": "backbone architecture (SPEC §2); changes make official weights unloadable",
+    "model.neck.": "neck architecture (Efficient RepGFPN, SPEC §3); changes make official weights unloadable",
+    "model.head.": "head architecture (ZeroHead, SPEC §4); num_classes comes from the training data",
+    "model.class_names": "class names, in label order (a training run takes them from its data)",
+    "model.image_size": "(H, W) for the FLOP report and export defaults",
+    "model.bn_epsilon": "BatchNorm epsilon (official 1e-3)",
+    "model.bn_momentum": "BatchNorm running-statistics momentum, flax convention (= 1 - torch's 0.03)",
+    "model.dtype": "compute dtype: float32 | bfloat16 | float16 (params stay float32)",
+    "model.depthwise_impl": "depthwise convs and SPP pools: auto | conv | taps (models/cpu_ops.py)",
+    "model.grad_impl": "train-graph conv gradients: auto (oneDNN on CPU, XLA elsewhere) | native | "
+                       "matmul | onednn (models/conv_grad.py)",
+    "model.pointwise_impl": "1x1 convs: auto | conv | dot (a matrix product; models/cpu_ops.py)",
+    "model.dense_impl": "k x k convs of folded (deploy) graphs: auto | conv | onednn (models/conv_grad.py)",
+    # data
+    "data.train": "training data: demo, coco:DIR, coco:FILE.json, yolo:DATA.yaml, voc:DIR, tfds:NAME",
+    "data.val": "validation data spec; '' = the training spec with split data.val_split",
+    "data.train_split": "split of data.train used for training",
+    "data.val_split": "split evaluated during training",
+    "data.image_size": "(H, W) training input size, multiples of 32",
+    "data.mosaic_size": "(H, W) canvas of a mosaic before it is resized to data.image_size",
+    "data.mosaic_prob": "probability that a training image is a 4-image mosaic",
+    "data.mosaic_scale": "(low, high) random scale of the mosaic's affine transform",
+    "data.mixup_prob": "probability of mixing a second mosaic in (MixUp)",
+    "data.degrees": "random rotation range, degrees (+/-)",
+    "data.translate": "random translation, fraction of the image size (+/-)",
+    "data.shear": "random shear range, degrees (+/-)",
+    "data.flip_prob": "horizontal flip probability",
+    "data.sada": "scale-aware data augmentation (SADA, box-level colour / geometry ops)",
+    "data.max_boxes": "boxes per image kept (the largest; a warning counts the rest)",
+    "data.workers": "data loader worker processes (0 = in the main process)",
+    "data.prefetch": "batches prepared ahead beyond one per worker",
+    "data.loader": "worker backend: process (pickled batches) | grain (shared memory; pod hosts)",
+    # train
+    "train.epochs": "epochs of the schedule",
+    "train.no_aug_epochs": "last epochs without mosaic / mixup / SADA, at the minimum lr",
+    "train.warmup_epochs": "epochs of linear lr warm-up (may be fractional)",
+    "train.batch_size": "global batch size, over all devices and processes",
+    "train.optimizer": "sgd | adamw",
+    "train.base_lr_per_img": "learning rate per image; lr = base_lr_per_img x train.batch_size",
+    "train.min_lr_ratio": "cosine schedule floor, as a fraction of the peak lr",
+    "train.momentum": "SGD momentum",
+    "train.nesterov": "SGD with Nesterov momentum",
+    "train.weight_decay": "weight decay (conv kernels and the head's scales only)",
+    "train.adam_betas": "AdamW (beta1, beta2)",
+    "train.adam_eps": "AdamW epsilon",
+    "train.ema": "keep an exponential moving average of the model (evaluated and exported)",
+    "train.ema_decay": "EMA decay d; the decay at step i is d (1 - exp(-i / ema_tau))",
+    "train.ema_tau": "EMA warm-up in steps (see train.ema_decay)",
+    "train.grad_clip": "global-norm gradient clip; < 0 = official (30 when distilling, else off), 0 = off",
+    "train.seed": "seed of the model init and the data order (batch k = f(seed, k))",
+    "train.eval_every_epochs": "evaluate every N epochs (0 = only at the end)",
+    "train.eval_every_epochs_tail": "evaluate every N epochs during the no-augmentation tail",
+    "train.ckpt_every_steps": "checkpoint every N steps (0 = once per epoch)",
+    "train.keep_checkpoints": "checkpoints kept (the newest; the best-AP weights are kept apart)",
+    "train.log_every_steps": "log the loss and lr every N steps",
+    "train.finetune": "weights to start from: an official .pth or a damo_jax .npz",
+    "train.max_steps": "stop after N steps (0 = the whole schedule); for quick checks",
+    "train.precompile": "auto | on | off: compile the update step in a child process (CPU: faster steps)",
+    # distill
+    "distill.teacher": "teacher config name or path ('' = no distillation; SPEC §8)",
+    "distill.teacher_weights": "teacher weights: official .pth, .npz, or a damo_jax run / checkpoint",
+    "distill.method": "cwd (channel-wise distillation, official) | mimic (MSE)",
+    "distill.weight": "distillation loss weight at step 0, cosine-decayed to distill.weight_end",
+    "distill.weight_end": "distillation loss weight at the last step (official 0.1)",
+    "distill.tau": "CWD softmax temperature",
+    "distill.min_teacher_ap": "a teacher whose val AP is below this stops the run",
+    "distill.allow_weak_teacher": "train with a teacher below distill.min_teacher_ap anyway",
+    # test
+    "test.image_size": "(H, W) evaluation / predict input size, multiples of 32",
+    "test.conf_thre": "score threshold of the detections kept",
+    "test.iou_thre": "NMS IoU threshold (class-aware)",
+    "test.max_dets": "detections kept per image after NMS",
+    "test.pre_nms_topk": "candidates per image entering NMS (static cap for jit)",
+    "test.batch_size": "evaluation batch size",
+}
+
+
+def key_help(key: str) -> str | None:
+    """The one-line explanation of a dotted config key (:data:`KEY_HELP`), or None."""
+    if key in KEY_HELP:
+        return KEY_HELP[key]
+    groups = [g for g in KEY_HELP if g.endswith(".") and key.startswith(g)]
+    return KEY_HELP[max(groups, key=len)] if groups else None
+
+
 # Named training recipes (SPEC §9.1/§9.2): what a model config picks with ``with_recipe``. Keys are
 # ``section.key`` of the config; a model config adds its own augmentation strength (shear, mosaic
 # scale) as keyword arguments of ``with_recipe``.

@@ -4,6 +4,7 @@ JAX / numpy traceback, never a silent wrong result — and the documented conven
 (a run directory given to ``load_model`` positionally, a JAX batch array to ``Detector``)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import jax
@@ -130,6 +131,20 @@ def test_load_model_takes_a_run_directory_positionally(run_dir):
     for a, b in zip(jax.tree_util.tree_leaves(by_position.variables),
                     jax.tree_util.tree_leaves(by_keyword.variables)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_bad_override_errors_name_the_source_the_user_gave(run_dir):
+    """A bad override on a run's stored config names the run (it named the model: "config 'ns'",
+    which the user never typed)."""
+    from damo_jax.inference.loading import load_model
+    bad = ["--config.test.conf_thre=2"]
+    with pytest.raises(ConfigError, match=rf"^--checkpoint {re.escape(str(run_dir))} \(its stored config\) "
+                                          r"with the --config.KEY overrides: test.conf_thre = 2.0 must"):
+        load_model(checkpoint=run_dir, overrides=bad)
+    with pytest.raises(ConfigError, match=rf"^--config {re.escape(str(run_dir))} \(its stored config\)"):
+        load_model(run_dir, overrides=bad)
+    with pytest.raises(ConfigError, match=r"^--config ns with the --config.KEY overrides: test.conf_thre"):
+        load_model("ns", random_init=True, overrides=bad)
 
 
 def test_checkpoint_resolve_errors_are_user_errors(run_dir, tmp_path):

@@ -63,7 +63,7 @@ def test_save_restore_bitwise_with_structure(tmp_path):
     assert meta["loader"] == {"step": 7} and meta["class_names"] == ["a", "b"]
 
 
-def test_keep_last_k_plus_best_and_incomplete_is_skipped(tmp_path):
+def test_keep_last_k_plus_best_and_incomplete_is_skipped(tmp_path, caplog):
     state = _state()
     d = tmp_path / "ck"
     with checkpoint.Checkpoints(d, keep=2) as ck:
@@ -77,7 +77,12 @@ def test_keep_last_k_plus_best_and_incomplete_is_skipped(tmp_path):
     shutil.copytree(d / "5", d / "6.orbax-checkpoint-tmp")
     shutil.copytree(d / "5", d / "7")
     shutil.rmtree(d / "7" / "ema")
-    ck = checkpoint.Checkpoints(d, keep=2)
+    with caplog.at_level(logging.WARNING, logger=checkpoint.__name__):
+        ck = checkpoint.Checkpoints(d, keep=2)
+    # the cut-off write is named (Orbax removes it silently; a rerun "started from 0" unexplained)
+    assert ck.interrupted_steps == [6]
+    assert any("checkpoint 6 of " in r.getMessage() and "6.orbax-checkpoint-tmp" in r.getMessage()
+               and "incomplete, removed" in r.getMessage() for r in caplog.records), caplog.text
     assert 6 not in ck.steps()
     assert not ck.is_complete(7) and ck.is_complete(5)
     restored, meta = ck.restore_latest(_state(seed=9))

@@ -21,7 +21,7 @@ from conftest import golden_path
 from damo_jax.config import load_config
 from damo_jax.errors import ConfigError, UserError
 from damo_jax.train import distill
-from distill_setup import random_teacher_npz, tiny_cfg
+from distill_setup import random_teacher_npz, random_variables, tiny_cfg
 from golden_weights import make_state_dict
 
 
@@ -156,6 +156,24 @@ def test_teacher_errors_name_both_configs(tmp_path):
     other.model.head["strides"] = (8, 16)
     with pytest.raises(ConfigError, match=r"student.*'ns'.*teacher.*'ns'.*strides"):
         distill.check_pair(cfg, other)
+
+
+def test_teacher_run_of_another_model_names_both_models(tmp_path, monkeypatch):
+    """--teacher t --teacher-weights RUN where RUN trained ns: one line naming the run's model and
+    the way out (the audit: "689 tensors differ, e.g. params/backbone/..." and nothing else)."""
+    from damo_jax.train import checkpoint
+    cfg = tiny_cfg()
+    run = tmp_path / "run_ns"
+    run.mkdir()
+    stored = load_config("ns")
+    monkeypatch.setattr(checkpoint, "load_for_inference", lambda path, which: (
+        stored, random_variables("ns", len(cfg.model.class_names)), tuple(cfg.model.class_names)))
+    cfg.distill.teacher, cfg.distill.teacher_weights = "nm", str(run)
+    with pytest.raises(ConfigError, match=r"run_ns \(config distill.teacher_weights\): that run trained "
+                                          r"model 'ns', not the --teacher 'nm' .*leave out --teacher"):
+        distill.load_teacher(cfg)
+    cfg.distill.teacher = ""                       # the run's own model: loads
+    assert distill.load_teacher(cfg).cfg.model.name == "ns"
 
 
 def test_teacher_from_state_dict_drops_nothing_but_the_head(tmp_path):

@@ -21,6 +21,21 @@ def test_help_lists_every_key_with_default():
     for flag in ("--data", "--workdir", "--runlocal", "--multihost", "--teacher", "--teacher-weights",
                  "--coordinator", "--num-processes", "--process-id"):
         assert flag in r.stdout
+    # each key explained on the line below it (a hand-written phrase, not taken from KEY_HELP)
+    lines = r.stdout.splitlines()
+    at = lines.index("  --config.train.base_lr_per_img=" + repr(load_config("ns").train.base_lr_per_img))
+    assert "learning rate per image" in lines[at + 1]
+    at = lines.index("  --config.test.iou_thre=0.65")
+    assert "NMS IoU threshold" in lines[at + 1]
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "configs").glob("*.py")
+                                         if p.stem != "__init__"))
+def test_every_config_key_is_explained(name):
+    """A key added to a shipped config without a --help explanation fails here."""
+    from damo_jax.config import key_help
+    missing = [k for k, _ in flat_items(load_config(name)) if not key_help(k)]
+    assert not missing, f"configs/{name}.py: keys without an entry in damo_jax.config.KEY_HELP: {missing}"
 
 
 def test_parse_args_overrides_data_and_runlocal():

@@ -268,6 +268,7 @@ def test_kill9_then_kill_during_save_then_resume_is_bitwise_exact(run_a):
     r = run_train(workdir)
     assert r.returncode == 0, r.stderr[-5000:]
     assert "/checkpoints/4" in r.stderr
+    assert "checkpoint 8 of " in r.stderr and "incomplete, removed" in r.stderr   # named, not silent
     assert "differ from the checkpoint's" not in r.stderr          # the same command: no warning
     assert not list(ckdir.glob("*.orbax-checkpoint-tmp*"))     # cleaned up by the next save
     _assert_bitwise_equal(_full_state(workdir), _full_state(workdir_a))

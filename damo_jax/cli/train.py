@@ -61,15 +61,15 @@ def build_parser(prog: str = PROG, add_help: bool = True):
 
 def parse_args(argv=None, prog: str = PROG):
     """(config, args): ``--config`` loaded, ``--runlocal`` then the overrides applied, validated."""
-    from damo_jax.config import (apply_overrides, flat_items, load_config, runlocal,
+    from damo_jax.config import (apply_overrides, load_config, runlocal,
                                  validate_config, validate_recipe)
     argv = list(sys.argv[1:] if argv is None else argv)
     rest, overrides = common.split_overrides(argv)
     pre, _ = build_parser(prog, add_help=False).parse_known_args(rest)
     cfg = load_config(pre.config)
     parser = build_parser(prog)
-    keys = "\n".join(f"  --config.{k}={v!r}" for k, v in flat_items(cfg))
-    parser.epilog += f"\noverridable config keys of --config {pre.config} (with their defaults):\n{keys}"
+    parser.epilog += (f"\noverridable config keys of --config {pre.config} (with their defaults):\n"
+                      + config_key_listing(cfg))
     args = parser.parse_args(rest)
     if args.runlocal:
         runlocal(cfg)
@@ -102,6 +102,24 @@ def parse_args(argv=None, prog: str = PROG):
     if args.workdir is None:
         args.workdir = str(Path("runs") / Path(str(args.config)).stem)
     return cfg, args
+
+
+def config_key_listing(cfg) -> str:
+    """``--help``'s list of config keys: each with its default and its explanation
+    (:data:`damo_jax.config.KEY_HELP`; a group's explanation once, under its first key), grouped
+    by section."""
+    from damo_jax.config import flat_items, key_help
+    lines, section, said = [], None, None
+    for key, value in flat_items(cfg):
+        if key.split(".")[0] != section:
+            section = key.split(".")[0]
+            lines.append(f" {section}:")
+        lines.append(f"  --config.{key}={value!r}")
+        explanation = key_help(key)
+        if explanation and explanation != said:
+            lines.append(f"      {explanation}")
+        said = explanation
+    return "\n".join(lines)
 
 
 def check_process_flags(args) -> None:

@@ -91,16 +91,21 @@ def load_model(config=None, *, checkpoint=None, weights=None, onnx=None, openvin
     kind, path = next(iter(given.items())) if given else ("random", None)
     if kind == "checkpoint":
         cfg, variables, class_names = _checkpoint(checkpoint, config, flag)
+        source = f"{flag} {checkpoint} (its stored config)"
     else:
+        source = (f"--config {config}" if isinstance(config, (str, os.PathLike))
+                  else f"config {getattr(getattr(config, 'model', None), 'name', '?')!r}")
         if config is None and kind in ("onnx", "openvino"):
             cfg, class_names = _config_from_export(kind, _existing(_flag(kind), path))
+            source = f"{_flag(kind)} {path} (its export metadata)"
         elif config is None:
             what = f"{_flag(kind)} {path}" if path else "without weights"
             raise ConfigError(f"{what}: --config is needed (the model's config name or file, "
                               f"e.g. --config s)")
         else:
             cfg, class_names = _config(config)
-    cfg = _prepare(cfg, overrides, export)
+    cfg = _prepare(cfg, overrides, export,
+                   where=source + (" with the --config.KEY overrides" if overrides else ""))
     from damo_jax.config import override_key
     if any(override_key(o) == "model.class_names" for o in overrides):
         class_names = tuple(cfg.model.class_names)      # an explicit override beats stored names
@@ -205,7 +210,9 @@ def _checkpoint(path, config, flag: str = "--checkpoint"):
     return cfg, variables, class_names
 
 
-def _prepare(cfg, overrides, export: bool):
+def _prepare(cfg, overrides, export: bool, where: str):
+    """A copy of ``cfg`` with the overrides, validated; errors start with ``where`` (the source the
+    user gave: --config NAME, --checkpoint RUN, --onnx FILE)."""
     from damo_jax.config import apply_overrides, validate_config
     import copy
     cfg = copy.deepcopy(cfg)
@@ -214,7 +221,7 @@ def _prepare(cfg, overrides, export: bool):
     if export:
         from damo_jax.models import with_depthwise_impl
         cfg = with_depthwise_impl(cfg, "conv", "conv", "conv")
-    return validate_config(cfg, where=f"config {cfg.model.get('name', '?')!r}")
+    return validate_config(cfg, where=where)
 
 
 def read_weights_file(path, flag: str = "--weights") -> dict:

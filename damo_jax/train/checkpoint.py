@@ -155,6 +155,14 @@ def _deliver(signum, handler, frame) -> None:
         os.kill(os.getpid(), signum)
 
 
+def _interrupted_writes(directory: Path) -> list[int]:
+    """Steps whose save was cut off (Orbax's ``<step>.orbax-checkpoint-tmp*`` folders)."""
+    if not directory.is_dir():
+        return []
+    steps = {p.name.split(".", 1)[0] for p in directory.glob("*.orbax-checkpoint-tmp*")}
+    return sorted(int(s) for s in steps if s.isdigit())
+
+
 class Checkpoints:
     """Orbax ``CheckpointManager`` for train states; last ``keep`` + best-by-AP are kept.
 
@@ -164,6 +172,12 @@ class Checkpoints:
 
     def __init__(self, directory, *, keep: int = 3, async_save: bool = True, read_only: bool = False):
         self.directory = Path(directory).absolute()
+        self.interrupted_steps = [] if read_only else _interrupted_writes(self.directory)
+        if self.interrupted_steps:     # Orbax removes them without a word
+            log.warning("checkpoint %s of %s was being written when its run stopped (%s): incomplete, "
+                        "removed; the run continues from the newest complete checkpoint, if any",
+                        ", ".join(map(str, self.interrupted_steps)), self.directory,
+                        ", ".join(f"{s}.orbax-checkpoint-tmp" for s in self.interrupted_steps))
         policies = ocp.checkpoint_managers
         options = ocp.CheckpointManagerOptions(
             create=not read_only, read_only=read_only, enable_async_checkpointing=async_save,

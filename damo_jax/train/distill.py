@@ -185,6 +185,11 @@ def load_teacher(cfg) -> Teacher:
             for c in ("params", "batch_stats")}
     got_s, want_s = _shapes(variables), _shapes(want)
     bad = sorted(k for k in set(got_s) | set(want_s) if got_s.get(k) != want_s.get(k))
+    if bad and path.is_dir() and d.teacher:
+        raise ConfigError(f"--teacher-weights {path} (config distill.teacher_weights): that run trained "
+                          f"model {stored_cfg.model.name!r}, not the --teacher {d.teacher!r} "
+                          f"(model {tcfg.model.name!r}; {len(bad)} weight shapes differ); leave "
+                          f"out --teacher to distill from the run's own model")
     if bad:
         raise ConfigError(f"distill.teacher_weights={path} do not fit teacher "
                           f"{_describe(tcfg, 'model')} (student {_describe(cfg, 'model')}): "
