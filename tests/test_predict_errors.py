@@ -32,6 +32,22 @@ def test_out_equal_to_or_inside_source_is_refused(tmp_path):
     check_out_vs_source(tmp_path / "preds", src / "a.png")
 
 
+def test_a_url_or_camera_source_is_named_as_such(tmp_path, monkeypatch):
+    """--source https://… said "https:/…: no such file or folder" (a mangled URL), --source 0 the
+    same; now each says what predict reads."""
+    from damo_jax.errors import InputPathError
+    from damo_jax.inference.images import list_images_and_videos
+    monkeypatch.chdir(tmp_path)
+    url = "https://example.com/images/bus.jpg"
+    with pytest.raises(InputPathError, match=r"^--source https://example.com/images/bus.jpg: a URL; "
+                                             r".*local paths only .*curl -LO https://example"):
+        list_images_and_videos(url, flag="--source")
+    with pytest.raises(InputPathError, match=r"^--source 0: no such file or folder \(camera indices"):
+        list_images_and_videos("0", flag="--source")
+    Image.new("RGB", (8, 8)).save(tmp_path / "0", format="PNG")  # a file named 0 is read
+    assert list_images_and_videos("0", flag="--source")[0] == [Path("0")]
+
+
 def test_a_drawing_is_never_written_over_an_input_file(tmp_path):
     from damo_jax.cli.predict import _file_id, _save_drawing
 

@@ -28,11 +28,18 @@ def list_images_and_videos(source, *, flag: str = "source") -> tuple[list[Path],
     for a file): a folder gives its images, the caller names the videos it passes over."""
     from damo_jax.errors import InputPathError
     from damo_jax.inference.video import is_video_file
+    text = str(source)
     source = Path(source)
     if source.is_file():
         return [source], []
     if not source.is_dir():
-        raise InputPathError(f"{flag} {source}: no such file or folder")
+        import re
+        if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", text):      # Path() made https:// https:/
+            raise InputPathError(f"{flag} {text}: a URL; images, folders and video files are read "
+                                 f"from local paths only (download it first, e.g. curl -LO {text})")
+        hint = (" (camera indices and streams are not read: record a video file and give it)"
+                if text.isdigit() else "")
+        raise InputPathError(f"{flag} {source}: no such file or folder{hint}")
     # a broken link named like an image is listed too: reading it fails, and the caller skips and
     # counts it (leaving it out made it vanish from the report)
     files, videos = [], []
