@@ -41,8 +41,8 @@ def refuse_url(path, flag: str) -> None:
     import re
     if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", str(path)):
         raise ConfigError(f"{flag} {path}: a URL; outputs are written to local paths only (mount "
-                          f"the bucket with Cloud Storage FUSE, or use a Drive folder on Colab: "
-                          f"docs/SCALING.md)")
+                          f"the bucket with Cloud Storage FUSE (gcsfuse), or use a Drive folder on "
+                          f"Colab)")
 
 
 def is_probability(value) -> bool:

@@ -1,9 +1,9 @@
 """Export a DAMO-YOLO model to ONNX without PyTorch.
 
-    python export/to_onnx.py --config s --weights damoyolo_s.pth --output s.onnx
-    python export/to_onnx.py --checkpoint runs/s_coco --batch dynamic --output s_dyn.onnx
-    python export/to_onnx.py --config t --weights t.pth --end2end --topk 100 --output t_e2e.onnx
-    python export/to_onnx.py --config ns --img-size 416 --via tf --output ns_tf.onnx
+    damo-jax export onnx --config s --weights damoyolo_s.pth --output s.onnx
+    damo-jax export onnx --checkpoint runs/s_coco --batch dynamic --output s_dyn.onnx
+    damo-jax export onnx --config t --weights t.pth --end2end --topk 100 --output t_e2e.onnx
+    damo-jax export onnx --config ns --img-size 416 --via tf --output ns_tf.onnx
 
 Pipeline: weights -> ``damo_jax.models.reparam.fuse`` (RepConv + every BN folded) -> ``build_model(cfg,
 deploy=True)`` -> ONNX. Input ``images`` float32 (N, 3, H, W) RGB 0-255 (no normalisation);
@@ -240,8 +240,8 @@ def run(args, overrides=()) -> Path:
     return out
 
 
-def main(argv=None, prog: str = "python export/to_onnx.py") -> Path:
-    """``damo-jax export onnx`` / ``python export/to_onnx.py``; returns the written path."""
+def main(argv=None, prog: str = "damo-jax export onnx") -> Path:
+    """``damo-jax export onnx`` (also ``python -m damo_jax.export.to_onnx``); returns the written path."""
     from damo_jax.cli.common import run_command
     return run_command(build_parser, run, argv, prog)
 

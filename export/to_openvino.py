@@ -1,8 +1,8 @@
 """Convert an exported ONNX file to OpenVINO IR (``.xml`` + ``.bin``), FP32 or FP16 weights.
 
-    python export/to_openvino.py --onnx s.onnx --output s.xml              # FP32 weights
-    python export/to_openvino.py --onnx s.onnx --fp16 --output s_fp16.xml  # FP16-compressed weights
-    python export/to_openvino.py --config s --weights damoyolo_s.pth --output s.xml   # runs to_onnx first
+    damo-jax export openvino --onnx s.onnx --output s.xml              # FP32 weights
+    damo-jax export openvino --onnx s.onnx --fp16 --output s_fp16.xml  # FP16-compressed weights
+    damo-jax export openvino --config s --weights damoyolo_s.pth --output s.xml   # runs to_onnx first
 
 ``--fp16`` stores the weights in FP16 (``ov.save_model(..., compress_to_fp16=True)``); the CPU
 plugin decompresses them and computes in its inference precision. Note: on CPUs with
@@ -147,7 +147,7 @@ def verify(onnx_path, xml_path, *, tol: float = 5e-3, shown_as=None) -> None:
                 f"--end2end and use damo_jax's NMS (the Detector's OpenVINO backend)")
 
 
-def build_parser(prog: str = "python export/to_openvino.py"):
+def build_parser(prog: str = "damo-jax export openvino"):
     from damo_jax.cli.common import Parser
     p = Parser(prog=prog, usage=f"{prog} (--onnx FILE | EXPORT-ONNX-OPTIONS) [--fp16] --output OUT.xml "
                                 "[--keep-onnx]",
@@ -193,8 +193,8 @@ def run(argv, prog: str) -> Path:
         return convert(onnx_path, out, fp16=args.fp16)
 
 
-def main(argv=None, prog: str = "python export/to_openvino.py") -> Path:
-    """``damo-jax export openvino`` / ``python export/to_openvino.py``; returns the .xml path."""
+def main(argv=None, prog: str = "damo-jax export openvino") -> Path:
+    """``damo-jax export openvino`` (also ``python -m damo_jax.export.to_openvino``); returns the .xml path."""
     from damo_jax.cli.common import run_cli
     return run_cli(lambda a: run(a, prog), argv)
 

@@ -1,8 +1,8 @@
 """Build a TensorRT engine from an exported ONNX file (TensorRT Python API; needs an NVIDIA GPU).
 
-    python export/to_tensorrt.py --onnx s.onnx --output s.engine
-    python export/to_tensorrt.py --onnx s_dyn.onnx --output s_dyn.engine --min-batch 1 --opt-batch 8 --max-batch 32
-    python export/to_tensorrt.py --onnx s.onnx --output s_fp16.engine --fp16
+    damo-jax export tensorrt --onnx s.onnx --output s.engine
+    damo-jax export tensorrt --onnx s_dyn.onnx --output s_dyn.engine --min-batch 1 --opt-batch 8 --max-batch 32
+    damo-jax export tensorrt --onnx s.onnx --output s_fp16.engine --fp16
 
 The engine is built with the explicit-batch ONNX parser, a workspace memory-pool limit and, for a
 dynamic-batch ONNX (``--batch dynamic`` in to_onnx.py), one optimisation profile
@@ -11,12 +11,12 @@ dynamic-batch ONNX (``--batch dynamic`` in to_onnx.py), one optimisation profile
 * TensorRT <= 10 (weakly typed): sets ``BuilderFlag.FP16`` on the FP32 ONNX.
 * TensorRT >= 11 removed ``BuilderFlag.FP16`` (networks are always strongly typed: each tensor
   keeps the type the ONNX file gives it). FP16 then needs an FP16 ONNX: this script writes one
-  next to the engine with ``export/fp16.py`` (weights and activations FP16, input/outputs and
+  next to the engine with ``damo_jax.export.fp16`` (weights and activations FP16, input/outputs and
   the NMS part FP32) and builds from it. NVIDIA's own tool for this is ModelOpt AutoCast
   (``python -m modelopt.onnx.autocast --onnx_path s.onnx --output_path s_fp16.onnx``); pass such a
   file with ``--onnx`` and ``--fp16`` is not needed.
 
-Equivalent ``trtexec`` line: printed with ``--print-trtexec`` (see docs/EXPORT.md).
+Equivalent ``trtexec`` line: printed with ``--print-trtexec``.
 TensorRT cannot be installed on the CI machines (PyPI only has NVIDIA's downloader stubs), so this
 script is untested there beyond argument parsing and the profile logic.
 """
@@ -143,7 +143,7 @@ def build_engine(onnx_path, engine_path, *, fp16=False, min_batch=None, opt_batc
     return engine_path
 
 
-def build_parser(prog: str = "python export/to_tensorrt.py"):
+def build_parser(prog: str = "damo-jax export tensorrt"):
     from damo_jax.cli.common import Parser
     p = Parser(prog=prog, description=__doc__.split("\n\n")[0],
                epilog="examples:\n" + __doc__.split("\n\n", 1)[1])
@@ -184,8 +184,8 @@ def run(args):
                         workspace_gib=args.workspace)
 
 
-def main(argv=None, prog: str = "python export/to_tensorrt.py"):
-    """``damo-jax export tensorrt`` / ``python export/to_tensorrt.py``."""
+def main(argv=None, prog: str = "damo-jax export tensorrt"):
+    """``damo-jax export tensorrt`` (also ``python -m damo_jax.export.to_tensorrt``)."""
     from damo_jax.cli.common import run_cli
     return run_cli(lambda a: run(build_parser(prog).parse_args(a)), argv)
 

@@ -11,8 +11,8 @@ examples:
   damo-jax export int8 --config s --onnx s.onnx --calib-data coco:/data/coco --output-dir int8/
 
 Then score the exported file with the same pre/post-processing: damo-jax eval --config s
---onnx s.onnx --data coco:/data/coco. Aliases: python export/to_onnx.py, to_openvino.py,
-to_tensorrt.py.
+--onnx s.onnx --data coco:/data/coco. Aliases: python -m damo_jax.export.to_onnx (.to_openvino,
+.to_tensorrt, .int8); in a source checkout also python export/to_onnx.py and its siblings.
 """
 from __future__ import annotations
 
