@@ -271,6 +271,59 @@ def test_predict_cli_onnx(tmp_path):
     assert top["images"][0]["boxes"] == [[4.0, 2.0, 20.0, 18.0]]    # the highest score only
 
 
+def test_predict_folder_with_no_readable_image_is_an_error_with_reasons(tmp_path):
+    """Every image unreadable: exit 2 (it printed "0 image(s) ... 2 skipped" and exited 0, so a batch
+    job took it for a run that worked); detections.json still says which files and why. Images in a
+    linked folder are read; a link loop ends."""
+    from damo_jax.inference.predict import main
+    config = write_two_class_config(tmp_path / "two_class.py")
+    onnx_file = write_handmade_onnx(tmp_path / "m.onnx")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "empty.jpg").write_bytes(b"")
+    (src / "text.png").write_text("not an image")
+    args = ["--config", str(config), "--onnx", str(onnx_file), "--source", str(src), "--conf", "0.5",
+            "--no-progress", "--no-draw"]
+    with pytest.raises(SystemExit, match=r"none of its 2 image\(s\) could be read"):
+        main(args + ["--out", str(tmp_path / "out")])
+    saved = json.loads((tmp_path / "out" / "detections.json").read_text())
+    assert saved["images"] == [] and sorted(Path(p).name for p in saved["skipped"]) == ["empty.jpg", "text.png"]
+    assert set(saved["skipped_reasons"]) == set(saved["skipped"])
+    assert all(saved["skipped_reasons"].values())
+    elsewhere = tmp_path / "elsewhere"                    # a linked folder of images, and a loop
+    elsewhere.mkdir()
+    Image.fromarray(np.zeros((32, 64, 3), np.uint8)).save(elsewhere / "x.png")
+    (src / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (elsewhere / "loop").symlink_to(src, target_is_directory=True)
+    summary = main(args + ["--out", str(tmp_path / "out2")])
+    assert [Path(e["file"]).name for e in summary["images"]] == ["x.png"]
+    assert len(summary["skipped"]) == 2                   # each real folder once despite the loop
+
+
+def test_detector_pads_lists_to_powers_of_two():
+    """A list of 2..8 images compiled a new shape per length (a service grouping requests stalled
+    ~1.7 s per new length); now 1, 2, 4, ... batch_size."""
+    calls = []
+
+    class AnyBatch:
+        def __call__(self, images):
+            calls.append(images.shape[0])
+            b = images.shape[0]
+            return np.zeros((b, 3, 2), np.float32), np.zeros((b, 3, 4), np.float32)
+
+    det = Detector(AnyBatch(), class_names=("a", "b"), image_size=(32, 32), conf=0.5, batch_size=8)
+    image = np.zeros((40, 30, 3), np.uint8)
+    for n in range(1, 9):
+        assert len(det([image] * n)) == n
+    assert calls == [1, 2, 4, 4, 8, 8, 8, 8]
+    calls.clear()
+    assert len(det([image] * 11)) == 11                  # two chunks: both at batch_size
+    assert calls == [8, 8]
+    calls.clear()
+    det([image] * 3, pad_to_batch=False), det([image] * 3, pad_to_batch=True)
+    assert calls == [3, 8]
+
+
 def test_predict_with_nothing_above_conf_says_the_highest_score(tmp_path, capsys):
     """0 detections after a decent eval confused the audit (scores ~0.1 under predict's default
     --conf 0.3): the summary line now gives the highest score and the way out."""

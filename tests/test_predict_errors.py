@@ -254,3 +254,21 @@ def test_small_int_arrays_are_8bit_and_pil_exif_is_applied(tmp_path):
     from_pil = to_rgb_array(Image.open(path))
     assert from_path.shape == (10, 6, 3)
     np.testing.assert_array_equal(from_pil, from_path)
+
+
+def test_a_resized_0_to_1_float_image_stays_0_to_1(caplog):
+    """A 0..1 float image resized with cubic interpolation overshoots 1 (1.13 in the audit); it was
+    read as 0..255, i.e. black: 6 detections became 0 without a word."""
+    import logging
+    from damo_jax.inference.detector import to_rgb_array
+    rgb = np.random.default_rng(1).integers(0, 256, (6, 10, 3), np.uint8)
+    unit = rgb.astype(np.float32) / 255.0
+    overshoot = unit.copy()
+    overshoot[0, 0, 0] = 1.13
+    expected = rgb.copy()
+    expected[0, 0, 0] = 255                                          # clipped
+    with caplog.at_level(logging.WARNING):
+        np.testing.assert_array_equal(to_rgb_array(overshoot), expected)
+    assert "values up to 1.13 is read as a 0..1 image" in caplog.text
+    np.testing.assert_array_equal(to_rgb_array(unit), rgb)           # plain 0..1: no warning needed
+    np.testing.assert_array_equal(to_rgb_array(rgb.astype(np.float32)), rgb)    # 0..255 floats

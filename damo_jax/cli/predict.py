@@ -200,19 +200,21 @@ def run(args, overrides=()) -> dict:
         from tqdm import tqdm
         progress = tqdm(total=len(files), desc="predict", unit="img")
     entries, skipped, pending, not_drawn = [], [], [], []
+    reasons: dict[str, str] = {}       # skipped file -> why (detections.json "skipped_reasons")
     for index, path in enumerate(files):
         try:
             pending.append((path, read_image(path)))
         except (DataError, ValueError, FileNotFoundError) as e:
             log.warning("skipping %s", e)
             skipped.append(str(path))
+            reasons[str(path)] = str(e)
         if len(pending) == detector.batch_size or (index == len(files) - 1 and pending):
             if args.tile:  # the windows of each image are batched inside detector.tiled
                 results = [detector.tiled(image, tile=args.tile, overlap=args.overlap,
                                           full_image=args.tile_full_image) for _, image in pending]
             else:
                 results = detector([image for _, image in pending],
-                                   pad_to_batch=len(files) > len(pending))
+                                   pad_to_batch=True if len(files) > detector.batch_size else None)
             for (p, image), result in zip(pending, results):
                 result = dict(result, boxes=clip_boxes(result["boxes"], image.shape[:2]))
                 entries.append(_entry(p, image, result))
@@ -224,7 +226,8 @@ def run(args, overrides=()) -> dict:
             progress.update(1)
     if progress is not None:
         progress.close()
-    summary = {"images": entries, "skipped": skipped, "conf": detector.conf, "iou": detector.iou,
+    summary = {"images": entries, "skipped": skipped, "skipped_reasons": reasons,
+               "conf": detector.conf, "iou": detector.iou,
                "image_size": list(detector.image_size), "not_drawn": not_drawn,
                "videos_not_read": [str(p) for p in videos]}
     if args.tile:
@@ -232,6 +235,9 @@ def run(args, overrides=()) -> dict:
                              "full_image": args.tile_full_image}
     with open(out_dir / "detections.json", "w") as f:
         json.dump(summary, f, indent=1)
+    if skipped and not entries:         # a batch job must not read this as a run that worked
+        raise DataError(f"--source {source}: none of its {len(skipped)} image(s) could be read "
+                        f"(reasons in the warnings above and in {out_dir / 'detections.json'})")
     total = sum(len(e["scores"]) for e in entries)
     drawn = f", {len(not_drawn)} not drawn (see the log)" if not_drawn else ""
     hint = ""

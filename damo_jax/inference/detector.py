@@ -186,10 +186,11 @@ class Detector:
         batch, sizes = preprocess(images, self.image_size)
         return batch.astype(np.float32), sizes
 
-    def _run_chunk(self, images: list, pad: bool) -> list[dict]:
+    def _run_chunk(self, images: list, pad: int) -> list[dict]:
+        """``pad``: zero-pad the batch to this many images (0: as it is)."""
         batch, sizes = preprocess(images, self.image_size)
-        if pad:  # static batch: no recompilation / the exported batch
-            batch = pad_batch(batch, self.batch_size)
+        if pad > len(images):  # a static batch: no recompilation / the exported batch
+            batch = pad_batch(batch, pad)
         out = jax.device_get(detect(self.backend, batch, self.params))
         results = []
         for b in range(len(images)):
@@ -212,8 +213,11 @@ class Detector:
         """One image (path / PIL / (H,W,3) array) -> result dict; a list / tuple of images or a
         (B,H,W,3) array -> list of result dicts.
 
-        ``pad_to_batch``: zero-pad short chunks to ``batch_size`` (one compiled shape); default
-        only when more than one chunk is needed (always for fixed-batch exported models).
+        ``pad_to_batch``: True: zero-pad short chunks to ``batch_size`` (one compiled shape);
+        False: run each chunk at its own size (a compilation per new size); None (default): pad to
+        ``batch_size`` when more than one chunk is needed, else to the next power of two (at most
+        log2(batch_size) + 1 compiled shapes for lists of any length, at most 2x the work).
+        Fixed-batch exported models are always padded to their batch.
         """
         if hasattr(images, "__array__") and getattr(images, "ndim", None) == 4:   # numpy, JAX, ...
             arrays = _batch_to_rgb(np.asarray(images))
@@ -222,10 +226,12 @@ class Detector:
             single = not isinstance(images, (list, tuple))
             arrays = [to_rgb_array(im) for im in ([images] if single else images)]
         results = []
-        pad = len(arrays) > self.batch_size if pad_to_batch is None else pad_to_batch
-        pad = pad or self._fixed_batch
+        full = pad_to_batch or self._fixed_batch or (pad_to_batch is None and len(arrays) > self.batch_size)
         for start in range(0, len(arrays), self.batch_size):
-            results.extend(self._run_chunk(arrays[start:start + self.batch_size], pad))
+            chunk = arrays[start:start + self.batch_size]
+            pad = (self.batch_size if full else 0 if pad_to_batch is False
+                   else min(self.batch_size, 1 << (len(chunk) - 1).bit_length()))
+            results.extend(self._run_chunk(chunk, pad))
         return results[0] if single else results
 
     def tiled(self, image, *, tile: int, overlap: float = 0.2, full_image: bool = False) -> dict:

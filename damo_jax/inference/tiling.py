@@ -159,7 +159,7 @@ def detect_tiled(detector, image, *, tile: int, overlap: float = 0.2, full_image
     h, w = image.shape[:2]
     windows = tile_grid(h, w, tile, overlap)
     crops = [image[y0:y1, x0:x1] for x0, y0, x1, y1 in windows.tolist()]
-    results = detector(crops, pad_to_batch=len(crops) > detector.batch_size)
+    results = detector(crops)      # padded: one shape per power of two, batch_size when longer
     parts = []
     for window, result in zip(windows, results):
         shifted = dict(result, boxes=np.asarray(result["boxes"], np.float32).reshape(-1, 4)
