@@ -7,7 +7,9 @@
 
 Image inputs: a path (decoded like the datasets: EXIF orientation applied), a PIL image (EXIF
 orientation applied too), or an RGB array — uint8 as is; other integer arrays are 8-bit values
-when their maximum is <= 255, else 16-bit (``/ 257``); float arrays 0..1 or 0..255.
+when their maximum is <= 255, else 16-bit (``/ 257``); float arrays 0..1 (maximum <= 1.5: a resized
+0..1 image overshoots 1) or 0..255. An OpenCV (BGR) array must be converted first (``cv2.cvtColor``).
+Lists are padded to 1, 2, 4, ... ``batch_size`` images (few compiled shapes; ``__call__``).
 ``conf`` / ``iou`` must be in [0, 1], ``max_dets`` / ``pre_nms_topk`` / ``batch_size`` >= 1
 (a ``ConfigError``, a ``ValueError``, when the detector is built).
 
