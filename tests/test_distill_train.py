@@ -133,7 +133,8 @@ def test_teacher_errors_name_both_configs(tmp_path):
     cfg = tiny_cfg()
     weights = random_teacher_npz(tmp_path / "ns.npz", "ns", num_classes=2)
     cfg.distill.teacher, cfg.distill.teacher_weights = "nm", str(weights)       # wrong teacher config
-    with pytest.raises(ConfigError, match=r"teacher.*'nm'.*student.*'ns'"):
+    with pytest.raises(ConfigError, match=r"teacher.*'nm'.*student.*'ns'.*the file holds DAMO-YOLO-NS: "
+                                          r"use --teacher ns$"):
         distill.load_teacher(cfg)
     cfg.distill.teacher = ""
     with pytest.raises(ConfigError, match="set distill.teacher"):

@@ -110,6 +110,19 @@ def check_pair(cfg, tcfg, where: str = "") -> tuple[tuple[int, ...], tuple[int, 
     return cs, ct
 
 
+def _which_model_hint(state_dict) -> str:
+    """"the file holds DAMO-YOLO-X: use --teacher x" when a bundled model fits the weights."""
+    from damo_jax.interop import convert
+    try:
+        found = convert.identify_model(state_dict)
+    except Exception:              # noqa: BLE001 - a hint must never hide the real error
+        found = None
+    if not found:
+        return "set distill.teacher (--teacher) to the weights' model"
+    name = found.split()[0]
+    return f"the file holds DAMO-YOLO-{name.upper()}{found[len(name):]}: use --teacher {name}"
+
+
 def _load_state_dict_teacher(path: Path, tcfg, cfg) -> tuple[dict, bool]:
     """Official .pth/.npz -> variables; backbone+neck strict, head only if it fits (else dropped)."""
     from damo_jax.interop import convert
@@ -124,7 +137,7 @@ def _load_state_dict_teacher(path: Path, tcfg, cfg) -> tuple[dict, bool]:
     if unexpected or missing:
         raise ConfigError(f"{who}: the weights do not fit the teacher config (missing "
                           f"{missing[:3]}, unexpected {unexpected[:3]}, {len(missing)}/"
-                          f"{len(unexpected)} in all); set distill.teacher to the weights' model")
+                          f"{len(unexpected)} in all); " + _which_model_hint(sd))
     head = {k: e for k, e in entries.items() if "head" in k}
     has_head = all(k in sd and tuple(np.shape(sd[k])) == e[2] for k, e in head.items())
     flat = {}
@@ -132,7 +145,8 @@ def _load_state_dict_teacher(path: Path, tcfg, cfg) -> tuple[dict, bool]:
         value = np.asarray(sd[key], np.float32)
         if tuple(value.shape) != shape:
             raise ConfigError(f"{who}: key {key!r} has shape {tuple(value.shape)}, the teacher "
-                              f"config expects {shape} (neck/backbone channels differ)")
+                              f"config expects {shape} (neck/backbone channels differ); "
+                              + _which_model_hint(sd))
         flat[(collection, *path_)] = convert.from_torch_layout(path_[-1], value)
     return traverse_util.unflatten_dict(flat), has_head
 
