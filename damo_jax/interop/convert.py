@@ -153,18 +153,25 @@ def classifier_outputs(state_dict) -> int | None:
     return None if key is None else int(np.shape(state_dict[key])[0])
 
 
-def _with_model_hint(err: "CheckpointMismatchError", state_dict, cfg) -> "CheckpointMismatchError":
-    """``err`` with "; the file holds DAMO-YOLO-X (--config x)" appended when another bundled
-    model fits the state dict."""
+def model_hint(state_dict, flag: str = "--config", unless: str | None = None) -> str | None:
+    """"the file holds DAMO-YOLO-X: use ``flag`` x" when a bundled model other than ``unless``
+    fits the state dict (:func:`identify_model`), else None; never raises (a hint must never hide
+    the real error)."""
     try:
         found = identify_model(state_dict)
-    except Exception:              # noqa: BLE001 - a hint must never hide the real error
+    except Exception:              # noqa: BLE001
         found = None
-    if not found or found.split()[0] == cfg.model.name:
-        return err
+    if not found or found.split()[0] == unless:
+        return None
     name = found.split()[0]
-    return CheckpointMismatchError(f"{err}; the file holds DAMO-YOLO-{name.upper()}"
-                                   f"{found[len(name):]}: use --config {name}")
+    return f"the file holds DAMO-YOLO-{name.upper()}{found[len(name):]}: use {flag} {name}"
+
+
+def _with_model_hint(err: "CheckpointMismatchError", state_dict, cfg) -> "CheckpointMismatchError":
+    """``err`` with "; the file holds DAMO-YOLO-X: use --config x" appended when another bundled
+    model fits the state dict."""
+    hint = model_hint(state_dict, "--config", unless=cfg.model.name)
+    return CheckpointMismatchError(f"{err}; {hint}") if hint else err
 
 
 # ----------------------------------------------------------------------------- conversion

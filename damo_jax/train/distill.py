@@ -111,16 +111,9 @@ def check_pair(cfg, tcfg, where: str = "") -> tuple[tuple[int, ...], tuple[int, 
 
 
 def _which_model_hint(state_dict) -> str:
-    """"the file holds DAMO-YOLO-X: use --teacher x" when a bundled model fits the weights."""
     from damo_jax.interop import convert
-    try:
-        found = convert.identify_model(state_dict)
-    except Exception:              # noqa: BLE001 - a hint must never hide the real error
-        found = None
-    if not found:
-        return "set distill.teacher (--teacher) to the weights' model"
-    name = found.split()[0]
-    return f"the file holds DAMO-YOLO-{name.upper()}{found[len(name):]}: use --teacher {name}"
+    return (convert.model_hint(state_dict, "--teacher")
+            or "set distill.teacher (--teacher) to the weights' model")
 
 
 def _load_state_dict_teacher(path: Path, tcfg, cfg) -> tuple[dict, bool]:
