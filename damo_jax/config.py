@@ -13,6 +13,7 @@ seven config files stay a few lines each.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from pathlib import Path
@@ -192,6 +193,9 @@ KEY_HELP = {
     "data.shear": "random shear range, degrees (+/-)",
     "data.flip_prob": "horizontal flip probability",
     "data.sada": "scale-aware data augmentation (SADA, box-level colour / geometry ops)",
+    "data.mixup_scale": "(low, high) scale of the mixed-in image (optional key; default (0.5, 1.5))",
+    "data.min_box_area": "boxes smaller than this many pixels after augmentation are dropped "
+                         "(optional key; default 4)",
     "data.max_boxes": "boxes per image kept (the largest; a warning counts the rest)",
     "data.workers": "data loader worker processes (0 = in the main process)",
     "data.prefetch": "batches prepared ahead beyond one per worker",
@@ -199,7 +203,7 @@ KEY_HELP = {
     # train
     "train.epochs": "epochs of the schedule",
     "train.no_aug_epochs": "last epochs without mosaic / mixup / SADA, at the minimum lr",
-    "train.warmup_epochs": "epochs of linear lr warm-up (may be fractional)",
+    "train.warmup_epochs": "epochs of lr warm-up from 0, quadratic (official; may be fractional)",
     "train.batch_size": "global batch size, over all devices and processes",
     "train.optimizer": "sgd | adamw",
     "train.base_lr_per_img": "learning rate per image; lr = base_lr_per_img x train.batch_size",
@@ -239,6 +243,40 @@ KEY_HELP = {
     "test.pre_nms_topk": "candidates per image entering NMS (static cap for jit)",
     "test.batch_size": "evaluation batch size",
 }
+
+
+#: keys a config file may add that :func:`model_config` does not set (read with a default)
+OPTIONAL_KEYS = ("data.mixup_scale", "data.min_box_area")
+
+
+@functools.lru_cache(maxsize=None)
+def known_keys() -> frozenset:
+    """Every dotted key a config may hold: :func:`model_config`'s (the same for every model) and
+    :data:`OPTIONAL_KEYS`."""
+    base = model_config(name="t", backbone="TinyNAS_res", structure="-", out_indices=(2, 4, 5),
+                        use_focus=True, act="relu", reparam=True, neck_depth=1.0, hidden_ratio=1.0,
+                        in_channels=(1, 1, 1), out_channels=(1, 1, 1), depthwise=False, reg_max=16,
+                        last_kernel_size=3, nano=False)
+    return frozenset([k for k, _ in flat_items(base)] + list(OPTIONAL_KEYS))
+
+
+def _check_file_keys(cfg, path: Path) -> None:
+    """A config file's keys against :func:`known_keys`: a typo (``c.model.neck.hiden_ratio``) was
+    a new key that no code reads, i.e. the default silently kept; a missing section failed deep in
+    a run."""
+    import difflib
+    from damo_jax.errors import ConfigError
+    for section in ("model", "data", "train", "test"):
+        if not hasattr(cfg.get(section), "items"):
+            raise ConfigError(f"config file {path}: section {section!r} is missing (start from "
+                              f"load_config('<model>') and change it, as configs/demo_ns.py does)")
+    known = known_keys()
+    for key, _ in flat_items(cfg):
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.7)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"config file {path}: unknown key {key}{hint} (no code reads it; "
+                              f"damo-jax train --help lists every key)")
 
 
 def key_help(key: str) -> str | None:
@@ -345,6 +383,7 @@ def load_config(name_or_path) -> ml_collections.ConfigDict:
         raise ConfigError(f"config file {path}: get_config() returned a {type(cfg).__name__}, expected "
                           f"an ml_collections.ConfigDict (start from load_config('<model>') and "
                           f"change it, as configs/demo_ns.py does)")
+    _check_file_keys(cfg, path)
     return cfg
 
 
@@ -498,12 +537,111 @@ def validate_config(cfg: ml_collections.ConfigDict, where: str = "config") -> ml
     for section in ("model", "data", "test"):
         if section in cfg and "image_size" in cfg[section]:
             check_image_size(cfg[section]["image_size"], f"{where}: {section}.image_size")
+    if "model" in cfg:
+        validate_model(cfg.model, where)
     return cfg
+
+
+#: the activations the blocks know (models/blocks.py ``activation``)
+ACTIVATIONS = ("relu", "silu", "swish", "identity")
+#: backbone name -> what its ``depthwise`` key must be (TinyNAS_mob is depthwise by construction,
+#: the others have no depthwise form); the key is the official configs', read by no block
+_BACKBONE_DEPTHWISE = {"TinyNAS_res": False, "TinyNAS_csp": False, "TinyNAS_mob": True}
+
+
+def validate_model(m, where: str = "config") -> None:
+    """The model section's architecture, checked before a model is built (a variant config's
+    mistakes were tracebacks deep in Flax, or nothing: a key no block reads): names of the
+    backbone / neck / head and activations; three levels everywhere (``backbone.out_indices``,
+    ``neck.in_channels`` / ``out_channels``, ``head.in_channels`` / ``strides``), the head reading
+    the neck's channels; counts and ranges (``num_classes``, ``reg_max``, ``last_kernel_size`` odd,
+    ``hidden_ratio``, ``depth``, ``bn_epsilon``, ``bn_momentum``); the unsupported options
+    (``use_se``, ``neck.spp``, ``head.stacked_convs``). ConfigError naming the key."""
+    from damo_jax.errors import ConfigError
+
+    def fail(key, value, what):
+        raise ConfigError(f"{where}: model.{key} = {value!r} {what}")
+
+    def ints(value, n=3, low=1):
+        return (isinstance(value, (tuple, list)) and len(value) == n
+                and all(isinstance(v, int) and not isinstance(v, bool) and v >= low for v in value))
+
+    def number(value):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+    for part in ("backbone", "neck", "head"):
+        if not hasattr(m.get(part), "get"):
+            raise ConfigError(f"{where}: model.{part} is missing (start from load_config('<model>') "
+                              f"and change it, as configs/demo_ns.py does)")
+    bb, nk, hd = m.backbone, m.neck, m.head
+    if bb.get("name") not in _BACKBONE_DEPTHWISE:
+        fail("backbone.name", bb.get("name"), f"is not a known backbone ({', '.join(_BACKBONE_DEPTHWISE)})")
+    if nk.get("name") != "GiraffeNeckV2":
+        fail("neck.name", nk.get("name"), "is not a known neck (GiraffeNeckV2)")
+    if hd.get("name") != "ZeroHead":
+        fail("head.name", hd.get("name"), "is not a known head (ZeroHead)")
+    for key, section in (("backbone.act", bb), ("neck.act", nk)):
+        if section.get("act") not in ACTIVATIONS:
+            fail(key, section.get("act"), f"is not a known activation ({', '.join(ACTIVATIONS)})")
+    want = _BACKBONE_DEPTHWISE[bb.name]
+    if "depthwise" in bb and bool(bb.depthwise) != want:
+        fail("backbone.depthwise", bb.depthwise,
+             f"does not fit {bb.name}: it is {'always' if want else 'never'} depthwise (the key "
+             f"selects nothing; a depthwise backbone is TinyNAS_mob, the nano models')")
+    for key, section, what in (("backbone.use_se", bb, "the SE module (no released model uses it)"),
+                               ("neck.spp", nk, "an SPP in the neck (no released model uses it)")):
+        if section.get(key.split(".")[1]):
+            fail(key, section.get(key.split(".")[1]), f"is not supported: {what}")
+    if hd.get("stacked_convs", 0):
+        fail("head.stacked_convs", hd.get("stacked_convs"), "is not supported: all released "
+             "ZeroHeads use 0 (the head is one conv per level)")
+    out_indices = bb.get("out_indices")
+    if not ints(out_indices, low=0):
+        fail("backbone.out_indices", out_indices, "must be 3 stage indices (the neck has 3 levels)")
+    for key, value in (("neck.in_channels", nk.get("in_channels")),
+                       ("neck.out_channels", nk.get("out_channels")),
+                       ("head.in_channels", hd.get("in_channels"))):
+        if not ints(value):
+            fail(key, value, "must be 3 channel counts >= 1 (strides 8, 16, 32)")
+    if tuple(hd.in_channels) != tuple(nk.out_channels):
+        fail("head.in_channels", tuple(hd.in_channels), f"must equal model.neck.out_channels "
+             f"{tuple(nk.out_channels)} (the head reads the neck's outputs)")
+    strides = hd.get("strides", (8, 16, 32))
+    if not ints(strides) or list(strides) != sorted(set(strides)):
+        fail("head.strides", strides, "must be 3 increasing strides (8, 16, 32 for every released "
+             "backbone)")
+    for key, low in (("num_classes", 1), ("reg_max", 1)):
+        value = hd.get(key)
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= low):
+            fail(f"head.{key}", value, f"must be an integer >= {low}")
+    k = hd.get("last_kernel_size")
+    if not (isinstance(k, int) and not isinstance(k, bool) and k >= 1 and k % 2 == 1):
+        fail("head.last_kernel_size", k, "must be an odd integer >= 1 (a 'same' conv)")
+    depth, ratio = nk.get("depth"), nk.get("hidden_ratio")
+    if not (number(depth) and depth >= 0):
+        fail("neck.depth", depth, "must be a number >= 0")
+    if not (number(ratio) and ratio > 0):
+        fail("neck.hidden_ratio", ratio, "must be a number > 0")
+    narrowest = min(min(nk.in_channels), min(nk.out_channels))
+    if not nk.get("depthwise") and int((narrowest - narrowest // 2) * ratio) < 1:
+        fail("neck.hidden_ratio", ratio, f"leaves no channel in the neck's narrowest block "
+             f"({narrowest} channels)")
+    eps, momentum = m.get("bn_epsilon", 1e-3), m.get("bn_momentum", 0.97)
+    if not (number(eps) and eps > 0):
+        fail("bn_epsilon", eps, "must be a number > 0")
+    if not (number(momentum) and 0 <= momentum < 1):
+        fail("bn_momentum", momentum, "must be a number in [0, 1) (flax convention: 0.97 = torch's 0.03)")
 
 
 #: config keys with a fixed set of values (lower-case), checked by :func:`validate_recipe`
 CHOICES = {("train", "optimizer"): ("sgd", "adamw"), ("data", "loader"): ("process", "grain"),
            ("model", "dtype"): ("float32", "bfloat16", "float16")}
+
+
+def _scale_range(value) -> bool:
+    return (isinstance(value, (tuple, list)) and len(value) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            and 0 < value[0] <= value[1])
 
 
 def validate_recipe(cfg, where: str = "config") -> ml_collections.ConfigDict:
@@ -529,7 +667,18 @@ def validate_recipe(cfg, where: str = "config") -> ml_collections.ConfigDict:
               (("train", "weight_decay"), lambda v: number(v) and v >= 0, "a number >= 0"),
               (("train", "momentum"), lambda v: number(v) and 0 <= v < 1, "a number in [0, 1)"),
               (("train", "ema_decay"), lambda v: number(v) and 0 <= v < 1, "a number in [0, 1)"),
-              (("train", "ema_tau"), lambda v: number(v) and v > 0, "a number > 0"))
+              (("train", "ema_tau"), lambda v: number(v) and v > 0, "a number > 0"),
+              (("train", "min_lr_ratio"), lambda v: number(v) and 0 <= v <= 1, "a number in [0, 1] "
+               "(the cosine's floor as a fraction of the peak lr; below 0 the lr turns negative)"),
+              (("train", "adam_betas"), lambda v: isinstance(v, (tuple, list)) and len(v) == 2
+               and all(number(b) and 0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+              (("train", "adam_eps"), lambda v: number(v) and v > 0, "a number > 0"),
+              (("data", "mosaic_scale"), _scale_range, "(low, high) with 0 < low <= high"),
+              (("data", "mixup_scale"), _scale_range, "(low, high) with 0 < low <= high"),
+              (("data", "workers"), lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+               "an integer >= 0 (0: batches built in the main process)"),
+              (("data", "prefetch"), lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+               "an integer >= 0"))
     for (section, key), ok, what in checks:
         value = get(section, key)
         if value is not None and not ok(value):
@@ -544,9 +693,20 @@ def validate_recipe(cfg, where: str = "config") -> ml_collections.ConfigDict:
             f"{where}: train.warmup_epochs ({warmup}) + train.no_aug_epochs ({no_aug}) > "
             f"train.epochs ({epochs}): the no-augmentation tail, at the minimum lr, would start "
             f"before the warm-up ends (the official recipe: 300 epochs, 5 warm-up, the last 16 "
-            f"without augmentation); lower them, e.g. --config.train.no_aug_epochs="
-            f"{max(0, int(epochs - warmup) // 5)}")
+            f"without augmentation); lower them, e.g. {_fitting_schedule(epochs, warmup, no_aug)}")
     return cfg
+
+
+def _fitting_schedule(epochs, warmup, no_aug) -> str:
+    """Overrides that make warm-up + no-aug tail fit in ``epochs``: the tail shortened when the
+    warm-up fits, else both at the official proportions (5 and 16 of 300 epochs)."""
+    if warmup <= epochs:
+        tail = max(0, int(epochs - warmup) // 5)
+        if tail < no_aug:
+            return f"--config.train.no_aug_epochs={tail}"
+    warm = int(epochs * 5 / 300) if isinstance(warmup, int) else round(epochs * 5 / 300, 3)
+    tail = int(epochs * 16 / 300)           # (an int key takes an int override)
+    return f"--config.train.warmup_epochs={warm:g} --config.train.no_aug_epochs={tail}"
 
 
 def config_value(section, key: str, default=None):

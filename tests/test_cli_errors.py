@@ -96,7 +96,17 @@ CONFIG_FILE_MISTAKES = {
         "from damo_jax.config import load_config\n\ndef get_config():\n    c = load_config('demo')\n"
         "    c.train.batch_size = 'eight'\n    return c\n",
         "get_config() raised TypeError: Could not override field 'batch_size'"),
+    # a typo makes a new key no code reads: the default was kept silently (researcher audit)
+    "config file key typo": (
+        "from damo_jax.config import load_config\n\ndef get_config():\n    c = load_config('demo')\n"
+        "    c.model.neck.hiden_ratio = 0.5\n    return c\n",
+        "unknown key model.neck.hiden_ratio; did you mean model.neck.hidden_ratio?"),
 }
+# a variant config whose parts do not fit: one line naming the keys, before anything is built
+ARCHITECTURE_MISTAKE = (
+    "from damo_jax.config import load_config\n\ndef get_config():\n    c = load_config('demo')\n"
+    "    c.model.neck.out_channels = (96, 192, 384)\n    return c\n",
+    "model.head.in_channels = (64, 128, 256) must equal model.neck.out_channels (96, 192, 384)")
 
 
 def mistakes(f):
@@ -111,6 +121,9 @@ def mistakes(f):
             path.parent.mkdir(exist_ok=True)
             path.write_text(text)
             table[cli, mistake] = (base_args(cli, f, config=str(path)), f"config file {path}: {must}")
+        path = f["root"] / "cfgs" / "architecture_mismatch.py"
+        path.write_text(ARCHITECTURE_MISTAKE[0])
+        table[cli, "architecture mismatch"] = (base_args(cli, f, config=str(path)), ARCHITECTURE_MISTAKE[1])
         table[cli, "batch_size=abc"] = (base + ["--config.train.batch_size=abc"], "train.batch_size")
         table[cli, "batch_size=0"] = (base + ["--config.train.batch_size=0"], "train.batch_size")
         table[cli, "misspelt key"] = (base + ["--config.train.bach_size=3"], "bach_size")
@@ -183,7 +196,7 @@ CASES = [("train", "unknown config name"), ("train", "missing --data folder"),
          ("train", "finetune given a run folder"),
          ("train", "unknown config section"), ("train", "coco: folder missing"),
          ("train", "bad grad_impl")]
-CASES += [(cli, m) for cli in CLIS for m in ("config name typo", *CONFIG_FILE_MISTAKES)]
+CASES += [(cli, m) for cli in CLIS for m in ("config name typo", *CONFIG_FILE_MISTAKES, "architecture mismatch")]
 CASES += [(cli, m) for cli in CLIS[1:] for m in (
     "unknown config name", "batch_size=abc", "batch_size=0", "misspelt key", "--img-size 100",
     "bad flag")]

@@ -354,6 +354,11 @@ def test_predict_exported_file_without_config_uses_its_metadata(tmp_path):
     assert entry["class_names"] == ["cat", "dog"]      # the file's names, not COCO's
     assert entry["boxes"] == [[4.0, 2.0, 20.0, 18.0], [30.0, 10.0, 60.0, 30.0]]   # predict's conf 0.3
     assert summary["iou"] == 0.5                       # the file's (config ns: 0.65)
+    variant = write_handmade_onnx(tmp_path / "v.onnx", class_names=("cat", "dog"),   # a model of the
+                                  metadata=dict(meta, model="t_wide"))            # user's own config
+    summary = main(["--onnx", str(variant), "--source", str(tmp_path / "x.png"),
+                    "--out", str(tmp_path / "out_v"), "--no-draw", "--no-progress"])
+    assert summary["images"][0]["class_names"] == ["cat", "dog"] and summary["iou"] == 0.5
     bare = write_handmade_onnx(tmp_path / "bare.onnx", class_names=("cat", "dog"))
     with pytest.raises(SystemExit, match="no damo_jax export metadata.*give --config"):
         main(["--onnx", str(bare), "--source", str(tmp_path / "x.png"), "--out", str(tmp_path / "o2")])

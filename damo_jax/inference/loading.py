@@ -164,14 +164,17 @@ def _config_from_export(kind: str, path: Path):
         except Exception:  # noqa: BLE001 - the backend reports an unreadable IR in its own words
             meta = {}
     name = meta.get("model")
-    if name not in MODEL_NAMES or "class_names" not in meta:
+    if not name or "class_names" not in meta:
         raise ConfigError(f"{_flag(kind)} {path}: the file holds no damo_jax export metadata "
                           f"(model, class names); give --config (the model's config name or "
                           f"file, or the training run directory)")
     try:
         names = tuple(json.loads(meta["class_names"]))
-        cfg = load_config(name)
+        # a model variant of the user's own config: an exported file needs no architecture, only
+        # what its metadata gives (classes, size, thresholds); a bundled config carries them
+        cfg = load_config(name if name in MODEL_NAMES else "t")
         with cfg.unlocked():
+            cfg.model.name = str(name)
             cfg.model.class_names = names
             cfg.model.head.num_classes = len(names)
             for key in ("conf_thre", "iou_thre"):

@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from damo_jax.config import config_value, load_config, neck_depth_n
+from damo_jax.config import config_value, load_config, neck_depth_n, validate_model
+from damo_jax.errors import ConfigError
 from damo_jax.ops.boxes import check_image_size
 from damo_jax.models.backbone_csp import TinyNASCSP
 from damo_jax.models.backbone_mob import TinyNASMob
@@ -41,6 +42,7 @@ class DamoYolo(nn.Module):
         x = images.astype(jnp.dtype(self.dtype))
         feats = self.backbone(x, train)
         neck_feats = self.neck(feats, train)
+        check_strides(images.shape[1:3], neck_feats, self.head.strides)
         out = dict(self.head(neck_feats, train))
         out["backbone"] = list(feats)
         out["neck"] = list(neck_feats)
@@ -50,9 +52,25 @@ class DamoYolo(nn.Module):
 _get = config_value  # section[key] when present and not None, else default
 
 
+def check_strides(hw, feats, strides) -> None:
+    """The priors assume level i is the input downsampled ``strides[i]`` times: a backbone whose
+    stem strides otherwise (``use_focus`` off with a stride-1 stem structure) or other
+    ``head.strides`` placed every anchor point wrongly, silently. Static shapes: checked when traced."""
+    got = tuple(hw[0] // f.shape[1] if f.shape[1] else 0 for f in feats)
+    if len(feats) != len(strides) or any(f.shape[1] * s != hw[0] or f.shape[2] * s != hw[1]
+                                         for f, s in zip(feats, strides)):
+        raise ConfigError(f"config model.head.strides = {tuple(strides)}, but the backbone and neck "
+                          f"give feature maps {[tuple(f.shape[1:3]) for f in feats]} for a "
+                          f"{hw[0]}x{hw[1]} input, i.e. strides {got}: check model.backbone."
+                          f"use_focus / structure (its stem stride) or model.head.strides")
+
+
 def build_backbone(bb, opts: Opts) -> nn.Module:
     name = bb["name"]
-    structure = load_structure(bb["structure"])
+    try:
+        structure = load_structure(bb["structure"])
+    except FileNotFoundError as e:
+        raise ConfigError(f"config model.backbone.structure: {e}") from e
     common = dict(structure=structure, out_indices=tuple(bb["out_indices"]),
                   with_spp=bool(_get(bb, "with_spp", True)), use_focus=bool(bb["use_focus"]),
                   act=bb["act"], opts=opts)
@@ -62,18 +80,18 @@ def build_backbone(bb, opts: Opts) -> nn.Module:
         return TinyNASCSP(reparam=bool(bb["reparam"]), **common)
     if name == "TinyNAS_mob":
         if _get(bb, "use_se", False):
-            raise ValueError("config model.backbone.use_se=True is not supported (no released "
+            raise ConfigError("config model.backbone.use_se=True is not supported (no released "
                              "model uses the SE module)")
         return TinyNASMob(**common)
-    raise ValueError(f"config model.backbone.name: unknown backbone {name!r} "
+    raise ConfigError(f"config model.backbone.name: unknown backbone {name!r} "
                      "(known: TinyNAS_res, TinyNAS_csp, TinyNAS_mob)")
 
 
 def build_neck(nk, opts: Opts) -> nn.Module:
     if nk["name"] != "GiraffeNeckV2":
-        raise ValueError(f"config model.neck.name: unknown neck {nk['name']!r} (known: GiraffeNeckV2)")
+        raise ConfigError(f"config model.neck.name: unknown neck {nk['name']!r} (known: GiraffeNeckV2)")
     if _get(nk, "spp", False):
-        raise ValueError("config model.neck.spp=True is not supported (no released model uses it)")
+        raise ConfigError("config model.neck.spp=True is not supported (no released model uses it)")
     return GiraffeNeckV2(
         in_channels=tuple(nk["in_channels"]), out_channels=tuple(nk["out_channels"]),
         num_blocks=neck_depth_n(nk["depth"]), hidden_ratio=float(nk["hidden_ratio"]),
@@ -82,9 +100,9 @@ def build_neck(nk, opts: Opts) -> nn.Module:
 
 def build_head(hd, opts: Opts) -> nn.Module:
     if hd["name"] != "ZeroHead":
-        raise ValueError(f"config model.head.name: unknown head {hd['name']!r} (known: ZeroHead)")
+        raise ConfigError(f"config model.head.name: unknown head {hd['name']!r} (known: ZeroHead)")
     if _get(hd, "stacked_convs", 0):
-        raise ValueError("config model.head.stacked_convs > 0 is not supported (all released "
+        raise ConfigError("config model.head.stacked_convs > 0 is not supported (all released "
                          "models use 0)")
     return ZeroHead(
         num_classes=int(hd["num_classes"]), in_channels=tuple(hd["in_channels"]),
@@ -113,6 +131,7 @@ def build_model(config_or_name, deploy=False) -> DamoYolo:
     """
     cfg = load_config(config_or_name)
     m = cfg.model
+    validate_model(m, where=f"config {m.get('name', '?')!r}")
     opts = Opts(deploy=deploy, dtype=str(_get(m, "dtype", "float32")),
                 bn_epsilon=float(_get(m, "bn_epsilon", 1e-3)),
                 bn_momentum=float(_get(m, "bn_momentum", 0.97)),

@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from damo_jax.errors import ConfigError
 from damo_jax.models.blocks import Opts, conv
 
 PRIOR_PROB = 0.01
@@ -85,8 +86,9 @@ class ZeroHead(nn.Module):
         cls_levels, reg_levels, levels = [], [], []
         for i, feat in enumerate(feats):
             if feat.shape[-1] != self.in_channels[i]:
-                raise ValueError(f"ZeroHead level {i}: expected {self.in_channels[i]} channels, "
-                                 f"got {feat.shape[-1]}")
+                raise ConfigError(f"config model.head.in_channels = {tuple(self.in_channels)}, but the "
+                                  f"neck gives {tuple(f.shape[-1] for f in feats)} channels "
+                                  f"(model.neck.out_channels): they must be equal")
             cls, reg = self._level(i, feat)
             cls_levels.append(cls)
             reg_levels.append(reg)

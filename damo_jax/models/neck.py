@@ -10,6 +10,7 @@ import math
 import flax.linen as nn
 import jax.numpy as jnp
 
+from damo_jax.errors import ConfigError
 from damo_jax.models.blocks import (ConvBNAct, MobBlock, Opts, RepConv, activation, conv_bn,
                                     make_divisible, upsample2x)
 
@@ -105,7 +106,10 @@ class GiraffeNeckV2(nn.Module):
         x2, x1, x0 = feats
         for x, c, lvl in zip(feats, self.in_channels, (3, 4, 5)):
             if x.shape[-1] != c:
-                raise ValueError(f"neck input C{lvl}: expected {c} channels, got {x.shape[-1]}")
+                raise ConfigError(f"config model.neck.in_channels = {tuple(self.in_channels)}, but the "
+                                  f"backbone gives {tuple(f.shape[-1] for f in feats)} channels at "
+                                  f"model.backbone.out_indices (C3, C4, C5): set the neck's "
+                                  f"in_channels to those of the backbone structure")
         ic0, ic1, ic2 = self.in_channels
         oc0, oc1, oc2 = self.out_channels
         x13 = self._down(x1, "bu_conv13", train)
