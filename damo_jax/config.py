@@ -161,7 +161,8 @@ def model_config(
 
 
 #: One line per config key, for ``--help`` (:func:`key_help`); a key ending in "." explains every
-#: key under it. A key that a config adds without an entry here fails ``tests/test_config.py``.
+#: key under it. A key that a shipped config holds without an entry here fails
+#: ``tests/test_train_cli.py::test_every_config_key_is_explained``.
 KEY_HELP = {
     # model: architecture (official names; changing these keys makes official weights unloadable)
     "model.name": "model size: t, s, m, l (TinyNAS-res/-csp) or ns, nm, nl, n (nano); names the run",
@@ -566,8 +567,7 @@ def validate_model(m, where: str = "config") -> None:
         return (isinstance(value, (tuple, list)) and len(value) == n
                 and all(isinstance(v, int) and not isinstance(v, bool) and v >= low for v in value))
 
-    def number(value):
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+    number = _is_number
 
     for part in ("backbone", "neck", "head"):
         if not hasattr(m.get(part), "get"):
@@ -638,6 +638,11 @@ CHOICES = {("train", "optimizer"): ("sgd", "adamw"), ("data", "loader"): ("proce
            ("model", "dtype"): ("float32", "bfloat16", "float16")}
 
 
+def _is_number(value) -> bool:
+    """A real int / float, not a bool, not NaN."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+
 def _scale_range(value) -> bool:
     return (isinstance(value, (tuple, list)) and len(value) == 2
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
@@ -655,8 +660,7 @@ def validate_recipe(cfg, where: str = "config") -> ml_collections.ConfigDict:
     def get(section, key):
         return cfg[section].get(key) if section in cfg and hasattr(cfg[section], "get") else None
 
-    def number(value) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+    number = _is_number
 
     for (section, key), allowed in CHOICES.items():
         value = get(section, key)
