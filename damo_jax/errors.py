@@ -34,12 +34,17 @@ class ConfigKeyError(ConfigError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+def is_url(text) -> bool:
+    """``scheme://…`` (``gs://b/run``, ``https://host/img.jpg``): never a local path here."""
+    import re
+    return re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", str(text)) is not None
+
+
 def refuse_url(path, flag: str) -> None:
     """A :class:`ConfigError` for an output named by a URL (``gs://bucket/run``, ``s3://…``):
     outputs go through the local file system, where ``gs://b/run`` would silently become a local
     folder ``gs:/b/run``. ``flag`` names the option (``--workdir``) or the argument."""
-    import re
-    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", str(path)):
+    if is_url(path):
         raise ConfigError(f"{flag} {path}: a URL; outputs are written to local paths only (mount "
                           f"the bucket with Cloud Storage FUSE (gcsfuse), or use a Drive folder on "
                           f"Colab)")

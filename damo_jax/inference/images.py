@@ -29,15 +29,14 @@ def list_images(source, *, flag: str = "source") -> list[Path]:
 def list_images_and_videos(source, *, flag: str = "source") -> tuple[list[Path], list[Path]]:
     """:func:`list_images`, and the video files the same walk of a folder found (sorted; ``[]``
     for a file): a folder gives its images, the caller names the videos it passes over."""
-    from damo_jax.errors import InputPathError
+    from damo_jax.errors import InputPathError, is_url
     from damo_jax.inference.video import is_video_file
     text = str(source)
     source = Path(source)
     if source.is_file():
         return [source], []
     if not source.is_dir():
-        import re
-        if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", text):      # Path() made https:// https:/
+        if is_url(text):                       # (Path() made https:// https:/)
             raise InputPathError(f"{flag} {text}: a URL; images, folders and video files are read "
                                  f"from local paths only (download it first, e.g. curl -LO {text})")
         hint = (" (camera indices and streams are not read: record a video file and give it)"
