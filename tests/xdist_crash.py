@@ -31,8 +31,9 @@ class CrashSafeLoadFileScheduling(LoadFileScheduling):
 
     def __init__(self, config, log=None):
         super().__init__(config, log)
-        self._closed: set = set()        # nodes whose channel closed when work was sent (dead, not yet removed)
-        self._unsent: dict = {}          # {node: files recorded as assigned to it whose sending failed}
+        # {node: files recorded as assigned to it whose sending failed}: the nodes whose channel
+        # closed when work was sent (dead, not yet removed)
+        self._unsent: dict = {}
 
     def remove_node(self, node):
         """Forget ``node``; if it crashed, requeue its unfinished tests and return the crashed one.
@@ -82,7 +83,6 @@ class CrashSafeLoadFileScheduling(LoadFileScheduling):
                 try:
                     super()._assign_work_unit(node)
                 except OSError:                     # execnet: "cannot send (already closed?)"
-                    self._closed.add(node)
                     self._unsent.setdefault(node, set()).add(scope)
                 return
             self.workqueue.popitem(last=False)
@@ -90,11 +90,11 @@ class CrashSafeLoadFileScheduling(LoadFileScheduling):
     def _reschedule(self, node) -> None:
         """Top ``node`` up to more than two pending tests while files are queued, then shut it down
         once the queue is empty (a worker holding one test waits for a next one or a shutdown)."""
-        if node.shutting_down or node in self._closed or node not in self.registered_collections:
+        if node.shutting_down or node in self._unsent or node not in self.registered_collections:
             return          # a replacement worker still collecting: its own collectionfinish schedules it
         while self.workqueue and self._pending_of(self.assigned_work[node]) <= 2:
             self._assign_work_unit(node)
-            if node in self._closed:
+            if node in self._unsent:
                 return
         if not self.workqueue:
             node.shutdown()                         # xdist ignores a closed channel here itself
