@@ -53,9 +53,7 @@ def get_config():
     c.test.batch_size = 16
     c.train.batch_size = 8
     c.train.epochs = 7
-    with c.unlocked():              # fractional epochs (the base config holds an int)
-        del c.train["warmup_epochs"]
-        c.train.warmup_epochs = 0.3
+    c.train.warmup_epochs = 0.3
     c.train.no_aug_epochs = 1
     c.train.eval_every_epochs = 1
     c.train.eval_every_epochs_tail = 1

@@ -115,8 +115,8 @@ def model_config(
 
     c.train = ml_collections.ConfigDict()
     c.train.epochs = 300
-    c.train.no_aug_epochs = 16
-    c.train.warmup_epochs = 5
+    c.train.no_aug_epochs = 16.0   # floats: fractional epochs are fine (a 0.3-epoch demo warm-up)
+    c.train.warmup_epochs = 5.0
     c.train.batch_size = 256       # global batch
     c.train.optimizer = "adamw" if nano else "sgd"
     c.train.base_lr_per_img = (0.001 if nano else 0.01) / 64
@@ -292,7 +292,7 @@ def key_help(key: str) -> str | None:
 # ``section.key`` of the config; a model config adds its own augmentation strength (shear, mosaic
 # scale) as keyword arguments of ``with_recipe``.
 _COMMON_RECIPE = {
-    "train.epochs": 300, "train.no_aug_epochs": 16, "train.warmup_epochs": 5,
+    "train.epochs": 300, "train.no_aug_epochs": 16.0, "train.warmup_epochs": 5.0,
     "train.batch_size": 256, "train.min_lr_ratio": 0.05, "train.ema": True,
     "train.ema_decay": 0.9998, "train.ema_tau": 2000.0,
     "data.mosaic_size": (640, 640), "data.mosaic_prob": 1.0, "data.mixup_prob": 0.15,
@@ -527,8 +527,10 @@ def validate_config(cfg: ml_collections.ConfigDict, where: str = "config") -> ml
                          ("test", "pre_nms_topk"), ("train", "log_every_steps"),
                          ("train", "keep_checkpoints"), ("train", "epochs")):
         at_least(section, key, 1, integer=True)
-    for key in ("max_steps", "warmup_epochs", "no_aug_epochs", "eval_every_epochs",   # 0: off /
-                "eval_every_epochs_tail", "ckpt_every_steps"):                       # per epoch
+    for key in ("max_steps", "eval_every_epochs", "eval_every_epochs_tail",   # 0: off / per epoch
+                "ckpt_every_steps"):
+        at_least("train", key, 0, integer=True)
+    for key in ("warmup_epochs", "no_aug_epochs"):                             # may be fractional
         at_least("train", key, 0)
     if "test" in cfg:                   # the evaluation / predict thresholds: probabilities
         for key in ("conf_thre", "iou_thre"):
@@ -694,7 +696,7 @@ def validate_recipe(cfg, where: str = "config") -> ml_collections.ConfigDict:
     epochs, warmup, no_aug = (get("train", k) for k in ("epochs", "warmup_epochs", "no_aug_epochs"))
     if number(epochs) and number(no_aug) and number(warmup) and warmup + no_aug > epochs:
         raise ConfigError(
-            f"{where}: train.warmup_epochs ({warmup}) + train.no_aug_epochs ({no_aug}) > "
+            f"{where}: train.warmup_epochs ({warmup:g}) + train.no_aug_epochs ({no_aug:g}) > "
             f"train.epochs ({epochs}): the no-augmentation tail, at the minimum lr, would start "
             f"before the warm-up ends (the official recipe: 300 epochs, 5 warm-up, the last 16 "
             f"without augmentation); lower them, e.g. {_fitting_schedule(epochs, warmup, no_aug)}")
@@ -708,8 +710,8 @@ def _fitting_schedule(epochs, warmup, no_aug) -> str:
         tail = max(0, int(epochs - warmup) // 5)
         if tail < no_aug:
             return f"--config.train.no_aug_epochs={tail}"
-    warm = int(epochs * 5 / 300) if isinstance(warmup, int) else round(epochs * 5 / 300, 3)
-    tail = int(epochs * 16 / 300)           # (an int key takes an int override)
+    warm = round(epochs * 5 / 300, 3)
+    tail = int(epochs * 16 / 300)
     return f"--config.train.warmup_epochs={warm:g} --config.train.no_aug_epochs={tail}"
 
 

@@ -435,9 +435,9 @@ def test_predict_partial_checkpoint_is_one_error_line(files, tmp_path, capsys):
 @pytest.mark.parametrize("override,must_contain", [
     ("log_every_steps=0", "train.log_every_steps = 0 must be an integer >= 1"),     # was a ZeroDivisionError
     ("keep_checkpoints=0", "train.keep_checkpoints = 0 must be an integer >= 1"),   # was silently 1
-    ("max_steps=-1", "train.max_steps = -1 must be >= 0"),               # was the full schedule
-    ("eval_every_epochs=-1", "train.eval_every_epochs = -1 must be >= 0"),
-    ("ckpt_every_steps=-5", "train.ckpt_every_steps = -5 must be >= 0"),
+    ("max_steps=-1", "train.max_steps = -1 must be an integer >= 0"),               # was the full schedule
+    ("eval_every_epochs=-1", "train.eval_every_epochs = -1 must be an integer >= 0"),
+    ("ckpt_every_steps=-5", "train.ckpt_every_steps = -5 must be an integer >= 0"),
     ("warmup_epochs=-1", "train.warmup_epochs = -1"),
     ("no_aug_epochs=-5", "train.no_aug_epochs = -5")])
 def test_train_schedule_values_out_of_range(override, must_contain, files, capsys):

@@ -146,3 +146,26 @@ def test_readme_variant_config_and_python_loss_blocks_run(tmp_path):
     assert float(scope["parts"]["num_pos"]) >= 2                   # both boxes got positives
     norms = [float(jnp.abs(g).sum()) for g in jax.tree_util.tree_leaves(scope["grads"])]
     assert sum(n > 0 for n in norms) > 0.9 * len(norms)       # the loss reaches the network
+
+
+@pytest.mark.parametrize("name", ["t", "s", "ns"])
+def test_fractional_schedule_lengths_are_taken_and_counters_must_be_whole(name, tmp_path):
+    """``--config.train.warmup_epochs=0.5`` was refused on t/s/m/l ("expected an integer": the
+    default was the int 5) while the demo needed a ``del`` to set 0.3; and a fractional
+    ``eval_every_epochs`` in a config file was truncated by ``int()`` to 0 (= only at the end)."""
+    from damo_jax.train.loop import run_length
+    cfg = apply_overrides(load_config(name), ["train.warmup_epochs=0.5", "train.no_aug_epochs=1.5",
+                                              "train.epochs=4"])
+    validate_recipe(validate_config(cfg))
+    rl = run_length(cfg, 10 * int(cfg.train.batch_size))      # 10 steps per epoch
+    assert (rl.warmup_steps, rl.no_aug_start_step, rl.total_steps) == (5, 25, 40)
+    head = f"from damo_jax.config import load_config\n\ndef get_config():\n    c = load_config({name!r})\n"
+    (tmp_path / "half.py").write_text(head + "    c.train.warmup_epochs = 0.25\n    return c\n")
+    assert load_config(str(tmp_path / "half.py")).train.warmup_epochs == 0.25
+    for key in ("eval_every_epochs", "eval_every_epochs_tail", "ckpt_every_steps", "max_steps"):
+        bad = load_config(name)
+        with bad.unlocked():                       # a file can re-create a key with another type
+            del bad.train[key]
+            bad.train[key] = 0.5 if key != "max_steps" else 2.5
+        with pytest.raises(ConfigError, match=rf"train.{key} = .* must be an integer >= 0"):
+            validate_config(bad)
