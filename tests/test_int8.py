@@ -206,3 +206,18 @@ def test_cli_export_int8_output_named_like_a_file(fp32_onnx, tmp_path):
                   "--calib-data", f"demo:{SIZE}", "--output", str(tmp_path / "q.xml"))
     assert r.returncode == 2 and "give a folder name" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "q.xml").exists()
+
+
+def test_quantize_onnx_drops_only_the_pre_processing_hint(fp32_onnx, calib, tmp_path, caplog):
+    """onnxruntime's "consider to run pre-processing" warning came with every INT8 export (the
+    graph it would pre-process is already static-shaped with BatchNorm folded); other root-logger
+    warnings still pass, and the filter is gone afterwards."""
+    import logging
+    with caplog.at_level(logging.INFO):
+        int8.quantize_onnx(fp32_onnx, tmp_path / "q.onnx", calib[:2], quiet=True)
+        logging.warning("an unrelated warning")
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any("pre-processing" in m for m in messages), messages
+    assert "an unrelated warning" in messages
+    assert not logging.getLogger().filters
+    assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(tmp_path / "q.onnx")).graph.node)
