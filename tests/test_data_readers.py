@@ -132,6 +132,64 @@ def test_yolo_bad_lines_raise_with_file_and_line(tmp_path):
         open_dataset(f"yolo:{tmp_path / 'data.yaml'}")
 
 
+@pytest.mark.parametrize("kpt_shape", [(12, 2), (24, 3), (17, 3)])
+def test_yolo_pose_labels_give_the_box_not_a_polygon(tmp_path, kpt_shape):
+    """An Ultralytics pose line is 'class cx cy w h' + K·D keypoint values. With an odd count
+    (tiger-pose [12, 2], dog-pose [24, 3]) it was read as a polygon whose corners were the centre,
+    the size and the keypoints: a silently wrong box."""
+    _write_yolo(tmp_path, "names: [a, b, c]")
+    k, d = kpt_shape
+    kpts = " ".join(["0.9 0.1" + (" 2" if d == 3 else "")] * k)
+    (tmp_path / "labels" / "train" / "0.txt").write_text(f"2 0.1 0.1 0.4 0.4 {kpts}\n")
+    (tmp_path / "labels" / "train" / "1.txt").write_text(f"1 0.5 0.5 0.2 0.4 {kpts}\n")
+    with open(tmp_path / "data.yaml", "a") as f:
+        f.write(f"kpt_shape: [{k}, {d}]\n")
+    ds = open_dataset(f"yolo:{tmp_path / 'data.yaml'}", "train")
+    np.testing.assert_allclose(ds[1]["boxes"], [[40, 15, 60, 35]], atol=1e-4)
+    np.testing.assert_array_equal(ds[1]["labels"], [1])
+    np.testing.assert_allclose(ds[0]["boxes"], [[0, 0, 30, 15]], atol=1e-4)
+    (tmp_path / "labels" / "train" / "1.txt").write_text("1 0.5 0.5 0.2 0.4 0.9 0.1\n")
+    with pytest.raises(DataError, match=rf"1\.txt:1: expected 'class cx cy w h' and the keypoints of "
+                                        rf"kpt_shape: {5 + k * d} values, got 7"):
+        open_dataset(f"yolo:{tmp_path / 'data.yaml'}", "train")
+
+
+def test_yolo_pose_shape_must_be_valid(tmp_path):
+    _write_yolo(tmp_path, "names: [a, b, c]\nkpt_shape: [17]")
+    with pytest.raises(DataError, match=r"data.yaml: field 'kpt_shape' must be \[keypoints, 2 or 3\], got \[17\]"):
+        open_dataset(f"yolo:{tmp_path / 'data.yaml'}", "train")
+
+
+def test_yolo_duplicate_lines_are_removed_and_counted(tmp_path, caplog):
+    """Repeated lines were kept: each copy a second ground-truth object that evaluation counts as
+    missed (Ultralytics removes them)."""
+    _write_yolo(tmp_path, "names: [a, b, c]")
+    (tmp_path / "labels" / "train" / "1.txt").write_text(
+        "0 0.5 0.5 0.2 0.2\n0 0.5 0.5 0.2 0.2\n1 0.5 0.5 0.2 0.2\n0 0.5 0.50 0.2 0.2\n")
+    ds = open_dataset(f"yolo:{tmp_path / 'data.yaml'}", "train")
+    np.testing.assert_array_equal(ds[1]["labels"], [0, 1])     # same box, other class: kept
+    assert ds.stats["duplicate_boxes_removed"] == 2
+    assert "duplicate boxes removed 2" in ds.summary()
+    assert any("2 label lines repeat a box" in r.getMessage() for r in caplog.records)
+
+
+def test_yolo_yaml_variants_ultralytics_accepts(tmp_path, monkeypatch):
+    """Quoted ``names`` keys, ``nc`` without ``names``, ``~`` in ``path``; a split folder that does
+    not exist is named as such."""
+    _write_yolo(tmp_path, "names:\n  '0': a\n  '1': b\n  '2': c")
+    assert open_dataset(f"yolo:{tmp_path / 'data.yaml'}", "train").class_names == ("a", "b", "c")
+    (tmp_path / "data.yaml").write_text("path: .\ntrain: images/train\nnc: 3\n")
+    assert open_dataset(f"yolo:{tmp_path / 'data.yaml'}", "train").class_names == (
+        "class_0", "class_1", "class_2")
+    monkeypatch.setenv("HOME", str(tmp_path.parent))
+    (tmp_path / "data.yaml").write_text(f"path: ~/{tmp_path.name}\ntrain: images/train\nnames: [a, b, c]\n")
+    assert len(open_dataset(f"yolo:{tmp_path / 'data.yaml'}", "train")) == 3
+    (tmp_path / "data.yaml").write_text("train: images/nope\nnames: [a, b, c]\n")
+    with pytest.raises(DataError, match=r"split path .*images/nope does not exist \(relative paths are "
+                                        r"read from the 'path' folder"):
+        open_dataset(f"yolo:{tmp_path / 'data.yaml'}", "train")
+
+
 # ----------------------------------------------------------------------------------------------- VOC
 def _voc_xml(fname, objects, size=(100, 60)):
     objs = "".join(

@@ -1,13 +1,17 @@
 """YOLO txt reader (Ultralytics layout described by a data YAML).
 
-``data.yaml`` keys: ``path`` (dataset root; relative paths are resolved against the YAML's own
-folder; default: that folder), ``train`` / ``val`` / ``test`` (each a folder of images, a .txt
-file listing image paths, or a list of those; relative to ``path``), ``names`` (list, or dict
-``{class_index: name}``; the indices may have gaps), optional ``nc`` (checked).
+``data.yaml`` keys: ``path`` (dataset root; ``~`` expanded; relative paths are resolved against
+the YAML's own folder; default: that folder), ``train`` / ``val`` / ``test`` (each a folder of
+images, a .txt file listing image paths, or a list of those; relative to ``path``), ``names`` (list,
+or dict ``{class_index: name}``, keys may be quoted; the indices may have gaps), optional ``nc``
+(checked; alone, without ``names``, it names the classes ``class_0 …``), optional ``kpt_shape``
+``[K, D]`` (a pose dataset: each line is ``class cx cy w h`` followed by K·D keypoint values, which
+are not used).
 
 Labels live beside the images with ``/images/`` replaced by ``/labels/`` (last occurrence) and the
 suffix ``.txt``. A line is ``class cx cy w h`` (normalised) or a polygon ``class x1 y1 x2 y2 ...``
-(normalised; its tight box is used). Boxes are in the displayed (EXIF-transposed) image frame, so
+(normalised; its tight box is used). Lines that repeat a box of the same file exactly are
+removed and counted (``duplicate_boxes_removed``), as Ultralytics does. Boxes are in the displayed (EXIF-transposed) image frame, so
 the image size read at open time is the EXIF-transposed header size. A missing label file means a
 negative image (counted ``missing_label_files``); unreadable images are skipped at open time
 (counted ``skipped_images``); malformed lines and unknown class indices raise :class:`DataError`
@@ -57,11 +61,18 @@ def _load_yaml(path: Path) -> dict:
 
 def _parse_names(data: dict, file: Path) -> tuple[list[int], list[str]]:
     names = data.get("names")
+    nc = data.get("nc")
+    if names is None and isinstance(nc, int) and not isinstance(nc, bool) and nc > 0:
+        log.warning("%s: no 'names', only 'nc' = %d: the classes are called class_0 … class_%d",
+                    file, nc, nc - 1)
+        names = [f"class_{i}" for i in range(nc)]
     if isinstance(names, list):
         pairs = list(enumerate(names))
     elif isinstance(names, dict):
         pairs = []
         for k, v in names.items():
+            if isinstance(k, str) and k.strip().isdigit():       # '0': name (quoted keys)
+                k = int(k)
             if isinstance(k, bool) or not isinstance(k, int) or k < 0:
                 raise DataError(f"{file}: field 'names': keys must be class indices >= 0, got {k!r}")
             pairs.append((k, v))
@@ -79,7 +90,6 @@ def _parse_names(data: dict, file: Path) -> tuple[list[int], list[str]]:
             raise DataError(f"{file}: field 'names': classes {first[str(v)]} and {k} have the same name "
                             f"{str(v)!r} (class names must be unique)")
         first[str(v)] = k
-    nc = data.get("nc")
     if nc is not None and nc != len(pairs):
         raise DataError(f"{file}: field 'nc' = {nc!r} but 'names' has {len(pairs)} entries")
     return [k for k, _ in pairs], [str(v) for _, v in pairs]
@@ -101,6 +111,10 @@ def _image_files(entry, root: Path, file: Path) -> list[Path]:
                 q = Path(line)
                 out.append(q if q.is_absolute() else (p.parent / q if line.startswith("./") else root / q))
         return out
+    if not p.exists():
+        raise DataError(f"{file}: split path {p} does not exist"
+                        + (f" (relative paths are read from the 'path' folder {root})"
+                           if not Path(entry).is_absolute() else ""))
     raise DataError(f"{file}: split path {p} is neither an image folder nor a .txt list")
 
 
@@ -114,10 +128,27 @@ def label_path(image: Path) -> Path:
     return image.with_suffix(".txt")
 
 
+def _kpt_columns(data: dict, file: Path) -> int | None:
+    """Values per line of a pose dataset (``kpt_shape: [K, D]`` → 5 + K·D), else None."""
+    shape = data.get("kpt_shape")
+    if shape is None:
+        return None
+    if (not isinstance(shape, (list, tuple)) or len(shape) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in shape)
+            or shape[0] < 1 or shape[1] not in (2, 3)):
+        raise DataError(f"{file}: field 'kpt_shape' must be [keypoints, 2 or 3], got {shape!r}")
+    return 5 + shape[0] * shape[1]
+
+
 def parse_label_file(path: Path, width: int, height: int, class_index: dict[int, int],
+                     kpt_columns: int | None = None, stats: collections.Counter | None = None,
                      ) -> tuple[list[list[float]], list[int]]:
-    """Boxes (x1y1x2y2 px, unclipped) and contiguous labels of one YOLO label file."""
-    boxes, labels = [], []
+    """Boxes (x1y1x2y2 px, unclipped) and contiguous labels of one YOLO label file.
+
+    ``kpt_columns``: the values per line of a pose dataset (its box is the first four after the
+    class); else a line is a box or a polygon. Exact repeats of a line's class and box are removed
+    and counted in ``stats["duplicate_boxes_removed"]``."""
+    boxes, labels, seen = [], [], set()
     text = path.read_text(encoding="utf-8-sig", errors="replace")   # -sig: a leading BOM is dropped
     for lineno, line in enumerate(text.splitlines(), 1):
         parts = line.split()
@@ -128,19 +159,28 @@ def parse_label_file(path: Path, width: int, height: int, class_index: dict[int,
             values = [float(v) for v in parts]
         except ValueError as e:
             raise DataError(f"{where}: non-numeric value in {line.strip()!r}") from e
-        if len(values) < 5 or (len(values) > 5 and len(values) % 2 == 0):
+        if kpt_columns is not None and len(values) != kpt_columns:
+            raise DataError(f"{where}: expected 'class cx cy w h' and the keypoints of kpt_shape: "
+                            f"{kpt_columns} values, got {len(values)}")
+        if kpt_columns is None and (len(values) < 5 or (len(values) > 5 and len(values) % 2 == 0)):
             raise DataError(f"{where}: expected 'class cx cy w h' or 'class x1 y1 x2 y2 ...', "
                             f"got {len(values)} values")
         cls = values[0]
         if not np.isfinite(cls) or cls != int(cls) or int(cls) not in class_index:
             raise DataError(f"{where}: unknown class index {parts[0]!r} (known: {sorted(class_index)})")
-        if len(values) == 5:
-            cx, cy, w, h = values[1:]
+        if len(values) == 5 or kpt_columns is not None:
+            cx, cy, w, h = values[1:5]
             box = [(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height]
         else:
             xy = np.asarray(values[1:], np.float64).reshape(-1, 2)
             box = [xy[:, 0].min() * width, xy[:, 1].min() * height, xy[:, 0].max() * width,
                    xy[:, 1].max() * height]
+        key = (int(cls), *box)
+        if key in seen:
+            if stats is not None:
+                stats["duplicate_boxes_removed"] += 1
+            continue
+        seen.add(key)
         boxes.append(box)
         labels.append(class_index[int(cls)])
     return boxes, labels
@@ -176,12 +216,13 @@ _HINTS = hint_by_reason({
 def read_yolo(yaml_path: str | os.PathLike, split: str) -> DetectionDataset:
     file = Path(yaml_path).expanduser()
     data = _load_yaml(file)
-    root = Path(data.get("path") or ".")
+    root = Path(str(data.get("path") or ".")).expanduser()
     root = root if root.is_absolute() else (file.parent / root)
     split_key = {"validation": "val"}.get(split, split)
     if split_key not in data or data[split_key] in (None, ""):
         raise MissingSplitError(f"{file}: no entry for split {split!r} (keys: {sorted(map(str, data))})")
     cat_ids, names = _parse_names(data, file)
+    kpt_columns = _kpt_columns(data, file)
     class_index = {cid: i for i, cid in enumerate(cat_ids)}
     images = _image_files(data[split_key], root, file)
     stats: collections.Counter = collections.Counter()
@@ -198,7 +239,7 @@ def read_yolo(yaml_path: str | os.PathLike, split: str) -> DetectionDataset:
             continue
         lbl = label_path(img)
         if lbl.is_file():
-            boxes, labels = parse_label_file(lbl, width, height, class_index)
+            boxes, labels = parse_label_file(lbl, width, height, class_index, kpt_columns, stats)
         else:
             stats["missing_label_files"] += 1
             boxes, labels = [], []
@@ -209,6 +250,10 @@ def read_yolo(yaml_path: str | os.PathLike, split: str) -> DetectionDataset:
     if not records:
         raise DataError(f"{file}: split {split!r} has no readable images under {data[split_key]!r}")
     audit.warn()
+    if stats["duplicate_boxes_removed"]:
+        log.warning("yolo:%s:%s: %d label lines repeat a box of the same file exactly; removed "
+                    "(each copy would count as a missed object in evaluation)", file, split,
+                    stats["duplicate_boxes_removed"])
     ds = DetectionDataset(records, names, cat_ids, name=f"yolo:{file}:{split}", stats=stats)
     if not len(ds.indices_with_boxes):
         ds.no_boxes_hint = no_boxes_hint(records)
