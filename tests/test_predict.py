@@ -271,6 +271,47 @@ def test_predict_cli_onnx(tmp_path):
     assert top["images"][0]["boxes"] == [[4.0, 2.0, 20.0, 18.0]]    # the highest score only
 
 
+def test_predict_cli_classes_filter_before_nms_and_yolo_txt(tmp_path):
+    """--classes keeps only those classes before NMS (so a dropped class takes no --max-dets
+    place); --save-txt / --save-conf write YOLO lines normalised by the image size (the
+    Ultralytics route for pseudo-labels); unknown classes and --save-conf alone are refused."""
+    from damo_jax.inference.predict import main
+    config = write_two_class_config(tmp_path / "two_class.py")
+    onnx_file = write_handmade_onnx(tmp_path / "m.onnx")
+    Image.fromarray(np.zeros((32, 64, 3), np.uint8)).save(tmp_path / "x.png")
+    base = ["--config", str(config), "--onnx", str(onnx_file), "--source", str(tmp_path / "x.png"),
+            "--conf", "0.5", "--no-progress", "--no-draw"]
+    out = main(base + ["--out", str(tmp_path / "a"), "--classes", "green", "--max-dets", "1",
+                       "--save-txt", "--save-conf"])
+    assert out["images"][0]["boxes"] == [[30.0, 10.0, 60.0, 30.0]]      # not the red top score
+    assert out["images"][0]["class_names"] == ["green"]
+    line = (tmp_path / "a" / "labels" / "x.txt").read_text().split()
+    assert line[0] == "1"
+    np.testing.assert_allclose([float(v) for v in line[1:]], [45 / 64, 20 / 32, 30 / 64, 20 / 32, 0.7],
+                               atol=1e-5)
+    both = main(base + ["--out", str(tmp_path / "b"), "--classes", "0", "green", "--save-txt"])
+    rows = [r.split() for r in (tmp_path / "b" / "labels" / "x.txt").read_text().splitlines()]
+    assert [r[0] for r in rows] == ["0", "1"] and all(len(r) == 5 for r in rows)
+    assert both["images"][0]["class_names"] == ["red", "green"]
+    main(base + ["--out", str(tmp_path / "c"), "--classes", "red", "--conf", "0.95", "--save-txt"])
+    assert (tmp_path / "c" / "labels" / "x.txt").read_text() == ""       # none: an empty file
+    with pytest.raises(SystemExit, match=r"--classes blue: not a class of this model \(its classes: "
+                                         r"0 red, 1 green\)"):
+        main(base + ["--out", str(tmp_path / "d"), "--classes", "blue"])
+    with pytest.raises(SystemExit, match="--save-conf appends scores to the --save-txt files"):
+        main(base + ["--out", str(tmp_path / "e"), "--save-conf"])
+
+
+def test_detector_classes_keyword(tmp_path):
+    config = write_two_class_config(tmp_path / "two_class.py")
+    onnx_file = write_handmade_onnx(tmp_path / "m.onnx")
+    det = Detector.load(str(config), backend="onnx", model_path=onnx_file, conf=0.05, classes=["red"])
+    r = det(np.zeros((32, 64, 3), np.uint8))
+    assert r["class_names"] == ["red"] and len(r["scores"]) == 1     # class 1's 0.1 / 0.7 gone
+    with pytest.raises(ValueError, match=r"classes=7: not a class"):
+        Detector.load(str(config), backend="onnx", model_path=onnx_file, classes=[7])
+
+
 def test_predict_folder_with_no_readable_image_is_an_error_with_reasons(tmp_path):
     """Every image unreadable: exit 2 (it printed "0 image(s) ... 2 skipped" and exited 0, so a batch
     job took it for a run that worked); detections.json still says which files and why. Images in a

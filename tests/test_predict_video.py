@@ -124,7 +124,7 @@ def test_bgr_frames_would_not_be_found(oracle, tmp_path):
     assert all(0 not in r["labels"] for r in oracle(bgr))
 
 
-def test_cli_video_matches_the_same_frames_as_images(tmp_path, capsys):
+def test_cli_video_matches_the_same_frames_as_images(tmp_path, capsys, caplog):
     """The video path and the image path give the same detections for the same frames (ns with
     random weights, a low threshold: many boxes to compare)."""
     from damo_jax.cli.predict import main
@@ -136,21 +136,29 @@ def test_cli_video_matches_the_same_frames_as_images(tmp_path, capsys):
     for k, frame in enumerate(frames):
         Image.fromarray(frame).save(images / f"{k}.png")
     common = ["--checkpoint", str(run_dir), "--conf", "0.001", "--batch-size", "2", "--no-progress"]
-    summary = main(common + ["--source", str(source), "--out", str(tmp_path / "v")])
+    summary = main(common + ["--source", str(source), "--out", str(tmp_path / "v"), "--save-txt"])
     printed = capsys.readouterr().out
     assert "video clip.mkv: 4 frame(s) at 12.5 fps" in printed and "clip.mp4" in printed
     assert json.loads((tmp_path / "v" / "detections.json").read_text()) == json.loads(
         json.dumps(summary))
     assert summary["image_size"] == [64, 64] and summary["conf"] == 0.001
-    as_images = main(common + ["--source", str(images), "--out", str(tmp_path / "i"), "--no-draw"])
+    as_images = main(common + ["--source", str(images), "--out", str(tmp_path / "i"), "--no-draw",
+                               "--save-txt"])
     assert len(summary["frames"]) == len(as_images["images"]) == 4
     for frame, image in zip(summary["frames"], as_images["images"]):
         assert len(frame["scores"]) > 0
         for key in ("boxes", "scores", "labels", "class_names"):
             assert frame[key] == image[key], key
+    for k in range(4):                            # --save-txt: <stem>_<frame>.txt per frame
+        text = (tmp_path / "v" / "labels" / f"clip_{k}.txt").read_text()
+        assert text == (tmp_path / "i" / "labels" / f"{k}.txt").read_text()
+        assert len(text.splitlines()) == len(summary["frames"][k]["scores"])
 
     main(common + ["--source", str(source), "--out", str(tmp_path / "nd"), "--no-draw"])
     assert sorted(p.name for p in (tmp_path / "nd").iterdir()) == ["detections.json"]
+    assert not any("holds the results of an earlier run" in r.getMessage() for r in caplog.records)
+    main(common + ["--source", str(source), "--out", str(tmp_path / "nd"), "--no-draw"])
+    assert any("holds the results of an earlier run" in r.getMessage() for r in caplog.records)
 
 
 def test_video_errors_are_one_line_and_name_the_file(tmp_path):

@@ -8,6 +8,7 @@ examples:
   damo-jax predict --checkpoint runs/demo --onnx demo.onnx --source images/   # the run's names
   damo-jax predict --config s --openvino s.xml --source images/ --img-size 640
   damo-jax predict --checkpoint runs/demo --source clip.mp4      # video: <out>/clip.mp4 drawn
+  damo-jax predict --checkpoint runs/demo --source images/ --classes circle 2 --save-txt --save-conf
 
 Writes <out>/<name> (the image with boxes and class names drawn; same file name and format;
 <name>.png for a format PIL cannot write, e.g. .dng) and <out>/detections.json: one entry per image
@@ -17,6 +18,11 @@ class_names. Unreadable images in a folder are skipped and counted; an empty fol
 A video --source (.mp4, .avi, .mov, .mkv, ...: OpenCV decodes it) gives <out>/<stem>.mp4 (mp4v, the
 source's size and frame rate) and a detections.json with "video" (file, size, fps, frames) and
 "frames": one entry per frame with frame, time_s, boxes, scores, labels, class_names.
+--save-txt also writes <out>/labels/<name>.txt per image (<stem>_<frame>.txt per video frame): one
+YOLO line "label cx cy w h" per detection, normalised by the image width / height, with --save-conf
+the score appended; an image without detections gets an empty file. --classes keeps only the given
+classes (names or 0-based indices; the others are dropped before NMS, so they take no --max-dets
+place). The labels (here and in detections.json) are 0-based indices into class_names.
 --out may not be the --source folder or lie inside it (drawings would replace the inputs / be
 scanned as inputs next time), and a drawing is never written over an input file.
 """
@@ -50,6 +56,11 @@ def add_arguments(p) -> None:
     common.add_img_size(p)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--no-draw", action="store_true", help="only write detections.json")
+    p.add_argument("--classes", nargs="+", metavar="CLASS",
+                   help="keep only these classes: names or 0-based indices (e.g. --classes 0 car)")
+    p.add_argument("--save-txt", action="store_true", help="also write <out>/labels/<name>.txt: "
+                   "YOLO lines 'label cx cy w h' (normalised) per image / video frame")
+    p.add_argument("--save-conf", action="store_true", help="with --save-txt: append the score")
     from damo_jax.inference.tiling import add_tile_arguments
     add_tile_arguments(p)
     p.add_argument("--no-progress", action="store_true")
@@ -78,12 +89,35 @@ def predict_conf(args, overrides=()) -> float | None:
 
 def load_detector(args, overrides=()):
     """The Detector of the command's flags (``run`` checked them, check_flags_vs_overrides first)."""
-    from damo_jax.inference.detector import Detector
+    from damo_jax.inference.detector import Detector, resolve_classes
     size = common.img_size(args.img_size)
     conf = predict_conf(args, overrides)
     loaded = common.load_model_from_args(args, overrides)
+    classes = resolve_classes(getattr(args, "classes", None), loaded.class_names, "--classes ")
     return Detector.from_loaded(loaded, conf=conf, iou=args.iou, img_size=size,
-                                max_dets=args.max_dets, batch_size=args.batch_size)
+                                max_dets=args.max_dets, batch_size=args.batch_size, classes=classes)
+
+
+def warn_earlier_results(out_dir: Path) -> None:
+    """A warning when ``out_dir`` holds an earlier run's ``detections.json``: this run replaces it
+    and the files of the same names, and the earlier run's other drawings / labels stay beside
+    them (Ultralytics would start a new predict2 folder)."""
+    if (out_dir / "detections.json").is_file():
+        log.warning("--out %s holds the results of an earlier run: detections.json and the files "
+                    "this run writes are replaced, the earlier run's other files stay (give a new "
+                    "--out to keep the runs apart)", out_dir)
+
+
+def write_yolo_txt(target: Path, entry: dict, width: int, height: int, with_conf: bool) -> None:
+    """``entry``'s detections (``boxes`` x1y1x2y2 pixels, ``labels``, ``scores``) as YOLO lines
+    ``label cx cy w h [score]`` normalised by ``width`` / ``height`` (an empty file: none)."""
+    lines = []
+    for (x1, y1, x2, y2), label, score in zip(entry["boxes"], entry["labels"], entry["scores"]):
+        values = [(x1 + x2) / 2 / width, (y1 + y2) / 2 / height, (x2 - x1) / width, (y2 - y1) / height]
+        lines.append(f"{int(label)} " + " ".join(f"{v:.6f}" for v in values)
+                     + (f" {float(score):.5f}" if with_conf else ""))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text("".join(line + "\n" for line in lines))
 
 
 def _entry(path: Path, image, result) -> dict:
@@ -181,6 +215,8 @@ def run(args, overrides=()) -> dict:
     check_flags_vs_overrides(args, overrides)
     check_detection_options(conf=args.conf, iou=args.iou, max_dets=args.max_dets,
                             batch_size=args.batch_size)
+    if args.save_conf and not args.save_txt:
+        raise ConfigError("--save-conf appends scores to the --save-txt files: give --save-txt too")
     source = Path(args.source)
     if source.is_file() and is_video_file(source):
         return _run_video(args, overrides, source)
@@ -193,6 +229,7 @@ def run(args, overrides=()) -> dict:
     if not args.no_draw or source.is_dir():
         check_out_vs_source(args.out, source)
     out_dir = common.output_dir(args.out, "--out")      # before the model loads
+    warn_earlier_results(out_dir)
     inputs = {i for i in map(_file_id, files) if i is not None}
     detector = load_detector(args, overrides)
     progress = None
@@ -218,6 +255,9 @@ def run(args, overrides=()) -> dict:
             for (p, image), result in zip(pending, results):
                 result = dict(result, boxes=clip_boxes(result["boxes"], image.shape[:2]))
                 entries.append(_entry(p, image, result))
+                if args.save_txt:
+                    write_yolo_txt(out_dir / "labels" / _output_name(p, source).with_suffix(".txt"),
+                                   entries[-1], image.shape[1], image.shape[0], args.save_conf)
                 if not args.no_draw and _save_drawing(out_dir / _output_name(p, source), image,
                                                       result, detector, inputs) is None:
                     not_drawn.append(str(p))
@@ -275,6 +315,7 @@ def _run_video(args, overrides, source: Path) -> dict:
     reader = VideoReader(source)          # an unreadable video is an error before the model loads
     try:
         out_dir = common.output_dir(args.out, "--out")
+        warn_earlier_results(out_dir)
         detector = load_detector(args, overrides)
     except BaseException:
         reader.close()
@@ -284,6 +325,11 @@ def _run_video(args, overrides, source: Path) -> dict:
     summary = predict_video(detector, reader, out_dir, draw=not args.no_draw, tile=tile,
                             progress=not args.no_progress)
     summary.update(conf=detector.conf, iou=detector.iou, image_size=list(detector.image_size))
+    if args.save_txt:
+        width, height = summary["video"]["width"], summary["video"]["height"]
+        for entry in summary["frames"]:
+            write_yolo_txt(out_dir / "labels" / f"{source.stem}_{entry['frame']}.txt", entry,
+                           width, height, args.save_conf)
     if tile:
         summary["tiling"] = tile
     with open(out_dir / "detections.json", "w") as f:

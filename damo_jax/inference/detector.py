@@ -12,6 +12,8 @@ when their maximum is <= 255, else 16-bit (``/ 257``); float arrays 0..1 (maximu
 Lists are padded to 1, 2, 4, ... ``batch_size`` images (few compiled shapes; ``__call__``).
 ``conf`` / ``iou`` must be in [0, 1], ``max_dets`` / ``pre_nms_topk`` / ``batch_size`` >= 1
 (a ``ConfigError``, a ``ValueError``, when the detector is built).
+``classes=`` (class names and / or 0-based indices) keeps only those classes: the others' scores
+are zeroed before NMS, so they never take a ``max_dets`` place (``resolve_classes``).
 
 Loading is :func:`damo_jax.inference.loading.load_model`; pre-processing, forward, NMS and the
 mapping back to original pixels are :mod:`damo_jax.inference.pipeline` (the evaluation protocol,
@@ -91,12 +93,39 @@ def _batch_to_rgb(batch: np.ndarray) -> list[np.ndarray]:
 
 # ------------------------------------------------------------------------------------- Detector
 
+def resolve_classes(classes, class_names: Sequence[str], flag: str = "classes=") -> tuple | None:
+    """The labels a ``classes`` filter keeps: None (all), or class names and / or 0-based indices
+    (ints or digit strings, as ``--classes 0 person``) -> sorted tuple of indices; a
+    :class:`ConfigError` naming the unknown ones and the model's classes."""
+    if classes is None:
+        return None
+    if isinstance(classes, (str, int)):
+        classes = [classes]
+    index = {name: i for i, name in enumerate(class_names)}
+    kept, unknown = set(), []
+    for c in classes:
+        if isinstance(c, str) and c in index:
+            kept.add(index[c])
+        elif isinstance(c, (int, np.integer)) and not isinstance(c, bool) and 0 <= c < len(class_names):
+            kept.add(int(c))
+        elif isinstance(c, str) and c.strip().isdigit() and int(c) < len(class_names):
+            kept.add(int(c))
+        else:
+            unknown.append(c)
+    if unknown or not kept:
+        shown = ", ".join(f"{i} {n}" for i, n in enumerate(class_names[:12])) + (
+            f", … ({len(class_names)} in all)" if len(class_names) > 12 else "")
+        raise ConfigError(f"{flag}{' '.join(map(str, unknown or classes))}: "
+                          f"{'not a class' if unknown else 'no class'} of this model (its classes: {shown})")
+    return tuple(sorted(kept))
+
+
 class Detector:
     """Callable detector; see the module docstring."""
 
     def __init__(self, backend: Callable, *, class_names: Sequence[str], image_size: Sequence[int],
                  conf: float = 0.05, iou: float = 0.7, max_dets: int = 500,
-                 pre_nms_topk: int = 1000, batch_size: int = 8):
+                 pre_nms_topk: int = 1000, batch_size: int = 8, classes=None):
         check_detection_options("Detector: ", conf=conf, iou=iou, max_dets=max_dets,
                                 pre_nms_topk=pre_nms_topk, batch_size=batch_size)
         image_size = tuple(int(v) for v in image_size)
@@ -108,7 +137,8 @@ class Detector:
         self.backend = backend
         self.class_names = tuple(class_names)
         self.params = NmsParams(conf=float(conf), iou=float(iou), max_dets=int(max_dets),
-                                pre_nms_topk=int(pre_nms_topk))
+                                pre_nms_topk=int(pre_nms_topk),
+                                classes=resolve_classes(classes, self.class_names))
         self.batch_size = int(getattr(backend, "batch_size", None) or batch_size)
         self._fixed_batch = getattr(backend, "batch_size", None) is not None
 
@@ -122,7 +152,7 @@ class Detector:
 
     @classmethod
     def from_loaded(cls, loaded, *, conf=None, iou=None, img_size=None, max_dets=None,
-                    batch_size: int = 8) -> "Detector":
+                    batch_size: int = 8, classes=None) -> "Detector":
         """Detector of a :class:`~damo_jax.inference.loading.LoadedModel`; thresholds and size
         default to its config's ``test`` section (official 0.05 / 0.7, nano 0.03 / 0.65)."""
         from damo_jax.inference.pipeline import nms_params
@@ -134,11 +164,12 @@ class Detector:
         size = (size, size) if isinstance(size, int) else size
         return cls(loaded.backend, class_names=loaded.class_names, image_size=size,
                    conf=params.conf, iou=params.iou, max_dets=params.max_dets,
-                   pre_nms_topk=params.pre_nms_topk, batch_size=batch_size)
+                   pre_nms_topk=params.pre_nms_topk, batch_size=batch_size, classes=classes)
 
     @classmethod
     def load(cls, path_or_config, *, weights=None, backend: str = "jax", model_path=None,
-             conf=None, iou=None, img_size=None, max_dets=None, batch_size: int = 8) -> "Detector":
+             conf=None, iou=None, img_size=None, max_dets=None, batch_size: int = 8,
+             classes=None) -> "Detector":
         """Build a detector (:func:`damo_jax.inference.loading.load_model`).
 
         ``path_or_config``: a training checkpoint directory, or a config name / path / ConfigDict
@@ -181,7 +212,7 @@ class Detector:
         else:
             raise ConfigError(f"unknown backend {backend!r} (known: jax, onnx, openvino)")
         return cls.from_loaded(loaded, conf=conf, iou=iou, img_size=img_size, max_dets=max_dets,
-                               batch_size=batch_size)
+                               batch_size=batch_size, classes=classes)
 
     def preprocess(self, images: list) -> tuple[np.ndarray, np.ndarray]:
         """list of (h,w,3) uint8 -> ((B,H,W,3) float32 network input, (B,2) original (h, w))."""

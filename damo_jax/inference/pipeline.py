@@ -61,6 +61,7 @@ class NmsParams:
     iou: float = 0.7          # suppress IoU strictly above (same class)
     max_dets: int = 500       # kept per image
     pre_nms_topk: int = 1000  # candidates per image before NMS (static shape)
+    classes: tuple | None = None  # 0-based labels kept (their scores only enter NMS); None: all
 
 
 OPTION_FLAGS = {"conf": "--conf", "iou": "--iou", "max_dets": "--max-dets",
@@ -98,16 +99,30 @@ def nms_params(test_cfg=None, **overrides) -> NmsParams:
     return NmsParams(**values)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_dets", "pre_nms_topk"))
-def detect_batch(model, variables, images, conf_thre, iou_thre, *, max_dets=500, pre_nms_topk=1000):
+def keep_classes(scores, classes):
+    """(B, A, C) scores with the columns of labels not in ``classes`` zeroed (``None``: all kept),
+    so that only the kept classes compete for the top-k candidates, NMS and ``max_dets`` (a
+    filter before NMS, as Ultralytics' ``classes=``). NumPy or JAX arrays."""
+    if classes is None:
+        return scores
+    xp = jnp if isinstance(scores, jax.Array) else np
+    keep = np.zeros(scores.shape[-1], bool)
+    keep[list(classes)] = True
+    return xp.where(keep, scores, xp.zeros((), scores.dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_dets", "pre_nms_topk", "classes"))
+def detect_batch(model, variables, images, conf_thre, iou_thre, *, max_dets=500, pre_nms_topk=1000,
+                 classes=None):
     """Flax forward + NMS in one jit. images (B,H,W,3) uint8 or float RGB 0–255 -> NMS dict
     (``boxes`` (B,K,4) network-input pixels, ``scores`` (B,K), ``labels`` (B,K), ``num_dets`` (B,)).
 
-    ``iou_thre`` should come through :func:`damo_jax.ops.nms.iou_threshold_f32` (traced here).
+    ``iou_thre`` should come through :func:`damo_jax.ops.nms.iou_threshold_f32` (traced here);
+    ``classes``: a tuple of 0-based labels to keep (:func:`keep_classes`), None for all.
     """
     out = model.apply(variables, images.astype(jnp.float32), train=False)
-    return multiclass_nms(out["scores"], out["boxes"], conf_thre=conf_thre, iou_thre=iou_thre,
-                          max_dets=max_dets, pre_nms_topk=pre_nms_topk)
+    return multiclass_nms(keep_classes(out["scores"], classes), out["boxes"], conf_thre=conf_thre,
+                          iou_thre=iou_thre, max_dets=max_dets, pre_nms_topk=pre_nms_topk)
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
@@ -141,9 +156,10 @@ def detect(backend, images, params: NmsParams) -> dict:
     iou = iou_threshold_f32(params.iou)
     if isinstance(backend, JaxBackend):
         return detect_batch(backend.model, backend.variables, images, params.conf, iou,
-                            max_dets=params.max_dets, pre_nms_topk=params.pre_nms_topk)
+                            max_dets=params.max_dets, pre_nms_topk=params.pre_nms_topk,
+                            classes=params.classes)
     scores, boxes = backend(np.asarray(images, np.float32))
-    return multiclass_nms(scores, boxes, conf_thre=params.conf, iou_thre=iou,
+    return multiclass_nms(keep_classes(scores, params.classes), boxes, conf_thre=params.conf, iou_thre=iou,
                           max_dets=params.max_dets, pre_nms_topk=params.pre_nms_topk)
 
 
