@@ -50,6 +50,23 @@ def test_parse_args_overrides_data_and_runlocal():
     assert args.workdir.endswith("s") and not args.multihost
 
 
+def test_ultralytics_style_short_flags():
+    """--epochs / --batch-size / --imgsz (what an Ultralytics user types) set the config keys, are
+    validated like them, and are refused beside the override of the same key."""
+    from damo_jax.errors import ConfigError
+    cfg, _ = train.parse_args(["--config", "t", "--epochs", "40", "--batch-size", "16", "--imgsz", "320"])
+    assert (cfg.train.epochs, cfg.train.batch_size) == (40, 16)
+    assert tuple(cfg.data.image_size) == tuple(cfg.test.image_size) == (320, 320)
+    cfg, _ = train.parse_args(["--config", "s", "--runlocal", "--batch-size", "4"])
+    assert cfg.train.batch_size == 4                      # the flag beats --runlocal's 8
+    with pytest.raises(ConfigError, match="train.epochs = 0 must be an integer >= 1"):
+        train.parse_args(["--config", "t", "--epochs", "0"])
+    with pytest.raises(ConfigError, match="train.no_aug_epochs"):
+        train.parse_args(["--config", "s", "--epochs", "10"])   # 5 + 16 > 10, as the override
+    with pytest.raises(ConfigError, match="--epochs and --config.train.epochs both set"):
+        train.parse_args(["--config", "t", "--epochs", "40", "--config.train.epochs=50"])
+
+
 def test_teacher_short_flags_set_the_distill_keys():
     cfg, _ = train.parse_args(["--config", "s", "--teacher", "m", "--teacher-weights", "/w/m.pth"])
     assert (cfg.distill.teacher, cfg.distill.teacher_weights) == ("m", "/w/m.pth")

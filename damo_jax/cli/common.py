@@ -260,7 +260,7 @@ def load_model_from_args(args, overrides=(), **kwargs):
 
 def add_img_size(p: argparse.ArgumentParser, what: str = "network input size") -> None:
     """``--img-size N`` (square) or ``--img-size H W``: the one size convention of every command."""
-    p.add_argument("--img-size", nargs="+", type=int, metavar="N",
+    p.add_argument("--img-size", "--imgsz", nargs="+", type=int, metavar="N", dest="img_size",
                    help=f"{what}: one value (square) or H W, multiples of 32")
 
 

@@ -5,6 +5,7 @@ examples:
   damo-jax train --config s --data coco:/data/coco --workdir runs/s_coco
   damo-jax train --config ns --data yolo:/data/data.yaml --config.train.epochs=50 \\
       --config.train.finetune=damoyolo_ns.pth
+  damo-jax train --config t --data yolo:/data/data.yaml --epochs 100 --batch-size 64
   damo-jax train --config s --runlocal --img-size 320      # a quick CPU check
   damo-jax train --config s --teacher m --teacher-weights damoyolo_m.pth   # distillation
   damo-jax train --config s --coordinator 10.0.0.1:1234 --num-processes 2 --process-id 0  # on each host
@@ -33,6 +34,12 @@ def add_arguments(p) -> None:
     common.add_data(p, help_extra=" (sets config.data.train)")
     p.add_argument("--workdir", default=None, help="run folder (checkpoints, logs); default runs/<config>")
     common.add_img_size(p, "training and test size (sets data.image_size, test.image_size)")
+    p.add_argument("--epochs", type=int, default=None, metavar="N",
+                   help="training epochs (sets config.train.epochs; the warm-up and the "
+                        "no-augmentation tail must still fit)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="N",
+                   help="global batch over all devices (sets config.train.batch_size; the lr "
+                        "scales with it: base_lr_per_img x batch)")
     p.add_argument("--teacher", default=None,
                    help="distillation teacher config name or .py path (sets config.distill.teacher)")
     p.add_argument("--teacher-weights", default=None,
@@ -85,7 +92,13 @@ def parse_args(argv=None, prog: str = PROG):
     common.refuse_flag_and_override(
         overrides, ("--img-size", args.img_size, ("data.image_size", "test.image_size")),
         ("--data", args.data, ("data.train",)), ("--teacher", args.teacher, ("distill.teacher",)),
-        ("--teacher-weights", args.teacher_weights, ("distill.teacher_weights",)))
+        ("--teacher-weights", args.teacher_weights, ("distill.teacher_weights",)),
+        ("--epochs", args.epochs, ("train.epochs",)),
+        ("--batch-size", args.batch_size, ("train.batch_size",)))
+    for flag, key, value in (("--epochs", "epochs", args.epochs),
+                             ("--batch-size", "batch_size", args.batch_size)):
+        if value is not None:
+            cfg.train[key] = value          # validate_config below: an integer >= 1
     size = common.img_size(args.img_size)
     if size:
         apply_overrides(cfg, common.override("data.image_size", size)
