@@ -190,3 +190,25 @@ def test_interrupts_wait_until_a_checkpoint_is_written():
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.splitlines() == ["first: KeyboardInterrupt after ['the block finished']",
                                      "second: KeyboardInterrupt after ['the block finished']"], r.stdout
+
+
+def test_workdir_lock_removes_the_folder_a_refused_run_created(tmp_path):
+    """A run refused before it wrote anything (bad data, a schedule that does not fit) left a
+    --workdir holding only ``.train.lock``; a folder that existed before, or that holds what the
+    run wrote, stays."""
+    from damo_jax.train.checkpoint import LOCK_FILE, workdir_lock
+    fresh = tmp_path / "fresh"
+    with pytest.raises(RuntimeError):
+        with workdir_lock(fresh):
+            assert (fresh / LOCK_FILE).is_file()
+            raise RuntimeError("refused")
+    assert not fresh.exists()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    with workdir_lock(existing):
+        pass
+    assert existing.is_dir()
+    wrote = tmp_path / "wrote"
+    with workdir_lock(wrote):
+        (wrote / "metrics.jsonl").write_text("{}\n")
+    assert sorted(p.name for p in wrote.iterdir()) == [LOCK_FILE, "metrics.jsonl"]

@@ -280,10 +280,12 @@ def workdir_lock(workdir):
     the process ends, even by ``kill -9``) while a run trains into it: a second run started on the
     same folder would interleave its checkpoints with this one's and delete them by its own
     keep-last-N policy. Raises a :class:`UserError` naming the holder (pid and host); on a file
-    system without ``flock`` support the run goes on unlocked, with a warning."""
+    system without ``flock`` support the run goes on unlocked, with a warning. A folder this call
+    created and left holding only the lock (a run refused before it wrote anything) is removed."""
     import fcntl
     import socket
     folder = Path(workdir)
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     f = open(folder / LOCK_FILE, "a+")
     try:
@@ -306,6 +308,9 @@ def workdir_lock(workdir):
         f.flush()
         yield
     finally:
+        if created and [p.name for p in folder.iterdir()] == [LOCK_FILE]:
+            (folder / LOCK_FILE).unlink(missing_ok=True)      # before the unlock: no one holds it
+            folder.rmdir()
         fcntl.flock(f, fcntl.LOCK_UN)
         f.close()
 
