@@ -302,6 +302,19 @@ def test_predict_cli_classes_filter_before_nms_and_yolo_txt(tmp_path):
         main(base + ["--out", str(tmp_path / "e"), "--save-conf"])
 
 
+def test_detector_classes_keyword_in_the_jit(oracle_detector):
+    """The JAX backend filters inside the jitted forward + NMS (a static ``classes`` tuple)."""
+    image = np.zeros(INPUT_HW + (3,), np.uint8)
+    image[5:30, 5:40] = (255, 0, 0)
+    image[35:60, 50:90] = (0, 255, 0)
+    assert oracle_detector(image)["class_names"] == ["red", "green"]
+    only = Detector(oracle_detector.backend, class_names=CLASS_NAMES, image_size=INPUT_HW,
+                    conf=0.3, classes=["green"])
+    r = only(image)
+    assert r["class_names"] == ["green"]
+    np.testing.assert_allclose(r["boxes"], [[50, 35, 90, 60]], atol=0.5)
+
+
 def test_detector_classes_keyword(tmp_path):
     config = write_two_class_config(tmp_path / "two_class.py")
     onnx_file = write_handmade_onnx(tmp_path / "m.onnx")
