@@ -15,9 +15,11 @@ from damo_jax.train import checkpoint
 from damo_jax.config import load_config
 
 
-def _state(seed: int = 0) -> dict:
+def _state(seed: int = 0, big: bool = False) -> dict:
     k = jax.random.PRNGKey(seed)
     params = {"conv": {"kernel": jax.random.normal(k, (3, 3, 2, 4))}, "scales_0": {"scale": jnp.asarray(1.5)}}
+    if big:                             # array data in files of their own (not inlined)
+        params["big"] = {"kernel": jax.random.normal(k, (3, 3, 64, 64))}
     stats = {"bn": {"mean": jnp.arange(4.0), "var": jnp.ones(4)}}
     tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, 0.9, nesterov=True))
     grads = jax.tree.map(lambda p: p * 0.5 + 1.0, params)
@@ -88,6 +90,43 @@ def test_keep_last_k_plus_best_and_incomplete_is_skipped(tmp_path, caplog):
     restored, meta = ck.restore_latest(_state(seed=9))
     assert meta["step"] == 5 and int(restored["step"]) == 5
     ck.close()
+
+
+def test_a_broken_newest_step_is_moved_aside_and_its_step_saved_again(tmp_path, caplog):
+    """A newest step that misses an item or has a truncated array file stayed in place: the rerun
+    fell back, redid the steps, then failed with StepAlreadyExistsError at that step, every time
+    (and the truncated file logged ~190 000 lines of asyncio tracebacks first). Now it is moved to
+    ``<step>.unusable`` with one warning naming why, and the step is saved again. A step of
+    another model is not moved."""
+    state = _state(big=True)
+    d = tmp_path / "ck"
+    with checkpoint.Checkpoints(d, keep=5) as ck:
+        for step in (1, 2, 3):
+            ck.save(step, dict(state, step=jnp.asarray(step, jnp.int32)), _meta(step))
+    shutil.rmtree(d / "3" / "meta")
+    for data in (d / "2" / "state" / "ocdbt.process_0" / "d").iterdir():   # the array data files
+        with open(data, "r+b") as f:
+            f.truncate(data.stat().st_size // 2)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        with checkpoint.Checkpoints(d, keep=5) as ck:
+            restored, meta = ck.restore_latest(_state(seed=9, big=True))
+            assert meta["step"] == 1 and int(restored["step"]) == 1
+            assert ck.steps() == [1]
+            ck.save(3, dict(state, step=jnp.asarray(3, jnp.int32)), _meta(3))   # no StepAlreadyExists
+            ck.wait()
+            assert ck.steps() == [1, 3]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("ck/3 cannot be used (incomplete: missing meta); moved aside to 3.unusable"
+               in w for w in warnings), warnings
+    assert any("ck/2 cannot be used (its files cannot be read: " in w and "2.unusable" in w
+               for w in warnings), warnings
+    assert not any("asyncio" in r.name for r in caplog.records), [r.name for r in caplog.records]
+    assert sorted(p.name for p in d.iterdir()) == ["1", "2.unusable", "3", "3.unusable"]
+    other = {"params": {"conv": {"kernel": jnp.zeros((1, 1, 2, 4))}}}      # another model's template
+    with checkpoint.Checkpoints(d, keep=5) as ck:
+        template = dict(_state(big=True), params=other["params"], ema_params=other["params"])
+        assert not ck._fits(template, 3) and ck._fits(_state(big=True), 3)
 
 
 def test_restore_latest_none_when_empty(tmp_path):

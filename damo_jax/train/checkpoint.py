@@ -50,6 +50,39 @@ class _ReadOnlyNotices(logging.Filter):
 
 logging.getLogger("absl").addFilter(_ReadOnlyNotices())
 
+
+class _ShutdownNoise(logging.Filter):
+    """Drops asyncio's "unhandled exception during asyncio.run() shutdown" records: a checkpoint
+    whose array files are truncated makes tensorstore fail every pending read, and each failure
+    was logged with its traceback (~190 000 lines for one S checkpoint) before the one error that
+    matters (which :func:`root_cause` names)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "unhandled exception during asyncio.run() shutdown" not in str(record.msg)
+
+
+@contextlib.contextmanager
+def _quiet_shutdown_noise():
+    noise = _ShutdownNoise()
+    logger = logging.getLogger("asyncio")
+    logger.addFilter(noise)
+    try:
+        yield
+    finally:
+        logger.removeFilter(noise)
+
+
+def root_cause(err: BaseException, limit: int = 240) -> str:
+    """``"Type: message"`` of the innermost cause of a restore error (the tensorstore / file error,
+    not Orbax's wrappers), on one line of at most ``limit`` characters."""
+    cause = err
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    reason = " ".join(str(cause.args[0] if isinstance(cause, KeyError) and cause.args
+                          else cause).split()) or type(cause).__name__
+    reason = reason if len(reason) <= limit else reason[:limit - 3] + "..."
+    return f"{type(cause).__name__}: {reason}"
+
 STATE_KEYS = state_lib.CHECKPOINT_KEYS
 ITEMS = ("state", "ema", "meta")
 BEST_METRIC = "AP"
@@ -220,24 +253,59 @@ class Checkpoints:
 
     def restore(self, template: dict, step: int) -> tuple[dict, dict]:
         train_tmpl, ema_tmpl = split_state(template)
-        out = self._mngr.restore(int(step), args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(_abstract(train_tmpl)),
-            ema=ocp.args.StandardRestore(_abstract(ema_tmpl)), meta=ocp.args.JsonRestore()))
+        with _quiet_shutdown_noise():
+            out = self._mngr.restore(int(step), args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(_abstract(train_tmpl)),
+                ema=ocp.args.StandardRestore(_abstract(ema_tmpl)), meta=ocp.args.JsonRestore()))
         return join_state(out["state"], out["ema"], template), out["meta"]
 
     def restore_latest(self, template: dict) -> tuple[dict, dict] | None:
-        """Newest complete checkpoint that loads, or None. Broken ones are skipped with a warning."""
+        """Newest complete checkpoint that loads, or None. A step that misses items or whose files
+        cannot be read is moved aside (``<step>.unusable``, named in a warning) — left in place,
+        the run redid its steps and then failed to save that step number again. A step that
+        reads but does not fit this model / config stays (the caller names what changed)."""
         for step in sorted(self.steps(), reverse=True):
-            if not self.is_complete(step):
-                log.warning("checkpoint %s/%s is incomplete (missing items); skipped", self.directory, step)
+            missing = _missing_items(self.directory / str(step), ITEMS)
+            if missing:
+                self._set_aside(step, f"incomplete: missing {', '.join(missing)}")
                 continue
             try:
                 return self.restore(template, step)
             except Exception as err:  # noqa: BLE001 - any read error means "not usable"
+                if self._fits(template, step):        # the template fits: the files are bad
+                    self._set_aside(step, f"its files cannot be read: {root_cause(err)}")
+                    continue
                 first = (str(err).strip().splitlines() or [type(err).__name__])[0]   # Orbax's are
                 log.warning("checkpoint %s/%s does not load into this model/config (%s); trying an "
                             "older one", self.directory, step, first[:200])          # ~40 lines
         return None
+
+    def _fits(self, template: dict, step: int) -> bool:
+        """Whether the arrays recorded for ``step`` (Orbax's metadata) have the template's
+        shapes; a metadata file that cannot be read counts as fitting (the files are bad)."""
+        def shapes(tree):               # the multiset of array shapes (Orbax's metadata tree
+            return sorted(tuple(getattr(leaf, "shape", ()) or ())   # spells optax's namedtuples
+                          for leaf in jax.tree.leaves(tree))        # as dicts: no paths)
+        try:
+            md = self._mngr.item_metadata(int(step))
+            recorded = {name: shapes(dict(md[name])) for name in ("state", "ema")}
+        except Exception:  # noqa: BLE001 - unreadable metadata: a broken step, not another model
+            return True
+        train_tmpl, ema_tmpl = split_state(template)
+        return recorded == {"state": shapes(train_tmpl), "ema": shapes(ema_tmpl)}
+
+    def _set_aside(self, step: int, why: str) -> None:
+        """Rename a broken step folder to ``<step>.unusable`` (``.unusable-2``, ... if taken) so
+        that neither Orbax nor a later save of the same step trips over it."""
+        source = self.directory / str(step)
+        target, n = self.directory / f"{step}.unusable", 1
+        while target.exists():
+            n += 1
+            target = self.directory / f"{step}.unusable-{n}"
+        source.rename(target)
+        self._mngr.reload()
+        log.warning("checkpoint %s cannot be used (%s); moved aside to %s, trying an older one",
+                    source, why, target.name)
 
     def restore_items(self, step: int, items=("ema", "meta")) -> dict:
         """Restore some items without a template (arrays on the first local device)."""
@@ -388,16 +456,11 @@ def _restore_for_inference(directory: Path, step: int, items) -> dict:
         raise CheckpointCorruptError(f"step {step} in {directory} is incomplete or corrupt "
                                      f"(missing {', '.join(missing)}){hint}")
     try:
-        return ck.restore_items(step, items=items)
+        with _quiet_shutdown_noise():
+            return ck.restore_items(step, items=items)
     except Exception as e:  # noqa: BLE001 - orbax re-raises tensorstore read errors as bare Exception
-        cause = e
-        while cause.__cause__ is not None:      # the tensorstore / file error, not orbax's wrapper
-            cause = cause.__cause__
-        reason = " ".join(str(cause.args[0] if isinstance(cause, KeyError) and cause.args
-                              else cause).split())
-        reason = reason if len(reason) <= 240 else reason[:237] + "..."
         raise CheckpointCorruptError(f"step {step} in {directory} is incomplete or corrupt "
-                                     f"({type(cause).__name__}: {reason}){hint}") from e
+                                     f"({root_cause(e)}){hint}") from e
 
 
 def load_meta(path, step="best") -> dict:
