@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 
 import shutil
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -251,3 +252,33 @@ def test_workdir_lock_removes_the_folder_a_refused_run_created(tmp_path):
     with workdir_lock(wrote):
         (wrote / "metrics.jsonl").write_text("{}\n")
     assert sorted(p.name for p in wrote.iterdir()) == [LOCK_FILE, "metrics.jsonl"]
+
+
+def test_a_failed_write_is_one_error_naming_the_reason(tmp_path):
+    """Disk full (here: a file-size limit) or no permission during a checkpoint write: Orbax's
+    writer threads logged five tracebacks (~470 lines) and the run crashed with exit 1 at the NEXT
+    save (or hung for good at exit, permission case). Now: the ERROR records on one line each,
+    then one CheckpointWriteError naming the folder, the OS reason and where the run resumes."""
+    import subprocess
+    import sys
+    script = f"""
+import resource, sys
+from damo_jax.cli import common
+common.setup_logging()
+from test_checkpoint import _state, _meta
+from damo_jax.train import checkpoint
+ck = checkpoint.Checkpoints({str(tmp_path / 'ck')!r}, keep=5)
+ck.save(1, _state(big=True), _meta(1)); ck.wait()
+resource.setrlimit(resource.RLIMIT_FSIZE, (100000, 100000))
+try:
+    ck.save(2, _state(big=True), _meta(2)); ck.wait()
+except checkpoint.CheckpointWriteError as e:
+    print("RAISED", e)
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                       cwd=str(Path(__file__).parent))
+    out = r.stdout + r.stderr
+    assert f"RAISED cannot write checkpoints to {tmp_path / 'ck'}: File too large (errno 27); the same " \
+           f"command resumes from checkpoint 1 once that is fixed" in out, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    assert 0 < out.count("ERROR absl") <= 8, out[-3000:]

@@ -176,11 +176,18 @@ def check_inputs(cfg, args) -> None:
             + ("is a folder; finetune takes a weights file (.pth / .npz); to continue a damo_jax run, "
                "pass its folder as --workdir" if folder else "file not found"))
     common.output_dir(args.workdir, "--workdir")
+    from damo_jax.train.checkpoint import CKPT_SUBDIR
+    ckdir = Path(args.workdir) / CKPT_SUBDIR
+    if ckdir.is_dir() and not os.access(ckdir, os.W_OK | os.X_OK):   # found at the first save
+        from damo_jax.errors import InputPathError                    # otherwise: an epoch later
+        raise InputPathError(f"--workdir {args.workdir}: its checkpoint folder {ckdir} is not "
+                             f"writable (fix its permissions or choose another --workdir)")
 
 
 def run(cfg, args) -> int:
     from damo_jax import runtime
     from damo_jax.train import loop
+    from damo_jax.train.checkpoint import CheckpointWriteError
     check_inputs(cfg, args)
     runtime.tune_cpu_runtime()        # CPU only: allocator + XLA:CPU vector width (before JAX starts)
     process_env(args, os.environ)
@@ -199,6 +206,12 @@ def run(cfg, args) -> int:
     except loop.NonFiniteError as err:
         print(f"ERROR: {err}", file=sys.stderr, flush=True)
         return loop.EXIT_NONFINITE
+    except CheckpointWriteError as err:
+        # Orbax's writer threads can be left waiting forever after a failed write: the
+        # interpreter's exit would join them (a run that never ends on a paid machine)
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(2)
     except KeyboardInterrupt as err:    # the loop's clean-up ran: pending checkpoint writes finished
         signum = getattr(err, "signum", signal.SIGINT)
         common.finish_running_computations()

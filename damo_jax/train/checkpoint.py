@@ -25,7 +25,9 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -49,6 +51,46 @@ class _ReadOnlyNotices(logging.Filter):
 
 
 logging.getLogger("absl").addFilter(_ReadOnlyNotices())
+
+
+class _OrbaxErrorsShort(logging.Filter):
+    """Orbax's background save threads log each failure (disk full, no permission) at ERROR with a
+    full traceback, five times per failed save (~470 lines); the run then stops with one
+    ``error:`` line (:class:`CheckpointWriteError`). Keeps each ERROR record of the ``absl``
+    logger (Orbax's), on one line, without its traceback (all of it with ``DAMO_JAX_DEBUG=1`` /
+    ``--debug``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and not sys.argv.count("--debug") \
+                and not os.environ.get("DAMO_JAX_DEBUG"):
+            message = " ".join(record.getMessage().split())
+            record.msg, record.args = message[:300] + ("..." if len(message) > 300 else ""), ()
+            record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return True
+
+
+logging.getLogger("absl").addFilter(_OrbaxErrorsShort())
+
+
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written (disk full, no permission, ...): one line naming the
+    folder, the reason and the checkpoint the same command resumes from."""
+
+
+def _write_reason(err: BaseException) -> str:
+    """The OS reason of a failed write (``No space left on device (errno 28)``), else the root
+    cause."""
+    text = " ".join(str(err).split())
+    cause = err
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+        text += " " + " ".join(str(cause).split())
+    found = re.search(r"([A-Za-z][^:\[\]]*?) \[os_error_code='(\d+)'\]", text)
+    if found:
+        return f"{found.group(1)} (errno {found.group(2)})"
+    if isinstance(cause, OSError) and cause.strerror:
+        return f"{cause.strerror} (errno {cause.errno}){': ' + str(cause.filename) if cause.filename else ''}"
+    return root_cause(err)
 
 
 class _ShutdownNoise(logging.Filter):
@@ -242,8 +284,10 @@ class Checkpoints:
 
     # ---- save / restore
     def save(self, step: int, state: dict, meta: dict, metrics: dict | None = None) -> None:
+        """Start writing ``step`` (asynchronous); a :class:`CheckpointWriteError` when this or the
+        previous write failed."""
         train_item, ema_item = split_state(state)
-        with deferred_interrupts():
+        with deferred_interrupts(), self._writing():
             self._mngr.save(int(step), args=ocp.args.Composite(
                 state=ocp.args.StandardSave(train_item), ema=ocp.args.StandardSave(ema_item),
                 meta=ocp.args.JsonSave(meta)), metrics=metrics, force=True)
@@ -321,13 +365,31 @@ class Checkpoints:
         return dict(self._mngr.restore(int(step), args=ocp.args.Composite(**args)))
 
     def wait(self) -> None:
-        with deferred_interrupts():
+        with deferred_interrupts(), self._writing():
             self._mngr.wait_until_finished()
 
     def close(self) -> None:
-        with deferred_interrupts():
-            self._mngr.wait_until_finished()
-            self._mngr.close()
+        with deferred_interrupts(), self._writing():
+            try:
+                self._mngr.wait_until_finished()
+            finally:
+                self._mngr.close()
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """A failed write (Orbax raises the background thread's error at the next save / wait) as
+        one :class:`CheckpointWriteError`."""
+        try:
+            yield
+        except (ocp.checkpoint_manager.StepAlreadyExistsError, CheckpointWriteError):
+            raise
+        except Exception as err:  # noqa: BLE001 - tensorstore / OS errors of the writer threads
+            done = complete_steps(self.directory)
+            raise CheckpointWriteError(
+                f"cannot write checkpoints to {self.directory}: {_write_reason(err)}; "
+                + (f"the same command resumes from checkpoint {done[-1]} once that is fixed"
+                   if done else "no checkpoint was written yet") + " (free disk space or fix the "
+                "folder's permissions)") from err
 
     def __enter__(self):
         return self
