@@ -279,14 +279,14 @@ def test_kill9_then_kill_during_save_then_resume_is_bitwise_exact(run_a):
     assert "resumed from" in r.stderr and "(step 4 of " in r.stderr and ", epoch " in r.stderr
 
 
-@pytest.mark.parametrize("sig, hang_at, expect", [
-    (signal.SIGINT, "6", "the same command resumes from checkpoint 4 in "),
-    (signal.SIGTERM, "2", "no checkpoint was written yet; the same command starts the run again")])
-def test_ctrl_c_or_sigterm_stops_cleanly_and_says_how_to_resume(sig, hang_at, expect):
-    """Ctrl-C (SIGINT) or a scheduler's SIGTERM during training: no traceback, one line naming the
-    checkpoint the same command resumes from (or that none exists yet), exit 128 + signal, and
-    the checkpoint folder holds only complete checkpoints. While the SIGTERM case's run hangs, a
-    second run started on its workdir is refused (one error line naming the first, exit 2)."""
+@pytest.mark.parametrize("sig, hang_at", [(signal.SIGINT, "6"), (signal.SIGTERM, "2")])
+def test_ctrl_c_or_sigterm_stops_cleanly_and_says_how_to_resume(sig, hang_at, run_a):
+    """Ctrl-C (SIGINT) or a scheduler's SIGTERM during training: the last finished step is saved
+    first (it was lost: up to an epoch per preemption), no traceback, one line naming the
+    checkpoint the same command resumes from, exit 128 + signal, and the checkpoint folder holds
+    only complete checkpoints; the resumed run ends bit for bit as the uninterrupted one. While
+    the SIGTERM case's run hangs, a second run started on its workdir is refused (one error line
+    naming the first, exit 2)."""
     workdir = shared_dir() / f"run_interrupted_{sig.name}"
     ckdir = workdir / "checkpoints"
     proc = subprocess.Popen(train_cmd(workdir), cwd=ROOT, env=train_env(DAMO_JAX_TEST_HANG_AT_STEP=hang_at),
@@ -306,9 +306,15 @@ def test_ctrl_c_or_sigterm_stops_cleanly_and_says_how_to_resume(sig, hang_at, ex
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig, out[-3000:]
     assert "Traceback" not in out, out[-3000:]
-    lines = [line for line in out.splitlines() if line.startswith("interrupted")]
-    assert lines == [f"interrupted ({sig.name}): {expect}" + (str(ckdir) if hang_at == "6" else "")], out[-3000:]
-    assert Checkpoints(ckdir, read_only=True).steps() == ([4] if hang_at == "6" else [])
+    lines = [line for line in out.splitlines() if line.startswith("interrupted (")]
+    assert lines == [f"interrupted ({sig.name}): the same command resumes from checkpoint {hang_at} "
+                     f"in {ckdir}"], out[-3000:]
+    assert f"interrupted: saving step {hang_at} first (interrupt again to stop without it)" in out
+    assert Checkpoints(ckdir, read_only=True).steps() == ([4, 6] if hang_at == "6" else [2])
+    if sig == signal.SIGINT:
+        r = run_train(workdir)
+        assert r.returncode == 0 and f"resumed from {ckdir}/6 " in r.stderr, r.stderr[-3000:]
+        _assert_bitwise_equal(_full_state(workdir), _full_state(run_a[0]))
 
 
 def test_an_interrupt_python_swallowed_still_stops_the_run():

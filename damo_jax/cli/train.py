@@ -11,9 +11,10 @@ examples:
   damo-jax train --config s --coordinator 10.0.0.1:1234 --num-processes 2 --process-id 0  # on each host
 
 Every config key can be overridden with --config.KEY=VALUE (listed below with its default for
-the chosen --config). An interrupted run resumes from its --workdir (Ctrl-C or SIGTERM: pending
-checkpoint writes finish, one line names the checkpoint the same command resumes from); one run
-at a time per --workdir (a second is refused, naming the first). Exit
+the chosen --config). An interrupted run resumes from its --workdir (Ctrl-C or SIGTERM: the last
+finished step is saved first — interrupt again to stop without it — pending checkpoint writes
+finish, one line names the checkpoint the same command resumes from); one run at a time per
+--workdir (a second is refused, naming the first). Exit
 codes: 0 done, 2 user error, 3 non-finite loss/gradients, 130 / 143 interrupted (SIGINT / SIGTERM).
 Alias: python -m damo_jax.train.
 """

@@ -295,6 +295,14 @@ class Checkpoints:
             print(f"[test hook] exiting while checkpoint {step} is being written", flush=True)
             os._exit(17)
 
+    def replace(self, step: int, state: dict, meta: dict, metrics: dict | None = None) -> None:
+        """Write ``step`` again (Orbax has no "update the metrics"): the old one is deleted once
+        every pending write is done, then the new one saved (interrupts held meanwhile)."""
+        with deferred_interrupts():
+            self.wait()
+            self._mngr.delete(int(step))
+            self.save(step, state, meta, metrics=metrics)
+
     def restore(self, template: dict, step: int) -> tuple[dict, dict]:
         train_tmpl, ema_tmpl = split_state(template)
         with _quiet_shutdown_noise():

@@ -582,6 +582,7 @@ class Run:
     distill_meta: dict = dataclasses.field(default_factory=dict)
     best: dict = dataclasses.field(default_factory=lambda: {"AP": -1.0})
     last_eval: dict = dataclasses.field(default_factory=dict)
+    pending_eval: int | None = None   # a resumed step whose evaluation an interrupt cut off
 
     def info(self, msg: str) -> None:
         if self.tlog is not None:
@@ -709,6 +710,8 @@ def resume_or_start(run: Run, state: dict) -> dict:
         distill_lib.check_resumed_teacher(meta.get("distill") or {}, run.distill_meta, run.ckpts.directory)
         run.distill_meta = dict(meta.get("distill") or {}, **run.distill_meta)
     step = int(jax.device_get(state["step"]))
+    if meta.get("eval_pending") and run.val_ds is not None:
+        run.pending_eval = step
     run.info(f"resumed from {run.ckpts.directory}/{step} (step {step} of {run.rl.total_steps}, "
              f"epoch {max(0, step - 1) // run.rl.steps_per_epoch + 1})")   # epochs from 1, as the log
     changed = changed_settings(meta.get("config") or {}, checkpoint.config_to_json(run.cfg))
@@ -771,6 +774,52 @@ def evaluate_or_report(run: Run, state: dict, step: int, epoch: int) -> dict | N
     return eval_metrics
 
 
+def eval_due(run: Run, step: int) -> bool:
+    """Whether the EMA model is evaluated once ``step`` updates are done: at the end of an epoch
+    that :func:`should_eval` picks, and after the last step (when there is a val split)."""
+    rl = run.rl
+    end_of_epoch = step % rl.steps_per_epoch == 0
+    return run.val_ds is not None and (
+        (end_of_epoch and should_eval(run.cfg, (step - 1) // rl.steps_per_epoch, rl))
+        or step == rl.last_step)
+
+
+def save_on_interrupt(run: Run, state: dict, done: int) -> None:
+    """Ctrl-C / SIGTERM: keep the work done since the last checkpoint. ``state`` is saved (without
+    metrics) at its step — ``done`` (the checked updates) or one more when the interrupt came
+    while the update's results were fetched (the jitted update discards a non-finite step
+    itself) — unless that step is saved already; when its
+    evaluation was due and did not finish, the checkpoint says so (``meta["eval_pending"]``) and
+    the rerun evaluates it first. Single-process runs only: the processes of a multi-process run
+    may stand at different steps, so there the latest checkpoint stands. A second interrupt during
+    the write stops at once (the write is then incomplete and removed by the rerun)."""
+    leaves = [x for x in jax.tree.leaves(state) if isinstance(x, jax.Array)]
+    if jax.process_count() > 1 or any(x.is_deleted() for x in leaves):
+        return                          # interrupted inside the donated update: nothing to save
+    step = int(jax.device_get(state["step"]))
+    if step not in (done, done + 1) or step <= (run.ckpts.latest_step() or 0):
+        return
+    done = run.last_eval if run.last_eval.get("step") == step and "error" not in run.last_eval else {}
+    metrics = {k: v for k, v in done.items() if k != "step"} or None
+    meta = _meta(run.cfg, run.train_ds, step, run.rl, metrics, run.distill_meta)
+    if metrics is None and eval_due(run, step):
+        meta["eval_pending"] = True
+    run.info(f"interrupted: saving step {step} first (interrupt again to stop without it)")
+    run.ckpts.save(step, state, meta, metrics=metrics)
+    run.ckpts.wait()
+
+
+def run_pending_eval(run: Run, state: dict, step: int) -> None:
+    """The evaluation an interrupt cut off (:func:`save_on_interrupt`), run on resume; its metrics
+    replace the checkpoint's (best-by-AP retention needs them)."""
+    run.info(f"evaluating step {step} first: its evaluation was interrupted")
+    metrics = evaluate_or_report(run, state, step, (step - 1) // run.rl.steps_per_epoch)
+    if metrics is not None:
+        run.ckpts.replace(step, state, _meta(run.cfg, run.train_ds, step, run.rl, metrics,
+                                             run.distill_meta), metrics=metrics)
+    run.pending_eval = None
+
+
 def after_step(run: Run, state: dict, step: int, metrics: dict) -> None:
     """Logging, evaluation (EMA) and checkpointing once ``step`` updates are done."""
     cfg, rl = run.cfg, run.rl
@@ -781,11 +830,11 @@ def after_step(run: Run, state: dict, step: int, metrics: dict) -> None:
         run.tlog.write_train(step, epoch, {k: v for k, v in metrics.items() if k != "finite"})
     end_of_epoch = step % rl.steps_per_epoch == 0
     eval_metrics = None
-    eval_due = run.val_ds is not None and ((end_of_epoch and should_eval(cfg, epoch, rl)) or final)
-    if eval_due:
+    due = eval_due(run, step)
+    if due:
         eval_metrics = evaluate_or_report(run, state, step, epoch)
     every = int(cfg.train.ckpt_every_steps)
-    if final or eval_due or (end_of_epoch if every <= 0 else step % every == 0):
+    if final or due or (end_of_epoch if every <= 0 else step % every == 0):
         run.ckpts.save(step, state, _meta(cfg, run.train_ds, step, rl, eval_metrics, run.distill_meta),
                        metrics=eval_metrics)
         run.tlog.reset_timer()
@@ -835,9 +884,12 @@ def _train_in(cfg, workdir, *, progress: bool = True) -> dict:
         check_teacher(run)
     update = build_update(run)
     loader = make_loader(run.train_ds, cfg, run.rl, start) if start < run.rl.last_step else None
+    done = start                                 # checked updates held by `state`
     try:
         t0 = time.perf_counter()
         check_interrupted()                      # one swallowed while the run was set up
+        if run.pending_eval is not None:
+            run_pending_eval(run, state, run.pending_eval)
         for step in range(start, run.rl.last_step):
             batch = next(loader)
             if step == start and jax.process_count() > 1:
@@ -849,11 +901,15 @@ def _train_in(cfg, workdir, *, progress: bool = True) -> dict:
             state, metrics = update(state, sharded)
             metrics = jax.device_get(metrics)
             check_finite(metrics, step)          # before anything of this step is logged or saved
+            done = step + 1
             if step == start:
                 run.info(f"first step (compile + run) {time.perf_counter() - t0:.1f}s")
                 run.tlog.reset_timer()
             after_step(run, state, step + 1, metrics)
             check_interrupted()                  # an interrupt swallowed during the step
+    except KeyboardInterrupt:                    # Ctrl-C / SIGTERM (Interrupted): keep the steps
+        save_on_interrupt(run, state, done)
+        raise
     finally:
         if loader is not None:
             loader.close()
