@@ -317,6 +317,29 @@ def test_ctrl_c_or_sigterm_stops_cleanly_and_says_how_to_resume(sig, hang_at, ru
         _assert_bitwise_equal(_full_state(workdir), _full_state(run_a[0]))
 
 
+def test_an_interrupt_during_evaluation_costs_neither_the_checkpoint_nor_the_evaluation(run_a):
+    """SIGTERM while the end-of-epoch evaluation of step 4 runs: that step's checkpoint was never
+    written (evaluation comes first), so the epoch was lost. Now step 4 is saved, marked as not
+    evaluated; the rerun evaluates it first (its AP then in the checkpoint's metrics, which the
+    best-by-AP retention reads) and ends bit for bit as the uninterrupted run."""
+    workdir = shared_dir() / "run_interrupted_in_eval"
+    ckdir = workdir / "checkpoints"
+    proc = subprocess.Popen(train_cmd(workdir), cwd=ROOT, env=train_env(DAMO_JAX_TEST_HANG_IN_EVAL_AT_STEP="4"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for_line(proc, "[test hook] hanging in the evaluation of step 4", timeout=600)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "Traceback" not in out, out[-3000:]
+    assert Checkpoints(ckdir, read_only=True).steps() == [4]
+    assert not Checkpoints(ckdir, read_only=True).metrics(4)
+    r = run_train(workdir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "evaluating step 4 first: its evaluation was interrupted" in r.stderr
+    assert "eval step 4 (epoch 1): AP " in r.stderr
+    assert "AP" in Checkpoints(ckdir, read_only=True).metrics(4)
+    _assert_bitwise_equal(_full_state(workdir), _full_state(run_a[0]))
+
+
 def test_an_interrupt_python_swallowed_still_stops_the_run():
     """Ctrl-C during tracing / compiling was raised inside JAX's garbage-collection callback, where
     Python prints "Exception ignored" and drops it: the run went on to the end, exit 0. The train

@@ -58,6 +58,8 @@ HANG_STEP_ENV = "DAMO_JAX_TEST_HANG_AT_STEP"
 # ... and one that sends this process SIGINT from inside a weakref finalizer before step N, where
 #     Python swallows the KeyboardInterrupt (as in JAX's garbage-collection callback).
 LOST_SIGINT_STEP_ENV = "DAMO_JAX_TEST_LOST_SIGINT_AT_STEP"
+# ... and one that hangs inside the evaluation after step N (an interrupt during an evaluation).
+HANG_EVAL_ENV = "DAMO_JAX_TEST_HANG_IN_EVAL_AT_STEP"
 
 
 def _test_hooks(state: dict, step: int) -> dict:
@@ -752,6 +754,10 @@ def evaluate_or_report(run: Run, state: dict, step: int, epoch: int) -> dict | N
     """EMA evaluation and best-AP bookkeeping. An evaluation that fails (no readable val image, an
     error in the evaluator) is reported in ONE line and gives None: the step's checkpoint is still
     written (without metrics), the best checkpoint stays the previous one, training goes on."""
+    if os.environ.get(HANG_EVAL_ENV) == str(step):
+        print(f"[test hook] hanging in the evaluation of step {step}", flush=True)
+        while True:
+            time.sleep(1.0)
     try:
         eval_metrics = evaluate_ema(run.model, state, run.val_ds, run.cfg, progress=run.progress)
     except Exception as err:  # noqa: BLE001 - evaluation must never cost the checkpoint
