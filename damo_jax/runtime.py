@@ -151,3 +151,20 @@ def make_mesh(devices=None, axis: str = "data"):
     import jax
     import numpy as np
     return jax.sharding.Mesh(np.asarray(jax.devices() if devices is None else list(devices)), (axis,))
+
+
+def exit_with_parent(poll_s: float = 1.0) -> None:
+    """In a helper process (a data-loader worker, the compile child): end it when its parent is
+    gone. A parent killed by ``kill -9`` or the OOM killer ran no clean-up, and its workers lived on
+    (re-parented to init, holding memory and the parent's stdout pipe) until killed by hand. A
+    daemon thread polls ``os.getppid()``; stdlib only (the workers import no JAX)."""
+    import threading
+    import time
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()

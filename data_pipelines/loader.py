@@ -82,6 +82,8 @@ def _init_worker(ds, spec):
     # Ctrl-C in a terminal reaches the whole process group: the main process stops the run and
     # shuts this pool down; a worker that raised KeyboardInterrupt too would only print a traceback
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from damo_jax.runtime import exit_with_parent
+    exit_with_parent()                  # a parent killed with -9 leaves no orphan workers
     _WORKER["ds"], _WORKER["spec"] = ds, spec
 
 

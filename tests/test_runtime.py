@@ -161,3 +161,40 @@ def test_tune_cpu_runtime_sets_flags_only_before_backend_init(avx512):
     assert second == {"allocator": True, "xla_flags": []}
     assert flags == " ".join(expected)
     assert "already initialised" in out.stderr
+
+
+def test_helpers_end_with_their_parent(tmp_path):
+    """A trainer killed with -9 (or by the OOM killer) left its data-loader workers running,
+    re-parented to init, holding memory and the parent's stdout pipe. ``exit_with_parent`` (called
+    by every worker and the compile child) ends a helper within a poll interval of its parent."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    pid_file = tmp_path / "grandchild.pid"
+    grandchild = ("import os, time, sys; from damo_jax.runtime import exit_with_parent; "
+                  "exit_with_parent(0.1); open(sys.argv[1], 'w').write(str(os.getpid())); "
+                  "time.sleep(600)")
+    parent = ("import subprocess, sys, time; "
+              f"subprocess.Popen([sys.executable, '-c', {grandchild!r}, sys.argv[1]]); time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", parent, str(pid_file)])
+    deadline = time.time() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
+        time.sleep(0.05)
+    pid = int(pid_file.read_text())
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            os.kill(pid, 0)                     # still there?
+        except ProcessLookupError:
+            return
+        try:                                    # reap it if it became our child (subreaper)
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+    raise AssertionError("the helper outlived its parent by 10 s")

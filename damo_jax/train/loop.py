@@ -488,7 +488,11 @@ def compile_first(update, state: dict, batch: dict, run=None):
             return update
         child = precompile.start_child(run.cfg, batch, run.workdir / "precompile.log")
         t0 = time.perf_counter()
-        lowered = update.lower(state, batch)             # traced here while the child compiles
+        try:
+            lowered = update.lower(state, batch)         # traced here while the child compiles
+        except BaseException:                            # an error or Ctrl-C: the child stops too
+            child.stop()
+            raise
         lower_s = time.perf_counter() - t0
         ok, took = child.wait()
         if not ok:

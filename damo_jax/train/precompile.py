@@ -86,10 +86,15 @@ class Child:
         except subprocess.TimeoutExpired:
             return False, time.perf_counter() - self.t0
         finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.stop()
+
+    def stop(self) -> None:
+        """Kill the child if it still runs and remove its job folder (also when the parent's own
+        tracing failed or was interrupted: the child compiled on alone and left the folder)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def start_child(cfg, batch: dict, log_path: Path) -> Child:
@@ -103,6 +108,7 @@ def main(argv=None) -> int:
     """Child: ``python -m damo_jax.train.precompile JOB_DIR`` (JOB_DIR/job.pkl from the parent)."""
     from damo_jax import runtime
     runtime.tune_cpu_runtime()                       # the parent's XLA_FLAGS are inherited as they are
+    runtime.exit_with_parent()                       # a parent killed with -9: stop compiling
 
     from damo_jax.train import loop
 
