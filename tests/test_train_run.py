@@ -541,6 +541,38 @@ def test_resume_on_other_validation_data_is_refused():
     check_resume_val_data(run(), {})                                             # old meta: no check
 
 
+def test_resume_with_another_batch_or_test_settings_is_refused():
+    """A halved global batch resumed with a 7x lower lr and a doubled schedule (the step counted in
+    the new batch), and other test thresholds mixed AP values in the best-by-AP choice; both only
+    warned. Now one error naming the keys, the reason and the overrides that resume."""
+    import types
+
+    from damo_jax.config import load_config
+    from damo_jax.errors import ConfigError
+    from damo_jax.train.checkpoint import config_to_json
+    from damo_jax.train.loop import check_resume_fixed_settings
+    saved_cfg = load_config("demo_ns")
+    meta = {"config": config_to_json(saved_cfg)}
+
+    def run(**changes):
+        cfg = load_config("demo_ns")
+        for key, value in changes.items():
+            section, leaf = key.split("__")
+            cfg[section][leaf] = value
+        return types.SimpleNamespace(workdir="w", cfg=cfg)
+    check_resume_fixed_settings(run(), meta)
+    check_resume_fixed_settings(run(train__epochs=20, data__workers=0, test__batch_size=2), meta)
+    check_resume_fixed_settings(run(train__batch_size=4), {})                 # old meta: no check
+    with pytest.raises(ConfigError, match=r"--workdir w: train.batch_size 8 -> 4 on resume: the "
+                                          r"schedule and the data order are counted in steps of the "
+                                          r"global batch.*--config.train.batch_size=8, or train in a new"):
+        check_resume_fixed_settings(run(train__batch_size=4), meta)
+    with pytest.raises(ConfigError, match=r"test.image_size \(192, 192\) -> \(320, 320\); test.conf_thre "
+                                          r".* -> 0.5 on resume: the best checkpoint is chosen by AP.*"
+                                          r"--config.test.image_size=\(192, 192\) --config.test.conf_thre="):
+        check_resume_fixed_settings(run(test__image_size=(320, 320), test__conf_thre=0.5), meta)
+
+
 def test_no_progress_prints_the_losses(tmp_path, capsys):
     """``--no-progress`` (no tqdm bar: logs, schedulers) printed only the evaluation lines; the
     losses went to metrics.jsonl alone. Now each logged step is a console line too."""

@@ -679,6 +679,44 @@ def check_resume_val_data(run: Run, meta: dict) -> None:
             f"(--config.train.finetune takes weights)")
 
 
+#: settings a resumed run must keep: the schedule and the data order are counted in steps of the
+#: global batch, and the best checkpoint is chosen by AP measured with the test settings
+RESUME_FIXED_KEYS = {
+    "train.batch_size": "the schedule and the data order are counted in steps of the global batch: "
+                        "the restored step would fall in another epoch, at another learning rate",
+    "test.image_size": "the best checkpoint is chosen by AP, which would be compared across "
+                       "evaluations with other test settings",
+    "test.conf_thre": None, "test.iou_thre": None, "test.max_dets": None, "test.pre_nms_topk": None,
+}
+
+
+def check_resume_fixed_settings(run: Run, meta: dict) -> None:
+    """``ConfigError`` naming the keys of :data:`RESUME_FIXED_KEYS` that differ from the
+    checkpoint's config (they only warned: a halved batch resumed with a 7x lower lr and a doubled
+    schedule; other test thresholds mixed AP values in the best-by-AP choice)."""
+    from damo_jax.config import flat_items
+    saved = dict(flat_items(meta.get("config") or {}))
+    if not saved:
+        return
+    now = dict(flat_items(checkpoint.config_to_json(run.cfg)))
+    changed = [k for k in RESUME_FIXED_KEYS if k in saved and saved[k] != now.get(k)]
+    if not changed:
+        return
+    why = "; ".join(dict.fromkeys(RESUME_FIXED_KEYS[k] or RESUME_FIXED_KEYS["test.image_size"]
+                                  for k in changed))
+    raise ConfigError(
+        f"--workdir {run.workdir}: "
+        + "; ".join(f"{k} {_override_text(saved[k])} -> {_override_text(now.get(k))}" for k in changed)
+        + f" on resume: {why}; resume with the run's settings "
+        + " ".join(f"--config.{k}={_override_text(saved[k])}" for k in changed)
+        + ", or train in a new --workdir (other test settings: damo-jax eval --checkpoint "
+          f"{run.workdir} --conf / --iou / --img-size scores any checkpoint)")
+
+
+def _override_text(value) -> str:
+    return "(" + ", ".join(map(str, value)) + ")" if isinstance(value, (list, tuple)) else str(value)
+
+
 #: keys expected to differ between the invocations of one run (not worth a warning)
 RESUME_QUIET_KEYS = ("train.max_steps", "train.precompile", "model.grad_impl", "model.dense_impl",
                      "model.depthwise_impl", "model.pointwise_impl", "data.workers")
@@ -704,6 +742,7 @@ def resume_or_start(run: Run, state: dict) -> dict:
     saved_meta = latest_meta(run, steps)
     check_resume_classes(run, saved_meta)
     check_resume_val_data(run, saved_meta)
+    check_resume_fixed_settings(run, saved_meta)
     restored = run.ckpts.restore_latest(state)
     if restored is None:
         changed = changed_settings(saved_meta.get("config") or {}, checkpoint.config_to_json(run.cfg))
