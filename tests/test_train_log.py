@@ -83,3 +83,34 @@ def _events(path):
         out.append(Event.FromString(data[i + 12:i + 12 + n]))
         i += 12 + n + 4
     return out
+
+
+def test_log_lines_give_elapsed_time_and_eta(tmp_path, capsys, monkeypatch):
+    """Without a progress bar (a log file, a scheduler) nothing said how long the run had left;
+    the jsonl records had no wall-clock time either."""
+    import json
+
+    from damo_jax.train import log as log_lib
+    clock = iter([100.0, 100.0, 100.0, 130.0, 130.0, 130.0, 130.0])
+    monkeypatch.setattr(log_lib.time, "perf_counter", lambda: next(clock))
+    tl = log_lib.TrainLog(tmp_path, total_steps=100, start_step=10, progress=False)
+    metrics = {"total_loss": 1.0, "lr": 1e-3}
+    tl.step(11, metrics, images=8)            # the first step after compiling: the origin
+    tl.step(21, metrics, images=8)            # 10 steps in 30 s
+    tl.write_train(21, 0, metrics)
+    tl.close()
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.endswith("elapsed 0:30, ETA 3:57"), line        # 79 steps left at 3 s each
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert abs(record["time"] - __import__("time").time()) < 60
+
+
+def test_the_train_cli_shows_a_bar_only_on_a_terminal():
+    import io
+
+    from damo_jax.cli.train import _is_terminal
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+    assert _is_terminal(Tty()) and not _is_terminal(io.StringIO())

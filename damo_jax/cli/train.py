@@ -57,7 +57,9 @@ def add_arguments(p) -> None:
                    help="multi-process: number of processes (sets JAX_NUM_PROCESSES)")
     p.add_argument("--process-id", type=int, default=None, metavar="I",
                    help="multi-process: this process's index 0..N-1 (sets JAX_PROCESS_ID)")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm bar (log lines only)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no tqdm bar: a log line per logged step with the losses, img/s, elapsed "
+                        "time and ETA (the default when stderr is not a terminal, e.g. a log file)")
 
 
 def build_parser(prog: str = PROG, add_help: bool = True):
@@ -203,7 +205,7 @@ def run(cfg, args) -> int:
         except ValueError:              # not the main thread (an embedding application): untouched
             break
     try:
-        loop.train(cfg, args.workdir, progress=not args.no_progress)
+        loop.train(cfg, args.workdir, progress=not args.no_progress and _is_terminal(sys.stderr))
     except loop.NonFiniteError as err:
         print(f"ERROR: {err}", file=sys.stderr, flush=True)
         return loop.EXIT_NONFINITE
@@ -225,6 +227,14 @@ def run(cfg, args) -> int:
             if handler is not None:     # None: a non-Python handler was there; keep ours
                 signal.signal(signum, handler)
     return 0
+
+
+def _is_terminal(stream) -> bool:
+    """A progress bar redrawn into a log file grew it by ~10 MB a day (and escape codes)."""
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def _quiet_lost_interrupts(default):

@@ -46,6 +46,7 @@ class TrainLog:
         self._last_time = time.perf_counter()
         self._images_since = 0
         self.images_per_sec = float("nan")
+        self._origin = None                 # (time, step) of the first step after compiling: ETA
         if not primary:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -68,6 +69,8 @@ class TrainLog:
         """Account one finished step (``step`` = number of completed steps after it)."""
         self._images_since += images
         now = time.perf_counter()
+        if self._origin is None:
+            self._origin = (now, int(step))
         if now - self._last_time >= 2.0:
             self.images_per_sec = self._images_since / (now - self._last_time)
             self._last_time, self._images_since = now, 0
@@ -78,6 +81,16 @@ class TrainLog:
                              else "-")             # measured over >= 2 s windows
             self._bar.set_postfix(post, refresh=False)
             self._bar.update(1)
+
+    def eta(self, step: int) -> str:
+        """``"elapsed 12:03, ETA 1:02:10"`` from the average pace since the first step after
+        compiling (evaluations and checkpoints included); ``""`` before there is one."""
+        if self._origin is None or step <= self._origin[1]:
+            return ""
+        t0, s0 = self._origin
+        elapsed = time.perf_counter() - t0
+        left = elapsed / (step - s0) * max(0, self.total_steps - step)
+        return f"elapsed {_clock(elapsed)}, ETA {_clock(left)}"
 
     def reset_timer(self) -> None:
         """Restart the images/s window (after compilation, evaluation or a checkpoint)."""
@@ -97,6 +110,9 @@ class TrainLog:
             parts.append(f"lr {record.get('lr', 0.0):.2e}")
             if "images_per_sec" in record:
                 parts.append(f"{record['images_per_sec']:.1f} img/s")
+            eta = self.eta(step)
+            if eta:
+                parts.append(eta)
             self.info(f"step {int(step)}/{self.total_steps} (epoch {int(epoch) + 1}): "
                       + ", ".join(parts))
         if self._tb is not None:
@@ -138,8 +154,16 @@ class TrainLog:
     def _append(self, record: dict) -> None:
         if not self.primary:
             return
+        record = dict(record, time=round(time.time(), 1))     # wall clock (unix s): the pace
         with open(self.jsonl_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def _clock(seconds: float) -> str:
+    """``"4:05"`` / ``"1:02:10"``."""
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return (f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}")
 
 
 # --------------------------------------------------------------------------------------------------
