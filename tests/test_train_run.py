@@ -592,6 +592,7 @@ def test_no_progress_prints_the_losses(tmp_path, capsys):
     quiet.write_eval_failure(120, 9, "DataError: no readable image")   # a failed one is kept too
     quiet.close()
     failed = read_metrics(tmp_path / "a" / "metrics.jsonl")["eval_failed"]
+    assert isinstance(failed[0].pop("time"), float)             # every record: wall-clock time
     assert failed == [{"kind": "eval_failed", "step": 120, "epoch": 10, "error": "DataError: no readable image"}]
     bar = TrainLog(tmp_path / "b", total_steps=120, progress=True)
     bar.write_train(20, 9, metrics)                # the bar shows them: no extra line

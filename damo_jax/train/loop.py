@@ -834,22 +834,23 @@ def eval_due(run: Run, step: int) -> bool:
 
 
 def save_on_interrupt(run: Run, state: dict, done: int) -> None:
-    """Ctrl-C / SIGTERM: keep the work done since the last checkpoint. ``state`` is saved (without
-    metrics) at its step — ``done`` (the checked updates) or one more when the interrupt came
-    while the update's results were fetched (the jitted update discards a non-finite step
-    itself) — unless that step is saved already; when its
-    evaluation was due and did not finish, the checkpoint says so (``meta["eval_pending"]``) and
-    the rerun evaluates it first. Single-process runs only: the processes of a multi-process run
-    may stand at different steps, so there the latest checkpoint stands. A second interrupt during
-    the write stops at once (the write is then incomplete and removed by the rerun)."""
+    """Ctrl-C / SIGTERM: keep the work done since the last checkpoint. ``state`` is saved at its
+    step — ``done`` (the checked updates) or one more when the interrupt came while the update's
+    results were fetched (the jitted update discards a non-finite step itself) — unless that step
+    is saved already. When its evaluation was due and did not finish, the checkpoint says so
+    (``meta["eval_pending"]``) and the rerun evaluates it first. Single-process runs only: the
+    processes of a multi-process run may stand at different steps, so there the latest checkpoint
+    stands. A second interrupt during the write stops at once (the write is then incomplete and
+    removed by the rerun)."""
     leaves = [x for x in jax.tree.leaves(state) if isinstance(x, jax.Array)]
     if jax.process_count() > 1 or any(x.is_deleted() for x in leaves):
         return                          # interrupted inside the donated update: nothing to save
     step = int(jax.device_get(state["step"]))
     if step not in (done, done + 1) or step <= (run.ckpts.latest_step() or 0):
         return
-    done = run.last_eval if run.last_eval.get("step") == step and "error" not in run.last_eval else {}
-    metrics = {k: v for k, v in done.items() if k != "step"} or None
+    evaluated = (run.last_eval if run.last_eval.get("step") == step and "error" not in run.last_eval
+                 else {})                   # interrupted after the evaluation, before the save
+    metrics = {k: v for k, v in evaluated.items() if k != "step"} or None
     meta = _meta(run.cfg, run.train_ds, step, run.rl, metrics, run.distill_meta)
     if metrics is None and eval_due(run, step):
         meta["eval_pending"] = True
