@@ -114,7 +114,10 @@ The same digits again on this host kind from fresh clones of d348740 (2026-12-06
 83 s install, §0za): ≥ 0.5 at epoch 7 after 6.0 and **5.2** minutes (1.4 / 2.1 / 2.7 / 3.3 / 3.9 /
 4.5 / **5.2** / 5.8 / 6.5 in the later run; whole training command 7.6 and 6.6 min). Once more from
 a fresh clone of 15607e8 (13:08–13:16 UTC, 94 s install, §0zb): the same digits at 1.7 / 2.4 / 3.2 /
-3.9 / 4.6 / 5.4 / **6.2** / 6.8 / 7.5 minutes, whole training command 7.6 min.
+3.9 / 4.6 / 5.4 / **6.2** / 6.8 / 7.5 minutes, whole training command 7.6 min. And from a fresh
+clone of a4b973a (16:11–16:19 UTC, 84 s install, §0zc; minutes to each evaluation's
+``metrics.jsonl`` record): the same digits at 1.4 / 2.1 / 2.8 / 3.4 / 4.1 / 4.7 / **5.3** / 6.0 /
+6.6 minutes, whole training command 6.7 min.
 
 The same host with 8dd8428 (1×1 convs as dot, cache-blocked kernel gradients; 15:08–15:19 UTC;
 minutes = the progress bar's elapsed time + 0.45 min, the bar starting 27 s after the command:
