@@ -35,7 +35,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from damo_jax.errors import ConfigError, InputPathError, UserError
+from damo_jax.errors import ConfigError, InputPathError, UserError, debug_enabled
 from damo_jax.train import state as state_lib
 
 log = logging.getLogger(__name__)
@@ -61,8 +61,7 @@ class _OrbaxErrorsShort(logging.Filter):
     ``--debug``)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.ERROR and not sys.argv.count("--debug") \
-                and not os.environ.get("DAMO_JAX_DEBUG"):
+        if record.levelno >= logging.ERROR and not debug_enabled(sys.argv):
             message = " ".join(record.getMessage().split())
             record.msg, record.args = message[:300] + ("..." if len(message) > 300 else ""), ()
             record.exc_info, record.exc_text, record.stack_info = None, None, None
