@@ -453,7 +453,7 @@ def workdir_lock(workdir):
 
 
 def _is_complete(step_dir: Path) -> bool:
-    return (step_dir / "_CHECKPOINT_METADATA").is_file() and all((step_dir / item).is_dir() for item in ITEMS)
+    return not _missing_items(step_dir, ITEMS)
 
 
 def complete_steps(directory) -> list[int]:
