@@ -153,6 +153,25 @@ class DetectionDataset:
         categories = [{"id": cid, "name": n} for cid, n in zip(self.category_ids, self.class_names)]
         return {"images": images, "annotations": annotations, "categories": categories}
 
+    def fingerprint(self) -> str:
+        """16 hex digits of a sha256 over what an evaluation on this set scores: the class names,
+        and per record (in order) the image id, frame size, image file *name* (not its folder) or
+        source index, boxes, labels and ignore regions. The same data read through another spec
+        (``demo`` and ``coco:<its folder>``, a moved or copied folder) gives the same value; a
+        changed box, image or class list another."""
+        cached = getattr(self, "_fingerprint", None)
+        if cached is None:
+            import hashlib
+            h = hashlib.sha256(repr((self.class_names, len(self.records))).encode())
+            for rec in self.records:
+                where = os.path.basename(rec.file) if rec.file is not None else rec.source_index
+                h.update(repr((int(rec.image_id), int(rec.width), int(rec.height), where)).encode())
+                for a, dtype in ((rec.boxes, np.float32), (rec.labels, np.int32),
+                                 (rec.ignore_boxes, np.float32), (rec.ignore_labels, np.int32)):
+                    h.update(b"-" if a is None or not len(a) else np.asarray(a, dtype).tobytes() + b"|")
+            cached = self._fingerprint = h.hexdigest()[:16]
+        return cached
+
     def summary(self, role: str = "data") -> str:
         """One line: images, images skipped, boxes used / dropped / clipped by reason (see
         ``data_pipelines.quality.format_summary``)."""

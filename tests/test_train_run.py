@@ -27,6 +27,7 @@ All runs share one persistent XLA cache, so only the first one compiles the trai
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -539,6 +540,40 @@ def test_resume_on_other_validation_data_is_refused():
             check_resume_val_data(run(**changed), saved)
     check_resume_val_data(run(train="coco:/d/b", val="yolo:/d/a.yaml"), saved)   # new train data only
     check_resume_val_data(run(), {})                                             # old meta: no check
+
+
+def test_resume_checks_the_validation_set_not_its_spec(tmp_path):
+    """The audit's case: a run on ``demo`` resumed with the same folder as ``coco:<folder>`` was
+    refused (the specs differ). Checkpoints now carry the validation set's fingerprint: the same
+    images and boxes under another spec or in a copied folder resume; one changed box is refused."""
+    import json
+    import shutil
+    import types
+
+    import ml_collections
+
+    from damo_jax import data_pipelines
+    from damo_jax.errors import ConfigError
+    from damo_jax.train.loop import check_resume_val_data
+    demo = data_pipelines.open_dataset("demo", "val")
+    root = tmp_path / "copy"
+    (root / "annotations").mkdir(parents=True)
+    shutil.copytree(os.path.dirname(demo.records[0].file), root / "val2017")
+    ann = json.loads(open(os.path.join(os.path.dirname(demo.records[0].file), "..", "annotations",
+                                       "instances_val2017.json")).read())
+    (root / "annotations" / "instances_val2017.json").write_text(json.dumps(ann))
+    saved = {"config": {"data": {"train": "demo", "val": "", "val_split": "val"}},
+             "val_fingerprint": demo.fingerprint()}
+
+    def run(spec):
+        cfg = ml_collections.ConfigDict({"data": {"train": spec, "val": "", "val_split": "val"}})
+        return types.SimpleNamespace(workdir="w", cfg=cfg, val_ds=data_pipelines.open_dataset(spec, "val"))
+    check_resume_val_data(run(f"coco:{root}"), saved)                      # the same set, copied
+    ann["annotations"][3]["bbox"][0] += 1.0
+    (root / "annotations" / "instances_val2017.json").write_text(json.dumps(ann))
+    with pytest.raises(ConfigError, match=r"its checkpoints were evaluated on 'demo'"):
+        check_resume_val_data(run(f"coco:{root}"), saved)
+    assert data_pipelines.open_dataset(f"coco:{root}", "val").fingerprint() != demo.fingerprint()
 
 
 def test_resume_with_another_batch_or_test_settings_is_refused():

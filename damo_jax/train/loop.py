@@ -549,13 +549,17 @@ def should_eval(cfg, epoch: int, rl: RunLength) -> bool:
     return every > 0 and n % every == 0
 
 
-def _meta(cfg, train_ds, step: int, rl: RunLength, metrics=None, distill=None) -> dict:
+def _meta(run: "Run", step: int, metrics=None) -> dict:
+    """The ``meta`` item of the checkpoint of ``step`` (``metrics``: its evaluation, if any)."""
+    cfg = run.cfg
     meta = {"config": checkpoint.config_to_json(cfg), "class_names": list(cfg.model.class_names),
-            "category_ids": [int(c) for c in getattr(train_ds, "category_ids", ())],
+            "category_ids": [int(c) for c in getattr(run.train_ds, "category_ids", ())],
             "loader": {"step": int(step), "seed": int(cfg.train.seed)}, "step": int(step),
-            "epoch": int(step // rl.steps_per_epoch), "eval": metrics or {}}
-    if distill:
-        meta["distill"] = distill    # teacher source, fingerprint, val stats (config: meta.config.distill)
+            "epoch": int(step // run.rl.steps_per_epoch), "eval": metrics or {}}
+    if run.val_ds is not None:
+        meta["val_fingerprint"] = run.val_ds.fingerprint()   # check_resume_val_data
+    if run.distill_meta:
+        meta["distill"] = run.distill_meta  # teacher source, fingerprint, val stats (config: meta.config.distill)
     return meta
 
 
@@ -664,13 +668,19 @@ def validation_data(data: dict) -> tuple:
 def check_resume_val_data(run: Run, meta: dict) -> None:
     """``ConfigError`` when the workdir's checkpoints were evaluated on other validation data than
     this run's: their best AP, the checkpoint ``eval`` / ``predict`` / ``export`` load, would be
-    compared across two validation sets. (New *training* data only warns, with the other changed
-    settings.)"""
+    compared across two validation sets. Checkpoints carry the set's ``fingerprint()`` (the same
+    data under another spec, e.g. ``demo`` and its folder as ``coco:…``, resumes); older ones
+    compare the specs. (New *training* data only warns, with the other changed settings.)"""
     saved_data = (meta.get("config") or {}).get("data")
     if not saved_data:
         return
     saved, now = validation_data(saved_data), validation_data(run.cfg.data)
-    if saved != now:
+    val_ds = getattr(run, "val_ds", None)
+    if meta.get("val_fingerprint") and val_ds is not None:
+        same = meta["val_fingerprint"] == val_ds.fingerprint()   # the same set under another spec
+    else:
+        same = saved == now                                      # checkpoints of before 2026-12-06
+    if not same:
         raise ConfigError(
             f"--workdir {run.workdir}: its checkpoints were evaluated on {saved[0]!r} (split "
             f"{saved[1]!r}) but this run validates on {now[0]!r} (split {now[1]!r}): their best AP "
@@ -851,7 +861,7 @@ def save_on_interrupt(run: Run, state: dict, done: int) -> None:
     evaluated = (run.last_eval if run.last_eval.get("step") == step and "error" not in run.last_eval
                  else {})                   # interrupted after the evaluation, before the save
     metrics = {k: v for k, v in evaluated.items() if k != "step"} or None
-    meta = _meta(run.cfg, run.train_ds, step, run.rl, metrics, run.distill_meta)
+    meta = _meta(run, step, metrics)
     if metrics is None and eval_due(run, step):
         meta["eval_pending"] = True
     run.info(f"interrupted: saving step {step} first (interrupt again to stop without it)")
@@ -865,8 +875,7 @@ def run_pending_eval(run: Run, state: dict, step: int) -> None:
     run.info(f"evaluating step {step} first: its evaluation was interrupted")
     metrics = evaluate_or_report(run, state, step, (step - 1) // run.rl.steps_per_epoch)
     if metrics is not None:
-        run.ckpts.replace(step, state, _meta(run.cfg, run.train_ds, step, run.rl, metrics,
-                                             run.distill_meta), metrics=metrics)
+        run.ckpts.replace(step, state, _meta(run, step, metrics), metrics=metrics)
     run.pending_eval = None
 
 
@@ -885,8 +894,7 @@ def after_step(run: Run, state: dict, step: int, metrics: dict) -> None:
         eval_metrics = evaluate_or_report(run, state, step, epoch)
     every = int(cfg.train.ckpt_every_steps)
     if final or due or (end_of_epoch if every <= 0 else step % every == 0):
-        run.ckpts.save(step, state, _meta(cfg, run.train_ds, step, rl, eval_metrics, run.distill_meta),
-                       metrics=eval_metrics)
+        run.ckpts.save(step, state, _meta(run, step, eval_metrics), metrics=eval_metrics)
         run.tlog.reset_timer()
 
 
