@@ -203,7 +203,7 @@ KEY_HELP = {
     "data.loader": "worker backend: process (pickled batches) | grain (shared memory; pod hosts)",
     # train
     "train.epochs": "epochs of the schedule",
-    "train.no_aug_epochs": "last epochs without mosaic / mixup / SADA, at the minimum lr",
+    "train.no_aug_epochs": "last epochs without mosaic / mixup / affine (flip and SADA stay on), at the minimum lr",
     "train.warmup_epochs": "epochs of lr warm-up from 0, quadratic (official; may be fractional)",
     "train.batch_size": "global batch size, over all devices and processes",
     "train.optimizer": "sgd | adamw",

@@ -60,10 +60,11 @@ def classify_boxes(boxes, width: float, height: float) -> tuple[np.ndarray, np.n
 def clean_boxes(boxes_xyxy, labels, width: int, height: int, stats: collections.Counter,
                 audit: "DropAudit | None" = None, source: str | None = None,
                 guess: "Callable[[collections.Counter], str | None] | None" = None,
-                ) -> tuple[np.ndarray, np.ndarray]:
+                with_keep: bool = False) -> tuple:
     """Clip boxes to the image, drop the unusable ones (counted by reason in ``stats``).
 
-    Returns float32 (N, 4) boxes and int32 (N,) labels, filtered together. With ``audit``, the
+    Returns float32 (N, 4) boxes and int32 (N,) labels, filtered together (``with_keep``: and the
+    keep mask over the input, to filter what rides along, e.g. outlines). With ``audit``, the
     counts of this call are also recorded for ``source`` with the reader's ``guess(counts)``.
     """
     labels = np.asarray(labels, np.int64).reshape(-1)
@@ -77,7 +78,8 @@ def clean_boxes(boxes_xyxy, labels, width: int, height: int, stats: collections.
     stats.update(+counts)
     if audit is not None:
         audit.add(source or "?", len(raw), counts, guess)
-    return clipped[keep].astype(np.float32), labels[keep].astype(np.int32)
+    out = clipped[keep].astype(np.float32), labels[keep].astype(np.int32)
+    return (*out, keep) if with_keep else out
 
 
 def dropped(counts) -> int:

@@ -56,10 +56,32 @@ class Record:
     source_index: int | None = None        # index into a random-access source (TFDS)
     ignore_boxes: np.ndarray | None = None  # (M, 4) float32 x1y1x2y2 px
     ignore_labels: np.ndarray | None = None  # (M,) int32
+    polygons: np.ndarray | None = None      # (P, 2) float32 px: the boxes' outlines, concatenated
+    polygon_sizes: np.ndarray | None = None  # (N,) int32 points of each box's outline (0: none)
 
     @property
     def name(self) -> str:
         return self.file if self.file is not None else f"record #{self.source_index} (image_id {self.image_id})"
+
+    def outlines(self) -> list | None:
+        """Per box, its outline (K, 2) float32 px (all polygons of the object, concatenated) or
+        None; None when no box has one (see :func:`pack_polygons`)."""
+        if self.polygons is None or self.polygon_sizes is None:
+            return None
+        ends = np.cumsum(self.polygon_sizes)
+        return [self.polygons[e - k:e] if k else None for k, e in zip(self.polygon_sizes, ends)]
+
+
+def pack_polygons(outlines) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Per-box outlines ((K, 2) point arrays or None) -> (points (P, 2) float32, sizes (N,) int32)
+    for :class:`Record`; (None, None) when no box has one. One flat array per image, not one
+    object per box: COCO train holds ~860k outlines."""
+    if not any(o is not None and len(o) for o in outlines):
+        return None, None
+    sizes = np.array([0 if o is None else len(o) for o in outlines], np.int32)
+    points = np.concatenate([np.asarray(o, np.float32).reshape(-1, 2) for o in outlines
+                             if o is not None and len(o)])
+    return points, sizes
 
 
 def check_inside(fname: str, where: str, field: str = "file_name", *, allow_outside_root: bool = False,
@@ -115,13 +137,17 @@ class DetectionDataset:
             raise IndexError(f"{self.name}: index {index} out of range (len {len(self)})")
         rec = self.records[index]
         image = self.load_image(rec)
-        return {
+        sample = {
             "image": image,
             "boxes": rec.boxes.copy(),
             "labels": rec.labels.copy(),
             "image_id": int(rec.image_id),
             "orig_size": (int(rec.height), int(rec.width)),
         }
+        outlines = rec.outlines()
+        if outlines is not None:    # per box (K, 2) px or None: the random affine's boxes (§9.2)
+            sample["segments"] = [None if o is None else o.copy() for o in outlines]
+        return sample
 
     def load_image(self, rec: Record) -> np.ndarray:
         """(H, W, 3) uint8 RGB in the annotated frame (subclasses with other sources override)."""

@@ -40,9 +40,26 @@ def random_scene(rng: np.random.Generator, h: int, w: int, max_objects: int = 3,
     return rect_image(h, w, boxes, labels), boxes, labels
 
 
+def ellipse_scene(rng: np.random.Generator, h: int, w: int, max_objects: int = 3):
+    """Like :func:`random_scene` but each object is the filled ellipse inscribed in its rectangle,
+    drawn from its polygon: (image, boxes, labels, polygons (K, 2) px per object)."""
+    import cv2
+    _, boxes, labels = random_scene(rng, h, w, max_objects)
+    img = np.zeros((h, w, 3), np.uint8)
+    polygons = []
+    for (x1, y1, x2, y2), c in zip(boxes, labels):
+        centre = ((x1 + x2) / 2, (y1 + y2) / 2)
+        t = np.radians(np.arange(0, 360, 4))
+        poly = np.stack([centre[0] + (x2 - x1) / 2 * np.cos(t), centre[1] + (y2 - y1) / 2 * np.sin(t)], 1)
+        cv2.fillPoly(img, [np.round(poly).astype(np.int32)], CLASS_COLORS[c].tolist())
+        polygons.append(poly.astype(np.float32))
+    return img, boxes, labels, polygons
+
+
 def write_coco(root: Path, scenes, *, split: str = "train", names=None, extra_annotations=(),
-               category_ids=None) -> Path:
-    """COCO layout ``root/annotations/instances_{split}2017.json`` + ``root/{split}2017/*.png``."""
+               category_ids=None, polygons=None) -> Path:
+    """COCO layout ``root/annotations/instances_{split}2017.json`` + ``root/{split}2017/*.png``;
+    ``polygons``: per scene, per box a (K, 2) px polygon written as its ``segmentation``."""
     names = names or [f"c{k}" for k in range(len(CLASS_COLORS))]
     category_ids = category_ids or [10 + 3 * k for k in range(len(names))]  # non-contiguous ids
     img_dir = root / f"{split}2017"
@@ -53,10 +70,12 @@ def write_coco(root: Path, scenes, *, split: str = "train", names=None, extra_an
         fname = f"{i + 1:06d}.png"
         Image.fromarray(img).save(img_dir / fname)
         images.append({"id": i + 1, "file_name": fname, "width": img.shape[1], "height": img.shape[0]})
-        for b, l in zip(np.asarray(boxes).tolist(), np.asarray(labels).tolist()):
+        for k, (b, l) in enumerate(zip(np.asarray(boxes).tolist(), np.asarray(labels).tolist())):
             anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": category_ids[l],
                          "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "area": (b[2] - b[0]) * (b[3] - b[1]),
                          "iscrowd": 0})
+            if polygons is not None:
+                anns[-1]["segmentation"] = [np.asarray(polygons[i][k], float).reshape(-1).tolist()]
     anns.extend(extra_annotations)
     data = {"images": images, "annotations": anns,
             "categories": [{"id": c, "name": n} for c, n in zip(category_ids, names)]}

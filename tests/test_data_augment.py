@@ -7,7 +7,8 @@ import collections
 import numpy as np
 import pytest
 
-from data_helpers import CLASS_COLORS, color_components, make_coco_dataset, random_scene
+from data_helpers import (CLASS_COLORS, color_components, ellipse_scene, make_coco_dataset, random_scene,
+                          write_coco)
 from damo_jax.data_pipelines.augment import (AugParams, box_candidates, drop_small, hflip, mixup, mosaic,
                                     random_affine, stretch_resize, train_sample, transform_boxes)
 
@@ -45,7 +46,8 @@ def test_mosaic_places_four_stretched_images_around_the_centre():
     rng = np.random.default_rng(1)
     parts = [random_scene(rng, 40 + 10 * k, 70 - 10 * k) for k in range(4)]
     for seed in range(5):
-        canvas, boxes, labels = mosaic(parts, (64, 64), np.random.default_rng(seed))
+        canvas, boxes, labels, outlines = mosaic(parts, (64, 64), np.random.default_rng(seed))
+        assert outlines is None                 # box-only samples
         assert canvas.shape == (128, 128, 3) and len(boxes) == len(labels) == sum(len(p[2]) for p in parts)
         assert boxes.min() >= 0 and boxes.max() <= 128
         visible = (boxes[:, 2] - boxes[:, 0] > 1) & (boxes[:, 3] - boxes[:, 1] > 1)
@@ -117,3 +119,56 @@ def test_full_training_sample_keeps_boxes_on_objects():
             assert_boxes_on_objects(s["image"], s["boxes"], s["labels"], tol=2.0, min_match=1.0)
             total += len(s["boxes"])
         assert total > 10
+
+
+def _box_errors(img, boxes, labels):
+    """Per box, the largest coordinate error (px) to the nearest region of its class colour."""
+    return [min((np.abs(np.asarray(c[:4], float) - box).max() for c in color_components(img, int(l))),
+                default=np.inf) for box, l in zip(boxes, labels)]
+
+
+@pytest.mark.parametrize("with_polygons", [True, False])
+def test_boxes_after_the_affine_come_from_the_objects_polygons(tmp_path, with_polygons):
+    """SPEC §9.2 step 2 (the official random_affine): with polygon segmentation the boxes after
+    mosaic + affine are the tight boxes of the warped objects (here: filled ellipses, checked
+    against their pixels), not the hull of the warped box corners, which is up to ~20 % wider for
+    a rotated ellipse. Without polygons the corner hull stays (and misses the pixels)."""
+    rng = np.random.default_rng(0)
+    scenes = [ellipse_scene(rng, 96, 128) for _ in range(6)]
+    write_coco(tmp_path, [sc[:3] for sc in scenes], polygons=[sc[3] for sc in scenes] if with_polygons else None)
+    from damo_jax.data_pipelines import open_dataset
+    ds = open_dataset(f"coco:{tmp_path}", "train")
+    params = AugParams(image_size=(96, 96), mosaic_size=(96, 96), mixup_prob=0.0, sada=False,
+                       mosaic_scale=(0.8, 1.3), degrees=35.0, shear=2.0, flip_prob=0.0)
+    errors = []
+    for k in range(10):
+        s = train_sample(ds, k % len(ds), np.random.default_rng(k), params, mosaic_on=True, progress=0.5)
+        errors += _box_errors(s["image"], s["boxes"], s["labels"])
+    errors = np.asarray(errors)
+    assert len(errors) > 15
+    if with_polygons:
+        assert errors.max() <= 2.0, np.sort(errors)[-5:]
+    else:
+        assert (errors > 3.0).mean() > 0.3, np.sort(errors)
+
+
+def test_polygon_boxes_need_every_box_to_have_one_and_see_only_the_visible_part():
+    """The official rule: outlines are used only when every box has one (else the corners for all);
+    an object cut by the output border gets the box of its visible part."""
+    from damo_jax.data_pipelines.augment.affine import outline_boxes
+    # a diamond shifted by +60 px spans x 80..140 in a 100x100 output: its visible part x 80..100
+    # is the triangle whose height at x = 100 is 50 ± 20
+    diamond = np.array([[20, 50], [50, 20], [80, 50], [50, 80], [20, 50]], np.float64)
+    M = np.array([[1.0, 0, 60], [0, 1.0, 0], [0, 0, 1]])
+    np.testing.assert_allclose(outline_boxes([diamond], M, (100, 100))[0], [80, 30, 100, 70], atol=0.2)
+    # entirely outside: all zeros (the candidate rule drops it)
+    np.testing.assert_array_equal(outline_boxes([diamond + 300], M, (100, 100))[0], [0, 0, 0, 0])
+    img = np.zeros((100, 100, 3), np.uint8)
+    boxes = np.array([[20, 20, 80, 80], [5, 5, 15, 15]], np.float32)
+    kw = dict(out_hw=(100, 100), degrees=30.0, translate=0.0, scale=(1.0, 1.0), shear=0.0)
+    corners = random_affine(img, boxes, [0, 1], np.random.default_rng(3), **kw)[1]
+    mixed = random_affine(img, boxes, [0, 1], np.random.default_rng(3), outlines=[diamond, None], **kw)[1]
+    np.testing.assert_array_equal(mixed, corners)
+    square = np.array([[5, 5], [15, 5], [15, 15], [5, 15], [5, 5]], np.float64)
+    both = random_affine(img, boxes, [0, 1], np.random.default_rng(3), outlines=[diamond, square], **kw)[1]
+    assert (both[0, 2] - both[0, 0]) < (corners[0, 2] - corners[0, 0]) - 5   # the diamond's tight box

@@ -45,6 +45,34 @@ def test_coco_reader_cleans_boxes_and_keeps_negatives(tmp_path):
     assert len(ds[3]["boxes"]) == 0 and ds[3]["boxes"].shape == (0, 4)
 
 
+def test_coco_reader_keeps_each_used_objects_polygons(tmp_path):
+    """SPEC §9.2 / the official pull_item: all polygons of an object concatenated into one outline;
+    crowd objects, RLE masks, malformed polygons and dropped boxes give none; outlines stay paired
+    with their boxes."""
+    img = np.zeros((40, 60, 3), np.uint8)
+    write_coco(tmp_path, [(img, np.zeros((0, 4)), np.zeros((0,), int))], extra_annotations=[
+        {"id": 1, "image_id": 1, "category_id": 10, "bbox": [2, 2, 10, 10],
+         "segmentation": [[2, 2, 12, 2, 12, 12], [2, 12, 7, 7]]},                 # two polygons
+        {"id": 2, "image_id": 1, "category_id": 13, "bbox": [20, 5, 0, 5],
+         "segmentation": [[20, 5, 20, 10, 21, 10]]},                              # zero width: dropped
+        {"id": 3, "image_id": 1, "category_id": 13, "bbox": [20, 20, 10, 10],
+         "segmentation": {"counts": "abc", "size": [40, 60]}},                    # RLE
+        {"id": 4, "image_id": 1, "category_id": 16, "bbox": [30, 2, 10, 10], "iscrowd": 1,
+         "segmentation": [[30, 2, 40, 2, 40, 12]]},                               # crowd: ignored
+        {"id": 5, "image_id": 1, "category_id": 16, "bbox": [40, 20, 10, 10],
+         "segmentation": [[40, 20, 50, 20, "x", 30]]},                            # malformed
+        {"id": 6, "image_id": 1, "category_id": 19, "bbox": [5, 25, 10, 10]},    # no segmentation
+    ])
+    ds = open_dataset(f"coco:{tmp_path}", "train")
+    s = ds[0]
+    np.testing.assert_allclose(s["boxes"], [[2, 2, 12, 12], [20, 20, 30, 30], [40, 20, 50, 30],
+                                            [5, 25, 15, 35]])
+    assert len(s["segments"]) == 4
+    np.testing.assert_array_equal(s["segments"][0], [[2, 2], [12, 2], [12, 12], [2, 12], [7, 7]])
+    assert s["segments"][1:] == [None, None, None]
+    assert ds.stats["polygons_not_used"] == 2
+
+
 def test_coco_to_coco_dict_is_the_source_ground_truth(tmp_path):
     _coco_with_edge_cases(tmp_path)
     ds = open_dataset(f"coco:{tmp_path}", "train")
@@ -111,6 +139,9 @@ def test_yolo_reader(tmp_path, names_yaml):
     np.testing.assert_allclose(s["boxes"], [[40, 15, 60, 35], [0, 0, 30, 15]], atol=1e-4)
     np.testing.assert_array_equal(s["labels"], [0, 2])
     np.testing.assert_allclose(ds[1]["boxes"], [[10, 10, 30, 30]], atol=1e-4)  # polygon hull
+    # the polygon rides along in pixels (the random affine's boxes, SPEC §9.2); box lines have none
+    np.testing.assert_allclose(ds[1]["segments"][0], [[10, 10], [30, 10], [30, 30]], atol=1e-4)
+    assert "segments" not in ds[0]
     assert ds.stats["missing_label_files"] == 1 and len(ds[2]["boxes"]) == 0
     assert ds.stats["clipped_boxes"] == 1
     val = open_dataset(f"yolo:{tmp_path / 'data.yaml'}", "val")

@@ -5,6 +5,8 @@ The canvas is twice the mosaic size, filled with 114; the centre ``(xc, yc)`` is
 bottom-right quadrant around the centre, cropped where it leaves the canvas. Each image is
 stretched (no aspect ratio kept, cv2 bilinear) to exactly the mosaic size, its boxes scaled per
 axis, shifted, and clipped to the canvas. Boxes and labels stay paired (SPEC §12 item 27).
+Object outlines (polygons, where the samples carry them) are scaled and shifted the same way and
+their points clipped to the canvas, for the random affine's boxes (SPEC §9.2 step 1).
 """
 from __future__ import annotations
 
@@ -35,9 +37,12 @@ def quadrant(k: int, xc: int, yc: int, w: int, h: int, canvas_w: int, canvas_h: 
     return (x1, y1, x2, y2), src
 
 
-def mosaic(samples: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], mosaic_hw: tuple[int, int],
-           rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Combine 4 (image uint8 HWC, boxes (N,4) xyxy, labels (N,)) into one (2H, 2W) canvas."""
+def mosaic(samples: Sequence[tuple], mosaic_hw: tuple[int, int], rng: np.random.Generator
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list | None]:
+    """Combine 4 (image uint8 HWC, boxes (N,4) xyxy px, labels (N,)[, outlines]) into one (2H, 2W)
+    canvas: (canvas, boxes, labels, outlines). ``outlines`` (optional 4th item of a sample): per
+    box a (K, 2) px polygon or None; the result has one entry per box (None where a box has
+    none), or is None when no sample carries outlines."""
     if len(samples) != 4:
         raise ValueError(f"mosaic needs 4 samples, got {len(samples)}")
     mh, mw = int(mosaic_hw[0]), int(mosaic_hw[1])
@@ -45,8 +50,9 @@ def mosaic(samples: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], mosaic_
     yc = int(rng.uniform(0.5 * mh, 1.5 * mh))
     xc = int(rng.uniform(0.5 * mw, 1.5 * mw))
     canvas = np.full((ch, cw, 3), FILL, np.uint8)
-    all_boxes, all_labels = [], []
-    for k, (img, boxes, labels) in enumerate(samples):
+    all_boxes, all_labels, all_outlines = [], [], []
+    carried = any(len(sample) > 3 and sample[3] is not None for sample in samples)
+    for k, (img, boxes, labels, *rest) in enumerate(samples):
         h0, w0 = img.shape[:2]
         if (h0, w0) != (mh, mw):
             img = cv2.resize(img, (mw, mh), interpolation=cv2.INTER_LINEAR)
@@ -58,5 +64,13 @@ def mosaic(samples: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], mosaic_
         b[:, 1::2] = b[:, 1::2] * (mh / h0) + padh
         all_boxes.append(b)
         all_labels.append(np.asarray(labels, np.int32).reshape(-1))
+        outlines = rest[0] if rest and rest[0] is not None else [None] * len(b)
+        if len(outlines) != len(b):
+            raise ValueError(f"mosaic sample {k}: {len(outlines)} outlines for {len(b)} boxes")
+        for o in outlines:
+            if o is not None:
+                o = np.asarray(o, np.float64).reshape(-1, 2) * (mw / w0, mh / h0) + (padw, padh)
+                o = np.clip(o, 0, (cw, ch))
+            all_outlines.append(o)
     boxes = clip_boxes(np.concatenate(all_boxes), (ch, cw))
-    return canvas, boxes, np.concatenate(all_labels)
+    return canvas, boxes, np.concatenate(all_labels), (all_outlines if carried else None)

@@ -1,7 +1,8 @@
 """The per-sample training transform (SPEC §9.2–9.3), composed from the augment modules.
 
 While mosaic is on (``step < no_aug_start_step``; each sample with probability ``mosaic_prob``):
-mosaic (the sample + 3 uniformly random images) → random affine (to ``mosaic_size``) → mixup
+mosaic (the sample + 3 uniformly random images) → random affine (to ``mosaic_size``; boxes from
+the objects' polygons when every object of the mosaic has one, as the official code) → mixup
 (probability ``mixup_prob``, only when boxes remain; copy image drawn among images with ≥ 1 box)
 → drop boxes with area ≤ 4 px². Then always: stretch resize to ``image_size`` → horizontal flip
 (``flip_prob``) → SADA (``progress`` = step / total_steps). In the no-augmentation tail the sample
@@ -105,10 +106,11 @@ def load_sample(ds, index: int, stats: collections.Counter) -> dict:
 def _mosaic_branch(ds, first: dict, rng, p: AugParams, stats):
     n = len(ds)
     others = [load_sample(ds, int(rng.integers(0, n)), stats) for _ in range(3)]
-    parts = [(s["image"], s["boxes"], s["labels"]) for s in [first] + others]
-    img, boxes, labels = mosaic(parts, p.mosaic_size, rng)
+    parts = [(s["image"], s["boxes"], s["labels"], s.get("segments")) for s in [first] + others]
+    img, boxes, labels, outlines = mosaic(parts, p.mosaic_size, rng)
     img, boxes, labels = random_affine(img, boxes, labels, rng, out_hw=p.mosaic_size, degrees=p.degrees,
-                                       translate=p.translate, scale=p.mosaic_scale, shear=p.shear)
+                                       translate=p.translate, scale=p.mosaic_scale, shear=p.shear,
+                                       outlines=outlines)
     with_boxes = getattr(ds, "indices_with_boxes", None)
     if len(boxes) and rng.random() < p.mixup_prob and with_boxes is not None and len(with_boxes):
         cp = load_sample(ds, int(with_boxes[rng.integers(len(with_boxes))]), stats)

@@ -4,6 +4,10 @@
   as ignore regions, and ``to_coco_dict()`` returns the original annotations (with their
   segmentation-based ``area``), so evaluation matches pycocotools on the source file.
 * Boxes xywh → x1y1x2y2, clipped to the image; zero width/height (after clipping) removed.
+* Polygon ``segmentation`` of the used objects is kept (all polygons of an object concatenated
+  into one outline, as the official ``pull_item``): the random affine of training takes its boxes
+  from the outlines when every object of a mosaic has one (SPEC §9.2). An RLE mask or a malformed
+  polygon gives that object no outline (counted ``polygons_not_used``).
 * Images without annotations are kept (negatives); images are ordered by id.
 * Category ids are mapped to contiguous labels 0..C-1 in increasing id order; class names come
   from ``categories``. An annotation with an unknown ``category_id`` or ``image_id``, or an
@@ -26,10 +30,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from damo_jax.data_pipelines.quality import hint_by_reason
 from damo_jax.data_pipelines.records import (DataError, DetectionDataset, DropAudit,
                                              MissingSplitError, Record, check_inside, clean_boxes,
-                                             empty_boxes)
+                                             empty_boxes, pack_polygons)
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +169,21 @@ _guess = hint_by_reason({
     "nonfinite_boxes": "NaN/inf values in 'bbox'"})
 
 
+def _outline(segmentation) -> np.ndarray | None:
+    """An object's polygons (``[[x1, y1, x2, y2, ...], ...]`` px) as one (K, 2) float32 outline,
+    the official ``pull_item``'s concatenation; None for RLE, empty or malformed ones."""
+    if not isinstance(segmentation, list) or not segmentation:
+        return None
+    points = []
+    for polygon in segmentation:
+        if not isinstance(polygon, list) or len(polygon) % 2 or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in polygon):
+            return None
+        points += polygon
+    xy = np.asarray(points, np.float32).reshape(-1, 2)
+    return xy if len(xy) and np.isfinite(xy).all() else None
+
+
 def _count_missing_files(records, image_dir, file: str, stats) -> None:
     """``stats["image_files_not_found"]`` and one warning for listed images that are not on disk
     (training skips them, evaluation counts them as skipped); DataError when none is there (a
@@ -200,7 +221,7 @@ def read_coco(ann_file: str | os.PathLike, image_dir: str | os.PathLike, *, name
         raise DataError(f"{file}: " + (f"split {split!r} has no images" if split else "no images")
                         + " (field 'images' is empty)")
     stats: collections.Counter = collections.Counter()
-    per_image = collections.defaultdict(lambda: ([], [], [], []))
+    per_image = collections.defaultdict(lambda: ([], [], [], [], []))
     gt_annotations = []
     annotations = data.get("annotations", [])
     if not isinstance(annotations, list):
@@ -217,9 +238,14 @@ def read_coco(ann_file: str | os.PathLike, image_dir: str | os.PathLike, *, name
         x, y, w, h = _parse_bbox(ann, where)
         crowd = _iscrowd(ann, where)
         box = [x, y, x + w, y + h]
-        boxes, labels, crowd_boxes, crowd_labels = per_image[iid]
+        boxes, labels, crowd_boxes, crowd_labels, outlines = per_image[iid]
         (crowd_boxes if crowd else boxes).append(box)
         (crowd_labels if crowd else labels).append(label_of[cid])
+        if not crowd:
+            segmentation = ann.get("segmentation")
+            outlines.append(_outline(segmentation))
+            if outlines[-1] is None and segmentation not in (None, [], {}):
+                stats["polygons_not_used"] += 1     # RLE or malformed: the box's corners are used
         stats["crowd_boxes"] += int(crowd)
         area = _finite_float(ann.get("area"))
         area = area if area is not None else max(w, 0.0) * max(h, 0.0)
@@ -246,14 +272,16 @@ def read_coco(ann_file: str | os.PathLike, image_dir: str | os.PathLike, *, name
     audit = DropAudit(name or file)
     for iid in sorted(images):
         im = images[iid]
-        boxes, labels, crowd_boxes, crowd_labels = per_image.get(iid, ([], [], [], []))
-        b, l = (clean_boxes(boxes, labels, im["width"], im["height"], stats, audit, file, _guess)
-                if boxes else empty_boxes())
+        boxes, labels, crowd_boxes, crowd_labels, outlines = per_image.get(iid, ([], [], [], [], []))
+        b, l, keep = (clean_boxes(boxes, labels, im["width"], im["height"], stats, audit, file, _guess,
+                                  with_keep=True) if boxes else (*empty_boxes(), []))
+        polygons, polygon_sizes = pack_polygons([o for o, k in zip(outlines, keep) if k])
         cb, cl = (clean_boxes(crowd_boxes, crowd_labels, im["width"], im["height"], collections.Counter())
                   if crowd_boxes else empty_boxes())
         records.append(Record(image_id=iid, width=im["width"], height=im["height"], boxes=b, labels=l,
                               file=os.path.join(str(image_dir), im["file_name"]),
-                              ignore_boxes=cb, ignore_labels=cl))
+                              ignore_boxes=cb, ignore_labels=cl, polygons=polygons,
+                              polygon_sizes=polygon_sizes))
     _count_missing_files(records, image_dir, file, stats)
     gt = {"images": [images[i] for i in sorted(images)], "annotations": gt_annotations,
           "categories": [{"id": c, "name": n} for c, n in zip(cat_ids, class_names)]}

@@ -10,7 +10,8 @@ are not used).
 
 Labels live beside the images with ``/images/`` replaced by ``/labels/`` (last occurrence) and the
 suffix ``.txt``. A line is ``class cx cy w h`` (normalised) or a polygon ``class x1 y1 x2 y2 ...``
-(normalised; its tight box is used). Lines that repeat a box of the same file exactly are
+(normalised; its tight box is used, and the polygon rides along for the random affine of
+training, SPEC §9.2). Lines that repeat a box of the same file exactly are
 removed and counted (``duplicate_boxes_removed``), as Ultralytics does. Boxes are in the displayed (EXIF-transposed) image frame, so
 the image size read at open time is the EXIF-transposed header size. A missing label file means a
 negative image (counted ``missing_label_files``); unreadable images are skipped at open time
@@ -32,7 +33,7 @@ from damo_jax.data_pipelines.imageio import displayed_size
 from damo_jax.data_pipelines.quality import dominant_reason, hint_by_reason
 from damo_jax.data_pipelines.records import (DataError, DetectionDataset, DropAudit,
                                              MissingSplitError, Record, clean_boxes, empty_boxes,
-                                             log)
+                                             log, pack_polygons)
 
 from damo_jax.inference.images import IMAGE_SUFFIXES  # noqa: E402 - the one suffix set
 
@@ -142,12 +143,13 @@ def _kpt_columns(data: dict, file: Path) -> int | None:
 
 def parse_label_file(path: Path, width: int, height: int, class_index: dict[int, int],
                      kpt_columns: int | None = None, stats: collections.Counter | None = None,
-                     ) -> tuple[list[list[float]], list[int]]:
+                     outlines: list | None = None) -> tuple[list[list[float]], list[int]]:
     """Boxes (x1y1x2y2 px, unclipped) and contiguous labels of one YOLO label file.
 
     ``kpt_columns``: the values per line of a pose dataset (its box is the first four after the
     class); else a line is a box or a polygon. Exact repeats of a line's class and box are removed
-    and counted in ``stats["duplicate_boxes_removed"]``."""
+    and counted in ``stats["duplicate_boxes_removed"]``. ``outlines``: a list that gets, per box
+    returned, its polygon ((K, 2) px, a polygon line) or None (a box line)."""
     boxes, labels, seen = [], [], set()
     text = path.read_text(encoding="utf-8-sig", errors="replace")   # -sig: a leading BOM is dropped
     for lineno, line in enumerate(text.splitlines(), 1):
@@ -168,6 +170,7 @@ def parse_label_file(path: Path, width: int, height: int, class_index: dict[int,
         cls = values[0]
         if not np.isfinite(cls) or cls != int(cls) or int(cls) not in class_index:
             raise DataError(f"{where}: unknown class index {parts[0]!r} (known: {sorted(class_index)})")
+        outline = None
         if len(values) == 5 or kpt_columns is not None:
             cx, cy, w, h = values[1:5]
             box = [(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height]
@@ -175,6 +178,7 @@ def parse_label_file(path: Path, width: int, height: int, class_index: dict[int,
             xy = np.asarray(values[1:], np.float64).reshape(-1, 2)
             box = [xy[:, 0].min() * width, xy[:, 1].min() * height, xy[:, 0].max() * width,
                    xy[:, 1].max() * height]
+            outline = (xy * (width, height)).astype(np.float32) if np.isfinite(xy).all() else None
         key = (int(cls), *box)
         if key in seen:
             if stats is not None:
@@ -183,6 +187,8 @@ def parse_label_file(path: Path, width: int, height: int, class_index: dict[int,
         seen.add(key)
         boxes.append(box)
         labels.append(class_index[int(cls)])
+        if outlines is not None:
+            outlines.append(outline)
     return boxes, labels
 
 
@@ -238,15 +244,19 @@ def read_yolo(yaml_path: str | os.PathLike, split: str) -> DetectionDataset:
             log.warning("skipping image: %s", e)
             continue
         lbl = label_path(img)
+        outlines: list = []
         if lbl.is_file():
-            boxes, labels = parse_label_file(lbl, width, height, class_index, kpt_columns, stats)
+            boxes, labels = parse_label_file(lbl, width, height, class_index, kpt_columns, stats,
+                                             outlines)
         else:
             stats["missing_label_files"] += 1
             boxes, labels = [], []
-        b, l = (clean_boxes(boxes, labels, width, height, stats, audit, str(lbl), _guess(lbl))
-                if boxes else empty_boxes())
+        b, l, keep = (clean_boxes(boxes, labels, width, height, stats, audit, str(lbl), _guess(lbl),
+                                  with_keep=True) if boxes else (*empty_boxes(), []))
+        polygons, polygon_sizes = pack_polygons([o for o, k in zip(outlines, keep) if k])
         records.append(Record(image_id=int(img.stem) if numeric_ids else i + 1, width=width,
-                              height=height, boxes=b, labels=l, file=str(img)))
+                              height=height, boxes=b, labels=l, file=str(img), polygons=polygons,
+                              polygon_sizes=polygon_sizes))
     if not records:
         raise DataError(f"{file}: split {split!r} has no readable images under {data[split_key]!r}")
     audit.warn()
