@@ -119,6 +119,17 @@ clone of a4b973a (16:11–16:19 UTC, 84 s install, §0zc; minutes to each evalua
 ``metrics.jsonl`` record): the same digits at 1.4 / 2.1 / 2.8 / 3.4 / 4.1 / 4.7 / **5.3** / 6.0 /
 6.6 minutes, whole training command 6.7 min.
 
+On an Intel Xeon host (family 6, reported "model 167", AVX-512 incl. AVX512_FP16 / BF16, AMX), from
+a fresh clone of 2b476b1 (2026-12-06 17:30–17:42 UTC, 112 s install; minutes from the end of the
+install to each evaluation's ``metrics.jsonl`` record; docs/bench_train.md §0zd):
+
+    epoch         1      2      3      4      5      6      7      8      9
+    AP50      0.010  0.097  0.219  0.340  0.423  0.487  0.524  0.555  0.562
+    minutes     1.9    2.8    3.7    4.7    5.8    6.8    7.8    8.7    9.7
+
+**AP50 ≥ 0.5 at 7.8 minutes** (epoch 7; whole command 9.9 min): each epoch ~1.0 min against ~0.65
+on Zen 4 (the small T@192 convolutions run slower on this CPU; the S@320 step does not).
+
 The same host with 8dd8428 (1×1 convs as dot, cache-blocked kernel gradients; 15:08–15:19 UTC;
 minutes = the progress bar's elapsed time + 0.45 min, the bar starting 27 s after the command:
 the checkpoints of steps 700 / 800 were written at 9.03 / 10.14 min):
