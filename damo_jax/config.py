@@ -137,6 +137,7 @@ def model_config(
     c.train.keep_checkpoints = 3
     c.train.log_every_steps = 10
     c.train.finetune = ""          # path to an official .pth / .npz to start from
+    c.train.finetune_head = False  # also load its head (the official fine-tuning starts the head fresh)
     c.train.max_steps = 0          # >0 stops early (tests, demos)
     c.train.precompile = "auto"    # auto | on | off: compile the update step in a child process (CPU: faster steps, damo_jax/train/precompile.py)
 
@@ -225,6 +226,8 @@ KEY_HELP = {
     "train.keep_checkpoints": "checkpoints kept (the newest; the best-AP weights are kept apart)",
     "train.log_every_steps": "log the loss and lr every N steps",
     "train.finetune": "weights to start from: an official .pth or a damo_jax .npz",
+    "train.finetune_head": "also load the fine-tuning weights' head where its shapes match (off: the "
+                           "head starts fresh, as in the official fine-tuning, SPEC §9.1)",
     "train.max_steps": "stop after N steps (0 = the whole schedule); for quick checks",
     "train.precompile": "auto | on | off: compile the update step in a child process (CPU: faster steps)",
     # distill

@@ -10,12 +10,15 @@ is decoded by PIL (as the official code). Conversions:
   float (``F``) images → assumed 0..1 when max ≤ 1, else 0..255; then gray → RGB.
 
 EXIF orientation (tag 0x0112) — which frame are the boxes in?  When the annotation stores the
-image size (COCO, VOC) and the orientation swaps width and height, the stored size decides:
-annotated size == transposed size → the boxes are in the displayed (rotated) frame and the
-transpose is applied; annotated size == raw size → the boxes are in the raw pixel frame, the
-image is NOT rotated (counted as ``exif_raw_frame``). When the sizes cannot tell (orientation
-2/3/4 or square images) or no size is stored (YOLO), the displayed frame is assumed and the
-transpose applied (the convention of labelling tools and Ultralytics).
+image size (COCO, VOC) and the orientation swaps width and height of a non-square image, the
+stored size decides: annotated size == transposed size → the boxes are in the displayed (rotated)
+frame and the transpose is applied (counted ``exif_rotated``); annotated size == raw size → the
+boxes are in the raw pixel frame and the image is NOT rotated (counted ``exif_raw_frame``). When
+the stored sizes cannot tell (orientation 2/3/4, square images), the raw frame is used (counted
+``exif_raw_frame``), as the official code (PIL ``open().convert("RGB")``, no EXIF transpose, SPEC
+§9.2) and pycocotools' COCO, whose annotations were drawn on the raw pixels. When no size is
+stored (YOLO, predict) the displayed frame is used and the transpose applied (the convention of
+labelling tools and Ultralytics).
 
 Size mismatch: if the decoded image (in the chosen frame) differs from the annotated size, a
 warning is logged, ``size_mismatch`` is counted and the image is stretched (cv2 bilinear) to the
@@ -145,10 +148,13 @@ def decode_image(source: Source, *, annotated_size: tuple[int, int] | None = Non
         orientation = _orientation(img)
         swapped = orientation in _SWAPPING_ORIENTATIONS
         transpose = orientation != 1
-        if annotated_size is not None and swapped and raw_w != raw_h:
-            if tuple(annotated_size) == (raw_w, raw_h):
+        if annotated_size is not None and transpose:
+            sizes_tell = swapped and raw_w != raw_h
+            if not sizes_tell or tuple(annotated_size) == (raw_w, raw_h):
                 transpose = False
                 stats["exif_raw_frame"] += 1
+            elif tuple(annotated_size) == (raw_h, raw_w):
+                stats["exif_rotated"] += 1
         arr = None
         if not transpose and _fast_path_ok(img, data):
             arr = _cv2_decode(data, raw_w, raw_h)

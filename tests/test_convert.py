@@ -184,6 +184,20 @@ def test_load_pretrained_with_other_class_count(ns_state_dict, tmp_path):
         load_pretrained(tmp_path / "ns.npz", cfg, skip_head_if_mismatch=False)
 
 
+def test_fresh_head_skips_every_head_tensor_as_the_official_fine_tuning(ns_state_dict, tmp_path):
+    """SPEC §9.1 / Detector.load_pretrain_detector: every non-head tensor is loaded, the whole
+    head (cls, reg, scales) is left to the fresh initialisation, even with the same class count."""
+    np.savez(tmp_path / "ns.npz", **ns_state_dict)
+    subset, report = load_pretrained(tmp_path / "ns.npz", "ns", fresh_head=True)
+    head_keys = sorted(k for k in ns_state_dict if k.startswith("head.") and k != "head.integral.project")
+    assert sorted(k for k, _ in report["skipped"]) == head_keys and len(head_keys) > 6
+    assert "head" not in subset["params"] and "head" not in subset.get("batch_stats", {})
+    num_bn = sum(k.endswith("num_batches_tracked") for k in ns_state_dict)
+    assert report["num_loaded"] == len(ns_state_dict) - num_bn - 1 - len(head_keys)  # 1: the DFL buffer
+    np.testing.assert_array_equal(subset["params"]["backbone"]["block_list_0"]["conv"]["bn1"]["scale"],
+                                  ns_state_dict["backbone.block_list.0.conv.bn1.weight"])
+
+
 def test_mismatch_errors_are_user_errors_naming_file_and_key(ns_state_dict, tmp_path):
     sd = dict(ns_state_dict)
     sd["head.gfl_reg.0.bias"] = np.zeros((5,), np.float32)

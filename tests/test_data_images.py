@@ -80,13 +80,17 @@ def test_exif_rotation_frame_is_decided_by_the_annotated_size(tmp_path):
     assert displayed_size(path) == (20, 40)
     stats = collections.Counter()
     shown = decode_image(path, annotated_size=(20, 40), stats=stats)
-    assert shown.shape == (40, 20, 3)
+    assert shown.shape == (40, 20, 3) and stats["exif_rotated"] == 1
     assert shown[2, -3, 0] > 200 and shown[-3, 2, 0] < 60   # raw top-left → displayed top-right
     raw = decode_image(path, annotated_size=(40, 20), stats=stats)
     assert raw.shape == (20, 40, 3) and raw[2, 2, 0] > 200 and stats["exif_raw_frame"] == 1
     assert stats["size_mismatch"] == 0
-    flipped = decode_image(_exif_jpeg(tmp_path / "r180.jpg", 3), annotated_size=(40, 20))
-    assert flipped[-3, -3, 0] > 200  # ambiguous sizes → displayed frame (rotated 180°)
+    # sizes that cannot tell (180°): the raw frame, as the official PIL load and COCO's annotations
+    stats = collections.Counter()
+    kept = decode_image(_exif_jpeg(tmp_path / "r180.jpg", 3), annotated_size=(40, 20), stats=stats)
+    assert kept[2, 2, 0] > 200 and kept[-3, -3, 0] < 60 and stats["exif_raw_frame"] == 1
+    # no stored size (YOLO, predict): the displayed frame
+    assert decode_image(tmp_path / "r180.jpg")[-3, -3, 0] > 200
 
 
 def test_yolo_uses_the_displayed_frame_of_exif_images(tmp_path):

@@ -372,13 +372,14 @@ def _three_class_npz(run_a_dir, path):
 
 
 def test_finetune_from_other_class_count_then_nan_stop(run_a):
-    """Fine-tuning from a 3-class checkpoint into the 2-class run re-initialises only the cls head
-    (and says so); then a NaN injected before step 6 stops the run: exit code 3, a message naming
+    """Fine-tuning from a 3-class checkpoint into the 2-class run with ``train.finetune_head``
+    re-initialises only the cls head (and says so); then a NaN injected before step 6 stops the run: exit code 3, a message naming
     the step and the loss terms, and no checkpoint of that step or later exists."""
     workdir = shared_dir() / "run_nan"
     npz = shared_dir() / "three_classes.npz"
     n_keys = _three_class_npz(run_a[0], npz)      # tensors of the 2-class model
-    r = run_train(workdir, f"--config.train.finetune={npz}", DAMO_JAX_TEST_NAN_STEP="6")
+    r = run_train(workdir, f"--config.train.finetune={npz}", "--config.train.finetune_head=True",
+                  DAMO_JAX_TEST_NAN_STEP="6")
     assert r.returncode == 3, r.stderr[-3000:]
     err = r.stderr
     assert f"fine-tuning from {npz}: loaded {n_keys - 6} tensors" in err, err[-3000:]

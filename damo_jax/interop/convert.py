@@ -278,24 +278,29 @@ def load_official_checkpoint(path, config, *, deploy=False) -> dict:
     return from_torch_state_dict(read_state_dict_file(path), config, deploy=deploy, source=str(path))
 
 
-def load_pretrained(path, config, *, skip_head_if_mismatch=True):
+def load_pretrained(path, config, *, skip_head_if_mismatch=True, fresh_head=False):
     """Load a checkpoint for fine-tuning, tolerating a different class count.
 
     Returns ``(variables_subset, report)``: the subset holds every loaded leaf (nested like the
     model's variables); when ``head.gfl_cls.*`` shapes differ from the config (other
     ``num_classes``) and ``skip_head_if_mismatch``, those tensors are skipped (left for the
-    caller's fresh initialisation). ``report`` = ``{"loaded": [keys], "skipped": [(key, reason)],
-    "num_loaded": int}``. Any other missing / unexpected / mis-shaped key raises ValueError.
+    caller's fresh initialisation). ``fresh_head``: skip every ``head.*`` tensor (the official
+    fine-tuning, ``Detector.load_pretrain_detector``: the whole head starts fresh, SPEC §9.1).
+    ``report`` = ``{"loaded": [keys], "skipped": [(key, reason)], "num_loaded": int}``. Any other
+    missing / unexpected / mis-shaped key raises ValueError.
     """
     cfg = load_config(config)
     state_dict = read_state_dict_file(path)
     try:
-        return _load_pretrained(path, state_dict, cfg, skip_head_if_mismatch)
+        return _load_pretrained(path, state_dict, cfg, skip_head_if_mismatch, fresh_head)
     except CheckpointMismatchError as err:
         raise _with_model_hint(err, state_dict, cfg) from None
 
 
-def _load_pretrained(path, state_dict, cfg, skip_head_if_mismatch):
+FRESH_HEAD_REASON = "fresh head"
+
+
+def _load_pretrained(path, state_dict, cfg, skip_head_if_mismatch, fresh_head=False):
     entries = expected_torch_entries(cfg)
     try:
         tensors, unexpected = _split_known(state_dict, cfg, entries)
@@ -311,6 +316,9 @@ def _load_pretrained(path, state_dict, cfg, skip_head_if_mismatch):
             raise CheckpointMismatchError(f"{path}: missing key {key!r} for config "
                                           f"{cfg.model.name!r}")
         value = np.asarray(tensors[key])
+        if fresh_head and key.startswith("head."):
+            skipped.append((key, FRESH_HEAD_REASON))
+            continue
         if tuple(value.shape) != shape:
             if skip_head_if_mismatch and key.startswith("head.gfl_cls."):
                 skipped.append((key, f"shape {tuple(value.shape)} != model {shape}"))

@@ -354,13 +354,22 @@ def init_state(model, cfg, key, replicated: NamedSharding) -> dict:
 def apply_finetune(state: dict, cfg, tx, replicated: NamedSharding, info) -> dict:
     """Load official ``.pth`` / ``.npz`` weights (``train.finetune``) into params + batch_stats.
 
-    ``damo_jax.interop.convert.load_pretrained`` loads every tensor whose shape matches; with another class
-    count the ``head.gfl_cls.*`` tensors are skipped and keep their fresh initialisation. The
-    optimizer state and the EMA restart from the merged weights.
+    As the official fine-tuning (``Detector.load_pretrain_detector``, SPEC §9.1) every tensor but
+    the head's is loaded and the head keeps its fresh initialisation; with ``train.finetune_head``
+    the head is loaded too where its shapes match (with another class count the
+    ``head.gfl_cls.*`` tensors stay fresh). The optimizer state and the EMA restart from the
+    merged weights.
     """
     from damo_jax.interop import convert
-    subset, report = convert.load_pretrained(cfg.train.finetune, cfg, skip_head_if_mismatch=True)
-    skipped = "; ".join(f"{key} ({why})" for key, why in report["skipped"]) or "none"
+    subset, report = convert.load_pretrained(cfg.train.finetune, cfg, skip_head_if_mismatch=True,
+                                             fresh_head=not bool(cfg.train.finetune_head))
+    fresh = [key for key, why in report["skipped"] if why == convert.FRESH_HEAD_REASON]
+    parts = [f"{key} ({why})" for key, why in report["skipped"] if why != convert.FRESH_HEAD_REASON]
+    if fresh:
+        modules = dict.fromkeys(".".join(k.split(".")[:2]) + ".*" for k in fresh)
+        parts.insert(0, f"{', '.join(modules)} ({len(fresh)} tensors: the head starts fresh, as in "
+                        f"the official fine-tuning; --config.train.finetune_head=True loads it)")
+    skipped = "; ".join(parts) or "none"
     info(f"fine-tuning from {cfg.train.finetune}: loaded {report['num_loaded']} tensors; "
          f"skipped (re-initialised): {skipped}")
     host = {"params": jax.device_get(state["params"]), "batch_stats": jax.device_get(state["batch_stats"])}
