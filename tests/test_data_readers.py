@@ -73,6 +73,18 @@ def test_coco_reader_keeps_each_used_objects_polygons(tmp_path):
     assert ds.stats["polygons_not_used"] == 2
 
 
+def test_coco_labels_follow_the_files_category_order(tmp_path):
+    """The official COCODataset numbers categories in pycocotools' getCatIds() order, i.e. the
+    order of the file's ``categories`` list, not sorted by id."""
+    img = np.zeros((20, 20, 3), np.uint8)
+    write_coco(tmp_path, [(img, np.array([[2, 2, 8, 8], [10, 10, 18, 18]]), np.array([0, 1]))],
+               names=["zebra", "apple"], category_ids=[7, 3])
+    ds = open_dataset(f"coco:{tmp_path}", "train")
+    assert ds.category_ids == (7, 3) and ds.class_names == ("zebra", "apple")
+    np.testing.assert_array_equal(ds[0]["labels"], [0, 1])
+    assert [c["id"] for c in ds.to_coco_dict()["categories"]] == [7, 3]
+
+
 def test_coco_to_coco_dict_is_the_source_ground_truth(tmp_path):
     _coco_with_edge_cases(tmp_path)
     ds = open_dataset(f"coco:{tmp_path}", "train")

@@ -9,8 +9,9 @@
   from the outlines when every object of a mosaic has one (SPEC §9.2). An RLE mask or a malformed
   polygon gives that object no outline (counted ``polygons_not_used``).
 * Images without annotations are kept (negatives); images are ordered by id.
-* Category ids are mapped to contiguous labels 0..C-1 in increasing id order; class names come
-  from ``categories``. An annotation with an unknown ``category_id`` or ``image_id``, or an
+* Category ids are mapped to contiguous labels 0..C-1 in the order of the file's ``categories``
+  list (pycocotools' ``getCatIds()``, the official COCODataset's mapping: official weights trained
+  on a file with unsorted categories keep their classes); class names come from ``categories``. An annotation with an unknown ``category_id`` or ``image_id``, or an
   ``iscrowd`` that is not 0/1 (int or bool; absent = 0), raises :class:`DataError` naming the
   file, the annotation id and the field.
 * ``file_name`` must stay inside the image folder: an absolute path, or one that climbs out of
@@ -112,7 +113,7 @@ def _parse_categories(data: dict, file: str) -> tuple[list[int], list[str]]:
             raise DataError(f"{where}: field 'name': {cname!r} is also the name of category id {other} "
                             f"(class names must be unique)")
         by_id[cid] = cname
-    ids = sorted(by_id)
+    ids = list(by_id)          # the file's order: pycocotools' getCatIds(), the official mapping
     return ids, [by_id[i] for i in ids]
 
 
