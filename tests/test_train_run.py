@@ -574,6 +574,9 @@ def test_resume_checks_the_validation_set_not_its_spec(tmp_path):
     (root / "annotations" / "instances_val2017.json").write_text(json.dumps(ann))
     with pytest.raises(ConfigError, match=r"its checkpoints were evaluated on 'demo'"):
         check_resume_val_data(run(f"coco:{root}"), saved)
+    changed = dict(saved, config={"data": {"train": f"coco:{root}", "val": "", "val_split": "val"}})
+    with pytest.raises(ConfigError, match=r"whose images or boxes changed since"):
+        check_resume_val_data(run(f"coco:{root}"), changed)   # the same spec, other boxes
     assert data_pipelines.open_dataset(f"coco:{root}", "val").fingerprint() != demo.fingerprint()
 
 

@@ -690,9 +690,11 @@ def check_resume_val_data(run: Run, meta: dict) -> None:
     else:
         same = saved == now                                      # checkpoints of before 2026-12-06
     if not same:
+        where = (f"on {now[0]!r} (split {now[1]!r}), whose images or boxes changed since"
+                 if saved == now else f"on {now[0]!r} (split {now[1]!r})")
         raise ConfigError(
             f"--workdir {run.workdir}: its checkpoints were evaluated on {saved[0]!r} (split "
-            f"{saved[1]!r}) but this run validates on {now[0]!r} (split {now[1]!r}): their best AP "
+            f"{saved[1]!r}) but this run validates {where}: their best AP "
             f"would be compared across two validation sets; resume with the same validation data "
             f"(config data.val / data.val_split), or train in a new --workdir "
             f"(--config.train.finetune takes weights)")
