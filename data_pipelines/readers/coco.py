@@ -11,7 +11,8 @@
 * Images without annotations are kept (negatives); images are ordered by id.
 * Category ids are mapped to contiguous labels 0..C-1 in the order of the file's ``categories``
   list (pycocotools' ``getCatIds()``, the official COCODataset's mapping: official weights trained
-  on a file with unsorted categories keep their classes); class names come from ``categories``. An annotation with an unknown ``category_id`` or ``image_id``, or an
+  on a file with unsorted categories keep their classes); class names come from ``categories``.
+  An annotation with an unknown ``category_id`` or ``image_id``, or an
   ``iscrowd`` that is not 0/1 (int or bool; absent = 0), raises :class:`DataError` naming the
   file, the annotation id and the field.
 * ``file_name`` must stay inside the image folder: an absolute path, or one that climbs out of
