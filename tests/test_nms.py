@@ -159,3 +159,30 @@ def test_bad_shapes_raise():
     with pytest.raises(ValueError, match="disagree"):
         multiclass_nms(np.zeros((1, 5, 2), np.float32), np.zeros((1, 6, 4), np.float32),
                        conf_thre=0.1, iou_thre=0.5)
+
+
+def test_candidates_above_conf_are_counted_and_a_capped_eval_warns(caplog):
+    """``num_candidates`` = the (anchor, class) scores above conf (a NumPy count); images above
+    ``pre_nms_topk`` lost their lowest candidates before NMS (the official NMS keeps all), which
+    the evaluation now says in one warning instead of silently."""
+    import logging
+
+    from damo_jax.evaluation.evaluator import over_candidate_cap, warn_candidate_cap
+    from damo_jax.inference.pipeline import NmsParams
+    rng = np.random.default_rng(0)
+    scores = rng.uniform(0, 1, (3, 400, 5)).astype(np.float32)
+    scores[1] *= 0.1                                  # image 1: few above 0.05
+    boxes = np.tile(np.array([0, 0, 10, 10], np.float32), (3, 400, 1))
+    out = multiclass_nms(jnp.asarray(scores), jnp.asarray(boxes), conf_thre=0.05, iou_thre=0.7,
+                         max_dets=50, pre_nms_topk=1000)
+    want = (scores > np.float32(0.05)).sum((1, 2))
+    np.testing.assert_array_equal(np.asarray(out["num_candidates"]), want)
+    assert want[0] > 1000 > want[1]
+    params = NmsParams(conf=0.05, pre_nms_topk=1000)
+    capped = over_candidate_cap(jax.device_get(out), np.array([True, True, False]), params)
+    assert capped == [int(want[0])]                   # image 2 is a padding row: not counted
+    with caplog.at_level(logging.WARNING, logger="damo_jax.evaluation.evaluator"):
+        warn_candidate_cap(capped, 3, params)
+        warn_candidate_cap([], 3, params)
+    assert len(caplog.records) == 1
+    assert f"1 of 3 images had more than 1000 candidates" in caplog.text and "--pre-nms-topk" in caplog.text

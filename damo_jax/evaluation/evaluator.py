@@ -116,12 +116,14 @@ def run_detections(backend, dataset, cfg, *, batch_size=None, progress=True,
     if progress:
         from tqdm import tqdm
         batches = tqdm(batches, total=math.ceil(len(dataset) / batch_size), desc="eval", unit="batch")
-    results, in_flight = [], None
+    results, in_flight, capped = [], None, []
 
     def finish(out, batch):  # blocks on the device result of one batch
         if scored_ids is not None:
             scored_ids.update(batch["image_ids"][batch["valid"]].tolist())
-        results.extend(detections_to_coco(jax.device_get(out), batch["image_ids"], batch["orig_sizes"],
+        out = jax.device_get(out)
+        capped.extend(over_candidate_cap(out, batch["valid"], params))
+        results.extend(detections_to_coco(out, batch["image_ids"], batch["orig_sizes"],
                                           image_hw, dataset.category_ids, valid=batch["valid"]))
 
     for batch in batches:
@@ -134,7 +136,28 @@ def run_detections(backend, dataset, cfg, *, batch_size=None, progress=True,
         in_flight = (out, batch)
     if in_flight is not None:
         finish(*in_flight)
+    warn_candidate_cap(capped, len(dataset), params)
     return results
+
+
+def over_candidate_cap(out: dict, valid, params) -> list[int]:
+    """Candidate counts (scores above conf) of the valid images of one NMS output that exceed
+    ``params.pre_nms_topk``: their lowest-scoring candidates were dropped before NMS."""
+    counts = np.asarray(out.get("num_candidates", np.zeros(0)))
+    if counts.size == 0:
+        return []
+    counts = counts[np.asarray(valid, bool)[:len(counts)]]
+    return [int(c) for c in counts if c > params.pre_nms_topk]
+
+
+def warn_candidate_cap(capped: list[int], num_images: int, params) -> None:
+    """One warning naming how many images met the static pre-NMS cap (the official NMS has
+    none): their lowest candidates above conf took no part in NMS, which can lower AP a little."""
+    if capped:
+        log.warning("%d of %d images had more than %d candidates (class scores above conf %g; up to "
+                    "%d): the lowest were dropped before NMS (the official code keeps all); raise "
+                    "--pre-nms-topk / test.pre_nms_topk to keep them", len(capped), num_images,
+                    params.pre_nms_topk, params.conf, max(capped))
 
 
 def collect_detections(model, variables, dataset, cfg, *, batch_size=None, progress=True):

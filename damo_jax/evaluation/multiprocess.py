@@ -45,7 +45,8 @@ def run_detections_global(backend: JaxBackend, dataset, image_hw, batch_size: in
     if progress and jax.process_index() == 0:
         from tqdm import tqdm
         batches = tqdm(batches, total=math.ceil(len(dataset) / size), desc="eval", unit="batch")
-    results = []
+    from damo_jax.evaluation.evaluator import over_candidate_cap, warn_candidate_cap
+    results, capped = [], []
     for batch in batches:
         images = jax.make_array_from_process_local_data(data_sharding, batch["images"])
         out = detect(backend, images, params)
@@ -54,8 +55,11 @@ def run_detections_global(backend: JaxBackend, dataset, image_hw, batch_size: in
         meta = {k: _local_dtype(v, batch[k]) for k, v in meta.items()}
         if scored_ids is not None:   # ids of the images run by any process (unreadable ones are invalid rows)
             scored_ids.update(np.asarray(meta["image_ids"])[np.asarray(meta["valid"], bool)].tolist())
+        capped.extend(over_candidate_cap(out, meta["valid"], params))
         results.extend(detections_to_coco(out, meta["image_ids"], meta["orig_sizes"], image_hw,
                                           dataset.category_ids, valid=meta["valid"]))
+    if jax.process_index() == 0:
+        warn_candidate_cap(capped, len(dataset), params)
     return results
 
 

@@ -163,8 +163,9 @@ def multiclass_nms(scores, boxes, *, conf_thre, iou_thre, max_dets: int = 500,
     Thresholds may be Python floats or traced scalars (changing them does not recompile).
 
     Returns a dict: ``boxes`` (B,K,4), ``scores`` (B,K), ``labels`` (B,K) int32 (0-based class),
-    ``num_dets`` (B,) int32. Rows are sorted by descending score; rows ``>= num_dets`` are padding
-    (boxes 0, score 0, label -1).
+    ``num_dets`` (B,) int32, ``num_candidates`` (B,) int32 (the (anchor, class) scores above
+    ``conf_thre``: above ``pre_nms_topk`` the lowest of them were dropped before NMS). Rows are
+    sorted by descending score; rows ``>= num_dets`` are padding (boxes 0, score 0, label -1).
     """
     if scores.ndim != 3 or boxes.ndim != 3 or boxes.shape[-1] != 4:
         raise ValueError(f"multiclass_nms: expected scores (B,A,C) and boxes (B,A,4), got "
@@ -186,6 +187,8 @@ def _multiclass_nms_jit(scores, boxes, conf_thre, iou_thre, *, max_dets, pre_nms
     one_image = functools.partial(
         _nms_one_image, conf_thre=conf_thre, iou_thre=iou_thre,
         max_dets=max_dets, pre_nms_topk=pre_nms_topk, tile_size=tile_size)
-    out_boxes, out_scores, out_labels, num_dets = jax.vmap(one_image)(
-        scores.astype(jnp.float32), boxes.astype(jnp.float32))
-    return {"boxes": out_boxes, "scores": out_scores, "labels": out_labels, "num_dets": num_dets}
+    scores = scores.astype(jnp.float32)
+    out_boxes, out_scores, out_labels, num_dets = jax.vmap(one_image)(scores, boxes.astype(jnp.float32))
+    num_candidates = jnp.sum(scores > conf_thre, axis=(1, 2), dtype=jnp.int32)
+    return {"boxes": out_boxes, "scores": out_scores, "labels": out_labels, "num_dets": num_dets,
+            "num_candidates": num_candidates}
