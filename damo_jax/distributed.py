@@ -120,11 +120,14 @@ def barrier(name: str, timeout_s: float | None = None) -> None:
                                                         int(timeout_s * 1000))
 
 
-def allgather_rows(tree):
+def allgather_rows(tree, sharding=None):
     """Every leaf, concatenated over processes along axis 0, as numpy (all processes get it).
 
     Leaves are process-local numpy arrays (each process's rows, same shape on all processes) or
     ``jax.Array`` s sharded along axis 0 over the global mesh (their global value is returned).
+    ``sharding``: the numpy leaves are first placed as global arrays with it (as the batch rows
+    that made the jax leaves), so that their rows line up with those leaves' whatever order the
+    mesh gives the processes' devices; without it they are gathered in process order.
     One process: the leaves' values, unchanged."""
     import jax
     from jax.experimental import multihost_utils
@@ -143,6 +146,8 @@ def allgather_rows(tree):
         y = np.ascontiguousarray(x.reshape(x.shape[0], -1))
         if wide:
             y = y.view(np.int32)                  # (rows, 2·k): exact for int64 / float64
+        if sharding is not None:
+            y = jax.make_array_from_process_local_data(sharding, y)
         out = np.asarray(multihost_utils.process_allgather(y, tiled=True))
         if wide:
             out = np.ascontiguousarray(out).view(x.dtype)

@@ -382,21 +382,3 @@ def test_a_process_whose_peers_never_join_is_one_error_line(shared):
     assert len(errors) == 1 and "Traceback" not in err, err
     assert "process 0/2: not every process joined 127.0.0.1:" in errors[0] and "within 6 s" in errors[0]
 
-
-def test_eval_meta_rows_round_trip_through_global_arrays():
-    """Image ids, sizes and valid flags ride as global arrays placed like the images (so they
-    line up with the gathered detections whatever the mesh's device order); 64-bit ids beyond
-    int32 (YOLO numeric stems) and bools come back exactly."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    from damo_jax.evaluation.multiprocess import _global_rows, _local_dtype
-    from damo_jax.runtime import make_mesh
-    sharding = NamedSharding(make_mesh(), P("data"))
-    n = len(jax.devices()) * 2
-    local = {"image_ids": np.arange(n, dtype=np.int64) * 10**12 + 7,
-             "orig_sizes": np.stack([np.arange(n) + 100, np.arange(n) + 200], 1).astype(np.int64),
-             "valid": np.arange(n) % 3 != 0}
-    for key, x in local.items():
-        back = _local_dtype(np.asarray(_global_rows(x, sharding)), x)
-        assert back.dtype == x.dtype and back.shape == x.shape
-        np.testing.assert_array_equal(back, x, err_msg=key)

@@ -50,9 +50,10 @@ def run_detections_global(backend: JaxBackend, dataset, image_hw, batch_size: in
     for batch in batches:
         images = jax.make_array_from_process_local_data(data_sharding, batch["images"])
         out = detect(backend, images, params)
-        meta = {k: _global_rows(batch[k], data_sharding) for k in ("image_ids", "orig_sizes", "valid")}
-        out, meta = distributed.allgather_rows((dict(out), meta))
-        meta = {k: _local_dtype(v, batch[k]) for k, v in meta.items()}
+        # the meta rows placed like the images' rows: they line up with the gathered detections
+        # whatever order the mesh gives the processes' devices (TPU pods)
+        out, meta = distributed.allgather_rows(
+            (dict(out), {k: batch[k] for k in ("image_ids", "orig_sizes", "valid")}), sharding=data_sharding)
         if scored_ids is not None:   # ids of the images run by any process (unreadable ones are invalid rows)
             scored_ids.update(np.asarray(meta["image_ids"])[np.asarray(meta["valid"], bool)].tolist())
         capped.extend(over_candidate_cap(out, meta["valid"], params))
@@ -62,24 +63,3 @@ def run_detections_global(backend: JaxBackend, dataset, image_hw, batch_size: in
         warn_candidate_cap(capped, len(dataset), params)
     return results
 
-
-def _global_rows(x, sharding) -> jax.Array:
-    """Process-local rows as a global array placed like the batch's images: gathered, they line
-    up with the gathered detections whatever order the mesh gives the processes' devices (a
-    process-order gather of the numpy rows assumes each process's devices form one block, which
-    the device order of a TPU pod need not give). 64-bit values ride as int32 pairs (no x64)."""
-    x = np.ascontiguousarray(np.asarray(x).reshape(len(x), -1))
-    if x.dtype.itemsize == 8:
-        x = x.view(np.int32)
-    elif x.dtype == np.bool_:
-        x = x.astype(np.int32)
-    return jax.make_array_from_process_local_data(sharding, x)
-
-
-def _local_dtype(gathered, local) -> np.ndarray:
-    """The gathered rows of :func:`_global_rows` back in ``local``'s dtype and row shape."""
-    local = np.asarray(local)
-    y = np.ascontiguousarray(gathered)
-    if local.dtype.itemsize == 8:
-        y = y.view(local.dtype)
-    return y.astype(local.dtype).reshape(-1, *local.shape[1:])
