@@ -143,10 +143,7 @@ def run_detections(backend, dataset, cfg, *, batch_size=None, progress=True,
 def over_candidate_cap(out: dict, valid, params) -> list[int]:
     """Candidate counts (scores above conf) of the valid images of one NMS output that exceed
     ``params.pre_nms_topk``: their lowest-scoring candidates were dropped before NMS."""
-    counts = np.asarray(out.get("num_candidates", np.zeros(0)))
-    if counts.size == 0:
-        return []
-    counts = counts[np.asarray(valid, bool)[:len(counts)]]
+    counts = np.asarray(out["num_candidates"])[np.asarray(valid, bool)]
     return [int(c) for c in counts if c > params.pre_nms_topk]
 
 

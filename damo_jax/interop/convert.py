@@ -315,10 +315,10 @@ def _load_pretrained(path, state_dict, cfg, skip_head_if_mismatch, fresh_head=Fa
         if key not in tensors:
             raise CheckpointMismatchError(f"{path}: missing key {key!r} for config "
                                           f"{cfg.model.name!r}")
-        value = np.asarray(tensors[key])
         if fresh_head and key.startswith("head."):
             skipped.append((key, FRESH_HEAD_REASON))
             continue
+        value = np.asarray(tensors[key])
         if tuple(value.shape) != shape:
             if skip_head_if_mismatch and key.startswith("head.gfl_cls."):
                 skipped.append((key, f"shape {tuple(value.shape)} != model {shape}"))
