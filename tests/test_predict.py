@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 import damo_jax
+from damo_jax.errors import ConfigError
 from damo_jax.inference.detector import Detector, JaxBackend, stretch_resize, to_rgb_array
 from damo_jax.inference.draw import class_color, draw_detections
 
@@ -62,6 +63,31 @@ def test_detector_inputs_path_pil_batch_and_gray(oracle_detector, tmp_path):
         to_rgb_array(np.zeros((4, 5, 6)))
     with pytest.raises(FileNotFoundError):
         oracle_detector(str(tmp_path / "missing.jpg"))
+
+
+def test_detector_bgr_arrays(oracle_detector, tmp_path):
+    """bgr=True: OpenCV's channel order (BGR, BGRA, batches, lists) detected like the RGB image."""
+    boxes = np.array([[10, 10, 60, 50], [70, 20, 110, 70]], np.float32)
+    rgb = draw_boxes(90, 120, boxes, [0, 1])                 # red box (class 0), green box (class 1)
+    want = oracle_detector(rgb)
+    assert want["class_names"] == ["red", "green"]
+    bgr = np.ascontiguousarray(rgb[..., ::-1])               # what cv2.imread gives
+    assert oracle_detector(bgr)["class_names"] == ["green"]  # red read as blue: no class
+    np.testing.assert_array_equal(oracle_detector(bgr, bgr=True)["boxes"], want["boxes"])
+    bgra = np.concatenate([bgr, np.full(bgr.shape[:2] + (1,), 255, np.uint8)], -1)
+    np.testing.assert_array_equal(oracle_detector(bgra, bgr=True)["boxes"], want["boxes"])
+    for out in oracle_detector(np.stack([bgr, bgr]), bgr=True) + oracle_detector([bgr], bgr=True):
+        np.testing.assert_array_equal(out["boxes"], want["boxes"])
+    gray = rgb[..., 0]
+    np.testing.assert_array_equal(oracle_detector(gray, bgr=True)["boxes"], oracle_detector(gray)["boxes"])
+    tiled = oracle_detector.tiled(rgb, tile=64)
+    np.testing.assert_array_equal(oracle_detector.tiled(bgr, tile=64, bgr=True)["boxes"], tiled["boxes"])
+    path = tmp_path / "img.png"
+    Image.fromarray(rgb).save(path)
+    with pytest.raises(ConfigError, match="bgr=True applies to image arrays"):
+        oracle_detector(str(path), bgr=True)
+    with pytest.raises(ConfigError, match="bgr=True applies to image arrays"):
+        oracle_detector(Image.fromarray(rgb), bgr=True)
 
 
 def test_custom_backend_with_fixed_batch_and_input_size():

@@ -8,7 +8,8 @@
 Image inputs: a path (decoded like the datasets: EXIF orientation applied), a PIL image (EXIF
 orientation applied too), or an RGB array — uint8 as is; other integer arrays are 8-bit values
 when their maximum is <= 255, else 16-bit (``/ 257``); float arrays 0..1 (maximum <= 1.5: a resized
-0..1 image overshoots 1) or 0..255. An OpenCV (BGR) array must be converted first (``cv2.cvtColor``).
+0..1 image overshoots 1) or 0..255. OpenCV arrays are BGR: pass ``bgr=True`` (``det(frame, bgr=True)``;
+arrays only, their first three channels reversed) or convert them first (``cv2.cvtColor``).
 Lists are padded to 1, 2, 4, ... ``batch_size`` images (few compiled shapes; ``__call__``).
 ``conf`` / ``iou`` must be in [0, 1], ``max_dets`` / ``pre_nms_topk`` / ``batch_size`` >= 1
 (a ``ConfigError``, a ``ValueError``, when the detector is built).
@@ -41,7 +42,7 @@ from damo_jax.ops.boxes import check_image_size
 
 log = logging.getLogger("damo_jax.inference.detector")
 
-__all__ = ["Detector", "JaxBackend", "read_image", "to_rgb_array", "stretch_resize"]
+__all__ = ["Detector", "JaxBackend", "bgr_to_rgb", "read_image", "to_rgb_array", "stretch_resize"]
 
 
 # ------------------------------------------------------------------------------- images in
@@ -78,6 +79,22 @@ def to_rgb_array(image) -> np.ndarray:
         raise TypeError(f"image: expected a file path, a PIL image or an (H, W, 3) array, got "
                         f"{type(image).__name__}")
     return to_rgb_uint8(image, small_ints_are_8bit=True)
+
+
+def bgr_to_rgb(image):
+    """An OpenCV-style BGR / BGRA / gray array (or a list of them, or a (B, H, W, C) batch) with its
+    first three channels reversed, as RGB / RGBA; gray images unchanged. Paths and PIL images are
+    refused (a ``ConfigError``): they decode as RGB already."""
+    if isinstance(image, (list, tuple)):
+        return [bgr_to_rgb(im) for im in image]
+    if not hasattr(image, "__array__") or isinstance(image, (bytes, str, os.PathLike)) or (
+            hasattr(image, "convert") and hasattr(image, "size")):
+        raise ConfigError(f"bgr=True applies to image arrays (OpenCV frames); a {type(image).__name__} "
+                          f"is decoded as RGB already")
+    arr = np.asarray(image)
+    if arr.ndim >= 3 and arr.shape[-1] in (3, 4):
+        arr = np.concatenate([arr[..., 2::-1], arr[..., 3:]], axis=-1)
+    return arr
 
 
 def _batch_to_rgb(batch: np.ndarray) -> list[np.ndarray]:
@@ -242,9 +259,11 @@ class Detector:
             self._warned_unnamed = True
         return str(label)
 
-    def __call__(self, images, *, pad_to_batch: bool | None = None):
+    def __call__(self, images, *, pad_to_batch: bool | None = None, bgr: bool = False):
         """One image (path / PIL / (H,W,3) array) -> result dict; a list / tuple of images or a
         (B,H,W,3) array -> list of result dicts.
+
+        ``bgr``: the arrays are OpenCV's BGR (or BGRA) order (:func:`bgr_to_rgb`; arrays only).
 
         ``pad_to_batch``: True: zero-pad short chunks to ``batch_size`` (one compiled shape);
         False: run each chunk at its own size (a compilation per new size); None (default): pad to
@@ -252,6 +271,8 @@ class Detector:
         log2(batch_size) + 1 compiled shapes for lists of any length, at most 2x the work).
         Fixed-batch exported models are always padded to their batch.
         """
+        if bgr:
+            images = bgr_to_rgb(images)
         if hasattr(images, "__array__") and getattr(images, "ndim", None) == 4:   # numpy, JAX, ...
             arrays = _batch_to_rgb(np.asarray(images))
             single = False
@@ -267,11 +288,15 @@ class Detector:
             results.extend(self._run_chunk(chunk, pad))
         return results[0] if single else results
 
-    def tiled(self, image, *, tile: int, overlap: float = 0.2, full_image: bool = False) -> dict:
+    def tiled(self, image, *, tile: int, overlap: float = 0.2, full_image: bool = False,
+              bgr: bool = False) -> dict:
         """One large image by ``tile``-pixel windows overlapping by ``overlap`` (batched through
         this detector, merged by class-aware NMS in original pixels; ``full_image`` adds a
-        whole-image pass): :func:`damo_jax.inference.tiling.detect_tiled`. Same result dict."""
+        whole-image pass): :func:`damo_jax.inference.tiling.detect_tiled`. Same result dict.
+        ``bgr``: as for ``__call__``."""
         from damo_jax.inference.tiling import detect_tiled
+        if bgr:
+            image = bgr_to_rgb(image)
         return detect_tiled(self, image, tile=tile, overlap=overlap, full_image=full_image)
 
     def video(self, path, *, tile: int | None = None, overlap: float = 0.2,
