@@ -75,8 +75,15 @@ def test_onnx_map_equals_jax_map_on_demo_val(setup, monkeypatch, capsys):
     # the command line on the same file and images (demo val, subset via the dataset cache)
     monkeypatch.setattr("damo_jax.data_pipelines.open_dataset", lambda spec, split: val)
     stats = main(["--config", str(config), "--onnx", str(onnx_file), "--data", "demo", "--split", "val",
-                  "--no-progress", "--pycocotools", "--stats-out", str(root / "stats.json")])
+                  "--no-progress", "--pycocotools", "--stats-out", str(root / "stats.json"),
+                  "--per-class"])
     assert json.loads((root / "stats.json").read_text()) == stats
+    # --per-class: one row per class with its GT count (the records' boxes), without --out
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and not line.startswith("| class")]
+    assert [r[0].strip() for r in rows] == list(val.class_names)
+    counts = np.bincount(np.concatenate([r.labels for r in val.records]), minlength=len(rows))
+    assert [int(r[1]) for r in rows] == counts.tolist()
     assert abs(stats["AP"] - ap_jax["AP"]) <= 1e-3
 
 

@@ -161,7 +161,7 @@ def test_bad_shapes_raise():
                        conf_thre=0.1, iou_thre=0.5)
 
 
-def test_candidates_above_conf_are_counted_and_a_capped_eval_warns(caplog):
+def test_candidates_above_conf_are_counted_and_a_capped_eval_warns(caplog, monkeypatch):
     """``num_candidates`` = the (anchor, class) scores above conf (a NumPy count); images above
     ``pre_nms_topk`` lost their lowest candidates before NMS (the official NMS keeps all), which
     the evaluation now says in one warning instead of silently."""
@@ -181,8 +181,11 @@ def test_candidates_above_conf_are_counted_and_a_capped_eval_warns(caplog):
     params = NmsParams(conf=0.05, pre_nms_topk=1000)
     capped = over_candidate_cap(jax.device_get(out), np.array([True, True, False]), params)
     assert capped == [int(want[0])]                   # image 2 is a padding row: not counted
-    with caplog.at_level(logging.WARNING, logger="damo_jax.evaluation.evaluator"):
+    monkeypatch.setattr("damo_jax.evaluation.evaluator._CAP_WARNED", set())
+    with caplog.at_level(logging.INFO, logger="damo_jax.evaluation.evaluator"):
         warn_candidate_cap(capped, 3, params)
         warn_candidate_cap([], 3, params)
-    assert len(caplog.records) == 1
+        warn_candidate_cap(capped, 3, params)         # a training run's next evaluation: INFO
+        warn_candidate_cap(capped, 3, NmsParams(conf=0.1, pre_nms_topk=1000))   # another conf
+    assert [r.levelno for r in caplog.records] == [logging.WARNING, logging.INFO, logging.WARNING]
     assert f"1 of 3 images had more than 1000 candidates" in caplog.text and "--pre-nms-topk" in caplog.text

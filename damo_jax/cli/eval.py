@@ -47,6 +47,8 @@ def add_arguments(p) -> None:
     p.add_argument("--stats-out", help="write the 12 stats as JSON to this file")
     p.add_argument("--out", help="report folder: per-class AP/AP50 table (per_class.json/.md, also "
                    "printed), pr_curves.png, confusion_matrix.png/.json")
+    p.add_argument("--per-class", action="store_true",
+                   help="print the per-class AP / AP50 table (always printed with --out)")
     p.add_argument("--save-json", action="store_true",
                    help="with --out: also the detections in COCO results format (detections.json)")
     p.add_argument("--cm-conf", type=float, default=0.25,
@@ -158,14 +160,19 @@ def run(args, overrides) -> dict:
                     json.dump(payload, f, **kw)
             except OSError as e:
                 unwritten.append(f"{flag} {path}: cannot write ({e.strerror or e})")
-    if args.out:
+    if args.out or args.per_class:
         from damo_jax.evaluation.coco import restrict_to_images
-        from damo_jax.evaluation.reports import write_eval_reports
+        from damo_jax.evaluation.reports import (coco_eval_details, format_per_class_table,
+                                                 per_class_rows, write_eval_reports)
         gt = restrict_to_images(dataset.to_coco_dict(), scored)
-        report = write_eval_reports(args.out, gt, detections, class_names=dataset.class_names,
-                                    conf=args.cm_conf, iou=args.cm_iou, use_fast=args.use_fast,
-                                    save_json=args.save_json)
-        log.info("reports in %s: %s", args.out, ", ".join(sorted(report["files"])))
+        details = coco_eval_details(gt, detections, use_fast=args.use_fast)
+        if args.out:             # prints the table too
+            report = write_eval_reports(args.out, gt, detections, class_names=dataset.class_names,
+                                        conf=args.cm_conf, iou=args.cm_iou, use_fast=args.use_fast,
+                                        save_json=args.save_json, details=details)
+            log.info("reports in %s: %s", args.out, ", ".join(sorted(report["files"])))
+        else:
+            print(format_per_class_table(per_class_rows(gt, detections, dataset.class_names, details)))
     if unwritten:
         raise InputPathError("; ".join(unwritten) + " (the stats are printed above)")
     return stats

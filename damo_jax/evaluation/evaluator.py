@@ -147,14 +147,22 @@ def over_candidate_cap(out: dict, valid, params) -> list[int]:
     return [int(c) for c in counts if c > params.pre_nms_topk]
 
 
+_CAP_WARNED: set = set()
+
+
 def warn_candidate_cap(capped: list[int], num_images: int, params) -> None:
     """One warning naming how many images met the static pre-NMS cap (the official NMS has
-    none): their lowest candidates above conf took no part in NMS, which can lower AP a little."""
+    none): their lowest candidates above conf took no part in NMS, which can lower AP a little.
+    A warning the first time per cap and conf in a process; later evaluations (a training run's
+    periodic ones) log the same line at INFO."""
     if capped:
-        log.warning("%d of %d images had more than %d candidates (class scores above conf %g; up to "
-                    "%d): the lowest were dropped before NMS (the official code keeps all); raise "
-                    "--pre-nms-topk / test.pre_nms_topk to keep them", len(capped), num_images,
-                    params.pre_nms_topk, params.conf, max(capped))
+        key = (int(params.pre_nms_topk), float(params.conf))
+        level = logging.INFO if key in _CAP_WARNED else logging.WARNING
+        _CAP_WARNED.add(key)
+        log.log(level, "%d of %d images had more than %d candidates (class scores above conf %g; up "
+                "to %d): the lowest were dropped before NMS (the official code keeps all); raise "
+                "--pre-nms-topk / test.pre_nms_topk to keep them", len(capped), num_images,
+                params.pre_nms_topk, params.conf, max(capped))
 
 
 def collect_detections(model, variables, dataset, cfg, *, batch_size=None, progress=True):

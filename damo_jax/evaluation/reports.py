@@ -196,6 +196,25 @@ def plot_confusion(matrix: np.ndarray, names: Sequence[str], conf: float, iou: f
     plt.close(fig)
 
 
+def per_class_rows(gt_coco_dict: Mapping, detections: Sequence[Mapping],
+                   class_names: Sequence[str], details: Mapping) -> list[dict]:
+    """[{category_id, name, AP, AP50, instances, detections}] per class: :func:`per_class_ap` of a
+    :func:`coco_eval_details` result with the class names (category-id order) and the counts of
+    non-crowd GT boxes and of detections."""
+    if len(class_names) != len(details["cat_ids"]):
+        raise ValueError(f"per-class table: {len(class_names)} class names for "
+                         f"{len(details['cat_ids'])} categories")
+    instances = {c: 0 for c in details["cat_ids"]}
+    for ann in gt_coco_dict["annotations"]:
+        if not ann.get("iscrowd", 0):
+            instances[int(ann["category_id"])] += 1
+    counts = {c: 0 for c in details["cat_ids"]}
+    for d in detections:
+        counts[int(d["category_id"])] += 1
+    return [dict(r, name=str(class_names[k]), instances=instances[r["category_id"]],
+                 detections=counts[r["category_id"]]) for k, r in enumerate(per_class_ap(details))]
+
+
 def write_eval_reports(out_dir, gt_coco_dict: Mapping, detections: Sequence[Mapping], *,
                        class_names: Sequence[str], conf: float = 0.25, iou: float = 0.5,
                        top_k: int = 11, use_fast: bool = True, save_json: bool = True,
@@ -207,18 +226,7 @@ def write_eval_reports(out_dir, gt_coco_dict: Mapping, detections: Sequence[Mapp
     out.mkdir(parents=True, exist_ok=True)
     detections = list(detections)
     details = details or coco_eval_details(gt_coco_dict, detections, use_fast=use_fast)
-    if len(class_names) != len(details["cat_ids"]):
-        raise ValueError(f"write_eval_reports: {len(class_names)} class names for "
-                         f"{len(details['cat_ids'])} categories")
-    instances = {c: 0 for c in details["cat_ids"]}
-    for ann in gt_coco_dict["annotations"]:
-        if not ann.get("iscrowd", 0):
-            instances[int(ann["category_id"])] += 1
-    counts = {c: 0 for c in details["cat_ids"]}
-    for d in detections:
-        counts[int(d["category_id"])] += 1
-    rows = [dict(r, name=str(class_names[k]), instances=instances[r["category_id"]],
-                 detections=counts[r["category_id"]]) for k, r in enumerate(per_class_ap(details))]
+    rows = per_class_rows(gt_coco_dict, detections, class_names, details)
     table = format_per_class_table(rows)
     printer(table)
     files = {"per_class_json": out / "per_class.json", "per_class_md": out / "per_class.md",
