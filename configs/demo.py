@@ -132,6 +132,8 @@ on Zen 4 (the small T@192 convolutions run slower on this CPU; the S@320 step do
 The same host kind in a slow phase (both codes' S@320 steps ~1.4x slower than at 17:10), a fresh
 clone of 1df24a1 (20:40–20:57 UTC, 140 s install, §0ze): the same AP50 digits at 2.8 / 4.0 / 5.4 /
 7.0 / 8.7 / 10.3 / **11.8** / 13.2 / 14.7 minutes (8–12 img/s): 0.5 at 11.8 minutes, target missed.
+A fresh clone of bdca735 on the same host an hour later (22:04–22:15 UTC, 157 s install): the same
+digits at 2.3 / 3.3 / 4.3 / 5.4 / 6.4 / 7.4 / **8.4** / 9.4 / 10.4 minutes: 0.5 at 8.4 minutes.
 
 The same host with 8dd8428 (1×1 convs as dot, cache-blocked kernel gradients; 15:08–15:19 UTC;
 minutes = the progress bar's elapsed time + 0.45 min, the bar starting 27 s after the command:
