@@ -87,8 +87,7 @@ def bgr_to_rgb(image):
     refused (a ``ConfigError``): they decode as RGB already."""
     if isinstance(image, (list, tuple)):
         return [bgr_to_rgb(im) for im in image]
-    if not hasattr(image, "__array__") or isinstance(image, (bytes, str, os.PathLike)) or (
-            hasattr(image, "convert") and hasattr(image, "size")):
+    if not hasattr(image, "__array__") or (hasattr(image, "convert") and hasattr(image, "size")):
         raise ConfigError(f"bgr=True applies to image arrays (OpenCV frames); a {type(image).__name__} "
                           f"is decoded as RGB already")
     arr = np.asarray(image)
