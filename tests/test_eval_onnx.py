@@ -74,10 +74,15 @@ def test_onnx_map_equals_jax_map_on_demo_val(setup, monkeypatch, capsys):
         assert abs(ap_onnx[key] - ap_jax[key]) <= 1e-3, (key, ap_onnx[key], ap_jax[key])
     # the command line on the same file and images (demo val, subset via the dataset cache)
     monkeypatch.setattr("damo_jax.data_pipelines.open_dataset", lambda spec, split: val)
+    from damo_jax.evaluation import coco
+    runs = []
+    real_run = coco.run_cocoeval
+    monkeypatch.setattr(coco, "run_cocoeval", lambda *a, **k: runs.append(1) or real_run(*a, **k))
     stats = main(["--config", str(config), "--onnx", str(onnx_file), "--data", "demo", "--split", "val",
                   "--no-progress", "--pycocotools", "--stats-out", str(root / "stats.json"),
                   "--per-class"])
     assert json.loads((root / "stats.json").read_text()) == stats
+    assert len(runs) == 1, f"--per-class ran COCOeval {len(runs)} times (the stats' run serves it)"
     # --per-class: one row per class with its GT count (the records' boxes), without --out
     rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()
             if line.startswith("| ") and not line.startswith("| class")]

@@ -145,7 +145,9 @@ def run(args, overrides) -> dict:
     else:
         detections = run_detections(loaded.backend, dataset, cfg, progress=not args.no_progress,
                                     scored_ids=scored)
-    stats = score_detections(dataset, detections, scored, use_fast=args.use_fast)
+    reports = bool(args.out or args.per_class)    # they read the same COCOeval run's arrays
+    result = score_detections(dataset, detections, scored, use_fast=args.use_fast, details=reports)
+    stats, details = result if reports else (result, None)
     log.info("%d detections on %d images in %.1f s; %d images scored, %d skipped (unreadable)",
              len(detections), len(dataset), time.time() - start, stats["images_scored"],
              stats["images_skipped"])
@@ -160,12 +162,11 @@ def run(args, overrides) -> dict:
                     json.dump(payload, f, **kw)
             except OSError as e:
                 unwritten.append(f"{flag} {path}: cannot write ({e.strerror or e})")
-    if args.out or args.per_class:
+    if reports:
         from damo_jax.evaluation.coco import restrict_to_images
-        from damo_jax.evaluation.reports import (coco_eval_details, format_per_class_table,
-                                                 per_class_rows, write_eval_reports)
+        from damo_jax.evaluation.reports import (format_per_class_table, per_class_rows,
+                                                 write_eval_reports)
         gt = restrict_to_images(dataset.to_coco_dict(), scored)
-        details = coco_eval_details(gt, detections, use_fast=args.use_fast)
         if args.out:             # prints the table too
             report = write_eval_reports(args.out, gt, detections, class_names=dataset.class_names,
                                         conf=args.cm_conf, iou=args.cm_iou, use_fast=args.use_fast,

@@ -4,7 +4,9 @@
   to COCO results: boxes scaled back with **independent** x / y factors (orig_w / W_in,
   orig_h / H_in), x1y1x2y2 -> xywh (w = x2 - x1, no +1), labels -> source category ids.
 * :func:`coco_evaluate` runs the COCO protocol with faster-coco-eval (default, ~8x faster) or
-  pycocotools (the reference); both give identical numbers (TOOLCHAIN §6, tested).
+  pycocotools (the reference); both give identical numbers (TOOLCHAIN §6, tested). With
+  ``details=True`` it also returns the same run's accumulated arrays (per-class reports).
+  :func:`run_cocoeval` is the one place a COCOeval object is built and run.
 * :func:`format_coco_table` renders the standard 12-line COCO summary.
 
 Conventions of the returned dict: keys :data:`STAT_NAMES`, Python floats in [0, 1], and -1.0
@@ -124,33 +126,38 @@ def _empty_results(coco_cls, gt_api):
     return res
 
 
-def _run_pycocotools(gt: dict, dets: list[dict]) -> np.ndarray:
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
+def run_cocoeval(gt: dict, dets: list[dict], *, use_fast: bool = True):
+    """THE COCOeval run of this package (bbox; evaluate, accumulate, summarize; nothing printed) on
+    a :func:`_clean_gt` dict and :func:`_check_detections` results, with faster-coco-eval
+    (``use_fast``) or pycocotools. Returns the evaluator: ``stats`` (12), ``eval["precision"]``
+    (T, R, K, A, M), ``params``."""
+    if use_fast:
+        from faster_coco_eval import COCO, COCOeval_faster as COCOeval
+        kw = {"print_function": lambda *a, **k: None}
+        gt_api = COCO(gt, **kw)
+    else:
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+        kw = {}
+        with contextlib.redirect_stdout(io.StringIO()):
+            gt_api = COCO()
+            gt_api.dataset = gt
+            gt_api.createIndex()
     with contextlib.redirect_stdout(io.StringIO()):
-        gt_api = COCO()
-        gt_api.dataset = gt
-        gt_api.createIndex()
         dt_api = gt_api.loadRes(dets) if dets else _empty_results(COCO, gt_api)
-        evaluator = COCOeval(gt_api, dt_api, "bbox")
+        evaluator = COCOeval(gt_api, dt_api, "bbox", **kw)
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    return np.asarray(evaluator.stats[:12], np.float64)
+    return evaluator
 
 
-def _run_faster(gt: dict, dets: list[dict]) -> np.ndarray:
-    from faster_coco_eval import COCO, COCOeval_faster
-
-    def quiet(*args, **kwargs):
-        return None
-    gt_api = COCO(gt, print_function=quiet)
-    dt_api = gt_api.loadRes(dets) if dets else _empty_results(COCO, gt_api)
-    evaluator = COCOeval_faster(gt_api, dt_api, "bbox", print_function=quiet)
-    evaluator.evaluate()
-    evaluator.accumulate()
-    evaluator.summarize()
-    return np.asarray(evaluator.stats[:12], np.float64)
+def _details(evaluator, stats: dict) -> dict:
+    return {"stats": stats,
+            "precision": np.asarray(evaluator.eval["precision"], np.float64),
+            "iou_thrs": np.asarray(evaluator.params.iouThrs, np.float64),
+            "rec_thrs": np.asarray(evaluator.params.recThrs, np.float64),
+            "cat_ids": [int(c) for c in evaluator.params.catIds]}
 
 
 def restrict_to_images(gt_coco_dict: Mapping, image_ids: Iterable[int]) -> dict:
@@ -162,7 +169,8 @@ def restrict_to_images(gt_coco_dict: Mapping, image_ids: Iterable[int]) -> dict:
 
 
 def coco_evaluate(gt_coco_dict: Mapping, detections: Iterable[Mapping], *,
-                  use_fast: bool = True, image_ids: Iterable[int] | None = None) -> dict:
+                  use_fast: bool = True, image_ids: Iterable[int] | None = None,
+                  details: bool = False):
     """COCO bbox evaluation of ``detections`` (COCO results format, source category ids).
 
     Args:
@@ -172,14 +180,20 @@ def coco_evaluate(gt_coco_dict: Mapping, detections: Iterable[Mapping], *,
       use_fast: faster-coco-eval (True) or pycocotools (False); identical numbers.
       image_ids: score only these images (:func:`restrict_to_images`; e.g. leave out images that
         could not be read, instead of counting their objects as missed). None: every image.
-    Returns ``{name: float}`` for the 12 :data:`STAT_NAMES`.
+      details: also return the accumulated arrays of the same run (what the per-class table,
+        PR curves and ``reports.coco_eval_details`` read), so that a report costs no second
+        COCOeval run.
+    Returns ``{name: float}`` for the 12 :data:`STAT_NAMES`; with ``details`` the pair
+    ``(stats, {"stats", "precision" (T,R,K,A,M) float64, "iou_thrs" (T,), "rec_thrs" (R,),
+    "cat_ids" (K,) in the precision array's class order})``.
     """
     if image_ids is not None:
         gt_coco_dict = restrict_to_images(gt_coco_dict, image_ids)
     gt = _clean_gt(gt_coco_dict)
     dets = _check_detections(detections, gt)
-    stats = _run_faster(gt, dets) if use_fast else _run_pycocotools(gt, dets)
-    return {name: float(v) for name, v in zip(STAT_NAMES, stats)}
+    evaluator = run_cocoeval(gt, dets, use_fast=use_fast)
+    stats = {name: float(v) for name, v in zip(STAT_NAMES, evaluator.stats[:12])}
+    return (stats, _details(evaluator, stats)) if details else stats
 
 
 def format_coco_table(stats: Mapping[str, float]) -> str:

@@ -182,12 +182,14 @@ def evaluate_backend(backend, dataset, cfg, *, batch_size=None, progress=True,
     return score_detections(dataset, detections, scored, use_fast=use_fast)
 
 
-def score_detections(dataset, detections, scored_ids, *, use_fast=True) -> dict:
+def score_detections(dataset, detections, scored_ids, *, use_fast=True, details=False):
     """COCO stats over the images that were actually run, plus ``detections`` (their count),
     ``images_scored`` and ``images_skipped`` (unreadable images are left out of the ground truth rather than counted as
     images without detections). ``images_skipped`` counts the images skipped when read and those
     the reader left out when the data opened (``dataset.stats["skipped_images"]``: YOLO / VOC
-    images whose header cannot be read). Raises ``DataError`` when no image could be read."""
+    images whose header cannot be read). Raises ``DataError`` when no image could be read.
+    ``details``: return ``(stats, details)``, the second the accumulated arrays of the same COCOeval
+    run (``coco.coco_evaluate(..., details=True)``; what the per-class reports read)."""
     from damo_jax.data_pipelines import DataError
     total = len(dataset)
     if not scored_ids and total:
@@ -197,11 +199,13 @@ def score_detections(dataset, detections, scored_ids, *, use_fast=True) -> dict:
     if not any(not a.get("iscrowd") and int(a["image_id"]) in scored_ids for a in gt["annotations"]):
         log.warning("the %d scored images of %s have no ground-truth boxes: COCO AP and AR are "
                     "undefined and reported as -1", len(scored_ids), getattr(dataset, "name", "the dataset"))
-    stats = coco_evaluate(gt, detections, use_fast=use_fast,
-                          image_ids=scored_ids if len(scored_ids) < total else None)
+    result = coco_evaluate(gt, detections, use_fast=use_fast, details=details,
+                           image_ids=scored_ids if len(scored_ids) < total else None)
+    stats, arrays = result if details else (result, None)
     at_open = int(getattr(dataset, "stats", {}).get("skipped_images", 0))
-    return dict(stats, detections=len(detections), images_scored=len(scored_ids),
-                images_skipped=total - len(scored_ids) + at_open)
+    stats = dict(stats, detections=len(detections), images_scored=len(scored_ids),
+                 images_skipped=total - len(scored_ids) + at_open)
+    return (stats, arrays) if details else stats
 
 
 def evaluate(model, variables, dataset, cfg, *, batch_size=None, progress=True, use_fast=True) -> dict:

@@ -22,50 +22,23 @@ Inputs everywhere: the COCO ground-truth dict and detections in COCO results for
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from damo_jax.evaluation.coco import (STAT_NAMES, _check_detections, _clean_gt, _empty_results)
+from damo_jax.evaluation.coco import coco_evaluate
 from damo_jax.ops.boxes import pairwise_iou, xywh_to_xyxy
 
 
 def coco_eval_details(gt_coco_dict: Mapping, detections: Iterable[Mapping], *,
                       use_fast: bool = True) -> dict:
-    """COCO bbox evaluation that keeps the accumulated arrays.
-
-    Returns ``stats`` ({name: float} of :data:`STAT_NAMES`), ``precision`` (T,R,K,A,M) float64,
-    ``iou_thrs`` (T,), ``rec_thrs`` (R,), ``cat_ids`` (K,) in the precision array's class order.
-    """
-    gt = _clean_gt(gt_coco_dict)
-    dets = _check_detections(detections, gt)
-    if use_fast:
-        from faster_coco_eval import COCO, COCOeval_faster as COCOeval
-        kw = {"print_function": lambda *a, **k: None}
-        gt_api = COCO(gt, **kw)
-    else:
-        from pycocotools.coco import COCO
-        from pycocotools.cocoeval import COCOeval
-        kw = {}
-        with contextlib.redirect_stdout(io.StringIO()):
-            gt_api = COCO()
-            gt_api.dataset = gt
-            gt_api.createIndex()
-    with contextlib.redirect_stdout(io.StringIO()):
-        dt_api = gt_api.loadRes(dets) if dets else _empty_results(COCO, gt_api)
-        evaluator = COCOeval(gt_api, dt_api, "bbox", **kw)
-        evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
-    return {"stats": {n: float(v) for n, v in zip(STAT_NAMES, evaluator.stats[:12])},
-            "precision": np.asarray(evaluator.eval["precision"], np.float64),
-            "iou_thrs": np.asarray(evaluator.params.iouThrs, np.float64),
-            "rec_thrs": np.asarray(evaluator.params.recThrs, np.float64),
-            "cat_ids": [int(c) for c in evaluator.params.catIds]}
+    """COCO bbox evaluation that keeps the accumulated arrays (``coco.coco_evaluate(...,
+    details=True)``'s second half): ``stats`` ({name: float} of ``coco.STAT_NAMES``),
+    ``precision`` (T,R,K,A,M) float64, ``iou_thrs`` (T,), ``rec_thrs`` (R,), ``cat_ids`` (K,) in
+    the precision array's class order."""
+    return coco_evaluate(gt_coco_dict, detections, use_fast=use_fast, details=True)[1]
 
 
 def _mean_defined(values: np.ndarray) -> float:
