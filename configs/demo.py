@@ -134,6 +134,9 @@ clone of 1df24a1 (20:40–20:57 UTC, 140 s install, §0ze): the same AP50 digits
 7.0 / 8.7 / 10.3 / **11.8** / 13.2 / 14.7 minutes (8–12 img/s): 0.5 at 11.8 minutes, target missed.
 A fresh clone of bdca735 on the same host an hour later (22:04–22:15 UTC, 157 s install): the same
 digits at 2.3 / 3.3 / 4.3 / 5.4 / 6.4 / 7.4 / **8.4** / 9.4 / 10.4 minutes: 0.5 at 8.4 minutes.
+A fresh clone of 7cb14d0 on the same host kind (2026-12-07 00:25–00:34 UTC, 84 s install, ~20
+img/s; bench_train §0zf): the same digits at 1.5 / 2.2 / 2.8 / 3.6 / 4.3 / 5.0 / **5.8** / 6.6 / 7.3
+minutes: 0.5 at 5.8 minutes, the whole training command 7.4 min.
 
 The same host with 8dd8428 (1×1 convs as dot, cache-blocked kernel gradients; 15:08–15:19 UTC;
 minutes = the progress bar's elapsed time + 0.45 min, the bar starting 27 s after the command:
