@@ -137,6 +137,9 @@ digits at 2.3 / 3.3 / 4.3 / 5.4 / 6.4 / 7.4 / **8.4** / 9.4 / 10.4 minutes: 0.5 
 A fresh clone of 7cb14d0 on the same host kind (2026-12-07 00:25–00:34 UTC, 84 s install, ~20
 img/s; bench_train §0zf): the same digits at 1.5 / 2.2 / 2.8 / 3.6 / 4.3 / 5.0 / **5.8** / 6.6 / 7.3
 minutes: 0.5 at 5.8 minutes, the whole training command 7.4 min.
+A fresh clone of 2c663b3 (2026-12-07 01:33–01:42 UTC, 89 s install, 21–23 img/s; bench_train
+§0zg): the same digits at 1.6 / 2.3 / 3.0 / 3.7 / 4.4 / 5.1 / **5.9** / 6.7 / 7.4 minutes: 0.5 at
+5.9 minutes, the whole training command 7.5 min.
 
 The same host with 8dd8428 (1×1 convs as dot, cache-blocked kernel gradients; 15:08–15:19 UTC;
 minutes = the progress bar's elapsed time + 0.45 min, the bar starting 27 s after the command:
