@@ -474,3 +474,29 @@ def test_predict_checkpoint_beside_an_exported_file_gives_its_names(two_class_ru
         with pytest.raises(SystemExit, match=message):
             main(["--checkpoint", str(run_dir), "--onnx", str(onnx_file), *extra,
                   "--source", str(tmp_path / "x.png"), "--out", str(tmp_path / "o2")])
+
+
+def test_predict_cli_save_txt_stem_collisions(tmp_path):
+    """photo.jpg and photo.png in one folder would both write labels/photo.txt (the first one's
+    boxes lost): colliding stems keep their suffix (labels/photo.jpg.txt, labels/photo.png.txt),
+    the others stay <stem>.txt; names that still collide are refused before the model loads."""
+    from damo_jax.inference.predict import main
+    config = write_two_class_config(tmp_path / "two_class.py")
+    onnx_file = write_handmade_onnx(tmp_path / "m.onnx")
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    image = np.zeros((32, 64, 3), np.uint8)
+    for name in ("photo.jpg", "photo.png", "other.png", "sub/photo.png"):
+        Image.fromarray(image).save(src / name)
+    base = ["--config", str(config), "--onnx", str(onnx_file), "--conf", "0.5", "--no-progress",
+            "--no-draw", "--save-txt"]
+    out = main(base + ["--source", str(src), "--out", str(tmp_path / "a")])
+    labels = tmp_path / "a" / "labels"
+    written = sorted(str(p.relative_to(labels)) for p in labels.rglob("*.txt"))
+    assert written == ["other.txt", "photo.jpg.txt", "photo.png.txt", "sub/photo.txt"]
+    assert len(out["images"]) == 4
+    for name in written:                      # every image's two boxes, none lost
+        assert len((labels / name).read_text().splitlines()) == 2
+    Image.fromarray(image).save(src / "photo.jpg.png")          # stem "photo.jpg" = photo.jpg.txt
+    with pytest.raises(SystemExit, match="would write the same label file"):
+        main(base + ["--source", str(src), "--out", str(tmp_path / "b")])

@@ -18,7 +18,8 @@ class_names. Unreadable images in a folder are skipped and counted; an empty fol
 A video --source (.mp4, .avi, .mov, .mkv, ...: OpenCV decodes it) gives <out>/<stem>.mp4 (mp4v, the
 source's size and frame rate) and a detections.json with "video" (file, size, fps, frames) and
 "frames": one entry per frame with frame, time_s, boxes, scores, labels, class_names.
---save-txt also writes <out>/labels/<name>.txt per image (<stem>_<frame>.txt per video frame): one
+--save-txt also writes <out>/labels/<stem>.txt per image (<stem>_<frame>.txt per video frame;
+<name>.txt, e.g. photo.jpg.txt, for images whose stems collide in one folder): one
 YOLO line "label cx cy w h" per detection, normalised by the image width / height, with --save-conf
 the score appended; an image without detections gets an empty file. --classes keeps only the given
 classes (names or 0-based indices; the others are dropped before NMS, so they take no --max-dets
@@ -132,6 +133,30 @@ def _output_name(path: Path, source: Path) -> Path:
     return path.relative_to(source) if source.is_dir() else Path(path.name)
 
 
+def label_names(files, source: Path) -> dict:
+    """``{image: labels/ file name}`` for ``--save-txt``: ``<stem>.txt`` (the YOLO pairing), and
+    ``<name>.txt`` (e.g. ``photo.jpg.txt``, warned) for images whose stems collide in one folder
+    (``photo.jpg`` and ``photo.png`` would write the same file and the first one's boxes would be
+    lost). ConfigError if names still collide after that (``a.jpg``, ``a.png``, ``a.jpg.png``)."""
+    from collections import Counter
+    names = {p: _output_name(p, source).with_suffix(".txt") for p in files}
+    counts = Counter(names.values())
+    clashing = [p for p, n in names.items() if counts[n] > 1]
+    for p in clashing:
+        full = _output_name(p, source)
+        names[p] = full.with_name(full.name + ".txt")
+    if clashing:
+        log.warning("--save-txt: %d image(s) share a file stem with another image in the same "
+                    "folder (e.g. %s); their labels are written as <name>.txt (e.g. labels/%s), "
+                    "not <stem>.txt", len(clashing), clashing[0], names[clashing[0]])
+        counts = Counter(names.values())
+        still = sorted(str(p) for p, n in names.items() if counts[n] > 1)
+        if still:
+            raise ConfigError(f"--save-txt: images {', '.join(still[:3])} would write the same "
+                              f"label file; rename one of them")
+    return names
+
+
 def check_out_vs_source(out, source) -> None:
     """ConfigError when ``--out`` is the ``--source`` folder or inside it (the drawings would
     replace the input images, and a later recursive scan would pick them up as inputs), or when
@@ -231,6 +256,7 @@ def run(args, overrides=()) -> dict:
     out_dir = common.output_dir(args.out, "--out")      # before the model loads
     warn_earlier_results(out_dir)
     inputs = {i for i in map(_file_id, files) if i is not None}
+    txt_names = label_names(files, source) if args.save_txt else {}
     detector = load_detector(args, overrides)
     progress = None
     if not args.no_progress and len(files) > 1:
@@ -256,7 +282,7 @@ def run(args, overrides=()) -> dict:
                 result = dict(result, boxes=clip_boxes(result["boxes"], image.shape[:2]))
                 entries.append(_entry(p, image, result))
                 if args.save_txt:
-                    write_yolo_txt(out_dir / "labels" / _output_name(p, source).with_suffix(".txt"),
+                    write_yolo_txt(out_dir / "labels" / txt_names[p],
                                    entries[-1], image.shape[1], image.shape[0], args.save_conf)
                 if not args.no_draw and _save_drawing(out_dir / _output_name(p, source), image,
                                                       result, detector, inputs) is None:
