@@ -51,7 +51,8 @@ def split_spec_options(kind: str, rest: str, spec: str) -> tuple[str, dict]:
     return path, options
 
 
-def open_dataset(spec: str, split: str | None = None, **kwargs) -> DetectionDataset:
+def open_dataset(spec: str, split: str | None = None, *, require_split: bool = False,
+                 **kwargs) -> DetectionDataset:
     """Open a dataset from a spec string.
 
     * ``demo`` / ``demo:<size>``: the bundled procedural set (generated once into the cache).
@@ -65,6 +66,14 @@ def open_dataset(spec: str, split: str | None = None, **kwargs) -> DetectionData
     ``split`` defaults to ``"train"``; ``"val"`` and ``"validation"`` are accepted everywhere.
     Reader options can also ride on the spec (for CLIs): ``coco:/data/coco?allow_outside_root=1``,
     ``voc:/VOC2007?difficult=keep``, ``tfds:coco/2017?data_dir=/tfds`` (see :data:`SPEC_OPTIONS`).
+
+    ``require_split=True``: the data must hold the split as a split of its own (a COCO folder's
+    ``annotations/instances_{split}*.json``, a VOC ``{split}/`` folder or ``ImageSets/Main/{split}.txt``,
+    a YOLO YAML key, a TFDS split). A spec that is one set of images whatever the split (a COCO
+    JSON file, a flat VOC folder, a VOC devkit without ``ImageSets/Main``) then raises
+    :class:`MissingSplitError` instead of giving that set: training validates on the training
+    spec's ``val`` split only when there is one (never on its training images). Without it (eval,
+    show, an explicit ``data.val``) such a spec is read whatever the split.
     """
     if not isinstance(spec, str) or not spec:
         raise DataError(f"dataset spec must be a non-empty string, got {spec!r}")
@@ -95,7 +104,7 @@ def open_dataset(spec: str, split: str | None = None, **kwargs) -> DetectionData
     if kind == "coco":
         from damo_jax.data_pipelines.readers.coco import read_coco, resolve_coco_paths
         coco_split = {"validation": "val"}.get(split, split)
-        ann, image_dir = resolve_coco_paths(rest, coco_split)
+        ann, image_dir = resolve_coco_paths(rest, coco_split, require_split=require_split)
         return read_coco(ann, kwargs.get("image_dir", image_dir), name=f"coco:{rest}:{coco_split}",
                          allow_outside_root=bool(kwargs.get("allow_outside_root", False)), split=coco_split)
     if kind == "yolo":
@@ -103,7 +112,8 @@ def open_dataset(spec: str, split: str | None = None, **kwargs) -> DetectionData
         return read_yolo(rest, split)
     if kind == "voc":
         from damo_jax.data_pipelines.readers.voc import read_voc
-        return read_voc(rest, {"validation": "val"}.get(split, split), **kwargs)
+        return read_voc(rest, {"validation": "val"}.get(split, split), require_split=require_split,
+                        **kwargs)
     from damo_jax.data_pipelines.readers.tfds import read_tfds
     return read_tfds(rest, split, **kwargs)
 

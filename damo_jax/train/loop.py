@@ -217,7 +217,8 @@ def open_datasets(cfg):
     without a single usable box, validation data that is there but unreadable (a bad annotation
     file, an unknown category: it turned evaluation off with one warning), and validation data
     whose class list differs from the training data's (count, names or order). A dataset without
-    a validation split (``MissingSplitError``) trains without evaluation, with a warning."""
+    a validation split (``MissingSplitError``; without ``data.val`` also a training spec that has
+    no splits, e.g. one COCO JSON file) trains without evaluation, with a warning."""
     from damo_jax import data_pipelines
     train_ds = data_pipelines.open_dataset(cfg.data.train, cfg.data.train_split)
     train_where = f"training data {cfg.data.train!r} (split {cfg.data.train_split!r})"
@@ -228,7 +229,9 @@ def open_datasets(cfg):
     val_spec = cfg.data.val or cfg.data.train
     if val_spec and cfg.data.val_split:
         try:
-            val_ds = data_pipelines.open_dataset(val_spec, cfg.data.val_split)
+            # no data.val: the training spec's own val split, never its training images again
+            val_ds = data_pipelines.open_dataset(val_spec, cfg.data.val_split,
+                                                 require_split=not cfg.data.val)
         except data_pipelines.MissingSplitError as err:  # bad data of a split that IS there: error
             log.warning("no validation data (%s split %s): %s — evaluation skipped",
                         val_spec, cfg.data.val_split, err)

@@ -6,8 +6,11 @@
 * Boxes xywh → x1y1x2y2, clipped to the image; zero width/height (after clipping) removed.
 * Polygon ``segmentation`` of the used objects is kept (all polygons of an object concatenated
   into one outline, as the official ``pull_item``): the random affine of training takes its boxes
-  from the outlines when every object of a mosaic has one (SPEC §9.2). An RLE mask or a malformed
-  polygon gives that object no outline (counted ``polygons_not_used``).
+  from the outlines when every object of a mosaic has one (SPEC §9.2). An RLE mask, a malformed
+  polygon, or polygons whose tight box does not match the ``bbox`` (IoU < ``OUTLINE_MIN_IOU``,
+  e.g. polygons written in 0..1 instead of pixels: the affine would take the boxes from them and
+  lose the objects; one warning per file) give that object no outline (counted
+  ``polygons_not_used``).
 * Images without annotations are kept (negatives); images are ordered by id.
 * Category ids are mapped to contiguous labels 0..C-1 in the order of the file's ``categories``
   list (pycocotools' ``getCatIds()``, the official COCODataset's mapping: official weights trained
@@ -57,10 +60,16 @@ class CocoDataset(DetectionDataset):
         return self._coco_gt
 
 
-def resolve_coco_paths(path: str | os.PathLike, split: str) -> tuple[Path, Path]:
-    """(annotation json, image dir) for ``coco:`` specs; see ``open_dataset``."""
+def resolve_coco_paths(path: str | os.PathLike, split: str, *,
+                       require_split: bool = False) -> tuple[Path, Path]:
+    """(annotation json, image dir) for ``coco:`` specs; see ``open_dataset``. A JSON file is the
+    data of every split, unless ``require_split`` (then :class:`MissingSplitError`)."""
     p = Path(path).expanduser()
     if p.is_file():
+        if require_split:
+            raise MissingSplitError(f"coco:{path}: a single annotation file has no split {split!r} of "
+                                    f"its own (only a folder with annotations/instances_{split}*.json "
+                                    f"has splits)")
         # .../annotations/instances_val2017.json -> .../val2017, else images/ beside, else the json dir
         stem = p.stem.removeprefix("instances_")
         candidates = [p.parent.parent / stem, p.parent.parent / "images" / stem, p.parent / "images"]
@@ -124,6 +133,8 @@ def _parse_images(data: dict, file: str, allow_outside_root: bool = False) -> di
     for i, im in enumerate(_require(data, "images", list, file)):
         where = f"{file}: images[{i}]"
         iid = _require(im, "id", int, where)
+        if not -2**63 <= iid < 2**63:       # image ids travel as int64 in the batches
+            raise DataError(f"{where}: field 'id' = {iid} does not fit a 64-bit signed integer")
         fname = check_inside(_require(im, "file_name", str, where), f"{where} (id {iid})", "file_name",
                              allow_outside_root=allow_outside_root)
         w, h = _require(im, "width", int, where), _require(im, "height", int, where)
@@ -189,6 +200,42 @@ def _outline(segmentation) -> np.ndarray | None:
     return xy if len(xy) and np.isfinite(xy).all() else None
 
 
+#: an outline is used only when its tight box overlaps the annotation's ``bbox`` this much (IoU,
+#: both boxes widened by ``OUTLINE_PAD`` px on each side). COCO derives ``bbox`` from the mask of
+#: the polygon, so the two differ by rounding (< 1 px per edge): for boxes of a few pixels that
+#: alone can bring the plain IoU below 0.5, hence the padding (a 2x2 box against a 3x3 one: 0.44
+#: plain, 0.64 padded); for objects of 10+ px the padding barely matters. The exporter bugs this
+#: catches (polygons normalised to 0..1, or in another image's frame) give an IoU near 0.
+OUTLINE_MIN_IOU = 0.5
+OUTLINE_PAD = 1.0
+
+
+def _outline_box(outline: np.ndarray) -> list[float]:
+    return [float(v) for v in (*outline.min(0), *outline.max(0))]
+
+
+def _fmt_box(box) -> str:
+    return "[" + ", ".join(f"{v:g}" for v in box) + "]"
+
+
+def _outline_fits_box(outline: np.ndarray, box: list[float]) -> bool:
+    """Whether an outline's tight box matches the annotation's x1y1x2y2 ``box`` (see
+    :data:`OUTLINE_MIN_IOU`). A box that is not finite or not positive-sized is dropped later with
+    its outline anyway: True."""
+    x1, y1, x2, y2 = box
+    if not all(math.isfinite(v) for v in box) or x2 <= x1 or y2 <= y1:
+        return True
+    p = OUTLINE_PAD
+    a = [x1 - p, y1 - p, x2 + p, y2 + p]
+    ox1, oy1, ox2, oy2 = _outline_box(outline)
+    b = [ox1 - p, oy1 - p, ox2 + p, oy2 + p]
+    iw = min(a[2], b[2]) - max(a[0], b[0])
+    ih = min(a[3], b[3]) - max(a[1], b[1])
+    inter = max(iw, 0.0) * max(ih, 0.0)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter >= OUTLINE_MIN_IOU * union
+
+
 def _count_missing_files(records, image_dir, file: str, stats) -> None:
     """``stats["image_files_not_found"]`` and one warning for listed images that are not on disk
     (training skips them, evaluation counts them as skipped); DataError when none is there (a
@@ -245,6 +292,7 @@ def _read_coco(ann_file, image_dir, *, name, allow_outside_root, split) -> CocoD
     annotations = data.get("annotations", [])
     if not isinstance(annotations, list):
         raise DataError(f"{file}: field 'annotations' must be a list, got {type(annotations).__name__}")
+    mismatched = []          # (where, outline, box) of polygons that disagree with their bbox
     for i, ann in enumerate(annotations):
         ann_id = ann.get("id") if isinstance(ann, dict) else None
         where = f"{file}: annotations[{i}]" + (f" (id {ann_id})" if ann_id is not None else "")
@@ -262,15 +310,26 @@ def _read_coco(ann_file, image_dir, *, name, allow_outside_root, split) -> CocoD
         (crowd_labels if crowd else labels).append(label_of[cid])
         if not crowd:
             segmentation = ann.get("segmentation")
-            outlines.append(_outline(segmentation))
-            if outlines[-1] is None and segmentation not in (None, [], {}):
-                stats["polygons_not_used"] += 1     # RLE or malformed: the box's corners are used
+            outline = _outline(segmentation)
+            if outline is not None and not _outline_fits_box(outline, box):
+                mismatched.append((where.removeprefix(f"{file}: "), outline, box))
+                outline = None
+            outlines.append(outline)
+            if outline is None and segmentation not in (None, [], {}):
+                stats["polygons_not_used"] += 1     # RLE, malformed or off the box: corners used
         stats["crowd_boxes"] += int(crowd)
         area = _finite_float(ann.get("area"))
         area = area if area is not None else max(w, 0.0) * max(h, 0.0)
         gt_annotations.append({"id": ann_id if isinstance(ann_id, int) else i + 1,
                                "image_id": iid, "category_id": cid, "bbox": [x, y, w, h],
                                "area": area, "iscrowd": int(crowd)})
+    if mismatched:
+        where, outline, box = mismatched[0]
+        log.warning("%s: %d polygon 'segmentation'(s) do not match their 'bbox' (IoU of the polygon's "
+                    "tight box with 'bbox' < %g; e.g. %s: polygon box %s, bbox %s; polygons in 0..1 "
+                    "instead of pixels?): those objects train on their box without the polygon "
+                    "(counted polygons_not_used)", file, len(mismatched), OUTLINE_MIN_IOU, where,
+                    _fmt_box(_outline_box(outline)), _fmt_box(box))
     ids = [a["id"] for a in gt_annotations]
     # COCOeval keys the ground truth by id (a repeat drops boxes) and stores the matched ground
     # truth's id per detection with 0 meaning "unmatched" (an id 0 turns its true positives into

@@ -7,7 +7,13 @@ Layouts (``voc:/path``):
   a warning). The image of ``Annotations/X.xml`` is ``JPEGImages/X.<ext>`` (paired by stem and
   folder), falling back to the XML's ``<filename>`` inside ``JPEGImages``.
 * **pairs**: a folder (``path/{split}/`` if it exists, else ``path/``) holding images and XML
-  files with the same stem side by side.
+  files with the same stem side by side. Without a ``{split}/`` folder and without XML files in
+  ``path/`` itself (e.g. ``train/`` but no ``val/``) the split is missing
+  (:class:`MissingSplitError`: training runs without evaluation).
+
+A layout without splits (a flat pairs folder, a devkit without ``ImageSets/Main``) gives its
+images for every split, except with ``require_split=True`` (``open_dataset``: training's
+validation split when ``data.val`` is not given), where the split is missing.
 
 Class names: the ``class_names`` argument, else ``classes.txt`` / ``labels.txt`` in ``path``
 (one per line), else the sorted set of ``<name>`` values over **all** XML files under ``path``
@@ -20,7 +26,9 @@ Coordinates: VOC pixel indices are 1-based and inclusive; boxes become
 ``difficult`` objects (``difficult="ignore"``, the default) are not trained on and exported as
 ``iscrowd=1`` regions by ``to_coco_dict`` (so detections on them are neither TP nor FP, as in the
 VOC protocol); ``"keep"`` treats them as normal objects, ``"drop"`` removes them entirely.
-The stored ``<size>`` is the annotated frame; when missing or zero the image header is read.
+The stored ``<size>`` is the annotated frame; when missing or zero the image header is read
+(counted ``size_from_image``); an image that cannot be read then is skipped and logged (counted
+``skipped_images``), as YOLO does.
 A ``<filename>`` fallback that leaves the image folder (absolute, ``..``) is a :class:`DataError`
 unless ``allow_outside_root=True``. Unusable boxes are dropped, counted by reason and warned
 about per XML file (``data_pipelines.quality``).
@@ -105,8 +113,11 @@ def _find_image(folder: Path, stem: str, fallback_name: str | None, where: str =
     return None
 
 
-def _pairs(root: Path, split: str) -> list[tuple[Path, Path | None]]:
-    """(xml, image) pairs of the split for either layout."""
+def _pairs(root: Path, split: str, require_split: bool = False) -> list[tuple[Path, Path | None]]:
+    """(xml, image) pairs of the split for either layout. :class:`MissingSplitError` when the
+    split is not there: no ``ImageSets/Main/{split}.txt``, no ``{split}/`` folder and no XML files
+    directly in ``root``, or (``require_split``, see ``open_dataset``) a layout without splits
+    (devkit without ``ImageSets/Main``, flat pairs folder), which is the data of every split."""
     ann_dir = root / "Annotations"
     if ann_dir.is_dir():
         sets = root / "ImageSets" / "Main"
@@ -118,13 +129,22 @@ def _pairs(root: Path, split: str) -> list[tuple[Path, Path | None]]:
             stems = [ln.split()[0] for ln in split_file.read_text().splitlines() if ln.strip()]
             xmls = [ann_dir / f"{s}.xml" for s in stems]
         else:
+            if require_split:
+                raise MissingSplitError(f"voc:{root}: no ImageSets/Main folder, so no split {split!r} "
+                                        f"of its own (every XML of Annotations/ is in every split)")
             log.warning("voc:%s: no ImageSets/Main folder; using every XML for split %r", root, split)
             xmls = sorted(ann_dir.glob("*.xml"))
         img_dir = root / "JPEGImages"
         return [(x, _find_image(img_dir, x.stem, None)) for x in xmls]
-    folder = root / split if (root / split).is_dir() else root
+    folder = root / split
     if not folder.is_dir():
-        raise DataError(f"voc:{root}: not a folder")
+        if not any(root.glob("*.xml")):
+            raise MissingSplitError(f"voc:{root}: no split folder {folder} (and no XML files directly "
+                                    f"in {root})")
+        if require_split:
+            raise MissingSplitError(f"voc:{root}: a flat folder of XML/image pairs has no split {split!r} "
+                                    f"of its own (no {split}/ subfolder)")
+        folder = root
     return [(x, _find_image(x.parent, x.stem, None)) for x in sorted(folder.glob("*.xml"))]
 
 
@@ -164,7 +184,8 @@ def no_boxes_hint(stats, root: Path) -> str:
 
 
 def read_voc(path: str | os.PathLike, split: str, *, class_names: Sequence[str] | None = None,
-             difficult: str = "ignore", allow_outside_root: bool = False) -> DetectionDataset:
+             difficult: str = "ignore", allow_outside_root: bool = False,
+             require_split: bool = False) -> DetectionDataset:
     root = Path(path).expanduser()
     if difficult not in DIFFICULT_MODES:
         raise DataError(f"voc:{root}: difficult must be one of {DIFFICULT_MODES}, got {difficult!r}")
@@ -176,7 +197,7 @@ def read_voc(path: str | os.PathLike, split: str, *, class_names: Sequence[str] 
     stats: collections.Counter = collections.Counter()
     audit = DropAudit(f"voc:{root}:{split}")
     records = []
-    for i, (xml, image) in enumerate(_pairs(root, split)):
+    for i, (xml, image) in enumerate(_pairs(root, split, require_split)):
         if not xml.is_file():
             raise DataError(f"{xml}: annotation file listed in the split but missing")
         tree = _parse_xml(xml)
@@ -195,8 +216,13 @@ def read_voc(path: str | os.PathLike, split: str, *, class_names: Sequence[str] 
         except (TypeError, ValueError, OverflowError):
             width = height = 0
         if not (0 < width < 2**31 and 0 < height < 2**31):
+            try:
+                width, height = displayed_size(image)
+            except DataError as e:           # no usable <size> and an unreadable image: as YOLO
+                stats["skipped_images"] += 1
+                log.warning("%s: no <size> and the image cannot be read; skipped: %s", xml, e)
+                continue
             stats["size_from_image"] += 1
-            width, height = displayed_size(image)
         boxes, labels, ign_boxes, ign_labels = [], [], [], []
         for name, is_difficult, box in _objects(tree, xml):
             if name not in label_of:

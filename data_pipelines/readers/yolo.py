@@ -20,6 +20,9 @@ naming the file, line and value. Boxes that cannot be used (NaN, negative or zer
 outside the image — e.g. pixel instead of normalised coordinates) are dropped and counted by
 reason (``data_pipelines.quality``); a label file (or the split) losing more than
 ``DROP_WARN_SHARE`` of its boxes gets a warning that guesses the cause.
+
+Image ids are the file names' numbers when every file name (stem) of the split is a distinct
+ASCII integer below 2**63 (COCO-style ``000000139.jpg``), else 1..N in file order.
 """
 from __future__ import annotations
 
@@ -219,6 +222,12 @@ _HINTS = hint_by_reason({
     "nonfinite_boxes": "NaN/inf values in the label file"})
 
 
+def _is_id(stem: str) -> bool:
+    """An image file name usable as its image id: ASCII digits (``isdigit`` alone accepts ``²``,
+    which ``int`` refuses) whose value fits the int64 the batches carry."""
+    return stem.isascii() and stem.isdigit() and int(stem) < 2**63
+
+
 def read_yolo(yaml_path: str | os.PathLike, split: str) -> DetectionDataset:
     file = Path(yaml_path).expanduser()
     data = _load_yaml(file)
@@ -235,7 +244,7 @@ def read_yolo(yaml_path: str | os.PathLike, split: str) -> DetectionDataset:
     audit = DropAudit(f"yolo:{file}:{split}")
     records = []
     stems = [p.stem for p in images]
-    numeric_ids = all(s.isdigit() for s in stems) and len(set(map(int, stems))) == len(stems) if stems else False
+    numeric_ids = bool(stems) and all(_is_id(s) for s in stems) and len(set(map(int, stems))) == len(stems)
     for i, img in enumerate(images):
         try:
             width, height = displayed_size(img)
