@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -194,3 +195,57 @@ def test_cli_output_that_fails_to_write_after_the_evaluation_is_one_error_line(t
     assert errors == [f"error: --json-out {full}: cannot write (No space left on device) "
                       f"(the stats are printed above)"], captured.err
     assert '"AP50"' in captured.out and json.loads(ok.read_text())["images_scored"] == 2
+
+
+def test_cli_model_classes_in_another_order_are_matched_by_name(tmp_path, monkeypatch, caplog, oracle):
+    """The dataset lists the model's classes in another order (COCO categories green 9, red 5; the
+    model's label 0 is red): the detections of label 0 were written as category 9 (green), matched
+    by index behind a warning. Now the labels are mapped by name (one info line), the oracle scores
+    AP50 1, and the reports name each row by its category id (red 5 first)."""
+    from damo_jax.cli import common as cli_common
+    from damo_jax.cli import eval as eval_cli
+    from damo_jax.inference.loading import LoadedModel
+    from damo_jax.inference.pipeline import JaxBackend
+    dataset = ColorBoxDataset(num_images=3)
+    coco_dir = write_coco_folder(tmp_path / "coco", dataset)
+    ann_file = coco_dir / "annotations" / "instances_val.json"
+    coco = json.loads(ann_file.read_text())
+    coco["categories"] = [{"id": 9, "name": "green"}, {"id": 5, "name": "red"}]
+    ann_file.write_text(json.dumps(coco))
+
+    def fake_load(args, overrides, **kwargs):
+        cfg = cli_common.load_cli_config("s", list(overrides) + [
+            "model.head.num_classes=2", "model.class_names=('red', 'green')"])
+        return LoadedModel(cfg=cfg, class_names=("red", "green"), backend=JaxBackend(*oracle),
+                           kind="jax", source="oracle")
+    monkeypatch.setattr(cli_common, "load_model_from_args", fake_load)
+    out, dets_file = tmp_path / "report", tmp_path / "dets.json"
+    with caplog.at_level(logging.INFO, logger="damo_jax.cli.eval"):
+        stats = eval_cli.main(["--config", "s", "--data", f"coco:{coco_dir}", "--split", "val",
+                               "--img-size", "64", "96", "--conf", "0.05", "--no-progress",
+                               "--json-out", str(dets_file), "--out", str(out)])
+    assert stats["AP50"] == pytest.approx(1.0)
+    # red boxes (id 5) are drawn in the left half of each image, green (id 9) in the right half
+    widths = {r["image_id"]: r["orig_size"][1] for r in dataset.records}
+    dets = json.loads(dets_file.read_text())
+    assert dets and all((d["bbox"][0] < widths[d["image_id"]] / 2) == (d["category_id"] == 5)
+                        for d in dets)
+    reds = sum(int(c == 0) for r in dataset.records for c in r["labels"])
+    greens = sum(int(c == 1) for r in dataset.records for c in r["labels"])
+    rows = json.loads((out / "per_class.json").read_text())["classes"]
+    assert [(r["category_id"], r["name"], r["instances"]) for r in rows] == [
+        (5, "red", reds), (9, "green", greens)]
+    cm = json.loads((out / "confusion_matrix.json").read_text())
+    assert cm["labels"] == ["red", "green", "background"]
+    assert cm["matrix"] == [[reds, 0, 0], [0, greens, 0], [0, 0, 0]]
+    assert "labels are mapped to the dataset's classes by name" in caplog.text
+    assert "matched by index" not in caplog.text
+
+
+def test_category_remap_by_name():
+    from damo_jax.cli.eval import category_remap
+    assert category_remap(("a", "b"), ("a", "b"), (5, 9)) == {}                 # same list
+    assert category_remap(("a", "b", "c"), ("c", "a", "b"), (10, 20, 30)) == {  # model label k
+        10: 20, 20: 30, 30: 10}       # written as ids[k] -> id of the data class named names[k]
+    assert category_remap(("a", "b"), ("a", "x"), (5, 9)) is None              # other names
+    assert category_remap(("a", "a", "b"), ("a", "b", "b"), (1, 2, 3)) is None  # not distinct

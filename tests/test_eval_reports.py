@@ -125,3 +125,45 @@ def test_write_eval_reports_files(tmp_path):
     # every GT object is counted exactly once in the rows of the real classes
     assert np.asarray(conf["matrix"])[:3].sum() == len(gt["annotations"])
     assert "| x |" in lines[0] and report["stats"]["AP"] > 0
+
+
+def test_reports_name_classes_by_category_id_when_ids_are_not_listed_sorted(tmp_path):
+    """A COCO file lists its categories as 90 square, 3 circle, 7 unused (the dataset keeps that
+    order; class_names follow it) while COCOeval orders classes by id (3, 7, 90): the reports named
+    the rows by position ("square: 0 instances" was circle's row). Expected values by hand."""
+    gt = {"images": [{"id": 1, "width": 100, "height": 100}],
+          "categories": [{"id": 90, "name": "square"}, {"id": 3, "name": "circle"},
+                         {"id": 7, "name": "unused"}],
+          "annotations": [
+              {"id": 1, "image_id": 1, "category_id": 90, "bbox": [10, 10, 20, 20], "iscrowd": 0},
+              {"id": 2, "image_id": 1, "category_id": 90, "bbox": [50, 50, 20, 20], "iscrowd": 0},
+              {"id": 3, "image_id": 1, "category_id": 3, "bbox": [10, 60, 20, 20], "iscrowd": 0}]}
+    dets = [{"image_id": 1, "category_id": 90, "bbox": [10, 10, 20, 20], "score": 0.9},
+            {"image_id": 1, "category_id": 90, "bbox": [50, 50, 20, 20], "score": 0.8},
+            {"image_id": 1, "category_id": 90, "bbox": [10, 60, 20, 20], "score": 0.7}]  # the circle
+    lines = []
+    report = write_eval_reports(tmp_path, gt, dets, class_names=["square", "circle", "unused"],
+                                conf=0.25, iou=0.5, save_json=False, printer=lines.append)
+    got = [{k: r[k] for k in ("category_id", "name", "instances", "detections", "AP", "AP50")}
+           for r in report["per_class"]]
+    assert got == [  # square: 2 TP above its only FP -> precision 1 at every recall
+        {"category_id": 3, "name": "circle", "instances": 1, "detections": 0, "AP": 0.0, "AP50": 0.0},
+        {"category_id": 7, "name": "unused", "instances": 0, "detections": 0, "AP": -1.0, "AP50": -1.0},
+        {"category_id": 90, "name": "square", "instances": 2, "detections": 3, "AP": 1.0, "AP50": 1.0}]
+    saved = json.loads((tmp_path / "per_class.json").read_text())["classes"]
+    assert [(c["category_id"], c["name"]) for c in saved] == [(3, "circle"), (7, "unused"), (90, "square")]
+    assert lines[0].splitlines()[2:] == ["| circle | 1 | 0 | 0.000 | 0.000 |", "| unused | 0 | 0 | - | - |",
+                                         "| square | 2 | 3 | 1.000 | 1.000 |"]
+    cm = json.loads((tmp_path / "confusion_matrix.json").read_text())
+    assert cm["labels"] == ["circle", "unused", "square", "background"]
+    assert cm["category_ids"] == [3, 7, 90]
+    assert cm["matrix"] == [[0, 0, 1, 0],   # the circle, predicted square
+                            [0, 0, 0, 0],
+                            [0, 0, 2, 0],   # both squares found
+                            [0, 0, 0, 0]]
+
+
+def test_reports_refuse_a_class_name_count_that_is_not_the_category_count(tmp_path):
+    gt, dets = synthetic_set()
+    with pytest.raises(ValueError, match="2 class names for 3 categories"):
+        write_eval_reports(tmp_path, gt, dets, class_names=["x", "y"], printer=lambda _: None)

@@ -9,6 +9,10 @@ examples:
 
 The exported files get exactly the same pre-processing (stretch resize, RGB 0-255) and the same
 NMS as the Flax model, so their mAP is directly comparable.
+
+The model's label k is its class name k. Data with the same class names in another order gets the
+labels mapped by name (:func:`category_remap`, one info line); other names are matched by index
+(a warning); a different class count is an error.
 """
 from __future__ import annotations
 
@@ -82,6 +86,23 @@ def test_overrides(args, overrides=()) -> list[str]:
     return out
 
 
+def category_remap(model_names, data_names, category_ids) -> dict | None:
+    """Model label ``k`` is class ``model_names[k]``; the detections write it as the dataset's
+    ``category_ids[k]`` (label index ``k``). Returns ``{}`` when the names are the same list
+    (nothing to remap); ``{written id: id of the dataset class named model_names[k]}`` when they
+    are the same distinct names in another order; ``None`` when they differ otherwise (labels
+    stay matched by index)."""
+    model_names, data_names = tuple(map(str, model_names)), tuple(map(str, data_names))
+    if model_names == data_names:
+        return {}
+    if (len(set(model_names)) != len(model_names) or len(set(data_names)) != len(data_names)
+            or set(model_names) != set(data_names)):
+        return None
+    index = {name: j for j, name in enumerate(data_names)}
+    return {int(category_ids[k]): int(category_ids[index[name]])
+            for k, name in enumerate(model_names)}
+
+
 def run(args, overrides) -> dict:
     from damo_jax.data_pipelines import format_summary, open_dataset
     from damo_jax.evaluation.coco import print_coco_table
@@ -129,7 +150,11 @@ def run(args, overrides) -> dict:
     dataset = open_dataset(spec, split)
     log.info("%s", format_summary(dataset, "eval data"))
     check_num_classes(cfg, dataset, where=PROG)
-    if tuple(dataset.class_names) != tuple(loaded.class_names):
+    by_name = category_remap(loaded.class_names, dataset.class_names, dataset.category_ids)
+    if by_name:
+        log.info("the model's classes are the dataset's in another order: its labels are mapped "
+                 "to the dataset's classes by name")
+    elif by_name is None:
         log.warning("class names of the model and of the dataset differ (same count %d); "
                     "labels are matched by index", len(loaded.class_names))
     log.info("evaluating %s (%s %s) on %s (%s, %d images) at %s", cfg.model.name, loaded.kind,
@@ -145,6 +170,8 @@ def run(args, overrides) -> dict:
     else:
         detections = run_detections(loaded.backend, dataset, cfg, progress=not args.no_progress,
                                     scored_ids=scored)
+    if by_name:
+        detections = [dict(d, category_id=by_name[d["category_id"]]) for d in detections]
     reports = bool(args.out or args.per_class)    # they read the same COCOeval run's arrays
     result = score_detections(dataset, detections, scored, use_fast=args.use_fast, details=reports)
     stats, details = result if reports else (result, None)

@@ -5,8 +5,11 @@
 
 Inputs everywhere: the COCO ground-truth dict and detections in COCO results format
 (``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}``, source category ids), as
-:mod:`damo_jax.evaluation.coco` produces them. Classes are ordered by increasing category id
-(the datasets' contiguous label order).
+:mod:`damo_jax.evaluation.coco` produces them. Every report lists the classes by increasing
+category id (COCOeval's order), which need not be the dataset's label order (a COCO file's
+categories keep the file's order, e.g. ids 90, 3, 7). ``class_names`` are given in the order of
+the ground truth's ``categories`` list (``dataset.class_names`` for ``dataset.to_coco_dict()``)
+and each class is named through its category id (:func:`category_names`), never by position.
 
 * :func:`coco_eval_details` runs the COCO protocol once and keeps ``eval["precision"]``:
   an (T=10 IoUs, R=101 recall thresholds, K classes, A=4 areas, M=3 maxDets) array, -1 where
@@ -81,7 +84,9 @@ def _gt_by_image(gt: Mapping, cat_index: Mapping[int, int]):
 
 def confusion_matrix(gt_coco_dict: Mapping, detections: Iterable[Mapping], *, conf: float,
                      iou: float) -> tuple[np.ndarray, list[int]]:
-    """((K+1, K+1) int64 counts [true, predicted] with background last, category ids)."""
+    """((K+1, K+1) int64 counts [true, predicted] with background last, category ids): row /
+    column i is category ``ids[i]``, the ids sorted increasingly (whatever the order of
+    ``gt_coco_dict["categories"]``), as in :func:`per_class_ap`."""
     cat_ids = sorted(int(c["id"]) for c in gt_coco_dict["categories"])
     cat_index = {c: i for i, c in enumerate(cat_ids)}
     bg = len(cat_ids)
@@ -110,6 +115,16 @@ def confusion_matrix(gt_coco_dict: Mapping, detections: Iterable[Mapping], *, co
         for d in np.flatnonzero(~d_used):
             matrix[bg, det_cls[d]] += 1
     return matrix, cat_ids
+
+
+def category_names(gt_coco_dict: Mapping, class_names: Sequence[str]) -> dict[int, str]:
+    """{category id: name}: ``class_names[i]`` names ``gt_coco_dict["categories"][i]`` (the
+    dataset's label order, whatever the order of the ids). ValueError when the counts differ."""
+    cat_ids = [int(c["id"]) for c in gt_coco_dict["categories"]]
+    if len(class_names) != len(cat_ids):
+        raise ValueError(f"per-class reports: {len(class_names)} class names for "
+                         f"{len(cat_ids)} categories")
+    return {c: str(n) for c, n in zip(cat_ids, class_names)}
 
 
 def format_per_class_table(rows: Sequence[Mapping]) -> str:
@@ -171,12 +186,11 @@ def plot_confusion(matrix: np.ndarray, names: Sequence[str], conf: float, iou: f
 
 def per_class_rows(gt_coco_dict: Mapping, detections: Sequence[Mapping],
                    class_names: Sequence[str], details: Mapping) -> list[dict]:
-    """[{category_id, name, AP, AP50, instances, detections}] per class: :func:`per_class_ap` of a
-    :func:`coco_eval_details` result with the class names (category-id order) and the counts of
-    non-crowd GT boxes and of detections."""
-    if len(class_names) != len(details["cat_ids"]):
-        raise ValueError(f"per-class table: {len(class_names)} class names for "
-                         f"{len(details['cat_ids'])} categories")
+    """[{category_id, name, AP, AP50, instances, detections}] per class, by increasing category id:
+    :func:`per_class_ap` of a :func:`coco_eval_details` result, each row named by its category id
+    (:func:`category_names`: ``class_names`` in the order of ``gt_coco_dict["categories"]``), with
+    the counts of non-crowd GT boxes and of detections of that category."""
+    names = category_names(gt_coco_dict, class_names)
     instances = {c: 0 for c in details["cat_ids"]}
     for ann in gt_coco_dict["annotations"]:
         if not ann.get("iscrowd", 0):
@@ -184,8 +198,8 @@ def per_class_rows(gt_coco_dict: Mapping, detections: Sequence[Mapping],
     counts = {c: 0 for c in details["cat_ids"]}
     for d in detections:
         counts[int(d["category_id"])] += 1
-    return [dict(r, name=str(class_names[k]), instances=instances[r["category_id"]],
-                 detections=counts[r["category_id"]]) for k, r in enumerate(per_class_ap(details))]
+    return [dict(r, name=names[int(r["category_id"])], instances=instances[r["category_id"]],
+                 detections=counts[r["category_id"]]) for r in per_class_ap(details)]
 
 
 def write_eval_reports(out_dir, gt_coco_dict: Mapping, detections: Sequence[Mapping], *,
@@ -194,7 +208,8 @@ def write_eval_reports(out_dir, gt_coco_dict: Mapping, detections: Sequence[Mapp
                        details: Mapping | None = None, printer=print) -> dict:
     """Write every report into ``out_dir``; returns ``{"stats", "per_class", "confusion",
     "files"}``. ``details``: a :func:`coco_eval_details` result to reuse (else computed here).
-    ``class_names`` are in category-id order (``dataset.class_names``)."""
+    ``class_names`` are in the order of ``gt_coco_dict["categories"]`` (``dataset.class_names``);
+    rows, PR panels and the confusion matrix's labels are named through the category ids."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     detections = list(detections)
@@ -210,11 +225,13 @@ def write_eval_reports(out_dir, gt_coco_dict: Mapping, detections: Sequence[Mapp
     files["per_class_md"].write_text(table + "\n")
     order = sorted(range(len(rows)), key=lambda k: (-rows[k]["instances"], k))[:top_k]
     plot_pr_curves(details, [r["name"] for r in rows], order, files["pr_curves"])
-    matrix, _ = confusion_matrix(gt_coco_dict, detections, conf=conf, iou=iou)
+    matrix, cm_ids = confusion_matrix(gt_coco_dict, detections, conf=conf, iou=iou)
+    names = category_names(gt_coco_dict, class_names)
+    cm_names = [names[c] for c in cm_ids]
     files["confusion_json"].write_text(json.dumps(
-        {"conf": conf, "iou": iou, "labels": [r["name"] for r in rows] + ["background"],
+        {"conf": conf, "iou": iou, "labels": cm_names + ["background"], "category_ids": cm_ids,
          "rows": "true class", "columns": "predicted class", "matrix": matrix.tolist()}, indent=1))
-    plot_confusion(matrix, [r["name"] for r in rows], conf, iou, files["confusion_png"])
+    plot_confusion(matrix, cm_names, conf, iou, files["confusion_png"])
     if save_json:
         files["detections"] = out / "detections.json"
         files["detections"].write_text(json.dumps(detections))
