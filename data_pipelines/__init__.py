@@ -51,6 +51,24 @@ def split_spec_options(kind: str, rest: str, spec: str) -> tuple[str, dict]:
     return path, options
 
 
+def spec_kind(spec: str) -> tuple[str, str]:
+    """``(kind, rest)`` of a dataset spec: ``coco:/x`` -> ``("coco", "/x")``; a bare ``*.json`` /
+    ``*.yaml`` path -> ``coco`` / ``yolo``; ``demo`` -> ``("demo", "")``. DataError otherwise."""
+    kind, sep, rest = spec.partition(":")
+    if not sep:
+        head = spec.split("?", 1)[0]
+        if head.endswith(".json"):
+            kind, rest = "coco", spec
+        elif head.endswith((".yaml", ".yml")):
+            kind, rest = "yolo", spec
+        elif spec != "demo":
+            raise DataError(f"dataset spec {spec!r}: expected one of "
+                            f"{', '.join(k + ':...' for k in SPEC_KINDS[1:])}, 'demo', or a .json/.yaml path")
+    if kind not in SPEC_KINDS:
+        raise DataError(f"dataset spec {spec!r}: unknown kind {kind!r} (known: {', '.join(SPEC_KINDS)})")
+    return kind, rest
+
+
 def open_dataset(spec: str, split: str | None = None, *, require_split: bool = False,
                  **kwargs) -> DetectionDataset:
     """Open a dataset from a spec string.
@@ -78,18 +96,7 @@ def open_dataset(spec: str, split: str | None = None, *, require_split: bool = F
     if not isinstance(spec, str) or not spec:
         raise DataError(f"dataset spec must be a non-empty string, got {spec!r}")
     split = split or "train"
-    kind, sep, rest = spec.partition(":")
-    if not sep:
-        head = spec.split("?", 1)[0]
-        if head.endswith(".json"):
-            kind, rest = "coco", spec
-        elif head.endswith((".yaml", ".yml")):
-            kind, rest = "yolo", spec
-        elif spec != "demo":
-            raise DataError(f"dataset spec {spec!r}: expected one of "
-                            f"{', '.join(k + ':...' for k in SPEC_KINDS[1:])}, 'demo', or a .json/.yaml path")
-    if kind not in SPEC_KINDS:
-        raise DataError(f"dataset spec {spec!r}: unknown kind {kind!r} (known: {', '.join(SPEC_KINDS)})")
+    kind, rest = spec_kind(spec)
     rest, options = split_spec_options(kind, rest, spec)
     kwargs = {**options, **kwargs}
     if kind == "demo":

@@ -126,8 +126,9 @@ def write_two_class_config(path: Path) -> Path:
     return path
 
 
-def write_checkpoint(run_dir: Path, cfg, variables, class_names) -> Path:
-    """A training-run folder whose checkpoint holds ``variables`` as the EMA (and raw) weights."""
+def write_checkpoint(run_dir: Path, cfg, variables, class_names, **meta_extra) -> Path:
+    """A training-run folder whose checkpoint holds ``variables`` as the EMA (and raw) weights
+    (``meta_extra``: more checkpoint meta entries, e.g. ``category_ids``)."""
     import jax.numpy as jnp
 
     from damo_jax.train import checkpoint
@@ -135,7 +136,8 @@ def write_checkpoint(run_dir: Path, cfg, variables, class_names) -> Path:
              "opt_state": {"count": jnp.zeros((), jnp.int32)}, "step": jnp.asarray(1, jnp.int32),
              "rng": jnp.zeros((2,), jnp.uint32), "ema_params": variables["params"],
              "ema_batch_stats": variables["batch_stats"]}
-    meta = {"config": checkpoint.config_to_json(cfg), "class_names": list(class_names), "step": 1}
+    meta = {"config": checkpoint.config_to_json(cfg), "class_names": list(class_names), "step": 1,
+            **meta_extra}
     with checkpoint.Checkpoints(Path(run_dir) / "checkpoints") as ck:
         ck.save(1, state, meta, metrics={"AP": 0.0})
     return Path(run_dir)

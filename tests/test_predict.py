@@ -16,7 +16,7 @@ from damo_jax.inference.detector import Detector, JaxBackend, stretch_resize, to
 from damo_jax.inference.draw import class_color, draw_detections
 
 from eval_fakes import (CLASS_NAMES, ColorBoxDataset, ColorBoxOracle, box_iou_numpy, draw_boxes,
-                        write_two_class_config,
+                        write_checkpoint, write_two_class_config,
                         write_two_class_run)
 
 INPUT_HW = (64, 96)
@@ -500,3 +500,33 @@ def test_predict_cli_save_txt_stem_collisions(tmp_path):
     Image.fromarray(image).save(src / "photo.jpg.png")          # stem "photo.jpg" = photo.jpg.txt
     with pytest.raises(SystemExit, match="would write the same label file"):
         main(base + ["--source", str(src), "--out", str(tmp_path / "b")])
+
+
+@pytest.mark.parametrize("train_spec, category_ids, expected", [
+    ("yolo:/data/pets/data.yaml", [1, 2], ["1", "2"]),     # data.yaml names {1: red, 2: green}
+    ("/data/pets/data.yaml", [4, 0], ["4", "0"]),          # a bare .yaml spec, ids in any order
+    ("yolo:/data/pets/data.yaml", [0, 1], ["0", "1"]),     # 0..K-1 already
+    ("coco:/data/coco", [1, 2], ["0", "1"]),               # COCO-trained: 0-based (Ultralytics)
+])
+def test_predict_cli_save_txt_writes_the_yolo_runs_class_ids(tmp_path, train_spec, category_ids,
+                                                              expected):
+    """A --checkpoint run trained on a YOLO data.yaml whose class ids are not 0..K-1 writes those
+    ids in --save-txt (the lines read back with that data.yaml as the same classes: 0-based labels
+    would read "green" as class 1 = "red"); other runs write the 0-based labels. detections.json
+    keeps the 0-based labels either way."""
+    from damo_jax.config import load_config
+    from damo_jax.inference.predict import main
+    config = write_two_class_config(tmp_path / "two_class.py")
+    cfg = load_config(str(config))
+    cfg.data.train = train_spec
+    tiny = {"params": {"w": jnp.zeros((1,))}, "batch_stats": {"m": jnp.zeros((1,))}}
+    run = write_checkpoint(tmp_path / "run", cfg, tiny, CLASS_NAMES, category_ids=category_ids)
+    onnx_file = write_handmade_onnx(tmp_path / "m.onnx")      # boxes: red (0.9), green (0.7)
+    Image.fromarray(np.zeros((32, 64, 3), np.uint8)).save(tmp_path / "x.png")
+    out = main(["--checkpoint", str(run), "--onnx", str(onnx_file), "--source",
+                str(tmp_path / "x.png"), "--out", str(tmp_path / "o"), "--conf", "0.5",
+                "--no-progress", "--no-draw", "--save-txt"])
+    rows = [r.split() for r in (tmp_path / "o" / "labels" / "x.txt").read_text().splitlines()]
+    assert [r[0] for r in rows] == expected
+    assert out["images"][0]["labels"] == [0, 1]
+    assert out["images"][0]["class_names"] == ["red", "green"]

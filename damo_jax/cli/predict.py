@@ -23,7 +23,9 @@ source's size and frame rate) and a detections.json with "video" (file, size, fp
 YOLO line "label cx cy w h" per detection, normalised by the image width / height, with --save-conf
 the score appended; an image without detections gets an empty file. --classes keeps only the given
 classes (names or 0-based indices; the others are dropped before NMS, so they take no --max-dets
-place). The labels (here and in detections.json) are 0-based indices into class_names.
+place). The labels (in detections.json, and in the .txt files) are 0-based indices into
+class_names; a --checkpoint run trained on YOLO data whose data.yaml class ids are not 0..K-1
+(names: {1: cat, 2: dog}) writes those ids in the .txt files instead, so they read back with it.
 --out may not be the --source folder or lie inside it (drawings would replace the inputs / be
 scanned as inputs next time), and a drawing is never written over an input file.
 """
@@ -109,13 +111,39 @@ def warn_earlier_results(out_dir: Path) -> None:
                     "--out to keep the runs apart)", out_dir)
 
 
-def write_yolo_txt(target: Path, entry: dict, width: int, height: int, with_conf: bool) -> None:
+def yolo_class_ids(args, class_names) -> list[int] | None:
+    """The class column of ``--save-txt`` for a ``--checkpoint`` run trained on YOLO data whose
+    data.yaml class ids are not 0..K-1 (e.g. ``names: {1: cat, 2: dog}``): those ids (label k ->
+    ``ids[k]``), so that the lines read back with that data.yaml as the same classes; None (the
+    0-based labels) otherwise — other weights, other data formats (a COCO-trained model writes
+    0..K-1, the Ultralytics convention), or ids that are 0..K-1 already."""
+    if not getattr(args, "checkpoint", None):
+        return None
+    from damo_jax.data_pipelines import DataError, spec_kind
+    from damo_jax.train.checkpoint import config_from_json, load_meta
+    meta = load_meta(args.checkpoint)
+    ids = [int(c) for c in meta.get("category_ids") or ()]
+    try:
+        kind = spec_kind(str(config_from_json(meta["config"]).data.train or ""))[0]
+    except DataError:
+        return None
+    if kind != "yolo" or len(ids) != len(class_names) or ids == list(range(len(ids))):
+        return None
+    log.info("--save-txt: class ids of the run's data.yaml (%s), not 0-based labels",
+             ", ".join(f"{i} {n}" for i, n in zip(ids, class_names)))
+    return ids
+
+
+def write_yolo_txt(target: Path, entry: dict, width: int, height: int, with_conf: bool,
+                   class_ids=None) -> None:
     """``entry``'s detections (``boxes`` x1y1x2y2 pixels, ``labels``, ``scores``) as YOLO lines
-    ``label cx cy w h [score]`` normalised by ``width`` / ``height`` (an empty file: none)."""
+    ``label cx cy w h [score]`` normalised by ``width`` / ``height`` (an empty file: none);
+    ``class_ids``: the id written for each label (:func:`yolo_class_ids`), else the label."""
     lines = []
     for (x1, y1, x2, y2), label, score in zip(entry["boxes"], entry["labels"], entry["scores"]):
         values = [(x1 + x2) / 2 / width, (y1 + y2) / 2 / height, (x2 - x1) / width, (y2 - y1) / height]
-        lines.append(f"{int(label)} " + " ".join(f"{v:.6f}" for v in values)
+        lines.append(f"{int(class_ids[label] if class_ids else label)} "
+                     + " ".join(f"{v:.6f}" for v in values)
                      + (f" {float(score):.5f}" if with_conf else ""))
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text("".join(line + "\n" for line in lines))
@@ -258,6 +286,7 @@ def run(args, overrides=()) -> dict:
     inputs = {i for i in map(_file_id, files) if i is not None}
     txt_names = label_names(files, source) if args.save_txt else {}
     detector = load_detector(args, overrides)
+    txt_ids = yolo_class_ids(args, detector.class_names) if args.save_txt else None
     progress = None
     if not args.no_progress and len(files) > 1:
         from tqdm import tqdm
@@ -283,7 +312,8 @@ def run(args, overrides=()) -> dict:
                 entries.append(_entry(p, image, result))
                 if args.save_txt:
                     write_yolo_txt(out_dir / "labels" / txt_names[p],
-                                   entries[-1], image.shape[1], image.shape[0], args.save_conf)
+                                   entries[-1], image.shape[1], image.shape[0], args.save_conf,
+                                   txt_ids)
                 if not args.no_draw and _save_drawing(out_dir / _output_name(p, source), image,
                                                       result, detector, inputs) is None:
                     not_drawn.append(str(p))
@@ -353,9 +383,10 @@ def _run_video(args, overrides, source: Path) -> dict:
     summary.update(conf=detector.conf, iou=detector.iou, image_size=list(detector.image_size))
     if args.save_txt:
         width, height = summary["video"]["width"], summary["video"]["height"]
+        txt_ids = yolo_class_ids(args, detector.class_names)
         for entry in summary["frames"]:
             write_yolo_txt(out_dir / "labels" / f"{source.stem}_{entry['frame']}.txt", entry,
-                           width, height, args.save_conf)
+                           width, height, args.save_conf, txt_ids)
     if tile:
         summary["tiling"] = tile
     with open(out_dir / "detections.json", "w") as f:
