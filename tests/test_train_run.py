@@ -543,6 +543,27 @@ def test_resume_on_other_validation_data_is_refused():
     check_resume_val_data(run(), {})                                             # old meta: no check
 
 
+def test_resume_without_the_validation_data_it_was_evaluated_on_is_refused():
+    """The audit's case: the validation annotation file vanished between two runs; the resumed run
+    found no validation data (a warning), trained on without evaluating and kept the old best
+    checkpoint. Checkpoints that carry a validation fingerprint now refuse a run without that data;
+    a checkpoint never evaluated (no fingerprint) still resumes without it."""
+    import types
+
+    import ml_collections
+
+    from damo_jax.errors import ConfigError
+    from damo_jax.train.loop import check_resume_val_data
+    data = {"train": "coco:/d/c", "val": "", "val_split": "val"}
+    cfg = ml_collections.ConfigDict({"data": data})
+    no_val = types.SimpleNamespace(workdir="w", cfg=cfg, val_ds=None)
+    with pytest.raises(ConfigError, match=r"--workdir w: its checkpoints were evaluated on "
+                                          r"'coco:/d/c' \(split 'val'\) but this run finds no "
+                                          r"validation data there"):
+        check_resume_val_data(no_val, {"config": {"data": data}, "val_fingerprint": "abc"})
+    check_resume_val_data(no_val, {"config": {"data": data}})
+
+
 def test_resume_checks_the_validation_set_not_its_spec(tmp_path):
     """The audit's case: a run on ``demo`` resumed with the same folder as ``coco:<folder>`` was
     refused (the specs differ). Checkpoints now carry the validation set's fingerprint: the same
@@ -676,3 +697,36 @@ def test_resume_past_the_end_of_a_shorter_schedule_says_nothing_is_trained(run_a
     assert "no steps to run (checkpoint 8 >= the schedule's last step 4)" in text, text[-3000:]
     assert "checkpoint 8 is at or past the end of this schedule (step 4" in text, text[-3000:]
     assert "running steps 8..4" not in text
+
+
+def test_resume_checks_the_settings_of_the_checkpoint_it_restores(tmp_path):
+    """The audit's case: the newest checkpoint's meta was unreadable, so the resume checks read
+    nothing ({}), the newest was set aside and the older one resumed with batch 8 instead of its 4
+    (a warning only). The restored checkpoint's own meta is now checked too."""
+    import types
+
+    import jax
+    import jax.numpy as jnp
+    import ml_collections
+
+    from damo_jax.errors import ConfigError
+    from damo_jax.train import checkpoint
+    from damo_jax.train.loop import resume_or_start
+
+    def cfg(batch):
+        return ml_collections.ConfigDict({"model": {"class_names": ("a",)}, "train": {
+            "batch_size": batch, "finetune": ""}, "data": {"train": "demo", "val": "", "val_split": ""}})
+    state = {"params": {"w": jnp.arange(3.0)}, "batch_stats": {}, "opt_state": {},
+             "ema_params": {"w": jnp.arange(3.0)}, "ema_batch_stats": {},
+             "step": jnp.asarray(0, jnp.int32), "rng": jax.random.PRNGKey(0)}
+    d = tmp_path / "run" / "checkpoints"
+    with checkpoint.Checkpoints(d) as ck:
+        for step in (4, 8):
+            ck.save(step, dict(state, step=jnp.asarray(step, jnp.int32)),
+                    {"config": checkpoint.config_to_json(cfg(4)), "class_names": ["a"], "step": step})
+    (d / "8" / "meta" / "metadata").write_text('{"config": {')      # garbled JSON
+    with checkpoint.Checkpoints(d) as ck:
+        run = types.SimpleNamespace(workdir=str(tmp_path / "run"), cfg=cfg(8), ckpts=ck,
+                                    val_ds=None, teacher=None)
+        with pytest.raises(ConfigError, match=r"train.batch_size 4 -> 8 on resume"):
+            resume_or_start(run, state)

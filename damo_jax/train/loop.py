@@ -688,6 +688,12 @@ def check_resume_val_data(run: Run, meta: dict) -> None:
         return
     saved, now = validation_data(saved_data), validation_data(run.cfg.data)
     val_ds = getattr(run, "val_ds", None)
+    if meta.get("val_fingerprint") and val_ds is None and saved == now:
+        raise ConfigError(     # the data vanished or became unreadable: never evaluated again
+            f"--workdir {run.workdir}: its checkpoints were evaluated on {saved[0]!r} (split "
+            f"{saved[1]!r}) but this run finds no validation data there (the warning above says "
+            f"why): it would train on without evaluating and keep the old best checkpoint; bring "
+            f"the validation data back, or train in a new --workdir")
     if meta.get("val_fingerprint") and val_ds is not None:
         same = meta["val_fingerprint"] == val_ds.fingerprint()   # the same set under another spec
     else:
@@ -757,6 +763,13 @@ def changed_settings(saved: dict, now: dict, limit: int = 12) -> str:
     return text + (f"; ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
+def check_resume(run: Run, meta: dict) -> None:
+    """The resume checks (classes, validation data, fixed settings) against a checkpoint's meta."""
+    check_resume_classes(run, meta)
+    check_resume_val_data(run, meta)
+    check_resume_fixed_settings(run, meta)
+
+
 def resume_or_start(run: Run, state: dict) -> dict:
     """Latest complete checkpoint of the workdir, else the fine-tuning weights, else ``state``."""
     steps = run.ckpts.steps()
@@ -764,9 +777,7 @@ def resume_or_start(run: Run, state: dict) -> dict:
         return apply_finetune(state, run.cfg, run.tx, run.replicated, run.info) if run.cfg.train.finetune \
             else state
     saved_meta = latest_meta(run, steps)
-    check_resume_classes(run, saved_meta)
-    check_resume_val_data(run, saved_meta)
-    check_resume_fixed_settings(run, saved_meta)
+    check_resume(run, saved_meta)        # before anything in the run folder changes
     restored = run.ckpts.restore_latest(state)
     if restored is None:
         changed = changed_settings(saved_meta.get("config") or {}, checkpoint.config_to_json(run.cfg))
@@ -775,6 +786,8 @@ def resume_or_start(run: Run, state: dict) -> dict:
                           + (f" (changed since: {changed})" if changed else "")
                           + "; use a new --workdir, or the settings the run was started with")
     state, meta = restored
+    if meta != saved_meta:   # an older checkpoint than the newest (unreadable): its own settings
+        check_resume(run, meta)
     if run.teacher is not None:
         distill_lib.check_resumed_teacher(meta.get("distill") or {}, run.distill_meta, run.ckpts.directory)
         run.distill_meta = dict(meta.get("distill") or {}, **run.distill_meta)
