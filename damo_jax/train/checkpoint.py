@@ -22,6 +22,7 @@ Retention: the last ``keep`` checkpoints plus the best one by validation ``AP`` 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -123,6 +124,51 @@ def root_cause(err: BaseException, limit: int = 240) -> str:
                           else cause).split()) or type(cause).__name__
     reason = reason if len(reason) <= limit else reason[:limit - 3] + "..."
     return f"{type(cause).__name__}: {reason}"
+
+def _key_name(entry) -> str:
+    for attr in ("key", "idx", "name"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def _layout(tree) -> list[tuple[tuple[str, ...], tuple[int, ...]]]:
+    """Sorted ``(key path, shape)`` of every array of ``tree``, the path's entries as strings
+    (``opt_state/1/0/trace/...`` alike for an optax namedtuple and Orbax's metadata dict)."""
+    return sorted((tuple(_key_name(e) for e in path), tuple(getattr(leaf, "shape", ()) or ()))
+                  for path, leaf in jax.tree_util.tree_leaves_with_path(tree))
+
+
+class CheckpointReadError(UserError):
+    """Restoring a checkpoint failed for a reason that is not its files (out of memory, permission
+    denied, an I/O error): nothing was moved or deleted; the same command is rerun once fixed."""
+
+
+_TRANSIENT_ERRNOS = {errno.ENOMEM, errno.EIO, errno.EACCES, errno.EPERM, errno.EAGAIN,
+                     errno.ETIMEDOUT, errno.ESTALE, errno.ENOSPC, errno.EMFILE, errno.ENFILE}
+_TRANSIENT_TEXTS = ("RESOURCE_EXHAUSTED", "PERMISSION_DENIED", "Out of memory", "out of memory",
+                    "Cannot allocate memory", "Permission denied", "Input/output error",
+                    "Stale file handle", "DEADLINE_EXCEEDED", "UNAVAILABLE")
+
+
+def _transient(err: BaseException) -> bool:
+    """Whether a restore failure comes from the machine (memory, permissions, I/O), not from the
+    checkpoint's files: a reason to stop, never to set a checkpoint aside."""
+    seen, stack = set(), [err]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, MemoryError):
+            return True
+        if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS:
+            return True
+        if any(text in str(e) for text in _TRANSIENT_TEXTS):
+            return True
+        stack += [e.__cause__, e.__context__]
+    return False
+
 
 STATE_KEYS = state_lib.CHECKPOINT_KEYS
 ITEMS = ("state", "ema", "meta")
@@ -237,6 +283,72 @@ def _interrupted_writes(directory: Path) -> list[int]:
     return sorted(int(s) for s in steps if s.isdigit())
 
 
+def _write_json_durably(path: Path, obj) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically: a temporary file in the same folder, fsync'd,
+    then ``os.replace``, then the folder fsync'd; a crash leaves the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(json.dumps(obj))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _valid_metrics(metrics) -> bool:
+    ap = metrics.get(BEST_METRIC) if isinstance(metrics, dict) else None
+    return isinstance(metrics, dict) and (ap is None or (isinstance(ap, (int, float))
+                                                         and not isinstance(ap, bool)))
+
+
+class _Manager(ocp.CheckpointManager):
+    """Orbax's manager, but a step's ``metrics/metrics`` file that cannot be read (empty or garbled
+    after a power loss) is no ``JSONDecodeError`` traceback in every command on the run (Orbax
+    reads every step's metrics when the manager is created): the metrics are taken from the step's
+    ``meta`` item (it records the same evaluation under ``eval``), else treated as missing; one
+    warning per step names the file. ``recovered`` holds what was read from ``meta``."""
+
+    def __init__(self, *args, **kwargs):
+        self.recovered: dict[int, dict] = {}
+        self._warned: set[int] = set()
+        self._warn_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def _get_metrics(self, step: int):
+        try:
+            metrics = super()._get_metrics(step)
+            if metrics is None or _valid_metrics(metrics):
+                return metrics
+            reason = f"not a dict of numbers: {str(metrics)[:80]}"
+        except (ValueError, TypeError, OSError) as err:   # JSONDecodeError, UnicodeDecodeError, EIO
+            reason = root_cause(err, limit=120)
+        step_dir = Path(str(self._get_read_step_directory(step, self.directory)))
+        try:
+            saved = json.loads((step_dir / "meta" / "metadata").read_text()).get("eval") or None
+        except Exception:  # noqa: BLE001 - an unreadable meta: the step itself is broken
+            saved = None
+        saved = saved if saved is not None and _valid_metrics(saved) else None
+        with self._warn_lock:
+            first = step not in self._warned
+            self._warned.add(step)
+            if saved is not None:
+                self.recovered[step] = saved
+        if first:
+            log.warning("checkpoint %s: its metrics file %s cannot be read (%s); %s", step_dir,
+                        step_dir / "metrics" / "metrics", reason,
+                        "using the evaluation recorded in its meta" if saved is not None else
+                        "its evaluation is unknown (not considered for the best checkpoint)")
+        return saved
+
+
 class Checkpoints:
     """Orbax ``CheckpointManager`` for train states; last ``keep`` + best-by-AP are kept.
 
@@ -260,7 +372,15 @@ class Checkpoints:
                 policies.LatestN(n=max(int(keep), 1)),
                 policies.BestN(get_metric_fn=_best_metric, n=1, keep_checkpoints_without_metrics=False),
             ]))
-        self._mngr = ocp.CheckpointManager(self.directory, item_handlers=_handlers(), options=options)
+        self._mngr = _Manager(self.directory, item_handlers=_handlers(), options=options)
+        if not read_only and jax.process_index() == 0:
+            for step, metrics in sorted(self._mngr.recovered.items()):   # repair the file on disk
+                path = self.directory / str(step) / "metrics" / "metrics"
+                try:
+                    _write_json_durably(path, metrics)
+                    log.warning("checkpoint %s: metrics file rewritten from its meta", path.parent.parent)
+                except OSError as err:
+                    log.warning("could not rewrite %s (%s)", path, root_cause(err))
 
     # ---- queries
     def steps(self) -> list[int]:
@@ -295,12 +415,52 @@ class Checkpoints:
             os._exit(17)
 
     def replace(self, step: int, state: dict, meta: dict, metrics: dict | None = None) -> None:
-        """Write ``step`` again (Orbax has no "update the metrics"): the old one is deleted once
-        every pending write is done, then the new one saved (interrupts held meanwhile)."""
+        """Give the saved checkpoint ``step`` new ``meta`` and ``metrics`` (an evaluation that was
+        interrupted, run on resume). The step's arrays are not written again (``state`` is the
+        state restored from that step): its ``metrics/metrics`` file, then its ``meta/metadata``,
+        are each replaced atomically and durably (temporary file, fsync, rename), so the step is
+        never absent — the old code deleted it, then saved it again, and a kill or a full disk in
+        between lost it. A crash between the two files leaves the new metrics with the old meta
+        (``eval_pending``): the next run evaluates again. Orbax's manager is then reloaded (best-by-AP
+        retention sees the metrics). A step that is not a complete saved checkpoint is saved."""
+        step = int(step)
         with deferred_interrupts():
             self.wait()
-            self._mngr.delete(int(step))
-            self.save(step, state, meta, metrics=metrics)
+            folder = self.directory / str(step)
+            if step not in self.steps() or not self.is_complete(step):
+                self.save(step, state, meta, metrics=metrics)
+                return
+            if jax.process_index() == 0:
+                try:
+                    self._rewrite(folder, meta, metrics)
+                except OSError as err:
+                    raise CheckpointWriteError(
+                        f"cannot write the evaluation into checkpoint {folder}: {_write_reason(err)}; "
+                        f"the checkpoint is unchanged (free disk space or fix the folder's "
+                        f"permissions)") from err
+            if jax.process_count() > 1:   # the others read the files only once process 0 wrote them
+                from jax.experimental import multihost_utils
+                multihost_utils.sync_global_devices(f"damo_jax checkpoint replace {step}")
+            self._mngr.reload()
+
+    @staticmethod
+    def _rewrite(folder: Path, meta: dict, metrics: dict | None) -> None:
+        metrics_file = folder / "metrics" / "metrics"
+        if metrics is not None:
+            _write_json_durably(metrics_file, metrics)
+            record = folder / "_CHECKPOINT_METADATA"       # list the item as Orbax's save does
+            try:
+                step_md = json.loads(record.read_text())
+                handlers = step_md.get("item_handlers")
+                if isinstance(handlers, dict) and "metrics" not in handlers and "meta" in handlers:
+                    handlers["metrics"] = handlers["meta"]     # JsonCheckpointHandler, as saved
+                    _write_json_durably(record, step_md)
+            except (ValueError, OSError) as err:
+                log.warning("could not list the metrics in %s (%s); they are read all the same",
+                            record, root_cause(err))
+        _write_json_durably(folder / "meta" / "metadata", meta)
+        if metrics is None and metrics_file.exists():
+            metrics_file.unlink()
 
     def restore(self, template: dict, step: int) -> tuple[dict, dict]:
         train_tmpl, ema_tmpl = split_state(template)
@@ -311,41 +471,71 @@ class Checkpoints:
         return join_state(out["state"], out["ema"], template), out["meta"]
 
     def restore_latest(self, template: dict) -> tuple[dict, dict] | None:
-        """Newest complete checkpoint that loads, or None. A step that misses items or whose files
-        cannot be read is moved aside (``<step>.unusable``, named in a warning) — left in place,
-        the run redid its steps and then failed to save that step number again. A step that
-        reads but does not fit this model / config stays (the caller names what changed)."""
+        """Newest complete checkpoint that loads, or None when none fits this model / config.
+
+        Steps are tried newest to oldest WITHOUT touching them. Only once an older step has
+        restored are the newer ones whose files are bad (missing items, unreadable files) moved
+        aside (``<step>.unusable``, named in a warning): left in place, the resumed run would redo
+        their steps and then fail to save those step numbers again. A step that reads but does not
+        fit this model / config (other array shapes or tree structure, e.g. another optimizer
+        chain) is never moved (the caller names what changed). When no step restores nothing is
+        renamed: a :class:`CheckpointCorruptError` if every step has bad files, else None.
+        A failure that says nothing about the files (out of memory, permission denied, I/O error)
+        stops at once with a :class:`CheckpointReadError`, checkpoints untouched: falling back to
+        an older step would silently drop work."""
+        bad: list[tuple[int, str]] = []
+        tried: list[int] = []
         for step in sorted(self.steps(), reverse=True):
+            tried.append(step)
             missing = _missing_items(self.directory / str(step), ITEMS)
             if missing:
-                self._set_aside(step, f"incomplete: missing {', '.join(missing)}")
+                bad.append((step, f"incomplete: missing {', '.join(missing)}"))
+                log.warning("checkpoint %s/%s is incomplete (missing %s); trying an older one",
+                            self.directory, step, ", ".join(missing))
                 continue
             try:
-                return self.restore(template, step)
+                restored = self.restore(template, step)
             except Exception as err:  # noqa: BLE001 - any read error means "not usable"
+                if _transient(err):
+                    raise CheckpointReadError(
+                        f"cannot read checkpoint {self.directory}/{step} ({root_cause(err)}); no "
+                        f"checkpoint was changed: run the same command again once this is fixed"
+                        + (f" (steps {sorted(s for s, _ in bad)} did not restore either)" if bad else "")
+                    ) from err
                 if self._fits(template, step):        # the template fits: the files are bad
-                    self._set_aside(step, f"its files cannot be read: {root_cause(err)}")
+                    why = f"its files cannot be read: {root_cause(err)}"
+                    bad.append((step, why))
+                    log.warning("checkpoint %s/%s cannot be used (%s); trying an older one",
+                                self.directory, step, why)
                     continue
                 first = (str(err).strip().splitlines() or [type(err).__name__])[0]   # Orbax's are
                 log.warning("checkpoint %s/%s does not load into this model/config (%s); trying an "
                             "older one", self.directory, step, first[:200])          # ~40 lines
+                continue
+            for newer, why in bad:                    # a step restored: set the broken ones aside
+                self._set_aside(newer, why, resumed=step)
+            return restored
+        if tried and len(bad) == len(tried):
+            raise CheckpointCorruptError(
+                f"no checkpoint in {self.directory} can be restored: "
+                + "; ".join(f"step {s}: {why}" for s, why in bad)
+                + "; they were left as they are: move them out of the folder to start over, or "
+                  "train in a new --workdir")
         return None
 
     def _fits(self, template: dict, step: int) -> bool:
-        """Whether the arrays recorded for ``step`` (Orbax's metadata) have the template's
-        shapes; a metadata file that cannot be read counts as fitting (the files are bad)."""
-        def shapes(tree):               # the multiset of array shapes (Orbax's metadata tree
-            return sorted(tuple(getattr(leaf, "shape", ()) or ())   # spells optax's namedtuples
-                          for leaf in jax.tree.leaves(tree))        # as dicts: no paths)
+        """Whether the arrays recorded for ``step`` (Orbax's metadata) have the template's tree
+        structure and shapes (key paths normalised: Orbax's metadata spells optax's namedtuples
+        as dicts); a metadata file that cannot be read counts as fitting (the files are bad)."""
         try:
             md = self._mngr.item_metadata(int(step))
-            recorded = {name: shapes(dict(md[name])) for name in ("state", "ema")}
+            recorded = {name: _layout(dict(md[name])) for name in ("state", "ema")}
         except Exception:  # noqa: BLE001 - unreadable metadata: a broken step, not another model
             return True
         train_tmpl, ema_tmpl = split_state(template)
-        return recorded == {"state": shapes(train_tmpl), "ema": shapes(ema_tmpl)}
+        return recorded == {"state": _layout(train_tmpl), "ema": _layout(ema_tmpl)}
 
-    def _set_aside(self, step: int, why: str) -> None:
+    def _set_aside(self, step: int, why: str, resumed: int | None = None) -> None:
         """Rename a broken step folder to ``<step>.unusable`` (``.unusable-2``, ... if taken) so
         that neither Orbax nor a later save of the same step trips over it."""
         source = self.directory / str(step)
@@ -355,8 +545,9 @@ class Checkpoints:
             target = self.directory / f"{step}.unusable-{n}"
         source.rename(target)
         self._mngr.reload()
-        log.warning("checkpoint %s cannot be used (%s); moved aside to %s, trying an older one",
-                    source, why, target.name)
+        log.warning("checkpoint %s cannot be used (%s); moved aside to %s%s", source, why,
+                    target.name, f" (the run resumes from checkpoint {resumed})" if resumed is not None
+                    else "")
 
     def restore_items(self, step: int, items=("ema", "meta")) -> dict:
         """Restore some items without a template (arrays on the first local device)."""
