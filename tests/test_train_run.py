@@ -341,6 +341,30 @@ def test_an_interrupt_during_evaluation_costs_neither_the_checkpoint_nor_the_eva
     _assert_bitwise_equal(_full_state(workdir), _full_state(run_a[0]))
 
 
+def test_a_hard_kill_during_evaluation_costs_only_the_evaluation(run_a):
+    """kill -9 (an out-of-memory kill, a scheduler's SIGKILL) while the end-of-epoch evaluation of
+    step 4 runs: the evaluation came before the checkpoint, so the epoch's training was lost. The
+    checkpoint is now written first, marked as not evaluated; the rerun evaluates it first and ends
+    bit for bit as the uninterrupted run."""
+    workdir = shared_dir() / "run_killed_in_eval"
+    ckdir = workdir / "checkpoints"
+    proc = subprocess.Popen(train_cmd(workdir), cwd=ROOT, env=train_env(DAMO_JAX_TEST_HANG_IN_EVAL_AT_STEP="4"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for_line(proc, "[test hook] hanging in the evaluation of step 4", timeout=600)
+    deadline = time.time() + 120               # the checkpoint's asynchronous write completes
+    while not Checkpoints(ckdir, read_only=True).is_complete(4) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.kill()
+    proc.communicate(timeout=120)
+    assert Checkpoints(ckdir, read_only=True).steps() == [4]
+    assert not Checkpoints(ckdir, read_only=True).metrics(4)
+    r = run_train(workdir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "evaluating step 4 first: its evaluation was interrupted" in r.stderr
+    assert "AP" in Checkpoints(ckdir, read_only=True).metrics(4)
+    _assert_bitwise_equal(_full_state(workdir), _full_state(run_a[0]))
+
+
 def test_an_interrupt_python_swallowed_still_stops_the_run():
     """Ctrl-C during tracing / compiling was raised inside JAX's garbage-collection callback, where
     Python prints "Exception ignored" and drops it: the run went on to the end, exit 0. The train

@@ -915,13 +915,19 @@ def after_step(run: Run, state: dict, step: int, metrics: dict) -> None:
     if step % int(cfg.train.log_every_steps) == 0 or final:
         run.tlog.write_train(step, epoch, {k: v for k, v in metrics.items() if k != "finite"})
     end_of_epoch = step % rl.steps_per_epoch == 0
-    eval_metrics = None
     due = eval_due(run, step)
-    if due:
-        eval_metrics = evaluate_or_report(run, state, step, epoch)
     every = int(cfg.train.ckpt_every_steps)
     if final or due or (end_of_epoch if every <= 0 else step % every == 0):
-        run.ckpts.save(step, state, _meta(run, step, eval_metrics), metrics=eval_metrics)
+        # the checkpoint before its evaluation (written while it runs), marked as not evaluated:
+        # a hard kill during the evaluation (out of memory, a scheduler's SIGKILL) cost the
+        # epoch's training; now it costs the evaluation, which the rerun runs first
+        meta = _meta(run, step)
+        if due:
+            meta["eval_pending"] = True
+        run.ckpts.save(step, state, meta)
+        if due:
+            eval_metrics = evaluate_or_report(run, state, step, epoch)
+            run.ckpts.replace(step, state, _meta(run, step, eval_metrics), metrics=eval_metrics)
         run.tlog.reset_timer()
 
 
