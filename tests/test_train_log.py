@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from damo_jax.train.log import TrainLog, drop_records_after, read_metrics
 
 
@@ -114,3 +116,16 @@ def test_the_train_cli_shows_a_bar_only_on_a_terminal():
         def isatty(self):
             return True
     assert _is_terminal(Tty()) and not _is_terminal(io.StringIO())
+
+
+def test_a_failed_log_write_is_one_user_error_naming_the_file(tmp_path):
+    """Disk full / no permission on metrics.jsonl was a traceback (the audit: four of them, exit 1)
+    while a failed checkpoint write was one line: now the same one-line error, naming the file."""
+    from damo_jax.errors import UserError
+    log = TrainLog(tmp_path, total_steps=4, progress=False)
+    log.write_train(1, 0, {"total_loss": 1.0})
+    (tmp_path / "metrics.jsonl").unlink()
+    (tmp_path / "metrics.jsonl").mkdir()          # open(..., "a") now fails with an OSError
+    with pytest.raises(UserError, match=r"cannot write .*metrics.jsonl: .*the same command resumes"):
+        log.write_eval(2, 0, {"AP": 0.5})
+    log.close()

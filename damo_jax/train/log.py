@@ -19,6 +19,7 @@ each (kind, step) for files written before.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -124,9 +125,10 @@ class TrainLog:
         record = {k: float(v) for k, v in metrics.items()}
         self._append({"kind": "eval", "step": int(step), "epoch": int(epoch) + 1, **record})
         if self._tb is not None:
-            for k, v in record.items():
-                self._tb.add_scalar(f"eval/{k}", v, int(step))
-            self._tb.flush()
+            with self._writing(self.workdir / "tensorboard"):
+                for k, v in record.items():
+                    self._tb.add_scalar(f"eval/{k}", v, int(step))
+                self._tb.flush()
 
     def write_eval_failure(self, step: int, epoch: int, error: str) -> None:
         """A jsonl record ``{"kind": "eval_failed", "step", "epoch" (from 1), "error"}`` for an
@@ -155,8 +157,23 @@ class TrainLog:
         if not self.primary:
             return
         record = dict(record, time=round(time.time(), 1))     # wall clock (unix s): the pace
-        with open(self.jsonl_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        with self._writing(self.jsonl_path):
+            with open(self.jsonl_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    @contextlib.contextmanager
+    def _writing(self, path):
+        """A failed write of the run's logs (disk full, no permission) as one
+        :class:`~damo_jax.train.checkpoint.CheckpointWriteError` line naming the file and the
+        reason (it was a traceback), as a failed checkpoint write is."""
+        from damo_jax.train.checkpoint import CheckpointWriteError, _write_reason
+        try:
+            yield
+        except OSError as err:
+            raise CheckpointWriteError(
+                f"cannot write {path}: {_write_reason(err)}; the same command resumes from the "
+                f"last checkpoint once that is fixed (free disk space or fix the folder's "
+                f"permissions)") from err
 
 
 def _clock(seconds: float) -> str:
