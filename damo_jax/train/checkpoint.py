@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import signal
 import sys
 import threading
@@ -709,7 +710,8 @@ def _restore_for_inference(directory: Path, step: int, items) -> dict:
     empty step folder, truncated array files) as one :class:`CheckpointCorruptError`."""
     ck = Checkpoints(directory, read_only=True)
     others = [s for s in complete_steps(directory) if s != step]
-    hint = (f"; complete steps: {others}, choose one with --checkpoint {directory}/<step>"
+    hint = (f"; complete steps: {others}, choose one with --checkpoint "
+            f"{shlex.quote(str(directory))}/<step>"
             if others else "")
     missing = _missing_items(directory / str(step), items)
     if missing:

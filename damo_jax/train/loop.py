@@ -26,6 +26,7 @@ import dataclasses
 import logging
 import math
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -1052,8 +1053,9 @@ def finish(run: Run, state: dict, skipped: int = 0) -> dict:
         f"; last: {last_step}" if best_step is not None and best_step != last_step else "")
     run.info(f"checkpoint ({which}): {summary['checkpoint']}  curves: {summary['curves']}"
              + (f"  predictions: {summary['predictions']}" if "predictions" in summary else ""))
-    run.info(f"next: damo-jax eval --checkpoint {run.workdir} | damo-jax predict --checkpoint "
-             f"{run.workdir} --source IMAGES | damo-jax export onnx --checkpoint {run.workdir} "
+    run_dir = shlex.quote(str(run.workdir))              # a folder with spaces pastes as one
+    run.info(f"next: damo-jax eval --checkpoint {run_dir} | damo-jax predict --checkpoint "
+             f"{run_dir} --source IMAGES | damo-jax export onnx --checkpoint {run_dir} "
              f"--output model.onnx (they load the "
              + ("best-AP" if best_step is not None else "latest") + " checkpoint)")
     return summary
