@@ -152,9 +152,10 @@ def mistakes(f):
     for cli in ("eval", "predict"):
         table[cli, "no model source"] = (without(base_args(cli, f), "--weights"), "--checkpoint")
     table["train", "empty --workdir"] = (without(base_args("train", f), "--workdir")
-                                         + ["--workdir", ""], "--workdir: an empty path")
+                                         + ["--workdir", ""], "--workdir: an empty value")
+    table["eval", "empty --out"] = (base_args("eval", f) + ["--out", ""], "--out: an empty value")
     table["predict", "blank --out"] = (without(base_args("predict", f), "--out") + ["--out", " "],
-                                       "--out: an empty path")
+                                       "--out: an empty value")
     table["train", "missing finetune file"] = (
         base_args("train", f) + ["--config.train.finetune=/no/such.pth"], "train.finetune")
     table["train", "finetune given a run folder"] = (
@@ -216,7 +217,7 @@ CASES += [(cli, m) for cli in ("eval", "predict") for m in ("--config a folder t
 CASES += [("eval", f"{flag} under a file") for flag in ("--json-out", "--stats-out", "--out")]
 CASES += [("eval", "no model source"), ("predict", "no model source"), ("predict", "missing --source"),
           ("info", "--img-size three values"), ("train", "empty --workdir"),
-          ("predict", "blank --out")]
+          ("predict", "blank --out"), ("eval", "empty --out")]
 
 
 def assert_one_error_line(err: str, must_contain: str) -> str:

@@ -126,6 +126,7 @@ def test_a_failed_log_write_is_one_user_error_naming_the_file(tmp_path):
     log.write_train(1, 0, {"total_loss": 1.0})
     (tmp_path / "metrics.jsonl").unlink()
     (tmp_path / "metrics.jsonl").mkdir()          # open(..., "a") now fails with an OSError
-    with pytest.raises(UserError, match=r"cannot write .*metrics.jsonl: .*the same command resumes"):
+    with pytest.raises(UserError,
+                       match=r"cannot write .*metrics.jsonl: .*; no checkpoint was written yet"):
         log.write_eval(2, 0, {"AP": 0.5})
     log.close()

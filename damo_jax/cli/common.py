@@ -56,6 +56,19 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):  # noqa: D401 - argparse hook
         raise report_user_error(f"{self.prog}: {message} (see {self.prog} --help)")
 
+    def parse_known_args(self, args=None, namespace=None):
+        """argparse's, and a value given as an empty / blank string refused (``--out ""``,
+        ``--data $UNSET``): it read as "not given" (``eval --out ""`` wrote no reports, exit 0)
+        or as the current folder."""
+        ns, rest = super().parse_known_args(args, namespace)
+        for action in self._actions:
+            value = getattr(ns, action.dest, None)
+            values = value if isinstance(value, (list, tuple)) else [value]
+            if value != action.default and any(isinstance(v, str) and not v.strip() for v in values):
+                name = action.option_strings[0] if action.option_strings else action.dest
+                self.error(f"{name}: an empty value (an unset shell variable?)")
+        return ns, rest
+
 
 def setup_logging(level: int = logging.INFO) -> None:
     """The one logging set-up of every command: our INFO lines, third-party chatter only from

@@ -78,6 +78,14 @@ class CheckpointWriteError(UserError):
     folder, the reason and the checkpoint the same command resumes from."""
 
 
+def resume_hint(directory) -> str:
+    """What the same command does after a failed write: resume from the newest complete
+    checkpoint in ``directory``, or start again when there is none."""
+    done = complete_steps(directory)
+    return (f"the same command resumes from checkpoint {done[-1]} once that is fixed" if done
+            else "no checkpoint was written yet")
+
+
 def _write_reason(err: BaseException) -> str:
     """The OS reason of a failed write (``No space left on device (errno 28)``), else the root
     cause."""
@@ -583,12 +591,10 @@ class Checkpoints:
         except (ocp.checkpoint_manager.StepAlreadyExistsError, CheckpointWriteError):
             raise
         except Exception as err:  # noqa: BLE001 - tensorstore / OS errors of the writer threads
-            done = complete_steps(self.directory)
             raise CheckpointWriteError(
                 f"cannot write checkpoints to {self.directory}: {_write_reason(err)}; "
-                + (f"the same command resumes from checkpoint {done[-1]} once that is fixed"
-                   if done else "no checkpoint was written yet") + " (free disk space or fix the "
-                "folder's permissions)") from err
+                + resume_hint(self.directory) + " (free disk space or fix the folder's "
+                "permissions)") from err
 
     def __enter__(self):
         return self

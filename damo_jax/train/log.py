@@ -166,13 +166,14 @@ class TrainLog:
         """A failed write of the run's logs (disk full, no permission) as one
         :class:`~damo_jax.train.checkpoint.CheckpointWriteError` line naming the file and the
         reason (it was a traceback), as a failed checkpoint write is."""
-        from damo_jax.train.checkpoint import CheckpointWriteError, _write_reason
+        from damo_jax.train.checkpoint import (CKPT_SUBDIR, CheckpointWriteError, _write_reason,
+                                               resume_hint)
         try:
             yield
         except OSError as err:
             raise CheckpointWriteError(
-                f"cannot write {path}: {_write_reason(err)}; the same command resumes from the "
-                f"last checkpoint once that is fixed (free disk space or fix the folder's "
+                f"cannot write {path}: {_write_reason(err)}; "
+                f"{resume_hint(self.workdir / CKPT_SUBDIR)} (free disk space or fix the folder's "
                 f"permissions)") from err
 
 
