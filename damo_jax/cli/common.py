@@ -309,20 +309,11 @@ def _make_folder(folder: Path, where: str, name: str) -> None:
         raise InputPathError(f"{where}: cannot write into {name} (permission denied)")
 
 
-def refuse_empty_or_url(path, flag: str) -> None:
-    """ConfigError for an output path that is empty / blank or a URL (:func:`refuse_url`)."""
-    if not str(path).strip():
-        raise ConfigError(f"{flag}: an empty path (an unset shell variable?); give a folder "
-                          f"('.' is the current one)")
-    refuse_url(path, flag)
-
-
 def output_dir(path, flag: str) -> Path:
     """Create the output folder ``path`` (parents too) and check that it is writable, before any
     work is done; an :class:`InputPathError` naming ``flag`` when it cannot be, a ConfigError for
-    a URL or an empty path (an unset shell variable: the outputs would land in the current
-    folder, a run there would be resumed; ``.`` names that folder)."""
-    refuse_empty_or_url(path, flag)
+    a URL (an empty value never gets here: :class:`Parser` refuses it)."""
+    refuse_url(path, flag)
     out = Path(path)
     _make_folder(out, f"{flag} {path}", "this folder")
     return out
@@ -332,7 +323,7 @@ def output_file(path, flag: str, *, suffix: str | None = None, inputs=None) -> P
     """:func:`output_dir` for the folder of the output file ``path``; also rejects a folder, a name
     without ``suffix`` (e.g. ``".onnx"``) and a path that is one of the command's ``inputs``
     (``{flag: path or None}``): an export never overwrites what it reads."""
-    refuse_empty_or_url(path, flag)
+    refuse_url(path, flag)
     out = Path(path)
     if out.is_dir():
         raise InputPathError(f"{flag} {path}: is a folder, expected a file name")
