@@ -493,9 +493,8 @@ class Checkpoints:
         stops at once with a :class:`CheckpointReadError`, checkpoints untouched: falling back to
         an older step would silently drop work."""
         bad: list[tuple[int, str]] = []
-        tried: list[int] = []
-        for step in sorted(self.steps(), reverse=True):
-            tried.append(step)
+        steps = sorted(self.steps(), reverse=True)
+        for step in steps:
             missing = _missing_items(self.directory / str(step), ITEMS)
             if missing:
                 bad.append((step, f"incomplete: missing {', '.join(missing)}"))
@@ -524,7 +523,7 @@ class Checkpoints:
             for newer, why in bad:                    # a step restored: set the broken ones aside
                 self._set_aside(newer, why, resumed=step)
             return restored
-        if tried and len(bad) == len(tried):
+        if steps and len(bad) == len(steps):    # every step has bad files
             raise CheckpointCorruptError(
                 f"no checkpoint in {self.directory} can be restored: "
                 + "; ".join(f"step {s}: {why}" for s, why in bad)
