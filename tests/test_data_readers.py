@@ -127,6 +127,14 @@ def test_coco_missing_split_lists_what_was_tried(tmp_path):
         open_dataset(f"coco:{tmp_path}", "val")
 
 
+def test_coco_annotation_name_that_is_a_folder_is_named(tmp_path):
+    (tmp_path / "annotations" / "instances_val.json").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"instances_val\.json is a folder"):
+        open_dataset(f"coco:{tmp_path}", "val")
+    with pytest.raises(DataError, match=r"a folder, not an annotation file"):
+        open_dataset(f"coco:{tmp_path / 'annotations' / 'instances_val.json'}", "val")
+
+
 # ---------------------------------------------------------------------------------------------- YOLO
 def _write_yolo(root, names_yaml: str):
     for split, n in (("train", 3), ("val", 2)):

@@ -754,3 +754,5 @@ def test_resume_checks_the_settings_of_the_checkpoint_it_restores(tmp_path):
                                     val_ds=None, teacher=None)
         with pytest.raises(ConfigError, match=r"train.batch_size 4 -> 8 on resume"):
             resume_or_start(run, state)
+    # the refused resume changed nothing in the folder (the broken step 8 was set aside first)
+    assert sorted(p.name for p in d.iterdir()) == ["4", "8"]

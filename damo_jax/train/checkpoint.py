@@ -382,6 +382,7 @@ class Checkpoints:
                 policies.BestN(get_metric_fn=_best_metric, n=1, keep_checkpoints_without_metrics=False),
             ]))
         self._mngr = _Manager(self.directory, item_handlers=_handlers(), options=options)
+        self.broken_newer: list[tuple[int, str, int]] = []     # restore_latest(set_aside=False)
         if not read_only and jax.process_index() == 0:
             for step, metrics in sorted(self._mngr.recovered.items()):   # repair the file on disk
                 path = self.directory / str(step) / "metrics" / "metrics"
@@ -479,7 +480,7 @@ class Checkpoints:
                 ema=ocp.args.StandardRestore(_abstract(ema_tmpl)), meta=ocp.args.JsonRestore()))
         return join_state(out["state"], out["ema"], template), out["meta"]
 
-    def restore_latest(self, template: dict) -> tuple[dict, dict] | None:
+    def restore_latest(self, template: dict, *, set_aside: bool = True) -> tuple[dict, dict] | None:
         """Newest complete checkpoint that loads, or None when none fits this model / config.
 
         Steps are tried newest to oldest WITHOUT touching them. Only once an older step has
@@ -491,7 +492,12 @@ class Checkpoints:
         renamed: a :class:`CheckpointCorruptError` if every step has bad files, else None.
         A failure that says nothing about the files (out of memory, permission denied, I/O error)
         stops at once with a :class:`CheckpointReadError`, checkpoints untouched: falling back to
-        an older step would silently drop work."""
+        an older step would silently drop work.
+
+        ``set_aside=False`` leaves the broken newer steps in place and lists them in
+        ``self.broken_newer`` for :meth:`set_aside_broken`: a caller that may still refuse the
+        restored checkpoint (resume checks) changes the folder only once it goes on."""
+        self.broken_newer = []
         bad: list[tuple[int, str]] = []
         steps = sorted(self.steps(), reverse=True)
         for step in steps:
@@ -520,8 +526,9 @@ class Checkpoints:
                 log.warning("checkpoint %s/%s does not load into this model/config (%s); trying an "
                             "older one", self.directory, step, first[:200])          # ~40 lines
                 continue
-            for newer, why in bad:                    # a step restored: set the broken ones aside
-                self._set_aside(newer, why, resumed=step)
+            self.broken_newer = [(newer, why, step) for newer, why in bad]
+            if set_aside:                             # a step restored: set the broken ones aside
+                self.set_aside_broken()
             return restored
         if steps and len(bad) == len(steps):    # every step has bad files
             raise CheckpointCorruptError(
@@ -543,6 +550,12 @@ class Checkpoints:
         train_tmpl, ema_tmpl = split_state(template)
         return recorded == {"state": _layout(train_tmpl), "ema": _layout(ema_tmpl)}
 
+    def set_aside_broken(self) -> None:
+        """Move aside the broken steps newer than the one :meth:`restore_latest` restored."""
+        for newer, why, resumed in self.broken_newer:
+            self._set_aside(newer, why, resumed=resumed)
+        self.broken_newer = []
+
     def _set_aside(self, step: int, why: str, resumed: int | None = None) -> None:
         """Rename a broken step folder to ``<step>.unusable`` (``.unusable-2``, ... if taken) so
         that neither Orbax nor a later save of the same step trips over it."""
@@ -551,7 +564,11 @@ class Checkpoints:
         while target.exists():
             n += 1
             target = self.directory / f"{step}.unusable-{n}"
-        source.rename(target)
+        if jax.process_index() == 0:       # one folder on a shared file system
+            source.rename(target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"damo_jax checkpoint set aside {step}")
         self._mngr.reload()
         log.warning("checkpoint %s cannot be used (%s); moved aside to %s%s", source, why,
                     target.name, f" (the run resumes from checkpoint {resumed})" if resumed is not None

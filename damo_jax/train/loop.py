@@ -779,7 +779,7 @@ def resume_or_start(run: Run, state: dict) -> dict:
             else state
     saved_meta = latest_meta(run, steps)
     check_resume(run, saved_meta)        # before anything in the run folder changes
-    restored = run.ckpts.restore_latest(state)
+    restored = run.ckpts.restore_latest(state, set_aside=False)   # the folder changes once it is accepted
     if restored is None:
         changed = changed_settings(saved_meta.get("config") or {}, checkpoint.config_to_json(run.cfg))
         raise ConfigError(f"--workdir {run.workdir}: {run.ckpts.directory} holds checkpoints {steps} but "
@@ -792,6 +792,7 @@ def resume_or_start(run: Run, state: dict) -> dict:
     if run.teacher is not None:
         distill_lib.check_resumed_teacher(meta.get("distill") or {}, run.distill_meta, run.ckpts.directory)
         run.distill_meta = dict(meta.get("distill") or {}, **run.distill_meta)
+    run.ckpts.set_aside_broken()
     step = int(jax.device_get(state["step"]))
     if meta.get("eval_pending") and run.val_ds is not None:
         run.pending_eval = step

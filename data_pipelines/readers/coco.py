@@ -79,6 +79,9 @@ def resolve_coco_paths(path: str | os.PathLike, split: str, *,
         return p, p.parent
     if not p.is_dir():
         raise DataError(f"coco:{path}: no such file or directory")
+    if p.suffix.lower() == ".json" and not (p / "annotations").is_dir():
+        raise DataError(f"coco:{path}: a folder, not an annotation file (give the COCO JSON file, or "
+                        f"the dataset folder holding annotations/)")
     tried = []
     for ann_name, img_dirs in (
         (f"instances_{split}2017.json", (f"{split}2017", f"images/{split}2017")),
@@ -86,6 +89,9 @@ def resolve_coco_paths(path: str | os.PathLike, split: str, *,
     ):
         ann = p / "annotations" / ann_name
         tried.append(str(ann))
+        if ann.exists() and not ann.is_file():
+            raise DataError(f"coco:{path}: {ann} is a folder, not an annotation file (a COCO JSON "
+                            f"file is expected at that name)")
         if ann.is_file():
             for d in img_dirs:
                 if (p / d).is_dir():
