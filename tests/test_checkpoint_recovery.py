@@ -241,3 +241,34 @@ def test_replace_with_a_failing_write_keeps_the_step(tmp_path, monkeypatch):
         assert meta["step"] == 2 and meta.get("eval_pending")
         ck.replace(2, restored, dict(_meta(2), eval={"AP": 0.9}), metrics={"AP": 0.9})
     _check_replaced(d, state)
+
+
+def test_best_names_a_newer_checkpoint_whose_evaluation_never_ran(tmp_path, caplog):
+    """eval / predict / export took the best evaluated step without a word while the newest one,
+    saved before its evaluation was cut off, may be better: they now say so, once."""
+    d = tmp_path / "ck"
+    _pending_run(d)
+    with caplog.at_level(logging.WARNING):
+        assert checkpoint.resolve(d) == (d, 1)
+        assert checkpoint.resolve(d) == (d, 1)
+        assert checkpoint.resolve(d, "latest") == (d, 2)
+    hits = [r.getMessage() for r in caplog.records if "was not evaluated" in r.getMessage()]
+    assert len(hits) == 1 and f"{d}/2 (the newest)" in hits[0] and "step 1" in hits[0], caplog.text
+    assert f"--checkpoint {d}/2" in hits[0]
+
+
+def test_a_garbled_step_record_is_one_warning_not_an_error(tmp_path, caplog):
+    """Orbax reads a step whose ``_CHECKPOINT_METADATA`` is not JSON, after an ERROR line that
+    read like a failure: now one warning naming the file (once), and the step resumes."""
+    d = tmp_path / "ck"
+    state = _save(d, (1, 2))
+    (d / "2" / "_CHECKPOINT_METADATA").write_text("garbage{")
+    with caplog.at_level(logging.WARNING), checkpoint.Checkpoints(d, keep=5) as ck:
+        restored, meta = ck.restore_latest(_state(seed=9, big=True))
+        ck.restore_latest(_state(seed=9, big=True))
+    assert meta["step"] == 2
+    _assert_tree_equal(restored["params"], state["params"])
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    hits = [r.getMessage() for r in caplog.records if "is not valid JSON" in r.getMessage()]
+    assert hits == [f"{d}/2/_CHECKPOINT_METADATA is not valid JSON (Orbax's record of the step); "
+                    f"the step's own files are read without it"], caplog.text

@@ -62,9 +62,22 @@ class _OrbaxErrorsShort(logging.Filter):
     logger (Orbax's), on one line, without its traceback (all of it with ``DAMO_JAX_DEBUG=1`` /
     ``--debug``)."""
 
+    GARBLED = re.compile(r"Failed to json parse Metadata file: (.+?), file content:")
+    _seen: set = set()
+
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno >= logging.ERROR and not debug_enabled(sys.argv):
             message = " ".join(record.getMessage().split())
+            garbled = self.GARBLED.match(message)
+            if garbled:          # Orbax reads the step without it: a warning, once per file
+                if garbled.group(1) in self._seen:
+                    return False
+                self._seen.add(garbled.group(1))
+                record.levelno, record.levelname = logging.WARNING, "WARNING"
+                record.msg, record.args = ("%s is not valid JSON (Orbax's record of the step); the "
+                                           "step's own files are read without it"), (garbled.group(1),)
+                record.exc_info, record.exc_text, record.stack_info = None, None, None
+                return True
             record.msg, record.args = message[:300] + ("..." if len(message) > 300 else ""), ()
             record.exc_info, record.exc_text, record.stack_info = None, None, None
         return True
@@ -707,6 +720,7 @@ def resolve(path, step="best") -> tuple[Path, int]:
         chosen = ck.latest_step()
     elif step == "best":
         chosen = ck.best_step() or ck.latest_step()
+        _warn_unevaluated_newer(p, ck.latest_step(), chosen)
     else:
         try:
             chosen = int(step)
@@ -716,6 +730,26 @@ def resolve(path, step="best") -> tuple[Path, int]:
         if chosen not in steps:
             raise InputPathError(f"checkpoint step {chosen} not in {p} (have {steps})")
     return p, int(chosen)
+
+
+_WARNED_UNEVALUATED: set = set()
+
+
+def _warn_unevaluated_newer(directory: Path, latest: int | None, chosen: int) -> None:
+    """Warn when "best" passes over a newer checkpoint whose evaluation never ran (its run was
+    stopped during it: ``meta["eval_pending"]``): it may be the best one, unknown until evaluated."""
+    if latest is None or latest == chosen:
+        return
+    try:
+        pending = json.loads((directory / str(latest) / "meta" / "metadata").read_text()).get("eval_pending")
+    except (OSError, ValueError, AttributeError):
+        return
+    if pending and (str(directory), latest) not in _WARNED_UNEVALUATED:    # once per process
+        _WARNED_UNEVALUATED.add((str(directory), latest))
+        log.warning("checkpoint %s/%d (the newest) was not evaluated: its run stopped during the "
+                    "evaluation; using the best evaluated one, step %d. Rerun the training command to "
+                    "evaluate it, or choose it with --checkpoint %s",
+                    directory, latest, chosen, shlex.quote(f"{directory}/{latest}"))
 
 
 class CheckpointCorruptError(UserError, ValueError):
