@@ -10,7 +10,10 @@ Layout: ``<workdir>/checkpoints/<step>/`` with three items
 * ``ema``   — ``{"params", "batch_stats"}`` of the EMA model (what evaluation / export use). The raw
   model and the EMA are BOTH saved (the official trainer saved only the EMA and resumed from it),
 * ``meta``  — JSON: ``config`` (the full ConfigDict), ``class_names``, ``category_ids``, ``loader``
-  (data-loader position: next global step), ``epoch``, ``step`` and the last evaluation metrics.
+  (data-loader position: next global step), ``epoch``, ``step``, the last evaluation metrics
+  (``eval_pending`` while the step's evaluation has not run) and ``array_crc32``: a CRC-32 of the
+  ``state`` and ``ema`` items' arrays, checked on every restore (Orbax reads damaged array chunks
+  without complaint).
 
 Atomicity: Orbax writes ``<step>.orbax-checkpoint-tmp`` and renames it when every item is written,
 so a finalized step directory is complete; an interrupted save leaves only the tmp folder, which
@@ -239,6 +242,52 @@ def join_state(train_item: dict, ema_item: dict, template: dict | None = None) -
             **teacher}
 
 
+DIGEST_KEY = "array_crc32"     # meta: {"state": int, "ema": int}, CRC-32 of each item's arrays
+
+
+def item_digest(tree) -> int | None:
+    """CRC-32 over the bytes of every array of ``tree`` (leaves in the order of their key paths
+    written as in :func:`_layout`, so an optax namedtuple and the dict Orbax restores without a
+    template agree; each one's path, dtype and shape mixed in), computed on this process's copy;
+    None when some array is not
+    fully replicated (its bytes are spread over processes: not checked). Saved in the meta so a
+    restore notices damaged array files (a flipped bit) that Orbax and TensorStore read without
+    complaint."""
+    import zlib
+
+    import numpy as np
+    crc = 0
+    leaves = sorted((("/".join(_key_name(e) for e in path), x)
+                     for path, x in jax.tree_util.tree_leaves_with_path(tree)), key=lambda t: t[0])
+    for path, x in leaves:
+        if isinstance(x, jax.Array):
+            if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+                x = jax.random.key_data(x)
+            if not x.is_fully_replicated:
+                return None
+            x = x.addressable_shards[0].data
+        a = np.ascontiguousarray(np.asarray(x))
+        crc = zlib.crc32(f"{path}:{a.dtype.str}:{a.shape};".encode(), crc)
+        crc = zlib.crc32(a.view(np.uint8).reshape(-1) if a.size else b"", crc)
+    return crc
+
+
+def check_digest(items: dict, meta: dict, where: str) -> None:
+    """Raise :class:`CheckpointCorruptError` naming the item whose arrays do not match the
+    CRC-32 recorded in ``meta`` when they were saved (checkpoints without one pass)."""
+    recorded = meta.get(DIGEST_KEY) if isinstance(meta, dict) else None
+    if not isinstance(recorded, dict):
+        return
+    for name, tree in items.items():
+        want = recorded.get(name)
+        if isinstance(want, int):
+            got = item_digest(tree)
+            if got is not None and got != want:
+                raise CheckpointCorruptError(
+                    f"{where}: the arrays of item {name!r} do not match the checksum recorded when "
+                    f"they were saved (CRC-32 {got:#010x}, saved {want:#010x}): the files are damaged")
+
+
 def _abstract(tree):
     """ShapeDtypeStructs carrying each leaf's sharding (restore lands directly on the devices)."""
     def one(x):
@@ -429,6 +478,7 @@ class Checkpoints:
         """Start writing ``step`` (asynchronous); a :class:`CheckpointWriteError` when this or the
         previous write failed."""
         train_item, ema_item = split_state(state)
+        meta = dict(meta, **{DIGEST_KEY: {"state": item_digest(train_item), "ema": item_digest(ema_item)}})
         with deferred_interrupts(), self._writing():
             self._mngr.save(int(step), args=ocp.args.Composite(
                 state=ocp.args.StandardSave(train_item), ema=ocp.args.StandardSave(ema_item),
@@ -453,6 +503,11 @@ class Checkpoints:
             if step not in self.steps() or not self.is_complete(step):
                 self.save(step, state, meta, metrics=metrics)
                 return
+            try:      # the arrays stay as saved: so does their checksum
+                saved = json.loads((folder / "meta" / "metadata").read_text()).get(DIGEST_KEY)
+            except (OSError, ValueError, AttributeError):
+                saved = None
+            meta = dict(meta, **({DIGEST_KEY: saved} if saved else {}))
             if jax.process_index() == 0:
                 try:
                     self._rewrite(folder, meta, metrics)
@@ -491,6 +546,8 @@ class Checkpoints:
             out = self._mngr.restore(int(step), args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(_abstract(train_tmpl)),
                 ema=ocp.args.StandardRestore(_abstract(ema_tmpl)), meta=ocp.args.JsonRestore()))
+        check_digest({"state": out["state"], "ema": out["ema"]}, out["meta"],
+                     f"checkpoint {self.directory}/{int(step)}")
         return join_state(out["state"], out["ema"], template), out["meta"]
 
     def restore_latest(self, template: dict, *, set_aside: bool = True) -> tuple[dict, dict] | None:
@@ -775,10 +832,17 @@ def _restore_for_inference(directory: Path, step: int, items) -> dict:
                                      f"(missing {', '.join(missing)}){hint}")
     try:
         with _quiet_shutdown_noise():
-            return ck.restore_items(step, items=items)
+            out = ck.restore_items(step, items=items)
     except Exception as e:  # noqa: BLE001 - orbax re-raises tensorstore read errors as bare Exception
         raise CheckpointCorruptError(f"step {step} in {directory} is incomplete or corrupt "
                                      f"({root_cause(e)}){hint}") from e
+    if "meta" in out:
+        try:
+            check_digest({k: v for k, v in out.items() if k != "meta"}, out["meta"],
+                         f"checkpoint {directory}/{step}")
+        except CheckpointCorruptError as e:
+            raise CheckpointCorruptError(f"{e}{hint}") from None
+    return out
 
 
 def load_meta(path, step="best") -> dict:
