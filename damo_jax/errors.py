@@ -27,6 +27,23 @@ class InputPathError(UserError, FileNotFoundError):
     """A path given on the command line or in a config does not exist / is not what is expected."""
 
 
+class OutputWriteError(UserError, OSError):
+    """An output file could not be written (disk full, no permission, a read-only file system):
+    names the file and the system's reason."""
+
+
+def write_failed(path, err: BaseException) -> OutputWriteError:
+    """The :class:`OutputWriteError` for a failed write of ``path`` (raise it ``from err``); the
+    reason is the OS error's text (``No space left on device (errno 28)``), else the error's first
+    line (OpenVINO reports failed writes as ``RuntimeError``)."""
+    if isinstance(err, OSError) and err.strerror:
+        reason = f"{err.strerror} (errno {err.errno})"
+    else:
+        import re
+        reason = re.sub(r"^Check '[^']*' failed at \S+: ", "", one_line(err))[:300]
+    return OutputWriteError(f"cannot write {path}: {reason}")
+
+
 class ConfigKeyError(ConfigError, KeyError):
     """An override names a config key that does not exist (also a ``KeyError`` for callers)."""
 

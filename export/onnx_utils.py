@@ -25,7 +25,7 @@ from pathlib import Path
 
 import onnx
 
-from damo_jax.errors import UserError
+from damo_jax.errors import UserError, write_failed
 
 
 class OnnxRuntimeRefused(UserError, RuntimeError):
@@ -88,6 +88,8 @@ def save(model: onnx.ModelProto, path) -> Path:
         onnx.save_model(model, str(tmp), save_as_external_data=large,
                         all_tensors_to_one_file=True, location=path.name + ".data")
         os.replace(tmp, path)
+    except OSError as e:                 # disk full, no permission: one line, nothing left behind
+        raise write_failed(path, e) from e
     finally:
         tmp.unlink(missing_ok=True)
     return path

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from damo_jax.errors import ConfigError, InputPathError, UserError
+from damo_jax.errors import ConfigError, InputPathError, UserError, write_failed
 from damo_jax.export import end2end as end2end_graph, onnx_utils
 
 log = logging.getLogger("damo_jax.export")
@@ -54,11 +54,17 @@ def convert(onnx_path, output, *, fp16: bool = False) -> Path:
     # refused export leaves no IR that was not checked
     tmp = output.with_name(f".{output.stem}.{os.getpid()}.tmp.xml")
     try:
-        ov.save_model(model, str(tmp), compress_to_fp16=fp16)
+        try:
+            ov.save_model(model, str(tmp), compress_to_fp16=fp16)
+        except (OSError, RuntimeError) as e:     # OpenVINO's failed writes are RuntimeErrors
+            raise write_failed(output, e) from e
         if not fp16:                   # FP16 weights differ from the ONNX file by design
             verify(onnx_path, tmp, shown_as=output)
-        os.replace(tmp.with_suffix(".bin"), output.with_suffix(".bin"))
-        os.replace(tmp, output)
+        try:
+            os.replace(tmp.with_suffix(".bin"), output.with_suffix(".bin"))
+            os.replace(tmp, output)
+        except OSError as e:
+            raise write_failed(output, e) from e
     finally:
         tmp.unlink(missing_ok=True)
         tmp.with_suffix(".bin").unlink(missing_ok=True)

@@ -26,7 +26,7 @@ import logging
 from pathlib import Path
 
 
-from damo_jax.errors import ConfigError, InputPathError, UserError
+from damo_jax.errors import ConfigError, InputPathError, UserError, write_failed
 from damo_jax.export import onnx_utils
 
 log = logging.getLogger("damo_jax.export")
@@ -137,8 +137,11 @@ def build_engine(onnx_path, engine_path, *, fp16=False, min_batch=None, opt_batc
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see its log)")
-    engine_path.parent.mkdir(parents=True, exist_ok=True)
-    engine_path.write_bytes(bytes(serialized))
+    try:
+        engine_path.parent.mkdir(parents=True, exist_ok=True)
+        engine_path.write_bytes(bytes(serialized))
+    except OSError as e:
+        raise write_failed(engine_path, e) from e
     log.info("wrote %s (profile %s, fp16=%s)", engine_path, shapes, fp16)
     return engine_path
 

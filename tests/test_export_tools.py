@@ -312,3 +312,42 @@ def test_onnxruntime_refusals_are_one_line_errors_and_saves_are_atomic(tmp_path,
     with pytest.raises(KeyboardInterrupt):
         onnx_utils.save(bad, path)
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_a_failed_write_is_one_error_naming_the_file(tmp_path, monkeypatch):
+    """A full disk or an unwritable place gave a traceback (exit 1) from onnx / OpenVINO; now one
+    ``error:`` line naming the output and the reason, the old file intact, no temporary left."""
+    import errno
+
+    from damo_jax.errors import OutputWriteError
+    from damo_jax.export import to_openvino
+    from damo_jax.inference.backends import import_openvino
+    good = helper.make_model(helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 8, 8])]),
+        opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    path = onnx_utils.save(good, tmp_path / "m.onnx")
+    before = path.read_bytes()
+
+    def disk_full(model, name, **kwargs):
+        with open(name, "wb") as f:
+            f.write(before[:10])
+        raise OSError(errno.ENOSPC, "No space left on device", str(name))
+    with monkeypatch.context() as m:
+        m.setattr(onnx, "save_model", disk_full)
+        with pytest.raises(OutputWriteError, match=rf"^cannot write {re.escape(str(path))}: No space "
+                                                   rf"left on device \(errno 28\)$"):
+            onnx_utils.save(good, path)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+    ov = import_openvino()
+
+    def cannot_open(model, name, **kwargs):
+        raise RuntimeError("Check 'bin_file' failed at src/core/src/pass/serialize.cpp:124:\n"
+                           f"Can't open bin file: \"{name}\"")
+    monkeypatch.setattr(ov, "save_model", cannot_open)
+    with pytest.raises(OutputWriteError, match=rf"^cannot write {re.escape(str(tmp_path / 'm.xml'))}: "
+                                               r"Can't open bin file: "):
+        to_openvino.convert(path, tmp_path / "m.xml")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
