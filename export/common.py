@@ -27,6 +27,11 @@ log = logging.getLogger("damo_jax.export")
 RAW_OUTPUTS = ("scores", "boxes")
 INPUT_NAME = "images"
 DYNAMIC_BATCH = "N"
+#: the pre-processing of every damo_jax inference path (``damo_jax.inference.pipeline.stretch_resize``),
+#: recorded in the export metadata: a deployment that resizes otherwise (letterbox, PIL's bilinear
+#: with its antialiasing) finds fewer objects
+RESIZE = ("stretch to (H, W), no letterbox (x and y scaled independently): cv2.resize "
+          "INTER_LINEAR on the uint8 RGB image")
 
 
 @dataclasses.dataclass
@@ -44,13 +49,22 @@ class DeployModel:
         return len(self.class_names)
 
     def metadata(self) -> dict:
-        """ONNX / IR metadata: names, sizes and the recommended thresholds of the config."""
+        """ONNX / IR metadata (strings): what a reader needs to run the file as the run's own
+        evaluation did — names, size, pre-processing and the config's ``test`` settings
+        (``damo_jax.inference.loading`` reads them back when no ``--config`` is given). The keys
+        are listed in docs/EXPORT.md ("Export metadata")."""
+        import damo_jax
+        from damo_jax.inference.pipeline import nms_params
+        test = nms_params(self.cfg.get("test"))       # what eval / predict use (defaults filled)
         return {
             "model": str(self.cfg.model.name), "weights": self.source,
+            "damo_jax_version": str(damo_jax.__version__),
             "input": "images float32 (N,3,H,W) RGB 0-255, no normalisation",
+            "resize": RESIZE,
             "image_size": json.dumps(list(self.image_size)),
             "class_names": json.dumps(list(self.class_names)),
-            "conf_thre": str(self.cfg.test.conf_thre), "iou_thre": str(self.cfg.test.iou_thre),
+            "conf_thre": str(test.conf), "iou_thre": str(test.iou),
+            "max_dets": str(test.max_dets), "pre_nms_topk": str(test.pre_nms_topk),
             "strides": json.dumps(list(self.cfg.model.head.get("strides", (8, 16, 32)))),
         }
 

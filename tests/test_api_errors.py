@@ -217,3 +217,99 @@ def test_unknown_override_key_hints_at_the_setting_meant(key, hint):
     with pytest.raises(ConfigKeyError) as info:
         apply_overrides(load_config("demo"), [f"{key}=1"])
     assert hint in str(info.value), str(info.value)
+
+
+# ------------------------------------------------------------------- exported files (docs/EXPORT.md)
+EXPORT_META = {"model": "ns", "image_size": "[32, 64]", "conf_thre": "0.05", "iou_thre": "0.7",
+               "max_dets": "2", "pre_nms_topk": "50"}
+
+
+def _handmade(path, **metadata):
+    """Raw-output ONNX (1,3,32,64): anchor scores cat/dog [[.9,.1],[.8,0],[0,.7]] (anchors 0 and 1
+    overlap), with export metadata."""
+    from test_predict import write_handmade_onnx
+    return write_handmade_onnx(path, class_names=("cat", "dog"), metadata=dict(EXPORT_META, **metadata))
+
+
+def test_detector_load_takes_an_exported_file(tmp_path):
+    """``Detector.load("m.onnx")`` was refused ("pass a config and the file as model_path="), and
+    the documented ``Detector.load("s", backend="onnx", model_path=...)`` fails for a file with its
+    own classes: a path to an exported file loads it through its metadata."""
+    path = _handmade(tmp_path / "m.onnx")
+    image = np.zeros((64, 64, 3), np.uint8)
+    for args, kwargs, kind in (((str(path),), {}, "OnnxBackend"), ((path,), {}, "OnnxBackend"),
+                               ((str(path),), {"backend": "openvino"}, "OpenVinoBackend")):
+        if kind == "OpenVinoBackend":
+            pytest.importorskip("openvino")
+        det = Detector.load(*args, **kwargs)
+        assert type(det.backend).__name__ == kind
+        assert det.class_names == ("cat", "dog") and det.image_size == (32, 64)
+        assert (det.params.max_dets, det.params.pre_nms_topk, det.conf) == (2, 50, 0.05)
+        result = det(image)
+        assert result["class_names"] == ["cat", "dog"]       # max_dets 2 of the 3 kept by NMS
+        np.testing.assert_allclose(result["scores"], [0.9, 0.7], rtol=1e-6)
+    from test_predict_errors import _as_ir
+    xml = _as_ir(path)
+    det = Detector.load(str(xml))
+    assert type(det.backend).__name__ == "OpenVinoBackend" and det.class_names == ("cat", "dog")
+    assert Detector.load(str(path), max_dets=3)(image)["class_names"] == ["cat", "dog", "dog"]
+    with pytest.raises(ConfigError, match="an exported file brings its own weights"):
+        Detector.load(str(path), model_path=str(path))
+    with pytest.raises(ConfigError, match=r"pass the model's config and the file as weights="):
+        Detector.load(str(tmp_path / "w.pth"))
+    with pytest.raises(InputPathError, match="--onnx .*missing.onnx"):
+        Detector.load(str(tmp_path / "missing.onnx"))
+
+
+def test_export_metadata_records_the_step_and_the_test_settings_the_loader_uses(run_dir, tmp_path):
+    """The export metadata lacked the resize, the checkpoint step, the damo_jax version and the
+    run's test.max_dets / pre_nms_topk: ``eval --onnx`` without --config used the bundled config's
+    (AP 0.406 against 0.397 of ``eval --checkpoint`` for a run with max_dets 10)."""
+    import damo_jax
+    from damo_jax.export import common
+    from damo_jax.inference.loading import load_model
+    dm = common.load_deploy_model(checkpoint=run_dir,
+                                  overrides=["test.max_dets=7", "test.pre_nms_topk=60"])
+    meta = dm.metadata()
+    assert meta["weights"] == f"{run_dir} (step 1)"
+    assert meta["damo_jax_version"] == damo_jax.__version__
+    assert "no letterbox" in meta["resize"] and "INTER_LINEAR" in meta["resize"]
+    assert (meta["max_dets"], meta["pre_nms_topk"]) == ("7", "60")
+    assert (meta["conf_thre"], meta["iou_thre"]) == (str(dm.cfg.test.conf_thre),
+                                                     str(dm.cfg.test.iou_thre))
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "EXPORT.md").read_text()
+    table = doc.split("### Export metadata", 1)[1].split("\n## ", 1)[0]
+    for key in meta:
+        assert f"`{key}`" in table, f"docs/EXPORT.md's metadata table misses {key}"
+    path = _handmade(tmp_path / "m.onnx", **{k: meta[k] for k in ("max_dets", "pre_nms_topk")})
+    loaded = load_model(onnx=path)
+    assert (loaded.cfg.test.max_dets, loaded.cfg.test.pre_nms_topk) == (7, 60)
+
+
+def test_export_md_python_examples_run(tmp_path, capsys):
+    """The two Python blocks of docs/EXPORT.md "Running exported models": the damo_jax one, and the
+    raw onnxruntime decode, whose detections must equal ``Detector.load(file)``'s."""
+    import re
+
+    from PIL import Image
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "EXPORT.md").read_text()
+    section = doc.split("## Running exported models", 1)[1].split("\n## ", 1)[0]
+    api, raw = re.findall(r"```python\n(.*?)```", section, re.S)
+    path = _handmade(tmp_path / "m.onnx", max_dets="500")
+    photo = tmp_path / "photo.jpg"
+    Image.fromarray(np.full((64, 96, 3), 90, np.uint8)).save(photo, quality=95)
+
+    def run(code):
+        scope = {"images_nhwc_float32": np.zeros((3, 32, 64, 3), np.float32)}
+        code = code.replace('"s.onnx"', repr(str(path))).replace('"photo.jpg"', repr(str(photo)))
+        exec(compile(code, "docs/EXPORT.md", "exec"), scope)
+        return scope
+    scope = run(api)
+    assert scope["scores"].shape == (3, 3, 2) and scope["boxes"].shape == (3, 3, 4)
+    want = scope["result"]
+    assert want["class_names"] == ["cat", "dog", "dog"]      # anchor 1 suppressed by anchor 0
+    got = run(raw)["detections"]
+    assert [name for name, _, _ in got] == want["class_names"]
+    np.testing.assert_allclose([s for _, s, _ in got], want["scores"], rtol=1e-6)
+    np.testing.assert_allclose(np.array([b for _, _, b in got]), want["boxes"], atol=1e-4)
+    assert "cat 0.90 6 4 30 36" in capsys.readouterr().out      # x factor 1.5, y factor 2

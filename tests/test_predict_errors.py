@@ -272,3 +272,146 @@ def test_a_resized_0_to_1_float_image_stays_0_to_1(caplog):
     assert "values up to 1.13 is read as a 0..1 image" in caplog.text
     np.testing.assert_array_equal(to_rgb_array(unit), rgb)           # plain 0..1: no warning needed
     np.testing.assert_array_equal(to_rgb_array(rgb.astype(np.float32)), rgb)    # 0..255 floats
+
+
+# ----------------------------------------------------------------- 7: exported files that do not fit
+def _exported_variant(path, *, class_names=None, metadata=None, input_dims=None, outputs=None):
+    """The handmade raw-output file (1,3,32,64) -> scores (1,3,2), boxes (1,3,4), edited:
+    ``input_dims`` replace the input's dimensions (a str: a symbolic one), ``outputs`` rename the
+    two outputs (scores, boxes)."""
+    import onnx
+    from test_predict import write_handmade_onnx
+    write_handmade_onnx(path, class_names=class_names, metadata=metadata)
+    model = onnx.load(str(path))
+    if input_dims is not None:
+        for dim, value in zip(model.graph.input[0].type.tensor_type.shape.dim, input_dims):
+            dim.Clear()
+            setattr(dim, "dim_param" if isinstance(value, str) else "dim_value", value)
+    if outputs is not None:
+        renamed = dict(zip(("scores", "boxes"), outputs))
+        for node in model.graph.node:
+            node.output[:] = [renamed.get(o, o) for o in node.output]
+        for out in model.graph.output:
+            out.name = renamed[out.name]
+    onnx.save(model, str(path))
+    return path
+
+
+METADATA = {"model": "ns", "image_size": "[32, 64]", "conf_thre": "0.05", "iou_thre": "0.7"}
+
+
+def _as_ir(onnx_path):
+    """The IR of an ONNX file, its metadata in rt_info damo_jax/<key> (as export/to_openvino.py)."""
+    import onnx
+
+    from damo_jax.inference.backends import import_openvino
+    ov = import_openvino()
+    model = ov.Core().read_model(str(onnx_path))
+    for prop in onnx.load(str(onnx_path)).metadata_props:
+        model.set_rt_info(prop.value, ["damo_jax", prop.key])
+    xml = onnx_path.with_suffix(".xml")
+    ov.save_model(model, str(xml), compress_to_fp16=False)
+    return xml
+
+
+@pytest.mark.parametrize("kind", ["onnx", "openvino"])
+def test_a_config_with_another_class_count_than_the_file_is_refused(kind, tmp_path):
+    """A file without metadata (6 classes) with ``--config ns`` (80) wrote COCO names for its
+    labels, exit 0; the scores output's class dimension is checked against the config."""
+    from damo_jax.inference.loading import load_model
+    if kind == "openvino":
+        pytest.importorskip("openvino")
+    path = _exported_variant(tmp_path / "m.onnx")                       # 2 classes, no metadata
+    if kind == "openvino":
+        path = _as_ir(path)
+    with pytest.raises(ConfigError, match=rf"^--{kind} {path} predicts 2 classes \(its scores output\), "
+                                          r"--config ns has 80"):
+        load_model("ns", **{kind: path})
+    cfg = load_config_with_classes(("a", "b"))
+    assert load_model(cfg, **{kind: path}).class_names == ("a", "b")    # 2 names: fine
+
+
+def load_config_with_classes(names):
+    from damo_jax.config import load_config
+    cfg = load_config("ns")
+    cfg.model.class_names = tuple(names)
+    cfg.model.head.num_classes = len(names)
+    return cfg
+
+
+def test_exported_metadata_that_disagrees_with_the_scores_output_is_refused(tmp_path):
+    from damo_jax.inference.loading import load_model
+    path = _exported_variant(tmp_path / "m.onnx", class_names=("a", "b", "c"), metadata=METADATA)
+    with pytest.raises(ConfigError, match=r"predicts 2 classes \(its scores output\), its export "
+                                          r"metadata names 3"):
+        load_model(onnx=path)
+
+
+def test_an_input_of_symbolic_height_and_width_is_one_clear_error(tmp_path):
+    """Another tool's dynamic-axes export (input (1, 3, 'H', 'W')): ``int('H')`` ValueError
+    traceback (onnxruntime), "Cannot get length of dynamic dimension" (OpenVINO)."""
+    from damo_jax.inference.backends import OnnxBackend, OpenVinoBackend
+    from damo_jax.inference.loading import load_model
+    path = _exported_variant(tmp_path / "sym.onnx", class_names=("a", "b"), metadata=METADATA,
+                             input_dims=(1, 3, "H", "W"))
+    message = r": the input height / width are not fixed \(input shape \(1, 3, {}, {}\)\)"
+    with pytest.raises(UserError, match=rf"^--onnx {path}" + message.format("H", "W")):
+        OnnxBackend(path)
+    with pytest.raises(UserError, match=rf"^--onnx {path}" + message.format("H", "W")):
+        load_model(onnx=path)                                           # the metadata route too
+    pytest.importorskip("openvino")
+    with pytest.raises(UserError, match=rf"^--openvino {path}" + message.format(r"\?", r"\?")):
+        OpenVinoBackend(path)
+    xml = _as_ir(path)
+    with pytest.raises(UserError, match=rf"^--openvino {xml}" + message.format(r"\?", r"\?")):
+        load_model(openvino=xml)
+    two_channels = _exported_variant(tmp_path / "c2.onnx", input_dims=(1, 2, 32, 64))
+    with pytest.raises(UserError, match=r"input shape \(1, 2, 32, 64\), expected \(N, 3, H, W\)"):
+        OnnxBackend(two_channels)
+
+
+def test_a_broken_ir_without_config_names_the_read_error(tmp_path):
+    """A truncated .bin (or the .bin of another IR) without --config said "the file holds no
+    damo_jax export metadata; give --config": the read error was swallowed."""
+    pytest.importorskip("openvino")
+    from damo_jax.inference.loading import load_model
+    xml = _as_ir(_exported_variant(tmp_path / "m.onnx", class_names=("a", "b"), metadata=METADATA))
+    assert load_model(openvino=xml).class_names == ("a", "b")           # the intact IR loads
+    weights = xml.with_suffix(".bin")
+    weights.write_bytes(weights.read_bytes()[:20])
+    with pytest.raises(UserError, match=rf"^--openvino {xml}: cannot be read as an OpenVINO IR "
+                                        r"model \(.*weights"):
+        load_model(openvino=xml)
+    xml.write_text(xml.read_text()[:300])                                # a truncated .xml
+    with pytest.raises(UserError, match=rf"^--openvino {xml}: cannot be read as an OpenVINO IR"):
+        load_model(openvino=xml)
+
+
+def test_a_file_exported_with_random_weights_warns_when_loaded(tmp_path, caplog):
+    from damo_jax.inference.loading import load_model
+    path = _exported_variant(tmp_path / "m.onnx", class_names=("a", "b"),
+                             metadata=dict(METADATA, weights="random-init(seed=0)"))
+    with caplog.at_level("WARNING", logger="damo_jax.inference.loading"):
+        load_model(onnx=path)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "exported with random weights" in warned[0], warned
+    caplog.clear()
+    trained = _exported_variant(tmp_path / "t.onnx", class_names=("a", "b"),
+                                metadata=dict(METADATA, weights="runs/demo (step 900)"))
+    with caplog.at_level("WARNING", logger="damo_jax.inference.loading"):
+        load_model(onnx=trained)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_an_official_onnx_export_is_named_as_not_a_damo_jax_export(tmp_path):
+    """Official DAMO-YOLO ONNX files (outputs 'output' and '791') were refused with
+    "T_640_post.onnx: outputs [...], expected [...]": no flag, no way forward."""
+    from damo_jax.inference.loading import load_model
+    path = _exported_variant(tmp_path / "T_640_post.onnx", outputs=("output", "791"))
+    expected = (rf"^--onnx {path}: outputs \['output', '791'\], expected \['scores', 'boxes'\]; "
+                r"not a damo_jax export \(official DAMO-YOLO ONNX exports are not read: export the "
+                r"official .pth with damo_jax instead: damo-jax export onnx --config NAME --weights")
+    with pytest.raises(UserError, match=expected):
+        load_model("ns", onnx=path)
+    with pytest.raises(UserError, match=expected):                      # not "give --config"
+        load_model(onnx=path)

@@ -7,7 +7,13 @@ input pixels. The exported files take NCHW; the transpose happens here. Attribut
 * ``input_hw``   — (H, W) the file was exported for (exported graphs have a fixed size);
 * ``batch_size`` — the file's static batch, or ``None`` for a dynamic-batch export. A static-batch
   file still accepts any B here: the batch is split / zero-padded to the file's batch.
-* ``class_names`` — from the export metadata (``None`` if absent).
+* ``class_names`` — from the export metadata (``None`` if absent);
+* ``num_classes`` — the static last dimension of the ``scores`` output (``None`` if dynamic);
+* ``metadata`` — the export metadata (``{}`` if absent).
+
+Files whose input height / width are not fixed (another tool's dynamic-axes export), or whose
+outputs are not ``scores`` / ``boxes`` (official DAMO-YOLO exports) are refused with one
+:class:`ExportedModelError` naming the flag and the file.
 
 ``OnnxBackend(path, *, threads=None)`` runs onnxruntime (CPU; CUDA/TensorRT providers when
 available and asked for); ``OpenVinoBackend(path, *, precision="f32")`` runs an OpenVINO IR
@@ -81,11 +87,38 @@ def onnxruntime_errors() -> tuple[type, ...]:
         RuntimeError,)
 
 
-def _check_outputs(path, names) -> None:
+#: what to do with a file whose outputs are not a damo_jax export's (official ONNX exports: outputs
+#: ``output`` and an auto-generated name)
+NOT_AN_EXPORT_HINT = ("; not a damo_jax export (official DAMO-YOLO ONNX exports are not read: export "
+                      "the official .pth with damo_jax instead: damo-jax export onnx --config NAME "
+                      "--weights FILE.pth --output FILE.onnx; damo-jax info --weights FILE.pth names "
+                      "its config)")
+
+
+def _check_outputs(path, names, flag: str = "exported model") -> None:
     if sorted(names) != sorted(RAW_OUTPUTS):
         hint = (" — an --end2end export; export without --end2end for damo_jax.inference.predict / Detector"
-                if "num_dets" in names else "")
-        raise ExportedModelError(f"{path}: outputs {list(names)}, expected {list(RAW_OUTPUTS)}{hint}")
+                if "num_dets" in names else NOT_AN_EXPORT_HINT)
+        raise ExportedModelError(f"{flag} {path}: outputs {list(names)}, expected "
+                                 f"{list(RAW_OUTPUTS)}{hint}")
+
+
+def _input_geometry(dims, path, flag: str) -> tuple:
+    """``(batch or None, (H, W))`` of an input shape ``(N, 3, H, W)`` (``dims``: ints, None or names
+    for dynamic dimensions; None for an unknown rank). ExportedModelError for another rank, channel
+    count or a dynamic height / width: the pre-processing resizes to the file's one input size."""
+    dims = None if dims is None else list(dims)
+    shown = ("of unknown rank" if dims is None else
+             "(" + ", ".join("?" if d is None else str(d) for d in dims) + ")")
+    if dims is None or len(dims) != 4 or _static_dim(dims[1]) not in (None, 3):
+        raise ExportedModelError(f"{flag} {path}: input shape {shown}, expected (N, 3, H, W) "
+                                 f"(NCHW RGB images)")
+    h, w = _static_dim(dims[2]), _static_dim(dims[3])
+    if h is None or w is None:
+        raise ExportedModelError(f"{flag} {path}: the input height / width are not fixed (input "
+                                 f"shape {shown}); damo_jax reads exported files with a fixed input "
+                                 f"size: export one file per size (damo-jax export onnx --img-size H W)")
+    return _static_dim(dims[0]), (h, w)
 
 
 def _static_dim(d):
@@ -147,14 +180,15 @@ class OnnxBackend(_Backend):
                                      f"({runtime_error_reason(e)})") from e
         inputs = self.session.get_inputs()
         if len(inputs) != 1:
-            raise ExportedModelError(f"{self.path}: expected one input 'images', got "
-                             f"{[i.name for i in inputs]}")
+            raise ExportedModelError(f"{flag} {self.path}: expected one input 'images', got "
+                                     f"{[i.name for i in inputs]}")
         self.input_name = inputs[0].name
-        self.output_names = [o.name for o in self.session.get_outputs()]
-        _check_outputs(self.path, self.output_names)
-        shape = inputs[0].shape
-        self.batch_size = _static_dim(shape[0])
-        self.input_hw = (int(shape[2]), int(shape[3]))
+        outputs = self.session.get_outputs()
+        self.output_names = [o.name for o in outputs]
+        _check_outputs(self.path, self.output_names, flag)
+        self.batch_size, self.input_hw = _input_geometry(inputs[0].shape, self.path, flag)
+        scores = dict((o.name, o.shape) for o in outputs)["scores"]
+        self.num_classes = _static_dim(scores[-1]) if scores else None
         meta = self.session.get_modelmeta().custom_metadata_map
         self.metadata = dict(meta)
         self.class_names = _class_names(meta)
@@ -170,26 +204,20 @@ class OpenVinoBackend(_Backend):
 
     def __init__(self, path, *, precision: str = "f32", device: str = "CPU",
                  threads: int | None = None, flag: str = "--openvino"):
-        ov = import_openvino()
-        self.path = check_file(path, SUFFIXES["openvino"], flag)
         if precision not in ("f32", "auto"):
             raise ValueError(f"OpenVinoBackend precision must be 'f32' or 'auto', got {precision!r}")
-        weights = self.path.with_suffix(".bin")
-        if self.path.suffix.lower() == ".xml" and not weights.is_file():
-            raise InputPathError(f"{flag} {self.path}: its weights file {weights.name} is missing "
-                                 f"(an OpenVINO IR is the .xml and the .bin next to it)")
-        kind = "an ONNX" if self.path.suffix.lower() == ".onnx" else "an OpenVINO IR"
-        core = ov.Core()
-        try:
-            model = core.read_model(str(self.path))
-        except RuntimeError as e:              # not XML / not an IR / a truncated .bin
-            raise ExportedModelError(f"{flag} {self.path}: cannot be read as {kind} model "
-                                     f"({runtime_error_reason(e)})") from e
+        core, model = read_openvino_model(path, flag)
+        self.path = Path(path)
+        kind = _openvino_kind(self.path)
         names = [o.get_any_name() for o in model.outputs]
-        _check_outputs(self.path, names)
-        shape = model.inputs[0].get_partial_shape()
-        self.batch_size = shape[0].get_length() if shape[0].is_static else None
-        self.input_hw = (shape[2].get_length(), shape[3].get_length())
+        _check_outputs(self.path, names, flag)
+        if len(model.inputs) != 1:
+            raise ExportedModelError(f"{flag} {self.path}: expected one input 'images', got "
+                                     f"{[i.get_any_name() for i in model.inputs]}")
+        self.batch_size, self.input_hw = _input_geometry(
+            _partial_dims(model.inputs[0].get_partial_shape()), self.path, flag)
+        scores = _partial_dims(model.outputs[names.index("scores")].get_partial_shape())
+        self.num_classes = _static_dim(scores[-1]) if scores else None
         config = {}
         if precision == "f32":
             config["INFERENCE_PRECISION_HINT"] = "f32"
@@ -209,6 +237,36 @@ class OpenVinoBackend(_Backend):
         result = self.request.infer({0: images_nchw})
         return (np.asarray(result[self._outputs["scores"]]),
                 np.asarray(result[self._outputs["boxes"]]))
+
+
+def _openvino_kind(path: Path) -> str:
+    return "an ONNX" if path.suffix.lower() == ".onnx" else "an OpenVINO IR"
+
+
+def read_openvino_model(path, flag: str = "--openvino"):
+    """``(ov.Core(), ov.Model)`` of an IR ``.xml`` (with the ``.bin`` next to it) or an ONNX file,
+    not compiled: InputPathError for a missing file / ``.bin``, ExportedModelError naming ``flag``,
+    the file and OpenVINO's reason for one that cannot be read (not XML, a truncated ``.xml`` or
+    ``.bin``, the ``.bin`` of another IR)."""
+    ov = import_openvino()
+    path = check_file(path, SUFFIXES["openvino"], flag)
+    weights = path.with_suffix(".bin")
+    if path.suffix.lower() == ".xml" and not weights.is_file():
+        raise InputPathError(f"{flag} {path}: its weights file {weights.name} is missing "
+                             f"(an OpenVINO IR is the .xml and the .bin next to it)")
+    core = ov.Core()
+    try:
+        return core, core.read_model(str(path))
+    except RuntimeError as e:              # not XML / not an IR / a truncated .bin
+        raise ExportedModelError(f"{flag} {path}: cannot be read as {_openvino_kind(path)} model "
+                                 f"({runtime_error_reason(e)})") from e
+
+
+def _partial_dims(shape):
+    """An OpenVINO PartialShape as a list (None for a dynamic dimension), or None (dynamic rank)."""
+    if shape.rank.is_dynamic:
+        return None
+    return [d.get_length() if d.is_static else None for d in shape]
 
 
 def _ov_metadata(model, path: Path) -> dict:

@@ -2,7 +2,7 @@
 
     det = damo_jax.Detector.load("runs/s_demo")                          # training checkpoint
     det = damo_jax.Detector.load("s", weights="damoyolo_s.pth")            # official weights
-    det = damo_jax.Detector.load("s", backend="onnx", model_path="s.onnx") # exported model
+    det = damo_jax.Detector.load("s.onnx")                                # exported model (its metadata)
     result = det("photo.jpg")          # or a PIL image, an (H,W,3) uint8 RGB array, or a list
 
 Image inputs: a path (decoded like the datasets: EXIF orientation applied), a PIL image (EXIF
@@ -41,6 +41,10 @@ from damo_jax.inference.pipeline import (JaxBackend, NmsParams, check_detection_
 from damo_jax.ops.boxes import check_image_size
 
 log = logging.getLogger("damo_jax.inference.detector")
+
+#: ``Detector.load(path)`` of an exported file: the backend its suffix implies (``backend=`` may
+#: name the other one: OpenVINO reads .onnx files too)
+EXPORTED_SUFFIXES = {".onnx": "onnx", ".xml": "openvino"}
 
 __all__ = ["Detector", "JaxBackend", "bgr_to_rgb", "read_image", "to_rgb_array", "stretch_resize"]
 
@@ -188,18 +192,28 @@ class Detector:
              classes=None) -> "Detector":
         """Build a detector (:func:`damo_jax.inference.loading.load_model`).
 
-        ``path_or_config``: a training checkpoint directory, or a config name / path / ConfigDict
-        (then ``weights=`` official .pth/.npz for the jax backend, or ``model_path=`` for
-        ``backend="onnx"`` / ``"openvino"``).
+        ``path_or_config``: a training checkpoint directory; an exported ``.onnx`` / ``.xml`` file
+        (model, class names, size and thresholds from its export metadata; onnxruntime for
+        ``.onnx``, OpenVINO for ``.xml`` or ``backend="openvino"``); or a config name / path /
+        ConfigDict (then ``weights=`` official .pth/.npz for the jax backend, or ``model_path=``
+        for ``backend="onnx"`` / ``"openvino"``: a file without export metadata).
         """
         from damo_jax.inference.loading import load_model
         check_detection_options("Detector.load: ", conf=conf, iou=iou, max_dets=max_dets,
                                 batch_size=batch_size)       # before anything is loaded
-        if isinstance(path_or_config, (str, os.PathLike)) and Path(path_or_config).suffix in (
-                ".pth", ".pt", ".npz", ".onnx", ".xml"):
-            raise ConfigError(f"Detector.load({str(path_or_config)!r}): pass a config and the file "
-                              "as weights= (.pth/.npz) or model_path= (.onnx/.xml)")
-        is_path = isinstance(path_or_config, (str, os.PathLike))
+        suffix = (Path(path_or_config).suffix.lower()
+                  if isinstance(path_or_config, (str, os.PathLike)) else "")
+        if suffix in (".pth", ".pt", ".npz"):
+            raise ConfigError(f"Detector.load({str(path_or_config)!r}): pass the model's config "
+                              f"and the file as weights= (Detector.load('s', weights=...))")
+        if suffix in EXPORTED_SUFFIXES:        # an exported file: its metadata names the classes
+            if model_path is not None or weights is not None:
+                raise ConfigError(f"Detector.load({str(path_or_config)!r}): an exported file brings "
+                                  f"its own weights; model_path= / weights= go with a config name")
+            if backend == "jax":
+                backend = EXPORTED_SUFFIXES[suffix]
+            path_or_config, model_path = None, path_or_config
+        is_path = isinstance(path_or_config, (str, os.PathLike))  # (None: an exported file's metadata)
         is_run = is_path and Path(path_or_config).is_dir()
         if is_path and not is_run:
             from damo_jax.config import MODEL_NAMES, load_config

@@ -90,7 +90,7 @@ def load_model(config=None, *, checkpoint=None, weights=None, onnx=None, openvin
                           "--openvino FILE.xml (openvino=)")
     kind, path = next(iter(given.items())) if given else ("random", None)
     if kind == "checkpoint":
-        cfg, variables, class_names = _checkpoint(checkpoint, config, flag)
+        cfg, variables, class_names, step = _checkpoint(checkpoint, config, flag)
         source = f"{flag} {checkpoint} (its stored config)"
     else:
         source = (f"--config {config}" if isinstance(config, (str, os.PathLike))
@@ -110,7 +110,8 @@ def load_model(config=None, *, checkpoint=None, weights=None, onnx=None, openvin
     if any(override_key(o) == "model.class_names" for o in overrides):
         class_names = tuple(cfg.model.class_names)      # an explicit override beats stored names
     if kind in ("onnx", "openvino"):
-        return _exported(kind, _existing(_flag(kind), path), cfg, class_names, threads)
+        return _exported(kind, _existing(_flag(kind), path), cfg, class_names, threads,
+                         names_from="its export metadata" if config is None else source)
     if kind == "weights":
         variables = _weights(Path(path), cfg)
     elif kind == "random":
@@ -124,7 +125,8 @@ def load_model(config=None, *, checkpoint=None, weights=None, onnx=None, openvin
         from damo_jax.models.reparam import fuse as fuse_variables
         variables = fuse_variables(variables, cfg, fuse_bn=True)
     model = build_model(cfg, deploy=bool(fuse))
-    source = str(path) if path else f"random-init(seed={seed})"
+    source = (f"{path} (step {step})" if kind == "checkpoint" else str(path) if path
+              else f"random-init(seed={seed})")      # the export metadata's "weights"
     return LoadedModel(cfg=cfg, class_names=tuple(class_names), backend=JaxBackend(model, variables),
                        kind="jax", source=source, model=model, variables=variables)
 
@@ -153,18 +155,13 @@ def _config_from_export(kind: str, path: Path):
     if kind == "onnx":
         from damo_jax.export import onnx_utils
         onnx_utils.check_readable(path)
-        meta = backends._ov_metadata(None, path)
-    else:
-        if path.suffix.lower() == ".xml" and not path.with_suffix(".bin").is_file():
-            raise InputPathError(f"{_flag(kind)} {path}: its weights file {path.with_suffix('.bin').name} "
-                                 f"is missing (an OpenVINO IR is the .xml and the .bin next to it)")
-        try:
-            ov = backends.import_openvino()
-            meta = backends._ov_metadata(ov.Core().read_model(str(path)), path)
-        except Exception:  # noqa: BLE001 - the backend reports an unreadable IR in its own words
-            meta = {}
+        model = None
+    else:                  # an unreadable IR is reported as such (OpenVINO's reason), not as "no metadata"
+        _, model = backends.read_openvino_model(path, _flag(kind))
+    meta = backends._ov_metadata(model, path)
     name = meta.get("model")
     if not name or "class_names" not in meta:
+        backends._check_outputs(path, _output_names(model, path), _flag(kind))   # an official file: say so
         raise ConfigError(f"{_flag(kind)} {path}: the file holds no damo_jax export metadata "
                           f"(model, class names); give --config (the model's config name or "
                           f"file, or the training run directory)")
@@ -180,16 +177,28 @@ def _config_from_export(kind: str, path: Path):
             for key in ("conf_thre", "iou_thre"):
                 if key in meta:
                     cfg.test[key] = float(meta[key])
+            for key in ("max_dets", "pre_nms_topk"):      # the run's test settings (older files:
+                if key in meta:                            # the bundled config's)
+                    cfg.test[key] = int(meta[key])
             if "image_size" in meta:
                 cfg.test.image_size = tuple(int(v) for v in json.loads(meta["image_size"]))
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{_flag(kind)} {path}: unreadable export metadata ({e}); give "
                           f"--config") from e
     log.info("%s %s: using its metadata (model %r, %d classes, test size %s, test.conf_thre %s, "
-             "test.iou_thre %s; flags such as predict's --conf take precedence)",
-             _flag(kind), path, name, len(names), tuple(cfg.test.image_size), cfg.test.conf_thre,
-             cfg.test.iou_thre)
+             "test.iou_thre %s, test.max_dets %s, test.pre_nms_topk %s; flags such as predict's "
+             "--conf take precedence)", _flag(kind), path, name, len(names),
+             tuple(cfg.test.image_size), cfg.test.conf_thre, cfg.test.iou_thre, cfg.test.max_dets,
+             cfg.test.pre_nms_topk)
     return cfg, names
+
+
+def _output_names(model, path: Path) -> list:
+    """Output names of an ``ov.Model``, or of the ONNX file ``path`` when ``model`` is None."""
+    if model is not None:
+        return [o.get_any_name() for o in model.outputs]
+    import onnx
+    return [o.name for o in onnx.load(str(path), load_external_data=False).graph.output]
 
 
 def _run_dir_call(fn, path, flag: str = "--checkpoint"):
@@ -203,14 +212,16 @@ def _run_dir_call(fn, path, flag: str = "--checkpoint"):
 
 
 def _checkpoint(path, config, flag: str = "--checkpoint"):
-    from damo_jax.train.checkpoint import load_for_inference
+    from damo_jax.train.checkpoint import load_for_inference, resolve
     if not Path(path).exists():
         raise InputPathError(f"{flag} {path}: no such directory (a training run directory, "
                              f"e.g. runs/demo)")
-    cfg, variables, class_names = _run_dir_call(load_for_inference, path, flag)
+    _, step = _run_dir_call(resolve, path, flag)          # the step "best" picks, loaded below
+    cfg, variables, class_names = _run_dir_call(
+        lambda p: load_for_inference(p, step=step), path, flag)
     if config is not None:
         log.warning("using the config stored in checkpoint %s (ignoring --config %r)", path, config)
-    return cfg, variables, class_names
+    return cfg, variables, class_names, step
 
 
 def _prepare(cfg, overrides, export: bool, where: str):
@@ -288,13 +299,29 @@ def _random_variables(cfg, seed: int) -> dict:
     return init_variables(build_model(cfg), jax.random.PRNGKey(seed), (1, 64, 64, 3))
 
 
-def _exported(kind: str, path: Path, cfg, class_names, threads) -> LoadedModel:
+def _exported(kind: str, path: Path, cfg, class_names, threads,
+              names_from: str = "the config") -> LoadedModel:
+    """The backend of an exported file; ConfigError when the file predicts another number of
+    classes than ``names_from`` (the ``--config`` given, or the file's own metadata) names: the
+    scores output's static class dimension, or the metadata's class names."""
     from damo_jax.inference import backends
-    runner = (backends.OnnxBackend(path, threads=threads, flag="--onnx") if kind == "onnx"
-              else backends.OpenVinoBackend(path, threads=threads, flag="--openvino"))
+    flag = _flag(kind)
+    runner = (backends.OnnxBackend(path, threads=threads, flag=flag) if kind == "onnx"
+              else backends.OpenVinoBackend(path, threads=threads, flag=flag))
     exported = getattr(runner, "class_names", None)
     if exported and len(exported) != len(class_names):
-        raise ConfigError(f"--{kind} {path} predicts {len(exported)} classes but the config has "
-                          f"{len(class_names)} class names")
-    return LoadedModel(cfg=cfg, class_names=tuple(exported or class_names), backend=runner,
-                       kind=kind, source=str(path))
+        raise ConfigError(f"{flag} {path} predicts {len(exported)} classes (its export metadata), "
+                          f"{names_from} has {len(class_names)} class names")
+    names = tuple(exported or class_names)
+    found = getattr(runner, "num_classes", None)
+    if found is not None and found != len(names):
+        whose = "its export metadata names" if exported else f"{names_from} has"
+        raise ConfigError(f"{flag} {path} predicts {found} classes (its scores output), {whose} "
+                          f"{len(names)}" + ("" if exported else
+                                             "; give the --config the file was exported with"))
+    weights = str((getattr(runner, "metadata", None) or {}).get("weights", ""))
+    if weights.startswith("random-init"):
+        log.warning("%s %s was exported with random weights (its metadata: weights=%s): its "
+                    "detections mean nothing; export trained weights (--checkpoint RUN_DIR or "
+                    "--config NAME --weights FILE.pth)", flag, path, weights)
+    return LoadedModel(cfg=cfg, class_names=names, backend=runner, kind=kind, source=str(path))
