@@ -4,10 +4,14 @@ jax2tf's graph mode is gone in current JAX and tf2onnx cannot read ``XlaCallModu
 converter, however, legalises the StableHLO inside it to TFLite builtin ops, and tf2onnx reads
 .tflite files. Static batch only (the dynamic .tflite graph is much worse and OpenVINO cannot read
 it). Writes into ``workdir``: ``saved_model/`` (signature ``serving_default``: input ``images``
-(N,3,H,W) float32, outputs ``scores``, ``boxes``) and ``model.tflite``.
+(N,3,H,W) float32, outputs ``scores``, ``boxes``), ``model.tflite`` and ``metadata.json`` (the
+export metadata of the ONNX file — class names, size, thresholds — plus ``tflite_outputs``: the
+.tflite's outputs in index order, which is NOT ``scores``, ``boxes``: read them by name through the
+signature runner, ``interpreter.get_signature_runner()(images=x)``).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -72,6 +76,26 @@ def tflite_io_names(path: Path) -> dict:
     return {key: by_index[d["index"]] for key, d in details.items()}
 
 
+def write_metadata(dm: common.DeployModel, tflite: Path, names: dict, path: Path) -> Path:
+    """``metadata.json`` beside the .tflite (which carries no class names): the ONNX export
+    metadata, its values as JSON, and ``tflite_outputs``, the signature names of the .tflite's
+    outputs in index order (``get_output_details()``)."""
+    tf, _ = _import_tf()
+    by_tensor = {tensor: key for key, tensor in names.items()}
+    order = [by_tensor.get(d["name"], d["name"])
+             for d in sorted(tf.lite.Interpreter(model_path=str(tflite)).get_output_details(),
+                             key=lambda d: d["index"])]
+    meta = {}
+    for key, value in dm.metadata().items():
+        try:
+            meta[key] = json.loads(value)
+        except ValueError:
+            meta[key] = value
+    meta["tflite_outputs"] = order
+    path.write_text(json.dumps(meta, indent=1) + "\n")
+    return path
+
+
 def convert(dm: common.DeployModel, *, batch: int, opset: int, workdir) -> onnx.ModelProto:
     """Write SavedModel + .tflite into ``workdir`` and return the raw ONNX model."""
     _, _ = _import_tf()
@@ -83,6 +107,7 @@ def convert(dm: common.DeployModel, *, batch: int, opset: int, workdir) -> onnx.
     saved = write_saved_model(dm, batch, workdir / "saved_model")
     tflite = write_tflite(saved, workdir / "model.tflite")
     names = tflite_io_names(tflite)
+    write_metadata(dm, tflite, names, workdir / "metadata.json")
     log.info("SavedModel + TFLite in %.1f s: %s", time.time() - t0, workdir)
     model, _ = tf2onnx.convert.from_tflite(
         str(tflite), input_names=[names[common.INPUT_NAME]],

@@ -27,6 +27,18 @@ def test_tflite_route_golden_loop_and_artifacts(tmp_path):
     assert (tmp_path / "tf" / "saved_model" / "saved_model.pb").is_file()
     tflite = tmp_path / "tf" / "model.tflite"
     assert tflite.stat().st_size > 1_000_000
+    # metadata.json: the class names the .tflite lacks, and its outputs in index order (boxes
+    # first here: a reader going by index with a 4-class model would swap them silently)
+    import json
+
+    import tensorflow as tf
+    meta = json.loads((tmp_path / "tf" / "metadata.json").read_text())
+    assert len(meta["class_names"]) == 80 and meta["image_size"] == [128, 128]
+    details = sorted(tf.lite.Interpreter(model_path=str(tflite)).get_output_details(),
+                     key=lambda d: d["index"])
+    assert sorted(meta["tflite_outputs"]) == ["boxes", "scores"]
+    for name, d in zip(meta["tflite_outputs"], details):
+        assert list(d["shape"]) == [2, 336, 80 if name == "scores" else 4], (name, d["shape"])
     assert onnx_utils.io_shapes(model) == {"images": [2, 3, 128, 128], "scores": [2, 336, 80],
                                            "boxes": [2, 336, 4]}
     assert {p.key: p.value for p in model.metadata_props}["route"] == "tf"
