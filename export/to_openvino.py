@@ -44,8 +44,9 @@ def convert(onnx_path, output, *, fp16: bool = False) -> Path:
     if output.suffix != ".xml":
         raise ConfigError(f"--output must end in .xml, got {output}")
     onnx_utils.check_readable(onnx_path)
-    model = ov.convert_model(str(onnx_path))
     proto = onnx.load(str(onnx_path), load_external_data=False)
+    _check_is_export(proto, onnx_path)
+    model = ov.convert_model(str(onnx_path))
     for prop in proto.metadata_props:
         model.set_rt_info(prop.value, ["damo_jax", prop.key])
     model.set_rt_info("fp16" if fp16 else "fp32", ["damo_jax", "weights_precision"])
@@ -72,6 +73,19 @@ def convert(onnx_path, output, *, fp16: bool = False) -> Path:
              "FP16" if fp16 else "FP32", [str(i.get_partial_shape()) for i in model.inputs],
              [o.get_any_name() for o in model.outputs])
     return output
+
+
+def _check_is_export(proto: onnx.ModelProto, onnx_path: Path) -> None:
+    """Refuse (one error line naming --onnx) what predict / eval would refuse in the IR: outputs
+    other than a damo_jax export's (raw or end-to-end; e.g. an official DAMO-YOLO export) and an
+    input whose height / width are not fixed."""
+    from damo_jax.inference import backends
+    names = [o.name for o in proto.graph.output]
+    if sorted(names) != sorted(end2end_graph.E2E_OUTPUTS):
+        backends._check_outputs(onnx_path, names, "--onnx")
+    dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+            for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    backends._input_geometry(dims, onnx_path, "--onnx")
 
 
 class ExportMismatch(UserError, RuntimeError):

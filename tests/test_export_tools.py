@@ -351,3 +351,26 @@ def test_a_failed_write_is_one_error_naming_the_file(tmp_path, monkeypatch):
                                                r"Can't open bin file: "):
         to_openvino.convert(path, tmp_path / "m.xml")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_openvino_conversion_refuses_what_predict_would_refuse(tmp_path):
+    """``export openvino --onnx`` of an official DAMO-YOLO export (outputs ``output`` and an
+    auto-generated name) or of an input of symbolic height / width wrote an IR (exit 0) that
+    predict / eval then refused: now refused before anything is written."""
+    from damo_jax.errors import UserError
+    from damo_jax.export import to_openvino
+
+    def model(outputs, hw=(8, 8)):
+        nodes = [helper.make_node("Relu", ["images"], [name]) for name in outputs]
+        return helper.make_model(helper.make_graph(
+            nodes, "g", [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, *hw])],
+            [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in outputs]),
+            opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    official = onnx_utils.save(model(["output", "791"]), tmp_path / "official.onnx")
+    with pytest.raises(UserError, match=r"^--onnx .*official\.onnx: outputs \['output', '791'\], "
+                                        r"expected \['scores', 'boxes'\]; not a damo_jax export"):
+        to_openvino.convert(official, tmp_path / "a.xml")
+    symbolic = onnx_utils.save(model(["scores", "boxes"], ("H", "W")), tmp_path / "sym.onnx")
+    with pytest.raises(UserError, match=r"^--onnx .*sym\.onnx: the input height / width are not fixed"):
+        to_openvino.convert(symbolic, tmp_path / "b.xml")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["official.onnx", "sym.onnx"]
