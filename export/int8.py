@@ -13,13 +13,24 @@ Steps (library: :func:`export_int8`):
    (:func:`damo_jax.inference.pipeline.preprocess`: stretch-resize, RGB 0-255 float32), as NCHW.
 3. Full INT8: onnxruntime ``quantize_static`` (QDQ, per-channel symmetric INT8 weights, asymmetric
    UINT8 activations, MinMax calibration) -> ``<stem>_int8.onnx``; NNCF ``nncf.quantize``
-   (performance preset, all calibration images) on the IR -> ``<stem>_int8.xml``.
+   (performance preset, all calibration images) on the IR -> ``<stem>_int8.xml``. In the QDQ
+   ONNX the head's post-processing after its last Convs (reshapes, concat, sigmoid, DFL, box
+   decoding: :func:`post_processing_nodes`, the part ``export/fp16.py`` keeps in FP32) stays
+   float, and the class Convs write float logits: one per-tensor UINT8 scale over class logits
+   spanning about -300..3 (a trained model) collapsed the scores to a few values (demo T @ 256:
+   AP 0.406 -> 0.271; now 0.407). NNCF leaves them float by itself (same model: AP 0.399).
 4. Mixed precision (``--mixed K``): the per-layer sensitivity of
    :mod:`damo_jax.export.quant_sensitivity` (measured on the calibration images), and the K most
    sensitive Convs kept in float (ORT ``nodes_to_exclude``, NNCF ``IgnoredScope``) ->
    ``<stem>_int8_mixed.onnx`` / ``.xml``; the ranking is written to ``sensitivity.json``.
 5. The accuracy report (:mod:`damo_jax.export.quant_report`): mAP of every file on the report
-   split through the evaluation path, latency at 1 and 2 threads, ``int8_report.json`` / ``.md``.
+   split through the evaluation path, latency at 1 and 2 threads, ``int8_report.json`` / ``.md``;
+   a warning when an INT8 file loses more than ``quant_report.AP_DROP_WARN`` AP.
+
+``--onnx`` takes a raw-output damo_jax ONNX (outputs ``scores``, ``boxes``; not ``--end2end``, not
+the official DAMO-YOLO files) whose class count matches the config: from ``--config``, or without
+it from the file's export metadata (as ``predict`` / ``eval --onnx``). It is checked before any
+calibration or file is written.
 """
 from __future__ import annotations
 
@@ -85,9 +96,55 @@ class _PreprocessHintFilter(logging.Filter):
         return "pre-processing before quantization" not in record.getMessage()
 
 
+def post_processing_nodes(model) -> list[str]:
+    """Names of the nodes after the head's last Convs — neither a Conv nor an ancestor of one (the
+    rule :mod:`damo_jax.export.fp16` keeps in FP32): reshapes / concat of the per-level outputs,
+    sigmoid, DFL softmax + integral, box decoding. ``model``: ONNX proto or path."""
+    import onnx
+
+    from damo_jax.export.fp16 import _conv_trunk
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model), load_external_data=False)
+    nodes = list(model.graph.node)
+    trunk = _conv_trunk(nodes)
+    return [n.name for k, n in enumerate(nodes) if k not in trunk and n.name]
+
+
+def _float_scores(model, tail) -> int:
+    """The post-processing nodes ``tail`` of the class scores (those the ``scores`` output depends
+    on; all of ``tail`` when there is no such output) read the float tensor ``x`` where they read
+    ``DQ(Q(x))``. The quantiser also quantises every Conv's OUTPUT, so excluding the
+    post-processing nodes alone still left the class Convs writing per-tensor UINT8 logits (demo
+    T @ 256, stride 16: -277..0, step 1.1): these few-channel Convs now write float logits. The box
+    Convs (DFL logits, a narrow range) keep their INT8 output: float they cost +20 % latency for
+    no AP. Unused Q/DQ nodes are pruned. Returns the number of inputs rewired."""
+    from damo_jax.export import onnx_utils
+    producer = {o: n for n in model.graph.node for o in n.output}
+    wanted, stack = set(), [o.name for o in model.graph.output if o.name == "scores"]
+    while stack:                                    # the tail nodes the scores depend on
+        node = producer.get(stack.pop())
+        if node is not None and node.name in tail and node.name not in wanted:
+            wanted.add(node.name)
+            stack.extend(node.input)
+    wanted = wanted or set(tail)
+    count = 0
+    for node in model.graph.node:
+        if node.name not in wanted:
+            continue
+        for k, name in enumerate(node.input):
+            dq = producer.get(name)
+            q = dq is not None and dq.op_type == "DequantizeLinear" and producer.get(dq.input[0])
+            if q and q.op_type == "QuantizeLinear":
+                node.input[k] = q.input[0]
+                count += 1
+    onnx_utils.prune_dead_nodes(model)
+    return count
+
+
 def quantize_onnx(fp32_onnx, output, images: Sequence[np.ndarray], *,
                   exclude: Sequence[str] = (), quiet: bool = False) -> Path:
-    """QDQ INT8 ONNX by onnxruntime static quantisation; ``exclude``: node names kept float.
+    """QDQ INT8 ONNX by onnxruntime static quantisation; ``exclude``: node names kept float, as
+    are always the head's post-processing nodes (:func:`post_processing_nodes`).
     The FP32 file's metadata (class names, size, thresholds) is copied. ``quiet``: no "wrote"
     log line (a scratch file)."""
     import onnx
@@ -102,6 +159,7 @@ def quantize_onnx(fp32_onnx, output, images: Sequence[np.ndarray], *,
             x = next(self._it, None)
             return None if x is None else {"images": x}
 
+    tail = post_processing_nodes(fp32_onnx)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     hint_filter = _PreprocessHintFilter()
@@ -109,19 +167,23 @@ def quantize_onnx(fp32_onnx, output, images: Sequence[np.ndarray], *,
     try:
         quantize_static(str(fp32_onnx), str(output), Reader(), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude))
+                        weight_type=QuantType.QInt8,
+                        nodes_to_exclude=list(dict.fromkeys([*exclude, *tail])))
     finally:
         logging.getLogger().removeFilter(hint_filter)
     source = onnx.load(str(fp32_onnx), load_external_data=False)
     model = onnx.load(str(output))
+    _float_scores(model, set(tail))
     meta = {p.key: p.value for p in source.metadata_props}
-    meta.update(precision="int8-qdq", float_layers=json.dumps(list(exclude)))
+    meta.update(precision="int8-qdq", float_layers=json.dumps(list(exclude)),
+                float_post_processing=json.dumps(tail))
     del model.metadata_props[:]
     for key, value in meta.items():
         model.metadata_props.add(key=key, value=value)
     onnx.save(model, str(output))
     if not quiet:
-        log.info("wrote %s (QDQ INT8, %d nodes kept float)", output, len(exclude))
+        log.info("wrote %s (QDQ INT8, %d layer nodes and the %d post-processing nodes kept "
+                 "float)", output, len(exclude), len(tail))
     return output
 
 
@@ -223,7 +285,8 @@ def build_parser(prog: str = PROG):
     p = common.Parser(prog=prog, description=__doc__.split("\n\n")[0],
                       epilog="examples:\n" + __doc__.split("\n\n", 1)[1])
     common.add_model_source(p, ("checkpoint", "weights", "onnx"), config_help=(
-        "model config name / file (with --weights or --onnx: class names and test thresholds)"))
+        "model config name / file (needed with --weights; with --onnx optional: class names and "
+        "test thresholds, default the file's export metadata)"))
     common.add_img_size(p, "export size (default: the config's / run's test.image_size)")
     p.add_argument("--calib-data", required=True, help="dataset spec of the calibration images "
                    "(demo, coco:/path, yolo:/path/data.yaml, voc:/path, tfds:coco/2017)")
@@ -244,6 +307,26 @@ def build_parser(prog: str = PROG):
     return p
 
 
+def check_input_onnx(path, config=None, overrides: Sequence[str] = ()):
+    """The ``LoadedModel`` of the ``--onnx`` file, through the loader and checks of ``predict`` /
+    ``eval --onnx`` (:func:`damo_jax.inference.loading.load_model`): the config from ``config`` +
+    ``overrides``, or from the file's export metadata; a user error naming ``--onnx`` for a file
+    the report (and ``predict`` / ``eval``) would refuse: not a raw-output export (outputs
+    ``scores`` / ``boxes``; an ``--end2end`` or official DAMO-YOLO file), no fixed input size, or
+    another class count than the config's / metadata's. Called before any calibration or file."""
+    import onnx
+
+    from damo_jax.errors import ConfigError
+    from damo_jax.export import end2end, onnx_utils
+    from damo_jax.inference.loading import load_model
+    onnx_utils.check_readable(path)
+    names = [o.name for o in onnx.load(str(path), load_external_data=False).graph.output]
+    if sorted(names) == sorted(end2end.E2E_OUTPUTS):     # predict / eval may run it; INT8 may not
+        raise ConfigError(f"--onnx {path}: an --end2end export (NMS inside the graph); INT8 "
+                          f"quantisation takes the raw export (export onnx without --end2end)")
+    return load_model(config, onnx=str(path), overrides=overrides)
+
+
 def run(args, overrides=()) -> dict:
     from damo_jax.cli.common import img_size, output_dir
     from damo_jax.errors import ConfigError
@@ -258,18 +341,16 @@ def run(args, overrides=()) -> dict:
         check_data_spec(args.calib_data, "--calib-data")
         if args.report_data:
             check_data_spec(args.report_data, "--report-data")
-    out = output_dir(args.output_dir, "--output-dir")
-    config = args.checkpoint or args.config
-    if config is None:
-        raise ConfigError("give --checkpoint RUN_DIR, or --config with --weights / --onnx")
-    if args.onnx:
+    if args.onnx:                        # checked before anything is written or calibrated
         fp32 = Path(args.onnx)
-        if not fp32.is_file():
-            from damo_jax.errors import InputPathError
-            raise InputPathError(f"--onnx {fp32}: file not found")
-        from damo_jax.export import onnx_utils
-        onnx_utils.check_readable(fp32)
+        config = check_input_onnx(fp32, args.config, overrides).cfg
     else:
+        config = args.checkpoint or args.config
+        if config is None:
+            raise ConfigError("give --checkpoint RUN_DIR, --config with --weights, or --onnx "
+                              "(with --config, or a file with damo_jax export metadata)")
+    out = output_dir(args.output_dir, "--output-dir")
+    if not args.onnx:
         from damo_jax.export import common, onnx_utils, to_onnx
         dm = common.load_deploy_model(args.config, checkpoint=args.checkpoint,
                                       weights=args.weights, image_size=img_size(args.img_size),

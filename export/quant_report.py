@@ -11,11 +11,15 @@ For every exported file (``onnx fp32``, ``onnx int8``, ``onnx int8 mixed``, ``op
   ratio INT8 / FP32 is taken under the same machine load; reported as the median and [min, max]
   over rounds. OpenVINO files run with ``INFERENCE_PRECISION_HINT=f32`` (no bf16 on the float parts).
 
-Writes ``int8_report.json`` and ``int8_report.md`` (with the load average and CPU model).
+Writes ``int8_report.json`` and ``int8_report.md`` (with the load average and CPU model). An INT8
+file that loses more than :data:`AP_DROP_WARN` AP against its FP32 file is logged as a warning and
+listed under ``warnings`` in both (a loss to look into — more or other calibration images,
+``--mixed K`` — not an error: the files are written).
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import statistics
 import time
@@ -25,6 +29,11 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from damo_jax.runtime import cpu_model
+
+log = logging.getLogger("damo_jax.export")
+
+#: absolute AP loss of an INT8 file against its FP32 file above which the report warns
+AP_DROP_WARN = 0.05
 
 
 def file_runner(path, threads: int) -> Callable:
@@ -114,6 +123,22 @@ def measure_accuracy(files: Mapping[str, Path], config, dataset, image_hw, *,
     return out
 
 
+def accuracy_warnings(accuracy: Mapping, threshold: float = AP_DROP_WARN) -> list[str]:
+    """One message per INT8 file whose AP is more than ``threshold`` below its FP32 file's."""
+    out = []
+    for label, stats in accuracy.items():
+        ref = accuracy.get(reference_of(label))
+        if label == reference_of(label) or not ref or "AP" not in stats or "AP" not in ref:
+            continue
+        drop = ref["AP"] - stats["AP"]
+        if drop > threshold:
+            out.append(f"{label}: AP {stats['AP']:.4f} vs {ref['AP']:.4f} for "
+                       f"{reference_of(label)} (-{drop:.4f}, more than {threshold:g} lost); check "
+                       f"the calibration data (images like the deployment's, --calib-images) or "
+                       f"keep sensitive layers float (--mixed K)")
+    return out
+
+
 def _load() -> str:
     return " ".join(f"{v:.1f}" for v in os.getloadavg())
 
@@ -135,6 +160,9 @@ def format_markdown(report: Mapping) -> str:
              f"{report['load_before']}, after {report['load_after']}. Latency: batch 1, median of "
              f"{report['rounds']} interleaved rounds (all files, one process).", "",
              head, "|---|---|---|---|" + "---|---|" * len(threads)]
+    warnings = [f"**Warning**: {w}" for w in report.get("warnings", ())]
+    if warnings:
+        lines[-2:-2] = [*warnings, ""]
     for label in report["files"]:
         acc = report["accuracy"].get(label, {})
         ref = report["accuracy"].get(reference_of(label), {})
@@ -168,7 +196,10 @@ def write_report(out_dir, files: Mapping[str, Path], *, model: str, config, data
                              if dataset is not None else "not run (no report data)"),
               "float_layers": list(float_layers), "accuracy": accuracy,
               "latency": {str(t): v for t, v in latency.items()}, "rounds": rounds,
-              "cpu": cpu_model(), "load_before": load_before, "load_after": _load()}
+              "cpu": cpu_model(), "load_before": load_before, "load_after": _load(),
+              "warnings": accuracy_warnings(accuracy)}
+    for message in report["warnings"]:
+        log.warning("INT8 accuracy: %s", message)
     out = Path(out_dir)
     (out / "int8_report.json").write_text(json.dumps(report, indent=1))
     (out / "int8_report.md").write_text(format_markdown(report))

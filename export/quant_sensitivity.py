@@ -1,7 +1,8 @@
 """Which layers to keep in float: per-layer INT8 sensitivity, MEASURED on calibration images.
 
 Method ("all INT8 but one layer"): start from the fully quantised QDQ ONNX model (every
-quantisable node's input activations and weights go through QuantizeLinear/DequantizeLinear). A
+quantisable node's input activations and weights go through QuantizeLinear/DequantizeLinear; the
+head's post-processing is float in every INT8 file: :func:`damo_jax.export.int8.quantize_onnx`). A
 layer is a Conv with its activation nodes (:func:`conv_groups`: SiLU = Sigmoid + Mul, ReLU). For
 each layer a copy of that model is made in which only its nodes read their FLOAT inputs, weight
 and bias (the tensors of the FP32 model; the now unused Q/DQ nodes are left for onnxruntime to

@@ -7,7 +7,12 @@ module; calibration uses 4 demo images through the shared pre-processing. Checke
 * the layer surgery of the sensitivity measurement: every node back in float == the FP32 outputs;
   a layer group is a Conv with its SiLU (Sigmoid + Mul);
 * mixed precision keeps exactly the top-ranked Convs in float (ONNX) / fewer quantisers (IR);
-* the report: files, mAP rows through the exported-file evaluation path, per-round latency.
+* the report: files, mAP rows through the exported-file evaluation path, per-round latency, the
+  warning on a large AP loss;
+* the head's post-processing stays float: class logits spanning hundreds (as a trained model's)
+  keep their scores, not a handful of UINT8 steps through the sigmoid;
+* ``--onnx``: an end2end / foreign file or a class-count mismatch is refused before anything is
+  written; without ``--config`` the file's export metadata gives the config.
 """
 from __future__ import annotations
 
@@ -35,11 +40,16 @@ def demo_config():
 
 
 @pytest.fixture(scope="module")
-def fp32_onnx(tmp_path_factory):
-    from damo_jax.export import common, onnx_utils, to_onnx
-    dm = common.load_deploy_model(demo_config(), image_size=(SIZE, SIZE), seed=3)
+def deploy_model():
+    from damo_jax.export import common
+    return common.load_deploy_model(demo_config(), image_size=(SIZE, SIZE), seed=3)
+
+
+@pytest.fixture(scope="module")
+def fp32_onnx(deploy_model, tmp_path_factory):
+    from damo_jax.export import onnx_utils, to_onnx
     path = tmp_path_factory.mktemp("int8") / "demo.onnx"
-    return onnx_utils.save(to_onnx.export_onnx(dm, batch=1), path)
+    return onnx_utils.save(to_onnx.export_onnx(deploy_model, batch=1), path)
 
 
 @pytest.fixture(scope="module")
@@ -221,3 +231,138 @@ def test_quantize_onnx_drops_only_the_pre_processing_hint(fp32_onnx, calib, tmp_
     assert "an unrelated warning" in messages
     assert not logging.getLogger().filters
     assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(tmp_path / "q.onnx")).graph.node)
+
+
+# ------------------------------------------------------- post-processing float, --onnx checks
+
+def _wide_logits(fp32_onnx, dst):
+    """A copy of the FP32 model whose class logits span about -300..+1, as a trained model's do
+    (demo T: -316..2.5): the class Convs' weights x20 (input-dependent scores around 0.5), and
+    class 0's bias -300 (a class never seen)."""
+    from onnx import numpy_helper
+    m = onnx.load(str(fp32_onnx))
+    producer = {o: n for n in m.graph.node for o in n.output}
+    inits = {t.name: t for t in m.graph.initializer}
+    convs, stack, seen = [], ["scores"], set()
+    while stack:                                     # the Convs the scores output reads
+        node = producer.get(stack.pop())
+        if node is None or node.name in seen:
+            continue
+        seen.add(node.name)
+        (convs.append(node) if node.op_type == "Conv" else stack.extend(node.input))
+    assert len(convs) == 3                           # one per level
+    for conv in convs:
+        w, b = (numpy_helper.to_array(inits[name]) for name in conv.input[1:3])
+        b = np.zeros_like(b)
+        b[0] = -300.0
+        inits[conv.input[1]].CopyFrom(numpy_helper.from_array(w * 20, conv.input[1]))
+        inits[conv.input[2]].CopyFrom(numpy_helper.from_array(b, conv.input[2]))
+    onnx.save(m, str(dst))
+    return dst
+
+
+def test_int8_keeps_the_head_post_processing_float(fp32_onnx, calib, held_out, tmp_path):
+    """One per-tensor UINT8 scale over logits spanning -300..+1 (step ~1.2) left the sigmoid two
+    or three output values (demo T @ 256: AP 0.406 -> 0.271); the head's post-processing (and
+    the class Convs' outputs) now stay float and the INT8 scores follow FP32."""
+    wide = _wide_logits(fp32_onnx, tmp_path / "wide.onnx")
+    q = int8.quantize_onnx(wide, tmp_path / "wide_int8.onnx", calib, quiet=True)
+    for (s_f, b_f), (s_q, b_q) in zip(qs.run_onnx(str(wide), held_out), qs.run_onnx(str(q), held_out)):
+        assert np.ptp(s_f[..., 1:]) > 0.02                    # scores that depend on the image
+        assert len(np.unique(s_q.round(6))) > 0.5 * len(np.unique(s_f.round(6))) > 50
+        assert np.abs(s_q - s_f).max() < 0.01                 # (all INT8: 0.02-0.03)
+    model = onnx.load(str(q))
+    producer = {o: n for n in model.graph.node for o in n.output}
+    tail = set(int8.post_processing_nodes(onnx.load(str(fp32_onnx))))
+    assert {n.op_type for n in model.graph.node if n.name in tail} >= {"Sigmoid", "Concat",
+                                                                       "Reshape", "Softmax"}
+    path, stack = [], ["scores"]            # from the scores back to the class Convs: all float
+    while stack:
+        node = producer.get(stack.pop())
+        if node is not None and node.op_type != "Conv":
+            path.append(node)
+            stack.extend(node.input)
+    assert path and all(n.name in tail for n in path), [(n.op_type, n.name) for n in path]
+    assert json.loads({p.key: p.value for p in model.metadata_props}["float_post_processing"])
+
+
+def _cli(capsys, *args):
+    """``damo-jax export int8 ARGS`` in this process: (exit code, stderr)."""
+    try:
+        int8.main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def e2e_onnx(deploy_model, fp32_onnx):
+    from damo_jax.export import onnx_utils, to_onnx
+    model = to_onnx.export_onnx(deploy_model, batch=1,
+                                end2end_cfg=dict(topk=100, conf_thre=0.05, iou_thre=0.65))
+    return onnx_utils.save(model, fp32_onnx.with_name("demo_e2e.onnx"))
+
+
+def _variant(fp32_onnx, dst, *, outputs=None, metadata=True):
+    m = onnx.load(str(fp32_onnx))
+    for old, new in (outputs or {}).items():
+        from damo_jax.export import onnx_utils
+        onnx_utils.rename_value(m, old, new)
+    if not metadata:
+        del m.metadata_props[:]
+    onnx.save(m, str(dst))
+    return dst
+
+
+def test_cli_int8_refuses_unusable_onnx_before_writing(fp32_onnx, e2e_onnx, tmp_path, capsys):
+    """An end2end export, a foreign file (the official DAMO-YOLO ONNX: outputs output / 791) or a
+    class count other than the config's: one error line naming --onnx, exit 2, nothing written
+    (INT8 files of them were written and then refused by predict / eval / the report)."""
+    foreign = _variant(fp32_onnx, tmp_path / "foreign.onnx", outputs={"scores": "output",
+                                                                     "boxes": "791"}, metadata=False)
+    bare = _variant(fp32_onnx, tmp_path / "bare.onnx", metadata=False)     # 6 classes, no names
+    cases = [(e2e_onnx, ["--config", "demo_ns"], ["end2end"]),
+             (foreign, ["--config", "demo_ns"], ["'output', '791'"]),
+             (bare, ["--config", "t"], ["6 classes", "80"]),          # t: the 80 COCO classes
+             (fp32_onnx, ["--config", "t"], ["6 classes", "80"]),     # its metadata: 6 names
+             (e2e_onnx, [], ["end2end"])]                             # (no --config either)
+    for k, (path, config, reason) in enumerate(cases):
+        out = tmp_path / f"out{k}"
+        code, err = _cli(capsys, "--onnx", path, *config, "--calib-data", f"demo:{SIZE}",
+                         "--calib-images", 2, "--format", "onnx", "--no-report", "--output-dir", out)
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert code == 2 and len(lines) == 1, err
+        assert f"--onnx {path}" in lines[0] and all(r in lines[0] for r in reason), lines[0]
+        assert "Traceback" not in err and "calibration:" not in err
+        assert not out.exists()
+
+
+def test_cli_int8_config_from_onnx_metadata(fp32_onnx, tmp_path, capsys):
+    """``export int8 --onnx FILE`` without --config: the file's export metadata gives the class
+    names and thresholds (as ``predict`` / ``eval --onnx``); the report scores every file."""
+    out = tmp_path / "meta"
+    result = int8.main(["--onnx", str(fp32_onnx), "--calib-data", f"demo:{SIZE}",
+                        "--calib-images", "2", "--format", "onnx", "--report-rounds", "1",
+                        "--output-dir", str(out)])
+    assert set(result["files"]) == {"onnx fp32", "onnx int8"}
+    assert (out / f"{fp32_onnx.stem}_int8.onnx").is_file()
+    saved = json.loads((out / "int8_report.json").read_text())
+    assert all(stats["images_scored"] == 100 for stats in saved["accuracy"].values())
+    assert "warnings" in saved
+
+
+def test_report_warns_on_a_large_ap_loss(caplog):
+    from damo_jax.export import quant_report
+    accuracy = {"onnx fp32": {"AP": 0.406, "AP50": 0.56}, "onnx int8": {"AP": 0.271, "AP50": 0.42},
+                "openvino fp32": {"AP": 0.406, "AP50": 0.56},
+                "openvino int8": {"AP": 0.399, "AP50": 0.56}}
+    warnings = quant_report.accuracy_warnings(accuracy)
+    assert len(warnings) == 1 and warnings[0].startswith("onnx int8: AP 0.2710 vs 0.4060")
+    assert quant_report.AP_DROP_WARN == 0.05
+    assert quant_report.accuracy_warnings(accuracy, threshold=0.2) == []
+    md = quant_report.format_markdown({
+        "model": "m", "calibration": "c", "evaluation": "e", "float_layers": [], "cpu": "cpu",
+        "load_before": "0", "load_after": "0", "rounds": 1, "files": {k: k for k in accuracy},
+        "accuracy": accuracy, "latency": {"1": {}}, "warnings": warnings})
+    assert "**Warning**: onnx int8: AP 0.2710" in md
