@@ -317,11 +317,12 @@ def check_input_onnx(path, config=None, overrides: Sequence[str] = ()):
     import onnx
 
     from damo_jax.errors import ConfigError
-    from damo_jax.export import end2end, onnx_utils
+    from damo_jax.export import onnx_utils
+    from damo_jax.inference.backends import is_end2end
     from damo_jax.inference.loading import load_model
     onnx_utils.check_readable(path)
     names = [o.name for o in onnx.load(str(path), load_external_data=False).graph.output]
-    if sorted(names) == sorted(end2end.E2E_OUTPUTS):     # predict / eval may run it; INT8 may not
+    if is_end2end(names):                                # predict / eval may run it; INT8 may not
         raise ConfigError(f"--onnx {path}: an --end2end export (NMS inside the graph); INT8 "
                           f"quantisation takes the raw export (export onnx without --end2end)")
     return load_model(config, onnx=str(path), overrides=overrides)

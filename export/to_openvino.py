@@ -80,9 +80,8 @@ def _check_is_export(proto: onnx.ModelProto, onnx_path: Path) -> None:
     other than a damo_jax export's (raw or end-to-end; e.g. an official DAMO-YOLO export) and an
     input whose height / width are not fixed."""
     from damo_jax.inference import backends
-    names = [o.name for o in proto.graph.output]
-    if sorted(names) != sorted(end2end_graph.E2E_OUTPUTS):
-        backends._check_outputs(onnx_path, names, "--onnx")
+    backends._check_outputs(onnx_path, [o.name for o in proto.graph.output], "--onnx",
+                            end2end_ok=True)
     dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
             for d in proto.graph.input[0].type.tensor_type.shape.dim]
     backends._input_geometry(dims, onnx_path, "--onnx")

@@ -253,13 +253,18 @@ def test_detector_with_onnx_and_openvino_backends_matches_jax(tmp_path):
                                    (r["boxes"], r["scores"], r["labels"]))
 
 
-def test_backends_reject_end2end_files_and_wrong_sizes(tmp_path):
-    from damo_jax.inference.backends import OnnxBackend
+def test_backends_read_end2end_files_and_reject_wrong_sizes(tmp_path):
+    from damo_jax.inference.backends import End2EndInfo, OnnxBackend
     dm, raw, path, _ = exported("Ns")
     e2e = onnx_utils.save(to_onnx.finalize(raw, dm, route="jax2onnx", e2e=dict(topk=5)),
                           tmp_path / "e2e.onnx")
-    with pytest.raises(ValueError, match="end2end"):
-        OnnxBackend(e2e)
+    # metadata "topk=5"; the thresholds from the graph's NMS constants (append_end2end defaults)
+    backend = OnnxBackend(e2e)
+    assert backend.end2end == End2EndInfo(topk=5, conf_thre=pytest.approx(0.05), iou_thre=0.7)
+    out = backend(np.zeros((3, 128, 128, 3), np.float32))        # 3 images through a batch-2 file
+    assert sorted(out) == ["boxes", "labels", "num_dets", "scores"] and out["num_dets"].shape == (3,)
+    assert out["boxes"].shape == (3, 5, 4) and out["labels"].dtype == np.int32
+    assert OnnxBackend(path).end2end is None
     with pytest.raises(ValueError, match=r"exported for \(128, 128\)"):
         OnnxBackend(path)(np.zeros((1, 96, 96, 3), np.float32))
     with pytest.raises(FileNotFoundError):

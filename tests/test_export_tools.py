@@ -322,10 +322,11 @@ def test_a_failed_write_is_one_error_naming_the_file(tmp_path, monkeypatch):
     from damo_jax.errors import OutputWriteError
     from damo_jax.export import to_openvino
     from damo_jax.inference.backends import import_openvino
-    good = helper.make_model(helper.make_graph(
-        [helper.make_node("Relu", ["x"], ["y"])], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 8, 8])]),
+    good = helper.make_model(helper.make_graph(       # an export's input and output names
+        [helper.make_node("Relu", ["images"], [name]) for name in ("scores", "boxes")], "g",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 3, 8, 8])
+         for name in ("scores", "boxes")]),
         opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     path = onnx_utils.save(good, tmp_path / "m.onnx")
     before = path.read_bytes()

@@ -8,7 +8,11 @@ examples:
   damo-jax eval --config s --weights s.pth --data coco:/c --config.test.conf_thre=0.001
 
 The exported files get exactly the same pre-processing (stretch resize, RGB 0-255) and the same
-NMS as the Flax model, so their mAP is directly comparable.
+NMS as the Flax model, so their mAP is directly comparable. An --end2end file is scored with the
+NMS inside it (the mAP of what you deploy): its thresholds and its topk K, which caps the
+detections per image at K (logged); --conf above its score threshold and --max-dets up to K filter
+its rows, an --iou other than its own, a lower --conf, a larger --max-dets or --pre-nms-topk is an
+error.
 
 The model's label k is its class name k. Data with the same class names in another order gets the
 labels mapped by name (:func:`category_remap`, one info line); other names are matched by index
@@ -140,6 +144,19 @@ def run(args, overrides) -> dict:
     loaded = common.load_model_from_args(args, overrides + test_overrides(args, overrides),
                                          fuse=not getattr(args, "no_fuse", False))
     cfg = loaded.cfg
+    from damo_jax.cli.predict import check_end2end_flags
+    check_end2end_flags(loaded.backend, args, overrides, cfg.test)
+    e2e = getattr(loaded.backend, "end2end", None)
+    if e2e is not None:
+        from damo_jax.inference.pipeline import end2end_params, nms_params
+        used = end2end_params(loaded.backend, nms_params(cfg.test))
+        then = ", ".join(f"{what} {mine:g}" for what, mine, its in (
+            ("score threshold", used.conf, e2e.conf_thre), ("max dets", used.max_dets, e2e.topk))
+            if its is not None and mine != its)
+        log.info("%s is an --end2end export: the mAP is that of its in-graph NMS (%s), which keeps "
+                 "at most %s detections per image%s", loaded.source, e2e.describe(),
+                 "?" if e2e.topk is None else e2e.topk,
+                 f"; then filtered by {then}" if then else "")
     if loaded.input_hw is not None and args.img_size is None:
         cfg.test.image_size = tuple(loaded.input_hw)   # an exported file has one input size
     spec = args.data or cfg.data.val or cfg.data.train

@@ -6,7 +6,9 @@ pre_nms_topk) through :mod:`damo_jax.inference.pipeline` (the same path as predi
 ``Detector``), boxes mapped back with independent x / y factors, COCO bbox evaluation.
 
 Any backend can be scored: the Flax model (:func:`evaluate` / :func:`collect_detections`) or an
-exported ONNX / OpenVINO file (:func:`evaluate_backend`; ``damo-jax eval --onnx FILE``).
+exported ONNX / OpenVINO file (:func:`evaluate_backend`; ``damo-jax eval --onnx FILE``). An
+``--end2end`` file is scored with its in-graph NMS (its IoU threshold and K; ``cfg.test`` conf /
+max_dets filter its rows: :func:`damo_jax.inference.pipeline.end2end_params`).
 The command line is ``damo-jax eval`` (:mod:`damo_jax.cli.eval`).
 """
 from __future__ import annotations
@@ -18,7 +20,7 @@ import jax
 import numpy as np
 
 from damo_jax.evaluation.coco import coco_evaluate, detections_to_coco
-from damo_jax.inference.pipeline import JaxBackend, detect, nms_params
+from damo_jax.inference.pipeline import JaxBackend, detect, end2end_params, nms_params
 
 log = logging.getLogger("damo_jax.evaluation.evaluator")
 
@@ -100,7 +102,7 @@ def run_detections(backend, dataset, cfg, *, batch_size=None, progress=True,
                           f"test.image_size is {image_hw} (--img-size)")
     test = cfg.get("test")
     batch_size = int(batch_size or config_value(test, "batch_size", 8))
-    params = nms_params(test)
+    params = end2end_params(backend, nms_params(test))   # an --end2end file: its NMS's values
     if isinstance(backend, JaxBackend) and jax.process_count() > 1:   # multi-host: split + gather
         from damo_jax.evaluation.multiprocess import run_detections_global
         return run_detections_global(backend, dataset, image_hw, batch_size, params, progress=progress,
@@ -143,6 +145,8 @@ def run_detections(backend, dataset, cfg, *, batch_size=None, progress=True,
 def over_candidate_cap(out: dict, valid, params) -> list[int]:
     """Candidate counts (scores above conf) of the valid images of one NMS output that exceed
     ``params.pre_nms_topk``: their lowest-scoring candidates were dropped before NMS."""
+    if "num_candidates" not in out:      # an --end2end file's NMS: no pre-NMS cap
+        return []
     counts = np.asarray(out["num_candidates"])[np.asarray(valid, bool)]
     return [int(c) for c in counts if c > params.pre_nms_topk]
 

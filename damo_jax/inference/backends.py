@@ -12,18 +12,24 @@ input pixels. The exported files take NCHW; the transpose happens here. Attribut
 * ``metadata`` — the export metadata (``{}`` if absent).
 
 Files whose input height / width are not fixed (another tool's dynamic-axes export), or whose
-outputs are not ``scores`` / ``boxes`` (official DAMO-YOLO exports) are refused with one
-:class:`ExportedModelError` naming the flag and the file.
+outputs are neither ``scores`` / ``boxes`` nor an end-to-end export's (official DAMO-YOLO exports)
+are refused with one :class:`ExportedModelError` naming the flag and the file.
 
 ``OnnxBackend(path, *, threads=None)`` runs onnxruntime (CPU; CUDA/TensorRT providers when
 available and asked for); ``OpenVinoBackend(path, *, precision="f32")`` runs an OpenVINO IR
 (``.xml``) or ONNX file. ``precision="f32"`` sets ``INFERENCE_PRECISION_HINT=f32`` — on CPUs with
 AMX/AVX512-BF16 OpenVINO's default is bf16 (errors ~1e-2); ``"auto"`` keeps the device default.
-End-to-end files (``--end2end``: outputs num_dets/boxes/scores/labels) are rejected: the Detector
-applies its own NMS to the raw outputs.
+End-to-end files (``damo-jax export onnx --end2end``, and the OpenVINO IRs converted from them:
+outputs ``num_dets`` / ``boxes`` / ``scores`` / ``labels``, NMS inside the graph) are read too: their
+``end2end`` attribute is an :class:`End2EndInfo` (the in-graph NMS's ``topk`` / ``conf_thre`` /
+``iou_thre``; ``None`` for a raw file) and ``forward(images)`` returns the in-graph NMS result as
+the dict :func:`damo_jax.ops.nms.multiclass_nms` returns (``num_dets`` (B,) int32, ``boxes``
+(B, K, 4) network-input pixels, ``scores`` (B, K), ``labels`` (B, K) int32), which
+:func:`damo_jax.inference.pipeline.detect` passes on instead of running damo_jax's NMS.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -34,6 +40,31 @@ from damo_jax.errors import InputPathError, UserError
 from damo_jax.inference.pipeline import pad_batch
 
 RAW_OUTPUTS = ("scores", "boxes")
+
+
+@dataclasses.dataclass(frozen=True)
+class End2EndInfo:
+    """The NMS inside an ``--end2end`` file: ``topk`` K (rows per image), ``conf_thre`` (keeps
+    scores strictly above), ``iou_thre`` (suppresses IoU above); ``None`` where unknown."""
+    topk: int | None
+    conf_thre: float | None
+    iou_thre: float | None
+
+    def describe(self) -> str:
+        """``"topk 100, conf_thre 0.05, iou_thre 0.7"`` (``?`` for an unknown value)."""
+        return ", ".join(f"{k} {'?' if v is None else format(v, 'g')}"
+                         for k, v in dataclasses.asdict(self).items())
+
+
+def e2e_outputs() -> tuple:
+    """The outputs of an ``--end2end`` export, in order (``export/end2end.py``: ``E2E_OUTPUTS``)."""
+    from damo_jax.export.end2end import E2E_OUTPUTS
+    return E2E_OUTPUTS
+
+
+def is_end2end(names) -> bool:
+    """Whether output ``names`` are an ``--end2end`` export's."""
+    return "num_dets" in names and sorted(names) == sorted(e2e_outputs())
 
 
 def import_openvino():
@@ -95,10 +126,14 @@ NOT_AN_EXPORT_HINT = ("; not a damo_jax export (official DAMO-YOLO ONNX exports 
                       "its config)")
 
 
-def _check_outputs(path, names, flag: str = "exported model") -> None:
+def _check_outputs(path, names, flag: str = "exported model", *, end2end_ok: bool = False) -> None:
+    """ExportedModelError unless ``names`` are a raw export's outputs (or, with ``end2end_ok``, an
+    ``--end2end`` export's: what the backends read)."""
+    if end2end_ok and is_end2end(names):
+        return
     if sorted(names) != sorted(RAW_OUTPUTS):
-        hint = (" — an --end2end export; export without --end2end for damo_jax.inference.predict / Detector"
-                if "num_dets" in names else NOT_AN_EXPORT_HINT)
+        hint = (" — an --end2end export (NMS inside the graph); this needs the raw export: export "
+                "without --end2end" if "num_dets" in names else NOT_AN_EXPORT_HINT)
         raise ExportedModelError(f"{flag} {path}: outputs {list(names)}, expected "
                                  f"{list(RAW_OUTPUTS)}{hint}")
 
@@ -136,7 +171,10 @@ class _Backend:
     batch_size: int | None
     class_names: tuple | None
 
-    def _run(self, images_nchw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    end2end: End2EndInfo | None = None
+
+    def _run(self, images_nchw: np.ndarray) -> tuple:
+        """The outputs of one batch: ``(scores, boxes)``, or :func:`e2e_outputs` of an end2end file."""
         raise NotImplementedError
 
     def __call__(self, images):
@@ -150,15 +188,69 @@ class _Backend:
         nchw = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
         fixed = self.batch_size
         if fixed is None or len(nchw) == fixed:
-            return self._run(nchw)
-        scores, boxes = [], []
-        for start in range(0, len(nchw), fixed):
-            chunk = nchw[start:start + fixed]
-            count = len(chunk)
-            s, b = self._run(pad_batch(chunk, fixed))
-            scores.append(s[:count])
-            boxes.append(b[:count])
-        return np.concatenate(scores), np.concatenate(boxes)
+            outputs = self._run(nchw)
+        else:
+            parts = []
+            for start in range(0, len(nchw), fixed):
+                chunk = nchw[start:start + fixed]
+                parts.append([o[:len(chunk)] for o in self._run(pad_batch(chunk, fixed))])
+            outputs = tuple(np.concatenate(column) for column in zip(*parts))
+        if self.end2end is None:
+            return outputs
+        num_dets, boxes, scores, labels = outputs
+        return {"num_dets": np.asarray(num_dets).reshape(-1).astype(np.int32),
+                "boxes": np.asarray(boxes, np.float32), "scores": np.asarray(scores, np.float32),
+                "labels": np.asarray(labels).astype(np.int32)}
+
+    def _setup_end2end(self, names, boxes_dims) -> None:
+        """``end2end`` of a file with outputs ``names`` (``boxes_dims``: its boxes output's
+        shape, None entries dynamic): the metadata's ``end2end`` entry (``topk=..,conf_thre=..,
+        iou_thre=..``), else what the graph says (K from the boxes shape; an ONNX file's NMS
+        constants)."""
+        self.outputs = e2e_outputs() if is_end2end(names) else RAW_OUTPUTS
+        if self.outputs is RAW_OUTPUTS:
+            return
+        found = _end2end_from_metadata(self.metadata.get("end2end"))
+        if self.path.suffix.lower() == ".onnx":
+            found = {**_end2end_from_onnx_graph(self.path), **found}
+        if found.get("topk") is None and boxes_dims and len(boxes_dims) == 3:
+            found["topk"] = _static_dim(boxes_dims[1])
+        self.end2end = End2EndInfo(topk=found.get("topk"), conf_thre=found.get("conf_thre"),
+                                   iou_thre=found.get("iou_thre"))
+
+
+def _end2end_from_metadata(text) -> dict:
+    """``{"topk": int, "conf_thre": float, "iou_thre": float}`` (those present) of the export
+    metadata's ``end2end`` entry ``topk=100,conf_thre=0.05,iou_thre=0.7``."""
+    out = {}
+    for item in str(text or "").split(","):
+        key, _, value = item.partition("=")
+        key = key.strip()
+        try:
+            if key == "topk":
+                out[key] = int(value)
+            elif key in ("conf_thre", "iou_thre"):
+                out[key] = float(value)
+        except ValueError:
+            continue
+    return out
+
+
+def _end2end_from_onnx_graph(path: Path) -> dict:
+    """The NMS constants ``export/end2end.py`` writes (initializers ``e2e_max_per_class``,
+    ``e2e_conf_thre``, ``e2e_iou_thre``) of an ONNX file without the metadata entry."""
+    import onnx
+    from onnx import numpy_helper
+    names = {"e2e_max_per_class": ("topk", int), "e2e_conf_thre": ("conf_thre", float),
+             "e2e_iou_thre": ("iou_thre", float)}
+    out = {}
+    for init in onnx.load(str(path), load_external_data=False).graph.initializer:
+        if init.name in names:
+            key, kind = names[init.name]
+            value = numpy_helper.to_array(init).reshape(-1)
+            if value.size == 1:            # float32 0.7 -> 0.7 (its shortest repr), not 0.69999999
+                out[key] = kind(str(value[0]))
+    return out
 
 
 class OnnxBackend(_Backend):
@@ -185,18 +277,18 @@ class OnnxBackend(_Backend):
         self.input_name = inputs[0].name
         outputs = self.session.get_outputs()
         self.output_names = [o.name for o in outputs]
-        _check_outputs(self.path, self.output_names, flag)
+        _check_outputs(self.path, self.output_names, flag, end2end_ok=True)
         self.batch_size, self.input_hw = _input_geometry(inputs[0].shape, self.path, flag)
-        scores = dict((o.name, o.shape) for o in outputs)["scores"]
-        self.num_classes = _static_dim(scores[-1]) if scores else None
+        shapes = dict((o.name, o.shape) for o in outputs)
         meta = self.session.get_modelmeta().custom_metadata_map
         self.metadata = dict(meta)
         self.class_names = _class_names(meta)
+        self._setup_end2end(self.output_names, shapes["boxes"])
+        scores = shapes["scores"]           # an end2end file's scores (N, K) hold no class count
+        self.num_classes = (_static_dim(scores[-1]) if scores and self.end2end is None else None)
 
     def _run(self, images_nchw):
-        out = dict(zip(self.output_names,
-                       self.session.run(self.output_names, {self.input_name: images_nchw})))
-        return out["scores"], out["boxes"]
+        return tuple(self.session.run(list(self.outputs), {self.input_name: images_nchw}))
 
 
 class OpenVinoBackend(_Backend):
@@ -210,14 +302,17 @@ class OpenVinoBackend(_Backend):
         self.path = Path(path)
         kind = _openvino_kind(self.path)
         names = [o.get_any_name() for o in model.outputs]
-        _check_outputs(self.path, names, flag)
+        _check_outputs(self.path, names, flag, end2end_ok=True)
         if len(model.inputs) != 1:
             raise ExportedModelError(f"{flag} {self.path}: expected one input 'images', got "
                                      f"{[i.get_any_name() for i in model.inputs]}")
         self.batch_size, self.input_hw = _input_geometry(
             _partial_dims(model.inputs[0].get_partial_shape()), self.path, flag)
+        self.metadata = _ov_metadata(model, self.path)
+        self.class_names = _class_names(self.metadata)
+        self._setup_end2end(names, _partial_dims(model.outputs[names.index("boxes")].get_partial_shape()))
         scores = _partial_dims(model.outputs[names.index("scores")].get_partial_shape())
-        self.num_classes = _static_dim(scores[-1]) if scores else None
+        self.num_classes = (_static_dim(scores[-1]) if scores and self.end2end is None else None)
         config = {}
         if precision == "f32":
             config["INFERENCE_PRECISION_HINT"] = "f32"
@@ -230,13 +325,10 @@ class OpenVinoBackend(_Backend):
                                      f"({runtime_error_reason(e)})") from e
         self.request = self.compiled.create_infer_request()
         self._outputs = {name: self.compiled.output(name) for name in names}
-        self.metadata = _ov_metadata(model, self.path)
-        self.class_names = _class_names(self.metadata)
 
     def _run(self, images_nchw):
         result = self.request.infer({0: images_nchw})
-        return (np.asarray(result[self._outputs["scores"]]),
-                np.asarray(result[self._outputs["boxes"]]))
+        return tuple(np.asarray(result[self._outputs[name]]) for name in self.outputs)
 
 
 def _openvino_kind(path: Path) -> str:

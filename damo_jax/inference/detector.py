@@ -16,6 +16,13 @@ Lists are padded to 1, 2, 4, ... ``batch_size`` images (few compiled shapes; ``_
 ``classes=`` (class names and / or 0-based indices) keeps only those classes: the others' scores
 are zeroed before NMS, so they never take a ``max_dets`` place (``resolve_classes``).
 
+End-to-end files (``damo-jax export onnx --end2end``, NMS inside the graph, and their OpenVINO
+IRs) run their own NMS instead of damo_jax's; the rest is the same (boxes mapped back to the
+original pixels, result dicts). Their ``iou`` and K are the file's: ``conf`` above the file's
+score threshold and ``max_dets`` up to its K filter its rows (``classes=`` too, after its NMS), and
+``Detector.load`` refuses an ``iou`` other than the file's, a lower ``conf`` or a larger
+``max_dets`` (:func:`damo_jax.inference.pipeline.check_end2end_options`).
+
 Loading is :func:`damo_jax.inference.loading.load_model`; pre-processing, forward, NMS and the
 mapping back to original pixels are :mod:`damo_jax.inference.pipeline` (the evaluation protocol,
 SPEC §9.4/§10.2: stretch-resize, RGB 0–255 float32, no normalisation; independent x / y factors).
@@ -36,8 +43,9 @@ import jax
 import numpy as np
 
 from damo_jax.errors import ConfigError, InputPathError
-from damo_jax.inference.pipeline import (JaxBackend, NmsParams, check_detection_options, detect,
-                                         pad_batch, preprocess, rescale_detections, stretch_resize)
+from damo_jax.inference.pipeline import (JaxBackend, NmsParams, check_detection_options,
+                                         check_end2end_options, detect, end2end_params, pad_batch,
+                                         preprocess, rescale_detections, stretch_resize)
 from damo_jax.ops.boxes import check_image_size
 
 log = logging.getLogger("damo_jax.inference.detector")
@@ -156,9 +164,9 @@ class Detector:
         self.image_size = check_image_size(image_size, "Detector: image size (--img-size)")
         self.backend = backend
         self.class_names = tuple(class_names)
-        self.params = NmsParams(conf=float(conf), iou=float(iou), max_dets=int(max_dets),
-                                pre_nms_topk=int(pre_nms_topk),
-                                classes=resolve_classes(classes, self.class_names))
+        self.params = end2end_params(backend, NmsParams(   # an --end2end file: its NMS's values
+            conf=float(conf), iou=float(iou), max_dets=int(max_dets), pre_nms_topk=int(pre_nms_topk),
+            classes=resolve_classes(classes, self.class_names)))
         self.batch_size = int(getattr(backend, "batch_size", None) or batch_size)
         self._fixed_batch = getattr(backend, "batch_size", None) is not None
 
@@ -241,6 +249,8 @@ class Detector:
             loaded = load_model(path_or_config, **{backend: model_path})
         else:
             raise ConfigError(f"unknown backend {backend!r} (known: jax, onnx, openvino)")
+        check_end2end_options(loaded.backend, "Detector.load: ", conf=conf, iou=iou,
+                              max_dets=max_dets)
         return cls.from_loaded(loaded, conf=conf, iou=iou, img_size=img_size, max_dets=max_dets,
                                batch_size=batch_size, classes=classes)
 

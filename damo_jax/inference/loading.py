@@ -161,7 +161,8 @@ def _config_from_export(kind: str, path: Path):
     meta = backends._ov_metadata(model, path)
     name = meta.get("model")
     if not name or "class_names" not in meta:
-        backends._check_outputs(path, _output_names(model, path), _flag(kind))   # an official file: say so
+        backends._check_outputs(path, _output_names(model, path), _flag(kind),   # an official
+                                end2end_ok=True)                                    # file: say so
         raise ConfigError(f"{_flag(kind)} {path}: the file holds no damo_jax export metadata "
                           f"(model, class names); give --config (the model's config name or "
                           f"file, or the training run directory)")
@@ -182,6 +183,12 @@ def _config_from_export(kind: str, path: Path):
                     cfg.test[key] = int(meta[key])
             if "image_size" in meta:
                 cfg.test.image_size = tuple(int(v) for v in json.loads(meta["image_size"]))
+            if meta.get("end2end"):       # an --end2end file: the thresholds and K of its NMS
+                e2e = backends._end2end_from_metadata(meta["end2end"])
+                for key, test_key in (("conf_thre", "conf_thre"), ("iou_thre", "iou_thre"),
+                                      ("topk", "max_dets")):
+                    if key in e2e:
+                        cfg.test[test_key] = e2e[key]
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{_flag(kind)} {path}: unreadable export metadata ({e}); give "
                           f"--config") from e

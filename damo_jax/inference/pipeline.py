@@ -9,12 +9,19 @@
   >= 1: a ``ConfigError`` naming the flag (``--conf`` ...) before anything is loaded.
 * :func:`detect` — backend forward + :func:`damo_jax.ops.nms.multiclass_nms`; a :class:`JaxBackend`
   runs both in ONE jit (:func:`detect_batch`), exported backends (ONNX, OpenVINO) run their
-  forward and then the same jitted NMS.
+  forward and then the same jitted NMS — except end-to-end files (``--end2end``, backend attribute
+  ``end2end``), whose in-graph NMS result takes the NMS step's place (:func:`end2end_detections`).
+* :func:`end2end_params` / :func:`check_end2end_options` — what the NMS options mean for an
+  end-to-end file (a higher ``conf`` filters its rows, ``max_dets`` up to its K truncates them; an
+  ``iou``, a lower ``conf``, a larger ``max_dets`` or a ``pre_nms_topk`` cannot change its NMS).
 * :func:`rescale_detections` — NMS output of one image -> boxes in original-image pixels.
 
 Backend interface: ``forward(images)`` with images (B, H, W, 3) float32 RGB 0–255 NHWC returning
 ``(scores (B, A, C), boxes (B, A, 4))`` xyxy network-input pixels; optional attributes
-``input_hw`` (fixed (H, W)) and ``batch_size`` (fixed batch; None = any).
+``input_hw`` (fixed (H, W)) and ``batch_size`` (fixed batch; None = any). A backend whose
+``end2end`` attribute is set (:class:`damo_jax.inference.backends.End2EndInfo`) returns its
+in-graph NMS result instead: the dict ``num_dets`` (B,), ``boxes`` (B, K, 4) network-input
+pixels, ``scores`` (B, K), ``labels`` (B, K), rows in descending score order.
 """
 from __future__ import annotations
 
@@ -158,9 +165,89 @@ def detect(backend, images, params: NmsParams) -> dict:
         return detect_batch(backend.model, backend.variables, images, params.conf, iou,
                             max_dets=params.max_dets, pre_nms_topk=params.pre_nms_topk,
                             classes=params.classes)
+    if getattr(backend, "end2end", None) is not None:     # the NMS ran inside the file
+        return end2end_detections(backend(np.asarray(images, np.float32)), params)
     scores, boxes = backend(np.asarray(images, np.float32))
     return multiclass_nms(keep_classes(scores, params.classes), boxes, conf_thre=params.conf, iou_thre=iou,
                           max_dets=params.max_dets, pre_nms_topk=params.pre_nms_topk)
+
+
+def end2end_detections(out: dict, params: NmsParams) -> dict:
+    """An end-to-end file's NMS result (``num_dets`` (B,), ``boxes`` (B, K, 4), ``scores``,
+    ``labels`` (B, K), descending score) in :func:`multiclass_nms`'s form, with what ``params``
+    can still do after the in-graph NMS: keep the rows scoring strictly above ``params.conf``
+    (a ``conf`` at or below the file's changes nothing), of ``params.classes`` (the other classes
+    still took their places among the file's K), the first ``params.max_dets``. ``iou`` and
+    ``pre_nms_topk`` are the file's (:func:`check_end2end_options`). Host NumPy arrays."""
+    scores = np.asarray(out["scores"], np.float32)
+    boxes = np.asarray(out["boxes"], np.float32)
+    labels = np.asarray(out["labels"]).astype(np.int32)
+    rows = np.arange(scores.shape[1])
+    keep = (rows[None] < np.asarray(out["num_dets"]).reshape(-1, 1)) & (scores > params.conf)
+    if params.classes is not None:
+        keep &= np.isin(labels, np.asarray(params.classes))
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :params.max_dets]  # kept rows first, in order
+    num_dets = np.minimum(keep.sum(axis=1), params.max_dets).astype(np.int32)
+    valid = np.arange(order.shape[1])[None] < num_dets[:, None]
+    take = functools.partial(np.take_along_axis, indices=order, axis=1)
+    return {"boxes": np.where(valid[..., None], np.take_along_axis(boxes, order[..., None], 1),
+                              0).astype(np.float32),
+            "scores": np.where(valid, take(scores), 0).astype(np.float32),
+            "labels": np.where(valid, take(labels), -1).astype(np.int32), "num_dets": num_dets}
+
+
+def end2end_params(backend, params: NmsParams) -> NmsParams:
+    """``params`` as they act on ``backend``'s end-to-end file (``params`` itself for a raw one):
+    its IoU threshold, ``conf`` at least its score threshold, ``max_dets`` at most its K."""
+    e2e = getattr(backend, "end2end", None)
+    if e2e is None:
+        return params
+    changes = {}
+    if e2e.iou_thre is not None:
+        changes["iou"] = float(e2e.iou_thre)
+    if e2e.conf_thre is not None and params.conf < e2e.conf_thre:
+        changes["conf"] = float(e2e.conf_thre)
+    if e2e.topk is not None and params.max_dets > e2e.topk:
+        changes["max_dets"] = int(e2e.topk)
+    return dataclasses.replace(params, **changes)
+
+
+def check_end2end_options(backend, where: str = "", flags: dict | None = None, **options) -> None:
+    """A :class:`~damo_jax.errors.ConfigError` (prefixed by ``where``, naming the flag, the file
+    and its value) for a given option (None = not given) that cannot act on ``backend``'s
+    end-to-end file (nothing for a raw file): an ``iou`` other than its NMS's, a ``conf`` below its
+    score threshold (those rows are not in the file's output), a ``max_dets`` above its K, any
+    ``pre_nms_topk`` (its NMS has no candidate cap). ``flags``: the option's name in the message
+    (default :data:`OPTION_FLAGS`, e.g. ``--iou``)."""
+    from damo_jax.errors import ConfigError
+    e2e = getattr(backend, "end2end", None)
+    if e2e is None:
+        return
+    flags = {**OPTION_FLAGS, **(flags or {})}
+    path = getattr(backend, "path", "the exported file")
+    head = f"{path} is an --end2end export (NMS inside the graph: {e2e.describe()})"
+    fix = ("re-export it with damo-jax export onnx --end2end {}, or use the raw export (without "
+           "--end2end: damo_jax's NMS takes {})")
+    for name, value in options.items():
+        if value is None:
+            continue
+        flag = flags.get(name, name)
+        if name == "iou" and (e2e.iou_thre is None or float(value) != e2e.iou_thre):
+            why = (f"its IoU threshold is {e2e.iou_thre:g}" if e2e.iou_thre is not None
+                   else "its IoU threshold is fixed in the graph")
+            raise ConfigError(f"{where}{flag} {value:g}: {head}; {why} and {flag} cannot change it: "
+                              + fix.format(f"--iou {value:g}", "--iou"))
+        if name == "conf" and e2e.conf_thre is not None and float(value) < e2e.conf_thre:
+            raise ConfigError(f"{where}{flag} {value:g}: {head}; it keeps scores above "
+                              f"{e2e.conf_thre:g} only, a lower {flag} cannot add detections (a "
+                              f"higher one filters them): " + fix.format(f"--conf {value:g}", "--conf"))
+        if name == "max_dets" and e2e.topk is not None and int(value) > e2e.topk:
+            raise ConfigError(f"{where}{flag} {value}: {head}; it returns at most {e2e.topk} "
+                              f"detections per image (its topk), a larger {flag} cannot add any (a "
+                              f"smaller one keeps the best): " + fix.format(f"--topk {value}", "--max-dets"))
+        if name == "pre_nms_topk":
+            raise ConfigError(f"{where}{flag} {value}: {head}; its NMS takes every candidate "
+                              f"above its conf_thre (no pre-NMS cap), so {flag} would do nothing")
 
 
 def rescale_detections(nms_out: dict, index: int, orig_hw, input_hw) -> dict:
