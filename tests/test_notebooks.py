@@ -122,3 +122,23 @@ def test_notebooks_execute_on_cpu(kernel_env):
     for f in ("model.onnx", "model.xml", "stats_jax.json", "stats_openvino.json"):
         assert (work / "exported" / f).is_file(), f
     print(f"notebook run time: train_tpu {t_train:.0f} s, eval_export {t_eval:.0f} s")
+
+
+def test_each_training_run_gets_its_own_configs_batch():
+    """The own-data run trained with the demo config's batch (``--config ns`` with
+    ``--config.train.batch_size=8`` where ns's own is 256: a ~32x smaller learning rate), against
+    the parameter comment "BATCH_SIZE 0: the config's". The training cell's ``train_args``, run
+    with the parameters' defaults on 8 devices, now gives each config its own batch."""
+    from damo_jax.config import load_config
+    nb = nbformat.read(ROOT / "colab" / "train_tpu.ipynb", as_version=4)
+    cell = next(c.source for c in nb.cells if c.cell_type == "code" and "def train_args" in c.source)
+    namespace = {"JAX_INFO": {"count": 8}, "BATCH_SIZE": 0, "IMG_SIZE": 0, "CONFIG": "demo",
+                 "DATA": "demo", "WORKDIR": "w", "MAX_STEPS": 0, "EXTRA": [],
+                 "damo": lambda *args: args}
+    exec(cell, namespace)
+    for config in ("demo", "ns", "s"):
+        args = namespace["train_args"](config, "demo", "w", 0, [])
+        want = -(-int(load_config(config).train.batch_size) // 8) * 8
+        assert f"--config.train.batch_size={want}" in args, (config, args)
+    namespace["BATCH_SIZE"] = 12                                  # given: the same for every run
+    assert "--config.train.batch_size=16" in namespace["train_args"]("ns", "demo", "w", 0, [])
