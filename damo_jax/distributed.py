@@ -25,8 +25,15 @@ talk over gloo (how tests/test_multiprocess.py runs the real thing on localhost)
   process 0 only, and on the CPU backend the cache key differs between processes (it hashes the
   process's devices and compile options), so without it every process but 0 compiles the update
   step again at every start or restart (minutes on a 2-core host).
+* :func:`check_same_settings` — before any work, every process compares the run's config with
+  the others' and (:func:`check_shared_workdir`) checks that it sees the run folder process 0
+  sees: process 0 writes a file with a random token into ``--workdir`` and every other process
+  must read it back (a folder on a disk the hosts do not share froze the run at its first
+  checkpoint for 20 minutes, then blamed disk space). Either mismatch is one error line in every
+  process, exit 2.
 * :func:`exit_on_error` — in a multi-process run, an exception in ONE process prints
-  ``error: process i/n: ...`` and hard-exits that process (``os._exit(1)``), so the others are
+  ``error: process i/n: ...`` and hard-exits that process (``os._exit(1)``; a user error, e.g. a
+  batch size the devices do not divide: one line, no traceback, exit 2), so the others are
   stopped by the heartbeat instead of waiting in a collective or a shutdown barrier.
 """
 from __future__ import annotations
@@ -40,7 +47,7 @@ import traceback
 
 import numpy as np
 
-from damo_jax.errors import ConfigError
+from damo_jax.errors import EXIT_USER_ERROR, ConfigError
 
 HEARTBEAT_ENV = "DAMO_JAX_HEARTBEAT_TIMEOUT_S"
 INIT_TIMEOUT_ENV = "DAMO_JAX_INIT_TIMEOUT_S"
@@ -181,17 +188,25 @@ class SettingsMismatchError(ConfigError):
     """The processes of one run were started with different settings (raised in every process)."""
 
 
-def check_same_settings(settings: dict) -> None:
+def check_same_settings(settings: dict, workdir=None) -> None:
     """Raise :class:`SettingsMismatchError` in EVERY process unless all processes hold the same
     ``settings`` (flat ``{key: value}``, e.g. the run's config): a process started with another
     learning rate or seed would train its own model copy silently, another batch size would
     crash in a collective. Every process gets the same verdict (the digests are all-gathered),
-    and the message names the keys that differ from process 0's, process by process."""
-    import json
-
+    and the message names the keys that differ from process 0's, process by process.
+    ``workdir``: then also :func:`check_shared_workdir` (:class:`WorkdirNotSharedError`)."""
     import jax
     if jax.process_count() == 1:
         return
+    _check_same_values(settings)
+    if workdir is not None:
+        check_shared_workdir(workdir)
+
+
+def _check_same_values(settings: dict) -> None:
+    import json
+
+    import jax
     text = json.dumps(settings, sort_keys=True, default=repr).encode()
     digest = np.frombuffer(hashlib.sha256(text).digest()[:16], np.int32)
     digests = allgather_rows({"d": digest[None]})["d"]
@@ -211,6 +226,98 @@ def check_same_settings(settings: dict) -> None:
     raise SettingsMismatchError(f"the {len(each)} processes were started with different settings — "
                                 f"{'; '.join(parts)}; start every process with the same command and "
                                 f"--config overrides")
+
+
+class WorkdirNotSharedError(SettingsMismatchError):
+    """The processes of one run do not see one run folder (raised in every process)."""
+
+
+#: the file process 0 writes into the run folder for :func:`check_shared_workdir` (+ a random token)
+SHARED_MARKER_PREFIX = ".damo_jax_shared_check_"
+#: how long the other processes look for it (a network file system may show a new file late)
+SHARED_MARKER_WAIT_S = 10.0
+
+
+def check_shared_workdir(workdir) -> None:
+    """Raise :class:`WorkdirNotSharedError` in EVERY process unless every process sees the run
+    folder process 0 sees. Checkpoints are written by all processes together into one folder: on
+    folders the hosts do not share (the same path on each node's local disk) the first checkpoint
+    waited in Orbax's barriers for 20 minutes, then failed as a write error.
+
+    Process 0 writes ``<workdir>/.damo_jax_shared_check_<token>`` holding ``<token>`` (16 random
+    bytes, new for every run: a file left by an earlier run never matches); the token is
+    all-gathered; every other process must read that file with that content within
+    ``SHARED_MARKER_WAIT_S`` seconds; the verdicts are all-gathered (every process raises alike),
+    then process 0 removes the file. Costs two all-gathers when the folder is shared."""
+    import jax
+    if jax.process_count() == 1:
+        return
+    from pathlib import Path
+    import time
+    folder = Path(workdir)
+    me, count = jax.process_index(), jax.process_count()
+    token = np.zeros((1, 4), np.int32)
+    wrote = np.ones((1, 1), np.int32)
+    marker, write_error = None, ""
+    if me == 0:
+        token[0] = np.frombuffer(os.urandom(16), np.int32)
+        marker = folder / f"{SHARED_MARKER_PREFIX}{token.tobytes().hex()}"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            _remove_stale_markers(folder)
+            tmp = marker.with_name(marker.name + ".tmp")
+            tmp.write_text(token.tobytes().hex())
+            os.replace(tmp, marker)
+        except OSError as err:
+            wrote[0, 0] = 0
+            write_error = f": {err.strerror or err} (errno {err.errno})" if err.errno else f": {err}"
+    got = allgather_rows({"token": token, "wrote": wrote})
+    hex_token = got["token"][0].astype(np.int32).tobytes().hex()
+    seen = np.ones((1, 1), np.int32)
+    if me != 0 and got["wrote"][0, 0]:
+        path, deadline = folder / f"{SHARED_MARKER_PREFIX}{hex_token}", time.monotonic() + SHARED_MARKER_WAIT_S
+        while True:
+            try:
+                if path.read_text().strip() == hex_token:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                seen[0, 0] = 0
+                break
+            time.sleep(0.2)
+    seen_all = allgather_rows({"seen": seen})["seen"].reshape(-1)
+    if marker is not None:
+        try:
+            marker.unlink()
+        except OSError:
+            pass
+    if not got["wrote"][0, 0]:
+        reason = write_error or " (the reason is in process 0's output)"
+        raise WorkdirNotSharedError(f"--workdir {workdir}: process 0 of {count} could not write a file "
+                                    f"into its run folder{reason}; fix the folder's permissions or "
+                                    f"choose another --workdir")
+    blind = [i for i in range(count) if not seen_all[i]]
+    if blind:
+        who = (f"process {blind[0]} does" if len(blind) == 1
+               else f"processes {', '.join(map(str, blind))} do")
+        raise WorkdirNotSharedError(
+            f"--workdir {workdir}: {who} not see the file process 0 wrote into its run folder "
+            f"({SHARED_MARKER_PREFIX}...) within {SHARED_MARKER_WAIT_S:g} s; the {count} processes "
+            f"must share ONE run folder: on several hosts a folder on a shared file system mounted "
+            f"at the same path on each (NFS, Lustre, a FUSE-mounted bucket), on one machine the same "
+            f"--workdir for every process")
+
+
+def _remove_stale_markers(folder, older_than_s: float = 3600.0) -> None:
+    """Markers an earlier run's process 0 left behind (it died during the check)."""
+    import time
+    for old in folder.glob(f"{SHARED_MARKER_PREFIX}*"):
+        try:
+            if time.time() - old.stat().st_mtime > older_than_s:
+                old.unlink()
+        except OSError:
+            pass
 
 
 OWN_CACHE_SUBDIR = "damo_jax_process_executables"
@@ -272,7 +379,10 @@ def compile_cached(lowered, log=None):
 
 def exit_on_error(fn, *args, passthrough: tuple = (), **kwargs):
     """``fn(*args, **kwargs)``; in a multi-process run an exception prints ``error: process i/n:``
-    with its traceback and ends THIS process at once (``os._exit(1)``; an interrupt: one
+    with its traceback and ends THIS process at once (``os._exit(1)``; a user error
+    (:func:`damo_jax.errors.user_error_types`, e.g. a batch size the devices do not divide): one
+    line without traceback and exit 2 (:func:`_exit_user_error`), the traceback with ``--debug`` /
+    ``DAMO_JAX_DEBUG=1``; an interrupt: one
     ``interrupted (SIGINT|SIGTERM)`` line and ``os._exit(128 + signal)``, as the train CLI exits):
     the other processes are then stopped by the distributed heartbeat instead of hanging in a
     collective. Exceptions of the
@@ -296,8 +406,42 @@ def exit_on_error(fn, *args, passthrough: tuple = (), **kwargs):
                   f"every process resumes from the latest complete checkpoint", file=sys.stderr, flush=True)
             sys.stdout.flush()
             os._exit(128 + signum)
+        from damo_jax.errors import debug_enabled, user_error_types
+        if isinstance(err, user_error_types()) and not debug_enabled(sys.argv):
+            _exit_user_error(err)
         traceback.print_exc()
         print(f"error: process {jax.process_index()}/{jax.process_count()}: {type(err).__name__}: {err}; "
               f"exiting so the other processes stop (distributed heartbeat)", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(1)
+
+
+#: how long a process that hit a user error waits for the others to hit one too (same mistake)
+USER_ERROR_WAIT_S = 30.0
+
+
+def _exit_user_error(err: BaseException) -> None:
+    """A user error in a multi-process run: ``error: process i/n: <message>`` (one line, as the
+    CLI prints user errors), then exit 2. A mistake every process makes (a batch size the devices
+    do not divide) reaches every process at the same point: they meet at a barrier and leave the
+    distributed runtime together (``jax.distributed.shutdown``), so each exits 2 itself instead of
+    being aborted when process 0 (the coordinator) is gone. A process that is alone with its error
+    (no peer at the barrier within ``USER_ERROR_WAIT_S``) exits 2 all the same; the others are
+    then stopped by the heartbeat. ``os._exit``: never the interpreter's exit, which could wait on
+    a collective or on Orbax's writer threads."""
+    import jax
+    from damo_jax.errors import one_line
+    print(f"error: process {jax.process_index()}/{jax.process_count()}: {one_line(err)}",
+          file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    try:
+        barrier("user_error", timeout_s=USER_ERROR_WAIT_S)
+    except Exception:  # noqa: BLE001 - not every process failed: exit alone
+        pass
+    else:
+        try:
+            jax.distributed.shutdown()
+        except Exception:  # noqa: BLE001 - best effort on the way out
+            pass
+    sys.stderr.flush()
+    os._exit(EXIT_USER_ERROR)

@@ -28,6 +28,11 @@ images) at step 4. Checked:
   in both processes and ends bit-for-bit where the uninterrupted run ended; process 1 loads the
   update step it compiled in the first 2-process run from its own executable cache
   (``distributed.compile_cached``) in both later runs.
+* start-up mistakes are one error line per process and exit 2, nothing trained: processes started
+  with other --config overrides, processes that do not share the workdir (another --workdir for
+  process 1: refused in seconds by the shared-folder check instead of freezing at the first
+  checkpoint), a global batch the 4 devices do not divide (a user error found after the
+  distributed start: no traceback).
 
 Every wait has a timeout; on failure all started processes are killed and their logs shown.
 """
@@ -54,6 +59,7 @@ ROOT = Path(__file__).resolve().parent.parent
 STEPS = 4
 RUN_TIMEOUT = 900          # one whole run (compilation on a loaded 2-core machine included)
 DEATH_BOUND = 120          # seconds for the survivor to exit after its peer died (heartbeat 10 s)
+SHARED_MARKER_PREFIX = ".damo_jax_shared_check_"   # distributed.SHARED_MARKER_PREFIX
 
 CONFIG = '''"""Tiny multi-process test run: a small Ns-shaped network at 64x64 on demo:64, batch 4, SGD, 4 steps."""
 from pathlib import Path
@@ -382,3 +388,54 @@ def test_a_process_whose_peers_never_join_is_one_error_line(shared):
     assert len(errors) == 1 and "Traceback" not in err, err
     assert "process 0/2: not every process joined 127.0.0.1:" in errors[0] and "within 6 s" in errors[0]
 
+
+
+def _one_error_line(job: Job, i: int) -> str:
+    err = job.text(i)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err, job.dump()
+    print(f"process {i}: {errors[0]}")
+    return errors[0]
+
+
+def test_processes_that_do_not_share_the_workdir_are_refused_in_each(shared):
+    """Processes whose --workdir is not one shared folder (here: another path for process 1, as
+    the same path on disks the hosts do not share) trained and evaluated, then froze at the first
+    checkpoint: after 20 minutes both exited 1 with a traceback blaming disk space (the audit).
+    Now process 0 writes a file with a random token into its run folder at start-up, the others
+    must read it back: each process prints one error line naming its workdir, exit 2, in seconds,
+    nothing trained, and the file is removed."""
+    workdir, other = shared / "not_shared", shared / "not_shared_p1"
+    other.mkdir()
+    (other / f"{SHARED_MARKER_PREFIX}{'0' * 32}").write_text("0" * 32)   # stale: never matches
+    t0 = time.monotonic()
+    job = Job(shared, workdir, 2, logs="not_shared.logs", args_per_process={1: ["--workdir", str(other)]})
+    codes = job.wait(timeout=300)
+    took = time.monotonic() - t0
+    print(f"refused after {took:.1f} s (start-up included)")
+    assert codes == [2, 2], f"exit codes {codes}\n{job.dump()}"
+    for i, folder in ((0, workdir), (1, other)):
+        line = _one_error_line(job, i)
+        assert f"--workdir {folder}: process 1 does not see the file process 0 wrote" in line, line
+        assert "must share ONE run folder" in line and "shared file system" in line, line
+        assert not (folder / "checkpoints").exists() and not (folder / "metrics.jsonl").exists()
+    assert not list(workdir.glob(f"{SHARED_MARKER_PREFIX}*")), "process 0 left its marker behind"
+    assert "first step" not in job.text(0)
+
+
+def test_a_user_error_found_after_the_distributed_start_is_one_line_and_exit_2(shared):
+    """A mistake that shows only once the processes have joined (the global batch of 6 does not
+    split over the 4 devices of the 2 processes) printed a traceback and exit 1 in every process
+    (the audit); a single process prints one line, exit 2. Now each process prints one error line,
+    exit 2. The workdir check passed first (one shared folder) and left no file behind."""
+    workdir = shared / "odd_batch"
+    job = Job(shared, workdir, 2, logs="odd_batch.logs",
+              args_per_process={i: ["--config.train.batch_size=6"] for i in (0, 1)})
+    codes = job.wait(timeout=300)
+    assert codes == [2, 2], f"exit codes {codes}\n{job.dump()}"
+    for i in (0, 1):
+        line = _one_error_line(job, i)
+        assert line.startswith(f"error: process {i}/2: config train.batch_size=6 is not divisible by the "
+                               f"4 devices"), line
+    assert not list(workdir.glob(f"{SHARED_MARKER_PREFIX}*"))
+    assert not (workdir / "checkpoints").exists() and not (workdir / "metrics.jsonl").exists()

@@ -677,10 +677,17 @@ class Checkpoints:
         except (ocp.checkpoint_manager.StepAlreadyExistsError, CheckpointWriteError):
             raise
         except Exception as err:  # noqa: BLE001 - tensorstore / OS errors of the writer threads
+            reason = _write_reason(err)
+            if "Barrier timed out" in reason or "DEADLINE_EXCEEDED" in reason:
+                # a multi-process save whose processes did not all arrive: not a disk problem
+                fix = ("(the processes did not all reach the checkpoint's barrier: one of them "
+                       "stalled, or they do not share this folder; every process must write to "
+                       "one --workdir on a shared file system)")
+            else:
+                fix = "(free disk space or fix the folder's permissions)"
             raise CheckpointWriteError(
-                f"cannot write checkpoints to {self.directory}: {_write_reason(err)}; "
-                + resume_hint(self.directory) + " (free disk space or fix the folder's "
-                "permissions)") from err
+                f"cannot write checkpoints to {self.directory}: {reason}; "
+                + resume_hint(self.directory) + " " + fix) from err
 
     def __enter__(self):
         return self

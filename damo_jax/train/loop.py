@@ -954,7 +954,7 @@ def _train(cfg, workdir, *, progress: bool = True) -> dict:
     """One writer per workdir: process 0 holds ``checkpoint.workdir_lock`` for the whole run.
     Multi-process: first, every process must have the same config (one error line in each if not)."""
     from damo_jax.config import flat_items
-    distributed.check_same_settings(dict(flat_items(cfg)))
+    distributed.check_same_settings(dict(flat_items(cfg)), workdir=workdir)
     lock = checkpoint.workdir_lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
     with lock:
         return _train_in(cfg, workdir, progress=progress)
