@@ -78,7 +78,7 @@ def model_config(
     c.model.neck = dict(
         name="GiraffeNeckV2", depth=neck_depth, hidden_ratio=hidden_ratio,
         in_channels=tuple(in_channels), out_channels=tuple(out_channels), act=act,
-        depthwise=depthwise, spp=False, block_name="BasicBlock_3x3_Reverse")
+        depthwise=depthwise, spp=False, block_name=NECK_BLOCK)
     c.model.head = dict(
         name="ZeroHead", num_classes=len(COCO_CLASSES), in_channels=tuple(out_channels),
         stacked_convs=0, reg_max=reg_max, last_kernel_size=last_kernel_size,
@@ -168,7 +168,8 @@ KEY_HELP = {
     # model: architecture (official names; changing these keys makes official weights unloadable)
     "model.name": "model size: t, s, m, l (TinyNAS-res/-csp) or ns, nm, nl, n (nano); names the run",
     "model.backbone.": "backbone architecture (SPEC §2); changes make official weights unloadable",
-    "model.neck.": "neck architecture (Efficient RepGFPN, SPEC §3); changes make official weights unloadable",
+    "model.neck.": "neck architecture (Efficient RepGFPN, SPEC §3; block_name: BasicBlock_3x3_Reverse "
+                   "only); changes make official weights unloadable",
     "model.head.": "head architecture (ZeroHead, SPEC §4); num_classes comes from the training data",
     "model.class_names": "class names, in label order (a training run takes them from its data)",
     "model.image_size": "(H, W) for the FLOP report and export defaults",
@@ -190,9 +191,9 @@ KEY_HELP = {
     "data.mosaic_prob": "probability that a training image is a 4-image mosaic",
     "data.mosaic_scale": "(low, high) random scale of the mosaic's affine transform",
     "data.mixup_prob": "probability of mixing a second mosaic in (MixUp)",
-    "data.degrees": "random rotation range, degrees (+/-)",
-    "data.translate": "random translation, fraction of the image size (+/-)",
-    "data.shear": "random shear range, degrees (+/-)",
+    "data.degrees": "random rotation range, degrees (+/-), in [0, 180]",
+    "data.translate": "random translation, fraction of the image size (+/-), in [0, 0.5]",
+    "data.shear": "random shear range, degrees (+/-), in [0, 45)",
     "data.flip_prob": "horizontal flip probability",
     "data.sada": "scale-aware data augmentation (SADA, box-level colour / geometry ops)",
     "data.mixup_scale": "(low, high) scale of the mixed-in image (optional key; default (0.5, 1.5))",
@@ -236,7 +237,7 @@ KEY_HELP = {
     "distill.method": "cwd (channel-wise distillation, official) | mimic (MSE)",
     "distill.weight": "distillation loss weight at step 0, cosine-decayed to distill.weight_end",
     "distill.weight_end": "distillation loss weight at the last step (official 0.1)",
-    "distill.tau": "CWD softmax temperature",
+    "distill.tau": "CWD softmax temperature (> 0)",
     "distill.min_teacher_ap": "a teacher whose val AP is below this stops the run",
     "distill.allow_weak_teacher": "train with a teacher below distill.min_teacher_ap anyway",
     # test
@@ -513,8 +514,10 @@ def validate_config(cfg: ml_collections.ConfigDict, where: str = "config") -> ml
     / ``keep_checkpoints``, ``test.max_dets`` / ``pre_nms_topk`` >= 1; ``train.max_steps``,
     ``warmup_epochs``, ``no_aug_epochs``, ``eval_every_epochs(_tail)``, ``ckpt_every_steps`` >= 0;
     ``test.conf_thre`` / ``iou_thre`` in [0, 1]; image sizes positive multiples of 32
-    (:func:`damo_jax.ops.boxes.check_image_size`). A training run also checks
-    :func:`validate_recipe`."""
+    (:func:`damo_jax.ops.boxes.check_image_size`); the keys of :data:`CHOICES`
+    (:func:`check_choices`, which stores their canonical spelling); the model section
+    (:func:`validate_model`) and the augmentation recipe (:func:`validate_augmentation`). Every
+    command runs it; a training run also checks :func:`validate_recipe`."""
     from damo_jax.errors import ConfigError, is_probability
     from damo_jax.ops.boxes import check_image_size
 
@@ -543,8 +546,11 @@ def validate_config(cfg: ml_collections.ConfigDict, where: str = "config") -> ml
     for section in ("model", "data", "test"):
         if section in cfg and "image_size" in cfg[section]:
             check_image_size(cfg[section]["image_size"], f"{where}: {section}.image_size")
+    check_choices(cfg, where)
     if "model" in cfg:
         validate_model(cfg.model, where)
+    if hasattr(cfg.get("data"), "get"):
+        validate_augmentation(cfg.data, where)
     return cfg
 
 
@@ -555,14 +561,39 @@ ACTIVATIONS = ("relu", "silu", "swish", "identity")
 _BACKBONE_DEPTHWISE = {"TinyNAS_res": False, "TinyNAS_csp": False, "TinyNAS_mob": True}
 
 
+#: the neck block of every released model (SPEC §3); the key ``model.neck.block_name`` selects nothing
+NECK_BLOCK = "BasicBlock_3x3_Reverse"
+
+
+def _backbone_last_stage(bb, where: str) -> int:
+    """The highest stage index ``backbone.out_indices`` may name: the structure file's stage
+    count for TinyNAS_res / _mob, the CSP stage groups for TinyNAS_csp (0 is the stem)."""
+    from damo_jax.errors import ConfigError
+    from damo_jax.models.structures import load_structure
+    try:
+        structure = load_structure(str(bb.get("structure")))
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"{where}: model.backbone.structure: {e}") from e
+    if bb.name == "TinyNAS_csp":
+        from damo_jax.models.backbone_csp import STAGE_GROUPS
+        if len(structure.stages) != sum(map(len, STAGE_GROUPS)):
+            raise ConfigError(f"{where}: model.backbone.structure {structure.name!r} has "
+                              f"{len(structure.stages)} NAS stages; TinyNAS_csp needs "
+                              f"{sum(map(len, STAGE_GROUPS))}")
+        return len(STAGE_GROUPS)
+    return len(structure.stages)
+
+
 def validate_model(m, where: str = "config") -> None:
     """The model section's architecture, checked before a model is built (a variant config's
     mistakes were tracebacks deep in Flax, or nothing: a key no block reads): names of the
     backbone / neck / head and activations; three levels everywhere (``backbone.out_indices``,
     ``neck.in_channels`` / ``out_channels``, ``head.in_channels`` / ``strides``), the head reading
     the neck's channels; counts and ranges (``num_classes``, ``reg_max``, ``last_kernel_size`` odd,
-    ``hidden_ratio``, ``depth``, ``bn_epsilon``, ``bn_momentum``); the unsupported options
-    (``use_se``, ``neck.spp``, ``head.stacked_convs``). ConfigError naming the key."""
+    ``hidden_ratio``, ``depth``, ``bn_epsilon``, ``bn_momentum``); ``backbone.out_indices``
+    increasing and within the backbone's stages (its structure file); the unsupported options
+    (``use_se``, ``neck.spp``, ``neck.block_name``, ``head.stacked_convs``). ConfigError naming
+    the key."""
     from damo_jax.errors import ConfigError
 
     def fail(key, value, what):
@@ -600,9 +631,20 @@ def validate_model(m, where: str = "config") -> None:
     if hd.get("stacked_convs", 0):
         fail("head.stacked_convs", hd.get("stacked_convs"), "is not supported: all released "
              "ZeroHeads use 0 (the head is one conv per level)")
+    if nk.get("block_name", NECK_BLOCK) != NECK_BLOCK:
+        fail("neck.block_name", nk.get("block_name"), f"is not supported: every released neck is "
+             f"built of {NECK_BLOCK} blocks (the one block GiraffeNeckV2 has; the key is the "
+             f"official configs')")
     out_indices = bb.get("out_indices")
     if not ints(out_indices, low=0):
         fail("backbone.out_indices", out_indices, "must be 3 stage indices (the neck has 3 levels)")
+    if list(out_indices) != sorted(set(out_indices)):
+        fail("backbone.out_indices", tuple(out_indices), "must be 3 increasing stage indices (the "
+             "backbone returns its stages in order, one output each)")
+    last = _backbone_last_stage(bb, where)
+    if max(out_indices) > last:
+        fail("backbone.out_indices", tuple(out_indices), f"indexes a stage {bb.name} does not have: "
+             f"with structure {bb.get('structure')!r} its stages are 0 (the stem) .. {last}")
     for key, value in (("neck.in_channels", nk.get("in_channels")),
                        ("neck.out_channels", nk.get("out_channels")),
                        ("head.in_channels", hd.get("in_channels"))):
@@ -638,9 +680,31 @@ def validate_model(m, where: str = "config") -> None:
         fail("bn_momentum", momentum, "must be a number in [0, 1) (flax convention: 0.97 = torch's 0.03)")
 
 
-#: config keys with a fixed set of values (lower-case), checked by :func:`validate_recipe`
+#: config keys with a fixed set of values (canonical lower-case spelling), checked by
+#: :func:`check_choices` (:func:`validate_config`, i.e. for every command)
 CHOICES = {("train", "optimizer"): ("sgd", "adamw"), ("data", "loader"): ("process", "grain"),
-           ("model", "dtype"): ("float32", "bfloat16", "float16")}
+           ("model", "dtype"): ("float32", "bfloat16", "float16"),
+           ("distill", "method"): ("cwd", "mimic")}
+
+
+def check_choices(cfg, where: str = "config") -> None:
+    """Each key of :data:`CHOICES` one of its values, in any letter case; the canonical
+    (lower-case) spelling is stored back, since the code using them compares exactly
+    (``--config.model.dtype=BFLOAT16`` passed a case-insensitive check, then failed in numpy)."""
+    from damo_jax.errors import ConfigError
+    for (section, key), allowed in CHOICES.items():
+        node = cfg.get(section) if hasattr(cfg, "get") else None
+        value = node.get(key) if hasattr(node, "get") else None
+        if value is None:
+            continue
+        canonical = str(value).lower() if isinstance(value, str) else None
+        if canonical not in allowed:
+            raise ConfigError(f"{where}: {section}.{key} = {value!r} must be one of {', '.join(allowed)}")
+        if value != canonical:
+            try:
+                node[key] = canonical
+            except (TypeError, AttributeError) as e:     # a FrozenConfigDict: ask for the spelling
+                raise ConfigError(f"{where}: {section}.{key} = {value!r}: write it {canonical!r}") from e
 
 
 def _is_number(value) -> bool:
@@ -654,23 +718,56 @@ def _scale_range(value) -> bool:
             and 0 < value[0] <= value[1])
 
 
+def validate_augmentation(data, where: str = "config") -> None:
+    """The ``data`` section's augmentation recipe (what ``AugParams.from_config`` reads), for
+    training and ``damo-jax show``: probabilities in [0, 1]; ``mosaic_scale`` / ``mixup_scale``
+    (the latter an optional key of config files) ``(low, high)`` with ``0 < low <= high``;
+    ``degrees`` in [0, 180]; ``translate`` in [0, 0.5] (the input's centre lands at
+    U(0.5 - t, 0.5 + t) x the output size: beyond 0.5 outside the image, with every box);
+    ``shear`` in [0, 45) (x and y shears of tan(U(-s, s)) each: at 45 degrees they can flatten
+    the image to a line); ``min_box_area`` >= 0. A negative range was numpy's ``high - low < 0``
+    traceback; a huge translate trained on images without a box, silently."""
+    from damo_jax.errors import ConfigError, is_probability
+    number = _is_number
+    checks = (("mosaic_scale", _scale_range, "(low, high) with 0 < low <= high"),
+              ("mixup_scale", _scale_range, "(low, high) with 0 < low <= high"),
+              ("degrees", lambda v: number(v) and 0 <= v <= 180,
+               "a number in [0, 180] (rotation by U(-degrees, degrees))"),
+              ("translate", lambda v: number(v) and 0 <= v <= 0.5,
+               "a number in [0, 0.5] (a fraction of the image size; beyond 0.5 the image's centre, "
+               "and every box, can be moved out of the image)"),
+              ("shear", lambda v: number(v) and 0 <= v < 45,
+               "a number in [0, 45) (degrees; shear by U(-shear, shear) in x and y)"),
+              ("min_box_area", lambda v: number(v) and v >= 0, "a number >= 0 (pixels)"))
+    for key, ok, what in checks:
+        value = data.get(key)
+        if value is not None and not ok(value):
+            raise ConfigError(f"{where}: data.{key} = {value!r} must be {what}")
+    for key in ("mosaic_prob", "mixup_prob", "flip_prob"):
+        value = data.get(key)
+        if value is not None and not is_probability(value):
+            raise ConfigError(f"{where}: data.{key} = {value!r} must be a number in [0, 1]")
+
+
 def validate_recipe(cfg, where: str = "config") -> ml_collections.ConfigDict:
     """The training recipe's choices and ranges (they failed deep inside a run with a traceback,
     or trained silently with a nonsense value), and a schedule whose warm-up and no-augmentation
     tail fit in the run (``epochs <= no_aug_epochs`` trained at the minimum lr, without
-    augmentation, from the first step). Training only: a stored run's config is loaded for
-    eval / predict / export whatever its schedule was."""
-    from damo_jax.errors import ConfigError, is_probability
+    augmentation, from the first step); the distillation settings (``distill.tau`` > 0, weights
+    >= 0, ``min_teacher_ap`` in [0, 1]: ``tau = 0`` compiled, then stopped on a non-finite loss).
+    The choices (:func:`check_choices`) and the augmentation (:func:`validate_augmentation`) are
+    :func:`validate_config`'s, checked here too for callers of this function alone. Training only:
+    a stored run's config is loaded for eval / predict / export whatever its schedule was."""
+    from damo_jax.errors import ConfigError
 
     def get(section, key):
         return cfg[section].get(key) if section in cfg and hasattr(cfg[section], "get") else None
 
     number = _is_number
 
-    for (section, key), allowed in CHOICES.items():
-        value = get(section, key)
-        if value is not None and str(value).lower() not in allowed:
-            raise ConfigError(f"{where}: {section}.{key} = {value!r} must be one of {', '.join(allowed)}")
+    check_choices(cfg, where)
+    if hasattr(cfg.get("data"), "get"):
+        validate_augmentation(cfg.data, where)
     checks = ((("data", "max_boxes"), lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
               (("train", "base_lr_per_img"), lambda v: number(v) and v > 0, "a number > 0"),
               (("train", "weight_decay"), lambda v: number(v) and v >= 0, "a number >= 0"),
@@ -682,8 +779,13 @@ def validate_recipe(cfg, where: str = "config") -> ml_collections.ConfigDict:
               (("train", "adam_betas"), lambda v: isinstance(v, (tuple, list)) and len(v) == 2
                and all(number(b) and 0 <= b < 1 for b in v), "two numbers in [0, 1)"),
               (("train", "adam_eps"), lambda v: number(v) and v > 0, "a number > 0"),
-              (("data", "mosaic_scale"), _scale_range, "(low, high) with 0 < low <= high"),
-              (("data", "mixup_scale"), _scale_range, "(low, high) with 0 < low <= high"),
+              (("distill", "tau"), lambda v: number(v) and v > 0, "a number > 0 (the CWD "
+               "softmax temperature; the logits are divided by it)"),
+              (("distill", "weight"), lambda v: number(v) and v >= 0, "a number >= 0"),
+              (("distill", "weight_end"), lambda v: number(v) and v >= 0, "a number >= 0"),
+              (("distill", "min_teacher_ap"), lambda v: number(v) and 0 <= v <= 1,
+               "a number in [0, 1] (an AP)"),
+              (("train", "grad_clip"), number, "a number (< 0: official, 0: off)"),
               (("data", "workers"), lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
                "an integer >= 0 (0: batches built in the main process)"),
               (("data", "prefetch"), lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
@@ -692,10 +794,6 @@ def validate_recipe(cfg, where: str = "config") -> ml_collections.ConfigDict:
         value = get(section, key)
         if value is not None and not ok(value):
             raise ConfigError(f"{where}: {section}.{key} = {value!r} must be {what}")
-    for key in ("mosaic_prob", "mixup_prob", "flip_prob"):
-        value = get("data", key)
-        if value is not None and not is_probability(value):
-            raise ConfigError(f"{where}: data.{key} = {value!r} must be a number in [0, 1]")
     epochs, warmup, no_aug = (get("train", k) for k in ("epochs", "warmup_epochs", "no_aug_epochs"))
     if number(epochs) and number(no_aug) and number(warmup) and warmup + no_aug > epochs:
         raise ConfigError(

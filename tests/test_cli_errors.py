@@ -472,6 +472,29 @@ def test_train_recipe_values_out_of_range(override, must_contain, files, capsys)
     assert not (files["root"] / "out" / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("cli,override,must_contain", [
+    # the choices were checked for training only: a TypeError traceback where a model is built
+    ("info", "model.dtype=bogus", "model.dtype = 'bogus' must be one of float32, bfloat16, float16"),
+    ("eval", "model.dtype=bogus", "model.dtype = 'bogus' must be one of float32, bfloat16, float16"),
+    ("predict", "model.dtype=bogus", "model.dtype = 'bogus' must be one of"),
+    ("info", "model.backbone.out_indices=(2,4,9)", "model.backbone.out_indices = (2, 4, 9) indexes a "
+     "stage TinyNAS_res does not have"),                   # was "not enough values to unpack"
+    ("info", "model.neck.block_name=foo", "model.neck.block_name = 'foo' is not supported"),
+    # numpy's "high - low < 0" traceback, in show and train
+    ("show", "data.shear=-3", "data.shear = -3.0 must be a number in [0, 45)"),
+    ("show", "data.degrees=-5", "data.degrees = -5.0 must be a number in [0, 180]"),
+    ("show", "data.translate=5", "data.translate = 5.0 must be a number in [0, 0.5]"),
+    ("train", "data.translate=-0.2", "data.translate = -0.2 must be a number in [0, 0.5]"),
+    # failed after the teacher was loaded and evaluated / a non-finite loss at step 0
+    ("train", "distill.method=foo", "distill.method = 'foo' must be one of cwd, mimic"),
+    ("train", "distill.tau=0", "distill.tau = 0.0 must be a number > 0")])
+def test_config_values_are_checked_by_every_command_that_uses_them(cli, override, must_contain, files,
+                                                                     capsys):
+    config = "t" if cli == "info" else "demo"
+    _expect_error(cli, base_args(cli, files, config) + [f"--config.{override}"], must_contain, capsys)
+    assert not (files["root"] / "out" / "checkpoints").exists()
+
+
 def test_batch_not_divisible_by_the_devices_is_one_error_line(files, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
     env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")

@@ -47,6 +47,17 @@ def _t(**changes):
     ("model__neck__depth", -1.0, r"model.neck.depth = -1.0 must be a number >= 0"),
     ("model__bn_epsilon", -1.0, r"model.bn_epsilon = -1.0 must be a number > 0"),
     ("model__bn_momentum", 1.5, r"model.bn_momentum = 1.5 must be a number in \[0, 1\)"),
+    # a stage the backbone does not have was "not enough values to unpack" in the neck; an
+    # unordered or repeated index fed the neck other levels; block_name selected nothing
+    ("model__backbone__out_indices", (2, 4, 9), r"model.backbone.out_indices = \(2, 4, 9\) indexes a "
+     r"stage TinyNAS_res does not have: with structure 'tinynas_L20_k1kx' its stages are 0 \(the "
+     r"stem\) .. 5"),
+    ("model__backbone__out_indices", (4, 2, 5), r"model.backbone.out_indices = \(4, 2, 5\) must be 3 "
+     r"increasing"),
+    ("model__backbone__out_indices", (2, 2, 5), r"model.backbone.out_indices = \(2, 2, 5\) must be 3 "
+     r"increasing"),
+    ("model__neck__block_name", "foo", r"model.neck.block_name = 'foo' is not supported: every "
+     r"released neck is built of BasicBlock_3x3_Reverse"),
 ])
 def test_architecture_mistakes_name_the_key(key, value, message):
     cfg = _t(**{key: value})
@@ -54,6 +65,75 @@ def test_architecture_mistakes_name_the_key(key, value, message):
         validate_config(cfg, where="--config v")
     with pytest.raises(ConfigError, match=message):        # the Python path too
         build_model(cfg)
+
+
+@pytest.mark.parametrize("name,indices,last", [("m", (2, 3, 5), 4), ("ns", (3, 5, 6), 5)])
+def test_out_indices_are_checked_against_each_backbone_type(name, indices, last):
+    """TinyNAS_csp has 4 stage groups after the stem (indices up to 4), TinyNAS_mob / _res the
+    structure file's stages."""
+    cfg = load_config(name)
+    cfg.model.backbone.out_indices = indices
+    with pytest.raises(ConfigError, match=rf"model.backbone.out_indices = .* its stages are 0 "
+                                          rf"\(the stem\) .. {last}$"):
+        validate_config(cfg)
+    validate_config(load_config(name))
+
+
+def test_choice_values_are_stored_in_their_canonical_spelling_for_every_command():
+    """The choices were checked case-insensitively, by validate_recipe (training) only, but used
+    as written: ``model.dtype=BFLOAT16`` then failed in numpy ("data type 'BFLOAT16' not
+    understood"), ``data.loader=Process`` in the loader, ``distill.method=MIMIC`` in the loss; and
+    eval / info never checked ``model.dtype`` at all."""
+    cfg = apply_overrides(load_config("t"), ["model.dtype=BFLOAT16", "data.loader=Process",
+                                             "train.optimizer=SGD", "distill.method=MIMIC"])
+    validate_config(cfg)
+    assert (cfg.model.dtype, cfg.data.loader, cfg.train.optimizer, cfg.distill.method) == (
+        "bfloat16", "process", "sgd", "mimic")
+    out = jax.eval_shape(build_model(cfg).init, jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
+    assert out["params"]
+    for override, message in (("model.dtype=bogus", r"model.dtype = 'bogus' must be one of float32, "
+                                                     r"bfloat16, float16"),
+                              ("distill.method=foo", r"distill.method = 'foo' must be one of cwd, mimic")):
+        with pytest.raises(ConfigError, match=message):
+            validate_config(apply_overrides(load_config("t"), [override]))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.shear=-3", r"data.shear = -3.0 must be a number in \[0, 45\)"),
+    ("data.shear=45", r"data.shear = 45.0 must be a number in \[0, 45\)"),
+    ("data.degrees=-5", r"data.degrees = -5.0 must be a number in \[0, 180\]"),
+    ("data.translate=-0.2", r"data.translate = -0.2 must be a number in \[0, 0.5\]"),
+    ("data.translate=5", r"data.translate = 5.0 must be a number in \[0, 0.5\]"),   # 0 boxes, rc 0
+    ("data.mosaic_scale=(2.0, 0.1)", r"data.mosaic_scale = \(2.0, 0.1\) must be \(low, high\)"),
+    ("data.flip_prob=2.0", r"data.flip_prob = 2.0 must be a number in \[0, 1\]"),
+])
+def test_augmentation_ranges_are_checked_for_every_command(override, message):
+    """A negative range was numpy's ``high - low < 0`` traceback (train and show); a translate
+    beyond 0.5 moved the image, with every box, out of the output: batches without a box, rc 0."""
+    with pytest.raises(ConfigError, match=r"^--config t: " + message):
+        validate_config(apply_overrides(load_config("t"), [override]), where="--config t")
+
+
+def test_optional_augmentation_keys_of_a_config_file_are_checked(tmp_path):
+    head = "from damo_jax.config import load_config\n\ndef get_config():\n    c = load_config('t')\n"
+    for line, message in (("c.data.mixup_scale = (1.5, 0.5)", r"data.mixup_scale = \(1.5, 0.5\)"),
+                          ("c.data.min_box_area = -1.0", r"data.min_box_area = -1.0 must be a number >= 0")):
+        (tmp_path / "v.py").write_text(head + f"    {line}\n    return c\n")
+        with pytest.raises(ConfigError, match=message):
+            validate_config(load_config(str(tmp_path / "v.py")))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("distill.tau=0", r"distill.tau = 0.0 must be a number > 0"),       # a non-finite loss at step 0
+    ("distill.tau=-1", r"distill.tau = -1.0 must be a number > 0"),
+    ("distill.weight=-1", r"distill.weight = -1.0 must be a number >= 0"),
+    ("distill.weight_end=-0.1", r"distill.weight_end = -0.1 must be a number >= 0"),
+    ("distill.min_teacher_ap=2", r"distill.min_teacher_ap = 2.0 must be a number in \[0, 1\]"),
+    ("distill.method=foo", r"distill.method = 'foo' must be one of cwd, mimic"),  # after the teacher
+])
+def test_distillation_settings_are_checked_before_the_teacher_loads(override, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_recipe(apply_overrides(load_config("t"), [override]))
 
 
 def test_a_missing_model_part_names_it():

@@ -756,3 +756,63 @@ def test_resume_checks_the_settings_of_the_checkpoint_it_restores(tmp_path):
             resume_or_start(run, state)
     # the refused resume changed nothing in the folder (the broken step 8 was set aside first)
     assert sorted(p.name for p in d.iterdir()) == ["4", "8"]
+
+
+def test_a_chosen_val_split_the_data_lacks_is_an_error(tmp_path, caplog):
+    """``--config.data.val_split=test`` on data whose splits are train and val only turned
+    evaluation off with one warning (rc 0), where the same typo in train_split stopped the run: now
+    one error naming the key and the splits there are. Data without the default ``val`` split, and
+    a spec without splits at all (one COCO JSON file), still train without evaluation."""
+    import logging
+
+    from data_helpers import make_coco_dataset
+
+    from damo_jax.config import load_config
+    from damo_jax.errors import ConfigError
+    from damo_jax.train.loop import open_datasets
+
+    def cfg_for(train, val_split, val=""):
+        cfg = load_config("demo")
+        cfg.data.train, cfg.data.val, cfg.data.val_split = train, val, val_split
+        return cfg
+    with pytest.raises(ConfigError, match=r"^data.val_split: validation data 'demo' has no split "
+                                          r"'test' \(demo: unknown split 'test' \(train, val\)\)"):
+        open_datasets(cfg_for("demo", "test"))
+    make_coco_dataset(tmp_path / "c", n=2)                      # a folder with a train split only
+    with pytest.raises(ConfigError, match=r"^data.val_split: .* has no split 'test'"):
+        open_datasets(cfg_for(f"coco:{tmp_path / 'c'}", "test"))
+    with pytest.raises(ConfigError, match=r"^data.val: .* has no split 'val'"):     # data.val chosen
+        open_datasets(cfg_for(f"coco:{tmp_path / 'c'}", "val", val=f"coco:{tmp_path / 'c'}"))
+    single = f"coco:{tmp_path / 'c' / 'annotations' / 'instances_train2017.json'}"
+    for train, split in ((f"coco:{tmp_path / 'c'}", "val"), (single, "val"), (single, "test")):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            _, val_ds = open_datasets(cfg_for(train, split))
+        assert val_ds is None and "evaluation skipped" in caplog.text, (train, split)
+    _, val_ds = open_datasets(cfg_for("demo", "validation"))    # the alias of val
+    assert val_ds is not None
+
+
+def test_resume_image_size_hint_works_with_img_size(tmp_path):
+    """A run started with ``--img-size 64`` and resumed with ``--img-size 96``: the hint said to
+    add ``--config.test.image_size=(64, 64)``, which beside ``--img-size`` is refused ("both set
+    test.image_size"). Now it also gives the ``--img-size 64`` form, and that form resumes."""
+    import types
+
+    from damo_jax.cli.train import parse_args
+    from damo_jax.errors import ConfigError
+    from damo_jax.train.checkpoint import config_to_json
+    from damo_jax.train.loop import check_resume_fixed_settings
+
+    def cli_cfg(*size):
+        cfg, _ = parse_args(["--config", "demo_ns", "--workdir", str(tmp_path / "w"), "--img-size",
+                             *map(str, size)])
+        return cfg
+    meta = {"config": config_to_json(cli_cfg(64))}
+    with pytest.raises(ConfigError) as err:
+        check_resume_fixed_settings(types.SimpleNamespace(workdir="w", cfg=cli_cfg(96)), meta)
+    assert "(a command with --img-size: --img-size 64 instead)" in str(err.value), str(err.value)
+    check_resume_fixed_settings(types.SimpleNamespace(workdir="w", cfg=cli_cfg(64)), meta)
+    meta = {"config": config_to_json(cli_cfg(64, 96))}
+    with pytest.raises(ConfigError, match=r"--img-size 64 96 instead"):
+        check_resume_fixed_settings(types.SimpleNamespace(workdir="w", cfg=cli_cfg(96)), meta)

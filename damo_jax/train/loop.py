@@ -219,7 +219,8 @@ def open_datasets(cfg):
     file, an unknown category: it turned evaluation off with one warning), and validation data
     whose class list differs from the training data's (count, names or order). A dataset without
     a validation split (``MissingSplitError``; without ``data.val`` also a training spec that has
-    no splits, e.g. one COCO JSON file) trains without evaluation, with a warning."""
+    no splits, e.g. one COCO JSON file) trains without evaluation, with a warning — unless the
+    split or the spec was chosen (:func:`check_val_split_exists`)."""
     from damo_jax import data_pipelines
     train_ds = data_pipelines.open_dataset(cfg.data.train, cfg.data.train_split)
     train_where = f"training data {cfg.data.train!r} (split {cfg.data.train_split!r})"
@@ -234,6 +235,7 @@ def open_datasets(cfg):
             val_ds = data_pipelines.open_dataset(val_spec, cfg.data.val_split,
                                                  require_split=not cfg.data.val)
         except data_pipelines.MissingSplitError as err:  # bad data of a split that IS there: error
+            check_val_split_exists(cfg, val_spec, err)
             log.warning("no validation data (%s split %s): %s — evaluation skipped",
                         val_spec, cfg.data.val_split, err)
     if val_ds is not None:
@@ -243,6 +245,33 @@ def open_datasets(cfg):
     cfg.model.head["num_classes"] = len(names)
     cfg.model.class_names = names
     return train_ds, val_ds
+
+
+#: the config's own ``data.val_split`` (and its alias): a dataset without it trains without evaluation
+DEFAULT_VAL_SPLITS = ("val", "validation")
+
+
+def check_val_split_exists(cfg, val_spec: str, err: Exception) -> None:
+    """ConfigError for a validation split the user chose (``data.val_split`` other than ``val``,
+    or an explicit ``data.val``) that a dataset WITH splits does not have: a typo
+    (``--config.data.val_split=test``) turned evaluation off with one warning, where the same typo
+    in ``data.train_split`` stops the run. A training spec without splits at all (one COCO JSON
+    file, a flat VOC folder: ``MissingSplitError`` only because the val split must be a split of its
+    own) still trains without evaluation, as does a dataset that lacks the default ``val``."""
+    from damo_jax import data_pipelines
+    split = cfg.data.val_split
+    if not cfg.data.val and split in DEFAULT_VAL_SPLITS:
+        return
+    if not cfg.data.val:          # was it the spec (no splits at all) or the split (not there)?
+        try:
+            data_pipelines.open_dataset(val_spec, split, require_split=False)
+            return                # a spec without splits: every split reads the same images
+        except data_pipelines.MissingSplitError:
+            pass
+    key = "data.val_split" if split not in DEFAULT_VAL_SPLITS else "data.val"
+    raise ConfigError(f"{key}: validation data {val_spec!r} has no split {split!r} ({err}); set "
+                      f"--config.data.val_split to one of its splits, or "
+                      f"--config.data.val_split='' to train without evaluation")
 
 
 def check_train_boxes(ds, where: str) -> None:
@@ -740,8 +769,25 @@ def check_resume_fixed_settings(run: Run, meta: dict) -> None:
         + "; ".join(f"{k} {_override_text(saved[k])} -> {_override_text(now.get(k))}" for k in changed)
         + f" on resume: {why}; resume with the run's settings "
         + " ".join(f"--config.{k}={_override_text(saved[k])}" for k in changed)
+        + _img_size_hint(saved, now, changed)
         + ", or train in a new --workdir (other test settings: damo-jax eval --checkpoint "
           f"{run.workdir} --conf / --iou / --img-size scores any checkpoint)")
+
+
+def _img_size_hint(saved: dict, now: dict, changed) -> str:
+    """The ``--img-size`` form of the resume hint for ``test.image_size``: ``damo-jax train
+    --img-size`` sets data.image_size and test.image_size together and refuses a
+    ``--config.test.image_size`` beside it, so the hint's override did not work pasted into a
+    command that changed the size with ``--img-size``. Offered when this run's and the saved
+    data / test sizes are equal pairs (what ``--img-size`` gives); "" otherwise."""
+    key, other = "test.image_size", "data.image_size"
+    if key not in changed or saved.get(key) != saved.get(other) or now.get(key) != now.get(other):
+        return ""
+    h, w = saved[key]
+    size = f"{h}" if h == w else f"{h} {w}"
+    rest = [f"--config.{k}={_override_text(saved[k])}" for k in changed if k != key]
+    return (f" (a command with --img-size: --img-size {size}" + "".join(f" {r}" for r in rest)
+            + " instead)")
 
 
 def _override_text(value) -> str:
