@@ -408,3 +408,25 @@ def check_not_in_data(path, flag: str, spec: str | None) -> None:
     if same_path(out, data) or root.resolve() in out.resolve().parents:
         raise ConfigError(f"{flag} {path}: an existing file of the dataset {spec}; the output "
                           f"would overwrite it, choose another name")
+
+
+#: the NMS options whose effect an --end2end file restricts: (name, flag, ``test`` key)
+NMS_OPTIONS = (("conf", "--conf", "conf_thre"), ("iou", "--iou", "iou_thre"),
+               ("max_dets", "--max-dets", "max_dets"), ("pre_nms_topk", "--pre-nms-topk", "pre_nms_topk"))
+
+
+def check_end2end_flags(backend, args, overrides, test_cfg) -> None:
+    """ConfigError (one error line, exit 2) when an NMS flag, or its ``--config.test.KEY``
+    override, was given that cannot act on ``backend``'s ``--end2end`` file (its NMS ran inside
+    the graph): :func:`damo_jax.inference.pipeline.check_end2end_options`. Nothing for a raw file;
+    the config's own thresholds are never an error (the file's apply)."""
+    from damo_jax.config import override_key
+    from damo_jax.inference.pipeline import check_end2end_options
+    overridden = {override_key(o) for o in overrides}
+    options, flags = {}, {}
+    for name, flag, key in NMS_OPTIONS:
+        value = getattr(args, name, None)
+        if value is None and f"test.{key}" in overridden:
+            value, flag = test_cfg[key], f"--config.test.{key}"
+        options[name], flags[name] = value, flag
+    check_end2end_options(backend, flags=flags, **options)

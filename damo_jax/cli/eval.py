@@ -144,8 +144,7 @@ def run(args, overrides) -> dict:
     loaded = common.load_model_from_args(args, overrides + test_overrides(args, overrides),
                                          fuse=not getattr(args, "no_fuse", False))
     cfg = loaded.cfg
-    from damo_jax.cli.predict import check_end2end_flags
-    check_end2end_flags(loaded.backend, args, overrides, cfg.test)
+    common.check_end2end_flags(loaded.backend, args, overrides, cfg.test)
     e2e = getattr(loaded.backend, "end2end", None)
     if e2e is not None:
         from damo_jax.inference.pipeline import end2end_params, nms_params

@@ -84,28 +84,6 @@ def check_flags_vs_overrides(args, overrides) -> None:
         ("--img-size", args.img_size, ("test.image_size",)))
 
 
-#: the NMS options whose effect an --end2end file restricts: (name, flag, ``test`` key)
-NMS_OPTIONS = (("conf", "--conf", "conf_thre"), ("iou", "--iou", "iou_thre"),
-               ("max_dets", "--max-dets", "max_dets"), ("pre_nms_topk", "--pre-nms-topk", "pre_nms_topk"))
-
-
-def check_end2end_flags(backend, args, overrides, test_cfg) -> None:
-    """ConfigError (one error line, exit 2) when an NMS flag, or its ``--config.test.KEY``
-    override, was given that cannot act on ``backend``'s ``--end2end`` file (its NMS ran inside
-    the graph): :func:`damo_jax.inference.pipeline.check_end2end_options`. Nothing for a raw file;
-    the config's own thresholds are never an error (the file's apply)."""
-    from damo_jax.config import override_key
-    from damo_jax.inference.pipeline import check_end2end_options
-    overridden = {override_key(o) for o in overrides}
-    options, flags = {}, {}
-    for name, flag, key in NMS_OPTIONS:
-        value = getattr(args, name, None)
-        if value is None and f"test.{key}" in overridden:
-            value, flag = test_cfg[key], f"--config.test.{key}"
-        options[name], flags[name] = value, flag
-    check_end2end_options(backend, flags=flags, **options)
-
-
 def predict_conf(args, overrides=()) -> float | None:
     """--conf; else --config.test.conf_thre (None: the config's); else PREDICT_CONF, above the
     evaluation threshold because the drawings are for people."""
@@ -121,7 +99,7 @@ def load_detector(args, overrides=()):
     size = common.img_size(args.img_size)
     conf = predict_conf(args, overrides)
     loaded = common.load_model_from_args(args, overrides)
-    check_end2end_flags(loaded.backend, args, overrides, loaded.cfg.test)
+    common.check_end2end_flags(loaded.backend, args, overrides, loaded.cfg.test)
     classes = resolve_classes(getattr(args, "classes", None), loaded.class_names, "--classes ")
     return Detector.from_loaded(loaded, conf=conf, iou=args.iou, img_size=size,
                                 max_dets=args.max_dets, batch_size=args.batch_size, classes=classes)
