@@ -211,7 +211,7 @@ class _Backend:
         if self.outputs is RAW_OUTPUTS:
             return
         found = _end2end_from_metadata(self.metadata.get("end2end"))
-        if self.path.suffix.lower() == ".onnx":
+        if self.path.suffix.lower() == ".onnx" and len(found) < 3:   # the graph is read only then
             found = {**_end2end_from_onnx_graph(self.path), **found}
         if found.get("topk") is None and boxes_dims and len(boxes_dims) == 3:
             found["topk"] = _static_dim(boxes_dims[1])
