@@ -140,6 +140,9 @@ minutes: 0.5 at 5.8 minutes, the whole training command 7.4 min.
 A fresh clone of 2c663b3 (2026-12-07 01:33–01:42 UTC, 89 s install, 21–23 img/s; bench_train
 §0zg): the same digits at 1.6 / 2.3 / 3.0 / 3.7 / 4.4 / 5.1 / **5.9** / 6.7 / 7.4 minutes: 0.5 at
 5.9 minutes, the whole training command 7.5 min.
+A fresh clone of 6fc5057 (2026-12-07 06:02–06:13 UTC, 94 s install, 18–19 img/s; bench_train
+§0zh; checkpoints now carry array checksums): the same digits at 1.9 / 2.8 / 3.7 / 4.5 / 5.3 / 6.1 /
+**6.9** / 7.6 / 8.4 minutes: 0.5 at 6.9 minutes, the whole training command 8.4 min.
 
 The same host with 8dd8428 (1×1 convs as dot, cache-blocked kernel gradients; 15:08–15:19 UTC;
 minutes = the progress bar's elapsed time + 0.45 min, the bar starting 27 s after the command:
