@@ -254,6 +254,31 @@ def test_workdir_lock_removes_the_folder_a_refused_run_created(tmp_path):
     assert sorted(p.name for p in wrote.iterdir()) == [LOCK_FILE, "metrics.jsonl"]
 
 
+def test_a_train_command_refused_at_start_leaves_no_folder_and_no_lock(tmp_path, capsys):
+    """``train --workdir NEW`` refused after the lock was taken (here a val split the data lacks)
+    left NEW holding only ``.train.lock``: the CLI creates --workdir before the lock, so the lock
+    did not count the folder as its own. Now the new folder is gone; an empty folder that existed
+    stays, empty; one with content keeps it."""
+    from damo_jax.cli.train import main
+    argv = ["--config", "demo", "--config.data.val_split=test", "--no-progress"]
+    new = tmp_path / "a" / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv + ["--workdir", str(new)])
+    assert exit_info.value.code == 2
+    assert "has no split 'test'" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit):
+        main(argv + ["--workdir", str(empty)])
+    assert empty.is_dir() and not any(empty.iterdir())
+    old = tmp_path / "old"
+    (old / "notes").mkdir(parents=True)
+    with pytest.raises(SystemExit):
+        main(argv + ["--workdir", str(old)])
+    assert "notes" in {p.name for p in old.iterdir()}
+
+
 def test_a_failed_write_is_one_error_naming_the_reason(tmp_path):
     """Disk full (here: a file-size limit) or no permission during a checkpoint write: Orbax's
     writer threads logged five tracebacks (~470 lines) and the run crashed with exit 1 at the NEXT

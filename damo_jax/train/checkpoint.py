@@ -708,8 +708,9 @@ def workdir_lock(workdir):
     the process ends, even by ``kill -9``) while a run trains into it: a second run started on the
     same folder would interleave its checkpoints with this one's and delete them by its own
     keep-last-N policy. Raises a :class:`UserError` naming the holder (pid and host); on a file
-    system without ``flock`` support the run goes on unlocked, with a warning. A folder this call
-    created and left holding only the lock (a run refused before it wrote anything) is removed."""
+    system without ``flock`` support the run goes on unlocked, with a warning. A run refused before
+    it wrote anything leaves no lock file behind, and a folder this call created is removed (the
+    CLI removes the empty ``--workdir`` it created itself)."""
     import fcntl
     import socket
     folder = Path(workdir)
@@ -736,9 +737,10 @@ def workdir_lock(workdir):
         f.flush()
         yield
     finally:
-        if created and [p.name for p in folder.iterdir()] == [LOCK_FILE]:
+        if [p.name for p in folder.iterdir()] == [LOCK_FILE]:   # nothing written: a refused run
             (folder / LOCK_FILE).unlink(missing_ok=True)      # before the unlock: no one holds it
-            folder.rmdir()
+            if created:
+                folder.rmdir()
         fcntl.flock(f, fcntl.LOCK_UN)
         f.close()
 
