@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -159,20 +160,31 @@ def quantize_onnx(fp32_onnx, output, images: Sequence[np.ndarray], *,
             x = next(self._it, None)
             return None if x is None else {"images": x}
 
+    from damo_jax.errors import write_failed
+    from damo_jax.export import onnx_utils
+
     tail = post_processing_nodes(fp32_onnx)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
+    # onnxruntime writes a hidden temporary; the final file is written once, atomically
+    # (onnx_utils.save): a failed write (disk full) is one error line and leaves nothing behind
+    tmp = output.with_name(f".{output.stem}.{os.getpid()}.quant.onnx")
     hint_filter = _PreprocessHintFilter()
     logging.getLogger().addFilter(hint_filter)
     try:
-        quantize_static(str(fp32_onnx), str(output), Reader(), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8,
-                        nodes_to_exclude=list(dict.fromkeys([*exclude, *tail])))
+        try:
+            quantize_static(str(fp32_onnx), str(tmp), Reader(), quant_format=QuantFormat.QDQ,
+                            per_channel=True, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8,
+                            nodes_to_exclude=list(dict.fromkeys([*exclude, *tail])))
+        except OSError as e:
+            raise write_failed(output, e) from e
+        finally:
+            logging.getLogger().removeFilter(hint_filter)
+        model = onnx.load(str(tmp))
     finally:
-        logging.getLogger().removeFilter(hint_filter)
+        tmp.unlink(missing_ok=True)
     source = onnx.load(str(fp32_onnx), load_external_data=False)
-    model = onnx.load(str(output))
     _float_scores(model, set(tail))
     meta = {p.key: p.value for p in source.metadata_props}
     meta.update(precision="int8-qdq", float_layers=json.dumps(list(exclude)),
@@ -180,7 +192,7 @@ def quantize_onnx(fp32_onnx, output, images: Sequence[np.ndarray], *,
     del model.metadata_props[:]
     for key, value in meta.items():
         model.metadata_props.add(key=key, value=value)
-    onnx.save(model, str(output))
+    onnx_utils.save(model, output)
     if not quiet:
         log.info("wrote %s (QDQ INT8, %d layer nodes and the %d post-processing nodes kept "
                  "float)", output, len(exclude), len(tail))
@@ -202,9 +214,19 @@ def quantize_openvino(fp32_xml, output, images: Sequence[np.ndarray], *,
                               preset=nncf.QuantizationPreset.PERFORMANCE, ignored_scope=scope)
     quantized.set_rt_info("int8-nncf", ["damo_jax", "weights_precision"])
     quantized.set_rt_info(json.dumps(list(ignore)), ["damo_jax", "float_layers"])
+    from damo_jax.errors import write_failed
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    ov.save_model(quantized, str(output), compress_to_fp16=False)
+    tmp = output.with_name(f".{output.stem}.{os.getpid()}.tmp.xml")    # renamed once complete
+    try:
+        ov.save_model(quantized, str(tmp), compress_to_fp16=False)
+        os.replace(tmp.with_suffix(".bin"), output.with_suffix(".bin"))
+        os.replace(tmp, output)
+    except (OSError, RuntimeError) as e:     # OpenVINO's failed writes are RuntimeErrors
+        raise write_failed(output, e) from e
+    finally:
+        tmp.unlink(missing_ok=True)
+        tmp.with_suffix(".bin").unlink(missing_ok=True)
     log.info("wrote %s (+ .bin, NNCF INT8, %d nodes kept float)", output, len(ignore))
     return output
 

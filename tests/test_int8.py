@@ -17,6 +17,7 @@ module; calibration uses 4 demo images through the shared pre-processing. Checke
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -366,3 +367,40 @@ def test_report_warns_on_a_large_ap_loss(caplog):
         "load_before": "0", "load_after": "0", "rounds": 1, "files": {k: k for k in accuracy},
         "accuracy": accuracy, "latency": {"1": {}}, "warnings": warnings})
     assert "**Warning**: onnx int8: AP 0.2710" in md
+
+
+def test_a_failed_int8_write_is_one_error_and_leaves_nothing(fp32_onnx, calib, tmp_path, monkeypatch):
+    """A full disk during ``export int8`` gave a traceback from onnx / OpenVINO (the QDQ file was
+    saved with a plain ``onnx.save`` over the file onnxruntime had written, the IR straight to its
+    name): now one :class:`OutputWriteError` naming the output and the reason, and no partial or
+    temporary file left in the folder."""
+    import errno
+    import re
+
+    from damo_jax.errors import OutputWriteError
+    from damo_jax.inference.backends import import_openvino
+
+    def disk_full(model, name, *args, **kwargs):
+        with open(name, "wb") as f:
+            f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device", str(name))
+    out = tmp_path / "q.onnx"
+    with monkeypatch.context() as m:
+        m.setattr(onnx, "save_model", disk_full)
+        with pytest.raises(OutputWriteError, match=rf"^cannot write {re.escape(str(out))}: No space "
+                                                   rf"left on device \(errno 28\)$"):
+            int8.quantize_onnx(fp32_onnx, out, calib[:2], quiet=True)
+    assert not list(tmp_path.iterdir())
+
+    from damo_jax.export import to_openvino
+    xml = to_openvino.convert(fp32_onnx, tmp_path / "fp32" / "m.xml")
+    ov = import_openvino()
+
+    def cannot_write(model, name, **kwargs):
+        Path(name).write_text("<partial")
+        raise RuntimeError(f"Can't open bin file: \"{Path(name).with_suffix('.bin')}\"")
+    monkeypatch.setattr(ov, "save_model", cannot_write)
+    q = tmp_path / "q" / "m_int8.xml"
+    with pytest.raises(OutputWriteError, match=rf"^cannot write {re.escape(str(q))}: Can't open bin "):
+        int8.quantize_openvino(xml, q, calib[:2])
+    assert not list((tmp_path / "q").iterdir())
