@@ -24,13 +24,13 @@ from golden_weights import load_model_json, make_state_dict
 
 
 @functools.lru_cache(maxsize=None)
-def _random_state_dict(name: str, seed: int) -> dict:
+def _random_state_dict(name: str, seed: int, gain: float = 1.0) -> dict:
     cfg = load_config(name)
     shapes = {key: shape for key, (_, _, shape) in expected_torch_entries(cfg).items()}
     shapes.update({k[:-len("running_mean")] + "num_batches_tracked": () for k in shapes
                    if k.endswith(".running_mean")})
     shapes["head.integral.project"] = (int(cfg.model.head.reg_max) + 1,)
-    return make_state_dict(shapes, seed=seed)
+    return make_state_dict(shapes, seed=seed, gain=gain)
 
 
 def random_state_dict(name: str = "ns", seed: int = 7) -> dict:
@@ -244,14 +244,20 @@ def test_mismatch_error_names_the_model_the_file_holds(tmp_path):
 
 def test_model_signatures_match_the_traced_models():
     """convert.MODEL_SIGNATURES (the table behind the "the file holds DAMO-YOLO-X" hint) against
-    the variable templates of every bundled config, train and re-parameterised graphs."""
+    the variable templates of every bundled config, train and re-parameterised graphs, and each
+    as the official fuse_model leaves it (the nano models have no RepConv: one form each)."""
     from damo_jax.config import MODEL_NAMES
     from damo_jax.interop.convert import MODEL_SIGNATURES, identify_model, model_signature
+    from damo_jax.interop.convert import official_fuse_shapes
     want = {}
-    for name in MODEL_NAMES:
-        for deploy in (False, "reparam"):
-            shapes = {k: shape for k, (_, _, shape) in expected_torch_entries(name, deploy).items()}
-            want.setdefault(model_signature(shapes), name + (" (re-parameterised)" if deploy else ""))
+    for fused in (False, True):                 # the official fuse_model's forms after the others
+        for name in MODEL_NAMES:
+            for deploy in (False, "reparam"):
+                shapes = {k: shape for k, (_, _, shape) in expected_torch_entries(name, deploy).items()}
+                if fused:
+                    shapes = official_fuse_shapes(shapes, name)
+                label = ", ".join(["re-parameterised"] * bool(deploy) + ["fused"] * fused)
+                want.setdefault(model_signature(shapes), name + (f" ({label})" if label else ""))
     assert MODEL_SIGNATURES == want
     sd = random_state_dict("ns", seed=1)
     assert identify_model(sd) == "ns"
@@ -310,3 +316,56 @@ def test_info_names_the_model_a_weights_file_holds(tmp_path, capsys):
     (tmp_path / "empty.pth").write_bytes(b"")
     with pytest.raises(SystemExit, match=r"empty\.pth: the file is empty"):
         main(["--weights", str(tmp_path / "empty.pth")])
+
+
+# ------------------------------------------------------------------ the official fuse_model form
+@pytest.mark.parametrize("model", ["Ns", "M"])
+def test_official_fuse_model_state_dicts(model, tmp_path):
+    """What the official ``fuse_model`` leaves after ``switch_to_deploy`` (the official
+    evaluation's fuse option) keeps the BNs of the Mob / CSP backbones and the nano neck while
+    folding every ConvBNAct: such a state dict did not load (``deploy=True`` expected no BN at
+    all, ``"reparam"`` no conv biases), and ``info`` / ``--weights`` did not recognise it.
+    tests/fixtures/official_fuse.json holds the official tool's output (keys, shapes, sums; the
+    official code run on the golden recipe's weights, tests/fixtures/make_official_fuse.py)."""
+    import json
+    from pathlib import Path
+
+    from damo_jax.inference.loading import load_model
+    from damo_jax.interop.convert import identify_model, official_fuse_state_dict
+    fixture = json.loads((Path(__file__).parent / "fixtures" / "official_fuse.json").read_text())
+    meta = fixture["models"][model]
+    cfg = load_config(model.lower())
+    train_sd = _random_state_dict(model.lower(), meta["seed"], meta["conv_gain"])
+    variables = from_torch_state_dict(train_sd, cfg)
+    official = official_fuse_state_dict(to_torch_state_dict(fuse(variables, cfg), cfg), cfg)
+    want = {e["key"]: e for e in meta["entries"]}
+    assert sorted(official) == sorted(want)
+    for key, e in want.items():
+        assert list(np.shape(official[key])) == e["shape"], key
+        got = float(np.asarray(official[key], np.float64).sum())
+        assert abs(got - e["sum"]) <= 1e-5 * max(e["abs_sum"], 1e-6), (key, got, e["sum"])
+    assert sum(int(np.prod(np.shape(v))) for k, v in official.items()
+               if not k.endswith((".running_mean", ".running_var", ".num_batches_tracked"))
+               and k != "head.integral.project") == meta["num_parameters"]
+    name = model.lower()
+    assert identify_model(official) == name + (" (fused)" if model == "Ns" else
+                                               " (re-parameterised, fused)")
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((1, 64, 96, 3)), jnp.float32)
+    with jax.default_matmul_precision("highest"):
+        ref = build_model(cfg).apply(variables, x)
+        graphs = {True: from_torch_state_dict(official, cfg, deploy=True),
+                  "reparam": from_torch_state_dict(official, cfg, deploy="reparam")}
+        for deploy, loaded in graphs.items():
+            out = build_model(cfg, deploy=deploy).apply(loaded, x)
+            for k in ("scores", "boxes"):
+                r = np.asarray(ref[k], np.float64)
+                assert np.abs(np.asarray(out[k]) - r).max() <= 1e-4 * max(1.0, np.abs(r).max()), \
+                    (deploy, k)
+    if model == "Ns":       # --weights FILE: the same file through the user-facing loader
+        np.savez(tmp_path / "fused.npz", **official)
+        for fuse_flag, graph in ((True, True), (False, False)):     # Ns has no RepConv
+            loaded = load_model(name, weights=tmp_path / "fused.npz", fuse=fuse_flag)
+            assert loaded.model.head.opts.deploy == graph
+            with jax.default_matmul_precision("highest"):
+                out = loaded.model.apply(loaded.variables, x)
+            assert np.abs(np.asarray(out["scores"]) - np.asarray(ref["scores"])).max() <= 1e-4

@@ -18,15 +18,29 @@ import pytest
 
 from conftest import golden_path
 from damo_jax.config import load_config
-from damo_jax.interop.convert import to_torch_state_dict
+from damo_jax.interop.convert import (from_torch_state_dict, official_fuse_state_dict,
+                                      to_torch_state_dict)
 from damo_jax.models import build_model
 from damo_jax.models.blocks import Opts, RepConv
 from damo_jax.models.reparam import fold_repconv, fuse
 from golden_weights import golden_variables
 from test_models_golden import FLOOR_FACTOR, RTOL, golden_input_nhwc, nhwc
 
-DEPLOY_CASES = [("T", "reparam"), ("S", "reparam"), ("M", "reparam"), ("L", "reparam"),
-                ("T", "reparam_fuse"), ("S", "reparam_fuse")]
+KNOWN_CASES = [("T", "reparam"), ("S", "reparam"), ("M", "reparam"), ("L", "reparam"),
+               ("T", "reparam_fuse"), ("S", "reparam_fuse")]
+
+
+def deploy_cases():
+    """(model, variant) of every ``deploy/<M>_<variant>.json`` the golden folder holds (another
+    set of official files may cover other models, e.g. M or Ns ``reparam_fuse``), else the known
+    list (each case then skips: no golden data)."""
+    from conftest import GOLDEN
+    found = sorted(tuple(p.stem.split("_", 1)) for p in (GOLDEN / "deploy").glob("*_*.json")
+                   if p.stem.split("_", 1)[1] in ("reparam", "reparam_fuse"))
+    return found or KNOWN_CASES
+
+
+DEPLOY_CASES = deploy_cases()
 
 
 def fresh_golden(model):
@@ -41,16 +55,34 @@ def deploy_mode(variant):
 
 @pytest.mark.parametrize("model,variant", DEPLOY_CASES)
 def test_folded_model_matches_official(model, variant):
+    """``reparam``: our RepConv fold; ``reparam_fuse``: that fold then the official
+    ``fuse_model``'s conv+BN folds (``official_fuse_state_dict``: ConvBNAct and res-backbone
+    ConvKXBN; on T and S no BN is left, so it equals our full fold). Key list, per-key sums and
+    parameter count against the official file; outputs of the loaded official form and of our
+    fully folded graph against the official outputs."""
     cfg, variables = fresh_golden(model)
-    deployed = fuse(variables, cfg, fuse_bn=variant == "reparam_fuse")
     meta = json.loads(golden_path("deploy", f"{model}_{variant}.json").read_text())
-    check_state_dict(to_torch_state_dict(deployed, cfg), meta)
-    n_params = sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(deployed["params"]))
-    assert n_params == meta["num_parameters"]
-    net = build_model(cfg, deploy=deploy_mode(variant))
-    with jax.default_matmul_precision("highest"):
-        out = jax.jit(net.apply)(deployed, golden_input_nhwc())
-    check_outputs(model, variant, out)
+    reparam = fuse(variables, cfg, fuse_bn=False)
+    sd = to_torch_state_dict(reparam, cfg)
+    if variant == "reparam_fuse":
+        sd = official_fuse_state_dict(sd, cfg)
+    check_state_dict(sd, meta)
+    assert parameter_count(sd) == meta["num_parameters"]
+    graphs = [(deploy_mode(variant), from_torch_state_dict(sd, cfg, deploy=deploy_mode(variant)))]
+    if variant == "reparam_fuse":               # our own full fold gives the same outputs
+        graphs.append((True, fuse(variables, cfg, fuse_bn=True)))
+    for deploy, deployed in graphs:
+        with jax.default_matmul_precision("highest"):
+            out = jax.jit(build_model(cfg, deploy=deploy).apply)(deployed, golden_input_nhwc())
+        check_outputs(model, variant, out)
+
+
+def parameter_count(state_dict) -> int:
+    """PyTorch's ``sum(p.numel() for p in model.parameters())`` of a state dict: every entry but
+    the BN running statistics and the head's ``integral.project`` buffer."""
+    return sum(int(np.prod(np.shape(v))) for k, v in state_dict.items()
+               if not k.endswith((".running_mean", ".running_var", ".num_batches_tracked"))
+               and k != "head.integral.project")
 
 
 def check_state_dict(sd, meta):

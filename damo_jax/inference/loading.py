@@ -124,7 +124,7 @@ def load_model(config=None, *, checkpoint=None, weights=None, onnx=None, openvin
     if fuse:
         from damo_jax.models.reparam import fuse as fuse_variables
         variables = fuse_variables(variables, cfg, fuse_bn=True)
-    model = build_model(cfg, deploy=bool(fuse))
+    model = build_model(cfg, deploy=True if fuse else _graph_of(variables))
     source = (f"{path} (step {step})" if kind == "checkpoint" else str(path) if path
               else f"random-init(seed={seed})")      # the export metadata's "weights"
     return LoadedModel(cfg=cfg, class_names=tuple(class_names), backend=JaxBackend(model, variables),
@@ -266,15 +266,26 @@ def read_weights_file(path, flag: str = "--weights") -> dict:
 
 
 def _weights(path: Path, cfg) -> dict:
-    """Official ``.pth`` / converted ``.npz`` -> train-graph variables for ``cfg``."""
+    """Official ``.pth`` / converted ``.npz`` -> variables for ``cfg``: train-graph variables, or
+    re-parameterised ones (``build_model(cfg, deploy="reparam")``) for a deploy state dict
+    (``rbr_reparam`` keys: the official ``switch_to_deploy``, with or without ``fuse_model``)."""
     from damo_jax.interop.convert import from_torch_state_dict
     state_dict = read_weights_file(path)
     _check_weight_classes(state_dict, cfg, path)
+    deploy = "reparam" if any(".rbr_reparam." in k for k in state_dict) else False
     try:
-        return from_torch_state_dict(state_dict, cfg)
+        return from_torch_state_dict(state_dict, cfg, deploy=deploy)
     except (ValueError, KeyError) as e:
         raise ConfigError(f"--weights {path} do not fit --config {cfg.model.name!r}: "
                           f"{e.args[0] if e.args else e}") from e
+
+
+def _graph_of(variables) -> bool | str:
+    """The ``build_model`` deploy mode unfused variables belong to: ``"reparam"`` when a RepConv
+    is folded (``rbr_reparam``: an official deploy state dict), else the train graph."""
+    import jax
+    paths = jax.tree_util.tree_flatten_with_path(variables.get("params", {}))[0]
+    return "reparam" if any("rbr_reparam" in jax.tree_util.keystr(p) for p, _ in paths) else False
 
 
 def _check_weight_classes(state_dict, cfg, weights) -> None:

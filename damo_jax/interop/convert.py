@@ -119,8 +119,10 @@ def model_signature(shapes) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
-# model_signature of each bundled config's state dict, train graph and re-parameterised
-# (``rbr_reparam``) graph. tests/test_convert.py recomputes them from the traced variable templates.
+# model_signature of each bundled config's state dict: train graph, re-parameterised
+# (``rbr_reparam``) graph, and each after the official ``fuse_model`` (ConvBNAct / res-backbone
+# ConvKXBN BNs folded into conv biases). tests/test_convert.py recomputes them from the traced
+# variable templates.
 MODEL_SIGNATURES = {
     "2b5f134f9bb42e5d": "t",
     "af53810fae0bfdc1": "t (re-parameterised)",
@@ -134,12 +136,25 @@ MODEL_SIGNATURES = {
     "2fa66f817f641288": "nm",
     "e017de2233198ba8": "nl",
     "5fbcf9229406700d": "n",
-}   # the nano models have no RepConv: one signature each
+    # the official ``fuse_model`` applied to each (official_fuse_shapes)
+    "c4f16711bc9f1b37": "t (fused)",
+    "b0c7c04bcb1e3330": "t (re-parameterised, fused)",
+    "4755c2cb6dfdd970": "s (fused)",
+    "ee672e9e89844685": "s (re-parameterised, fused)",
+    "c0c47af032526037": "m (fused)",
+    "cac2c08415473f6e": "m (re-parameterised, fused)",
+    "ac98f86cf123d01c": "l (fused)",
+    "597e14f08162d93e": "l (re-parameterised, fused)",
+    "c6ef0832dff7c44f": "ns (fused)",
+    "f6c634c2faaf4d82": "nm (fused)",
+    "7d52065719900ac5": "nl (fused)",
+    "6d04ab552b7d3119": "n (fused)",
+}   # the nano models have no RepConv: no re-parameterised form
 
 
 def identify_model(state_dict) -> str | None:
     """The bundled model config (``t``, ``s``, ... ``n``; ``"t (re-parameterised)"`` for a
-    deploy state dict) whose keys and shapes the state dict holds, the classifier
+    deploy state dict, ``"... fused)"`` after the official ``fuse_model``) whose keys and shapes the state dict holds, the classifier
     ``head.gfl_cls.*`` aside (other class counts); None when none fits. Table lookup of
     :func:`model_signature` in :data:`MODEL_SIGNATURES` (no tracing)."""
     signature = model_signature({k: np.shape(v) for k, v in state_dict.items()})
@@ -220,9 +235,17 @@ def from_torch_state_dict(state_dict, config, *, deploy=False, source: str = "")
 
 
 def _from_torch_state_dict(state_dict, cfg, deploy, where: str) -> dict:
+    state_dict = _strip_module_prefix(state_dict)
+    if deploy is True and any(k.endswith(".running_mean") for k in state_dict):
+        # ``fuse_model``'s output keeps the BNs it does not fold (CSP / Mob backbones, nano neck):
+        # loaded in the re-parameterised graph, the rest folded here
+        from damo_jax.models.reparam import fuse
+        return fuse(_from_torch_state_dict(state_dict, cfg, "reparam", where), cfg, fuse_bn=True)
     entries = expected_torch_entries(cfg, deploy)
+    if deploy is not True:
+        state_dict = _unfold_official_fuse(state_dict, cfg, entries)
     try:
-        tensors, unexpected = _split_known(_strip_module_prefix(state_dict), cfg, entries)
+        tensors, unexpected = _split_known(state_dict, cfg, entries)
     except CheckpointMismatchError as exc:
         raise CheckpointMismatchError(f"{where}{exc}") from None
     if unexpected:
@@ -244,6 +267,84 @@ def _from_torch_state_dict(state_dict, cfg, deploy, where: str) -> dict:
         flax_value = from_torch_layout(path[-1], value.astype(np.float32))
         _set(variables.setdefault(collection, {}), path, jnp.asarray(flax_value))
     return variables
+
+
+# ----------------------------------------------------------------------------- official fuse_model
+_BN_LEAVES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def official_fuse_pairs(keys, config) -> list[tuple[str, str]]:
+    """``(conv, bn)`` module prefixes of the conv+BN pairs among the BNs in ``keys`` (a state
+    dict's keys) that the official ``damo.utils.fuse_model`` folds. It matches exact module types:
+    every ``ConvBNAct`` (``P.conv`` + ``P.bn``: Focus stem, SPP, neck, CSP-backbone convs of that
+    type) and, in the ``TinyNAS_res`` backbone only, every ``ConvKXBN`` (``P.conv1`` + ``P.bn1``).
+    The CSP and Mob backbones' own ``ConvKXBN``, the Mob blocks' ``conv.<i>`` BNs, the nano
+    neck's ``DepthwiseConv`` and un-folded RepConv branches (``rbr_dense`` / ``rbr_1x1``) keep
+    theirs (golden README §4; checked against the official tool's output for T, Ns, Nm and M)."""
+    cfg = load_config(config)
+    res = str(cfg.model.backbone.name) == "TinyNAS_res"
+    pairs = []
+    for key in sorted(keys):
+        if not key.endswith(".running_mean"):
+            continue
+        bn = key[:-len(".running_mean")]
+        parent, _, leaf = bn.rpartition(".")
+        if leaf == "bn" and parent.rpartition(".")[2] not in ("rbr_dense", "rbr_1x1"):
+            pairs.append((f"{parent}.conv", bn))
+        elif leaf == "bn1" and res and bn.startswith("backbone."):
+            pairs.append((f"{parent}.conv1", bn))
+    return pairs
+
+
+def official_fuse_state_dict(state_dict, config) -> dict[str, np.ndarray]:
+    """What ``damo.utils.fuse_model`` makes of an official state dict (train or re-parameterised
+    graph): each pair of :func:`official_fuse_pairs` folded into ``<conv>.weight`` /
+    ``<conv>.bias`` (``t = gamma / sqrt(var + eps)``, float64, stored float32), its BN keys gone;
+    every other entry unchanged. ``eps`` = ``config.model.bn_epsilon``."""
+    cfg = load_config(config)
+    eps = float(cfg.model.bn_epsilon)
+    out = dict(state_dict)
+    for conv, bn in official_fuse_pairs(state_dict, cfg):
+        g = {leaf: np.asarray(out.pop(f"{bn}.{leaf}"), np.float64) for leaf in _BN_LEAVES[:4]}
+        out.pop(f"{bn}.num_batches_tracked", None)
+        t = g["weight"] / np.sqrt(g["running_var"] + eps)
+        w = np.asarray(out[f"{conv}.weight"], np.float64)
+        b = np.asarray(out.get(f"{conv}.bias", np.zeros(w.shape[0])), np.float64)
+        out[f"{conv}.weight"] = (w * t.reshape(-1, *([1] * (w.ndim - 1)))).astype(np.float32)
+        out[f"{conv}.bias"] = (g["bias"] - g["running_mean"] * t + t * b).astype(np.float32)
+    return dict(sorted(out.items()))
+
+
+def official_fuse_shapes(shapes, config) -> dict:
+    """``{key: shape}`` of :func:`official_fuse_state_dict`'s result for a state dict whose keys
+    have the shapes ``shapes`` (no arrays needed: :data:`MODEL_SIGNATURES`)."""
+    out = dict(shapes)
+    for conv, bn in official_fuse_pairs(shapes, config):
+        for leaf in _BN_LEAVES:
+            out.pop(f"{bn}.{leaf}", None)
+        out[f"{conv}.bias"] = (int(tuple(shapes[f"{conv}.weight"])[0]),)
+    return out
+
+
+def _unfold_official_fuse(state_dict, cfg, entries) -> dict:
+    """A state dict ``fuse_model`` folded -> the form with BNs that ``entries`` (train or
+    re-parameterised graph) expects: a pair of :func:`official_fuse_pairs` whose BN keys are all
+    absent while its conv carries a bias the graph lacks becomes conv (no bias) + an identity BN
+    (weight 1, bias = the conv's bias, mean 0, var 1 - eps: ``1 / sqrt(var + eps)`` is 1.0 in
+    float32, so the graph computes the folded conv exactly). Other state dicts pass unchanged."""
+    eps = float(cfg.model.bn_epsilon)
+    out = None
+    for conv, bn in official_fuse_pairs(entries, cfg):
+        bias = f"{conv}.bias"
+        if bias in entries or bias not in state_dict or \
+                any(f"{bn}.{leaf}" in state_dict for leaf in _BN_LEAVES):
+            continue
+        out = dict(state_dict) if out is None else out
+        b = np.asarray(out.pop(bias), np.float32)
+        out.update({f"{bn}.weight": np.ones_like(b), f"{bn}.bias": b,
+                    f"{bn}.running_mean": np.zeros_like(b),
+                    f"{bn}.running_var": np.full_like(b, 1.0 - eps)})
+    return state_dict if out is None else out
 
 
 def to_torch_state_dict(variables, config) -> dict[str, np.ndarray]:

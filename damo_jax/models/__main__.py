@@ -142,8 +142,10 @@ def identify_weights(path, config=None) -> tuple[str, int, bool]:
                           f"(leave --config out, or use --config {name})")
     legacy = bool(load_config(name).model.head.get("legacy", False))   # one extra channel
     num_classes = classifier_outputs(state_dict) - legacy
-    print(f"{path}: DAMO-YOLO-{name.upper()} (--config {name}), {num_classes} classes, "
-          f"{'RepConv branches folded (a deploy state dict)' if folded else 'train graph'}")
+    form = "RepConv branches folded (a deploy state dict)" if folded else "train graph"
+    if "fused" in found:
+        form += ", conv+BN pairs folded by the official fuse_model"
+    print(f"{path}: DAMO-YOLO-{name.upper()} (--config {name}), {num_classes} classes, {form}")
     return name, num_classes, folded
 
 
