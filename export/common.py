@@ -107,9 +107,18 @@ def export_config(config):
     """The config to trace for export: depthwise convs as one grouped conv each and 1x1 convs as
     convs (``model.depthwise_impl = model.pointwise_impl = "conv"``; the models' CPU defaults
     unroll depthwise convs into shifted-slice "taps", which would export as dozens of Mul/Add
-    nodes instead of one ``Conv``, and write 1x1 convs as matrix products)."""
+    nodes instead of one ``Conv``, and write 1x1 convs as matrix products), and computing in
+    float32 (``model.dtype``): a run trained in bfloat16 / float16 keeps float32 parameters, and an
+    ONNX ``Conv`` has no bfloat16 (the export crashed in shape inference); FP16 files come from
+    ``--fp16``, which converts the float32 graph."""
     from damo_jax.models import with_depthwise_impl
-    return with_depthwise_impl(config, "conv", "conv", "conv")
+    cfg = with_depthwise_impl(config, "conv", "conv", "conv")
+    dtype = str(cfg.model.get("dtype", "float32"))
+    if dtype != "float32":
+        log.info("model.dtype %s is a training setting: the export computes in float32", dtype)
+        with cfg.unlocked():
+            cfg.model.dtype = "float32"
+    return cfg
 
 
 def load_deploy_model(config=None, *, checkpoint=None, weights=None, image_size=None,

@@ -300,3 +300,39 @@ def test_cli_checkpoint_uses_ema_weights_and_stored_class_names(tmp_path):
     scores, boxes = ort_run(out, x)
     assert_scores_close(scores, ref[0])
     assert_boxes_close(boxes, ref[1], MODELS["Ns"][1])
+
+
+def test_export_of_a_bfloat16_run_computes_in_float32(tmp_path, caplog):
+    """A run trained with ``model.dtype=bfloat16`` (float32 parameters, bf16 compute) crashed
+    ``export onnx --checkpoint`` with a traceback: the traced graph computed in bf16, which an
+    ONNX ``Conv`` does not take. The export now computes in float32 (logged) and gives the float32
+    model's outputs. Random weights: no golden data needed."""
+    import jax
+    import jax.numpy as jnp
+
+    from damo_jax.config import load_config
+    from damo_jax.models import build_model, init_variables
+    from damo_jax.train import checkpoint
+    cfg = load_config("ns")
+    variables = init_variables(build_model(cfg), jax.random.PRNGKey(1))
+    stats = jax.tree.map(lambda a: a + 0.1, variables["batch_stats"])   # non-trivial statistics
+    state = {"params": variables["params"], "batch_stats": stats,
+             "opt_state": {"count": jnp.zeros((), jnp.int32)}, "step": jnp.asarray(3, jnp.int32),
+             "rng": jax.random.PRNGKey(0), "ema_params": variables["params"],
+             "ema_batch_stats": stats}
+    bf16 = load_config("ns")
+    bf16.model.dtype = "bfloat16"
+    meta = {"config": checkpoint.config_to_json(bf16), "class_names": list(cfg.model.class_names),
+            "step": 3}
+    with checkpoint.Checkpoints(tmp_path / "run" / "checkpoints") as ck:
+        ck.save(3, state, meta)
+    with caplog.at_level("INFO", logger="damo_jax.export"):
+        out = to_onnx.main(["--checkpoint", str(tmp_path / "run"), "--img-size", "64",
+                            "--output", str(tmp_path / "bf16.onnx")])
+    assert "model.dtype bfloat16 is a training setting: the export computes in float32" in caplog.text
+    dm = common.from_variables("ns", {"params": variables["params"], "batch_stats": stats}, (64, 64))
+    x = np.random.default_rng(5).standard_normal((1, 3, 64, 64)).astype(np.float32)
+    ref = common.run_jax(common.raw_fn(dm), x)
+    scores, boxes = ort_run(out, x)
+    assert_scores_close(scores, ref[0])
+    assert_boxes_close(boxes, ref[1], MODELS["Ns"][1])

@@ -240,8 +240,8 @@ def _prepare(cfg, overrides, export: bool, where: str):
     if overrides:
         apply_overrides(cfg, overrides)
     if export:
-        from damo_jax.models import with_depthwise_impl
-        cfg = with_depthwise_impl(cfg, "conv", "conv", "conv")
+        from damo_jax.export.common import export_config
+        cfg = export_config(cfg)
     return validate_config(cfg, where=where)
 
 
