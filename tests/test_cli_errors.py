@@ -503,6 +503,7 @@ def test_batch_not_divisible_by_the_devices_is_one_error_line(files, tmp_path):
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert_one_error_line(proc.stderr, "train.batch_size=3 is not divisible by the 2 devices")
+    assert "use a batch that is a multiple of 2 (--batch-size), or run on 1 device(s)" in proc.stderr
 
 
 def test_failed_commands_leave_no_empty_output_folder_and_name_the_real_cause(files, tmp_path, capsys):

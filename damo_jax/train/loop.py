@@ -652,8 +652,12 @@ def setup(cfg, workdir, *, progress: bool = True) -> tuple[Run, dict]:
     mesh = make_mesh()
     replicated, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     if int(cfg.train.batch_size) % mesh.devices.size:
+        n = mesh.devices.size
+        divisors = [d for d in range(1, n) if int(cfg.train.batch_size) % d == 0]
         raise ConfigError(f"config train.batch_size={cfg.train.batch_size} is not divisible by the "
-                          f"{mesh.devices.size} devices (the global batch is split evenly over them)")
+                          f"{n} devices (the global batch is split evenly over them): use a batch "
+                          f"that is a multiple of {n} (--batch-size), or run on {divisors[-1]} "
+                          f"device(s) (a resumed run keeps its batch)")
     train_ds, val_ds = open_datasets(cfg)
     rl = run_length(cfg, len(train_ds))
     lr_fn, lr_consts = optim.schedule_from_config(cfg.train, steps_per_epoch=rl.steps_per_epoch,
