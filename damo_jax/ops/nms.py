@@ -5,7 +5,11 @@ Official semantics (``damo/utils/boxes.py``: ``multiclass_nms`` + torchvision ``
 1. every (anchor, class) pair whose score is **strictly greater** than ``conf_thre`` is a candidate
    with that anchor's box (multi-label: one anchor may give several classes);
 2. candidates are ordered by descending score, ties by their row-major (anchor, class) index
-   (torchvision sorts stably; ``lax.top_k`` puts the lower index first, checked on CPU);
+   (``lax.top_k`` puts the lower index first, checked on CPU). torchvision's own order of
+   equal scores is implementation-defined: its coordinate-offset path (up to 1000 candidates on
+   CPU) sorts stably, its per-class path (more candidates) ends with an unstable sort, so when
+   more than ``max_dets`` rows survive with scores tied at the cut, which of them fill the last
+   places may differ from the official run (the set of survivors before the cut is the same);
 3. greedy class-aware NMS: a candidate is dropped when its IoU with a higher-ranked **kept**
    candidate of the same class is ``> iou_thre``; IoU uses torchvision's formula (no +1, areas
    ``(x2-x1)*(y2-y1)``, ``inter / (area_a + area_b - inter)``, so a 0/0 IoU of degenerate boxes is NaN
@@ -118,7 +122,7 @@ def _nms_one_image(scores, boxes, conf_thre, iou_thre, max_dets, pre_nms_topk, t
     num_anchors, num_classes = scores.shape
     flat_scores = scores.reshape(-1)
     topk = min(pre_nms_topk, flat_scores.shape[0])
-    # lax.top_k is stable: equal scores keep ascending (anchor*C + class) order, like torchvision.
+    # lax.top_k is stable: equal scores keep ascending (anchor*C + class) order.
     top_scores, top_index = jax.lax.top_k(flat_scores, topk)
     padded = -(-topk // tile_size) * tile_size
     pad = padded - topk
