@@ -76,3 +76,15 @@ def test_unknown_tfds_dataset_is_a_data_error():
     from damo_jax.data_pipelines import DataError
     with pytest.raises(DataError, match="no_such_dataset_xyz"):
         open_dataset("tfds:no_such_dataset_xyz", "train")
+
+
+def test_an_unprepared_dataset_is_named_as_such(tmp_path):
+    """A known dataset not prepared in the data_dir quoted tfds's own text: "... is already prepared
+    at <dir> in the FileFormat.TFRECORD format. Either choose another data_dir or delete the
+    data." Now: not prepared, where it was looked for, and how to prepare it."""
+    from damo_jax.data_pipelines import DataError
+    from damo_jax.data_pipelines.readers.tfds import read_tfds
+    with pytest.raises(DataError, match=r"^tfds:mnist: not prepared in .*mnist.*; random access "
+                                        r"needs the dataset prepared offline") as info:
+        read_tfds("mnist", "train", data_dir=str(tmp_path / "none"))
+    assert "already prepared" not in str(info.value)

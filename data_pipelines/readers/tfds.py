@@ -106,11 +106,19 @@ def _example_annotations(objects: dict, num_classes: int, where: str, stats: col
     return bbox[keep], label[keep], crowd[keep]
 
 
+def _is_prepared(builder) -> bool:
+    try:
+        return bool(builder.is_prepared())
+    except Exception:  # noqa: BLE001 - a hint must never hide the real error
+        return True
+
+
 def read_tfds(name: str, split: str, *, data_dir: str | None = None) -> TfdsDataset:
     try:
         import tensorflow_datasets as tfds
     except ImportError as e:
         raise DataError(f"tfds:{name}: tensorflow-datasets is not installed (pip install damo_jax[tf])") from e
+    builder = None
     try:
         builder = tfds.builder(name, data_dir=data_dir)
         split = _split_name(builder, split)
@@ -118,9 +126,14 @@ def read_tfds(name: str, split: str, *, data_dir: str | None = None) -> TfdsData
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - tfds raises many types for unprepared / unknown data
-        raise DataError(f"tfds:{name}: cannot open split {split!r} ({type(e).__name__}: {e}); random access "
-                        f"needs the dataset prepared offline in ArrayRecord format, e.g. "
-                        f"`tfds build {name} --file_format=array_record` (nothing is downloaded here)") from e
+        how = (f"random access needs the dataset prepared offline in ArrayRecord format, e.g. "
+               f"`tfds build {name} --file_format=array_record` (nothing is downloaded here)")
+        if builder is not None and not _is_prepared(builder):   # tfds's own text misleads here
+            raise DataError(f"tfds:{name}: not prepared in {builder.data_dir} (no dataset_info.json "
+                            f"there; data_dir {data_dir or 'default: ~/tensorflow_datasets'}); "
+                            f"{how}") from e
+        raise DataError(f"tfds:{name}: cannot open split {split!r} ({type(e).__name__}: {e}); "
+                        f"{how}") from e
     label_feature = builder.info.features["objects"]["label"]
     class_names = list(label_feature.names)
     is_coco = name.split("/")[0] == "coco" and len(class_names) == len(COCO_CATEGORY_IDS)
