@@ -15,7 +15,7 @@ its rows, an --iou other than its own, a lower --conf, a larger --max-dets or --
 error.
 
 The model's label k is its class name k. Data with the same class names in another order gets the
-labels mapped by name (:func:`category_remap`, one info line); other names are matched by index
+labels mapped by name (:func:`damo_jax.evaluation.evaluator.category_remap`, one info line); other names are matched by index
 (a warning); a different class count is an error.
 """
 from __future__ import annotations
@@ -90,27 +90,11 @@ def test_overrides(args, overrides=()) -> list[str]:
     return out
 
 
-def category_remap(model_names, data_names, category_ids) -> dict | None:
-    """Model label ``k`` is class ``model_names[k]``; the detections write it as the dataset's
-    ``category_ids[k]`` (label index ``k``). Returns ``{}`` when the names are the same list
-    (nothing to remap); ``{written id: id of the dataset class named model_names[k]}`` when they
-    are the same distinct names in another order; ``None`` when they differ otherwise (labels
-    stay matched by index)."""
-    model_names, data_names = tuple(map(str, model_names)), tuple(map(str, data_names))
-    if model_names == data_names:
-        return {}
-    if (len(set(model_names)) != len(model_names) or len(set(data_names)) != len(data_names)
-            or set(model_names) != set(data_names)):
-        return None
-    index = {name: j for j, name in enumerate(data_names)}
-    return {int(category_ids[k]): int(category_ids[index[name]])
-            for k, name in enumerate(model_names)}
-
-
 def run(args, overrides) -> dict:
     from damo_jax.data_pipelines import format_summary, open_dataset
     from damo_jax.evaluation.coco import print_coco_table
-    from damo_jax.evaluation.evaluator import check_num_classes, run_detections, score_detections
+    from damo_jax.evaluation.evaluator import (apply_remap, check_num_classes, names_remap,
+                                               run_detections, score_detections)
 
     from damo_jax.inference.tiling import check_tile_arguments
     if args.data:
@@ -166,13 +150,7 @@ def run(args, overrides) -> dict:
     dataset = open_dataset(spec, split)
     log.info("%s", format_summary(dataset, "eval data"))
     check_num_classes(cfg, dataset, where=PROG)
-    by_name = category_remap(loaded.class_names, dataset.class_names, dataset.category_ids)
-    if by_name:
-        log.info("the model's classes are the dataset's in another order: its labels are mapped "
-                 "to the dataset's classes by name")
-    elif by_name is None:
-        log.warning("class names of the model and of the dataset differ (same count %d); "
-                    "labels are matched by index", len(loaded.class_names))
+    by_name = names_remap(loaded.class_names, dataset, warn_other=True)
     log.info("evaluating %s (%s %s) on %s (%s, %d images) at %s", cfg.model.name, loaded.kind,
              loaded.source, spec, split, len(dataset), tuple(cfg.test.image_size))
     start = time.time()
@@ -186,8 +164,7 @@ def run(args, overrides) -> dict:
     else:
         detections = run_detections(loaded.backend, dataset, cfg, progress=not args.no_progress,
                                     scored_ids=scored)
-    if by_name:
-        detections = [dict(d, category_id=by_name[d["category_id"]]) for d in detections]
+    detections = apply_remap(detections, by_name)
     reports = bool(args.out or args.per_class)    # they read the same COCOeval run's arrays
     result = score_detections(dataset, detections, scored, use_fast=args.use_fast, details=reports)
     stats, details = result if reports else (result, None)

@@ -175,15 +175,57 @@ def collect_detections(model, variables, dataset, cfg, *, batch_size=None, progr
                           progress=progress)
 
 
+def category_remap(model_names, data_names, category_ids) -> dict | None:
+    """Model label ``k`` is class ``model_names[k]``; the detections write it as the dataset's
+    ``category_ids[k]`` (label index ``k``). Returns ``{}`` when the names are the same list
+    (nothing to remap); ``{written id: id of the dataset class named model_names[k]}`` when they
+    are the same distinct names in another order; ``None`` when they differ otherwise (labels
+    stay matched by index)."""
+    model_names, data_names = tuple(map(str, model_names)), tuple(map(str, data_names))
+    if model_names == data_names:
+        return {}
+    if (len(set(model_names)) != len(model_names) or len(set(data_names)) != len(data_names)
+            or set(model_names) != set(data_names)):
+        return None
+    index = {name: j for j, name in enumerate(data_names)}
+    return {int(category_ids[k]): int(category_ids[index[name]])
+            for k, name in enumerate(model_names)}
+
+
+def names_remap(model_names, dataset, *, warn_other: bool = False) -> dict | None:
+    """:func:`category_remap` of a model's class names onto ``dataset``, logged: one info line
+    when the labels get mapped by name; with ``warn_other`` a warning when the names differ
+    otherwise (same count: labels stay matched by index)."""
+    by_name = category_remap(model_names, dataset.class_names, dataset.category_ids)
+    if by_name:
+        log.info("the model's classes are the dataset's in another order: its labels are mapped "
+                 "to the dataset's classes by name")
+    elif by_name is None and warn_other:
+        log.warning("class names of the model and of the dataset differ (same count %d); "
+                    "labels are matched by index", len(tuple(model_names)))
+    return by_name
+
+
+def apply_remap(detections: list, by_name: dict | None) -> list:
+    """COCO results with each ``category_id`` replaced through ``by_name`` (when not empty)."""
+    if not by_name:
+        return detections
+    return [dict(d, category_id=by_name[d["category_id"]]) for d in detections]
+
+
 def evaluate_backend(backend, dataset, cfg, *, batch_size=None, progress=True,
                      use_fast=True) -> dict:
     """COCO bbox stats (AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl) of any
-    backend (Flax model, ONNX, OpenVINO) on ``dataset``."""
+    backend (Flax model, ONNX, OpenVINO) on ``dataset``. The model's label k is its class
+    ``cfg.model.class_names[k]``: a dataset listing the same classes in another order gets the
+    labels mapped by name (:func:`category_remap`, as ``damo-jax eval`` and the official
+    evaluation do)."""
     cfg, dataset = resolve_inputs(cfg, dataset, batch_size)
+    by_name = names_remap(cfg.model.get("class_names", ()), dataset)
     scored: set = set()
     detections = run_detections(backend, dataset, cfg, batch_size=batch_size, progress=progress,
                                 scored_ids=scored)
-    return score_detections(dataset, detections, scored, use_fast=use_fast)
+    return score_detections(dataset, apply_remap(detections, by_name), scored, use_fast=use_fast)
 
 
 def score_detections(dataset, detections, scored_ids, *, use_fast=True, details=False):
