@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from damo_jax.cli import common
+from damo_jax.config import PRE_NMS_TOPK
 from damo_jax.errors import ConfigError, InputPathError
 
 log = logging.getLogger("damo_jax.cli.eval")
@@ -45,7 +46,8 @@ def add_arguments(p) -> None:
     p.add_argument("--conf", type=float, help="score threshold (default config test.conf_thre)")
     p.add_argument("--iou", type=float, help="NMS IoU threshold (default config test.iou_thre)")
     p.add_argument("--max-dets", type=int, help="detections kept per image (default 500)")
-    p.add_argument("--pre-nms-topk", type=int, help="candidates per image before NMS (default 1000)")
+    p.add_argument("--pre-nms-topk", type=int, help=f"candidates per image before NMS (default: the "
+                   f"config's test.pre_nms_topk, {PRE_NMS_TOPK})")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--fast", dest="use_fast", action="store_true", default=True,
                        help="faster-coco-eval (default)")

@@ -42,6 +42,7 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
+from damo_jax.config import PRE_NMS_TOPK
 from damo_jax.errors import ConfigError, InputPathError
 from damo_jax.inference.pipeline import (JaxBackend, NmsParams, check_detection_options,
                                          check_end2end_options, detect, end2end_params, pad_batch,
@@ -153,7 +154,7 @@ class Detector:
 
     def __init__(self, backend: Callable, *, class_names: Sequence[str], image_size: Sequence[int],
                  conf: float = 0.05, iou: float = 0.7, max_dets: int = 500,
-                 pre_nms_topk: int = 1000, batch_size: int = 8, classes=None):
+                 pre_nms_topk: int = PRE_NMS_TOPK, batch_size: int = 8, classes=None):
         check_detection_options("Detector: ", conf=conf, iou=iou, max_dets=max_dets,
                                 pre_nms_topk=pre_nms_topk, batch_size=batch_size)
         image_size = tuple(int(v) for v in image_size)

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from damo_jax.config import PRE_NMS_TOPK
 from damo_jax.ops.boxes import scale_boxes
 from damo_jax.ops.nms import iou_threshold_f32, multiclass_nms
 
@@ -67,7 +68,7 @@ class NmsParams:
     conf: float = 0.05        # keep scores strictly above
     iou: float = 0.7          # suppress IoU strictly above (same class)
     max_dets: int = 500       # kept per image
-    pre_nms_topk: int = 1000  # candidates per image before NMS (static shape)
+    pre_nms_topk: int = PRE_NMS_TOPK  # candidates per image before NMS (static shape)
     classes: tuple | None = None  # 0-based labels kept (their scores only enter NMS); None: all
 
 
@@ -119,7 +120,7 @@ def keep_classes(scores, classes):
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_dets", "pre_nms_topk", "classes"))
-def detect_batch(model, variables, images, conf_thre, iou_thre, *, max_dets=500, pre_nms_topk=1000,
+def detect_batch(model, variables, images, conf_thre, iou_thre, *, max_dets=500, pre_nms_topk=PRE_NMS_TOPK,
                  classes=None):
     """Flax forward + NMS in one jit. images (B,H,W,3) uint8 or float RGB 0–255 -> NMS dict
     (``boxes`` (B,K,4) network-input pixels, ``scores`` (B,K), ``labels`` (B,K), ``num_dets`` (B,)).
