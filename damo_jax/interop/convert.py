@@ -154,8 +154,9 @@ MODEL_SIGNATURES = {
 
 def identify_model(state_dict) -> str | None:
     """The bundled model config (``t``, ``s``, ... ``n``; ``"t (re-parameterised)"`` for a
-    deploy state dict, ``"... fused)"`` after the official ``fuse_model``) whose keys and shapes the state dict holds, the classifier
-    ``head.gfl_cls.*`` aside (other class counts); None when none fits. Table lookup of
+    deploy state dict, ``"... fused)"`` after the official ``fuse_model``) whose keys and shapes
+    the state dict holds, the classifier ``head.gfl_cls.*`` aside (other class counts); None when
+    none fits. Table lookup of
     :func:`model_signature` in :data:`MODEL_SIGNATURES` (no tracing)."""
     signature = model_signature({k: np.shape(v) for k, v in state_dict.items()})
     return MODEL_SIGNATURES.get(signature)
