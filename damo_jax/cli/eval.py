@@ -52,7 +52,9 @@ def add_arguments(p) -> None:
     group.add_argument("--fast", dest="use_fast", action="store_true", default=True,
                        help="faster-coco-eval (default)")
     group.add_argument("--pycocotools", dest="use_fast", action="store_false", help="pycocotools")
-    p.add_argument("--no-fuse", action="store_true", help="evaluate the train graph (no RepConv/BN fusion)")
+    p.add_argument("--no-fuse", action="store_true",
+                   help="evaluate without folding RepConvs and BNs (the train graph; the "
+                        "re-parameterised graph of a deploy state dict given to --weights)")
     p.add_argument("--json-out", help="write the detections (COCO results format) to this file")
     p.add_argument("--stats-out", help="write the 12 stats as JSON to this file")
     p.add_argument("--out", help="report folder: per-class AP/AP50 table (per_class.json/.md, also "
