@@ -15,8 +15,8 @@ its rows, an --iou other than its own, a lower --conf, a larger --max-dets or --
 error.
 
 The model's label k is its class name k. Data with the same class names in another order gets the
-labels mapped by name (:func:`damo_jax.evaluation.evaluator.category_remap`, one info line); other names are matched by index
-(a warning); a different class count is an error.
+labels mapped by name (:func:`damo_jax.evaluation.evaluator.category_remap`, one info line); other
+names are matched by index (a warning); a different class count is an error.
 """
 from __future__ import annotations
 
