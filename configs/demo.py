@@ -143,6 +143,10 @@ A fresh clone of 2c663b3 (2026-12-07 01:33–01:42 UTC, 89 s install, 21–23 im
 A fresh clone of 6fc5057 (2026-12-07 06:02–06:13 UTC, 94 s install, 18–19 img/s; bench_train
 §0zh; checkpoints now carry array checksums): the same digits at 1.9 / 2.8 / 3.7 / 4.5 / 5.3 / 6.1 /
 **6.9** / 7.6 / 8.4 minutes: 0.5 at 6.9 minutes, the whole training command 8.4 min.
+A fresh clone of 90d7e94 (2026-12-07 08:38–08:46 UTC, 81 s install, ~23 img/s; bench_train §0zi;
+the pre-NMS candidate cap now 4000 instead of 1000, which moved epoch 2's AP50 0.097 -> 0.098):
+0.010 / 0.098 / 0.219 / 0.340 / 0.423 / 0.487 / **0.524** / 0.555 / 0.562 at 1.5 / 2.1 / 2.8 / 3.4 /
+4.1 / 4.7 / **5.4** / 6.0 / 6.7 minutes: 0.5 at 5.4 minutes, the whole training command 6.7 min.
 
 The same host with 8dd8428 (1×1 convs as dot, cache-blocked kernel gradients; 15:08–15:19 UTC;
 minutes = the progress bar's elapsed time + 0.45 min, the bar starting 27 s after the command:
