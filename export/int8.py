@@ -214,19 +214,8 @@ def quantize_openvino(fp32_xml, output, images: Sequence[np.ndarray], *,
                               preset=nncf.QuantizationPreset.PERFORMANCE, ignored_scope=scope)
     quantized.set_rt_info("int8-nncf", ["damo_jax", "weights_precision"])
     quantized.set_rt_info(json.dumps(list(ignore)), ["damo_jax", "float_layers"])
-    from damo_jax.errors import write_failed
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.stem}.{os.getpid()}.tmp.xml")    # renamed once complete
-    try:
-        ov.save_model(quantized, str(tmp), compress_to_fp16=False)
-        os.replace(tmp.with_suffix(".bin"), output.with_suffix(".bin"))
-        os.replace(tmp, output)
-    except (OSError, RuntimeError) as e:     # OpenVINO's failed writes are RuntimeErrors
-        raise write_failed(output, e) from e
-    finally:
-        tmp.unlink(missing_ok=True)
-        tmp.with_suffix(".bin").unlink(missing_ok=True)
+    from damo_jax.export.to_openvino import save_ir
+    output = save_ir(quantized, output)
     log.info("wrote %s (+ .bin, NNCF INT8, %d nodes kept float)", output, len(ignore))
     return output
 

@@ -50,17 +50,32 @@ def convert(onnx_path, output, *, fp16: bool = False) -> Path:
     for prop in proto.metadata_props:
         model.set_rt_info(prop.value, ["damo_jax", prop.key])
     model.set_rt_info("fp16" if fp16 else "fp32", ["damo_jax", "weights_precision"])
+    check = None if fp16 else (        # FP16 weights differ from the ONNX file by design
+        lambda tmp: verify(onnx_path, tmp, shown_as=output))
+    save_ir(model, output, fp16=fp16, check=check)
+    log.info("wrote %s (+ .bin), %s weights, inputs %s, outputs %s", output,
+             "FP16" if fp16 else "FP32", [str(i.get_partial_shape()) for i in model.inputs],
+             [o.get_any_name() for o in model.outputs])
+    return output
+
+
+def save_ir(model, output, *, fp16: bool = False, check=None) -> Path:
+    """Write the OpenVINO model as ``output`` (.xml + .bin) under a temporary name, run
+    ``check(tmp_xml)`` if given, then rename (.bin first): an interrupted, failed or refused write
+    leaves no IR that was not checked and no temporary. A failed write (disk full, unwritable
+    place) is an :class:`~damo_jax.errors.OutputWriteError` naming ``output``."""
+    from damo_jax.inference.backends import import_openvino
+    ov = import_openvino()
+    output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    # written and checked under a temporary name, then renamed (.bin first): an interrupted or
-    # refused export leaves no IR that was not checked
     tmp = output.with_name(f".{output.stem}.{os.getpid()}.tmp.xml")
     try:
         try:
             ov.save_model(model, str(tmp), compress_to_fp16=fp16)
         except (OSError, RuntimeError) as e:     # OpenVINO's failed writes are RuntimeErrors
             raise write_failed(output, e) from e
-        if not fp16:                   # FP16 weights differ from the ONNX file by design
-            verify(onnx_path, tmp, shown_as=output)
+        if check is not None:
+            check(tmp)
         try:
             os.replace(tmp.with_suffix(".bin"), output.with_suffix(".bin"))
             os.replace(tmp, output)
@@ -69,9 +84,6 @@ def convert(onnx_path, output, *, fp16: bool = False) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
         tmp.with_suffix(".bin").unlink(missing_ok=True)
-    log.info("wrote %s (+ .bin), %s weights, inputs %s, outputs %s", output,
-             "FP16" if fp16 else "FP32", [str(i.get_partial_shape()) for i in model.inputs],
-             [o.get_any_name() for o in model.outputs])
     return output
 
 
