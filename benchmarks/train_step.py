@@ -28,8 +28,11 @@ backward = grad - fwd; optimizer + EMA + guard = full - grad. ``--grad-impls`` l
 ``damo_jax/models/conv_grad.py``; ``onednn``: dense convs in oneDNN, ``models/onednn.py``;
 ``auto``: onednn on a one-device CPU process when the library loads, else matmul), ``--pointwise-impls`` values of
 ``model.pointwise_impl`` (``conv``: 1x1 convs as ``conv_general_dilated``; ``dot``: as matrix
-products, ``damo_jax/models/cpu_ops.py``; ``auto``: dot on CPU); every combination is timed (rows
-are labelled ``grad_impl`` or ``grad_impl/pointwise_impl`` when several pointwise impls are given).
+products, ``damo_jax/models/cpu_ops.py``; ``auto``: dot on CPU), ``--bn-impls`` values of
+``model.bn_impl`` (``xla``; ``native``: one call per BatchNorm + ReLU on every core,
+``damo_jax/models/batchnorm_ffi.c``; ``auto``: native in a one-device CPU process); every
+combination is timed (rows are labelled ``grad_impl``, plus ``/pointwise_impl`` and ``/bn:bn_impl``
+when several of those are given).
 The last stdout line is a one-line JSON summary; ``images_per_s`` is the full step of the first
 combination, ``step_s`` that part's wall time of every timed round in order (warm-up trends and
 host-noise bursts show there, not in the median).
@@ -139,6 +142,8 @@ def main(argv=None) -> dict:
                     help="model.grad_impl values to compare (auto, native, matmul, onednn)")
     ap.add_argument("--pointwise-impls", nargs="+", default=["auto"],
                     help="model.pointwise_impl values to compare (auto, conv, dot)")
+    ap.add_argument("--bn-impls", nargs="+", default=["auto"],
+                    help="model.bn_impl values to compare (auto, xla, native)")
     ap.add_argument("--parts", nargs="+", default=["full"], choices=("model", "fwd", "grad", "full"),
                     help="what to time (default: full); fwd/grad give the forward/backward split")
     ap.add_argument("--no-ema", action="store_true",
@@ -188,15 +193,17 @@ def main(argv=None) -> dict:
     load0 = os.getloadavg()[0]
     fns, compile_s = {}, {}
     batches = None
-    variants = {(f"{g}/{p}" if len(args.pointwise_impls) > 1 else g): (g, p)
-                for g in args.grad_impls for p in args.pointwise_impls}
-    for impl, (grad_impl, pointwise_impl) in variants.items():
+    variants = {"/".join([g] + ([p] if len(args.pointwise_impls) > 1 else [])
+                         + ([f"bn:{b}"] if len(args.bn_impls) > 1 else [])): (g, p, b)
+                for g in args.grad_impls for p in args.pointwise_impls for b in args.bn_impls}
+    for impl, (grad_impl, pointwise_impl, bn_impl) in variants.items():
         cfg = load_config(args.config)
         cfg.data.image_size = (args.img_size, args.img_size)
         cfg.train.batch_size = args.batch
         cfg.model.dtype = args.dtype
         cfg.model.grad_impl = grad_impl
         cfg.model.pointwise_impl = pointwise_impl
+        cfg.model.bn_impl = bn_impl
         if args.no_ema:
             cfg.train.ema = False
         if batches is None:

@@ -97,6 +97,7 @@ def model_config(
     c.model.grad_impl = "auto"  # train-graph convs on CPU: auto | native | matmul | onednn (models/conv_grad.py)
     c.model.pointwise_impl = "auto"  # 1x1 convs: auto | conv | dot (matrix product; models/cpu_ops.py)
     c.model.dense_impl = "auto"  # k x k convs of folded inference graphs: auto | conv | onednn (models/conv_grad.py)
+    c.model.bn_impl = "auto"  # training-mode BatchNorm (+ReLU): auto | xla | native (models/batchnorm.py)
 
     c.data = ml_collections.ConfigDict()
     c.data.train = "demo"          # dataset spec, see data_pipelines.open_dataset
@@ -186,6 +187,8 @@ KEY_HELP = {
                        "matmul | onednn (models/conv_grad.py)",
     "model.pointwise_impl": "1x1 convs: auto | conv | dot (a matrix product; models/cpu_ops.py)",
     "model.dense_impl": "k x k convs of folded (deploy) graphs: auto | conv | onednn (models/conv_grad.py)",
+    "model.bn_impl": "training-mode BatchNorm (+ its ReLU): auto (one native call on every core in a "
+                     "one-device CPU process, else XLA) | xla | native (models/batchnorm.py)",
     # data
     "data.train": "training data: demo, coco:DIR, coco:FILE.json, yolo:DATA.yaml, voc:DIR, tfds:NAME",
     "data.val": "validation data spec; '' = the training spec with split data.val_split",

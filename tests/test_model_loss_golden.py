@@ -155,5 +155,10 @@ def test_end_to_end_loss_and_grads(golden, golden_images, name):
             mine = np.sqrt(sum(float(np.sum(np.square(g))) for g in jax.tree.leaves(grads)))
             np.testing.assert_allclose(mine, norm, rtol=3e-3, err_msg=key)
         else:
-            np.testing.assert_allclose(np.linalg.norm(torch_grads[key]), norm, rtol=1e-3,
+            # 2e-3: these norms sit on a float32 noise floor of ~1e-3. Measured (T, cases c00-c03,
+            # 2026-12-07): scaling the input images by 1 +- 1e-7 or 1 + 3e-7 moves the stem's and
+            # neck.bu_conv13's gradient norms by up to 9.6e-4 (XLA's BatchNorm) / 9.9e-4 (the
+            # native one, model.bn_impl); the unperturbed c02 gave 6.5e-5 / 1.36e-3. A wrong
+            # gradient is off by >= 1e-2.
+            np.testing.assert_allclose(np.linalg.norm(torch_grads[key]), norm, rtol=2e-3,
                                        atol=1e-6, err_msg=key)

@@ -132,7 +132,7 @@ def test_without_a_compiler_auto_falls_back_and_native_is_an_error(tmp_path):
 def test_compile_errors_are_reported(tmp_path, monkeypatch):
     bad = tmp_path / "broken.c"
     bad.write_text("this is not C\n")
-    monkeypatch.setattr(onednn_native, "SOURCE", bad)
+    monkeypatch.setattr(onednn_native, "SOURCES", (bad,))
     monkeypatch.setenv("DAMO_JAX_NATIVE_CACHE", str(tmp_path / "cache"))
     if onednn_native._compiler() is None:
         pytest.skip("no C compiler here")

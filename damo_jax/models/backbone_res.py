@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 
-from damo_jax.models.blocks import (ConvKXBN, ConvKXBNAct, Focus, Opts, RepConv, SPPBottleneck,
-                                    activation)
+from damo_jax.models.blocks import ConvKXBN, ConvKXBNAct, Focus, Opts, RepConv, SPPBottleneck
 from damo_jax.models.structures import Stage, Structure
 
 
@@ -26,21 +25,20 @@ class ResBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        act = activation(self.act)
         first_kernel = 1 if self.kind == "k1kx" else self.kernel
-        y = act(ConvKXBN(self.bottleneck, first_kernel, 1, opts=self.opts, name="conv1")(x, train))
-        if self.reparam:
-            if self.kernel != 3:
-                raise ValueError(f"RepConv supports kernel 3 only, got {self.kernel}")
-            y = RepConv(self.features, self.stride, "identity", self.opts, name="conv2")(y, train)
-        else:
-            y = ConvKXBN(self.features, self.kernel, self.stride, opts=self.opts, name="conv2")(y, train)
+        y = ConvKXBN(self.bottleneck, first_kernel, 1, opts=self.opts, act=self.act, name="conv1")(x, train)
+        residual = None
         if self.stride != 2:
             residual = x
             if x.shape[-1] != self.features:
                 residual = ConvKXBN(self.features, 1, opts=self.opts, name="residual_proj")(x, train)
-            y = y + residual
-        return act(y)
+        if self.reparam:        # act(conv2(y) + residual), the add and act inside conv2's last BN
+            if self.kernel != 3:
+                raise ValueError(f"RepConv supports kernel 3 only, got {self.kernel}")
+            return RepConv(self.features, self.stride, self.act, self.opts, name="conv2")(
+                y, train, residual=residual)
+        return ConvKXBN(self.features, self.kernel, self.stride, opts=self.opts, act=self.act,
+                        name="conv2")(y, train, residual=residual)
 
 
 class ResStage(nn.Module):

@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from damo_jax.models.batchnorm import BatchNorm
+from damo_jax.models.batchnorm import BN_IMPLS, BatchNorm
 from damo_jax.models.conv_grad import (DENSE_IMPLS, GRAD_IMPLS, make_conv_general_dilated,
                                       resolve_dense_impl, resolve_grad_impl)
 from damo_jax.models.cpu_ops import (DEPTHWISE_IMPLS, POINTWISE_IMPLS, check_impl,
@@ -34,7 +34,8 @@ class Opts:
     convs (``"auto"``/``"conv"``/``"dot"``, both ``models/cpu_ops.py``) and of the conv gradients
     (``"auto"``/``"native"``/``"matmul"``/``"onednn"``, ``models/conv_grad.py``; train graphs
     only) and of the dense k x k convs of folded inference graphs (``"auto"``/``"conv"``/
-    ``"onednn"``, ``conv_grad.resolve_dense_impl``). Unknown values are ``ConfigError``s
+    ``"onednn"``, ``conv_grad.resolve_dense_impl``) and of training-mode BatchNorm (``"auto"``/
+    ``"xla"``/``"native"``, ``models/batchnorm.py``). Unknown values are ``ConfigError``s
     (``cpu_ops.check_impl``)."""
     deploy: Any = False
     dtype: str = "float32"
@@ -44,6 +45,7 @@ class Opts:
     grad_impl: str = "auto"
     pointwise_impl: str = "auto"
     dense_impl: str = "auto"
+    bn_impl: str = "auto"
 
     def __post_init__(self):
         mode = self.deploy
@@ -57,6 +59,7 @@ class Opts:
         check_impl("pointwise_impl", self.pointwise_impl, POINTWISE_IMPLS)
         check_impl("grad_impl", self.grad_impl, GRAD_IMPLS)
         check_impl("dense_impl", self.dense_impl, DENSE_IMPLS)
+        check_impl("bn_impl", self.bn_impl, BN_IMPLS)
 
     @property
     def fuse_bn(self) -> bool:
@@ -146,23 +149,29 @@ def conv(x, features: int, kernel: int, *, name: str, opts: Opts, stride: int = 
         conv_general_dilated=conv_fn, name=name)(x)
 
 
-def batch_norm(x, *, name: str, opts: Opts, train: bool, init: str = "torch"):
-    """Training-mode statistics over (batch, H, W) with ``models/batchnorm.py``'s closed-form
-    gradient; variables and inference formula as ``nn.BatchNorm(use_fast_variance=False)``."""
+def batch_norm(x, *, name: str, opts: Opts, train: bool, init: str = "torch", act: str | None = None,
+               residual=None):
+    """``act(BN(x) [+ residual])``: training-mode statistics over (batch, H, W) with
+    ``models/batchnorm.py``'s closed-form gradient (``opts.bn_impl``: XLA's ops or one native
+    call); variables and inference formula as ``nn.BatchNorm(use_fast_variance=False)``."""
     return BatchNorm(
         use_running_average=not train, momentum=opts.bn_momentum, epsilon=opts.bn_epsilon,
-        dtype=opts.compute_dtype, param_dtype=jnp.float32,
-        bias_init=bn_bias_init_for(init), name=name)(x)
+        dtype=opts.compute_dtype, param_dtype=jnp.float32, act=act, impl=opts.bn_impl,
+        bias_init=bn_bias_init_for(init), name=name)(x, residual)
 
 
 def conv_bn(x, features: int, kernel: int, *, conv_name: str, bn_name: str, opts: Opts, train: bool,
-            stride: int = 1, groups: int = 1, init: str = "torch"):
-    """Conv (no bias) -> BN, or one conv with bias named ``conv_name`` when BNs are folded."""
+            stride: int = 1, groups: int = 1, init: str = "torch", act: str | None = None,
+            residual=None):
+    """``act(BN(conv(x)) [+ residual])`` (conv without bias), or ``act(conv(x) [+ residual])`` with
+    one conv with bias named ``conv_name`` when BNs are folded."""
     if opts.fuse_bn:
-        return conv(x, features, kernel, name=conv_name, opts=opts, stride=stride, groups=groups,
-                    use_bias=True, init=init, bias_init=nn.initializers.zeros)
+        y = conv(x, features, kernel, name=conv_name, opts=opts, stride=stride, groups=groups,
+                 use_bias=True, init=init, bias_init=nn.initializers.zeros)
+        return activation(act)(y if residual is None else y + residual)
     y = conv(x, features, kernel, name=conv_name, opts=opts, stride=stride, groups=groups, init=init)
-    return batch_norm(y, name=bn_name, opts=opts, train=train, init=init)
+    return batch_norm(y, name=bn_name, opts=opts, train=train, init=init, act=act,
+                      residual=residual)
 
 
 def upsample2x(x):
@@ -183,16 +192,19 @@ def focus_space_to_depth(x):
 
 # ----------------------------------------------------------------------------- modules
 class ConvBN(nn.Module):
-    """``conv`` + ``bn`` without activation (the RepConv branches)."""
+    """``conv`` + ``bn`` (the RepConv branches): ``act(BN(conv(x)) [+ residual])``, no
+    activation by default."""
     features: int
     kernel: int
     stride: int = 1
     opts: Opts = Opts()
+    act: str | None = None
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, residual=None):
         return conv_bn(x, self.features, self.kernel, conv_name="conv", bn_name="bn",
-                       opts=self.opts, train=train, stride=self.stride)
+                       opts=self.opts, train=train, stride=self.stride, act=self.act,
+                       residual=residual)
 
 
 class ConvBNAct(nn.Module):
@@ -207,23 +219,27 @@ class ConvBNAct(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        y = conv_bn(x, self.features, self.kernel, conv_name="conv", bn_name="bn", opts=self.opts,
-                    train=train, stride=self.stride, groups=self.groups, init=self.init)
-        return activation(self.act)(y)
+        return conv_bn(x, self.features, self.kernel, conv_name="conv", bn_name="bn", opts=self.opts,
+                       train=train, stride=self.stride, groups=self.groups, init=self.init,
+                       act=self.act)
 
 
 class ConvKXBN(nn.Module):
-    """Backbone ``ConvKXBN``: ``conv1`` (no bias) -> ``bn1`` (SPEC §2.3)."""
+    """Backbone ``ConvKXBN``: ``conv1`` (no bias) -> ``bn1`` (SPEC §2.3), then ``act`` (none by
+    default; the callers that follow it with an activation pass it here, so that a native
+    BatchNorm runs both in one call)."""
     features: int
     kernel: int
     stride: int = 1
     init: str = "torch"
     opts: Opts = Opts()
+    act: str | None = None
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, residual=None):
         return conv_bn(x, self.features, self.kernel, conv_name="conv1", bn_name="bn1",
-                       opts=self.opts, train=train, stride=self.stride, init=self.init)
+                       opts=self.opts, train=train, stride=self.stride, init=self.init, act=self.act,
+                       residual=residual)
 
 
 class ConvKXBNAct(nn.Module):
@@ -237,8 +253,8 @@ class ConvKXBNAct(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        y = ConvKXBN(self.features, self.kernel, self.stride, self.init, self.opts, name="conv")(x, train)
-        return activation(self.act)(y)
+        return ConvKXBN(self.features, self.kernel, self.stride, self.init, self.opts, self.act,
+                        name="conv")(x, train)
 
 
 class Focus(nn.Module):
@@ -275,21 +291,24 @@ class SPPBottleneck(nn.Module):
 
 class RepConv(nn.Module):
     """RepVGG-style 3x3: ``rbr_dense`` (3x3+BN) + ``rbr_1x1`` (1x1+BN), no identity branch;
-    deploy form ``rbr_reparam`` (3x3 conv with bias). out = act(sum) (SPEC §2.6, §3.2)."""
+    deploy form ``rbr_reparam`` (3x3 conv with bias). out = act(sum [+ residual]) (SPEC §2.6,
+    §3.2); in training, ``rbr_dense``'s BN adds the rest and applies ``act`` (one native call on
+    CPU: ``models/batchnorm.py``)."""
     features: int
     stride: int = 1
     act: str = "relu"
     opts: Opts = Opts()
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, residual=None):
         if self.opts.fuse_rep:
             y = conv(x, self.features, 3, name="rbr_reparam", opts=self.opts, stride=self.stride,
                      use_bias=True, bias_init=nn.initializers.zeros)
-        else:
-            y = (ConvBN(self.features, 3, self.stride, self.opts, name="rbr_dense")(x, train)
-                 + ConvBN(self.features, 1, self.stride, self.opts, name="rbr_1x1")(x, train))
-        return activation(self.act)(y)
+            return activation(self.act)(y if residual is None else y + residual)
+        rest = ConvBN(self.features, 1, self.stride, self.opts, name="rbr_1x1")(x, train)
+        rest = rest if residual is None else rest + residual
+        return ConvBN(self.features, 3, self.stride, self.opts, act=self.act,
+                      name="rbr_dense")(x, train, residual=rest)
 
 
 class MobBlock(nn.Module):
@@ -306,11 +325,10 @@ class MobBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        act = activation(self.act)
         kw = dict(opts=self.opts, train=train, init=self.init)
-        y = act(conv_bn(x, self.hidden, 1, conv_name="conv_0", bn_name="conv_1", **kw))
-        y = act(conv_bn(y, self.hidden, 5, conv_name="conv_3", bn_name="conv_4", stride=self.stride,
-                        groups=self.hidden, **kw))
+        y = conv_bn(x, self.hidden, 1, conv_name="conv_0", bn_name="conv_1", act=self.act, **kw)
+        y = conv_bn(y, self.hidden, 5, conv_name="conv_3", bn_name="conv_4", stride=self.stride,
+                    groups=self.hidden, act=self.act, **kw)
         last = 7 if self.se_slot else 6
         y = conv_bn(y, self.features, 1, conv_name=f"conv_{last}", bn_name=f"conv_{last + 1}", **kw)
         if self.stride == 1 and x.shape[-1] == self.features:

@@ -112,7 +112,9 @@ def build_model(config_or_name, deploy=False) -> DamoYolo:
     matmul-shaped kernel gradients); it changes no parameter, and forward outputs only by float32
     rounding (oneDNN sums in another order). ``cfg.model.dense_impl`` (``"auto"``, ``"conv"``,
     ``"onednn"``) how the folded graphs' dense k x k convs run (``"auto"`` = oneDNN in a one-device
-    CPU process; exporters use ``"conv"``).
+    CPU process; exporters use ``"conv"``). ``cfg.model.bn_impl`` (``"auto"``, ``"xla"``,
+    ``"native"``) how training-mode BatchNorm (+ its ReLU) runs (``models/batchnorm.py``; ``"auto"``
+    = one native call per BatchNorm on every core in a one-device CPU process).
     """
     cfg = load_config(config_or_name)
     m = cfg.model
@@ -123,7 +125,8 @@ def build_model(config_or_name, deploy=False) -> DamoYolo:
                 depthwise_impl=str(_get(m, "depthwise_impl", "auto")),
                 grad_impl=str(_get(m, "grad_impl", "auto")),
                 pointwise_impl=str(_get(m, "pointwise_impl", "auto")),
-                dense_impl=str(_get(m, "dense_impl", "auto")))
+                dense_impl=str(_get(m, "dense_impl", "auto")),
+                bn_impl=str(_get(m, "bn_impl", "auto")))
     return DamoYolo(backbone=build_backbone(m.backbone, opts), neck=build_neck(m.neck, opts),
                     head=build_head(m.head, opts), dtype=opts.dtype)
 

@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from damo_jax.errors import ConfigError
-from damo_jax.models.blocks import (ConvBNAct, MobBlock, Opts, RepConv, activation, conv_bn,
+from damo_jax.models.blocks import (ConvBNAct, MobBlock, Opts, RepConv, conv_bn,
                                     make_divisible, upsample2x)
 
 NECK_MOB_RATIO = 3.0
@@ -28,11 +28,10 @@ class DepthwiseConv(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        act = activation(self.act)
-        kw = dict(opts=self.opts, train=train, init="fan_out")
-        y = act(conv_bn(x, x.shape[-1], self.kernel, conv_name="depthwise", bn_name="dwnorm",
-                        stride=self.stride, groups=x.shape[-1], **kw))
-        return act(conv_bn(y, self.features, 1, conv_name="pointwise", bn_name="pwnorm", **kw))
+        kw = dict(opts=self.opts, train=train, init="fan_out", act=self.act)
+        y = conv_bn(x, x.shape[-1], self.kernel, conv_name="depthwise", bn_name="dwnorm",
+                    stride=self.stride, groups=x.shape[-1], **kw)
+        return conv_bn(y, self.features, 1, conv_name="pointwise", bn_name="pwnorm", **kw)
 
 
 class BasicBlock3x3Reverse(nn.Module):

@@ -8,7 +8,7 @@
  * builds each conv shape's oneDNN primitives once (the "plan", through the make_plan callback,
  * which takes the GIL), and every later call only wraps XLA's buffers and executes.
  *
- * No headers beyond libc / pthreads and no link-time dependency: the XLA FFI structs below mirror
+ * No headers beyond libc / pthreads and no link-time dependency: the XLA FFI structs of xla_ffi.h mirror
  * xla/ffi/api/c_api.h (api_version 0.1, as the ctypes mirror in onednn.py), and the four oneDNN
  * functions used per call are handed over as pointers by damo_onednn_init (from the libdnnl.so.3
  * that onednn.py loaded). Compiled on first use by onednn_native.py with the system C compiler.
@@ -19,22 +19,7 @@
 #include <stdio.h>
 #include <string.h>
 
-/* ---- XLA FFI (xla/ffi/api/c_api.h subset) ---- */
-typedef struct { size_t struct_size; int type; void *next; } ffi_ext_base;
-typedef struct { size_t struct_size; void *extension_start; int major_version; int minor_version; } ffi_api_version;
-typedef struct { size_t struct_size; ffi_api_version api_version; uint32_t traits; int64_t state_type_id; } ffi_metadata;
-typedef struct { ffi_ext_base extension_base; ffi_metadata *metadata; } ffi_metadata_ext;
-typedef struct { size_t struct_size; void *extension_start; int dtype; void *data; int64_t rank; int64_t *dims; } ffi_buffer;
-typedef struct { size_t struct_size; void *extension_start; int64_t size; int *types; ffi_buffer **items; } ffi_list;
-typedef struct { const char *ptr; size_t len; } ffi_byte_span;
-typedef struct { int dtype; size_t size; int64_t *data; } ffi_array;
-typedef struct { size_t struct_size; void *extension_start; int64_t size; int *types; ffi_byte_span **names; void **attrs; } ffi_attrs;
-typedef struct { size_t struct_size; void *extension_start; void *api; void *ctx; int stage; ffi_list args; ffi_list rets; ffi_attrs attrs; void *future; } ffi_call_frame;
-typedef struct { size_t struct_size; void *extension_start; const char *message; int errc; } ffi_error_create_args;
-typedef void *(*ffi_error_create_fn)(ffi_error_create_args *);
-
-enum { FFI_F32 = 11, FFI_S64 = 5, FFI_ATTR_ARRAY = 1, FFI_EXTENSION_METADATA = 1, FFI_STAGE_EXECUTE = 3,
-       FFI_ERROR_INTERNAL = 13, FFI_API_ERROR_CREATE_OFFSET = 48 };
+#include "xla_ffi.h"
 
 /* ---- oneDNN (dnnl.h subset, passed in by damo_onednn_init) ---- */
 typedef struct { int arg; void *memory; } dnnl_exec_arg;
@@ -61,8 +46,10 @@ static struct { int64_t key[KEY_LEN]; plan_t *plan; } g_plans[MAX_PLANS];
 static int g_num_plans = 0;
 static pthread_mutex_t g_plans_mu = PTHREAD_MUTEX_INITIALIZER;
 /* oneDNN calls are serialised (oneDNN itself uses every core through OpenMP); onednn.py's Python
- * path takes the same lock through damo_onednn_lock / damo_onednn_unlock. */
-static pthread_mutex_t g_exec_mu = PTHREAD_MUTEX_INITIALIZER;
+ * path takes the same lock through damo_onednn_lock / damo_onednn_unlock, and so do the BatchNorm
+ * handlers of batchnorm_ffi.c (they too use every core). */
+pthread_mutex_t damo_exec_mu = PTHREAD_MUTEX_INITIALIZER;
+#define g_exec_mu damo_exec_mu
 
 static void *g_engine, *g_stream;
 static memory_create_fn g_memory_create;
@@ -85,12 +72,6 @@ void damo_onednn_init(void *engine, void *stream, void *memory_create, void *mem
 void damo_onednn_lock(void) { pthread_mutex_lock(&g_exec_mu); }
 void damo_onednn_unlock(void) { pthread_mutex_unlock(&g_exec_mu); }
 int64_t damo_onednn_plan_calls(void) { return g_plan_calls; }
-
-static void *ffi_error(ffi_call_frame *frame, const char *message) {
-  ffi_error_create_fn create = *(ffi_error_create_fn *)((char *)frame->api + FFI_API_ERROR_CREATE_OFFSET);
-  ffi_error_create_args args = {sizeof(ffi_error_create_args), NULL, message, FFI_ERROR_INTERNAL};
-  return create(&args);
-}
 
 static plan_t *find_plan(const int64_t *key) {
   plan_t *plan = NULL;
@@ -147,13 +128,7 @@ static const char *prepare(ffi_call_frame *f, int nargs, int nrets, plan_t **pla
 }
 
 static void *handler(ffi_call_frame *f, int kind) {
-  if (f->extension_start && ((ffi_ext_base *)f->extension_start)->type == FFI_EXTENSION_METADATA) {
-    ffi_metadata *meta = ((ffi_metadata_ext *)f->extension_start)->metadata;
-    meta->api_version.major_version = 0;
-    meta->api_version.minor_version = 1;
-    meta->traits = 0;
-    return NULL;
-  }
+  if (ffi_metadata_stage(f)) return NULL;
   if (f->stage != FFI_STAGE_EXECUTE) return NULL;
   /* kind 0: fwd (x, w) -> y; 1: bwd (x, w, g) -> dx, dw; 2: bwd_weights (x, w, g) -> dw */
   plan_t *p;

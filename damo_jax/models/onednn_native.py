@@ -1,6 +1,8 @@
-"""The native (C) XLA FFI handlers of the oneDNN convolutions: ``onednn_ffi.c``, compiled on first
-use with the system C compiler and cached; :mod:`damo_jax.models.onednn` falls back to its ctypes
-(Python) handler when this cannot be built.
+"""The native (C) XLA FFI handlers: the oneDNN convolutions (``onednn_ffi.c``) and the
+training-mode BatchNorm (``batchnorm_ffi.c``, OpenMP), both using ``xla_ffi.h``; compiled into one
+library on first use with the system C compiler and cached. :mod:`damo_jax.models.onednn` falls
+back to its ctypes (Python) handler when this cannot be built, :mod:`damo_jax.models.batchnorm` to
+XLA's ops.
 
 Why a native handler: the ctypes handler runs Python on every conv call and so needs the GIL; any
 other Python thread running bytecode at the same time (a data-loading thread, a server, a GUI)
@@ -8,11 +10,12 @@ makes each call wait up to the interpreter's switch interval (5 ms). The C handl
 only the first time it meets a conv shape (to build that shape's primitives).
 
 Chosen by ``DAMO_JAX_ONEDNN_HANDLER``: ``auto`` (default: native when it builds, else Python),
-``native`` (an error when it cannot be built), ``python``. The compiler is ``$CC`` or ``cc``; the
-library goes to ``$DAMO_JAX_NATIVE_CACHE`` (default ``$XDG_CACHE_HOME/damo_jax`` or
-``~/.cache/damo_jax``), named by a hash of the source and the compiler command, written atomically
-(concurrent processes may race; each renames a complete file). No link-time dependency: the oneDNN
-functions come from the ``libdnnl.so.3`` onednn.py loaded, as pointers.
+``native`` (an error when it cannot be built), ``python`` (no native code: also no native
+BatchNorm). The compiler is ``$CC`` or ``cc`` (GCC or Clang with OpenMP); the library goes to
+``$DAMO_JAX_NATIVE_CACHE`` (default ``$XDG_CACHE_HOME/damo_jax`` or ``~/.cache/damo_jax``), named
+by a hash of the sources and the compiler command, written atomically (concurrent processes may
+race; each renames a complete file). No link-time dependency but libgomp (which oneDNN uses too):
+the oneDNN functions come from the ``libdnnl.so.3`` onednn.py loaded, as pointers.
 """
 from __future__ import annotations
 
@@ -27,10 +30,10 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("onednn_ffi.c")
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("onednn_ffi.c", "batchnorm_ffi.c", "xla_ffi.h"))
 HANDLER_ENV = "DAMO_JAX_ONEDNN_HANDLER"
 HANDLER_CHOICES = ("auto", "native", "python")
-_FLAGS = ("-O2", "-shared", "-fPIC", "-pthread")
+_FLAGS = ("-O3", "-shared", "-fPIC", "-pthread", "-fopenmp")
 
 
 def handler_choice() -> str:
@@ -63,7 +66,7 @@ def build() -> Path:
     cc = _compiler()
     if cc is None:
         raise OSError(f"no C compiler ({os.environ.get('CC') or 'cc'} / gcc not on PATH)")
-    source = SOURCE.read_bytes()
+    source = b"\0".join(p.read_bytes() for p in SOURCES)
     tag = hashlib.sha256(source + "\0".join((cc, *_FLAGS)).encode()).hexdigest()[:16]
     out_dir = cache_dir()
     target = out_dir / f"onednn_ffi-{tag}.so"
@@ -76,14 +79,14 @@ def build() -> Path:
     except OSError as e:
         raise OSError(f"cache directory {out_dir}: {e}") from e
     try:
-        proc = subprocess.run([cc, *_FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True,
+        proc = subprocess.run([cc, *_FLAGS, *(str(p) for p in SOURCES if p.suffix == ".c"), "-o", tmp], capture_output=True, text=True,
                               timeout=120)
         if proc.returncode != 0:
             first = (proc.stderr or proc.stdout).strip().splitlines()[:3]
-            raise OSError(f"{cc} failed on {SOURCE.name}: " + " | ".join(first))
+            raise OSError(f"{cc} failed on {', '.join(p.name for p in SOURCES)}: " + " | ".join(first))
         os.replace(tmp, target)
     except subprocess.TimeoutExpired as e:
-        raise OSError(f"{cc} timed out on {SOURCE.name}") from e
+        raise OSError(f"{cc} timed out on {', '.join(p.name for p in SOURCES)}") from e
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -41,6 +41,7 @@ from damo_jax import distributed
 from damo_jax.errors import ConfigError
 from damo_jax.data_pipelines.quality import format_summary
 from damo_jax.models import conv_grad
+from damo_jax.models.batchnorm import describe_bn_impl
 from damo_jax.train import checkpoint
 from damo_jax.train import distill as distill_lib
 from damo_jax.train import optim
@@ -799,7 +800,7 @@ def _override_text(value) -> str:
 
 
 #: keys expected to differ between the invocations of one run (not worth a warning)
-RESUME_QUIET_KEYS = ("train.max_steps", "train.precompile", "model.grad_impl", "model.dense_impl",
+RESUME_QUIET_KEYS = ("train.max_steps", "train.precompile", "model.grad_impl", "model.dense_impl", "model.bn_impl",
                      "model.depthwise_impl", "model.pointwise_impl", "data.workers")
 
 
@@ -876,7 +877,8 @@ def describe(run: Run, state: dict, start: int) -> str:
             f"{rl.no_aug_start_step}; "
             + (f"running steps {start}..{rl.last_step}; " if start < rl.last_step else
                f"no steps to run (checkpoint {start} >= the schedule's last step {rl.last_step}); ")
-            + f"{conv_grad.describe_grad_impl(cfg.model.grad_impl, str(cfg.model.dtype))}"
+            + f"{conv_grad.describe_grad_impl(cfg.model.grad_impl, str(cfg.model.dtype))}; "
+            + f"{describe_bn_impl(str(cfg.model.get('bn_impl', 'auto')), str(cfg.model.dtype))}"
             + (f"; distilling from {cfg.distill.teacher or 'teacher'} ({run.teacher.source}), "
                f"{cfg.distill.method}, weight {cfg.distill.weight}->{cfg.distill.weight_end}, "
                f"grad clip {cfg.train.grad_clip}" if run.teacher is not None else ""))
