@@ -133,6 +133,7 @@ def test_compile_errors_are_reported(tmp_path, monkeypatch):
     bad = tmp_path / "broken.c"
     bad.write_text("this is not C\n")
     monkeypatch.setattr(onednn_native, "SOURCES", (bad,))
+    monkeypatch.setattr(onednn_native, "CONV_ONLY", (bad,))
     monkeypatch.setenv("DAMO_JAX_NATIVE_CACHE", str(tmp_path / "cache"))
     if onednn_native._compiler() is None:
         pytest.skip("no C compiler here")
@@ -158,3 +159,25 @@ def test_train_log_names_the_conv_path(monkeypatch):
     assert "float32 only" in conv_grad.describe_grad_impl("auto", "bfloat16", "cpu")
     assert conv_grad.describe_grad_impl("auto", "float32", "gpu") == "convs: XLA's own ops and gradients"
     assert "matmul" in conv_grad.describe_grad_impl("matmul", "float32", "cpu")
+
+
+def test_compiler_without_openmp_keeps_the_native_conv_handler(tmp_path, monkeypatch):
+    """A compiler that rejects ``-fopenmp`` (clang without libomp): the library is built without the
+    BatchNorm handlers, the conv handlers stay native, and BUILD_NOTES says why (the native
+    BatchNorm then reports it and ``auto`` uses XLA's ops)."""
+    import ctypes
+    import shutil
+    gcc = shutil.which("gcc") or shutil.which("cc")
+    if gcc is None:
+        pytest.skip("no C compiler here")
+    wrapper = tmp_path / "cc-no-openmp"
+    wrapper.write_text("#!/bin/sh\nfor a in \"$@\"; do [ \"$a\" = -fopenmp ] && "
+                       "{ echo 'unsupported option -fopenmp' >&2; exit 1; }; done\n"
+                       f"exec {gcc} \"$@\"\n")
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CC", str(wrapper))
+    monkeypatch.setenv("DAMO_JAX_NATIVE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(onednn_native, "BUILD_NOTES", [])
+    lib = ctypes.CDLL(str(onednn_native.build()))
+    assert hasattr(lib, "damo_onednn_conv_fwd") and not hasattr(lib, "damo_bn_fwd")
+    assert len(onednn_native.BUILD_NOTES) == 1 and "-fopenmp" in onednn_native.BUILD_NOTES[0]

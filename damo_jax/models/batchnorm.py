@@ -99,6 +99,8 @@ def _native_state() -> dict:
             if onednn_native.handler_choice() == "python":
                 raise OSError(f"{onednn_native.HANDLER_ENV}=python (no native code)")
             lib = onednn_native.load()
+            if not hasattr(lib, "damo_bn_fwd"):
+                raise OSError("native library " + "; ".join(onednn_native.BUILD_NOTES or ["without BatchNorm"]))
             for symbol in ("damo_bn_fwd", "damo_bn_bwd", "damo_bn_add_fwd", "damo_bn_add_bwd"):
                 target = symbol.replace("damo_", "damo_jax_", 1)
                 fn = getattr(lib, symbol)

@@ -60,18 +60,21 @@ def _compiler() -> str | None:
     return shutil.which(cc) or shutil.which("gcc")
 
 
-def build() -> Path:
-    """Path of the compiled handler library, compiling it if the cache lacks it; OSError with the
-    reason (no compiler, compile error, unwritable cache) otherwise."""
-    cc = _compiler()
-    if cc is None:
-        raise OSError(f"no C compiler ({os.environ.get('CC') or 'cc'} / gcc not on PATH)")
-    source = b"\0".join(p.read_bytes() for p in SOURCES)
-    tag = hashlib.sha256(source + "\0".join((cc, *_FLAGS)).encode()).hexdigest()[:16]
+# the BatchNorm handlers need OpenMP; where the compiler has none (e.g. clang without libomp) the
+# library is built without them (the convs keep their native handler, BatchNorm runs XLA's ops)
+CONV_ONLY = (SOURCES[0], SOURCES[2])
+_CONV_ONLY_FLAGS = tuple(f for f in _FLAGS if f != "-fopenmp")
+BUILD_NOTES: list = []     # why the last build left the BatchNorm handlers out (one line), if it did
+
+
+def _compile(cc: str, sources: tuple, flags: tuple) -> Path:
+    source = b"\0".join(p.read_bytes() for p in sources)
+    tag = hashlib.sha256(source + "\0".join((cc, *flags)).encode()).hexdigest()[:16]
     out_dir = cache_dir()
     target = out_dir / f"onednn_ffi-{tag}.so"
     if target.exists():
         return target
+    names = ", ".join(p.name for p in sources)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=out_dir)
@@ -79,18 +82,39 @@ def build() -> Path:
     except OSError as e:
         raise OSError(f"cache directory {out_dir}: {e}") from e
     try:
-        proc = subprocess.run([cc, *_FLAGS, *(str(p) for p in SOURCES if p.suffix == ".c"), "-o", tmp], capture_output=True, text=True,
-                              timeout=120)
+        proc = subprocess.run([cc, *flags, *(str(p) for p in sources if p.suffix == ".c"), "-o", tmp],
+                              capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
             first = (proc.stderr or proc.stdout).strip().splitlines()[:3]
-            raise OSError(f"{cc} failed on {', '.join(p.name for p in SOURCES)}: " + " | ".join(first))
+            raise OSError(f"{cc} failed on {names}: " + " | ".join(first))
         os.replace(tmp, target)
     except subprocess.TimeoutExpired as e:
-        raise OSError(f"{cc} timed out on {', '.join(p.name for p in SOURCES)}") from e
+        raise OSError(f"{cc} timed out on {names}") from e
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
+
+
+def build() -> Path:
+    """Path of the compiled handler library, compiling it if the cache lacks it; OSError with the
+    reason (no compiler, compile error, unwritable cache) otherwise. When the full library does not
+    compile but the conv handlers alone do (no OpenMP), that one, with the reason in
+    ``BUILD_NOTES``."""
+    cc = _compiler()
+    if cc is None:
+        raise OSError(f"no C compiler ({os.environ.get('CC') or 'cc'} / gcc not on PATH)")
+    try:
+        return _compile(cc, SOURCES, _FLAGS)
+    except OSError as full_error:
+        if str(full_error).startswith("cache directory"):
+            raise
+        try:
+            target = _compile(cc, CONV_ONLY, _CONV_ONLY_FLAGS)
+        except OSError:
+            raise full_error from None
+        BUILD_NOTES[:] = [f"built without the BatchNorm handlers ({full_error})"]
+        return target
 
 
 def load() -> ctypes.CDLL:
