@@ -161,24 +161,26 @@ def _require_native():
         raise ConfigError(f"native BatchNorm unavailable: {state['reason']}")
 
 
-def _native_fwd(x, scale, bias, eps, act):
+def _native_call(target, x, outs: str, *operands, act: int):
+    """One native BatchNorm FFI call; ``outs`` gives its results' shapes in order: ``f`` = ``x``'s
+    (float32), ``v`` = ``(C,)``."""
     _require_native()
-    c = x.shape[-1]
-    vec = jax.ShapeDtypeStruct((c,), jnp.float32)
-    z, mean, var, inv = jax.ffi.ffi_call(
-        "damo_jax_bn_fwd", (jax.ShapeDtypeStruct(x.shape, jnp.float32), vec, vec, vec))(
-        x, scale, bias, jnp.asarray(eps, jnp.float32), act=np.array([act], np.int64))
+    shapes = {"f": x.shape, "v": x.shape[-1:]}
+    return jax.ffi.ffi_call(target, tuple(jax.ShapeDtypeStruct(shapes[k], jnp.float32) for k in outs))(
+        *operands, act=np.array([act], np.int64))
+
+
+def _native_fwd(x, scale, bias, eps, act):
+    z, mean, var, inv = _native_call("damo_jax_bn_fwd", x, "fvvv", x, scale, bias,
+                                     jnp.asarray(eps, jnp.float32), act=act)
     return (z, mean, var), (x, mean, inv, scale, bias, eps)
 
 
 def _native_bwd(act, res, cts):
     x, mean, inv, scale, bias, eps = res
     g, g_mean, g_var = cts
-    c = x.shape[-1]
-    vec = jax.ShapeDtypeStruct((c,), jnp.float32)
-    dx, dscale, dbias = jax.ffi.ffi_call(
-        "damo_jax_bn_bwd", (jax.ShapeDtypeStruct(x.shape, jnp.float32), vec, vec))(
-        x, mean, inv, scale, bias, g, g_mean, g_var, act=np.array([act], np.int64))
+    dx, dscale, dbias = _native_call("damo_jax_bn_bwd", x, "fvv", x, mean, inv, scale, bias, g, g_mean,
+                                     g_var, act=act)
     return dx, dscale, dbias, jnp.zeros_like(eps)
 
 
@@ -194,23 +196,16 @@ def bn_add_native(x, res, scale, bias, eps, act):
 
 
 def _add_fwd(x, res, scale, bias, eps, act):
-    _require_native()
-    c = x.shape[-1]
-    vec = jax.ShapeDtypeStruct((c,), jnp.float32)
-    z, mean, var, inv = jax.ffi.ffi_call(
-        "damo_jax_bn_add_fwd", (jax.ShapeDtypeStruct(x.shape, jnp.float32), vec, vec, vec))(
-        x, scale, bias, jnp.asarray(eps, jnp.float32), res, act=np.array([act], np.int64))
+    z, mean, var, inv = _native_call("damo_jax_bn_add_fwd", x, "fvvv", x, scale, bias,
+                                     jnp.asarray(eps, jnp.float32), res, act=act)
     return (z, mean, var), (x, z, mean, inv, scale, eps)
 
 
 def _add_bwd(act, res_, cts):
     x, z, mean, inv, scale, eps = res_
     g, g_mean, g_var = cts
-    c = x.shape[-1]
-    vec = jax.ShapeDtypeStruct((c,), jnp.float32)
-    full = jax.ShapeDtypeStruct(x.shape, jnp.float32)
-    dx, dscale, dbias, dres = jax.ffi.ffi_call("damo_jax_bn_add_bwd", (full, vec, vec, full))(
-        x, z, mean, inv, scale, g, g_mean, g_var, act=np.array([act], np.int64))
+    dx, dscale, dbias, dres = _native_call("damo_jax_bn_add_bwd", x, "fvvf", x, z, mean, inv, scale, g,
+                                           g_mean, g_var, act=act)
     return dx, dres, dscale, dbias, jnp.zeros_like(eps)
 
 

@@ -85,6 +85,9 @@ CLONES static void norm_rows(const float *restrict x, const float *restrict res,
 }
 
 /* g = dz where the ReLU passed (y > 0: recomputed from x, or z > 0 when z is given), else 0 */
+/* the ReLU's gradient: dz where its input v > 0, else 0 (also for NaN: a select, as XLA's) */
+static inline float relu_grad(float v, float dz) { return v > 0.f ? dz : 0.f; }
+
 /* sum g and sum g * xhat over rows [r0, r1): float32 per BLOCK rows, float64 across blocks */
 CLONES static void grad_sums(const float *restrict x, const float *restrict z, const float *restrict dz, int64_t r0,
                              int64_t r1, int64_t C, const float *restrict mean, const float *restrict inv,
@@ -97,17 +100,13 @@ CLONES static void grad_sums(const float *restrict x, const float *restrict z, c
       const float *xr = x + r * C, *gr = dz + r * C, *zr = z ? z + r * C : NULL;
       if (zr && relu)
         for (int64_t c = 0; c < C; ++c) {   /* written so that GCC vectorises the masked sums */
-          float xc = xr[c] - mean[c], zz = zr[c], gg = gr[c];
-          float g = zz > 0.f ? gg : 0.f;
+          float xc = xr[c] - mean[c], g = relu_grad(zr[c], gr[c]);
           float sc = s[c] + g, qc = q[c] + g * (xc * inv[c]);
           s[c] = sc; q[c] = qc;
         }
       else if (relu)
         for (int64_t c = 0; c < C; ++c) {
-          float xc = xr[c] - mean[c];
-          float v = xc * a[c] + bias[c];
-          float gg = gr[c];
-          float g = v > 0.f ? gg : 0.f;
+          float xc = xr[c] - mean[c], g = relu_grad(xc * a[c] + bias[c], gr[c]);
           float sc = s[c] + g, qc = q[c] + g * (xc * inv[c]);
           s[c] = sc; q[c] = qc;
         }
@@ -129,17 +128,13 @@ CLONES static void grad_rows(const float *restrict x, const float *restrict z, c
     float *dr = dx + r * C, *rr = dres ? dres + r * C : NULL;
     if (zr && relu)                       /* z and dres come together */
       for (int64_t c = 0; c < C; ++c) {
-        float xc = xr[c] - mean[c], zz = zr[c], gg = gr[c];
-        float g = zz > 0.f ? gg : 0.f;
+        float xc = xr[c] - mean[c], g = relu_grad(zr[c], gr[c]);
         dr[c] = k1[c] * g + k2[c] * xc + k0[c];
         rr[c] = g;
       }
     else if (relu)
       for (int64_t c = 0; c < C; ++c) {
-        float xc = xr[c] - mean[c];
-        float v = xc * a[c] + bias[c];
-        float gg = gr[c];
-        float g = v > 0.f ? gg : 0.f;
+        float xc = xr[c] - mean[c], g = relu_grad(xc * a[c] + bias[c], gr[c]);
         dr[c] = k1[c] * g + k2[c] * xc + k0[c];
       }
     else {
