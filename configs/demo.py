@@ -147,6 +147,20 @@ A fresh clone of 90d7e94 (2026-12-07 08:38–08:46 UTC, 81 s install, ~23 img/s;
 the pre-NMS candidate cap now 4000 instead of 1000, which moved epoch 2's AP50 0.097 -> 0.098):
 0.010 / 0.098 / 0.219 / 0.340 / 0.423 / 0.487 / **0.524** / 0.555 / 0.562 at 1.5 / 2.1 / 2.8 / 3.4 /
 4.1 / 4.7 / **5.4** / 6.0 / 6.7 minutes: 0.5 at 5.4 minutes, the whole training command 6.7 min.
+With the native BatchNorm (``model.bn_impl``, 1798133; a fresh clone, 2026-12-07 11:23–11:31 UTC,
+83 s install, nothing else running; bench_train §0zj) this config ran at 22.6 img/s and reached
+0.007 / 0.047 / 0.180 / 0.277 / 0.351 / 0.411 / 0.452 / 0.482 / 0.498 at 1.5 / 2.2 / 2.8 / 3.5 / 4.2
+/ 4.9 / 5.6 / 6.2 / 6.9 minutes: **not** 0.5. In the same clone right after (11:31–11:38 UTC) with
+``model.bn_impl = "xla"`` — XLA's BatchNorm, as every release before — at 23.5 img/s: **0.017 /
+0.148 / 0.211 / 0.351 / 0.413 / 0.472 / 0.510 / 0.543 / 0.557** (AP 0.396) at 1.2 / 1.9 / 2.5 / 3.2 /
+3.9 / 4.5 / **5.2** / 5.8 / 6.5 minutes from the command's start: 0.5 at 5.2 minutes (the residual
+adds now sum ``dense + (1x1 + residual)``, hence another trajectory than 90d7e94's). At T@192 batch
+8 the native BatchNorm is 4 % slower (its per-call cost outweighs the two cores at these sizes; at
+S@320 it is 4–5 % faster), so this config sets ``model.bn_impl = "xla"``. The two curves differ by
+more than rounding would suggest, but a 1e-7 relative change of the input moves this model's
+gradients as much as switching the BatchNorm does (T@192 batch 8, random init: up to 13 % in the
+worst tensor both ways; bench_train §0zj), so one run of each cannot tell a trajectory's luck from
+a systematic effect.
 
 The same host with 8dd8428 (1×1 convs as dot, cache-blocked kernel gradients; 15:08–15:19 UTC;
 minutes = the progress bar's elapsed time + 0.45 min, the bar starting 27 s after the command:
@@ -216,4 +230,5 @@ def get_config():
     c.train.epochs = 9
     c.test.image_size = (256, 256)
     c.model.image_size = (256, 256)     # what `damo-jax info --config demo` reports
+    c.model.bn_impl = "xla"   # at T@192 batch 8 the native BatchNorm is 4 % slower (docstring)
     return c
