@@ -88,7 +88,8 @@ _NATIVE_LOCK = threading.Lock()
 
 def _native_state() -> dict:
     """``{"ok": bool, "reason": str}``; on the first call builds / loads the native library
-    (``onednn_native``) and registers its two BatchNorm FFI targets."""
+    (``onednn_native``) and registers its four BatchNorm FFI targets (plain and add forms, forward
+    and backward)."""
     if _NATIVE:
         return _NATIVE
     with _NATIVE_LOCK:
