@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -171,7 +172,9 @@ def test_compiler_without_openmp_keeps_the_native_conv_handler(tmp_path, monkeyp
     if gcc is None:
         pytest.skip("no C compiler here")
     wrapper = tmp_path / "cc-no-openmp"
-    wrapper.write_text("#!/bin/sh\nfor a in \"$@\"; do [ \"$a\" = -fopenmp ] && "
+    calls = tmp_path / "calls"
+    wrapper.write_text(f"#!/bin/sh\necho x >> {calls}\n"
+                       "for a in \"$@\"; do [ \"$a\" = -fopenmp ] && "
                        "{ echo 'unsupported option -fopenmp' >&2; exit 1; }; done\n"
                        f"exec {gcc} \"$@\"\n")
     wrapper.chmod(0o755)
@@ -181,3 +184,9 @@ def test_compiler_without_openmp_keeps_the_native_conv_handler(tmp_path, monkeyp
     lib = ctypes.CDLL(str(onednn_native.build()))
     assert hasattr(lib, "damo_onednn_conv_fwd") and not hasattr(lib, "damo_bn_fwd")
     assert len(onednn_native.BUILD_NOTES) == 1 and "-fopenmp" in onednn_native.BUILD_NOTES[0]
+    assert len(calls.read_text().split()) == 2           # the failing full build, the conv-only one
+    # a later process (same sources, same compiler) does not try the failing compile again
+    monkeypatch.setattr(onednn_native, "BUILD_NOTES", [])
+    assert onednn_native.build() == Path(lib._name)
+    assert len(calls.read_text().split()) == 2
+    assert "-fopenmp" in onednn_native.BUILD_NOTES[0] and "delete it to retry" in onednn_native.BUILD_NOTES[0]

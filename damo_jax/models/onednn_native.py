@@ -14,7 +14,9 @@ Chosen by ``DAMO_JAX_ONEDNN_HANDLER``: ``auto`` (default: native when it builds,
 BatchNorm). The compiler is ``$CC`` or ``cc`` (GCC or Clang with OpenMP); the library goes to
 ``$DAMO_JAX_NATIVE_CACHE`` (default ``$XDG_CACHE_HOME/damo_jax`` or ``~/.cache/damo_jax``), named
 by a hash of the sources and the compiler command, written atomically (concurrent processes may
-race; each renames a complete file). No link-time dependency but libgomp (which oneDNN uses too):
+race; each renames a complete file). A compile that fails leaves ``<name>.failed`` holding the
+reason beside it, so later processes with the same sources and command skip the attempt (e.g. a
+compiler without OpenMP: the BatchNorm handlers are then left out at once); delete it to retry. No link-time dependency but libgomp (which oneDNN uses too):
 the oneDNN functions come from the ``libdnnl.so.3`` onednn.py loaded, as pointers.
 """
 from __future__ import annotations
@@ -75,6 +77,13 @@ def _compile(cc: str, sources: tuple, flags: tuple) -> Path:
     if target.exists():
         return target
     names = ", ".join(p.name for p in sources)
+    failed = target.with_suffix(".failed")    # the same sources and command failed before: not again
+    try:
+        reason = failed.read_text().strip()
+    except OSError:
+        reason = None
+    if reason:
+        raise OSError(f"{reason} (cached in {failed}; delete it to retry)")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=out_dir)
@@ -86,7 +95,12 @@ def _compile(cc: str, sources: tuple, flags: tuple) -> Path:
                               capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
             first = (proc.stderr or proc.stdout).strip().splitlines()[:3]
-            raise OSError(f"{cc} failed on {names}: " + " | ".join(first))
+            reason = f"{cc} failed on {names}: " + " | ".join(first)
+            try:                              # each process would otherwise pay the failing compile
+                failed.write_text(reason + "\n")
+            except OSError:
+                pass
+            raise OSError(reason)
         os.replace(tmp, target)
     except subprocess.TimeoutExpired as e:
         raise OSError(f"{cc} timed out on {names}") from e
