@@ -160,7 +160,10 @@ S@320 it is 4–5 % faster), so this config sets ``model.bn_impl = "xla"``. The 
 more than rounding would suggest, but a 1e-7 relative change of the input moves this model's
 gradients as much as switching the BatchNorm does (T@192 batch 8, random init: up to 13 % in the
 worst tensor both ways; bench_train §0zj), so one run of each cannot tell a trajectory's luck from
-a systematic effect.
+a systematic effect. A fresh clone of 53a4748 with this setting (README command 1, 2026-12-07
+13:38–13:48 UTC, 99 s install, 20–22 img/s; bench_train §0zk): the same digits at 1.7 / 2.5 / 3.2 /
+4.0 / 4.7 / 5.4 / **6.2** / 6.9 / 7.6 minutes after the install: 0.5 at 6.2 minutes, the whole
+training command 7.7 min.
 
 The same host with 8dd8428 (1×1 convs as dot, cache-blocked kernel gradients; 15:08–15:19 UTC;
 minutes = the progress bar's elapsed time + 0.45 min, the bar starting 27 s after the command:
