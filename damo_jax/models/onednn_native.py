@@ -96,10 +96,11 @@ def _compile(cc: str, sources: tuple, flags: tuple) -> Path:
         if proc.returncode != 0:
             first = (proc.stderr or proc.stdout).strip().splitlines()[:3]
             reason = f"{cc} failed on {names}: " + " | ".join(first)
-            try:                              # each process would otherwise pay the failing compile
-                failed.write_text(reason + "\n")
-            except OSError:
-                pass
+            if proc.returncode > 0:           # a compile error, not a killed compiler (e.g. OOM):
+                try:                          # each process would otherwise pay the failing compile
+                    failed.write_text(reason + "\n")
+                except OSError:
+                    pass
             raise OSError(reason)
         os.replace(tmp, target)
     except subprocess.TimeoutExpired as e:
