@@ -16,8 +16,9 @@ BatchNorm). The compiler is ``$CC`` or ``cc`` (GCC or Clang with OpenMP); the li
 by a hash of the sources and the compiler command, written atomically (concurrent processes may
 race; each renames a complete file). A compile that fails leaves ``<name>.failed`` holding the
 reason beside it, so later processes with the same sources and command skip the attempt (e.g. a
-compiler without OpenMP: the BatchNorm handlers are then left out at once); delete it to retry. No link-time dependency but libgomp (which oneDNN uses too):
-the oneDNN functions come from the ``libdnnl.so.3`` onednn.py loaded, as pointers.
+compiler without OpenMP: the BatchNorm handlers are then left out at once); delete it to retry.
+No link-time dependency but libgomp (which oneDNN uses too): the oneDNN functions come from the
+``libdnnl.so.3`` onednn.py loaded, as pointers.
 """
 from __future__ import annotations
 
