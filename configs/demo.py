@@ -156,8 +156,8 @@ With the native BatchNorm (``model.bn_impl``, 1798133; a fresh clone, 2026-12-07
 3.9 / 4.5 / **5.2** / 5.8 / 6.5 minutes from the command's start: 0.5 at 5.2 minutes (the residual
 adds now sum ``dense + (1x1 + residual)``, hence another trajectory than 90d7e94's). That native run
 was 4 % slower in img/s (22.6 against 23.5; at S@320 the native BatchNorm is 4–5 % faster), so this
-config sets ``model.bn_impl = "xla"`` (but see the in-process A/B below: no such gap). The two curves differ by
-more than rounding would suggest, but a 1e-7 relative change of the input moves this model's
+config sets ``model.bn_impl = "xla"`` (but see the in-process A/B below: no such gap). The two
+curves differ by more than rounding would suggest, but a 1e-7 relative change of the input moves this model's
 gradients as much as switching the BatchNorm does (T@192 batch 8, random init: up to 13 % in the
 worst tensor both ways; bench_train §0zj), so one run of each cannot tell a trajectory's luck from
 a systematic effect. A fresh clone of 53a4748 with this setting (README command 1, 2026-12-07
