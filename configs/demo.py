@@ -163,7 +163,9 @@ worst tensor both ways; bench_train §0zj), so one run of each cannot tell a tra
 a systematic effect. A fresh clone of 53a4748 with this setting (README command 1, 2026-12-07
 13:38–13:48 UTC, 99 s install, 20–22 img/s; bench_train §0zk): the same digits at 1.7 / 2.5 / 3.2 /
 4.0 / 4.7 / 5.4 / **6.2** / 6.9 / 7.6 minutes after the install: 0.5 at 6.2 minutes, the whole
-training command 7.7 min. The step itself does not favour either BatchNorm at this size:
+training command 7.7 min. Again from a fresh clone of 796e4c3 (16:56–17:04 UTC, 80 s install,
+22–24 img/s; bench_train §0zl): the same digits at 1.5 / 2.2 / 2.8 / 3.5 / 4.1 / 4.8 / **5.5** / 6.1 /
+6.8 minutes: 0.5 at 5.5 minutes, the whole training command 6.8 min. The step itself does not favour either BatchNorm at this size:
 ``python benchmarks/train_step.py --config demo --img-size 192 --batch 8 --steps 16 --num-gt 5
 --bn-impls xla native`` (both interleaved in one process, 14:40 UTC) gave 0.449 s (XLA) and 0.435 s
 (native) per step, where the two demo runs above differed by 4 % in img/s; this config keeps
