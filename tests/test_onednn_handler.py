@@ -190,3 +190,58 @@ def test_compiler_without_openmp_keeps_the_native_conv_handler(tmp_path, monkeyp
     assert onednn_native.build() == built
     assert len(calls.read_text().split()) == 2
     assert "-fopenmp" in onednn_native.BUILD_NOTES[0] and "delete it to retry" in onednn_native.BUILD_NOTES[0]
+
+
+_SCRATCHPAD_CHILD = textwrap.dedent("""
+    import ctypes, json, threading
+    import jax, jax.numpy as jnp, numpy as np
+    from jax import lax
+    from damo_jax.models import onednn
+    from damo_jax.models.cpu_ops import _NHWC_DIMS
+    # a depthwise 5x5 conv on a 4x4 map: with oneDNN capped to AVX2 its kernel gradient is the
+    # GEMM-based implementation, whose im2col buffer is a scratchpad
+    c, pad = 16, ((2, 2), (2, 2))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 4, 4, c)), jnp.float32)
+    w = jnp.asarray(np.random.default_rng(1).normal(size=(5, 5, 1, c)), jnp.float32)
+    def loss(conv):
+        return lambda x, w: jnp.sum(conv(x, w) ** 2)
+    ours = jax.jit(jax.grad(loss(lambda x, w: onednn.conv(x, w, (1, 1), pad)), (0, 1)))
+    lax_conv = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), pad, dimension_numbers=_NHWC_DIMS,
+                                                     feature_group_count=c)
+    want = [np.asarray(v) for v in jax.jit(jax.grad(loss(lax_conv), (0, 1)))(x, w)]
+    errs = []
+    def call():
+        got = ours(x, w)
+        errs.append(max(float(np.abs(np.asarray(a) - b).max() / np.abs(b).max())
+                        for a, b in zip(got, want)))
+    call()                         # the primitives are built here (this thread or XLA's)...
+    for _ in range(3):             # ...and executed from other threads afterwards
+        t = threading.Thread(target=call)
+        t.start()
+        t.join()
+    p = onednn._primitives((2, 4, 4, c), (5, 5, 1, c), (1, 1), pad)
+    lib = onednn._runtime()[0]
+    name = ctypes.c_char_p()
+    lib.dnnl_primitive_desc_query(p.pds["bwd_weights"], 8, 0, ctypes.byref(name))  # impl_info_str
+    print(json.dumps({"kind": onednn.handler_kind(), "errs": errs, "impl": name.value.decode(),
+                      "scratchpad_bytes": p.sp["bwd_weights"][1]}))
+""")
+
+
+@pytest.mark.parametrize("handler", ["native", "python"])
+def test_scratchpad_primitives_run_on_any_thread(tmp_path, handler):
+    """oneDNN's default ("library") scratchpad of its GEMM-based convolutions lives per thread, in
+    the thread that created the primitive; XLA runs the custom calls on whichever thread it likes,
+    so that primitive once segfaulted on a NULL im2col buffer (oneDNN capped to AVX2, as an
+    AVX2-only CPU runs it: an Ns training step at 128 px). The primitives now take the
+    scratchpad from us (``scratchpad_mode = user``): built on one thread, run from three others,
+    the gradients match ``lax``'s."""
+    env = dict(os.environ, DAMO_JAX_NATIVE_CACHE=str(tmp_path / "native"), ONEDNN_MAX_CPU_ISA="AVX2",
+               DAMO_JAX_ONEDNN_HANDLER=handler)
+    proc = subprocess.run([sys.executable, "-c", _SCRATCHPAD_CHILD], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["kind"] == handler
+    assert "gemm" in out["impl"] and out["scratchpad_bytes"] > 0, out   # the case is exercised
+    assert len(out["errs"]) == 4 and max(out["errs"]) < 1e-5, out

@@ -60,6 +60,9 @@ _ARG_SRC, _ARG_DST, _ARG_WEIGHTS = 1, 17, 33
 _ARG_DIFF_SRC, _ARG_DIFF_DST, _ARG_DIFF_WEIGHTS = 129, 145, 161
 _Q_SRC_MD, _Q_DIFF_SRC_MD, _Q_WEIGHTS_MD, _Q_DIFF_WEIGHTS_MD = 129, 130, 131, 132
 _Q_DST_MD, _Q_DIFF_DST_MD = 133, 134
+_Q_SCRATCHPAD_MD = 136
+_ARG_SCRATCHPAD = 80
+_SCRATCHPAD_MODE_USER = 1
 _ALLOCATE = c_void_p(ctypes.c_size_t(-1).value)  # DNNL_MEMORY_ALLOCATE
 _Dims = c_int64 * 12
 
@@ -109,6 +112,7 @@ def _load():
             continue
         lib.dnnl_version.restype = ctypes.POINTER(_Version)
         lib.dnnl_primitive_desc_query_md.restype = c_void_p
+        lib.dnnl_memory_desc_get_size.restype = ctypes.c_size_t
         ver = lib.dnnl_version().contents
         if ver.major != 3:
             errors.append(f"{path}: oneDNN {ver.major}.{ver.minor}, need 3.x")
@@ -191,18 +195,46 @@ def _md_any(lib, dims):
     return md
 
 
+def _user_scratchpad_attr(lib):
+    """Primitive attributes with ``scratchpad_mode = user``: the caller passes every primitive's
+    scratchpad at execution (``DNNL_ARG_SCRATCHPAD``). Why not oneDNN's default ("library"): the
+    implementations that use its *global* scratchpad (the GEMM-based convolutions, e.g. the
+    AVX2 kernel gradient of a depthwise conv on a map smaller than its kernel) keep it per thread,
+    allocated in the thread that created the primitive, and read the executing thread's copy at
+    run time. XLA runs our custom calls on any of its threads, so such a primitive got a NULL
+    (or another primitive's, too small) im2col buffer: a segfault in an AVX2-capped Ns training
+    step (docs/bench_train.md §0zl). One shared buffer, grown as needed, serves every primitive
+    because oneDNN calls are serialised (the execution lock)."""
+    attr = _STATE.get("attr")
+    if attr is None:
+        attr = c_void_p()
+        _check(lib.dnnl_primitive_attr_create(byref(attr)), "primitive_attr_create")
+        _check(lib.dnnl_primitive_attr_set_scratchpad_mode(attr, _SCRATCHPAD_MODE_USER),
+               "primitive_attr_set_scratchpad_mode")
+        _STATE["attr"] = attr
+    return attr
+
+
+def _scratchpad_md(lib, pd):
+    """``(md, bytes)`` of a primitive descriptor's scratchpad (``(None, 0)`` when it needs none)."""
+    md = c_void_p(lib.dnnl_primitive_desc_query_md(pd, _Q_SCRATCHPAD_MD, 0))
+    size = int(lib.dnnl_memory_desc_get_size(md)) if md.value else 0
+    return (md, size) if size else (None, 0)
+
+
 class _Reorder:
-    """A reorder primitive between two memory descriptors."""
+    """A reorder primitive between two memory descriptors (``attr``: primitive attributes, e.g.
+    :func:`_user_scratchpad_attr`; None: oneDNN's defaults)."""
 
-    def __init__(self, lib, engine, src_md, dst_md):
-        pd = c_void_p()
-        _check(lib.dnnl_reorder_primitive_desc_create(byref(pd), src_md, engine, dst_md, engine,
-                                                      None), "reorder_pd")
+    def __init__(self, lib, engine, src_md, dst_md, attr=None):
+        self.pd = c_void_p()
+        _check(lib.dnnl_reorder_primitive_desc_create(byref(self.pd), src_md, engine, dst_md,
+                                                      engine, attr), "reorder_pd")
         self.prim = c_void_p()
-        _check(lib.dnnl_primitive_create(byref(self.prim), pd), "reorder")
+        _check(lib.dnnl_primitive_create(byref(self.prim), self.pd), "reorder")
 
 
-def _conv_pds(lib, engine, x_shape, w_shape, strides, padding, activations="nhwc"):
+def _conv_pds(lib, engine, x_shape, w_shape, strides, padding, activations="nhwc", attr=None):
     """Primitive descriptors of one conv: ``({"fwd", "bwd_data", "bwd_weights"} -> pd, y_shape)``.
 
     ``x_shape`` NHWC, ``w_shape`` HWIO, ``padding`` ((top, bottom), (left, right)), no dilation;
@@ -211,6 +243,7 @@ def _conv_pds(lib, engine, x_shape, w_shape, strides, padding, activations="nhwc
     holds oneDNN's first-choice implementation (``benchmarks/onednn_impls.py`` walks the others).
     ``activations="any"`` lets oneDNN choose the activations' layout too (its blocked ones, as a
     network kept in that layout would run; only ``benchmarks/onednn_impls.py --layouts`` asks).
+    ``attr``: primitive attributes for all three (damo_jax passes :func:`_user_scratchpad_attr`).
     """
     n, h, w, c = x_shape
     kh, kw, _, d = w_shape
@@ -226,23 +259,27 @@ def _conv_pds(lib, engine, x_shape, w_shape, strides, padding, activations="nhwc
     fwd_pd, bwd_d_pd, bwd_w_pd = c_void_p(), c_void_p(), c_void_p()
     _check(lib.dnnl_convolution_forward_primitive_desc_create(
         byref(fwd_pd), engine, _FORWARD_TRAINING, _CONV_DIRECT, src, w_any, None, dst, st, dl,
-        lo, hi, None), "conv_fwd_pd")
+        lo, hi, attr), "conv_fwd_pd")
     _check(lib.dnnl_convolution_backward_data_primitive_desc_create(
-        byref(bwd_d_pd), engine, _CONV_DIRECT, src, w_any, dst, st, dl, lo, hi, fwd_pd, None),
+        byref(bwd_d_pd), engine, _CONV_DIRECT, src, w_any, dst, st, dl, lo, hi, fwd_pd, attr),
         "conv_bwd_data_pd")
     _check(lib.dnnl_convolution_backward_weights_primitive_desc_create(
         byref(bwd_w_pd), engine, _CONV_DIRECT, src, w_any, None, dst, st, dl, lo, hi, fwd_pd,
-        None), "conv_bwd_weights_pd")
+        attr), "conv_bwd_weights_pd")
     return {"fwd": fwd_pd, "bwd_data": bwd_d_pd, "bwd_weights": bwd_w_pd}, (n, ho, wo, d)
+
+
+_PRIMS = ("to_fwd", "fwd", "to_bwd", "bwd_data", "bwd_weights", "from_dw")
 
 
 class _Plan(ctypes.Structure):
     """One conv shape's primitives as the native handler reads them (``plan_t`` in
-    ``onednn_ffi.c``, same field order)."""
+    ``onednn_ffi.c``, same field order); ``md_sp_*``: each primitive's scratchpad descriptor
+    (NULL: none), ``sp_bytes`` the largest."""
     _fields_ = [("y_dims", c_int64 * 4)] + [(n, c_void_p) for n in (
-        "to_fwd", "fwd", "to_bwd", "bwd_data", "bwd_weights", "from_dw",
+        *_PRIMS,
         "md_w_user", "md_src", "md_dst", "md_diff_dst_d", "md_diff_src", "md_src_w", "md_diff_dst_w",
-        "w_fwd", "w_bwd", "dw_int")]
+        "w_fwd", "w_bwd", "dw_int", *(f"md_sp_{k}" for k in _PRIMS))] + [("sp_bytes", c_int64)]
 
 
 class _ConvPrimitives:
@@ -252,8 +289,10 @@ class _ConvPrimitives:
 
     def __init__(self, x_shape, w_shape, strides, padding):
         lib, engine, _ = _runtime()
+        attr = _user_scratchpad_attr(lib)
         self.w_user = _md_hwio(lib, x_shape, w_shape)
-        self.pds, self.y_shape = _conv_pds(lib, engine, x_shape, w_shape, strides, padding)
+        self.pds, self.y_shape = _conv_pds(lib, engine, x_shape, w_shape, strides, padding,
+                                           attr=attr)
         fwd_pd, bwd_d_pd, bwd_w_pd = self.pds["fwd"], self.pds["bwd_data"], self.pds["bwd_weights"]
         self.prims = {}
         for k, pd in self.pds.items():
@@ -270,15 +309,21 @@ class _ConvPrimitives:
         self.w_fwd = self._owned(lib, engine, md(fwd_pd, _Q_WEIGHTS_MD))
         self.w_bwd = self._owned(lib, engine, md(bwd_d_pd, _Q_WEIGHTS_MD))
         self.dw_int = self._owned(lib, engine, md(bwd_w_pd, _Q_DIFF_WEIGHTS_MD))
-        self.to_fwd = _Reorder(lib, engine, self.w_user, md(fwd_pd, _Q_WEIGHTS_MD))
-        self.to_bwd = _Reorder(lib, engine, self.w_user, md(bwd_d_pd, _Q_WEIGHTS_MD))
-        self.from_dw = _Reorder(lib, engine, md(bwd_w_pd, _Q_DIFF_WEIGHTS_MD), self.w_user)
+        self.to_fwd = _Reorder(lib, engine, self.w_user, md(fwd_pd, _Q_WEIGHTS_MD), attr)
+        self.to_bwd = _Reorder(lib, engine, self.w_user, md(bwd_d_pd, _Q_WEIGHTS_MD), attr)
+        self.from_dw = _Reorder(lib, engine, md(bwd_w_pd, _Q_DIFF_WEIGHTS_MD), self.w_user, attr)
+        # each primitive's scratchpad (user mode): a descriptor over the shared buffer per call
+        self.sp = {k: _scratchpad_md(lib, pd) for k, pd in (
+            ("to_fwd", self.to_fwd.pd), ("fwd", fwd_pd), ("to_bwd", self.to_bwd.pd),
+            ("bwd_data", bwd_d_pd), ("bwd_weights", bwd_w_pd), ("from_dw", self.from_dw.pd))}
+        self.sp_bytes = max(size for _, size in self.sp.values())
         m = self.mds
         self.plan = _Plan((c_int64 * 4)(*self.y_shape), *(h.value for h in (
             self.to_fwd.prim, self.prims["fwd"], self.to_bwd.prim, self.prims["bwd_data"],
             self.prims["bwd_weights"], self.from_dw.prim, self.w_user, m["src"], m["dst"],
             m["diff_dst_d"], m["diff_src"], m["src_w"], m["diff_dst_w"], self.w_fwd, self.w_bwd,
-            self.dw_int)))
+            self.dw_int)), *(md.value if md is not None else None
+                             for md, _ in (self.sp[k] for k in _PRIMS)), self.sp_bytes)
 
     @staticmethod
     def _owned(lib, engine, md):
@@ -316,8 +361,19 @@ class _Session:
         self.mems.append(mem)
         return mem
 
-    def run(self, prim, args):
+    def run(self, prim, args, sp=(None, 0)):
+        """Execute ``prim`` with ``args`` and, when it has one (``sp`` = ``(md, bytes)`` from
+        :func:`_scratchpad_md`), its scratchpad over the process's shared buffer."""
+        md, size = sp
+        if md is not None:
+            args = [*args, (_ARG_SCRATCHPAD, self._wrap_ptr(md, _scratch_buffer(size)))]
         _execute(self.lib, self.stream, prim, args)
+
+    def _wrap_ptr(self, md, ptr):
+        mem = c_void_p()
+        _check(self.lib.dnnl_memory_create(byref(mem), md, self.engine, c_void_p(ptr)), "memory")
+        self.mems.append(mem)
+        return mem
 
     def __exit__(self, exc_type, *_):
         try:
@@ -331,6 +387,17 @@ class _Session:
 
 
 _EXEC_LOCK = threading.Lock()
+_SCRATCH: dict = {"bytes": 0}
+
+
+def _scratch_buffer(size: int) -> int:
+    """Address of the Python handler's scratchpad buffer (page-aligned, at least ``size`` bytes),
+    grown when needed; only called with the execution lock held (``_Session``), so no primitive
+    is using it while it is replaced. The native handler keeps its own (onednn_ffi.c)."""
+    if size > _SCRATCH["bytes"]:
+        buf = np.empty(size + 4096, np.uint8)
+        _SCRATCH.update(buf=buf, bytes=size, ptr=(buf.ctypes.data + 4095) // 4096 * 4096)
+    return _SCRATCH["ptr"]
 
 
 def _exec_lock_acquire():
@@ -350,9 +417,10 @@ def _run_forward(x, w, y, strides, padding):
     if y.shape != p.y_shape:
         raise ValueError(f"output shape {y.shape} != {p.y_shape}")
     with _Session() as ses:
-        ses.run(p.to_fwd.prim, [(_ARG_SRC, ses.wrap(p.w_user, w)), (_ARG_DST, p.w_fwd)])
+        ses.run(p.to_fwd.prim, [(_ARG_SRC, ses.wrap(p.w_user, w)), (_ARG_DST, p.w_fwd)],
+                p.sp["to_fwd"])
         ses.run(p.prims["fwd"], [(_ARG_SRC, ses.wrap(p.mds["src"], x)), (_ARG_WEIGHTS, p.w_fwd),
-                                 (_ARG_DST, ses.wrap(p.mds["dst"], y))])
+                                 (_ARG_DST, ses.wrap(p.mds["dst"], y))], p.sp["fwd"])
 
 
 def _run_backward(x, w, g, dx, dw, strides, padding):
@@ -364,14 +432,17 @@ def _run_backward(x, w, g, dx, dw, strides, padding):
         raise ValueError(f"shapes x {x.shape} w {w.shape} g {g.shape} dx {dx_shape} dw {dw.shape}")
     with _Session() as ses:
         if dx is not None:
-            ses.run(p.to_bwd.prim, [(_ARG_SRC, ses.wrap(p.w_user, w)), (_ARG_DST, p.w_bwd)])
+            ses.run(p.to_bwd.prim, [(_ARG_SRC, ses.wrap(p.w_user, w)), (_ARG_DST, p.w_bwd)],
+                    p.sp["to_bwd"])
             ses.run(p.prims["bwd_data"], [(_ARG_DIFF_DST, ses.wrap(p.mds["diff_dst_d"], g)),
                                           (_ARG_WEIGHTS, p.w_bwd),
-                                          (_ARG_DIFF_SRC, ses.wrap(p.mds["diff_src"], dx))])
+                                          (_ARG_DIFF_SRC, ses.wrap(p.mds["diff_src"], dx))],
+                    p.sp["bwd_data"])
         ses.run(p.prims["bwd_weights"], [(_ARG_SRC, ses.wrap(p.mds["src_w"], x)),
                                          (_ARG_DIFF_DST, ses.wrap(p.mds["diff_dst_w"], g)),
-                                         (_ARG_DIFF_WEIGHTS, p.dw_int)])
-        ses.run(p.from_dw.prim, [(_ARG_SRC, p.dw_int), (_ARG_DST, ses.wrap(p.w_user, dw))])
+                                         (_ARG_DIFF_WEIGHTS, p.dw_int)], p.sp["bwd_weights"])
+        ses.run(p.from_dw.prim, [(_ARG_SRC, p.dw_int), (_ARG_DST, ses.wrap(p.w_user, dw))],
+                p.sp["from_dw"])
 
 
 # ----------------------------------------------------------------------------- XLA FFI handler

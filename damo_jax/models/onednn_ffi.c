@@ -17,6 +17,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "xla_ffi.h"
@@ -27,7 +28,8 @@ typedef int (*memory_create_fn)(void **mem, const void *md, void *engine, void *
 typedef int (*memory_destroy_fn)(void *mem);
 typedef int (*primitive_execute_fn)(const void *prim, void *stream, int nargs, const dnnl_exec_arg *args);
 typedef int (*stream_wait_fn)(void *stream);
-enum { ARG_SRC = 1, ARG_DST = 17, ARG_WEIGHTS = 33, ARG_DIFF_SRC = 129, ARG_DIFF_DST = 145, ARG_DIFF_WEIGHTS = 161 };
+enum { ARG_SRC = 1, ARG_DST = 17, ARG_WEIGHTS = 33, ARG_DIFF_SRC = 129, ARG_DIFF_DST = 145, ARG_DIFF_WEIGHTS = 161,
+       ARG_SCRATCHPAD = 80 };
 
 /* One conv shape's primitives; filled by Python (onednn._ConvPrimitives.plan, same field order). */
 typedef struct {
@@ -35,7 +37,14 @@ typedef struct {
   void *to_fwd, *fwd, *to_bwd, *bwd_data, *bwd_weights, *from_dw;       /* primitives */
   void *md_w_user, *md_src, *md_dst, *md_diff_dst_d, *md_diff_src, *md_src_w, *md_diff_dst_w;
   void *w_fwd, *w_bwd, *dw_int;                                          /* oneDNN-owned memories */
+  /* scratchpad descriptors of to_fwd, fwd, to_bwd, bwd_data, bwd_weights, from_dw (NULL: none) and
+   * the largest size: the primitives are built with scratchpad_mode = user (onednn.py
+   * _user_scratchpad_attr: oneDNN's per-thread global scratchpad breaks when XLA executes a
+   * primitive on another thread than the one that created it), and every call gets g_scratch. */
+  void *md_sp[6];
+  int64_t sp_bytes;
 } plan_t;
+enum { SP_TO_FWD, SP_FWD, SP_TO_BWD, SP_BWD_DATA, SP_BWD_WEIGHTS, SP_FROM_DW };
 
 /* key: x dims (4), w dims (4), conf (6) -> plan; the callback returns NULL on failure. */
 typedef plan_t *(*make_plan_fn)(const int64_t *key);
@@ -52,6 +61,10 @@ pthread_mutex_t damo_exec_mu = PTHREAD_MUTEX_INITIALIZER;
 #define g_exec_mu damo_exec_mu
 
 static void *g_engine, *g_stream;
+/* The scratchpad every primitive uses (2 MiB-aligned like oneDNN's own), grown to the largest plan
+ * it met; only touched with g_exec_mu held, so no primitive runs on it while it is replaced. */
+static void *g_scratch = NULL;
+static size_t g_scratch_bytes = 0;
 static memory_create_fn g_memory_create;
 static memory_destroy_fn g_memory_destroy;
 static primitive_execute_fn g_execute;
@@ -147,33 +160,48 @@ static void *handler(ffi_call_frame *f, int kind) {
     return ffi_error(f, msg);
   }
 
-  void *mems[8];
+  void *mems[16];
   int nmem = 0, status = 0;
   const char *what = "memory";
 #define WRAP(md, ptr) (status = status ? status : g_memory_create(&mems[nmem], (md), g_engine, (ptr)), \
                        status ? NULL : mems[nmem++])
-#define RUN(prim, ...) do { if (!status) { dnnl_exec_arg a_[] = {__VA_ARGS__}; what = "execute"; \
-    status = g_execute((prim), g_stream, (int)(sizeof(a_) / sizeof(a_[0])), a_); } } while (0)
+  /* args, then the primitive's scratchpad (if it has one) over g_scratch */
+#define RUN(prim, sp, ...) do { if (!status) { \
+    dnnl_exec_arg a_[] = {__VA_ARGS__, {ARG_SCRATCHPAD, NULL}}; \
+    int n_ = (int)(sizeof(a_) / sizeof(a_[0])) - 1; \
+    if (p->md_sp[sp]) { void *s_ = WRAP(p->md_sp[sp], g_scratch); a_[n_++].memory = s_; } \
+    if (!status) { what = "execute"; status = g_execute((prim), g_stream, n_, a_); } } } while (0)
   pthread_mutex_lock(&g_exec_mu);
+  if ((size_t)p->sp_bytes > g_scratch_bytes) {
+    size_t bytes = ((size_t)p->sp_bytes + ((size_t)1 << 21) - 1) & ~(((size_t)1 << 21) - 1);
+    void *grown = NULL;
+    if (posix_memalign(&grown, (size_t)1 << 21, bytes)) {
+      pthread_mutex_unlock(&g_exec_mu);
+      return ffi_error(f, "damo_jax oneDNN conv: allocating the scratchpad failed (out of memory)");
+    }
+    free(g_scratch);
+    g_scratch = grown;
+    g_scratch_bytes = bytes;
+  }
   if (kind == 0) {
     void *w = WRAP(p->md_w_user, in[1]->data);
     void *x = WRAP(p->md_src, in[0]->data);
     void *y = WRAP(p->md_dst, out[0]->data);
-    RUN(p->to_fwd, {ARG_SRC, w}, {ARG_DST, p->w_fwd});
-    RUN(p->fwd, {ARG_SRC, x}, {ARG_WEIGHTS, p->w_fwd}, {ARG_DST, y});
+    RUN(p->to_fwd, SP_TO_FWD, {ARG_SRC, w}, {ARG_DST, p->w_fwd});
+    RUN(p->fwd, SP_FWD, {ARG_SRC, x}, {ARG_WEIGHTS, p->w_fwd}, {ARG_DST, y});
   } else {
     if (kind == 1) {
       void *w = WRAP(p->md_w_user, in[1]->data);
       void *g = WRAP(p->md_diff_dst_d, in[2]->data);
       void *dx = WRAP(p->md_diff_src, out[0]->data);
-      RUN(p->to_bwd, {ARG_SRC, w}, {ARG_DST, p->w_bwd});
-      RUN(p->bwd_data, {ARG_DIFF_DST, g}, {ARG_WEIGHTS, p->w_bwd}, {ARG_DIFF_SRC, dx});
+      RUN(p->to_bwd, SP_TO_BWD, {ARG_SRC, w}, {ARG_DST, p->w_bwd});
+      RUN(p->bwd_data, SP_BWD_DATA, {ARG_DIFF_DST, g}, {ARG_WEIGHTS, p->w_bwd}, {ARG_DIFF_SRC, dx});
     }
     void *x = WRAP(p->md_src_w, in[0]->data);
     void *gw = WRAP(p->md_diff_dst_w, in[2]->data);
     void *dwu = WRAP(p->md_w_user, dw->data);
-    RUN(p->bwd_weights, {ARG_SRC, x}, {ARG_DIFF_DST, gw}, {ARG_DIFF_WEIGHTS, p->dw_int});
-    RUN(p->from_dw, {ARG_SRC, p->dw_int}, {ARG_DST, dwu});
+    RUN(p->bwd_weights, SP_BWD_WEIGHTS, {ARG_SRC, x}, {ARG_DIFF_DST, gw}, {ARG_DIFF_WEIGHTS, p->dw_int});
+    RUN(p->from_dw, SP_FROM_DW, {ARG_SRC, p->dw_int}, {ARG_DST, dwu});
   }
   if (!status) { what = "stream_wait"; status = g_stream_wait(g_stream); }
   for (int k = 0; k < nmem; ++k) g_memory_destroy(mems[k]);
