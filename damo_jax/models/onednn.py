@@ -355,11 +355,7 @@ class _Session:
     def wrap(self, md, array):
         """A oneDNN memory object over ``array`` (a handler ``_View`` or a C-contiguous float32
         numpy array); no copy."""
-        mem = c_void_p()
-        ptr = array.ptr if isinstance(array, _View) else array.ctypes.data
-        _check(self.lib.dnnl_memory_create(byref(mem), md, self.engine, c_void_p(ptr)), "memory")
-        self.mems.append(mem)
-        return mem
+        return self._wrap_ptr(md, array.ptr if isinstance(array, _View) else array.ctypes.data)
 
     def run(self, prim, args, sp=(None, 0)):
         """Execute ``prim`` with ``args`` and, when it has one (``sp`` = ``(md, bytes)`` from
