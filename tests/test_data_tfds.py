@@ -88,3 +88,18 @@ def test_an_unprepared_dataset_is_named_as_such(tmp_path):
                                         r"needs the dataset prepared offline") as info:
         read_tfds("mnist", "train", data_dir=str(tmp_path / "none"))
     assert "already prepared" not in str(info.value)
+
+
+def test_an_unprepared_dataset_leaves_no_temp_folder(tmp_path, monkeypatch):
+    """tfds.builder makes a tmp*tfds folder for a dataset it finds unprepared and never removes it
+    (DatasetInfo.initialize_from_bucket with GCS disabled); opening must leave the temp dir as it was."""
+    import tempfile
+    from damo_jax.data_pipelines import DataError
+    from damo_jax.data_pipelines.readers.tfds import read_tfds
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    with pytest.raises(DataError, match="not prepared"):
+        read_tfds("mnist", "train", data_dir=str(tmp_path / "none"))
+    assert sorted(p.name for p in temp.iterdir()) == []
+    assert tempfile.tempdir == str(temp)

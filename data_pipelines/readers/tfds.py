@@ -19,7 +19,9 @@ names, else 1..C. Split ``val`` maps to ``validation`` when the dataset has no `
 from __future__ import annotations
 
 import collections
+import contextlib
 import io
+import tempfile
 
 import numpy as np
 
@@ -113,6 +115,21 @@ def _is_prepared(builder) -> bool:
         return True
 
 
+@contextlib.contextmanager
+def _private_tempdir():
+    """``tempfile``'s folder pointed at a private one, removed afterwards: for a dataset not
+    prepared locally, every tfds builder (``tfds.builder``, ``tfds.data_source``) calls ``DatasetInfo.initialize_from_bucket``, which makes a
+    ``/tmp/tmp*tfds`` folder and, with GCS disabled (tfds's default: nothing is downloaded), returns
+    before using or removing it. Process-wide while it lasts (``tempfile.tempdir``)."""
+    saved = tempfile.tempdir
+    with tempfile.TemporaryDirectory(prefix="damo_jax_tfds_") as scratch:
+        tempfile.tempdir = scratch
+        try:
+            yield
+        finally:
+            tempfile.tempdir = saved
+
+
 def read_tfds(name: str, split: str, *, data_dir: str | None = None) -> TfdsDataset:
     try:
         import tensorflow_datasets as tfds
@@ -120,9 +137,10 @@ def read_tfds(name: str, split: str, *, data_dir: str | None = None) -> TfdsData
         raise DataError(f"tfds:{name}: tensorflow-datasets is not installed (pip install damo_jax[tf])") from e
     builder = None
     try:
-        builder = tfds.builder(name, data_dir=data_dir)
-        split = _split_name(builder, split)
-        source, meta = _open_sources(name, split, data_dir)
+        with _private_tempdir():           # tfds.builder and tfds.data_source each make a builder
+            builder = tfds.builder(name, data_dir=data_dir)
+            split = _split_name(builder, split)
+            source, meta = _open_sources(name, split, data_dir)
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - tfds raises many types for unprepared / unknown data
