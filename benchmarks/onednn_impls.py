@@ -27,7 +27,9 @@ activations (what damo_jax runs) and with activations in the layout oneDNN choos
 ``nChw16c``-style ones: what a network kept in oneDNN's layout end to end would run), the
 reorders into that layout excluded; the table ends with both sums weighted by calls per step, and
 the sum of the faster of the two per problem. It bounds what a whole-network blocked layout could
-save on the convolutions (bench_train §0za).
+save on the convolutions (bench_train §0za). Without ``--layouts`` the table ends with the sum (by
+calls per step, with ``--verbose-log``) of oneDNN's pick and of the fastest implementation per
+problem: what choosing the implementation per problem could save.
 """
 from __future__ import annotations
 
@@ -199,12 +201,18 @@ def main(argv=None) -> int:
     if args.layouts:
         return _compare_layouts(lib, engine, stream, problems, calls, rng, args.rounds)
     print("| problem | impl (first = oneDNN's pick) | median ms | min ms |\n|---|---|---|---|")
+    picked = fastest = 0.0
     for problem in problems:
         impls = implementations(lib, engine, problem, rng)
         times = _time_interleaved(lib, stream, impls, args.rounds)
+        medians = [statistics.median(ts) for ts in times]
         for i, ((name, _, _, _), ts) in enumerate(zip(impls, times)):
-            print(f"| {_spec(problem) if i == 0 else ''} | {name} | {statistics.median(ts):.2f} | {min(ts):.2f} |")
+            print(f"| {_spec(problem) if i == 0 else ''} | {name} | {medians[i]:.2f} | {min(ts):.2f} |")
+        k = (calls or {}).get(problem, 1)
+        picked, fastest = picked + k * medians[0], fastest + k * min(medians)
         sys.stdout.flush()
+    print(f"\nsum{' x calls per step' if calls else ''}: oneDNN's pick {picked:.1f} ms, the fastest "
+          f"implementation per problem {fastest:.1f} ms")
     return 0
 
 
