@@ -10,7 +10,13 @@ it, errors inside the handler surface as Python exceptions, repeated runs are bi
 """
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
 import zlib
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -266,6 +272,32 @@ def test_full_model_gradient_matches_native(name):
     bad = [(jax.tree_util.keystr(p), rel_err(f, n)) for (p, n), f in zip(leaves_n, leaves_f)
            if rel_err(f, n) > RTOL]
     assert not bad, bad
+
+
+_AVX2_CHILD = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, sys.argv[1])
+    import test_onednn
+    from damo_jax.models import onednn
+    lib = onednn._runtime()[0]
+    test_onednn.test_full_model_gradient_matches_native("ns")
+    print(json.dumps({"isa": lib.dnnl_get_effective_cpu_isa()}))
+""")
+_DNNL_CPU_ISA_AVX2 = 0x7     # dnnl_cpu_isa_avx2 (oneDNN's dnnl_types.h)
+
+
+def test_full_model_gradient_matches_native_with_onednn_capped_to_avx2():
+    """The Ns whole-model check above with oneDNN capped to AVX2, as an AVX2-only CPU runs it:
+    other kernels, weight layouts (8-channel blocks, 24-channel padded ones) and GEMM-based
+    convolutions (the depthwise 5x5 kernel gradient on the 2x2 maps) that an AVX-512 host never
+    takes otherwise, so that CI on an AVX-512 host checks their gradients too (the threading
+    fault that path once had is tests/test_onednn_handler.py's). In a child process: oneDNN reads
+    ``ONEDNN_MAX_CPU_ISA`` once, when it loads; the child checks that the cap took."""
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2")
+    proc = subprocess.run([sys.executable, "-c", _AVX2_CHILD, str(Path(__file__).parent)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-3000:])
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"isa": _DNNL_CPU_ISA_AVX2}
 
 
 @pytest.mark.parametrize("name", ["t", "ns"])
