@@ -165,7 +165,8 @@ a systematic effect. A fresh clone of 53a4748 with this setting (README command 
 4.0 / 4.7 / 5.4 / **6.2** / 6.9 / 7.6 minutes after the install: 0.5 at 6.2 minutes, the whole
 training command 7.7 min. Again from a fresh clone of 796e4c3 (16:56–17:04 UTC, 80 s install,
 22–24 img/s; bench_train §0zl): the same digits at 1.5 / 2.2 / 2.8 / 3.5 / 4.1 / 4.8 / **5.5** / 6.1 /
-6.8 minutes: 0.5 at 5.5 minutes, the whole training command 6.8 min. The step itself does not favour either BatchNorm at this size:
+6.8 minutes: 0.5 at 5.5 minutes, the whole training command 6.8 min. And from 0917db9 (20:26–20:34
+UTC, 80 s install; bench_train §0zm): the same digits, 0.5 at 5.4 minutes, 6.8 min in all. The step itself does not favour either BatchNorm at this size:
 ``python benchmarks/train_step.py --config demo --img-size 192 --batch 8 --steps 16 --num-gt 5
 --bn-impls xla native`` (both interleaved in one process, 14:40 UTC) gave 0.449 s (XLA) and 0.435 s
 (native) per step, where the two demo runs above differed by 4 % in img/s; this config keeps

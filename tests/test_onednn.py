@@ -289,7 +289,7 @@ _DNNL_CPU_ISA_AVX2 = 0x7     # dnnl_cpu_isa_avx2 (oneDNN's dnnl_types.h)
 def test_full_model_gradient_matches_native_with_onednn_capped_to_avx2():
     """The Ns whole-model check above with oneDNN capped to AVX2, as an AVX2-only CPU runs it:
     other kernels, weight layouts (8-channel blocks, 24-channel padded ones) and GEMM-based
-    convolutions (the depthwise 5x5 kernel gradient on the 2x2 maps) that an AVX-512 host never
+    convolutions (depthwise 5x5 kernel gradients on the 4x4 and 2x2 maps) that an AVX-512 host never
     takes otherwise, so that CI on an AVX-512 host checks their gradients too (the threading
     fault that path once had is tests/test_onednn_handler.py's). In a child process: oneDNN reads
     ``ONEDNN_MAX_CPU_ISA`` once, when it loads; the child checks that the cap took."""

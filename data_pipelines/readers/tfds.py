@@ -118,9 +118,10 @@ def _is_prepared(builder) -> bool:
 @contextlib.contextmanager
 def _private_tempdir():
     """``tempfile``'s folder pointed at a private one, removed afterwards: for a dataset not
-    prepared locally, every tfds builder (``tfds.builder``, ``tfds.data_source``) calls ``DatasetInfo.initialize_from_bucket``, which makes a
-    ``/tmp/tmp*tfds`` folder and, with GCS disabled (tfds's default: nothing is downloaded), returns
-    before using or removing it. Process-wide while it lasts (``tempfile.tempdir``)."""
+    prepared locally, every tfds builder (``tfds.builder``, ``tfds.data_source``) calls
+    ``DatasetInfo.initialize_from_bucket``, which makes a ``/tmp/tmp*tfds`` folder and, with GCS
+    disabled (tfds's default: nothing is downloaded), returns before using or removing it.
+    Process-wide while it lasts (``tempfile.tempdir``)."""
     saved = tempfile.tempdir
     with tempfile.TemporaryDirectory(prefix="damo_jax_tfds_") as scratch:
         tempfile.tempdir = scratch
