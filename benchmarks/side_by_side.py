@@ -18,6 +18,12 @@ EMA (``--ema``): ``anchor`` (default) times the official step without its per-st
 ``../shared/reference/ANCHORS.md`` — against our recipe step, which has one; ``both`` adds the
 official EMA; ``neither`` drops ours (``train_step.py --no-ema``).
 
+``--isa-cap avx2`` runs both codes as an AVX2-only CPU would (the stand-in of bench_train §0zl /
+§0zm): ``ONEDNN_MAX_CPU_ISA=AVX2`` on both sides, ``ATEN_CPU_CAPABILITY=avx2`` for PyTorch's own
+kernels, ``--xla_cpu_max_isa=AVX2`` added to ``XLA_FLAGS`` for ours. Not reached by any cap: our
+native BatchNorm picks its clone from CPUID (forcing the AVX2 one made no measurable difference,
+§0zm), nor libraries' own runtime dispatch (XLA's batched dot).
+
 Per round one line is printed as it ends; at the end a Markdown table (rows: official, ours,
 ratio) and one JSON line: every round's median step times and ratio, the median ratio, the ratio
 of the medians, how many rounds reach ``--bar`` (1.25, issue 11's bar for S@320), the CPU
@@ -47,6 +53,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 EMA_CHOICES = ("anchor", "both", "neither")
+ISA_CAPS = ("none", "avx2")
 
 
 class RoundFailed(RuntimeError):
@@ -68,6 +75,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=10, help="official + ours process pairs")
     ap.add_argument("--ema", choices=EMA_CHOICES, default="anchor",
                     help="anchor: official without EMA vs ours with (default); both; neither")
+    ap.add_argument("--isa-cap", choices=ISA_CAPS, default="none",
+                    help="avx2: cap oneDNN, PyTorch and XLA to AVX2 on both sides (an AVX2-only CPU's "
+                         "stand-in); none (default): each code uses what the CPU has")
     ap.add_argument("--bar", type=float, default=1.25, help="ratio the summary counts rounds against")
     ap.add_argument("--pause", type=float, default=3.0, help="seconds between processes")
     ap.add_argument("--cache", default=None,
@@ -90,8 +100,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def commands(args, cache: str) -> tuple[list[str], list[str], dict]:
-    """(official command, our command, our environment) of one round."""
+def environments(isa_cap: str, cache: str) -> tuple[dict, dict]:
+    """(official environment, our environment) of every round (``--isa-cap``, our compile cache)."""
+    official, ours = dict(os.environ), dict(os.environ, DAMO_JAX_BENCH_CACHE=cache)
+    if isa_cap == "avx2":
+        official.update(ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2")
+        ours.update(ONEDNN_MAX_CPU_ISA="AVX2",
+                    XLA_FLAGS=" ".join(filter(None, (ours.get("XLA_FLAGS"), "--xla_cpu_max_isa=AVX2"))))
+    return official, ours
+
+
+def commands(args) -> tuple[list[str], list[str]]:
+    """(official command, our command) of one round."""
     common = ["--config", args.config, "--img-size", str(args.img_size), "--batch", str(args.batch),
               "--num-gt", str(args.num_gt), "--steps", str(args.steps)]
     official = [args.official_python, args.official_script, "--repo", args.repo, "--mode", "train", *common]
@@ -100,7 +120,7 @@ def commands(args, cache: str) -> tuple[list[str], list[str], dict]:
     ours = [sys.executable, args.ours_script, *common]
     if args.ema == "neither":
         ours.append("--no-ema")
-    return official, ours, dict(os.environ, DAMO_JAX_BENCH_CACHE=cache)
+    return official, ours
 
 
 def run_one(cmd: list[str], env: dict | None, what: str, round_no: int) -> dict:
@@ -142,15 +162,18 @@ def main(argv=None) -> int:
     if not cache:                             # a fresh cache of this run's own: removed when it ends
         cache = tempfile.mkdtemp(prefix="damo_side_by_side_")
         atexit.register(shutil.rmtree, cache, True)
-    official_cmd, ours_cmd, ours_env = commands(args, cache)
+    official_cmd, ours_cmd = commands(args)
+    official_env, ours_env = environments(args.isa_cap, cache)
     started, load0 = datetime.now(timezone.utc), os.getloadavg()[0]
     print(f"side by side: {args.config}@{args.img_size} batch {args.batch}, {args.num_gt} boxes/image, "
-          f"{args.steps} steps x {args.rounds} rounds, EMA {args.ema}; {cpu_model()}; load {load0:.2f}",
+          f"{args.steps} steps x {args.rounds} rounds, EMA {args.ema}"
+          + (f", both capped to {args.isa_cap.upper()}" if args.isa_cap != "none" else "")
+          + f"; {cpu_model()}; load {load0:.2f}",
           flush=True)
     official_s, ours_s = [], []
     try:
         for r in range(1, args.rounds + 1):
-            o = run_one(official_cmd, None, "official_torch.py", r)   # it changes into --repo itself
+            o = run_one(official_cmd, official_env, "official_torch.py", r)   # it changes into --repo itself
             time.sleep(args.pause)
             u = run_one(ours_cmd, ours_env, "train_step.py", r)
             official_s.append(float(o["median_step_s"]))
@@ -172,7 +195,7 @@ def main(argv=None) -> int:
     print("| damo_jax (s/step) | " + " / ".join(f"{v:.3f}" for v in ours_s) + f" | {res['ours_median_s']:.3f} |")
     print("| ratio | " + " / ".join(f"{v:.3f}" for v in res["ratios"]) + f" | **{res['median_ratio']:.3f}x** |")
     res.update(config=args.config, img_size=args.img_size, batch=args.batch, num_gt=args.num_gt,
-               steps=args.steps, rounds=args.rounds, ema=args.ema, cpu=cpu_model(),
+               steps=args.steps, rounds=args.rounds, ema=args.ema, isa_cap=args.isa_cap, cpu=cpu_model(),
                cpu_count=os.cpu_count(), loadavg_1m=[round(load0, 2), round(os.getloadavg()[0], 2)],
                started_utc=started.strftime("%Y-%m-%d %H:%M"),
                ended_utc=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),

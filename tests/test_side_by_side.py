@@ -27,7 +27,9 @@ STUB = textwrap.dedent("""
     calls = [json.loads(l) for l in open(log)] if os.path.exists(log) else []
     k = sum(c["side"] == side for c in calls)
     with open(log, "a") as f:
-        f.write(json.dumps({"side": side, "argv": argv, "cache": os.environ.get("DAMO_JAX_BENCH_CACHE")}) + "\\n")
+        f.write(json.dumps({"side": side, "argv": argv, "cache": os.environ.get("DAMO_JAX_BENCH_CACHE"),
+                            "env": {k: os.environ.get(k) for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY",
+                                                                   "XLA_FLAGS")}}) + "\\n")
     if os.environ.get("SBS_FAIL") == side:
         print("boom: the model did not build", file=sys.stderr)
         sys.exit(3)
@@ -104,6 +106,25 @@ def test_ema_modes_reach_the_right_side(stubs, ema, official_flag, ours_flag):
     cache = calls[1]["cache"]                 # no --cache: a fresh folder of the run's own ...
     assert cache and Path(cache).name.startswith("damo_side_by_side_")
     assert not Path(cache).exists()           # ... removed when the run ends
+
+
+def test_isa_cap_reaches_each_side_as_its_own_variables(stubs):
+    """--isa-cap avx2: oneDNN capped on both sides, PyTorch's ATen on the official side, XLA (added
+    to the XLA_FLAGS already set) on ours; without it, the environment is left as it is."""
+    log = stubs[3]
+    clean = {"ONEDNN_MAX_CPU_ISA": "", "ATEN_CPU_CAPABILITY": "", "XLA_FLAGS": "--xla_cpu_enable_fast_math=false"}
+    proc = _run(stubs, "--rounds", "1", env_extra=clean)
+    assert proc.returncode == 0, proc.stderr
+    proc = _run(stubs, "--rounds", "1", "--isa-cap", "avx2", env_extra=clean)
+    assert proc.returncode == 0, proc.stderr
+    plain_official, plain_ours, official, ours = [json.loads(line)["env"] for line in log.read_text().splitlines()]
+    assert plain_official == plain_ours == clean
+    assert official == {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
+                        "XLA_FLAGS": "--xla_cpu_enable_fast_math=false"}
+    assert ours == {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "",
+                    "XLA_FLAGS": "--xla_cpu_enable_fast_math=false --xla_cpu_max_isa=AVX2"}
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["isa_cap"] == "avx2"
+    assert "both capped to AVX2" in proc.stdout.splitlines()[0]
 
 
 @pytest.mark.parametrize("failing", ["official", "ours"])
