@@ -30,9 +30,11 @@ backward = grad - fwd; optimizer + EMA + guard = full - grad. ``--grad-impls`` l
 ``model.pointwise_impl`` (``conv``: 1x1 convs as ``conv_general_dilated``; ``dot``: as matrix
 products, ``damo_jax/models/cpu_ops.py``; ``auto``: dot on CPU), ``--bn-impls`` values of
 ``model.bn_impl`` (``xla``; ``native``: one call per BatchNorm + ReLU on every core,
-``damo_jax/models/batchnorm_ffi.c``; ``auto``: native in a one-device CPU process); every
-combination is timed (rows are labelled ``grad_impl``, plus ``/pointwise_impl`` and ``/bn:bn_impl``
-when several of those are given).
+``damo_jax/models/batchnorm_ffi.c``; ``auto``: native in a one-device CPU process),
+``--conv3x3-impls`` values of ``model.conv3x3_impl`` (``direct``: oneDNN's kernels; ``winograd``:
+F(2x2, 3x3), ``damo_jax/models/winograd_ffi.c``; ``auto``: winograd where oneDNN's best ISA is
+AVX2); every combination is timed (rows are labelled ``grad_impl``, plus ``/pointwise_impl``,
+``/bn:bn_impl`` and ``/3x3:conv3x3_impl`` when several of those are given).
 The last stdout line is a one-line JSON summary; ``images_per_s`` is the full step of the first
 combination, ``step_s`` that part's wall time of every timed round in order (warm-up trends and
 host-noise bursts show there, not in the median).
@@ -144,6 +146,8 @@ def main(argv=None) -> dict:
                     help="model.pointwise_impl values to compare (auto, conv, dot)")
     ap.add_argument("--bn-impls", nargs="+", default=["auto"],
                     help="model.bn_impl values to compare (auto, xla, native)")
+    ap.add_argument("--conv3x3-impls", nargs="+", default=["auto"],
+                    help="model.conv3x3_impl values to compare (auto, direct, winograd)")
     ap.add_argument("--parts", nargs="+", default=["full"], choices=("model", "fwd", "grad", "full"),
                     help="what to time (default: full); fwd/grad give the forward/backward split")
     ap.add_argument("--no-ema", action="store_true",
@@ -194,9 +198,11 @@ def main(argv=None) -> dict:
     fns, compile_s = {}, {}
     batches = None
     variants = {"/".join([g] + ([p] if len(args.pointwise_impls) > 1 else [])
-                         + ([f"bn:{b}"] if len(args.bn_impls) > 1 else [])): (g, p, b)
-                for g in args.grad_impls for p in args.pointwise_impls for b in args.bn_impls}
-    for impl, (grad_impl, pointwise_impl, bn_impl) in variants.items():
+                         + ([f"bn:{b}"] if len(args.bn_impls) > 1 else [])
+                         + ([f"3x3:{w}"] if len(args.conv3x3_impls) > 1 else [])): (g, p, b, w)
+                for g in args.grad_impls for p in args.pointwise_impls for b in args.bn_impls
+                for w in args.conv3x3_impls}
+    for impl, (grad_impl, pointwise_impl, bn_impl, conv3x3_impl) in variants.items():
         cfg = load_config(args.config)
         cfg.data.image_size = (args.img_size, args.img_size)
         cfg.train.batch_size = args.batch
@@ -204,6 +210,7 @@ def main(argv=None) -> dict:
         cfg.model.grad_impl = grad_impl
         cfg.model.pointwise_impl = pointwise_impl
         cfg.model.bn_impl = bn_impl
+        cfg.model.conv3x3_impl = conv3x3_impl
         if args.no_ema:
             cfg.train.ema = False
         if batches is None:

@@ -98,6 +98,7 @@ def model_config(
     c.model.pointwise_impl = "auto"  # 1x1 convs: auto | conv | dot (matrix product; models/cpu_ops.py)
     c.model.dense_impl = "auto"  # k x k convs of folded inference graphs: auto | conv | onednn (models/conv_grad.py)
     c.model.bn_impl = "auto"  # training-mode BatchNorm (+ReLU): auto | xla | native (models/batchnorm.py)
+    c.model.conv3x3_impl = "auto"  # 3x3 s1 convs in oneDNN's place: auto | direct | winograd (models/conv_grad.py)
 
     c.data = ml_collections.ConfigDict()
     c.data.train = "demo"          # dataset spec, see data_pipelines.open_dataset
@@ -189,6 +190,9 @@ KEY_HELP = {
     "model.dense_impl": "k x k convs of folded (deploy) graphs: auto | conv | onednn (models/conv_grad.py)",
     "model.bn_impl": "training-mode BatchNorm (+ its ReLU): auto (one native call on every core in a "
                      "one-device CPU process, else XLA) | xla | native (models/batchnorm.py)",
+    "model.conv3x3_impl": "3x3 stride-1 convs that run in oneDNN (grad_impl / dense_impl onednn): auto "
+                          "(Winograd F(2x2,3x3) where its x86-64 kernels run, for convs large enough) "
+                          "| direct | winograd (models/conv_grad.py, models/winograd_ffi.c)",
     # data
     "data.train": "training data: demo, coco:DIR, coco:FILE.json, yolo:DATA.yaml, voc:DIR, tfds:NAME",
     "data.val": "validation data spec; '' = the training spec with split data.val_split",

@@ -236,12 +236,18 @@ def test_resolve(monkeypatch, key, elsewhere, cpu_fallback):
 @pytest.mark.parametrize("name", ["t", "s", "ns"])
 def test_full_model_gradient_matches_native(name):
     """All parameters' and the input's gradients of a whole model (every dense and depthwise
-    conv in oneDNN)
-    against the all-native model, within 1e-5 relative per tensor. BatchNorm uses its running
+    conv in oneDNN, its direct kernels: ``model.conv3x3_impl = "direct"``; the Winograd ones are
+    tests/test_winograd.py's) against the all-native model, within 1e-5 relative per tensor. BatchNorm uses its running
     statistics here: in train mode this randomly initialised model on a 2-image 64x64 batch
     amplifies any float32 re-ordering of a sum by 1e3-1e4 (the same native model compiled with and
     without XLA's optimisations differs by 3e-3; tests/test_conv_grad.py), which would hide a real
     error rather than find one. Measured 2026-12-03: largest error 2.5e-6."""
+    check_full_model_gradient(name, conv3x3_impl="direct")
+
+
+def check_full_model_gradient(name: str, conv3x3_impl: str) -> str:
+    """The check of :func:`test_full_model_gradient_matches_native` with ``model.conv3x3_impl =
+    conv3x3_impl``; returns the compiled fast graph's HLO text."""
     from damo_jax.config import load_config
     from damo_jax.models import build_model, init_variables
 
@@ -249,6 +255,7 @@ def test_full_model_gradient_matches_native(name):
         cfg = load_config(name)
         cfg.model.grad_impl = grad_impl
         cfg.model.pointwise_impl = "conv"
+        cfg.model.conv3x3_impl = conv3x3_impl
         return build_model(cfg)
     m_native, m_fast = model("native"), model("onednn")
     v = init_variables(m_native, jax.random.PRNGKey(0))
@@ -272,6 +279,7 @@ def test_full_model_gradient_matches_native(name):
     bad = [(jax.tree_util.keystr(p), rel_err(f, n)) for (p, n), f in zip(leaves_n, leaves_f)
            if rel_err(f, n) > RTOL]
     assert not bad, bad
+    return hlo
 
 
 _AVX2_CHILD = textwrap.dedent("""
@@ -280,7 +288,7 @@ _AVX2_CHILD = textwrap.dedent("""
     import test_onednn
     from damo_jax.models import onednn
     lib = onednn._runtime()[0]
-    test_onednn.test_full_model_gradient_matches_native("ns")
+    test_onednn.check_full_model_gradient("ns", conv3x3_impl="direct")
     print(json.dumps({"isa": lib.dnnl_get_effective_cpu_isa()}))
 """)
 _DNNL_CPU_ISA_AVX2 = 0x7     # dnnl_cpu_isa_avx2 (oneDNN's dnnl_types.h)
@@ -291,8 +299,9 @@ def test_full_model_gradient_matches_native_with_onednn_capped_to_avx2():
     other kernels, weight layouts (8-channel blocks, 24-channel padded ones) and GEMM-based
     convolutions (depthwise 5x5 kernel gradients on the 4x4 and 2x2 maps) that an AVX-512 host never
     takes otherwise, so that CI on an AVX-512 host checks their gradients too (the threading
-    fault that path once had is tests/test_onednn_handler.py's). In a child process: oneDNN reads
-    ``ONEDNN_MAX_CPU_ISA`` once, when it loads; the child checks that the cap took."""
+    fault that path once had is tests/test_onednn_handler.py's; Ns has no 3x3 stride-1 dense conv
+    for the Winograd kernels, whose AVX2 path tests/test_winograd.py checks capped). In a child process:
+    oneDNN reads ``ONEDNN_MAX_CPU_ISA`` once, when it loads; the child checks that the cap took."""
     env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2")
     proc = subprocess.run([sys.executable, "-c", _AVX2_CHILD, str(Path(__file__).parent)],
                           capture_output=True, text=True, env=env, timeout=600)

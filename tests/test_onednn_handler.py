@@ -155,7 +155,14 @@ def test_train_log_names_the_conv_path(monkeypatch):
     from damo_jax.models import conv_grad
     monkeypatch.setattr(jax, "device_count", lambda *a: 1)
     monkeypatch.setattr(onednn, "handler_kind", lambda: "python")
+    monkeypatch.setattr(onednn, "winograd_available", lambda: False)   # as with the Python handler
     assert conv_grad.describe_grad_impl("auto", "float32", "cpu") == "convs: oneDNN, python FFI handler"
+    monkeypatch.setattr(onednn, "handler_kind", lambda: "native")
+    monkeypatch.setattr(onednn, "winograd_available", lambda: True)
+    assert conv_grad.describe_grad_impl("auto", "float32", "cpu") == (
+        "convs: oneDNN, native FFI handler, 3x3 convs as Winograd F(2x2,3x3)")
+    assert conv_grad.describe_grad_impl("auto", "float32", "cpu", conv3x3_impl="direct") == (
+        "convs: oneDNN, native FFI handler")
     assert "float32 only" in conv_grad.describe_grad_impl("auto", "bfloat16", "cpu")
     assert conv_grad.describe_grad_impl("auto", "float32", "gpu") == "convs: XLA's own ops and gradients"
     assert "matmul" in conv_grad.describe_grad_impl("matmul", "float32", "cpu")

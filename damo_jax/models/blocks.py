@@ -20,8 +20,9 @@ import jax
 import jax.numpy as jnp
 
 from damo_jax.models.batchnorm import BN_IMPLS, BatchNorm
-from damo_jax.models.conv_grad import (DENSE_IMPLS, GRAD_IMPLS, make_conv_general_dilated,
-                                      resolve_dense_impl, resolve_grad_impl)
+from damo_jax.models.conv_grad import (CONV3X3_IMPLS, DENSE_IMPLS, GRAD_IMPLS,
+                                      make_conv_general_dilated, resolve_dense_impl,
+                                      resolve_grad_impl, winograd_route)
 from damo_jax.models.cpu_ops import (DEPTHWISE_IMPLS, POINTWISE_IMPLS, check_impl,
                                      depthwise_conv_taps, pointwise_conv_dot, resolve_depthwise_impl,
                                      resolve_pointwise_impl, spp_max_pools)
@@ -35,7 +36,8 @@ class Opts:
     (``"auto"``/``"native"``/``"matmul"``/``"onednn"``, ``models/conv_grad.py``; train graphs
     only) and of the dense k x k convs of folded inference graphs (``"auto"``/``"conv"``/
     ``"onednn"``, ``conv_grad.resolve_dense_impl``) and of training-mode BatchNorm (``"auto"``/
-    ``"xla"``/``"native"``, ``models/batchnorm.py``). Unknown values are ``ConfigError``s
+    ``"xla"``/``"native"``, ``models/batchnorm.py``) and of the 3x3 stride-1 convs that run in
+    oneDNN (``"auto"``/``"direct"``/``"winograd"``, ``conv_grad.resolve_conv3x3_impl``). Unknown values are ``ConfigError``s
     (``cpu_ops.check_impl``)."""
     deploy: Any = False
     dtype: str = "float32"
@@ -46,6 +48,7 @@ class Opts:
     pointwise_impl: str = "auto"
     dense_impl: str = "auto"
     bn_impl: str = "auto"
+    conv3x3_impl: str = "auto"
 
     def __post_init__(self):
         mode = self.deploy
@@ -60,6 +63,7 @@ class Opts:
         check_impl("grad_impl", self.grad_impl, GRAD_IMPLS)
         check_impl("dense_impl", self.dense_impl, DENSE_IMPLS)
         check_impl("bn_impl", self.bn_impl, BN_IMPLS)
+        check_impl("conv3x3_impl", self.conv3x3_impl, CONV3X3_IMPLS)
 
     @property
     def fuse_bn(self) -> bool:
@@ -134,11 +138,13 @@ def conv(x, features: int, kernel: int, *, name: str, opts: Opts, stride: int = 
                  and resolve_pointwise_impl(opts.pointwise_impl) == "dot")
     grad_impl = resolve_grad_impl(opts.grad_impl) if opts.deploy is False else "native"
     if grad_impl in ("matmul", "onednn"):
-        conv_fn = make_conv_general_dilated(taps=taps, pointwise=pointwise,
-                                            onednn_convs=grad_impl == "onednn")
+        conv_fn = make_conv_general_dilated(
+            taps=taps, pointwise=pointwise, onednn_convs=grad_impl == "onednn",
+            winograd=winograd_route(opts.conv3x3_impl) if grad_impl == "onednn" else None)
     elif (opts.deploy is not False and groups == 1 and kernel > 1
           and opts.compute_dtype == jnp.float32 and resolve_dense_impl(opts.dense_impl) == "onednn"):
-        conv_fn = make_conv_general_dilated(taps=False, onednn_convs=True)
+        conv_fn = make_conv_general_dilated(taps=False, onednn_convs=True,
+                                            winograd=winograd_route(opts.conv3x3_impl))
     else:
         conv_fn = (depthwise_conv_taps if taps else pointwise_conv_dot if pointwise else None)
     return nn.Conv(

@@ -115,6 +115,9 @@ def build_model(config_or_name, deploy=False) -> DamoYolo:
     CPU process; exporters use ``"conv"``). ``cfg.model.bn_impl`` (``"auto"``, ``"xla"``,
     ``"native"``) how training-mode BatchNorm (+ its ReLU) runs (``models/batchnorm.py``; ``"auto"``
     = one native call per BatchNorm on every core in a one-device CPU process).
+    ``cfg.model.conv3x3_impl`` (``"auto"``, ``"direct"``, ``"winograd"``) how the 3x3 stride-1 convs
+    that run in oneDNN compute (``conv_grad.resolve_conv3x3_impl``; ``"auto"`` = Winograd where its
+    x86-64 AVX2 / AVX-512 kernels run).
     """
     cfg = load_config(config_or_name)
     m = cfg.model
@@ -126,7 +129,8 @@ def build_model(config_or_name, deploy=False) -> DamoYolo:
                 grad_impl=str(_get(m, "grad_impl", "auto")),
                 pointwise_impl=str(_get(m, "pointwise_impl", "auto")),
                 dense_impl=str(_get(m, "dense_impl", "auto")),
-                bn_impl=str(_get(m, "bn_impl", "auto")))
+                bn_impl=str(_get(m, "bn_impl", "auto")),
+                conv3x3_impl=str(_get(m, "conv3x3_impl", "auto")))
     return DamoYolo(backbone=build_backbone(m.backbone, opts), neck=build_neck(m.neck, opts),
                     head=build_head(m.head, opts), dtype=opts.dtype)
 

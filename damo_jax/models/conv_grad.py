@@ -60,6 +60,10 @@ from damo_jax.models.cpu_ops import (_NHWC_DIMS, _is_unit, check_impl, depthwise
 
 GRAD_IMPLS = ("auto", "native", "matmul", "onednn")
 DENSE_IMPLS = ("auto", "conv", "onednn")
+CONV3X3_IMPLS = ("auto", "direct", "winograd")
+#: convs with fewer input channels stay direct under "auto": the stem's 12-channel 3x3 conv
+#: measured 0.94x (forward) / 1.05x (kernel gradient) of oneDNN's time (docs/bench_train.md §0zn)
+WINOGRAD_MIN_CHANNELS = 16
 
 
 def _resolve_onednn(key: str, impl: str, choices: tuple, elsewhere: str, cpu_fallback: str,
@@ -109,7 +113,37 @@ def resolve_dense_impl(impl: str, backend: str | None = None) -> str:
                            auto_needs_native=True)
 
 
-def describe_grad_impl(impl: str, dtype: str = "float32", backend: str | None = None) -> str:
+def resolve_conv3x3_impl(impl: str, backend: str | None = None) -> str:
+    """``model.conv3x3_impl`` -> ``"direct"`` or ``"winograd"``: how the 3x3 stride-1 padding-1
+    dense convs that run in oneDNN (``grad_impl`` / ``dense_impl`` resolved to ``"onednn"``) are
+    computed -- oneDNN's direct kernels, or Winograd F(2x2, 3x3) (``models/winograd_ffi.c``: forward,
+    input and kernel gradient; the same function to float32 rounding, relative differences ~3e-7).
+    ``"auto"``: ``"winograd"`` in a one-device CPU process where its handlers run (native handler,
+    x86-64 with AVX2 + FMA), else ``"direct"``. ``"winograd"`` asked for but unavailable, and
+    unknown values, raise ``ConfigError``. ``"winograd"`` routes every such conv; ``"auto"`` only
+    those worth it (at least ``WINOGRAD_MIN_CHANNELS`` input channels and
+    ``onednn.winograd_min_pixels()`` batch x H x W: :func:`winograd_route`);
+    measured on the S@320 step's convs (docs/bench_train.md §0zn): with AVX2 (oneDNN's best ISA on
+    AVX2-only CPUs, or capped by ``ONEDNN_MAX_CPU_ISA``) 1.2-1.8x less time per conv than oneDNN,
+    the S@320 train step 1.674 -> 1.443 s; with AVX-512 0.9-1.5x per conv, the step 1.169 ->
+    1.091 s."""
+    check_impl("conv3x3_impl", impl, CONV3X3_IMPLS)
+    if impl == "winograd":
+        if not onednn.available():
+            raise ConfigError(f"model.conv3x3_impl='winograd': {onednn.unavailable_reason()}")
+        if not onednn.winograd_available():
+            raise ConfigError(f"model.conv3x3_impl='winograd': {onednn.winograd_unavailable_reason()}")
+        return impl
+    if impl == "direct":
+        return impl
+    if ((backend or jax.default_backend()) != "cpu" or jax.device_count() != 1
+            or not onednn.available() or not onednn.winograd_available()):
+        return "direct"
+    return "winograd"
+
+
+def describe_grad_impl(impl: str, dtype: str = "float32", backend: str | None = None,
+                       conv3x3_impl: str = "auto") -> str:
     """One phrase for the train log: how this process runs the train graph's convs and their
     gradients (``model.grad_impl`` resolved; for oneDNN, which FFI handler: ``native`` runs without
     Python, ``python`` needs the GIL per call)."""
@@ -117,7 +151,9 @@ def describe_grad_impl(impl: str, dtype: str = "float32", backend: str | None = 
     if resolved == "onednn":
         if dtype != "float32":
             return f"convs: XLA ({dtype}; the oneDNN path is float32 only)"
-        return f"convs: oneDNN, {onednn.handler_kind()} FFI handler"
+        wino = (", 3x3 convs as Winograd F(2x2,3x3)"
+                if resolve_conv3x3_impl(conv3x3_impl, backend) == "winograd" else "")
+        return f"convs: oneDNN, {onednn.handler_kind()} FFI handler{wino}"
     return {"native": "convs: XLA's own ops and gradients",
             "matmul": "convs: XLA, kernel gradients as matmuls"}[resolved]
 
@@ -295,14 +331,28 @@ def supported(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation
     return feature_group_count == 1 or depthwise
 
 
-def make_conv_general_dilated(*, taps: bool, pointwise: bool = False, onednn_convs: bool = False):
+def winograd_route(conv3x3_impl: str, backend: str | None = None) -> str | None:
+    """What ``make_conv_general_dilated(winograd=...)`` takes for ``model.conv3x3_impl``: None
+    (direct), ``"all"`` (asked for explicitly: every eligible conv) or ``"sized"`` (``auto``: the
+    convs worth it)."""
+    if resolve_conv3x3_impl(conv3x3_impl, backend) == "direct":
+        return None
+    return "all" if conv3x3_impl == "winograd" else "sized"
+
+
+def make_conv_general_dilated(*, taps: bool, pointwise: bool = False, onednn_convs: bool = False,
+                              winograd: str | None = None):
     """A ``lax.conv_general_dilated``-compatible callable (what ``flax.linen.Conv`` takes as
     ``conv_general_dilated``) whose forward is the native op (``depthwise_conv_taps`` for
     depthwise convs when ``taps``, ``pointwise_conv_dot`` for 1x1 convs when ``pointwise``) and
     whose gradients come from :func:`_conv_bwd`. Unsupported configurations (dilation, other
     groupings, other layouts) fall back to the native op. ``onednn_convs``: dense
     and depthwise convs (:func:`onednn.supported`, float32) run forward and backward in oneDNN
-    (:func:`onednn.conv`)."""
+    (:func:`onednn.conv`); with ``winograd`` too (:func:`winograd_route`), 3x3 stride-1
+    padding-1 dense convs (:func:`onednn.winograd_eligible`) run as Winograd F(2x2, 3x3)
+    (``algo="winograd"``): all of them (``"all"``) or those with at least
+    ``WINOGRAD_MIN_CHANNELS`` input channels and ``onednn.winograd_min_pixels()`` batch x H x W
+    (``"sized"``)."""
     def conv_general_dilated_matmul_grad(lhs, rhs, window_strides, padding, lhs_dilation=None,
                                          rhs_dilation=None, dimension_numbers=None,
                                          feature_group_count=1, batch_group_count=1,
@@ -321,7 +371,13 @@ def make_conv_general_dilated(*, taps: bool, pointwise: bool = False, onednn_con
         pads = tuple((int(lo), int(hi)) for lo, hi in padding)
         if (onednn_convs
                 and onednn.supported(lhs, rhs, strides, pads, feature_group_count)):
-            return onednn.conv(lhs, rhs, strides, pads)
+            worth_it = winograd == "all" or (
+                lhs.shape[3] >= WINOGRAD_MIN_CHANNELS
+                and lhs.shape[0] * lhs.shape[1] * lhs.shape[2] >= onednn.winograd_min_pixels())
+            algo = ("winograd" if winograd and worth_it
+                    and onednn.winograd_eligible(lhs, rhs, strides, pads, feature_group_count)
+                    else "direct")
+            return onednn.conv(lhs, rhs, strides, pads, algo)
         form = ("taps" if taps and feature_group_count > 1 else
                 "dot" if pointwise and rhs.shape[:2] == (1, 1) and feature_group_count == 1
                 and not any(pads[0] + pads[1]) else "conv")

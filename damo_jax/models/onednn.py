@@ -33,6 +33,15 @@ Scope and contract:
 
 Layouts: ``x`` (B, H, W, C) NHWC, ``w`` (kh, kw, C, D) HWIO, ``y`` (B, Ho, Wo, D) NHWC. oneDNN picks
 its own (blocked) kernel layout (``format_tag_any``); kernels are reordered from/to HWIO per call.
+
+Winograd: :func:`conv` with ``algo="winograd"`` runs a 3x3 stride-1 padding-1 dense conv (channels
+any counts, :func:`winograd_eligible`) as Winograd F(2x2, 3x3) in ``winograd_ffi.c`` (AVX2 +
+FMA, native handler only; :func:`winograd_available`) -- forward, input and kernel gradient. Which
+convs use it is ``model.conv3x3_impl`` (``conv_grad.resolve_conv3x3_impl``; by default every one
+large enough, :func:`winograd_min_pixels`). Its GEMMs use AVX-512 where oneDNN does
+(:func:`onednn_has_avx512`, honouring ``ONEDNN_MAX_CPU_ISA``), else AVX2; oneDNN 3.2 has no AVX2
+Winograd, and against its direct kernels this is 1.2-1.8x faster per conv with AVX2, 0.9-1.5x with
+AVX-512 (docs/bench_train.md §0zn).
 """
 from __future__ import annotations
 
@@ -663,6 +672,75 @@ def _register_targets() -> None:
             else:
                 _HANDLERS[name] = h = _make_handler(body)
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(h), platform="cpu")
+        _STATE["winograd_reason"] = reason = _winograd_missing(native)
+        if reason is None:
+            # its GEMMs use AVX-512 where oneDNN does (so ONEDNN_MAX_CPU_ISA caps both)
+            native.damo_wino_set_avx512.restype = c_int
+            _STATE["winograd_avx512"] = bool(native.damo_wino_set_avx512(int(onednn_has_avx512())))
+            for name, symbol in _WINO_SYMBOLS.items():
+                _HANDLERS[name] = h = getattr(native, symbol)
+                jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(h), platform="cpu")
+
+
+# ----------------------------------------------------------------------------- Winograd (AVX2)
+_WINO_SYMBOLS = {"damo_jax_wino_conv_fwd": "damo_wino_conv_fwd",
+                 "damo_jax_wino_conv_bwd": "damo_wino_conv_bwd",
+                 "damo_jax_wino_conv_bwd_weights": "damo_wino_conv_bwd_weights"}
+_AVX512_BIT = 0x20   # set in every dnnl_cpu_isa_avx512_* / avx10 value, in no avx2* one (dnnl_types.h)
+
+
+def _winograd_missing(native) -> str | None:
+    """Why the Winograd handlers cannot run in this process (None: they can)."""
+    if native is None:
+        return ("it needs the native FFI handler (" + (_STATE.get("error") or "the Python handler "
+                "runs: no C compiler, or DAMO_JAX_ONEDNN_HANDLER=python") + ")")
+    if not hasattr(native, "damo_wino_conv_fwd"):
+        from damo_jax.models import onednn_native
+        return "the native library was " + "; ".join(onednn_native.BUILD_NOTES or ["built without it"])
+    if not native.damo_wino_supported():
+        return "this CPU has no AVX2 + FMA (the Winograd kernels are x86-64 AVX2 code)"
+    return None
+
+
+def winograd_available() -> bool:
+    """True when the Winograd 3x3 handlers run here (native handler built with OpenMP, x86-64 CPU
+    with AVX2 + FMA); :func:`winograd_unavailable_reason` says why not."""
+    if not available():
+        return False
+    _register_targets()
+    return _STATE.get("winograd_reason") is None
+
+
+def winograd_unavailable_reason() -> str | None:
+    if not available():
+        return unavailable_reason()
+    _register_targets()
+    return _STATE.get("winograd_reason")
+
+
+def winograd_min_pixels() -> int:
+    """Smallest ``batch * H * W`` routed to Winograd by ``model.conv3x3_impl`` (smaller convs are
+    dominated by the per-call kernel transform and stay in oneDNN's direct kernels): 400 with the
+    AVX2 GEMM kernels, 3200 with the AVX-512 ones (measured per S@320 shape, docs/bench_train.md
+    §0zn: AVX2 wins from 8 x 10 x 10 on, AVX-512 from 8 x 20 x 20)."""
+    _register_targets()
+    return 3200 if _STATE.get("winograd_avx512") else 400
+
+
+def onednn_has_avx512() -> bool:
+    """Whether oneDNN runs AVX-512 kernels on this CPU (``dnnl_get_effective_cpu_isa``: honours
+    ``ONEDNN_MAX_CPU_ISA``)."""
+    lib, _, _ = _runtime()
+    return bool(int(lib.dnnl_get_effective_cpu_isa()) & _AVX512_BIT)
+
+
+def winograd_eligible(x, w, strides, padding, groups) -> bool:
+    """A conv the Winograd handlers compute: float32, dense 3x3, stride 1, padding 1 on every side
+    (any channel counts: the kernels pad them to multiples of 8 internally)."""
+    return (x.dtype == jnp.float32 and w.dtype == jnp.float32 and groups == 1
+            and tuple(w.shape[:2]) == (3, 3) and tuple(strides) == (1, 1)
+            and tuple(map(tuple, padding)) == ((1, 1), (1, 1)) and w.shape[2] == x.shape[3]
+            and min(x.shape) > 0 and w.shape[3] > 0)
 
 
 # ----------------------------------------------------------------------------- JAX
@@ -688,46 +766,75 @@ def _conf_attr(strides, padding):
     return np.array([strides[0], strides[1], pt, pb, pl, pr], np.int64)
 
 
-def _forward_call(x, w, strides, padding):
+ALGOS = ("direct", "winograd")
+
+
+def _target(kind: str, algo: str) -> str:
+    return f"damo_jax_{'wino' if algo == 'winograd' else 'onednn'}_conv_{kind}"
+
+
+def _call_kwargs(strides, padding, algo) -> dict:
+    # the Winograd handlers take no attributes (their one conv form is implied by the shapes)
+    return {} if algo == "winograd" else {"conf": _conf_attr(strides, padding)}
+
+
+def _forward_call(x, w, strides, padding, algo="direct"):
     _register_targets()
-    return jax.ffi.ffi_call("damo_jax_onednn_conv_fwd", _out_struct(x, w, strides, padding),
-                            vmap_method="sequential")(x, w, conf=_conf_attr(strides, padding))
+    return jax.ffi.ffi_call(_target("fwd", algo), _out_struct(x, w, strides, padding),
+                            vmap_method="sequential")(x, w, **_call_kwargs(strides, padding, algo))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def conv(x, w, strides, padding):
+def conv(x, w, strides, padding, algo: str = "direct"):
     """``lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC/HWIO/NHWC)`` with
-    forward, input gradient and kernel gradient computed by oneDNN (XLA FFI custom calls on CPU).
+    forward, input gradient and kernel gradient computed by oneDNN (XLA FFI custom calls on CPU),
+    or, ``algo="winograd"``, by the Winograd F(2x2, 3x3) handlers of ``winograd_ffi.c`` (only for
+    :func:`winograd_eligible` convs where :func:`winograd_available`; a ``ValueError`` otherwise).
 
     x: (B, H, W, C) float32, w: (kh, kw, C, D) float32 (depthwise: (kh, kw, 1, C)),
     strides: (sh, sw),
     padding: ((top, bottom), (left, right)) -> (B, Ho, Wo, D) float32.
     """
-    return _forward_call(x, w, strides, padding)
+    if algo not in ALGOS:
+        raise ValueError(f"algo must be one of {ALGOS}, got {algo!r}")
+    strides = tuple(int(s) for s in strides)
+    padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+    if algo == "winograd":
+        if not winograd_eligible(x, w, strides, padding, 1):
+            raise ValueError(f"Winograd conv: x {x.shape} {x.dtype}, w {w.shape} {w.dtype}, strides "
+                             f"{strides}, padding {padding} is not a float32 3x3 stride-1 padding-1 "
+                             f"dense conv")
+        if not winograd_available():
+            raise ValueError(f"Winograd conv unavailable: {winograd_unavailable_reason()}")
+    return _conv(x, w, strides, padding, algo)
 
 
-def _conv_fwd(x, w, strides, padding):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv(x, w, strides, padding, algo):
+    return _forward_call(x, w, strides, padding, algo)
+
+
+def _conv_fwd(x, w, strides, padding, algo):
     # symbolic_zeros=True: x / w arrive as CustomVJPPrimal(value, perturbed); an input that needs
     # no gradient (the image into the stem) gets no input-gradient computation
-    y = _forward_call(x.value, w.value, strides, padding)
+    y = _forward_call(x.value, w.value, strides, padding, algo)
     return y, (x.value, w.value, x.perturbed)
 
 
-def _conv_bwd(strides, padding, res, g):
+def _conv_bwd(strides, padding, algo, res, g):
     x, w, need_dx = res
     if isinstance(g, SymbolicZero):
         return jnp.zeros_like(x), jnp.zeros_like(w)
     _register_targets()
-    conf = _conf_attr(strides, padding)
+    kwargs = _call_kwargs(strides, padding, algo)
     w_struct = jax.ShapeDtypeStruct(w.shape, w.dtype)
     if not need_dx:
-        dw = jax.ffi.ffi_call("damo_jax_onednn_conv_bwd_weights", w_struct,
-                              vmap_method="sequential")(x, w, g.astype(x.dtype), conf=conf)
+        dw = jax.ffi.ffi_call(_target("bwd_weights", algo), w_struct,
+                              vmap_method="sequential")(x, w, g.astype(x.dtype), **kwargs)
         return jnp.zeros_like(x), dw
     dx, dw = jax.ffi.ffi_call(
-        "damo_jax_onednn_conv_bwd", (jax.ShapeDtypeStruct(x.shape, x.dtype), w_struct),
-        vmap_method="sequential")(x, w, g.astype(x.dtype), conf=conf)
+        _target("bwd", algo), (jax.ShapeDtypeStruct(x.shape, x.dtype), w_struct),
+        vmap_method="sequential")(x, w, g.astype(x.dtype), **kwargs)
     return dx, dw
 
 
-conv.defvjp(_conv_fwd, _conv_bwd, symbolic_zeros=True)
+_conv.defvjp(_conv_fwd, _conv_bwd, symbolic_zeros=True)

@@ -1,6 +1,7 @@
-"""The native (C) XLA FFI handlers: the oneDNN convolutions (``onednn_ffi.c``) and the
-training-mode BatchNorm (``batchnorm_ffi.c``, OpenMP), both using ``xla_ffi.h``; compiled into one
-library on first use with the system C compiler and cached. :mod:`damo_jax.models.onednn` falls
+"""The native (C) XLA FFI handlers: the oneDNN convolutions (``onednn_ffi.c``), the Winograd 3x3
+convolutions for AVX2 CPUs (``winograd_ffi.c``, OpenMP) and the training-mode BatchNorm
+(``batchnorm_ffi.c``, OpenMP), all using ``xla_ffi.h``; compiled into one library on first use with
+the system C compiler and cached. :mod:`damo_jax.models.onednn` falls
 back to its ctypes (Python) handler when this cannot be built, :mod:`damo_jax.models.batchnorm` to
 XLA's ops.
 
@@ -33,7 +34,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name(n) for n in ("onednn_ffi.c", "batchnorm_ffi.c", "xla_ffi.h"))
+SOURCES = tuple(Path(__file__).with_name(n)
+                for n in ("onednn_ffi.c", "batchnorm_ffi.c", "winograd_ffi.c", "xla_ffi.h"))
 HANDLER_ENV = "DAMO_JAX_ONEDNN_HANDLER"
 HANDLER_CHOICES = ("auto", "native", "python")
 _FLAGS = ("-O3", "-shared", "-fPIC", "-pthread", "-fopenmp")
@@ -63,9 +65,10 @@ def _compiler() -> str | None:
     return shutil.which(cc) or shutil.which("gcc")
 
 
-# the BatchNorm handlers need OpenMP; where the compiler has none (e.g. clang without libomp) the
-# library is built without them (the convs keep their native handler, BatchNorm runs XLA's ops)
-CONV_ONLY = (SOURCES[0], SOURCES[2])
+# the BatchNorm and Winograd handlers need OpenMP; where the compiler has none (e.g. clang without
+# libomp) the library is built without them (the oneDNN convs keep their native handler, BatchNorm
+# runs XLA's ops, 3x3 convs stay in oneDNN)
+CONV_ONLY = (SOURCES[0], SOURCES[3])
 _CONV_ONLY_FLAGS = tuple(f for f in _FLAGS if f != "-fopenmp")
 BUILD_NOTES: list = []     # why the last build left the BatchNorm handlers out (one line), if it did
 
@@ -129,7 +132,7 @@ def build() -> Path:
             target = _compile(cc, CONV_ONLY, _CONV_ONLY_FLAGS)
         except OSError:
             raise full_error from None
-        BUILD_NOTES[:] = [f"built without the BatchNorm handlers ({full_error})"]
+        BUILD_NOTES[:] = [f"built without the BatchNorm and Winograd handlers ({full_error})"]
         return target
 
 
@@ -139,4 +142,6 @@ def load() -> ctypes.CDLL:
     lib.damo_onednn_plan_calls.restype = ctypes.c_int64
     for name in ("damo_onednn_conv_fwd", "damo_onednn_conv_bwd", "damo_onednn_conv_bwd_weights"):
         getattr(lib, name).restype = ctypes.c_void_p
+    if hasattr(lib, "damo_wino_supported"):
+        lib.damo_wino_supported.restype = ctypes.c_int
     return lib

@@ -801,7 +801,7 @@ def _override_text(value) -> str:
 
 #: keys expected to differ between the invocations of one run (not worth a warning)
 RESUME_QUIET_KEYS = ("train.max_steps", "train.precompile", "model.grad_impl", "model.dense_impl", "model.bn_impl",
-                     "model.depthwise_impl", "model.pointwise_impl", "data.workers")
+                     "model.conv3x3_impl", "model.depthwise_impl", "model.pointwise_impl", "data.workers")
 
 
 def changed_settings(saved: dict, now: dict, limit: int = 12) -> str:
@@ -877,7 +877,9 @@ def describe(run: Run, state: dict, start: int) -> str:
             f"{rl.no_aug_start_step}; "
             + (f"running steps {start}..{rl.last_step}; " if start < rl.last_step else
                f"no steps to run (checkpoint {start} >= the schedule's last step {rl.last_step}); ")
-            + f"{conv_grad.describe_grad_impl(cfg.model.grad_impl, str(cfg.model.dtype))}; "
+            + conv_grad.describe_grad_impl(cfg.model.grad_impl, str(cfg.model.dtype),
+                                           conv3x3_impl=str(cfg.model.get("conv3x3_impl", "auto")))
+            + "; "
             + f"{describe_bn_impl(str(cfg.model.get('bn_impl', 'auto')), str(cfg.model.dtype))}"
             + (f"; distilling from {cfg.distill.teacher or 'teacher'} ({run.teacher.source}), "
                f"{cfg.distill.method}, weight {cfg.distill.weight}->{cfg.distill.weight_end}, "
