@@ -1,6 +1,7 @@
 """Forward vs kernel-/input-gradient time per convolution kind, native XLA vs ``model.grad_impl``
 "matmul" (damo_jax/models/conv_grad.py) vs "onednn" (damo_jax/models/onednn.py, dense and depthwise
-convs), jit, float32.
+convs) vs Winograd (``model.conv3x3_impl``, damo_jax/models/winograd_ffi.c: 3x3 stride-1 kinds),
+jit, float32.
 
     python benchmarks/conv_grad.py [--batch 8] [--runs 7] [--kinds 1x1 3x3 3x3s2 1x1s2 dw5 dw5s2]
 
@@ -66,6 +67,11 @@ def variants(kind, batch):
         # its backward call returns dX and dW together (what training needs); dW alone is the
         # call made for an input without gradient (the image into the stem)
         fns["dW onednn"], fns["dX+dW onednn"] = dw_of(dnnl), dx_of(dnnl)
+        if onednn.winograd_available() and onednn.winograd_eligible(x, w, *args, groups):
+            def wino(x_, w_, *a, **kw):   # model.conv3x3_impl "winograd" (winograd_ffi.c)
+                return onednn.conv(x_, w_, *a, algo="winograd")
+            fns["forward winograd"] = lambda x, w, g: conv(wino)(x, w)
+            fns["dW winograd"], fns["dX+dW winograd"] = dw_of(wino), dx_of(wino)
     if dw:  # what XLA's own grouped conv gradient costs (depthwise_impl="conv", grad_impl="native")
         fns["dW grouped conv"] = dw_of(lax.conv_general_dilated)
     return fns, (x, w, g)

@@ -11,7 +11,9 @@ depthwise convs and separable SPP pools; ``auto``: taps on CPU, conv elsewhere);
 matrix products; ``auto``: dot on CPU), e.g. ``--impls auto/conv auto/dot``; ``D/P/X`` also sets
 ``model.dense_impl`` to ``X`` (how the deploy graph's k x k dense convs run: ``conv``: XLA's op,
 as exported; ``onednn``: oneDNN's forward, ``models/onednn.py``; ``auto``: onednn in a one-device
-CPU process), e.g. ``--impls auto/auto/conv auto/auto/onednn``. All variants of
+CPU process), e.g. ``--impls auto/auto/conv auto/auto/onednn``; ``D/P/X/W`` also sets
+``model.conv3x3_impl`` to ``W`` (``direct`` / ``winograd`` / ``auto``: how the 3x3 stride-1 convs
+that run in oneDNN compute), e.g. ``--impls auto/auto/auto/direct auto/auto/auto/auto``. All variants of
 one model are compiled first, warmed up 3 times, then timed **interleaved** (one call of each per
 round) so that load changes on a shared machine hit them alike. Reports the median / min / p90
 wall time, the median process CPU time per call (all threads; less sensitive to other processes
@@ -33,7 +35,7 @@ import jax
 import numpy as np
 
 from damo_jax.models import build_model, init_variables, with_depthwise_impl
-from damo_jax.models.conv_grad import DENSE_IMPLS
+from damo_jax.models.conv_grad import CONV3X3_IMPLS, DENSE_IMPLS
 from damo_jax.models.cpu_ops import DEPTHWISE_IMPLS, POINTWISE_IMPLS
 from damo_jax.models.reparam import fuse
 from damo_jax.runtime import cpu_compiler_options, tune_cpu_allocator
@@ -70,10 +72,11 @@ def time_interleaved(variants, images, runs):
 
 
 def _split_impl(impl: str) -> tuple:
-    """``"D[/P[/X]]"`` -> (depthwise_impl, pointwise_impl or None, dense_impl or None)."""
+    """``"D[/P[/X[/W]]]"`` -> (depthwise_impl, pointwise_impl or None, dense_impl or None,
+    conv3x3_impl or None)."""
     parts = impl.split("/")
-    parts += [None] * (3 - len(parts))
-    return parts[0], parts[1] or None, parts[2] or None
+    parts += [None] * (4 - len(parts))
+    return parts[0], parts[1] or None, parts[2] or None, parts[3] or None
 
 
 def bench(name, size, runs, graphs, impls, compiler_options=None):
@@ -84,8 +87,10 @@ def bench(name, size, runs, graphs, impls, compiler_options=None):
     variants, compile_s = {}, {}
     for graph in graphs:
         for impl in impls:
-            depthwise, pointwise, dense = _split_impl(impl)
+            depthwise, pointwise, dense, conv3x3 = _split_impl(impl)
             cfg = with_depthwise_impl(name, depthwise, pointwise, dense)
+            if conv3x3 is not None:
+                cfg.model.conv3x3_impl = conv3x3
             if graph == "train":
                 model, v = build_model(cfg), train_variables
             else:
@@ -103,8 +108,9 @@ def main(argv=None):
     ap.add_argument("--graphs", nargs="+", default=["train", "deploy"], choices=sorted(GRAPH_LABELS))
     ap.add_argument("--impls", nargs="+", default=["auto"],
                     help="model.depthwise_impl values to compare (auto, conv, taps), each optionally "
-                         "followed by /<model.pointwise_impl> (auto, conv, dot) and "
-                         "/<model.dense_impl> (auto, conv, onednn); default: auto")
+                         "followed by /<model.pointwise_impl> (auto, conv, dot), "
+                         "/<model.dense_impl> (auto, conv, onednn) and /<model.conv3x3_impl> "
+                         "(auto, direct, winograd); default: auto")
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--tuned", action="store_true",
                     help="damo_jax.runtime: tune_cpu_allocator() + cpu_compiler_options() on the jits")
@@ -119,12 +125,14 @@ def main(argv=None):
     load0 = os.getloadavg()[0]
     dev = jax.devices()[0]
     for impl in args.impls:
-        depthwise, pointwise, dense = _split_impl(impl)
-        if (impl.count("/") > 2 or depthwise not in DEPTHWISE_IMPLS
-                or pointwise not in (None, *POINTWISE_IMPLS) or dense not in (None, *DENSE_IMPLS)):
-            ap.error(f"--impls: {impl!r} is not D, D/P or D/P/X with D in {'|'.join(DEPTHWISE_IMPLS)}, "
-                     f"P in {'|'.join(POINTWISE_IMPLS)}, X in {'|'.join(DENSE_IMPLS)}")
-    lines = ["| model | input | graph | depthwise_impl[/pointwise_impl[/dense_impl]] | median ms | min ms | p90 ms | CPU ms/call | compile s |",
+        depthwise, pointwise, dense, conv3x3 = _split_impl(impl)
+        if (impl.count("/") > 3 or depthwise not in DEPTHWISE_IMPLS
+                or pointwise not in (None, *POINTWISE_IMPLS) or dense not in (None, *DENSE_IMPLS)
+                or conv3x3 not in (None, *CONV3X3_IMPLS)):
+            ap.error(f"--impls: {impl!r} is not D, D/P, D/P/X or D/P/X/W with D in "
+                     f"{'|'.join(DEPTHWISE_IMPLS)}, P in {'|'.join(POINTWISE_IMPLS)}, X in "
+                     f"{'|'.join(DENSE_IMPLS)}, W in {'|'.join(CONV3X3_IMPLS)}")
+    lines = ["| model | input | graph | depthwise_impl[/pointwise_impl[/dense_impl[/conv3x3_impl]]] | median ms | min ms | p90 ms | CPU ms/call | compile s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for spec in args.models:
         name, size = spec.split(":")
