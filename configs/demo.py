@@ -166,7 +166,14 @@ a systematic effect. A fresh clone of 53a4748 with this setting (README command 
 training command 7.7 min. Again from a fresh clone of 796e4c3 (16:56–17:04 UTC, 80 s install,
 22–24 img/s; bench_train §0zl): the same digits at 1.5 / 2.2 / 2.8 / 3.5 / 4.1 / 4.8 / **5.5** / 6.1 /
 6.8 minutes: 0.5 at 5.5 minutes, the whole training command 6.8 min. And from 0917db9 (20:26–20:34
-UTC, 80 s install; bench_train §0zm): the same digits, 0.5 at 5.4 minutes, 6.8 min in all. The step itself does not favour either BatchNorm at this size:
+UTC, 80 s install; bench_train §0zm): the same digits, 0.5 at 5.4 minutes, 6.8 min in all. With the
+3×3 stride-1 convs as Winograd F(2×2, 3×3) (``model.conv3x3_impl`` auto, 5fd48ee; on this AVX-512
+host it routes the convs with batch × H × W ≥ 3200, i.e. the 24×24 and larger maps of the train
+step), a fresh clone of 08c2b97 (22:34–22:42 UTC, 77 s install, 22–24 img/s, nothing else running;
+bench_train §0zn): **0.031 / 0.073 / 0.311 / 0.405 / 0.476 / 0.531 / 0.582 / 0.604 / 0.612** (AP
+0.451) at 1.5 / 2.1 / 2.8 / 3.4 / 4.1 / **4.7** / 5.3 / 6.0 / 6.6 minutes after the install: **0.5 at
+4.7 minutes** (epoch 6), the whole training command 6.6 min — another trajectory (the convs round
+differently), as after every numerics change above. The step itself does not favour either BatchNorm at this size:
 ``python benchmarks/train_step.py --config demo --img-size 192 --batch 8 --steps 16 --num-gt 5
 --bn-impls xla native`` (both interleaved in one process, 14:40 UTC) gave 0.449 s (XLA) and 0.435 s
 (native) per step, where the two demo runs above differed by 4 % in img/s; this config keeps

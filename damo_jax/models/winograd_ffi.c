@@ -1,12 +1,15 @@
 /* Winograd F(2x2, 3x3) convolutions for x86-64 CPUs with AVX2 + FMA: the 3x3 stride-1 "same"
- * (padding 1) dense convs of CPU train graphs, forward, input gradient and kernel gradient, as
- * native XLA FFI handlers beside the oneDNN ones (onednn_ffi.c; chosen per conv by onednn.py).
+ * (padding 1) dense convs of CPU train graphs (forward, input gradient, kernel gradient) and of
+ * folded inference graphs (forward), as native XLA FFI handlers beside the oneDNN ones
+ * (onednn_ffi.c); which convs is model.conv3x3_impl (models/conv_grad.py), the call onednn.conv(...,
+ * algo="winograd").
  *
  * Why: on a CPU whose best vector ISA is AVX2 (oneDNN 3.2 has no AVX2 Winograd), oneDNN's direct
  * 3x3 convs run at the two cores' FMA peak and are 55 % of the S@320 train step's convolution time
  * (docs/bench_train.md §0zm); the official PyTorch code runs the same oneDNN kernels. F(2x2, 3x3)
- * does the 3x3 conv's multiply-adds in 16 matrix products of 4/9 the size: 1.3-2.4x less time
- * per conv at the same float32 accuracy (§0zn).
+ * does the 3x3 conv's multiply-adds in 16 matrix products, 4/9 of the direct count: per S@320 conv
+ * 1.2-1.8x less time than oneDNN with AVX2, 0.9-1.5x with the AVX-512 products (§0zn), at float32
+ * accuracy (relative error ~5e-7 against XLA's conv).
  *
  * Algorithm (Lavin & Gray 2016), NHWC activations, HWIO weights, float32:
  *   each 2x2 output tile t of image n reads the 4x4 input patch d_t (zero outside the image);
