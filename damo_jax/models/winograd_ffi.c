@@ -66,27 +66,25 @@ static inline int64_t panel_index(int64_t row, int64_t col, int64_t R, int64_t C
   return p * 16 * R + row * width + col % 16;
 }
 
-/* C (6 x 16, row stride ldc) = A (6 x P, row stride lda) . B (P x 16, row stride ldb) */
+/* C (6 x 16, row stride ldc) = A (6 x P, row stride lda) . B (P x 16, row stride ldb). Written out
+ * accumulator by accumulator: with an array of __m256 in a loop gcc -O3 stores every accumulator to
+ * the stack after each FMA (AVX2 has 16 registers). */
 AVX2 static inline void gemm_6x16(int64_t P, const float *A, int64_t lda, const float *B, int64_t ldb, float *Cm,
                                   int64_t ldc) {
   __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00,
          c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+#define ROW(r, x0, x1) { const __m256 a = _mm256_broadcast_ss(A + (r) * lda + p); \
+                         x0 = _mm256_fmadd_ps(a, b0, x0); x1 = _mm256_fmadd_ps(a, b1, x1); }
   for (int64_t p = 0; p < P; ++p) {
     const __m256 b0 = _mm256_loadu_ps(B + p * ldb), b1 = _mm256_loadu_ps(B + p * ldb + 8);
-    __m256 a;
-    a = _mm256_broadcast_ss(A + p);           c00 = _mm256_fmadd_ps(a, b0, c00); c01 = _mm256_fmadd_ps(a, b1, c01);
-    a = _mm256_broadcast_ss(A + lda + p);     c10 = _mm256_fmadd_ps(a, b0, c10); c11 = _mm256_fmadd_ps(a, b1, c11);
-    a = _mm256_broadcast_ss(A + 2 * lda + p); c20 = _mm256_fmadd_ps(a, b0, c20); c21 = _mm256_fmadd_ps(a, b1, c21);
-    a = _mm256_broadcast_ss(A + 3 * lda + p); c30 = _mm256_fmadd_ps(a, b0, c30); c31 = _mm256_fmadd_ps(a, b1, c31);
-    a = _mm256_broadcast_ss(A + 4 * lda + p); c40 = _mm256_fmadd_ps(a, b0, c40); c41 = _mm256_fmadd_ps(a, b1, c41);
-    a = _mm256_broadcast_ss(A + 5 * lda + p); c50 = _mm256_fmadd_ps(a, b0, c50); c51 = _mm256_fmadd_ps(a, b1, c51);
+    ROW(0, c00, c01) ROW(1, c10, c11) ROW(2, c20, c21) ROW(3, c30, c31) ROW(4, c40, c41) ROW(5, c50, c51)
   }
-  _mm256_storeu_ps(Cm, c00);           _mm256_storeu_ps(Cm + 8, c01);
-  _mm256_storeu_ps(Cm + ldc, c10);     _mm256_storeu_ps(Cm + ldc + 8, c11);
-  _mm256_storeu_ps(Cm + 2 * ldc, c20); _mm256_storeu_ps(Cm + 2 * ldc + 8, c21);
-  _mm256_storeu_ps(Cm + 3 * ldc, c30); _mm256_storeu_ps(Cm + 3 * ldc + 8, c31);
-  _mm256_storeu_ps(Cm + 4 * ldc, c40); _mm256_storeu_ps(Cm + 4 * ldc + 8, c41);
-  _mm256_storeu_ps(Cm + 5 * ldc, c50); _mm256_storeu_ps(Cm + 5 * ldc + 8, c51);
+#undef ROW
+  const __m256 out[6][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+  for (int r = 0; r < 6; ++r) {
+    _mm256_storeu_ps(Cm + r * ldc, out[r][0]);
+    _mm256_storeu_ps(Cm + r * ldc + 8, out[r][1]);
+  }
 }
 
 /* C (6 x 8) = A (6 x P) . B (P x 8) */
@@ -243,43 +241,42 @@ AVX2 static void weight_grad_transform(const float *dU, float *dw, int64_t C, in
 /* C (6 x 32) = A (6 x P) . [B0 | B1] (two 16-wide column panels, row stride 16) */
 AVX512 static inline void gemm_6x32_avx512(int64_t P, const float *A, int64_t lda, const float *B0, const float *B1,
                                            float *Cm, int64_t ldc) {
-  __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00,
-         c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  __m512 c[6][2];
+  for (int r = 0; r < 6; ++r) c[r][0] = c[r][1] = _mm512_setzero_ps();
   for (int64_t p = 0; p < P; ++p) {
     const __m512 b0 = _mm512_loadu_ps(B0 + p * 16), b1 = _mm512_loadu_ps(B1 + p * 16);
-    __m512 a;
-    a = _mm512_set1_ps(A[p]);           c00 = _mm512_fmadd_ps(a, b0, c00); c01 = _mm512_fmadd_ps(a, b1, c01);
-    a = _mm512_set1_ps(A[lda + p]);     c10 = _mm512_fmadd_ps(a, b0, c10); c11 = _mm512_fmadd_ps(a, b1, c11);
-    a = _mm512_set1_ps(A[2 * lda + p]); c20 = _mm512_fmadd_ps(a, b0, c20); c21 = _mm512_fmadd_ps(a, b1, c21);
-    a = _mm512_set1_ps(A[3 * lda + p]); c30 = _mm512_fmadd_ps(a, b0, c30); c31 = _mm512_fmadd_ps(a, b1, c31);
-    a = _mm512_set1_ps(A[4 * lda + p]); c40 = _mm512_fmadd_ps(a, b0, c40); c41 = _mm512_fmadd_ps(a, b1, c41);
-    a = _mm512_set1_ps(A[5 * lda + p]); c50 = _mm512_fmadd_ps(a, b0, c50); c51 = _mm512_fmadd_ps(a, b1, c51);
+    for (int r = 0; r < 6; ++r) {
+      const __m512 a = _mm512_set1_ps(A[r * lda + p]);
+      c[r][0] = _mm512_fmadd_ps(a, b0, c[r][0]);
+      c[r][1] = _mm512_fmadd_ps(a, b1, c[r][1]);
+    }
   }
-  _mm512_storeu_ps(Cm, c00);           _mm512_storeu_ps(Cm + 16, c01);
-  _mm512_storeu_ps(Cm + ldc, c10);     _mm512_storeu_ps(Cm + ldc + 16, c11);
-  _mm512_storeu_ps(Cm + 2 * ldc, c20); _mm512_storeu_ps(Cm + 2 * ldc + 16, c21);
-  _mm512_storeu_ps(Cm + 3 * ldc, c30); _mm512_storeu_ps(Cm + 3 * ldc + 16, c31);
-  _mm512_storeu_ps(Cm + 4 * ldc, c40); _mm512_storeu_ps(Cm + 4 * ldc + 16, c41);
-  _mm512_storeu_ps(Cm + 5 * ldc, c50); _mm512_storeu_ps(Cm + 5 * ldc + 16, c51);
+  for (int r = 0; r < 6; ++r) {
+    _mm512_storeu_ps(Cm + r * ldc, c[r][0]);
+    _mm512_storeu_ps(Cm + r * ldc + 16, c[r][1]);
+  }
 }
 
-/* C (8 x 32) += A^T . B: A (P x 8 at column offset, row stride lda), B (P x 32, row stride ldb) */
+/* C (8 x 32) += A^T . B: A (P x 8 at column offset, row stride lda), B (P x 32, row stride ldb);
+ * 16 named accumulators (an array of them is kept on the stack inside the loop by gcc -O3). */
 AVX512 static inline void gemm_t_8x32_avx512(int64_t P, const float *A, int64_t lda, const float *B, int64_t ldb,
                                              float *Cm, int64_t ldc) {
-  __m512 c[8][2];
-  for (int r = 0; r < 8; ++r) c[r][0] = c[r][1] = _mm512_setzero_ps();
+  __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00,
+         c40 = c00, c41 = c00, c50 = c00, c51 = c00, c60 = c00, c61 = c00, c70 = c00, c71 = c00;
+#define ROW(r, x0, x1) { const __m512 v = _mm512_set1_ps(a[r]); \
+                         x0 = _mm512_fmadd_ps(v, b0, x0); x1 = _mm512_fmadd_ps(v, b1, x1); }
   for (int64_t p = 0; p < P; ++p) {
     const float *a = A + p * lda;
     const __m512 b0 = _mm512_loadu_ps(B + p * ldb), b1 = _mm512_loadu_ps(B + p * ldb + 16);
-    for (int r = 0; r < 8; ++r) {
-      const __m512 v = _mm512_set1_ps(a[r]);
-      c[r][0] = _mm512_fmadd_ps(v, b0, c[r][0]);
-      c[r][1] = _mm512_fmadd_ps(v, b1, c[r][1]);
-    }
+    ROW(0, c00, c01) ROW(1, c10, c11) ROW(2, c20, c21) ROW(3, c30, c31)
+    ROW(4, c40, c41) ROW(5, c50, c51) ROW(6, c60, c61) ROW(7, c70, c71)
   }
+#undef ROW
+  const __m512 out[8][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31},
+                            {c40, c41}, {c50, c51}, {c60, c61}, {c70, c71}};
   for (int r = 0; r < 8; ++r) {
-    _mm512_storeu_ps(Cm + r * ldc, _mm512_add_ps(_mm512_loadu_ps(Cm + r * ldc), c[r][0]));
-    _mm512_storeu_ps(Cm + r * ldc + 16, _mm512_add_ps(_mm512_loadu_ps(Cm + r * ldc + 16), c[r][1]));
+    _mm512_storeu_ps(Cm + r * ldc, _mm512_add_ps(_mm512_loadu_ps(Cm + r * ldc), out[r][0]));
+    _mm512_storeu_ps(Cm + r * ldc + 16, _mm512_add_ps(_mm512_loadu_ps(Cm + r * ldc + 16), out[r][1]));
   }
 }
 
@@ -303,31 +300,46 @@ static int64_t block_tiles(const tiling_t *t, int64_t C, int64_t K, int threads)
   return tb;
 }
 
+/* Pointers to the size x size pixels of tile tt's patch in x (N, H, W, C), its top-left pixel at
+ * (2 * tile row + offset, 2 * tile column + offset); NULL outside the image. */
+static void tile_pixels(const float *x, const tiling_t *tl, int64_t tt, int64_t C, int offset, int size,
+                        const float **px) {
+  const int64_t img = tt / (tl->th * tl->tw), r = tt % (tl->th * tl->tw);
+  const int64_t i0 = 2 * (r / tl->tw) + offset, j0 = 2 * (r % tl->tw) + offset;
+  for (int a = 0; a < size; ++a)
+    for (int b = 0; b < size; ++b) {
+      const int64_t i = i0 + a, j = j0 + b;
+      px[a * size + b] = (i >= 0 && i < tl->H && j >= 0 && j < tl->W) ? x + ((img * tl->H + i) * tl->W + j) * C : NULL;
+    }
+}
+
+/* 8 channels [c, c + 8) of a pixel (zero for a NULL pixel, masked by m past the C channels) */
+AVX2 static inline __m256 load_channels(const float *p, int64_t c, int64_t C, __m256i m) {
+  return !p ? _mm256_setzero_ps() : C - c >= 8 ? _mm256_loadu_ps(p + c) : _mm256_maskload_ps(p + c, m);
+}
+
+/* Zero row t of each of the 16 (TB, width) matrices at M (stride st between them). */
+static void zero_row(float *M, int64_t st, int64_t t, int64_t width) {
+  for (int q = 0; q < 16; ++q) memset(M + q * st + t * width, 0, sizeof(float) * width);
+}
+
 /* V (16, TB, Cp) of the tiles [t0, t0 + n) (rows n..TB and channels C..Cp zero): B^T d B of each
  * 4x4 input patch of x (N, H, W, C). */
 AVX2 static void input_transform(const float *x, const tiling_t *tl, int64_t C, int64_t t0, int64_t n, int64_t TB,
                                  float *V) {
   const int64_t Cp = PAD8(C), st = TB * Cp;
-  const __m256 z = _mm256_setzero_ps();
   for (int64_t t = 0; t < TB; ++t) {
     if (t >= n) {
-      for (int q = 0; q < 16; ++q) memset(V + q * st + t * Cp, 0, sizeof(float) * Cp);
+      zero_row(V, st, t, Cp);
       continue;
     }
-    const int64_t tt = t0 + t, img = tt / (tl->th * tl->tw), r = tt % (tl->th * tl->tw);
-    const int64_t i0 = 2 * (r / tl->tw) - 1, j0 = 2 * (r % tl->tw) - 1;
-    const float *px[4][4];
-    for (int a = 0; a < 4; ++a)
-      for (int b = 0; b < 4; ++b) {
-        const int64_t i = i0 + a, j = j0 + b;
-        px[a][b] = (i >= 0 && i < tl->H && j >= 0 && j < tl->W) ? x + ((img * tl->H + i) * tl->W + j) * C : NULL;
-      }
+    const float *px[16];
+    tile_pixels(x, tl, t0 + t, C, -1, 4, px);
     for (int64_t c = 0; c < Cp; c += 8) {
       __m256 d[4][4], s[4][4];
       const __m256i m = lanes(C - c);
       for (int a = 0; a < 4; ++a)
-        for (int b = 0; b < 4; ++b)
-          d[a][b] = !px[a][b] ? z : C - c >= 8 ? _mm256_loadu_ps(px[a][b] + c) : _mm256_maskload_ps(px[a][b] + c, m);
+        for (int b = 0; b < 4; ++b) d[a][b] = load_channels(px[a * 4 + b], c, C, m);
       for (int b = 0; b < 4; ++b) {      /* B^T rows: (1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1) */
         s[0][b] = _mm256_sub_ps(d[0][b], d[2][b]);
         s[1][b] = _mm256_add_ps(d[1][b], d[2][b]);
@@ -353,23 +365,16 @@ AVX2 static void grad_transform(const float *g, const tiling_t *tl, int64_t K, i
   const __m256 z = _mm256_setzero_ps();
   for (int64_t t = 0; t < TB; ++t) {
     if (t >= n) {
-      for (int q = 0; q < 16; ++q) memset(Z + q * st + t * Kp, 0, sizeof(float) * Kp);
+      zero_row(Z, st, t, Kp);
       continue;
     }
-    const int64_t tt = t0 + t, img = tt / (tl->th * tl->tw), r = tt % (tl->th * tl->tw);
-    const int64_t i0 = 2 * (r / tl->tw), j0 = 2 * (r % tl->tw);
-    const float *pg[2][2];
-    for (int a = 0; a < 2; ++a)
-      for (int b = 0; b < 2; ++b) {
-        const int64_t i = i0 + a, j = j0 + b;
-        pg[a][b] = (i < tl->H && j < tl->W) ? g + ((img * tl->H + i) * tl->W + j) * K : NULL;
-      }
+    const float *pg[4];
+    tile_pixels(g, tl, t0 + t, K, 0, 2, pg);
     for (int64_t k = 0; k < Kp; k += 8) {
       __m256 e[2][2], s[4][2];
       const __m256i m = lanes(K - k);
       for (int a = 0; a < 2; ++a)
-        for (int b = 0; b < 2; ++b)
-          e[a][b] = !pg[a][b] ? z : K - k >= 8 ? _mm256_loadu_ps(pg[a][b] + k) : _mm256_maskload_ps(pg[a][b] + k, m);
+        for (int b = 0; b < 2; ++b) e[a][b] = load_channels(pg[a * 2 + b], k, K, m);
       for (int b = 0; b < 2; ++b) {      /* A rows: (1, 0), (1, 1), (1, -1), (0, -1) */
         s[0][b] = e[0][b];
         s[1][b] = _mm256_add_ps(e[0][b], e[1][b]);
