@@ -37,8 +37,8 @@ class Opts:
     only) and of the dense k x k convs of folded inference graphs (``"auto"``/``"conv"``/
     ``"onednn"``, ``conv_grad.resolve_dense_impl``) and of training-mode BatchNorm (``"auto"``/
     ``"xla"``/``"native"``, ``models/batchnorm.py``) and of the 3x3 stride-1 convs that run in
-    oneDNN (``"auto"``/``"direct"``/``"winograd"``, ``conv_grad.resolve_conv3x3_impl``). Unknown values are ``ConfigError``s
-    (``cpu_ops.check_impl``)."""
+    oneDNN (``"auto"``/``"direct"``/``"winograd"``, ``conv_grad.resolve_conv3x3_impl``). Unknown
+    values are ``ConfigError``s (``cpu_ops.check_impl``)."""
     deploy: Any = False
     dtype: str = "float32"
     bn_epsilon: float = 1e-3

@@ -117,7 +117,7 @@ def resolve_conv3x3_impl(impl: str, backend: str | None = None) -> str:
     """``model.conv3x3_impl`` -> ``"direct"`` or ``"winograd"``: how the 3x3 stride-1 padding-1
     dense convs that run in oneDNN (``grad_impl`` / ``dense_impl`` resolved to ``"onednn"``) are
     computed -- oneDNN's direct kernels, or Winograd F(2x2, 3x3) (``models/winograd_ffi.c``: forward,
-    input and kernel gradient; the same function to float32 rounding, relative differences ~3e-7).
+    input and kernel gradient; the same function to float32 rounding, relative differences ~5e-7).
     ``"auto"``: ``"winograd"`` in a one-device CPU process where its handlers run (native handler,
     x86-64 with AVX2 + FMA), else ``"direct"``. ``"winograd"`` asked for but unavailable, and
     unknown values, raise ``ConfigError``. ``"winograd"`` routes every such conv; ``"auto"`` only
@@ -146,7 +146,8 @@ def describe_grad_impl(impl: str, dtype: str = "float32", backend: str | None = 
                        conv3x3_impl: str = "auto") -> str:
     """One phrase for the train log: how this process runs the train graph's convs and their
     gradients (``model.grad_impl`` resolved; for oneDNN, which FFI handler: ``native`` runs without
-    Python, ``python`` needs the GIL per call)."""
+    Python, ``python`` needs the GIL per call; and whether ``conv3x3_impl`` puts 3x3 convs in
+    Winograd)."""
     resolved = resolve_grad_impl(impl, backend)
     if resolved == "onednn":
         if dtype != "float32":

@@ -34,9 +34,9 @@ Scope and contract:
 Layouts: ``x`` (B, H, W, C) NHWC, ``w`` (kh, kw, C, D) HWIO, ``y`` (B, Ho, Wo, D) NHWC. oneDNN picks
 its own (blocked) kernel layout (``format_tag_any``); kernels are reordered from/to HWIO per call.
 
-Winograd: :func:`conv` with ``algo="winograd"`` runs a 3x3 stride-1 padding-1 dense conv (channels
-any counts, :func:`winograd_eligible`) as Winograd F(2x2, 3x3) in ``winograd_ffi.c`` (AVX2 +
-FMA, native handler only; :func:`winograd_available`) -- forward, input and kernel gradient. Which
+Winograd: :func:`conv` with ``algo="winograd"`` runs a 3x3 stride-1 padding-1 dense conv (any
+channel counts, :func:`winograd_eligible`) as Winograd F(2x2, 3x3) in ``winograd_ffi.c`` (x86-64
+with AVX2 + FMA, native handler only; :func:`winograd_available`) -- forward, input and kernel gradient. Which
 convs use it is ``model.conv3x3_impl`` (``conv_grad.resolve_conv3x3_impl``; by default every one
 large enough, :func:`winograd_min_pixels`). Its GEMMs use AVX-512 where oneDNN does
 (:func:`onednn_has_avx512`, honouring ``ONEDNN_MAX_CPU_ISA``), else AVX2; oneDNN 3.2 has no AVX2
@@ -682,7 +682,7 @@ def _register_targets() -> None:
                 jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(h), platform="cpu")
 
 
-# ----------------------------------------------------------------------------- Winograd (AVX2)
+# ----------------------------------------------------------------------------- Winograd 3x3 (winograd_ffi.c)
 _WINO_SYMBOLS = {"damo_jax_wino_conv_fwd": "damo_wino_conv_fwd",
                  "damo_jax_wino_conv_bwd": "damo_wino_conv_bwd",
                  "damo_jax_wino_conv_bwd_weights": "damo_wino_conv_bwd_weights"}
