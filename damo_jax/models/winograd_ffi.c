@@ -41,10 +41,14 @@ extern pthread_mutex_t damo_exec_mu;   /* onednn_ffi.c: one OpenMP team at a tim
 #define AVX2 __attribute__((target("avx2,fma")))
 static int g_avx512 = 0;   /* damo_wino_set_avx512 */
 
-/* 1 when this CPU runs the kernels below (AVX2 and FMA), else 0. */
+/* 1 when this CPU runs the kernels below (AVX2 and FMA), else 0 (asked once: every handler call checks). */
 int damo_wino_supported(void) {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static int supported = -1;
+  if (supported < 0) {
+    __builtin_cpu_init();
+    supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }
+  return supported;
 }
 
 /* Allow (1) or forbid (0) the AVX-512 GEMM kernels; returns whether they are used (the CPU must
@@ -503,22 +507,12 @@ AVX2 static int kernel_grad(const float *x, const float *g, float *dw, int64_t N
       for (int q = 0; q < 16; ++q) {
         const float *Vq = V + q * TB * C, *Zq = Z + q * TB * K;
         float *dUq = dU + q * C * K;
-        int64_t c = 0;
-        if (g_avx512)
-          for (; c < C; c += 8) {
-            int64_t k = 0;
-            for (; k + 32 <= K; k += 32) gemm_t_8x32_avx512(TB, Vq + c, C, Zq + k, K, dUq + c * K + k, K);
-            for (; k + 16 <= K; k += 16) {
-              gemm_t_4x16(TB, Vq + c, C, Zq + k, K, dUq + c * K + k, K);
-              gemm_t_4x16(TB, Vq + c + 4, C, Zq + k, K, dUq + (c + 4) * K + k, K);
-            }
-            for (; k < K; k += 8) {
-              gemm_t_4x8(TB, Vq + c, C, Zq + k, K, dUq + c * K + k, K);
-              gemm_t_4x8(TB, Vq + c + 4, C, Zq + k, K, dUq + (c + 4) * K + k, K);
-            }
-          }
-        for (; c < C; c += 4) {
-          int64_t k = 0;
+        /* columns [0, k32) in 32-wide AVX-512 blocks (8 rows each), the rest 16 / 8 wide (4 rows) */
+        const int64_t k32 = g_avx512 ? K / 32 * 32 : 0;
+        for (int64_t c = 0; c < C; c += 8)
+          for (int64_t k = 0; k < k32; k += 32) gemm_t_8x32_avx512(TB, Vq + c, C, Zq + k, K, dUq + c * K + k, K);
+        for (int64_t c = 0; c < C; c += 4) {
+          int64_t k = k32;
           for (; k + 16 <= K; k += 16) gemm_t_4x16(TB, Vq + c, C, Zq + k, K, dUq + c * K + k, K);
           for (; k < K; k += 8) gemm_t_4x8(TB, Vq + c, C, Zq + k, K, dUq + c * K + k, K);
         }
